@@ -1,0 +1,106 @@
+"""`SuperlinearConfig`: every parameter of SPEC.md, validated on construction.
+
+Lives in the kernel layer because kernels and the reference take its fields as plain scalars;
+`slcompile.SuperlinearConfig` re-exports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+COMBINE_MODES = ("union", "gated")
+SEARCH_KEYS = ("anchor", "mean")
+
+
+def _fail(name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"SuperlinearConfig.{name}={value!r} is invalid: expected {allowed}")
+
+
+def _check_int(name: str, value: Any, lo: int, hi: Optional[int] = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(name, value, f"an int in [{lo}, {'inf' if hi is None else hi}]")
+    if value < lo or (hi is not None and value > hi):
+        _fail(name, value, f"an int in [{lo}, {'inf' if hi is None else hi}]")
+
+
+def _check_float(name: str, value: Any, lo: float, hi: float, lo_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        _fail(name, value, f"a finite number in {'(' if lo_open else '['}{lo}, {hi}]")
+    if value < lo or value > hi or (lo_open and value == lo):
+        _fail(name, value, f"a number in {'(' if lo_open else '['}{lo}, {hi}]")
+
+
+@dataclass(frozen=True)
+class SuperlinearConfig:
+    """Parameters of superlinear attention (see SPEC.md).
+
+    Args:
+        window: local window W; keys [t-W+1, t] are always attended.
+        sinks: keys [0, S) are always attended.
+        topk: spans kept per query (1..8).
+        search_power: p; the query at t scores about (t+1)^p stripes. (0, 1].
+        span_power: r; spans reach about (t+1)^r. [0, 1].
+        backward_factor: bf; span reach before its anchor, in units of (t+1)^r.
+        forward_factor: ff; span reach after its anchor (never into the window).
+        combine: "union" (one softmax over spans, window and sinks) or "gated" (per-span
+            softmax, mixed by a softmax over the spans' search scores).
+        search_key: "anchor" (the anchor's key) or "mean" (mean key over the anchor's span).
+        dense_below: if the number of keys T <= dense_below, exact dense causal attention.
+        scale: softmax scale; None means 1/sqrt(head_dim) (or the scale of the matched graph).
+    """
+
+    window: int = 64
+    sinks: int = 4
+    topk: int = 3
+    search_power: float = 0.5
+    span_power: float = 0.5
+    backward_factor: float = 2.0
+    forward_factor: float = 0.0
+    combine: str = "union"
+    search_key: str = "anchor"
+    dense_below: int = 16384
+    scale: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        _check_int("window", self.window, 0)
+        _check_int("sinks", self.sinks, 0)
+        _check_int("topk", self.topk, 1, 8)
+        _check_float("search_power", self.search_power, 0.0, 1.0, lo_open=True)
+        _check_float("span_power", self.span_power, 0.0, 1.0)
+        _check_float("backward_factor", self.backward_factor, 0.0, 1e6)
+        _check_float("forward_factor", self.forward_factor, 0.0, 1e6)
+        if self.combine not in COMBINE_MODES:
+            _fail("combine", self.combine, f"one of {COMBINE_MODES}")
+        if self.search_key not in SEARCH_KEYS:
+            _fail("search_key", self.search_key, f"one of {SEARCH_KEYS}")
+        _check_int("dense_below", self.dense_below, 0)
+        if self.scale is not None:
+            if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) \
+                    or not math.isfinite(self.scale) or self.scale <= 0:
+                _fail("scale", self.scale, "None or a finite number > 0")
+
+    def replace(self, **changes: Any) -> "SuperlinearConfig":
+        """A copy with some fields changed (validated again)."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown SuperlinearConfig field(s): {sorted(unknown)}; "
+                             f"known: {[f.name for f in dataclasses.fields(self)]}")
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, d: Optional[dict]) -> "SuperlinearConfig":
+        d = dict(d or {})
+        return cls().replace(**d)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def exact(cls, **overrides: Any) -> "SuperlinearConfig":
+        """A config under which superlinear attention equals dense causal attention for
+        any length: the superlinear path is still taken (dense_below=0) but the window
+        covers every key. Used to prove a rewrite's wiring."""
+        return cls(**{"window": 2**62, "dense_below": 0, **overrides})

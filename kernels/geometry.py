@@ -1,0 +1,45 @@
+"""Integer geometry of superlinear attention, shared by the reference and every kernel.
+
+Two tables fix every rounding decision of SPEC.md once, in float64, so that the reference and the
+Triton kernels see exactly the same stripes and spans:
+
+* ``stripe_deltas(n, p)``: delta_i = floor(i^(1/p)) - 1 for i = 1..n (stripe i's anchor sits at
+  t - delta_i).
+* ``span_extents(T, r, bf, ff)``: for every query position t < T, how far a span reaches before
+  (ceil(bf*(t+1)^r)) and after (ceil(ff*(t+1)^r)) its anchor.
+
+Both are built with device-side torch ops only (no host synchronisation), so they can be made
+inside a CUDA graph capture. Integer-valued powers are snapped to the integer before floor/ceil so
+that 1-ulp differences between pow implementations never change a table entry.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _snap(x: torch.Tensor) -> torch.Tensor:
+    r = torch.round(x)
+    return torch.where((x - r).abs() <= 1e-9 * torch.clamp(r.abs(), min=1.0), r, x)
+
+
+def num_stripes(T: int, p: float) -> int:
+    """An upper bound on the number of stripes any query among T keys can use (delta_i <= T-1
+    means i^(1/p) < T+1, so i < (T+1)^p). Entries past the true count are masked by delta <= t."""
+    return max(1, int(math.floor((T + 1) ** p)) + 2)
+
+
+def stripe_deltas(n: int, p: float, device=None) -> torch.Tensor:
+    """int64 [n]: delta_i = floor(i^(1/p)) - 1 for i = 1..n; non-decreasing in i."""
+    i = torch.arange(1, n + 1, device=device, dtype=torch.float64)
+    return (torch.floor(_snap(i ** (1.0 / p))) - 1).to(torch.int64)
+
+
+def span_extents(T: int, r: float, bf: float, ff: float, device=None):
+    """int64 [T] back, fwd: back[t] = ceil(bf*(t+1)^r), fwd[t] = ceil(ff*(t+1)^r)."""
+    x = _snap(torch.arange(1, T + 1, device=device, dtype=torch.float64) ** r)
+    back = torch.ceil(_snap(bf * x)).to(torch.int64)
+    fwd = torch.ceil(_snap(ff * x)).to(torch.int64)
+    return back, fwd

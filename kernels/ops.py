@@ -1,0 +1,117 @@
+"""The custom ops the graph pass emits: ``superlinear::span_search`` and ``superlinear::span_attention``.
+
+Registered with ``torch.library.custom_op``: a schema, a fake (meta) implementation for tracing and
+torch.export, the reference as the CPU implementation, and a CUDA implementation that runs the
+Triton kernels when they are available (the reference otherwise). ``force_triton(True)`` (or the
+environment variable ``SLCOMPILE_FORCE_TRITON=1`` together with ``TRITON_INTERPRET=1``) routes the
+CPU implementation through the Triton kernels too, so that CI checks them under the interpreter.
+
+Config fields travel as plain scalars so that graphs holding these ops export and serialise.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+_FORCE_TRITON = os.environ.get("SLCOMPILE_FORCE_TRITON", "") == "1"
+
+
+def force_triton(enabled: bool = True) -> None:
+    """Route the CPU implementation of the ops through the Triton kernels (needs
+    ``TRITON_INTERPRET=1`` set before triton is imported). For tests of the kernels on CPU."""
+    global _FORCE_TRITON
+    _FORCE_TRITON = bool(enabled)
+
+
+def _triton_module():
+    """The Triton implementation, or None when it is unavailable."""
+    try:
+        from . import triton_impl  # noqa: F401  (kernels land here)
+    except ImportError:
+        return None
+    return triton_impl
+
+
+def _use_triton(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return _triton_module() is not None
+    return _FORCE_TRITON and _triton_module() is not None
+
+
+# --------------------------------------------------------------------------------------------
+# span_search
+# --------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("superlinear::span_search", mutates_args=())
+def span_search(
+    search_query: Tensor,
+    key: Tensor,
+    key_padding_mask: Optional[Tensor],
+    query_positions: Optional[Tensor],
+    window: int,
+    topk: int,
+    search_power: float,
+    span_power: float,
+    backward_factor: float,
+    forward_factor: float,
+    search_key: str,
+    dense_below: int,
+) -> Tuple[Tensor, Tensor]:
+    """Step 1 of SPEC.md: anchors int32 [B, Hq, Lq, topk] and scores float32 [B, Hq, Lq, topk]."""
+    args = (search_query, key, key_padding_mask, query_positions, window, topk, search_power,
+            span_power, backward_factor, forward_factor, search_key, dense_below)
+    if _use_triton(search_query.device):
+        return _triton_module().span_search(*args)
+    return reference.span_search(*args)
+
+
+@span_search.register_fake
+def _(search_query, key, key_padding_mask, query_positions, window, topk, search_power,
+      span_power, backward_factor, forward_factor, search_key, dense_below):
+    B, Hq, Lq, _ = search_query.shape
+    a = search_query.new_empty((B, Hq, Lq, topk), dtype=torch.int32)
+    s = search_query.new_empty((B, Hq, Lq, topk), dtype=torch.float32)
+    return a, s
+
+
+# --------------------------------------------------------------------------------------------
+# span_attention
+# --------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("superlinear::span_attention", mutates_args=())
+def span_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    anchors: Tensor,
+    scores: Tensor,
+    key_padding_mask: Optional[Tensor],
+    query_positions: Optional[Tensor],
+    window: int,
+    sinks: int,
+    span_power: float,
+    backward_factor: float,
+    forward_factor: float,
+    combine: str,
+    scale: float,
+    dense_below: int,
+) -> Tensor:
+    """Step 2 of SPEC.md: attention over sinks, window and the kept spans; [B, Hq, Lq, Dv]."""
+    args = (query, key, value, anchors, scores, key_padding_mask, query_positions, window, sinks,
+            span_power, backward_factor, forward_factor, combine, scale, dense_below)
+    if _use_triton(query.device):
+        return _triton_module().span_attention(*args)
+    return reference.span_attention(*args)
+
+
+@span_attention.register_fake
+def _(query, key, value, anchors, scores, key_padding_mask, query_positions, window, sinks,
+      span_power, backward_factor, forward_factor, combine, scale, dense_below):
+    B, Hq, Lq, _ = query.shape
+    return query.new_empty((B, Hq, Lq, value.shape[-1]))

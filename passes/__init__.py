@@ -1,0 +1,1 @@
+"""slcompile.passes: FX analysis and rewriting of attention sites."""
