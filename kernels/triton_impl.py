@@ -1,0 +1,63 @@
+"""Triton implementation of the superlinear custom ops (see ``ops.py``).
+
+Importing this module raises ImportError when Triton is unavailable, so that ``ops`` falls back to
+the reference. The functions take exactly the argument lists of ``reference.span_search`` and
+``reference.span_attention``. The kernels live one per module: ``triton_search`` (step 1) and
+``triton_attention`` (step 2). On CUDA, the dense case (T <= dense_below) goes to
+``F.scaled_dot_product_attention`` (flash) when its causal alignment matches SPEC (Lq == T, no
+explicit positions, no key padding, same q/v head dim); otherwise it runs the Triton kernel with
+a window over every key.
+"""
+
+from __future__ import annotations
+
+try:
+    import triton  # noqa: F401
+    import triton.language  # noqa: F401
+except Exception as e:  # pragma: no cover - depends on the installation
+    raise ImportError(f"triton is unavailable: {e}") from e
+
+import torch
+import torch.nn.functional as F
+
+from . import triton_attention, triton_search
+
+__all__ = ["span_search", "span_attention", "dense_attention"]
+
+
+def span_search(search_query, key, key_padding_mask, query_positions, window, topk,
+                search_power, span_power, backward_factor, forward_factor, search_key,
+                dense_below):
+    return triton_search.span_search(search_query, key, key_padding_mask, query_positions,
+                                     window, topk, search_power, span_power, backward_factor,
+                                     forward_factor, search_key, dense_below)
+
+
+def _sdpa_ok(q, k, v, key_padding_mask, query_positions) -> bool:
+    return (q.is_cuda and key_padding_mask is None and query_positions is None
+            and q.shape[2] == k.shape[2] and q.shape[3] == v.shape[3]
+            and q.dtype == k.dtype == v.dtype and k.shape[2] > 0)
+
+
+def dense_attention(q, k, v, key_padding_mask, query_positions, scale):
+    """Exact causal attention: SDPA (flash) where it applies, the Triton kernel otherwise."""
+    if _sdpa_ok(q, k, v, key_padding_mask, query_positions):
+        Hq, Hkv = q.shape[1], k.shape[1]
+        if Hq % Hkv != 0:
+            raise ValueError(f"dense attention: query heads ({Hq}) must be a multiple of kv heads ({Hkv})")
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                              enable_gqa=Hq != Hkv)
+    return triton_attention.dense_attention(q, k, v, key_padding_mask, query_positions, scale)
+
+
+def span_attention(query, key, value, anchors, scores, key_padding_mask, query_positions, window,
+                   sinks, span_power, backward_factor, forward_factor, combine, scale,
+                   dense_below):
+    T, Lq = key.shape[2], query.shape[2]
+    if (T <= dense_below or Lq == 0) and _sdpa_ok(query, key, value, key_padding_mask,
+                                                  query_positions):
+        return dense_attention(query, key, value, key_padding_mask, query_positions, scale)
+    return triton_attention.span_attention(query, key, value, anchors, scores, key_padding_mask,
+                                           query_positions, window, sinks, span_power,
+                                           backward_factor, forward_factor, combine, scale,
+                                           dense_below)

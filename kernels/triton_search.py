@@ -1,0 +1,195 @@
+"""Triton kernel for step 1 of SPEC.md: span-search (stripe scores and an in-register top-k).
+
+One program owns ``BLOCK_M`` queries of one (batch, query head). It walks the stripes in ascending
+order (nearest anchor first): for stripe i every query t of the block reads the key row at its
+anchor a = t - delta_i. With bottom-right positions these rows are contiguous, so the loads of a
+block are coalesced; the g query heads of one kv head are launched next to each other so that the
+shared key rows come from L2. Each query keeps its best ``topk`` (score, anchor) pairs in
+registers; because stripes arrive nearest-first, a candidate replaces the current worst only if
+its score is strictly greater, which gives SPEC's tie rule (the nearer anchor wins). The slots are
+sorted (descending score, nearer anchor first) when written.
+
+Every rounding decision comes from the float64 tables of ``geometry.py`` (stripe offsets, span
+extents), passed in as device tensors. No host synchronisation: the first usable stripe index is a
+device scalar and the stripe loop is bounded inside the kernel, so the launch can be captured in a
+CUDA graph.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+import torch
+
+from .geometry import num_stripes, span_extents, stripe_deltas
+
+_BIG = tl.constexpr(2 ** 62)
+
+
+@triton.jit
+def _span_search_kernel(
+    QS, K, KPM, POS, DELTAS, I0, BACK, FWD, PREF, CNT, A_OUT, S_OUT,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    skpb, skpn,
+    spb, spm,
+    spfb, spfh, spfn, spfd,
+    scb, scn,
+    sab, sah, sam, sak,
+    Hq, G, Lq, T, W, NSTR,
+    D: tl.constexpr, HAS_KPM: tl.constexpr, HAS_POS: tl.constexpr, MEAN: tl.constexpr,
+    TOPK: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nbh = tl.num_programs(0) // tl.cdiv(Lq, BLOCK_M)
+    bh = pid % nbh
+    qb = tl.cdiv(Lq, BLOCK_M) - 1 - pid // nbh  # the longest query blocks start first
+    b = (bh // Hq).to(tl.int64)
+    h = bh % Hq
+    kvh = (h // G).to(tl.int64)
+
+    rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < Lq
+    if HAS_POS:
+        t = tl.load(POS + b * spb + rows.to(tl.int64) * spm, mask=rmask, other=0).to(tl.int64)
+    else:
+        t = (T - Lq + rows).to(tl.int64)
+    t = tl.where(rmask, t, 0)
+    offd = tl.arange(0, BLOCK_D)
+    dmask = offd < D
+    q = tl.load(QS + b * sqb + h.to(tl.int64) * sqh + rows.to(tl.int64)[:, None] * sqm
+                + offd[None, :] * sqd, mask=rmask[:, None] & dmask[None, :], other=0.0)
+    q = q.to(tl.float32)
+    kbase = K + b * skb + kvh * skh
+
+    if MEAN:
+        back_t = tl.load(BACK + t, mask=rmask, other=0)
+        fwd_t = tl.load(FWD + t, mask=rmask, other=0)
+        pbase = PREF + b * spfb + kvh * spfh
+        cbase = CNT + b * scb
+
+    cols = tl.arange(0, KP)
+    # slots past TOPK hold +inf so that they are never the worst slot
+    ts = tl.where(cols[None, :] < TOPK, float("-inf"), float("inf")) + tl.zeros([BLOCK_M, KP], tl.float32)
+    ta = tl.full([BLOCK_M, KP], -1, tl.int64)
+
+    tmax = tl.max(tl.where(rmask, t, -1), axis=0)
+    i = tl.load(I0).to(tl.int64)
+    dlt = tl.load(DELTAS + i, mask=i < NSTR, other=_BIG)
+    while dlt <= tmax:
+        a = t - dlt
+        ok = rmask & (a >= 0)
+        a_c = tl.where(ok, a, 0)
+        if HAS_KPM:
+            kp = tl.load(KPM + b * skpb + a_c * skpn, mask=ok, other=0)
+            ok = ok & (kp != 0)
+        if MEAN:
+            lo = tl.maximum(a_c - back_t, 0)
+            hi = tl.maximum(tl.minimum(a_c + fwd_t, t - W), 0)
+            m2 = ok[:, None] & dmask[None, :]
+            p_hi = tl.load(pbase + (hi + 1)[:, None] * spfn + offd[None, :] * spfd, mask=m2, other=0.0)
+            p_lo = tl.load(pbase + lo[:, None] * spfn + offd[None, :] * spfd, mask=m2, other=0.0)
+            c_hi = tl.load(cbase + (hi + 1) * scn, mask=ok, other=1.0)
+            c_lo = tl.load(cbase + lo * scn, mask=ok, other=0.0)
+            c = tl.maximum(c_hi - c_lo, 1.0)
+            key = ((p_hi - p_lo) / c[:, None]).to(tl.float32)
+        else:
+            key = tl.load(kbase + a_c[:, None] * skn + offd[None, :] * skd,
+                          mask=ok[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        s = tl.sum(q * key, axis=1)
+        s = tl.where(ok, s, float("-inf"))
+        # worst slot: lowest score, then farthest anchor (smallest), then first column
+        wmin = tl.min(ts, axis=1)
+        is_min = ts == wmin[:, None]
+        amin = tl.min(tl.where(is_min, ta, _BIG), axis=1)
+        cand = is_min & (ta == amin[:, None])
+        wcol = tl.min(tl.where(cand, cols[None, :], KP), axis=1)
+        repl = (cols[None, :] == wcol[:, None]) & (s > wmin)[:, None]
+        ts = tl.where(repl, s[:, None], ts)
+        ta = tl.where(repl, a[:, None], ta)
+        i += 1
+        dlt = tl.load(DELTAS + i, mask=i < NSTR, other=_BIG)
+
+    # write the slots sorted by descending score, nearer (larger) anchor first among equals
+    obase = b * sab + h.to(tl.int64) * sah + rows.to(tl.int64) * sam
+    taken = cols[None, :] >= TOPK
+    for j in tl.static_range(TOPK):
+        sv = tl.where(taken, float("-inf"), ts)
+        smax = tl.max(sv, axis=1)
+        is_max = (sv == smax[:, None]) & (~taken)
+        amax = tl.max(tl.where(is_max, ta, -_BIG), axis=1)
+        cand = is_max & (ta == amax[:, None])
+        pcol = tl.min(tl.where(cand, cols[None, :], KP), axis=1)
+        pick = cols[None, :] == pcol[:, None]
+        taken = taken | pick
+        best_s = tl.sum(tl.where(pick, ts, 0.0), axis=1)
+        best_a = tl.sum(tl.where(pick, ta, 0), axis=1)
+        is_inf = (best_s == float("-inf")) | (best_s == float("inf"))
+        best_a = tl.where(is_inf, -1, best_a)
+        best_s = tl.where(pcol < KP, best_s, float("-inf"))
+        tl.store(A_OUT + obase + j * sak, best_a.to(tl.int32), mask=rmask)
+        tl.store(S_OUT + obase + j * sak, best_s, mask=rmask)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def span_search(qs, k, key_padding_mask, query_positions, window, topk, search_power,
+                span_power, backward_factor, forward_factor, search_key, dense_below,
+                block_m: int = 32, num_warps: int = 4):
+    """Same contract as ``reference.span_search``."""
+    B, Hq, Lq, D = qs.shape
+    Hkv, T = k.shape[1], k.shape[2]
+    dev = qs.device
+    if search_key not in ("anchor", "mean"):
+        raise ValueError(f"span_search: search_key={search_key!r} is not 'anchor' or 'mean'")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"span_search: query heads ({Hq}) must be a multiple of kv heads ({Hkv})")
+    if not 1 <= topk <= 8:
+        raise ValueError(f"span_search: topk={topk} must be in [1, 8]")
+    W = min(window, T)
+    if T <= dense_below or W >= T or Lq == 0:
+        anchors = torch.full((B, Hq, Lq, topk), -1, dtype=torch.int32, device=dev)
+        scores = torch.full((B, Hq, Lq, topk), float("-inf"), dtype=torch.float32, device=dev)
+        return anchors, scores
+    anchors = torch.empty((B, Hq, Lq, topk), dtype=torch.int32, device=dev)
+    scores = torch.empty((B, Hq, Lq, topk), dtype=torch.float32, device=dev)
+    n = num_stripes(T, search_power)
+    deltas = stripe_deltas(n, search_power, dev)
+    i0 = (deltas < W).sum().reshape(1)  # device scalar: first stripe past the window
+    mean = search_key == "mean"
+    if mean:
+        back, fwd = span_extents(T, span_power, backward_factor, forward_factor, dev)
+        kf = k.double()
+        if key_padding_mask is not None:
+            kf = kf * key_padding_mask[:, None, :, None]
+        pref = torch.zeros(B, Hkv, T + 1, D, dtype=torch.float64, device=dev)
+        pref[:, :, 1:] = torch.cumsum(kf, dim=2)
+        ones = key_padding_mask.double() if key_padding_mask is not None else \
+            torch.ones(B, T, dtype=torch.float64, device=dev)
+        cnt = torch.zeros(B, T + 1, dtype=torch.float64, device=dev)
+        cnt[:, 1:] = torch.cumsum(ones, dim=1)
+    else:
+        back = fwd = deltas  # unused
+        pref = torch.zeros(1, 1, 1, 1, dtype=torch.float64, device=dev)
+        cnt = torch.zeros(1, 1, dtype=torch.float64, device=dev)
+    kpm = key_padding_mask.to(torch.uint8) if key_padding_mask is not None else None
+    pos = query_positions.long() if query_positions is not None else None
+    dummy = deltas
+    BLOCK_D = max(16, _next_pow2(D))
+    BM = min(block_m, max(16, _next_pow2(Lq)))
+    grid = (triton.cdiv(Lq, BM) * B * Hq,)
+    _span_search_kernel[grid](
+        qs, k, kpm if kpm is not None else dummy, pos if pos is not None else dummy,
+        deltas, i0, back, fwd, pref, cnt, anchors, scores,
+        *qs.stride(), *k.stride(),
+        *(kpm.stride() if kpm is not None else (0, 0)),
+        *(pos.stride() if pos is not None else (0, 0)),
+        *pref.stride(), *cnt.stride(), *anchors.stride(),
+        Hq, Hq // Hkv, Lq, T, W, n,
+        D=D, HAS_KPM=kpm is not None, HAS_POS=pos is not None, MEAN=mean,
+        TOPK=topk, KP=max(2, _next_pow2(topk)), BLOCK_M=BM, BLOCK_D=BLOCK_D,
+        num_warps=num_warps,
+    )
+    return anchors, scores
