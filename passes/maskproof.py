@@ -1,0 +1,742 @@
+"""Proving that an attention mask is causal, from the graph.
+
+An abstract interpreter evaluates the subgraph that builds a mask (or additive bias) and describes
+every tensor by what its elements are as a function of their index, with dimensions counted from
+the right (-1 = key position j, -2 = query position i, -3 = head, -4 = batch once broadcast to the
+attention logits):
+
+* `Aff`: an integer tensor whose element is ``const + sum(coef[d] * idx[d])`` (aranges and what is
+  derived from them by adds, offsets, views, slices); ``const`` is a sympy expression of the sizes.
+* `Sel`: a tensor equal to ``a`` where every atom of ``atoms`` holds and ``b`` elsewhere. An atom is
+  a linear inequality over index dims (``("lin", coef, const)``: ``sum(coef*idx) + const <= 0``) or
+  a runtime boolean factor (``("opq", node, support, mode)``: the value of a graph node, varying
+  only along ``support``).
+* `Const`: one value everywhere.
+* `Opq`: runtime values of unknown content that vary at most along ``support``.
+
+Constant buffers (GPT-2's ``tril``) are read concretely and recognised as triangular patterns;
+runtime tensors only ever become opaque atoms, so a mask is "proven causal" only when its position
+structure comes from shapes, constants and buffers; runtime data can only remove keys per batch
+(padding), which the rewrite carries into ``key_padding_mask``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, FrozenSet, List, Optional, Tuple
+
+import sympy
+import torch
+import torch.fx as fx
+
+from .canon import COp, canon, decode_getitem, meta_val, tensor_meta
+
+VERY_NEGATIVE = -1e4
+
+
+# --------------------------------------------------------------------------------------------
+# symbolic helpers (never call bool() on a SymInt: that would add guards)
+# --------------------------------------------------------------------------------------------
+
+def sym(x: Any) -> Optional[sympy.Expr]:
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, int):
+        return sympy.Integer(x)
+    if isinstance(x, torch.SymInt):
+        return x.node.expr
+    if isinstance(x, fx.Node):
+        v = meta_val(x)
+        if isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool):
+            return sym(v)
+    return None
+
+
+def sym_eq(a: Optional[sympy.Expr], b: Optional[sympy.Expr]) -> bool:
+    if a is None or b is None:
+        return False
+    d = sympy.expand(a - b)
+    if d == 0:
+        return True
+    try:
+        return sympy.simplify(d) == 0
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def static_int(e: Optional[sympy.Expr]) -> Optional[int]:
+    if e is not None and e.is_Integer:
+        return int(e)
+    return None
+
+
+def shape_syms(t: torch.Tensor) -> List[Optional[sympy.Expr]]:
+    return [sym(s) for s in t.shape]
+
+
+def _is_one(e) -> bool:
+    return e is not None and e == 1
+
+
+# --------------------------------------------------------------------------------------------
+# abstract values
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Const:
+    v: Any
+
+
+@dataclass(frozen=True)
+class Aff:
+    coef: Tuple[Tuple[int, int], ...]  # (dim from the right, coefficient), sorted, nonzero
+    const: Any  # sympy expr
+
+
+@dataclass(frozen=True)
+class Sel:
+    atoms: FrozenSet[tuple]
+    a: Any
+    b: Any
+
+
+@dataclass(frozen=True)
+class Opq:
+    support: FrozenSet[int]
+
+
+def _coef(d: Dict[int, int]) -> Tuple[Tuple[int, int], ...]:
+    return tuple(sorted((k, v) for k, v in d.items() if v != 0))
+
+
+def lin_atom(coef: Dict[int, int], const) -> tuple:
+    return ("lin", _coef(coef), sympy.sympify(const))
+
+
+def _mk_sel(atoms, a, b):
+    if not atoms or a == b and type(a) is type(b):
+        return Const(a) if not atoms else Const(a)
+    return Sel(frozenset(atoms), a, b)
+
+
+def _support(v) -> FrozenSet[int]:
+    if isinstance(v, Const):
+        return frozenset()
+    if isinstance(v, Aff):
+        return frozenset(d for d, _ in v.coef)
+    if isinstance(v, Opq):
+        return v.support
+    if isinstance(v, Sel):
+        s = set()
+        for at in v.atoms:
+            s |= set(d for d, _ in at[1]) if at[0] == "lin" else set(at[2])
+        return frozenset(s)
+    return frozenset()
+
+
+def _cast(v, dtype):
+    if dtype is None:
+        return v
+    if dtype == torch.bool:
+        return bool(v)
+    if dtype.is_floating_point:
+        return float(v)
+    return int(v)
+
+
+# dimension bookkeeping --------------------------------------------------------------------
+
+def _remap(v, fn, subst=None, aligned=False):
+    """Apply an index map: fn(d) -> new d (or None: dim removed, index fixed at subst[d]).
+    subst: {d: (scale, offset)} meaning idx_old = offset + scale * idx_new (before fn)."""
+    subst = subst or {}
+
+    def map_lin(coef, const):
+        nc = {}
+        for d, c in coef:
+            sc, off = subst.get(d, (1, 0))
+            const = const + c * off
+            c = c * sc
+            nd = fn(d)
+            if nd is None:
+                continue
+            nc[nd] = nc.get(nd, 0) + c
+        return nc, const
+
+    if isinstance(v, Const):
+        return v
+    if isinstance(v, Aff):
+        nc, const = map_lin(v.coef, v.const)
+        return Aff(_coef(nc), sympy.sympify(const))
+    if isinstance(v, Opq):
+        return Opq(frozenset(fn(d) for d in v.support if fn(d) is not None))
+    if isinstance(v, Sel):
+        atoms = set()
+        for at in v.atoms:
+            if at[0] == "lin":
+                nc, const = map_lin(at[1], at[2])
+                atoms.add(lin_atom(nc, const))
+            else:
+                if not aligned:
+                    return None
+                atoms.add(at)
+        return _mk_sel(atoms, v.a, v.b)
+    return None
+
+
+def _opq_only(v) -> bool:
+    return isinstance(v, Sel) and all(at[0] == "opq" for at in v.atoms)
+
+
+# --------------------------------------------------------------------------------------------
+# the evaluator
+# --------------------------------------------------------------------------------------------
+
+class MaskEvaluator:
+    """Evaluates mask subgraphs abstractly; memoised per node. `constants` maps nodes to the real
+    tensors of buffers (their contents are read, as for any module constant)."""
+
+    def __init__(self, constants: Optional[Dict[fx.Node, torch.Tensor]] = None):
+        self.constants = constants or {}
+        self.memo: Dict[fx.Node, Any] = {}
+        self._pattern_cache: Dict[int, Any] = {}
+
+    # -- entry ------------------------------------------------------------------------------
+    def eval(self, x):
+        if isinstance(x, fx.Node):
+            if x in self.memo:
+                return self.memo[x]
+            try:
+                r = self._eval_node(x)
+            except Exception:  # noqa: BLE001 - anything unreadable is opaque
+                r = self._fallback(x)
+            self.memo[x] = r
+            return r
+        if isinstance(x, (bool, int, float)):
+            return Const(x)
+        if isinstance(x, torch.SymInt):
+            return Aff((), sym(x))
+        return None
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _fallback(self, node: fx.Node):
+        t = tensor_meta(node)
+        if t is None:
+            e = sym(node)
+            if e is not None:
+                return Aff((), e)
+            return None
+        n = t.dim()
+        sup = frozenset(d - n for d in range(n) if not _is_one(sym(t.shape[d])))
+        if t.dtype == torch.bool:
+            return Sel(frozenset([("opq", node, sup, "truthy")]), True, False)
+        return Opq(sup)
+
+    def _reroot(self, node, v):
+        """A value made only of runtime atoms, after a layout change: its atom becomes `node`."""
+        t = tensor_meta(node)
+        if t is None or not isinstance(v, Sel) or not _opq_only(v):
+            return None
+        n = t.dim()
+        sup = frozenset(d - n for d in range(n) if not _is_one(sym(t.shape[d])))
+        if v.a is True and v.b is False:
+            return Sel(frozenset([("opq", node, sup, "truthy")]), True, False)
+        if v.a is False and v.b is True:
+            return Sel(frozenset([("opq", node, sup, "not")]), True, False)
+        if isinstance(v.a, (int, float)) and not isinstance(v.a, bool):
+            return Sel(frozenset([("opq", node, sup, ("eq", v.a))]), v.a, v.b)
+        return None
+
+    def _layout(self, node, v, fn, subst=None, aligned=False):
+        if isinstance(v, Sel) and not aligned and any(at[0] == "opq" for at in v.atoms):
+            if _opq_only(v):
+                return self._reroot(node, v)
+            return None
+        return _remap(v, fn, subst, aligned)
+
+    def _ndim(self, x) -> Optional[int]:
+        t = tensor_meta(x)
+        return t.dim() if t is not None else None
+
+    # -- constants ----------------------------------------------------------------------------
+    def _constant_pattern(self, t: torch.Tensor):
+        key = id(t)
+        if key in self._pattern_cache:
+            return self._pattern_cache[key][1]
+        r = self._analyse_constant(t)
+        self._pattern_cache[key] = (t, r)
+        return r
+
+    @staticmethod
+    def _analyse_constant(t: torch.Tensor):
+        if t.numel() == 0 or t.numel() > (1 << 26) or t.is_complex():
+            return None
+        flat = t.reshape(-1)
+        first = flat[0]
+        if bool((flat == first).all()):
+            return Const(first.item())
+        if t.dim() < 2:
+            return None
+        lead = t.reshape(-1, t.shape[-2], t.shape[-1])
+        if not bool((lead == lead[:1]).all()):
+            return None
+        m = lead[0]
+        vals = torch.unique(m)
+        if vals.numel() != 2:
+            return None
+        R, C = m.shape
+        i = torch.arange(R, device=m.device)[:, None]
+        j = torch.arange(C, device=m.device)[None, :]
+        for a, b in ((vals[0], vals[1]), (vals[1], vals[0])):
+            is_a = m == a
+            # tril-like: a where j - i <= k
+            k = int(is_a[0].sum().item()) - 1
+            if bool((is_a == (j - i <= k)).all()):
+                return Sel(frozenset([lin_atom({-1: 1, -2: -1}, -k)]), a.item(), b.item())
+        return None
+
+    # -- per op -------------------------------------------------------------------------------
+    def _eval_node(self, node: fx.Node):
+        if node in self.constants:
+            r = self._constant_pattern(self.constants[node])
+            if r is not None:
+                return r
+            return self._fallback(node)
+        if node.op in ("placeholder", "get_attr", "output"):
+            return self._fallback(node)
+        c = canon(node)
+        if c is None:
+            return self._fallback(node)
+        r = self._eval_op(node, c)
+        return self._fallback(node) if r is None else r
+
+    def _eval_op(self, node: fx.Node, c: COp):
+        op, a = c.op, c.args
+        E = self.eval
+        if op == "to":
+            v = E(a[0])
+            dt = a[1]
+            if dt is None or v is None:
+                return v
+            if isinstance(v, Const):
+                return Const(_cast(v.v, dt))
+            if isinstance(v, Sel):
+                return _mk_sel(v.atoms, _cast(v.a, dt), _cast(v.b, dt))
+            if isinstance(v, Aff) and dt != torch.bool:
+                return v
+            return None
+        if op == "arange":
+            start, end, step = (sym(a[0]) if not isinstance(a[0], float) else None,
+                                a[1], a[2])
+            if start is None or not isinstance(step, int) or isinstance(step, bool):
+                return None
+            return Aff(_coef({-1: step}), start)
+        if op == "full":
+            v = a[0]
+            if isinstance(v, (bool, int, float)):
+                return Const(v)
+            return None
+        if op == "sym_size":
+            e = sym(node)
+            return Aff((), e) if e is not None else None
+        if op == "unsqueeze":
+            n = self._ndim(a[0])
+            if n is None:
+                return None
+            pos = a[1] if a[1] >= 0 else a[1] + n + 1
+            return self._layout(node, E(a[0]), lambda d: d - 1 if n + d < pos else d)
+        if op == "squeeze":
+            t = tensor_meta(a[0])
+            if t is None:
+                return None
+            n = t.dim()
+            dims = a[1]
+            if dims is None:
+                dims = [i for i in range(n) if _is_one(sym(t.shape[i]))]
+            elif isinstance(dims, int):
+                dims = [dims]
+            dims = sorted({(d + n) % n for d in dims if _is_one(sym(t.shape[(d + n) % n]))})
+            if not dims:
+                return E(a[0])
+
+            def fn(d, dims=dims, n=n):
+                p = n + d
+                if p in dims:
+                    return None
+                return d + sum(1 for q in dims if q < p)
+            return self._layout(node, E(a[0]), fn)
+        if op == "expand":
+            return E(a[0])  # right-aligned dims keep their meaning
+        if op == "slice":
+            t = tensor_meta(a[0])
+            if t is None:
+                return None
+            n = t.dim()
+            pos = a[1] if a[1] >= 0 else a[1] + n
+            d = pos - n
+            start = a[2] if a[2] is not None else 0
+            step = a[4] if len(a) > 4 and a[4] is not None else 1
+            if isinstance(start, int) and start < 0:
+                start = sym(t.shape[pos]) + start
+            s = sym(start) if not isinstance(start, sympy.Expr) else start
+            if s is None or not isinstance(step, int):
+                return None
+            trivial = s == 0 and step == 1
+            return self._layout(node, E(a[0]), lambda dd: dd, {d: (step, s)}, aligned=trivial)
+        if op == "select":
+            t = tensor_meta(a[0])
+            if t is None:
+                return None
+            n = t.dim()
+            pos = a[1] if a[1] >= 0 else a[1] + n
+            d = pos - n
+            idx = a[2]
+            if isinstance(idx, int) and idx < 0:
+                idx = sym(t.shape[pos]) + idx
+            s = sym(idx) if not isinstance(idx, sympy.Expr) else idx
+            if s is None:
+                return None
+            return self._layout(node, E(a[0]),
+                                lambda dd: None if dd == d else (dd + 1 if dd < d else dd), {d: (0, s)})
+        if op in ("view",):
+            return self._view(node, a[0])
+        if op == "transpose":
+            n = self._ndim(a[0])
+            p0, p1 = (a[1] + n) % n - n, (a[2] + n) % n - n
+            return self._layout(node, E(a[0]), lambda d: p1 if d == p0 else (p0 if d == p1 else d))
+        if op == "permute":
+            n = self._ndim(a[0])
+            perm = [(p + n) % n for p in a[1]]
+            inv = {old - n: new - n for new, old in enumerate(perm)}
+            return self._layout(node, E(a[0]), lambda d: inv[d])
+        if op == "getitem":
+            return self._getitem(node, a[0], a[1])
+        if op == "index":
+            return self._index(node, a[0], a[1])
+        if op in ("add", "sub", "rsub", "mul", "div"):
+            x, y = (a[1], a[0]) if op == "rsub" else (a[0], a[1])
+            return self._arith("sub" if op == "rsub" else op, node, E(x), E(y))
+        if op == "neg":
+            v = E(a[0])
+            return self._arith("mul", node, v, Const(-1))
+        if op in ("le", "lt", "ge", "gt", "eq", "ne"):
+            return self._compare(op, node, E(a[0]), E(a[1]))
+        if op in ("and", "or"):
+            return self._logic(op, node, E(a[0]), E(a[1]))
+        if op == "not":
+            v = E(a[0])
+            if isinstance(v, Const):
+                return Const(not v.v)
+            if isinstance(v, Sel) and isinstance(v.a, bool):
+                return _mk_sel(v.atoms, not v.a, not v.b)
+            return None
+        if op == "where":
+            return self._where(node, E(a[0]), E(a[1]), E(a[2]))
+        if op == "masked_fill":
+            return self._where(node, E(a[1]), E(a[2]), E(a[0]))
+        if op in ("tril", "triu"):
+            v = E(a[0])
+            k = a[1]
+            if not isinstance(k, int):
+                return None
+            atom = lin_atom({-1: 1, -2: -1}, -k) if op == "tril" else lin_atom({-1: -1, -2: 1}, k)
+            if isinstance(v, Const):
+                zero = _cast(0, None) if not isinstance(v.v, bool) else False
+                return _mk_sel({atom}, v.v, zero)
+            if isinstance(v, Sel) and v.b in (0, False) and not any(at[0] == "opq" for at in v.atoms):
+                return _mk_sel(set(v.atoms) | {atom}, v.a, v.b)
+            return None
+        return None
+
+    def _view(self, node, x):
+        t_in, t_out = tensor_meta(x), tensor_meta(node)
+        if t_in is None or t_out is None:
+            return None
+        si, so = shape_syms(t_in), shape_syms(t_out)
+        ni, no = len(si), len(so)
+        ins = [p for p in range(ni) if not _is_one(si[p])]
+        outs = [p for p in range(no) if not _is_one(so[p])]
+        if len(ins) != len(outs) or not all(sym_eq(si[p], so[q]) for p, q in zip(ins, outs)):
+            return None
+        m = {p - ni: q - no for p, q in zip(ins, outs)}
+        aligned = all(k == v for k, v in m.items())
+        return self._layout(node, self.eval(x), lambda d: m.get(d), aligned=aligned)
+
+    def _getitem(self, node, x, idx):
+        n = self._ndim(x)
+        if n is None:
+            return None
+        steps = decode_getitem(n, idx)
+        if steps is None:
+            return None
+        v = self.eval(x)
+        if len(steps) == 1 and steps[0][0] == "index":
+            return self._index(node, x, steps[0][1])
+        for st in steps:
+            if v is None:
+                return None
+            if st[0] == "unsqueeze":
+                pos = st[1]
+                v = self._layout(node, v, lambda d, pos=pos, n=n: d - 1 if n + d < pos else d)
+                n += 1
+            elif st[0] == "slice":
+                d = st[1] - n
+                start = st[2]
+                s = sym(start) if not isinstance(start, int) else sympy.Integer(start)
+                if isinstance(start, int) and start < 0:
+                    return None
+                if s is None or not isinstance(st[4], int):
+                    return None
+                trivial = s == 0 and st[4] == 1
+                v = self._layout(node, v, lambda dd: dd, {d: (st[4], s)}, aligned=trivial)
+            elif st[0] == "select":
+                d = st[1] - n
+                s = sym(st[2]) if not isinstance(st[2], int) else sympy.Integer(st[2])
+                if s is None or (isinstance(st[2], int) and st[2] < 0):
+                    return None
+                v = self._layout(node, v, lambda dd, d=d: None if dd == d else (dd + 1 if dd < d else dd),
+                                 {d: (0, s)})
+                n -= 1
+            else:
+                return None
+        return v
+
+    def _index(self, node, x, indices):
+        n = self._ndim(x)
+        if n is None or len(indices) != n or any(i is None for i in indices):
+            return None
+        src = self.eval(x)
+        if not (isinstance(src, Opq) or _opq_only(src) or isinstance(src, Const)):
+            return None
+        sup = set()
+        for i in indices:
+            iv = self.eval(i)
+            if iv is None:
+                return None
+            sup |= _support(iv)
+        if isinstance(src, Const):
+            return src
+        t = tensor_meta(node)
+        if t is not None and t.dtype == torch.bool:
+            return Sel(frozenset([("opq", node, frozenset(sup), "truthy")]), True, False)
+        return Opq(frozenset(sup))
+
+    def _arith(self, op, node, x, y):
+        if x is None or y is None:
+            return None
+        f = {"add": lambda p, q: p + q, "sub": lambda p, q: p - q, "mul": lambda p, q: p * q,
+             "div": lambda p, q: p / q}[op]
+        if isinstance(x, Const) and isinstance(y, Const):
+            try:
+                return Const(f(x.v, y.v))
+            except Exception:  # noqa: BLE001
+                return None
+        if isinstance(x, (Aff, Const)) and isinstance(y, (Aff, Const)):
+            xa = x if isinstance(x, Aff) else (Aff((), sympy.sympify(x.v)) if isinstance(x.v, int) and not isinstance(x.v, bool) else None)
+            ya = y if isinstance(y, Aff) else (Aff((), sympy.sympify(y.v)) if isinstance(y.v, int) and not isinstance(y.v, bool) else None)
+            if xa is None or ya is None:
+                return None
+            if op in ("add", "sub"):
+                sgn = 1 if op == "add" else -1
+                nc = dict(xa.coef)
+                for d, cc in ya.coef:
+                    nc[d] = nc.get(d, 0) + sgn * cc
+                return Aff(_coef(nc), sympy.expand(xa.const + sgn * ya.const))
+            if op == "mul":
+                if not xa.coef and static_int(xa.const) is not None:
+                    xa, ya = ya, xa
+                k = static_int(ya.const)
+                if ya.coef or k is None:
+                    return None
+                return Aff(_coef({d: cc * k for d, cc in xa.coef}), sympy.expand(xa.const * k))
+            return None
+        if isinstance(x, Sel) and isinstance(y, Const) or isinstance(x, Const) and isinstance(y, Sel):
+            s, k, first = (x, y.v, True) if isinstance(x, Sel) else (y, x.v, False)
+            try:
+                fa = f(s.a, k) if first else f(k, s.a)
+                fb = f(s.b, k) if first else f(k, s.b)
+            except Exception:  # noqa: BLE001
+                return None
+            return _mk_sel(s.atoms, fa, fb)
+        if isinstance(x, Sel) and isinstance(y, Sel):
+            if op == "add" and _finite(x.a) and _finite(y.a) and _very_neg(x.b) and _very_neg(y.b):
+                return _mk_sel(x.atoms | y.atoms, x.a + y.a, float("-inf"))
+            if op == "mul" and x.b in (0, False) and y.b in (0, False):
+                return _mk_sel(x.atoms | y.atoms, x.a * y.a, 0)
+            return None
+        if isinstance(x, (Opq, Sel, Aff, Const)) and isinstance(y, (Opq, Sel, Aff, Const)):
+            return self._fallback_union(node, x, y)
+        return None
+
+    def _fallback_union(self, node, *vals):
+        t = tensor_meta(node)
+        if t is None:
+            return None
+        sup = frozenset().union(*[_support(v) for v in vals])
+        if t.dtype == torch.bool:
+            return Sel(frozenset([("opq", node, sup, "truthy")]), True, False)
+        return Opq(sup)
+
+    def _compare(self, op, node, x, y):
+        if x is None or y is None:
+            return None
+
+        def as_aff(v):
+            if isinstance(v, Aff):
+                return v
+            if isinstance(v, Const) and isinstance(v.v, int) and not isinstance(v.v, bool):
+                return Aff((), sympy.Integer(v.v))
+            return None
+        xa, ya = as_aff(x), as_aff(y)
+        if xa is not None and ya is not None and (xa.coef or ya.coef):
+            # integer semantics: normalise to e <= 0
+            if op in ("ge", "gt"):
+                xa, ya = ya, xa
+                op = "le" if op == "ge" else "lt"
+            if op in ("le", "lt"):
+                nc = dict(xa.coef)
+                for d, cc in ya.coef:
+                    nc[d] = nc.get(d, 0) - cc
+                const = sympy.expand(xa.const - ya.const + (1 if op == "lt" else 0))
+                return _mk_sel({lin_atom(nc, const)}, True, False)
+            return None
+        if isinstance(x, Sel) and isinstance(y, Const) and op in ("eq", "ne"):
+            eq = op == "eq"
+            return _mk_sel(x.atoms, (x.a == y.v) == eq, (x.b == y.v) == eq)
+        if isinstance(x, Const) and isinstance(y, Sel) and op in ("eq", "ne"):
+            return self._compare(op, node, y, x)
+        if isinstance(x, Const) and isinstance(y, Const):
+            try:
+                return Const(bool({"le": x.v <= y.v, "lt": x.v < y.v, "ge": x.v >= y.v,
+                                   "gt": x.v > y.v, "eq": x.v == y.v, "ne": x.v != y.v}[op]))
+            except Exception:  # noqa: BLE001
+                return None
+        if isinstance(x, (Opq, Sel, Aff, Const)) and isinstance(y, (Opq, Sel, Aff, Const)):
+            if isinstance(x, Sel) and any(at[0] == "lin" for at in x.atoms):
+                return None
+            if isinstance(y, Sel) and any(at[0] == "lin" for at in y.atoms):
+                return None
+            if isinstance(x, Aff) and x.coef or isinstance(y, Aff) and y.coef:
+                return None  # position compared with runtime data: not provable here
+            return self._fallback_union(node, x, y)
+        return None
+
+    def _logic(self, op, node, x, y):
+        if x is None or y is None:
+            return None
+        for p, q in ((x, y), (y, x)):
+            if isinstance(p, Const):
+                pv = bool(p.v)
+                if op == "and":
+                    return q if pv else Const(False)
+                return Const(True) if pv else q
+        if isinstance(x, Sel) and isinstance(y, Sel):
+            if op == "and" and x.a is True and y.a is True and x.b is False and y.b is False:
+                return Sel(x.atoms | y.atoms, True, False)
+            if op == "or" and x.a is False and y.a is False and x.b is True and y.b is True:
+                return Sel(x.atoms | y.atoms, False, True)
+            if _opq_only(x) and _opq_only(y):
+                return self._fallback_union(node, x, y)
+            return None
+        if isinstance(x, (Opq, Sel)) and isinstance(y, (Opq, Sel)):
+            if (isinstance(x, Sel) and not _opq_only(x)) or (isinstance(y, Sel) and not _opq_only(y)):
+                return None
+            return self._fallback_union(node, x, y)
+        return None
+
+    def _where(self, node, c, x, y):
+        if c is None or x is None or y is None:
+            return None
+        if isinstance(c, Const):
+            return x if c.v else y
+        if not isinstance(c, Sel) or not isinstance(c.a, bool) or c.a == c.b:
+            if isinstance(c, Sel) and _opq_only(c) and isinstance(x, (Const, Opq)) and isinstance(y, (Const, Opq)):
+                return self._fallback_union(node, c, x, y)
+            return None
+        vt, vf = (x, y) if c.a else (y, x)
+        if isinstance(vt, Const) and isinstance(vf, Const):
+            return _mk_sel(c.atoms, vt.v, vf.v)
+        if isinstance(vt, Sel) and isinstance(vf, Const) and vt.b == vf.v:
+            return _mk_sel(c.atoms | vt.atoms, vt.a, vf.v)
+        if _opq_only(c) and all(isinstance(v, (Const, Opq)) or _opq_only(v) for v in (vt, vf)):
+            return self._fallback_union(node, c, x, y)
+        return None
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and abs(float(v)) < 1e30 \
+        and float(v) > VERY_NEGATIVE
+
+
+def _very_neg(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and float(v) <= VERY_NEGATIVE
+
+
+# --------------------------------------------------------------------------------------------
+# the proof
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class CausalProof:
+    ok: bool
+    reason: str = ""
+    offset: Any = None  # sympy: query i sits at absolute position i + offset
+    padding: Tuple[tuple, ...] = ()  # runtime atoms ("opq", node, support, mode)
+
+
+def constraints_of(v, kind: str):
+    """The atoms a mask term imposes ("keep": bool, True = attend; "drop": bool, True = masked;
+    "add": additive bias). Returns (atoms, error)."""
+    if v is None or isinstance(v, (Opq, Aff)):
+        return None, "mask is not provably a function of positions (runtime values or unsupported ops)"
+    if isinstance(v, Const):
+        x = v.v
+        if kind == "keep" and bool(x) or kind == "drop" and not bool(x) or kind == "add" and _finite(x):
+            return frozenset(), ""
+        return None, "mask removes every key"
+    a, b = v.a, v.b
+    if kind == "keep" and bool(a) and not bool(b):
+        return v.atoms, ""
+    if kind == "drop" and not bool(a) and bool(b):
+        return v.atoms, ""
+    if kind == "add" and _finite(a) and _very_neg(b):
+        return v.atoms, ""
+    if kind == "add":
+        return None, "additive bias is not a 0/-inf mask (position bias such as ALiBi?)"
+    return None, "mask polarity is not causal"
+
+
+def prove_causal(atoms, Lq, T, logits_ndim: int, box: Optional[Tuple[int, int]] = None) -> CausalProof:
+    lins = sorted({at for at in atoms if at[0] == "lin"}, key=str)
+    opqs = [at for at in atoms if at[0] == "opq"]
+    Lq_i, T_i = static_int(Lq), static_int(T)
+    kept = []
+    for at in lins:
+        coef = dict(at[1])
+        if any(d not in (-1, -2) for d in coef):
+            return CausalProof(False, "mask constrains positions along batch/head dims")
+        if Lq_i is not None and T_i is not None and static_int(at[2]) is not None:
+            ci, cj = coef.get(-2, 0), coef.get(-1, 0)
+            mx = max(0, ci * (Lq_i - 1)) + max(0, cj * (T_i - 1)) + int(at[2])
+            if mx <= 0:
+                continue  # always true for these shapes
+        kept.append(at)
+    if not kept:
+        return CausalProof(False, "no causal structure in the mask (bidirectional attention)")
+    if len(kept) > 1:
+        return CausalProof(False, "mask restricts positions beyond causality (sliding window / prefix-LM / band)")
+    coef = dict(kept[0][1])
+    if coef != {-1: 1, -2: -1}:
+        if coef.get(-2, 0) > 0 and coef.get(-1, 0) < 0:
+            return CausalProof(False, "mask keeps keys after the query (anti-causal / prefix)")
+        return CausalProof(False, f"mask is not a causal position comparison ({coef})")
+    off = -kept[0][2]
+    for at in opqs:
+        sup = set(at[2])
+        if logits_ndim != 4 and sup:
+            return CausalProof(False, "runtime mask factor on non-4-D attention logits")
+        if not sup <= {-4, -1}:
+            return CausalProof(False, "mask depends on runtime data along query/head axes")
+    expected = sympy.expand(T - Lq) if T is not None and Lq is not None else None
+    return CausalProof(True, "", off if expected is None or not sym_eq(off, expected) else expected,
+                       tuple(opqs))

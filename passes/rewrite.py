@@ -1,0 +1,796 @@
+"""Find dense attention sites in an FX graph, prove them causal, rewrite them.
+
+Works on dynamo graphs (torch-level) and on ATen graphs (torch.export, AOTAutograd) alike: it reads
+nodes through `canon`. A site is
+
+* an SDPA call (``F.scaled_dot_product_attention`` / ``aten.scaled_dot_product_attention`` and the
+  fused ATen variants), or
+* a softmax whose input is ``q @ k^T`` (matmul or einsum), optionally scaled (either side, by
+  constants or runtime scalars), masked (masked_fill / where / added bias, any number of times) and
+  cast, and whose output, after optional casts and inactive dropout, only feeds ``probs @ v``.
+
+K/V are read un-repeated through ``repeat_kv`` (unsqueeze + expand + reshape), ``repeat_interleave``
+on the head dim, or SDPA's ``enable_gqa``. A site is rewritten only when `maskproof` proves it
+causal; the runtime padding part of a mask becomes ``key_padding_mask``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import sympy
+import torch
+import torch.fx as fx
+
+from slcompile.kernels import ops as _ops  # noqa: F401  (registers torch.ops.superlinear)
+from slcompile.kernels.config import SuperlinearConfig
+
+from .canon import canon, decode_getitem, meta_val, remove_canon_cache, tensor_meta
+from .maskproof import (CausalProof, MaskEvaluator, constraints_of, prove_causal, static_int, sym,
+                        sym_eq, VERY_NEGATIVE)
+from .report import RewriteReport, SiteReport
+
+log = logging.getLogger("slcompile.passes")
+aten = torch.ops.aten
+
+
+class Skip(Exception):
+    """A site that is left alone; the message is the recorded reason."""
+
+
+# --------------------------------------------------------------------------------------------
+# small readers
+# --------------------------------------------------------------------------------------------
+
+def _shape_str(t: Optional[torch.Tensor]) -> Tuple[str, ...]:
+    if t is None:
+        return ()
+    return tuple(str(s) for s in t.shape)
+
+
+def _module_path(node: fx.Node) -> Tuple[str, str]:
+    st = node.meta.get("nn_module_stack") or {}
+    if not st:
+        return "", ""
+    path, typ = list(st.values())[-1]
+    tname = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
+    path = re.sub(r"^L\['self'\]\.?", "", str(path))
+    path = path.replace("L['self']", "")
+    return path, tname
+
+
+def _module_types(node: fx.Node) -> List[str]:
+    st = node.meta.get("nn_module_stack") or {}
+    out = []
+    for _, typ in st.values():
+        out.append(typ if isinstance(typ, str) else getattr(typ, "__qualname__", str(typ)))
+    return out
+
+
+def _source(node: fx.Node) -> str:
+    tr = node.meta.get("stack_trace") or ""
+    found = re.findall(r'File "([^"]+)", line (\d+)', tr)
+    if not found:
+        return ""
+    f, line = found[-1]
+    return f"{f}:{line}"
+
+
+def _is_scalar_operand(x) -> bool:
+    """A python number, a SymFloat/SymInt node, or a 0-d tensor node."""
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return True
+    if isinstance(x, fx.Node):
+        v = meta_val(x)
+        if isinstance(v, (torch.SymFloat, torch.SymInt, float, int)) and not isinstance(v, bool):
+            return True
+        if isinstance(v, torch.Tensor) and v.dim() == 0 and v.dtype.is_floating_point:
+            return True
+    return False
+
+
+def _strip_scalars(node, factor: float, runtime: list):
+    """Walk down mul/div by scalars; returns the tensor underneath."""
+    while isinstance(node, fx.Node):
+        c = canon(node)
+        if c is None or c.op not in ("mul", "div"):
+            break
+        x, y = c.args
+        if c.op == "mul" and _is_scalar_operand(x) and not _is_scalar_operand(y):
+            x, y = y, x
+        if not _is_scalar_operand(y) or _is_scalar_operand(x) or not isinstance(x, fx.Node):
+            break
+        if isinstance(y, (int, float)):
+            factor = factor * y if c.op == "mul" else factor / y
+        else:
+            runtime.append((y, c.op))
+        node = x
+    return node, factor
+
+
+def _trivial_slice(c, node_in) -> bool:
+    if c.op != "slice":
+        return False
+    t = tensor_meta(node_in)
+    start, end, step = c.args[2], c.args[3], c.args[4]
+    if not (start in (0, None) and step in (1, None)):
+        return False
+    if end is None or (isinstance(end, int) and end >= 2 ** 62):
+        return True
+    if t is not None:
+        d = c.args[1]
+        return sym_eq(sym(end), sym(t.shape[d]))
+    return False
+
+
+def _strip_trivial(node):
+    while isinstance(node, fx.Node):
+        c = canon(node)
+        if c is None:
+            return node
+        if c.op == "to" and c.args[1] is None:
+            node = c.args[0]
+            continue
+        if _trivial_slice(c, c.args[0]):
+            node = c.args[0]
+            continue
+        if c.op == "getitem":
+            t = tensor_meta(c.args[0])
+            steps = decode_getitem(t.dim(), c.args[1]) if t is not None else None
+            if steps == []:
+                node = c.args[0]
+                continue
+        return node
+    return node
+
+
+def _unrepeat(node) -> Tuple[Any, int]:
+    """See through repeat_kv / repeat_interleave on the head dim: (un-repeated node, group)."""
+    out = tensor_meta(node)
+    if out is None or out.dim() != 4:
+        return node, 1
+    n = _strip_trivial(node)
+    c = canon(n)
+    if c is None:
+        return node, 1
+    if c.op == "repeat_interleave":
+        x, reps, dim = c.args
+        base = tensor_meta(x)
+        if isinstance(reps, int) and dim in (1, -3) and base is not None and base.dim() == 4:
+            return x, reps
+        return node, 1
+    if c.op == "view":
+        e = _strip_trivial(c.args[0])
+        ce = canon(e)
+        if ce is None or ce.op != "expand":
+            return node, 1
+        te = tensor_meta(e)
+        u = _strip_trivial(ce.args[0])
+        cu = canon(u)
+        base = None
+        if cu is not None and cu.op == "unsqueeze" and cu.args[1] in (2, -3):
+            base = cu.args[0]
+        elif cu is not None and cu.op == "getitem":
+            tb = tensor_meta(cu.args[0])
+            steps = decode_getitem(tb.dim(), cu.args[1]) if tb is not None else None
+            if steps == [("unsqueeze", 2)]:
+                base = cu.args[0]
+        if base is None or te is None or te.dim() != 5:
+            return node, 1
+        base = _strip_trivial(base)
+        tb = tensor_meta(base)
+        if tb is None or tb.dim() != 4:
+            return node, 1
+        g = static_int(sym(te.shape[2]))
+        if g is None:
+            return node, 1
+        # shapes: base [B, Hkv, T, D] -> [B, Hkv, g, T, D] -> [B, Hkv*g, T, D]
+        if not (sym_eq(sym(out.shape[1]), sym(tb.shape[1]) * g) and sym_eq(sym(te.shape[1]), sym(tb.shape[1]))
+                and sym_eq(sym(out.shape[2]), sym(tb.shape[2]))):
+            return node, 1
+        return base, g
+    return node, 1
+
+
+def _is_last_two_transpose(c, x) -> bool:
+    t = tensor_meta(x)
+    if t is None:
+        return False
+    n = t.dim()
+    if c.op == "transpose":
+        return {(c.args[1] + n) % n, (c.args[2] + n) % n} == {n - 2, n - 1}
+    if c.op == "permute":
+        p = [(d + n) % n for d in c.args[1]]
+        return p == list(range(n - 2)) + [n - 1, n - 2]
+    return False
+
+
+def _very_neg_value(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and float(x) <= VERY_NEGATIVE
+
+
+# --------------------------------------------------------------------------------------------
+# site description
+# --------------------------------------------------------------------------------------------
+
+class Site:
+    def __init__(self, out: fx.Node, form: str):
+        self.out = out  # the node whose value the rewrite replaces
+        self.form = form
+        self.q = self.k = self.v = None
+        self.group = 1
+        self.scale: Optional[float] = None  # None: 1/sqrt(D)
+        self.factor = 1.0
+        self.runtime: List[Tuple[Any, str]] = []
+        self.terms: List[Tuple[Any, str]] = []  # (mask node, kind)
+        self.causal_flag = False  # SDPA is_causal=True (top-left alignment)
+
+
+def _parse_sdpa(node: fx.Node, c) -> Site:
+    q, k, v, mask, dropout_p, is_causal, scale, enable_gqa = c.args
+    out = node
+    if c.op == "sdpa_fused":
+        users = list(node.users)
+        outs = [u for u in users if u.op == "call_function" and canon(u) is not None
+                and canon(u).op == "getitem" and canon(u).args[1] == 0]
+        others = [u for u in users if u not in outs]
+        if len(outs) != 1 or any(len(o.users) for o in others):
+            raise Skip("fused SDPA with auxiliary outputs in use")
+        out = outs[0]
+    s = Site(out, "sdpa+mask" if mask is not None else "sdpa")
+    if not (isinstance(dropout_p, (int, float)) and dropout_p == 0):
+        raise Skip("attention dropout p > 0")
+    s.q = q
+    s.k, gk = (k, 1) if enable_gqa else _unrepeat(k)
+    s.v, gv = (v, 1) if enable_gqa else _unrepeat(v)
+    if gk != gv:
+        s.k, s.v, gk = k, v, 1
+    s.group = gk
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        s.scale = float(scale)
+    elif scale is not None:
+        if not _is_scalar_operand(scale):
+            raise Skip("unsupported scale argument")
+        s.scale = 1.0
+        s.runtime.append((scale, "mul"))
+    if is_causal is True:
+        if mask is not None:
+            raise Skip("SDPA with both attn_mask and is_causal")
+        s.causal_flag = True
+    elif is_causal is not False:
+        raise Skip("is_causal is not a constant")
+    if mask is not None:
+        mt = tensor_meta(mask)
+        kind = "keep" if mt is not None and mt.dtype == torch.bool else "add"
+        s.terms.append((mask, kind))
+    return s
+
+
+def _parse_qk(node) -> Tuple[Any, Any, float, list]:
+    """node is `q @ k^T` (possibly scaled on either side): (q, k, factor, runtime scalars)."""
+    c = canon(node)
+    runtime: list = []
+    if c.op == "matmul":
+        a, b = c.args
+        q, f = _strip_scalars(a, 1.0, runtime)
+        bt, f = _strip_scalars(b, f, runtime)
+        cb = canon(bt) if isinstance(bt, fx.Node) else None
+        if cb is None or cb.op not in ("transpose", "permute") or not _is_last_two_transpose(cb, cb.args[0]):
+            raise Skip("matmul operand is not k transposed (not attention logits)")
+        k, f = _strip_scalars(cb.args[0], f, runtime)
+        return q, k, f, runtime
+    if c.op == "einsum":
+        eq, ops = c.args
+        if len(ops) != 2 or not isinstance(eq, str):
+            raise Skip("einsum form not understood")
+        eq = eq.replace(" ", "").replace("...", "@")
+        lhs, rhs = eq.split("->")
+        s0, s1 = lhs.split(",")
+        if not (len(s0) >= 2 and len(s1) >= 2 and s0[:-2] == s1[:-2] == rhs[:-2]):
+            raise Skip("einsum form not understood")
+        i, d = s0[-2], s0[-1]
+        if s1[-1] == d:
+            j = s1[-2]
+            transposed = False
+        elif s1[-2] == d:
+            j = s1[-1]
+            transposed = True
+        else:
+            raise Skip("einsum form not understood")
+        if rhs[-2:] != i + j or len({i, j, d}) != 3:
+            raise Skip("einsum form not understood")
+        if transposed:
+            raise Skip("einsum with k already transposed")
+        q, f = _strip_scalars(ops[0], 1.0, runtime)
+        k, f = _strip_scalars(ops[1], f, runtime)
+        return q, k, f, runtime
+    raise Skip("not attention logits")
+
+
+def _parse_logits(node, terms: list, depth=0):
+    """Walk from the softmax input down to q @ k^T, collecting masks and scales."""
+    factor = 1.0
+    runtime: list = []
+    cur = node
+    for _ in range(64):
+        if not isinstance(cur, fx.Node):
+            raise Skip("softmax input is not a tensor expression")
+        c = canon(cur)
+        if c is None:
+            raise Skip(f"unsupported op before softmax: {cur.target}")
+        op = c.op
+        if op in ("matmul", "einsum"):
+            q, k, f, rt = _parse_qk(cur)
+            return q, k, factor * f, runtime + rt
+        if op == "to":
+            cur = c.args[0]
+            continue
+        if op in ("mul", "div"):
+            x, y = c.args
+            if op == "mul" and _is_scalar_operand(x) and not _is_scalar_operand(y):
+                x, y = y, x
+            if not _is_scalar_operand(y) or not isinstance(x, fx.Node):
+                raise Skip("logits multiplied by a tensor (position bias / gating)")
+            if isinstance(y, (int, float)):
+                factor = factor * y if op == "mul" else factor / y
+            else:
+                runtime.append((y, op))
+            cur = x
+            continue
+        if op == "masked_fill":
+            x, m, val = c.args
+            if not _very_neg_value(val):
+                raise Skip("masked_fill with a value that does not remove keys")
+            terms.append((m, "drop"))
+            cur = x
+            continue
+        if op == "where":
+            cond, x, y = c.args
+            if _very_neg_value(y):
+                terms.append((cond, "keep"))
+                cur = x
+            elif _very_neg_value(x):
+                terms.append((cond, "drop"))
+                cur = y
+            else:
+                raise Skip("where() on logits that is not a mask")
+            continue
+        if op in ("add", "sub"):
+            x, y = c.args
+            if op == "sub" and isinstance(y, (int, float)):
+                cur = x
+                continue
+            if op == "add" and isinstance(x, (int, float)):
+                x, y = y, x
+            if isinstance(y, (int, float)):
+                cur = x
+                continue
+            if op == "sub":
+                raise Skip("subtraction of a tensor from logits")
+            # which operand carries the logits?
+            for main, other in ((x, y), (y, x)):
+                sub_terms: list = []
+                try:
+                    q, k, f, rt = _parse_logits(main, sub_terms, depth + 1)
+                except Skip:
+                    continue
+                terms.extend(sub_terms)
+                terms.append((other, "add"))
+                return q, k, factor * f, runtime + rt
+            raise Skip("additive term on logits not understood")
+        if op == "tanh":
+            raise Skip("logit soft-capping (tanh) before softmax")
+        raise Skip(f"unsupported op before softmax: {op}")
+    raise Skip("logits expression too deep")
+
+
+def _parse_softmax(node: fx.Node, c) -> Optional[Site]:
+    x, dim = c.args
+    t = tensor_meta(x)
+    if t is None or dim not in (-1, t.dim() - 1) or t.dim() < 3:
+        return None
+    # is it attention at all? find q @ k^T under the softmax
+    terms: list = []
+    try:
+        q, k, factor, runtime = _parse_logits(x, terms)
+    except Skip as e:
+        # only report it as a site when a q @ k^T is underneath somewhere
+        if _has_qk_below(x):
+            s = Site(node, "matmul-softmax")
+            s.q = None
+            raise Skip(str(e)) from None
+        return None
+    # forward: probs -> (cast, inactive dropout)* -> probs @ v
+    cur = node
+    for _ in range(16):
+        users = list(cur.users)
+        if len(users) != 1:
+            raise Skip("attention probabilities used elsewhere (e.g. returned weights)")
+        u = users[0]
+        cu = canon(u)
+        if cu is None:
+            raise Skip("attention probabilities feed an unsupported op")
+        if cu.op == "to":
+            cur = u
+            continue
+        if cu.op == "dropout":
+            p, train = cu.args[1], cu.args[2]
+            if train is False or p == 0:
+                cur = u
+                continue
+            raise Skip("attention dropout p > 0 in training mode")
+        if cu.op == "matmul" and cu.args[0] is cur:
+            form = "matmul-softmax"
+            v = cu.args[1]
+            out = u
+            break
+        if cu.op == "einsum" and len(cu.args[1]) == 2 and cu.args[1][0] is cur:
+            eq = cu.args[0].replace(" ", "").replace("...", "@")
+            lhs, rhs = eq.split("->")
+            s0, s1 = lhs.split(",")
+            if not (s0[:-2] == s1[:-2] == rhs[:-2] and s1[-2] == s0[-1] and rhs[-2] == s0[-2]
+                    and rhs[-1] == s1[-1]):
+                raise Skip("einsum form of probs @ v not understood")
+            form = "einsum-softmax"
+            v = cu.args[1][1]
+            out = u
+            break
+        raise Skip("attention probabilities feed an unsupported op")
+    else:
+        raise Skip("probability chain too long")
+    s = Site(out, form)
+    s.q = q
+    kb, gk = _unrepeat(k)
+    vb, gv = _unrepeat(v)
+    if gk == gv:
+        s.k, s.v, s.group = kb, vb, gk
+    else:
+        s.k, s.v, s.group = k, v, 1
+    s.factor = factor
+    s.scale = 1.0  # the logits are exactly factor * q.k
+    s.runtime = runtime
+    s.terms = terms
+    return s
+
+
+def _has_qk_below(x, depth=0) -> bool:
+    if depth > 12 or not isinstance(x, fx.Node):
+        return False
+    c = canon(x)
+    if c is None:
+        return False
+    if c.op in ("matmul", "einsum"):
+        try:
+            _parse_qk(x)
+            return True
+        except Skip:
+            return False
+    return any(_has_qk_below(a, depth + 1) for a in c.args if isinstance(a, fx.Node))
+
+
+# --------------------------------------------------------------------------------------------
+# emission
+# --------------------------------------------------------------------------------------------
+
+def _fake_mode_of(*vals):
+    from torch._guards import detect_fake_mode
+    try:
+        return detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+    except Exception:  # noqa: BLE001
+        return None
+
+
+class _Emitter:
+    def __init__(self, graph: fx.Graph, anchor: fx.Node, meta_key: Optional[str]):
+        self.g = graph
+        self.anchor = anchor
+        self.meta_key = meta_key  # "val" for ATen graphs; None: leave meta to the next tracer
+        self.fake_mode = None
+
+    def call(self, target, args, kwargs=None):
+        with self.g.inserting_before(self.anchor):
+            n = self.g.call_function(target, tuple(args), kwargs or {})
+        for k in ("nn_module_stack", "stack_trace", "source_fn_stack", "seq_nr", "from_node"):
+            if k in self.anchor.meta:
+                n.meta[k] = self.anchor.meta[k]
+        if self.meta_key is not None:
+            self._meta(n, target, args, kwargs or {})
+        return n
+
+    def _meta(self, n, target, args, kwargs):
+        def mv(a):
+            if isinstance(a, fx.Node):
+                return meta_val(a)
+            if isinstance(a, (list, tuple)):
+                return type(a)(mv(x) for x in a)
+            return a
+        try:
+            vals = [mv(a) for a in args]
+            if self.fake_mode is None:
+                self.fake_mode = _fake_mode_of(*[v for v in vals if isinstance(v, torch.Tensor)])
+            if self.fake_mode is None:
+                return
+            with self.fake_mode:
+                n.meta["val"] = target(*vals, **{k: mv(v) for k, v in kwargs.items()})
+        except Exception:  # noqa: BLE001 - meta is a convenience for exported graphs
+            pass
+
+
+def _size(em: _Emitter, node, dim):
+    t = tensor_meta(node)
+    s = t.shape[dim]
+    if isinstance(s, int):
+        return s
+    return em.call(aten.sym_size.int, (node, dim))
+
+
+def _emit_padding(em: _Emitter, atom, q, k) -> fx.Node:
+    _, node, _sup, mode = atom
+    t = tensor_meta(node)
+    x = node
+    n = t.dim()
+    while n < 4:
+        x = em.call(aten.unsqueeze.default, (x, 0))
+        n += 1
+    x = em.call(aten.select.int, (x, 1, 0))
+    x = em.call(aten.select.int, (x, 1, 0))  # [B or 1, T or 1]
+    if mode == "truthy":
+        x = em.call(aten.ne.Scalar, (x, 0)) if t.dtype != torch.bool else x
+    elif mode == "not":
+        x = em.call(aten.eq.Scalar, (x, 0)) if t.dtype != torch.bool else em.call(aten.logical_not.default, (x,))
+    else:
+        x = em.call(aten.eq.Scalar, (x, mode[1]))
+    B, T = _size(em, q, 0), _size(em, k, 2)
+    return em.call(aten.expand.default, (x, [B, T]))
+
+
+def _emit(graph: fx.Graph, site: Site, proof: CausalProof, qpos_offset: Optional[int],
+          config: SuperlinearConfig, meta_key: Optional[str]) -> fx.Node:
+    em = _Emitter(graph, site.out, meta_key)
+    q = site.q
+    qt = tensor_meta(q)
+    D = qt.shape[-1]
+    scale = site.scale
+    runtime = list(site.runtime)
+    if scale is None:
+        Di = static_int(sym(D))
+        if Di is None:  # symbolic head dim: scale q by D ** -0.5 at run time
+            import operator
+            d = em.call(aten.sym_size.int, (site.q, 3))
+            runtime.append((em.call(operator.pow, (d, -0.5)), "mul"))
+            scale = 1.0
+        else:
+            scale = 1.0 / math.sqrt(Di)
+    scale = scale * site.factor
+    if scale < 0:
+        q = em.call(aten.neg.default, (q,))
+        scale = -scale
+    if scale == 0:
+        raise Skip("zero softmax scale")
+    for s, op in runtime:
+        q = em.call(aten.mul.Tensor if op == "mul" else aten.div.Tensor, (q, s))
+    kpm = None
+    for atom in proof.padding:
+        m = _emit_padding(em, atom, site.q, site.k)
+        kpm = m if kpm is None else em.call(aten.logical_and.default, (kpm, m))
+    qpos = None
+    if qpos_offset is not None:
+        Lq = static_int(sym(qt.shape[2]))
+        B = _size(em, site.q, 0)
+        dev = qt.device
+        ar = em.call(aten.arange.start, (qpos_offset, qpos_offset + Lq),
+                     {"dtype": torch.int64, "device": dev})
+        qpos = em.call(aten.expand.default, (ar, [B, Lq]))
+    c = config
+    ss = em.call(torch.ops.superlinear.span_search.default,
+                 (q, site.k, kpm, qpos, c.window, c.topk, c.search_power, c.span_power,
+                  c.backward_factor, c.forward_factor, c.search_key, c.dense_below))
+    import operator
+    anchors = em.call(operator.getitem, (ss, 0))
+    scores = em.call(operator.getitem, (ss, 1))
+    out = em.call(torch.ops.superlinear.span_attention.default,
+                  (q, site.k, site.v, anchors, scores, kpm, qpos, c.window, c.sinks, c.span_power,
+                   c.backward_factor, c.forward_factor, c.combine, float(scale), c.dense_below))
+    ot = tensor_meta(site.out)
+    if ot is not None and qt is not None and ot.dtype != qt.dtype:
+        out = em.call(aten.to.dtype, (out, ot.dtype))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the pass
+# --------------------------------------------------------------------------------------------
+
+def _buffer_constants(gm: fx.GraphModule, extra: Optional[Dict[str, torch.Tensor]]):
+    from torch._subclasses.fake_tensor import FakeTensor
+    consts: Dict[fx.Node, torch.Tensor] = {}
+    extra = extra or {}
+    for n in gm.graph.nodes:
+        t = None
+        if n.op == "get_attr":
+            try:
+                obj = gm
+                for part in str(n.target).split("."):
+                    obj = getattr(obj, part)
+                t = obj if isinstance(obj, torch.Tensor) and not isinstance(obj, torch.nn.Parameter) else None
+            except AttributeError:
+                t = None
+        elif n.op == "placeholder":
+            if n.name in extra:
+                t = extra[n.name]
+            elif str(n.target) in extra:
+                t = extra[str(n.target)]
+            else:
+                ga = n.meta.get("grapharg")
+                src = getattr(ga, "source", None)
+                is_buf = False
+                while src is not None:
+                    if getattr(src, "member", None) == "_buffers":
+                        is_buf = True
+                        break
+                    src = getattr(src, "base", None)
+                if is_buf:
+                    try:
+                        t = ga.example
+                    except Exception:  # noqa: BLE001
+                        t = None
+        if isinstance(t, torch.Tensor) and not isinstance(t, FakeTensor) and t.device.type != "meta":
+            consts[n] = t
+    return consts
+
+
+def _is_aten_graph(graph: fx.Graph) -> bool:
+    for n in graph.nodes:
+        if n.op == "call_method":
+            return False
+        if n.op == "call_function" and not isinstance(n.target, torch._ops.OpOverload) \
+                and n.target.__module__ != "_operator":
+            return False
+    return True
+
+
+def rewrite_graph(gm: fx.GraphModule, config: Optional[SuperlinearConfig] = None, *,
+                  constants: Optional[Dict[str, torch.Tensor]] = None,
+                  dry_run: bool = False) -> RewriteReport:
+    """Rewrite every provably causal dense attention of `gm` in place.
+
+    Args:
+        gm: a dynamo graph (torch-level) or an ATen graph (torch.export's ``graph_module``,
+            AOTAutograd). Nodes must carry example values (``meta['val']`` or
+            ``meta['example_value']``), as graphs from those tracers do.
+        config: the `SuperlinearConfig` whose fields are baked into the emitted ops.
+        constants: real values of buffer placeholders (by node name or target), for graphs
+            whose buffers are lifted inputs (torch.export); their contents are read to prove
+            masks such as GPT-2's ``tril`` buffer causal.
+        dry_run: analyse and report, change nothing.
+
+    Returns:
+        `RewriteReport` with one `SiteReport` per attention site found.
+    """
+    if config is None:
+        config = SuperlinearConfig()
+    if not isinstance(config, SuperlinearConfig):
+        raise TypeError(f"rewrite_graph: config must be a SuperlinearConfig, got {type(config).__name__}")
+    t0 = time.perf_counter()
+    graph = gm.graph
+    meta_key = "val" if _is_aten_graph(graph) else None
+    ev = MaskEvaluator(_buffer_constants(gm, constants))
+    report = RewriteReport()
+    changed = False
+    for node in list(graph.nodes):
+        if node.op not in ("call_function", "call_method"):
+            continue
+        c = canon(node)
+        if c is None or c.op not in ("sdpa", "sdpa_fused", "softmax"):
+            continue
+        rep = SiteReport(name=node.name)
+        rep.module_path, mtype = _module_path(node)
+        rep.source = _source(node)
+        try:
+            if c.op == "softmax":
+                try:
+                    site = _parse_softmax(node, c)
+                except Skip as e:
+                    rep.form = "matmul-softmax"
+                    q = None
+                    raise
+                if site is None:
+                    continue
+            else:
+                site = _parse_sdpa(node, c)
+            rep.name = site.out.name if c.op != "sdpa_fused" else node.name
+            rep.form = site.form
+            if any("MultiheadAttention" in t for t in _module_types(node)):
+                rep.form = "mha"
+            qt, kt, vt = tensor_meta(site.q), tensor_meta(site.k), tensor_meta(site.v)
+            rep.q_shape, rep.kv_shape = _shape_str(qt), _shape_str(kt)
+            rep.kv_groups = site.group
+            _check_layout(site, qt, kt, vt)
+            Lq, T = sym(qt.shape[2]), sym(kt.shape[2])
+            if site.causal_flag:
+                proof = CausalProof(True, "", sympy.Integer(0), ())
+            else:
+                if not site.terms:
+                    raise Skip("no causal mask (bidirectional attention)")
+                atoms = set()
+                for mnode, kind in site.terms:
+                    cons, err = constraints_of(ev.eval(mnode), kind)
+                    if cons is None:
+                        raise Skip(err)
+                    atoms |= set(cons)
+                proof = prove_causal(atoms, Lq, T, tensor_meta(site.out).dim())
+                if not proof.ok:
+                    raise Skip(proof.reason)
+            rep.causal_proven = True
+            rep.padding = bool(proof.padding)
+            qpos_offset = _positions(proof.offset, Lq, T)
+            if not dry_run:
+                new = _emit(graph, site, proof, qpos_offset, config, meta_key)
+                site.out.replace_all_uses_with(new)
+                changed = True
+            rep.rewritten = not dry_run
+            rep.reason = "" if not dry_run else "dry run"
+        except Skip as e:
+            rep.reason = str(e)
+        report.sites.append(rep)
+    if changed:
+        graph.eliminate_dead_code(is_impure_node=_impure)
+        graph.lint()
+        gm.recompile()
+    remove_canon_cache(graph)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _impure(node: fx.Node) -> bool:
+    if node.op in ("placeholder", "output"):
+        return True
+    try:
+        return node.is_impure()
+    except Exception:  # noqa: BLE001
+        return True
+
+
+def _check_layout(site: Site, qt, kt, vt):
+    if qt is None or kt is None or vt is None:
+        raise Skip("q/k/v without example values")
+    if qt.dim() != 4 or kt.dim() != 4 or vt.dim() != 4:
+        raise Skip(f"q/k/v are not 4-D [B, H, L, D] (q {tuple(qt.shape)})")
+    if not (qt.dtype == kt.dtype == vt.dtype):
+        raise Skip(f"q/k/v dtypes differ ({qt.dtype}, {kt.dtype}, {vt.dtype})")
+    if not qt.dtype.is_floating_point:
+        raise Skip("non-floating q/k/v")
+    Hq, Hk, Hv = (sym(t.shape[1]) for t in (qt, kt, vt))
+    if not sym_eq(Hk, Hv):
+        raise Skip(f"k and v head counts differ ({Hk}, {Hv})")
+    hq, hk = static_int(Hq), static_int(Hk)
+    if hq is not None and hk is not None:
+        if hk == 0 or hq % hk != 0:
+            raise Skip(f"query heads {hq} not a multiple of key/value heads {hk}")
+        site.group = hq // hk
+    elif not sym_eq(Hq, Hk * site.group):
+        raise Skip(f"head counts not provably compatible (q {Hq}, k {Hk})")
+    if not sym_eq(sym(qt.shape[0]), sym(kt.shape[0])) or not sym_eq(sym(kt.shape[0]), sym(vt.shape[0])):
+        raise Skip("batch sizes of q/k/v differ or are broadcast")
+    if not sym_eq(sym(qt.shape[3]), sym(kt.shape[3])):
+        raise Skip("q and k head dims differ")
+    if not sym_eq(sym(kt.shape[2]), sym(vt.shape[2])):
+        raise Skip("k and v lengths differ")
+
+
+def _positions(offset, Lq, T) -> Optional[int]:
+    """None: bottom-right (the ops' default); an int: queries sit at offset..offset+Lq-1."""
+    if Lq is None or T is None:
+        raise Skip("unknown sequence lengths")
+    if sym_eq(offset, T - Lq):
+        return None
+    o, lq, t = static_int(offset), static_int(Lq), static_int(T)
+    if o is not None and lq is not None and t is not None:
+        if 0 <= o and o + lq <= t:
+            return o
+        raise Skip(f"causal offset {o} puts queries outside the {t} keys")
+    raise Skip("cannot prove the query/key alignment for symbolic lengths")
