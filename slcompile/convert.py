@@ -682,12 +682,34 @@ def rewrite_module(prepared: Prepared, config, dry_run: bool = False):
     gm = prepared.program.module()
     try:
         report = rewrite_graph(gm, config, dry_run=True) if dry_run else rewrite_graph(gm, config)
+        if not dry_run:
+            _drop_dead_nodes(gm)
         gm.recompile()
     except SlcompileError:
         raise
     except Exception as e:
         raise ModelError(f"the rewrite pass failed: {type(e).__name__}: {first_line(e)}")
     return gm, report
+
+
+def _drop_dead_nodes(gm) -> None:
+    """Remove nodes whose results are unused, random ones included.
+
+    A replaced SDPA node carries the ``nondeterministic_seeded`` tag (it could run dropout), so the
+    default dead-code elimination keeps it, and the re-exported program would still compute dense
+    attention beside the superlinear ops. Unused random ops only advance the RNG; in an inference
+    graph they are dead too. Calls of modules (the export's input guards) and mutating ops stay."""
+
+    def impure(n) -> bool:
+        if n.op in ("placeholder", "output"):
+            return True
+        try:
+            return n.is_impure(impure_random=False)
+        except TypeError:  # older torch without impure_random
+            return n.is_impure()
+
+    if gm.graph.eliminate_dead_code(is_impure_node=impure):
+        gm.recompile()
 
 
 def reexport(prepared: Prepared, gm):
