@@ -149,6 +149,10 @@ def _canon_aten(node: fx.Node) -> Optional[COp]:
         return COp("repeat_interleave", (a["self"], a["repeats"], a.get("dim")))
     if name == "sym_size":
         return COp("sym_size", (a["self"], a["dim"]))
+    if name == "cumsum":
+        return COp("cumsum", (a["self"], a["dim"]))
+    if name == "diff":
+        return COp("diff", (a["self"], a["n"], a["dim"], a.get("prepend"), a.get("append")))
     if name == "item":
         return COp("item", (a["self"],))
     return None
@@ -289,6 +293,11 @@ def _canon_torch(node: fx.Node, name: str, args, kwargs, is_method: bool) -> Opt
         return COp(name, (arg(0, "input"), arg(1, "diagonal", 0)))
     if name == "repeat_interleave":
         return COp("repeat_interleave", (arg(0, "input"), arg(1, "repeats"), arg(2, "dim")))
+    if name == "cumsum":
+        return COp("cumsum", (arg(0, "input"), arg(1, "dim")))
+    if name == "diff":
+        return COp("diff", (arg(0, "input"), arg(1, "n", 1), arg(2, "dim", -1), arg(3, "prepend"),
+                            arg(4, "append")))
     if name == "size" and is_method and len(args) == 2:
         return COp("sym_size", (args[0], args[1]))
     if name == "item":

@@ -434,6 +434,35 @@ class MaskEvaluator:
             return self._where(node, E(a[0]), E(a[1]), E(a[2]))
         if op == "masked_fill":
             return self._where(node, E(a[1]), E(a[2]), E(a[0]))
+        if op == "cumsum":
+            v = E(a[0])
+            n = self._ndim(a[0])
+            if isinstance(v, Const) and n is not None and isinstance(v.v, (int, bool)) :
+                k = int(v.v)
+                d = (a[1] + n) % n - n
+                return Const(0) if k == 0 else Aff(_coef({d: k}), sympy.Integer(k))
+            return None
+        if op == "diff":
+            x, nd, dim, prepend, append = a
+            n = self._ndim(x)
+            if nd != 1 or append is not None or n is None:
+                return None
+            d = (dim + n) % n - n
+            v = E(x)
+            if not isinstance(v, Aff):
+                return None
+            cd = dict(v.coef).get(d, 0)
+            if prepend is None:
+                return Const(cd)
+            p = E(prepend)
+            pt = tensor_meta(prepend)
+            if not isinstance(p, Aff) or pt is None or not _is_one(sym(pt.shape[d])):
+                return None
+            po = {k: c for k, c in p.coef if k != d}
+            vo = {k: c for k, c in v.coef if k != d}
+            if po == vo and sym_eq(v.const - p.const, sympy.Integer(cd)):
+                return Const(cd)
+            return None
         if op in ("tril", "triu"):
             v = E(a[0])
             k = a[1]
@@ -506,6 +535,19 @@ class MaskEvaluator:
         if n is None or len(indices) != n or any(i is None for i in indices):
             return None
         src = self.eval(x)
+        if isinstance(src, Aff):  # gather from a position tensor: compose the affine maps
+            acc = Aff((), src.const)
+            coef = dict(src.coef)
+            for p, i in enumerate(indices):
+                iv = self.eval(i)
+                if not isinstance(iv, (Aff, Const)):
+                    return None
+                c_d = coef.get(p - n, 0)
+                if c_d:
+                    acc = self._arith("add", node, acc, self._arith("mul", node, iv, Const(c_d)))
+                    if acc is None:
+                        return None
+            return acc
         if not (isinstance(src, Opq) or _opq_only(src) or isinstance(src, Const)):
             return None
         sup = set()

@@ -2,7 +2,10 @@
 
 from slcompile.kernels.config import SuperlinearConfig
 from slcompile.functional import superlinear_attention
+from slcompile.explain import explain
+from slcompile import testing  # noqa: F401  (slcompile.testing)
 
 __version__ = "0.1.0"
 
 __all__ = ["SuperlinearConfig", "superlinear_attention", "__version__"]
+__all__ += ["explain", "testing"]
