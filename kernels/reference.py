@@ -41,6 +41,19 @@ def _kv_index(Hq: int, Hkv: int, device) -> torch.Tensor:
     return torch.arange(Hq, device=device) // (Hq // Hkv)
 
 
+def _rows(x: torch.Tensor, idx: torch.Tensor, heads: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Gather rows of x [H, T, D] (index_select on a flat view, faster than advanced indexing).
+    heads None: idx [...] is shared by all heads -> [H, *idx.shape, D];
+    heads [H']: idx [H', ...] gives head heads[h]'s rows -> [H', *idx.shape[1:], D]."""
+    H, T, D = x.shape
+    flat = x.reshape(H * T, D)
+    if heads is None:
+        full = (torch.arange(H, device=x.device) * T).view(H, *([1] * idx.dim())) + idx
+        return flat.index_select(0, full.reshape(-1)).view(H, *idx.shape, D)
+    full = (heads * T).view(-1, *([1] * (idx.dim() - 1))) + idx
+    return flat.index_select(0, full.reshape(-1)).view(*idx.shape, D)
+
+
 # --------------------------------------------------------------------------------------------
 # Step 1: span-search
 # --------------------------------------------------------------------------------------------
@@ -71,6 +84,8 @@ def span_search(
     n = num_stripes(T, search_power)
     deltas = stripe_deltas(n, search_power, dev)  # ascending: nearest anchor first
     back, fwd = span_extents(T, span_power, backward_factor, forward_factor, dev)
+    if search_key == "block":  # coarse-to-fine block bounds, docs/routing.md
+        return _block_search(qs, k, key_padding_mask, pos, W, topk, back, fwd, anchors, scores)
     kvh = _kv_index(Hq, Hkv, dev)
     g = Hq // Hkv
 
@@ -90,31 +105,241 @@ def span_search(
     for b in range(B):
         for s in range(0, Lq, chunk):
             t = pos[b, s:s + chunk]  # [c]
+            c = t.shape[0]
             a = t[:, None] - deltas[None, :]  # [c, n]
             valid = (deltas[None, :] >= W) & (a >= 0)
             a_c = a.clamp(min=0)
             if key_padding_mask is not None:
                 valid &= key_padding_mask[b][a_c]
             if search_key == "anchor":
-                key = k[b][:, a_c].float()  # [Hkv, c, n, D]
+                key = _rows(k[b], a_c).float()  # [Hkv, c, n, D]
             else:
                 lo = (a_c - back[t][:, None]).clamp(min=0)
                 hi = torch.minimum(a_c + fwd[t][:, None], t[:, None] - W).clamp(min=0)
                 tot = prefix[b][:, hi + 1] - prefix[b][:, lo]  # [Hkv, c, n, D]
                 c_ = (cnt[b][hi + 1] - cnt[b][lo]).clamp(min=1.0)
                 key = (tot / c_[None, :, :, None]).float()
-            q_c = qs[b, :, s:s + chunk].float().view(Hkv, g, -1, D)
-            sc = torch.einsum("hgcd,hcnd->hgcn", q_c, key).reshape(Hq, -1, n)
+            q_c = qs[b, :, s:s + chunk].float().view(Hkv, g, c, D).transpose(1, 2)  # [Hkv, c, g, D]
+            sc = torch.matmul(q_c, key.transpose(-1, -2))  # [Hkv, c, g, n]
+            sc = sc.permute(0, 2, 1, 3).reshape(Hq, c, n)
             sc = sc.masked_fill(~valid[None], float("-inf"))
-            # stable sort keeps the nearer anchor first among equal scores
-            order = torch.sort(sc, dim=-1, descending=True, stable=True).indices[..., :topk]
-            kk = order.shape[-1]
-            top_s = torch.gather(sc, -1, order)
-            top_a = torch.gather(a_c[None].expand(Hq, -1, -1), -1, order)
-            top_a = torch.where(torch.isinf(top_s), torch.full_like(top_a, -1), top_a)
-            anchors[b, :, s:s + chunk, :kk] = top_a.to(torch.int32)
-            scores[b, :, s:s + chunk, :kk] = top_s
+            # top-k by repeated argmax: argmax returns the first maximum, and stripes are
+            # ordered nearest anchor first, so ties go to the nearer anchor.
+            a_h = a_c[None].expand(Hq, c, n)
+            for j in range(min(topk, n)):
+                idx = sc.argmax(dim=-1, keepdim=True)  # [Hq, c, 1]
+                top_s = torch.gather(sc, -1, idx)[..., 0]
+                top_a = torch.gather(a_h, -1, idx)[..., 0]
+                empty = torch.isinf(top_s) & (top_s < 0)
+                anchors[b, :, s:s + chunk, j] = torch.where(empty, -1, top_a).to(torch.int32)
+                scores[b, :, s:s + chunk, j] = top_s
+                sc = sc.scatter(-1, idx, float("-inf"))
     return anchors, scores
+
+
+# --------------------------------------------------------------------------------------------
+# search_key="block": coarse-to-fine Quest-style block bounds (docs/routing.md)
+# --------------------------------------------------------------------------------------------
+
+BLOCK = 32  # finest block size in keys (smaller when spans are shorter, see _block_levels)
+COARSE_FANOUT = 2  # coarse blocks refined per kept span
+
+
+def _key_pyramid(k: torch.Tensor, key_padding_mask: Optional[torch.Tensor], levels: int):
+    """Summaries of aligned blocks of 2^j keys for j = 0..levels: lists kmin[j], kmax[j]
+    [B, Hkv, Tp >> j, D] (float32, per-dimension min/max over the block's present keys, 0 where it
+    has none) and cnt[j] [B, Tp >> j] (present keys). Keys are padded with absent ones to
+    Tp = a multiple of 2^levels. O(T * D) work and memory in all."""
+    B, Hkv, T, D = k.shape
+    step = 1 << levels
+    Tp = -(-T // step) * step
+    kf = torch.zeros(B, Hkv, Tp, D, dtype=torch.float32, device=k.device)
+    kf[:, :, :T] = k.float()
+    present = torch.zeros(B, Tp, dtype=torch.bool, device=k.device)
+    present[:, :T] = True if key_padding_mask is None else key_padding_mask
+    pm = present[:, None, :, None]
+    kmax = [kf.masked_fill(~pm, float("-inf"))]
+    kmin = [kf.masked_fill(~pm, float("inf"))]
+    cnt = [present.to(torch.int64)]
+    for _ in range(levels):
+        kmax.append(torch.maximum(kmax[-1][:, :, 0::2], kmax[-1][:, :, 1::2]))
+        kmin.append(torch.minimum(kmin[-1][:, :, 0::2], kmin[-1][:, :, 1::2]))
+        cnt.append(cnt[-1][:, 0::2] + cnt[-1][:, 1::2])
+    for j in range(levels + 1):
+        empty = (cnt[j] == 0)[:, None, :, None]
+        kmax[j] = kmax[j].masked_fill(empty, 0.0)
+        kmin[j] = kmin[j].masked_fill(empty, 0.0)
+    return kmin, kmax, cnt
+
+
+def _in_block_running(kb: torch.Tensor, kpm: Optional[torch.Tensor], jf: int):
+    """For aligned blocks of 2^jf keys of one batch row (kb [Hkv, T, D]): the running min/max of the
+    present keys from the block's start up to each slot ([Hkv, T, D], 0 where none yet) and the
+    running count ([T]). The summary of a partial block [bs*(e//bs), e] is then entry e. O(T*D)."""
+    Hkv, T, D = kb.shape
+    bs = 1 << jf
+    Tp = -(-T // bs) * bs
+    kf = torch.zeros(Hkv, Tp, D, dtype=torch.float32, device=kb.device)
+    kf[:, :T] = kb.float()
+    present = torch.zeros(Tp, dtype=torch.bool, device=kb.device)
+    present[:T] = True if kpm is None else kpm
+    pm = present[None, :, None]
+    mx = kf.masked_fill(~pm, float("-inf")).view(Hkv, Tp // bs, bs, D).cummax(2).values.view(Hkv, Tp, D)
+    mn = kf.masked_fill(~pm, float("inf")).view(Hkv, Tp // bs, bs, D).cummin(2).values.view(Hkv, Tp, D)
+    cnt = present.long().view(Tp // bs, bs).cumsum(1).view(Tp)
+    none = (cnt == 0)[None, :, None]
+    return mn.masked_fill(none, 0.0)[:, :T], mx.masked_fill(none, 0.0)[:, :T], cnt[:T]
+
+
+def _ilog2(x: torch.Tensor) -> torch.Tensor:
+    """floor(log2(x)) for int64 x >= 1, exact."""
+    j = torch.floor(torch.log2(x.double())).long()
+    j = torch.where((1 << (j + 1)) <= x, j + 1, j)
+    return torch.where((1 << j) > x, j - 1, j)
+
+
+def _block_levels(e: torch.Tensor, back_t: torch.Tensor):
+    """Per query (last span position e >= 0, backward reach back_t): the fine level jf and the
+    coarse level jc >= jf. Fine blocks hold bs = 2^jf = min(BLOCK, largest power of two <=
+    back_t + 1) keys, so one span always covers a whole fine block; coarse blocks hold 2^c fine
+    blocks, 2^c the smallest power of two with 4^c >= nf = (e + 1) // bs, so a query scores at most
+    about sqrt(nf) coarse blocks and refines O(sqrt(nf)) fine blocks."""
+    jf = _ilog2((back_t + 1).clamp(min=1)).clamp(max=int(math.log2(BLOCK)))
+    nf = ((e + 1) >> jf).clamp(min=1)
+    c = (_ilog2(nf) + 1) // 2  # ceil(log2(nf) / 2) up to the fix-ups below
+    c = torch.where((1 << (2 * c)) < nf, c + 1, c)
+    c = torch.where((c > 0) & ((1 << (2 * (c - 1))) >= nf), c - 1, c)
+    return jf, jf + c
+
+
+def _block_search(qs, k, key_padding_mask, pos, W, topk, back, fwd, anchors, scores):
+    """search_key="block" (docs/routing.md): writes anchors/scores in place."""
+    B, Hq, Lq, D = qs.shape
+    Hkv, T = k.shape[1], k.shape[2]
+    dev = qs.device
+    e_all = pos - W  # [B, Lq]: the last key a span may reach
+    live = e_all >= 0
+    if not bool(live.any()):
+        return anchors, scores
+    jf_all, jc_all = _block_levels(e_all.clamp(min=0), back[pos])
+    levels = int(jc_all[live].max().item())
+    kmin, kmax, cnt = _key_pyramid(k, key_padding_mask, levels)
+    if key_padding_mask is not None:
+        idx = torch.arange(T, device=dev)
+        last_present = torch.cummax(torch.where(key_padding_mask, idx, -1), dim=1).values  # [B, T]
+    for b in range(B):
+        lv = live[b]
+        if not bool(lv.any()):
+            continue
+        pairs = torch.unique(torch.stack([jf_all[b][lv], jc_all[b][lv]], 1), dim=0).tolist()
+        running = {}
+        for jf, jc in pairs:
+            if jf not in running:
+                running[jf] = _in_block_running(k[b], None if key_padding_mask is None else key_padding_mask[b], jf)
+            run_min, run_max, run_cnt = running[jf]
+            sel = torch.nonzero(lv & (jf_all[b] == jf) & (jc_all[b] == jc)).flatten()
+            n_fine = int((e_all[b, sel].max() >> jf).item()) + 1
+            chunk = _chunk_size(Hq * n_fine * 8)
+            for s in range(0, sel.numel(), chunk):
+                qi = sel[s:s + chunk]
+                a_, s_ = _block_search_chunk(
+                    qs[b][:, qi].float(), k[b], None if key_padding_mask is None else last_present[b],
+                    [x[b] for x in kmin], [x[b] for x in kmax], [x[b] for x in cnt], run_min, run_max,
+                    run_cnt, pos[b, qi], W, topk, back, fwd, jf, jc)
+                anchors[b, :, qi] = a_.to(torch.int32)
+                scores[b, :, qi] = s_
+    return anchors, scores
+
+
+def _sorted_by_score_then_nearer(sc: torch.Tensor, a: torch.Tensor):
+    """Permutation of the last dim: score descending, ties to the larger (nearer) anchor."""
+    o1 = torch.sort(a, dim=-1, descending=True, stable=True).indices
+    o2 = torch.sort(torch.gather(sc, -1, o1), dim=-1, descending=True, stable=True).indices
+    return torch.gather(o1, -1, o2)
+
+
+def _block_search_chunk(q, kb, last_present, kmin, kmax, cnt, run_min, run_max, run_cnt, t, W, topk,
+                        back, fwd, jf, jc):
+    """One batch row, queries sharing (jf, jc). q [Hq, c, D] float32, t [c]. Returns anchors
+    int64 [Hq, c, topk] and scores float32 [Hq, c, topk].
+
+    For speed on CPU the fine bounds of all fine blocks before the last query's window are computed
+    as one matrix product and then restricted to the candidates (the fine blocks of the kept coarse
+    blocks and of the tail); the result is the same as scoring the candidates alone."""
+    dev = q.device
+    Hq, c, D = q.shape
+    Hkv = kb.shape[0]
+    g = Hq // Hkv
+    ninf = float("-inf")
+    bs = 1 << jf
+    R = 1 << (jc - jf)
+    e = t - W  # [c], >= 0
+
+    def bounds(mx, mn):  # mx/mn [Hkv, n, D] -> [Hq, c, n]
+        q4 = q.view(Hkv, g * c, D)
+        out = torch.matmul(q4.clamp(min=0), mx.transpose(1, 2)) + torch.matmul(q4.clamp(max=0), mn.transpose(1, 2))
+        return out.view(Hq, c, -1)
+
+    # ---- coarse: whole coarse blocks inside [0, e], scored by their bound ----------------------
+    n_full = (e + 1) >> jc  # [c]
+    nC = int(n_full.max().item())
+    m = min(COARSE_FANOUT * topk, nC)
+    nF = int((e.max() >> jf).item()) + 1  # fine blocks that can hold keys <= e
+    fidx = torch.arange(nF, device=dev)
+    tail = (fidx[None, :] >= (n_full * R)[:, None]) & ((fidx[None, :] << jf) <= e[:, None])  # [c, nF]
+    cand = tail[None].expand(Hq, c, nF)
+    if m > 0:
+        csc = bounds(kmax[jc][:, :nC], kmin[jc][:, :nC])  # [Hq, c, nC]
+        cval = (torch.arange(nC, device=dev)[None, :] < n_full[:, None]) & (cnt[jc][None, :nC] > 0)
+        csc = csc.masked_fill(~cval[None], ninf)
+        cidx = torch.arange(nC, device=dev).expand(Hq, c, nC)
+        order = _sorted_by_score_then_nearer(csc, cidx)[..., :m]
+        keep = torch.zeros(Hq, c, nC + 1, dtype=torch.bool, device=dev)
+        keep.scatter_(-1, order, torch.gather(csc, -1, order) > ninf)
+        cand = cand | torch.gather(keep, -1, (fidx >> (jc - jf)).clamp(max=nC).expand(Hq, c, nF))
+    fsc = bounds(kmax[jf][:, :nF], kmin[jf][:, :nF])  # [Hq, c, nF]
+    fc = cnt[jf][:nF].expand(Hq, c, nF)
+    # the partial block [bs * (e // bs), e]: its summary is the in-block running min/max at e
+    lastb = e >> jf  # [c]
+    is_part = ((lastb << jf) + bs - 1) > e
+    if bool(is_part.any()):
+        pmx, pmn, pc = run_max[:, e], run_min[:, e], run_cnt[e]  # [Hkv, c, D], [c]
+        q4 = q.view(Hkv, g, c, D)
+        psc = ((q4.clamp(min=0) * pmx[:, None]).sum(-1) + (q4.clamp(max=0) * pmn[:, None]).sum(-1)).view(Hq, c)
+        here = (fidx[None, :] == lastb[:, None]) & is_part[:, None]  # [c, nF]
+        fsc = torch.where(here[None], psc[..., None], fsc)
+        fc = torch.where(here[None], pc[None, :, None], fc)
+    fsc = fsc.masked_fill(~(cand & (fc > 0)), ninf)
+    # anchor of a fine block: its last present key inside [0, e]
+    b1 = torch.minimum((fidx << jf)[None, :] + bs - 1, e[:, None])
+    fa = (b1 if last_present is None else last_present[b1.clamp(min=0)]).expand(Hq, c, nF)
+    # order: bound descending, ties to the nearer block (anchors grow with the block index, so a
+    # stable sort of the blocks taken nearest first does it). The greedy below visits at most
+    # topk * (X + 1) blocks, X = the most fine blocks one span can cover: truncate there.
+    X = int(((back[t] + fwd[t] + 1).max().item()) >> jf) + 1
+    K = min(nF, topk * (X + 1))
+    order = (nF - 1) - torch.sort(fsc.flip(-1), dim=-1, descending=True, stable=True).indices[..., :K]
+    fsc, fa = torch.gather(fsc, -1, order), torch.gather(fa, -1, order)
+    b0 = order << jf
+    # greedy: keep blocks in order unless a kept span already covers [b0, anchor]
+    bk, fw = back[t][None, :, None], fwd[t][None, :, None]
+    kept_a = torch.full((Hq, c, topk), -1, dtype=torch.long, device=dev)
+    kept_s = torch.full((Hq, c, topk), ninf, dtype=torch.float32, device=dev)
+    nk = torch.zeros(Hq, c, 1, dtype=torch.long, device=dev)
+    slots = torch.arange(topk, device=dev)
+    for j in range(K):
+        sj, aj, bj = fsc[..., j:j + 1], fa[..., j:j + 1], b0[..., j:j + 1]
+        ok = (sj > ninf) & (nk < topk)
+        if not bool(ok.any()):
+            break
+        lo = (kept_a - bk).clamp(min=0)
+        hi = torch.minimum(kept_a + fw, e[None, :, None])
+        cov = ((kept_a >= 0) & (lo <= bj) & (hi >= aj)).any(-1, keepdim=True)
+        put = ok & ~cov & (slots == nk)  # [Hq, c, topk]
+        kept_a = torch.where(put, aj, kept_a)
+        kept_s = torch.where(put, sj, kept_s)
+        nk = nk + (ok & ~cov).long()
+    return kept_a, kept_s
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,7 +403,7 @@ def span_attention(
     maxlen_all = int((back + fwd).max().item()) + 1 if T > 0 else 1
     g = Hq // Hkv
     kvh = _kv_index(Hq, Hkv, dev)
-    nF = S + W
+    nF = max(1, S + W)  # at least one (then invalid) slot keeps reductions well-defined
     fixed_off = torch.arange(nF, device=dev)
     out = torch.empty(B, Hq, Lq, Dv, dtype=q.dtype, device=dev)
     chunk = _chunk_size(Hq * (nF + kk * maxlen_all) * max(D, Dv))
@@ -190,19 +415,20 @@ def span_attention(
         for s in range(0, Lq, chunk):
             t = pos[b, s:s + chunk]  # [c]
             c = t.shape[0]
+            qc = q[b, :, s:s + chunk].float()  # [Hq, c, D]
             # ---- fixed part: sinks [0, S) and window [t-W+1, t], deduplicated ----------
-            fpos = torch.where(fixed_off[None, :] < S, fixed_off[None, :].expand(c, -1),
+            is_sink = fixed_off[None, :] < S
+            fpos = torch.where(is_sink, fixed_off[None, :].expand(c, -1),
                                t[:, None] - W + 1 + (fixed_off[None, :] - S))  # [c, nF]
-            fval = torch.where(fixed_off[None, :] < S, fpos <= t[:, None],
-                               (fpos >= S) & (fpos >= 0))
+            fval = torch.where(is_sink, fpos <= t[:, None], fpos >= S) & (fixed_off[None, :] < S + W)
             fpos = fpos.clamp(0, T - 1)
             if kpm is not None:
                 fval &= kpm[fpos]
-            qc = q[b, :, s:s + chunk].float()  # [Hq, c, D]
-            kf = kb[:, fpos].float()  # [Hkv, c, nF, D]
-            vf = vb[:, fpos].float()
-            lf = torch.einsum("hgcd,hcnd->hgcn", qc.view(Hkv, g, c, D), kf).reshape(Hq, c, nF)
-            lf = (lf * scale).masked_fill(~fval[None], ninf)
+            kf = _rows(kb, fpos).float()  # [Hkv, c, nF, D]
+            vf = _rows(vb, fpos).float()  # [Hkv, c, nF, Dv]
+            q4 = qc.view(Hkv, g, c, D).transpose(1, 2)  # [Hkv, c, g, D]
+            lf = torch.matmul(q4, kf.transpose(-1, -2)) * scale  # [Hkv, c, g, nF]
+            lf = lf.masked_fill(~fval[None, :, None, :], ninf)
             # ---- spans ---------------------------------------------------------------
             a = anchors[b, :, s:s + chunk].long()  # [Hq, c, kk]
             aval = a >= 0
@@ -213,8 +439,7 @@ def span_attention(
             maxlen = max(1, int(span_len.max().item()))
             off = torch.arange(maxlen, device=dev)
             sp = lo[..., None] + off  # [Hq, c, kk, maxlen]
-            sval = off < span_len[..., None]
-            sval &= sp >= S  # sinks are counted once, in the fixed part
+            sval = (off < span_len[..., None]) & (sp >= S)  # sinks count once, in the fixed part
             sp = sp.clamp(0, T - 1)
             if kpm is not None:
                 sval &= kpm[sp]
@@ -223,17 +448,17 @@ def span_attention(
                     for jj in range(j):
                         inside = (sp[:, :, j] >= lo[:, :, jj, None]) & (sp[:, :, j] <= hi[:, :, jj, None])
                         sval[:, :, j] &= ~(inside & aval[:, :, jj, None])
-            flat = sp.reshape(Hq, -1)
-            ks = kb[kvh[:, None], flat].float().view(Hq, c, kk, maxlen, D)
-            vs = vb[kvh[:, None], flat].float().view(Hq, c, kk, maxlen, Dv)
-            ls = torch.einsum("hcd,hcjmd->hcjm", qc, ks) * scale
-            ls = ls.masked_fill(~sval, ninf)
-            vfh = vf[kvh]  # [Hq, c, nF, Dv] (a view-expand per head group)
+            ks = _rows(kb, sp, kvh).float().view(Hq * c, kk * maxlen, D)
+            vs = _rows(vb, sp, kvh).float().view(Hq * c, kk * maxlen, Dv)
+            ls = torch.bmm(qc.reshape(Hq * c, 1, D), ks.transpose(1, 2)).view(Hq, c, kk, maxlen)
+            ls = (ls * scale).masked_fill(~sval, ninf)
+            lf = lf.permute(0, 2, 1, 3).reshape(Hq, c, nF)
+            vfh = vf[:, :, None].expand(Hkv, c, g, nF, Dv).transpose(1, 2).reshape(Hq * c, nF, Dv)
             if combine == "union":
                 logits = torch.cat([lf, ls.reshape(Hq, c, -1)], dim=-1)
-                p = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-                o = torch.einsum("hcn,hcnd->hcd", p[..., :nF], vfh) + \
-                    torch.einsum("hcn,hcnd->hcd", p[..., nF:], vs.reshape(Hq, c, -1, Dv))
+                p = torch.softmax(logits, dim=-1).nan_to_num(0.0).view(Hq * c, 1, -1)
+                o = torch.bmm(p[..., :nF], vfh) + torch.bmm(p[..., nF:], vs)
+                o = o.view(Hq, c, Dv)
             else:
                 # per span j: softmax over span_j ∪ window ∪ sinks, mixed by softmax(scores)
                 m = torch.maximum(lf.amax(-1)[..., None], ls.amax(-1))  # [Hq, c, kk]
@@ -241,14 +466,16 @@ def span_attention(
                 ef = torch.exp(lf[:, :, None, :] - m[..., None])  # [Hq, c, kk, nF]
                 es = torch.exp(ls - m[..., None])  # [Hq, c, kk, maxlen]
                 z = ef.sum(-1) + es.sum(-1)
-                num = torch.einsum("hcjn,hcnd->hcjd", ef, vfh) + torch.einsum("hcjm,hcjmd->hcjd", es, vs)
+                num = torch.bmm(ef.reshape(Hq * c, kk, nF), vfh).view(Hq, c, kk, Dv)
+                num = num + torch.matmul(es.reshape(Hq * c, kk, 1, maxlen),
+                                         vs.view(Hq * c, kk, maxlen, Dv)).view(Hq, c, kk, Dv)
                 oj = num / torch.where(z > 0, z, torch.ones_like(z))[..., None]  # [Hq, c, kk, Dv]
                 sc = scores[b, :, s:s + chunk].float().masked_fill(~aval, ninf)
                 gate = torch.softmax(sc, dim=-1).nan_to_num(0.0)  # [Hq, c, kk]
                 o = (gate[..., None] * oj).sum(-2)
                 # no kept span: attention over window ∪ sinks alone
-                pf = torch.softmax(lf, dim=-1).nan_to_num(0.0)
-                o_fixed = torch.einsum("hcn,hcnd->hcd", pf, vfh)
+                pf = torch.softmax(lf, dim=-1).nan_to_num(0.0).view(Hq * c, 1, nF)
+                o_fixed = torch.bmm(pf, vfh).view(Hq, c, Dv)
                 o = torch.where(aval.any(-1)[..., None], o, o_fixed)
             out[b, :, s:s + chunk] = o.to(q.dtype)
     return out
