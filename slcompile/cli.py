@@ -346,6 +346,17 @@ def main():
     superlinear.span_attention). Files written by `convert` load with torch.export.load once
     slcompile is imported.
     """
+    _exit_cleanly_on_sigterm()
+
+
+def _exit_cleanly_on_sigterm() -> None:
+    """SIGTERM (a killed job) raises SystemExit, so temporary files are removed on the way out."""
+    import signal
+
+    try:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    except (ValueError, OSError):  # not the main thread
+        pass
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import slcompile
-from conftest import HERE, TINY, assert_one_line_error, listing, run_cli
+from cli_helpers import HERE, TINY, assert_one_line_error, listing, run_cli
 
 # Small enough that a query at t >= ~24 cannot see all its keys: results really differ from dense.
 SMALL = ["--window", "8", "--sinks", "2", "--topk", "1", "--dense-below", "0"]
