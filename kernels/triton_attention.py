@@ -46,7 +46,7 @@ def _next_tile(cur, sk_ok, sk_hi_t, win_ok, win_lo_t, win_hi_t, sp_ok, sp_lo_t, 
 def _attend(q, kbase, vbase, kpbase, t, sk_ok, sk_hi, win_ok, win_lo, sp_ok, sp_lo, sp_hi,
             T, qk_scale, skn, skd, svn, svd, skpn,
             HAS_KPM: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr, D: tl.constexpr,
-            DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+            DV: tl.constexpr, HAS_SPANS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
             BLOCK_DV: tl.constexpr):
     offd = tl.arange(0, BLOCK_D)
     offdv = tl.arange(0, BLOCK_DV)
@@ -75,10 +75,13 @@ def _attend(q, kbase, vbase, kpbase, t, sk_ok, sk_hi, win_ok, win_lo, sp_ok, sp_
         keep = (offn[None, :] <= t[:, None]) & nmask[None, :]
         fixed = (sk_ok[:, None] & (offn[None, :] <= sk_hi[:, None])) | \
                 (win_ok[:, None] & (offn[None, :] >= win_lo[:, None]))
-        insp = sp_ok[:, :, None] & (offn[None, None, :] >= sp_lo[:, :, None]) & \
-            (offn[None, None, :] <= sp_hi[:, :, None])
-        insp = tl.max(insp.to(tl.int32), axis=1) > 0
-        keep = keep & (fixed | insp)
+        if HAS_SPANS:
+            insp = sp_ok[:, :, None] & (offn[None, None, :] >= sp_lo[:, :, None]) & \
+                (offn[None, None, :] <= sp_hi[:, :, None])
+            insp = tl.max(insp.to(tl.int32), axis=1) > 0
+            keep = keep & (fixed | insp)
+        else:
+            keep = keep & fixed
         if HAS_KPM:
             kp = tl.load(kpbase + offn64 * skpn, mask=nmask, other=0)
             keep = keep & (kp != 0)[None, :]
@@ -100,12 +103,12 @@ def _attend(q, kbase, vbase, kpbase, t, sk_ok, sk_hi, win_ok, win_lo, sp_ok, sp_
         m_i = m_new
         nxt = _next_tile(nxt + 1, sk_ok, sk_hi_t, win_ok, win_lo_t, win_hi_t, sp_ok, sp_lo_t,
                          sp_hi_t)
-    return acc, l_i
+    return acc, l_i, m_i
 
 
 @triton.jit
 def _span_attention_kernel(
-    Q, K, V, O, ANCH, SCO, KPM, POS, BACK, FWD,
+    Q, K, V, O, ANCH, SCO, KPM, POS, BACK, FWD, PLO, PHI, PLSE, POUT,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -117,8 +120,8 @@ def _span_attention_kernel(
     Hq, G, Lq, T, W, S, qk_scale,
     D: tl.constexpr, DV: tl.constexpr, HAS_KPM: tl.constexpr, HAS_POS: tl.constexpr,
     TOPK: tl.constexpr, KP: tl.constexpr, GATED: tl.constexpr, IEEE: tl.constexpr,
-    DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
+    DOT_F32: tl.constexpr, MERGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nqb = tl.cdiv(Lq, BLOCK_M)
@@ -173,13 +176,75 @@ def _span_attention_kernel(
         esum = tl.sum(e, axis=1)
         gw = tl.where(esum[:, None] > 0, e / tl.where(esum > 0, esum, 1.0)[:, None], 0.0)
         any_a = tl.max(aval.to(tl.int32), axis=1) > 0
+
+    offdv = tl.arange(0, BLOCK_DV)
+    dvmask = offdv < DV
+    if MERGE:
+        # window and sinks here; the spans were done by _span_pairs_kernel as partial softmaxes
+        nosp = sp_ok & (cols[None, :] < 0)
+        acc, l_f, m_f = _attend(q, kbase, vbase, kpbase, t, sk_ok, sk_hi, win_ok, win_lo,
+                                nosp, sp_lo, sp_hi, T, qk_scale, skn, skd, svn, svd, skpn,
+                                HAS_KPM, IEEE, DOT_F32, D, DV, False, BLOCK_M, BLOCK_N, BLOCK_D,
+                                BLOCK_DV)
+        lpos = l_f > 0
+        lse_f = tl.where(lpos, m_f + tl.log2(tl.where(lpos, l_f, 1.0)), float("-inf"))
+        o_f = acc / tl.where(lpos, l_f, 1.0)[:, None]
+        poff = ((b * Hq + h64) * Lq + rows64)[:, None] * TOPK + cols[None, :]
+        plo = tl.load(PLO + poff, mask=cmask, other=1)
+        phi = tl.load(PHI + poff, mask=cmask, other=0)
+        pok = cmask & (phi >= plo)
+        lse_p = tl.load(PLSE + poff, mask=pok, other=float("-inf"))
+        lse_p = tl.where(pok, lse_p, float("-inf"))
+        if GATED:
+            out = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+            for j in tl.static_range(TOPK):
+                selj = cols[None, :] == j
+                lj = tl.max(tl.where(selj, lse_p, float("-inf")), axis=1)
+                okj = tl.max((selj & pok).to(tl.int32), axis=1) > 0
+                pj = tl.sum(tl.where(selj, poff, 0), axis=1)
+                oj_p = tl.load(POUT + pj[:, None] * DV + offdv[None, :],
+                               mask=okj[:, None] & dvmask[None, :], other=0.0)
+                mj = tl.maximum(lse_f, lj)
+                mj = tl.where(mj == float("-inf"), 0.0, mj)
+                wf = tl.exp2(lse_f - mj)
+                wj = tl.exp2(lj - mj)
+                den = wf + wj
+                oj = (wf[:, None] * o_f + wj[:, None] * oj_p) / tl.where(den > 0, den, 1.0)[:, None]
+                gj = tl.sum(tl.where(selj, gw, 0.0), axis=1)
+                out += gj[:, None] * oj
+            out = tl.where(any_a[:, None], out, o_f)
+        else:
+            mx = tl.maximum(lse_f, tl.max(lse_p, axis=1))
+            mx = tl.where(mx == float("-inf"), 0.0, mx)
+            wf = tl.exp2(lse_f - mx)
+            wp = tl.exp2(lse_p - mx[:, None])
+            num = wf[:, None] * o_f
+            den = wf + tl.sum(wp, axis=1)
+            for j in tl.static_range(TOPK):
+                selj = cols[None, :] == j
+                okj = tl.max((selj & pok).to(tl.int32), axis=1) > 0
+                pj = tl.sum(tl.where(selj, poff, 0), axis=1)
+                oj_p = tl.load(POUT + pj[:, None] * DV + offdv[None, :],
+                               mask=okj[:, None] & dvmask[None, :], other=0.0)
+                num += tl.sum(tl.where(selj, wp, 0.0), axis=1)[:, None] * oj_p
+            out = num / tl.where(den > 0, den, 1.0)[:, None]
+    elif GATED:
+        soff = b * ssb + h64 * ssh + rows64[:, None] * ssm + cols[None, :] * ssk
+        sc = tl.load(SCO + soff, mask=cmask, other=float("-inf")).to(tl.float32)
+        sc = tl.where(aval, sc, float("-inf"))
+        gmax = tl.max(sc, axis=1)
+        gmax = tl.where(gmax == float("-inf"), 0.0, gmax)
+        e = tl.where(aval, tl.exp(sc - gmax[:, None]), 0.0)
+        esum = tl.sum(e, axis=1)
+        gw = tl.where(esum[:, None] > 0, e / tl.where(esum > 0, esum, 1.0)[:, None], 0.0)
+        any_a = tl.max(aval.to(tl.int32), axis=1) > 0
         out = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
         o0 = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
         for j in tl.static_range(TOPK):
             spj = sp_ok & (cols[None, :] == j)
-            acc, l_i = _attend(q, kbase, vbase, kpbase, t, sk_ok, sk_hi, win_ok, win_lo,
+            acc, l_i, _ = _attend(q, kbase, vbase, kpbase, t, sk_ok, sk_hi, win_ok, win_lo,
                                spj, sp_lo, sp_hi, T, qk_scale, skn, skd, svn, svd, skpn,
-                               HAS_KPM, IEEE, DOT_F32, D, DV, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
+                               HAS_KPM, IEEE, DOT_F32, D, DV, True, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
             oj = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
             gj = tl.sum(tl.where(cols[None, :] == j, gw, 0.0), axis=1)
             out += gj[:, None] * oj
@@ -187,14 +252,97 @@ def _span_attention_kernel(
                 o0 = oj
         out = tl.where(any_a[:, None], out, o0)
     else:
-        acc, l_i = _attend(q, kbase, vbase, kpbase, t, sk_ok, sk_hi, win_ok, win_lo,
+        acc, l_i, _ = _attend(q, kbase, vbase, kpbase, t, sk_ok, sk_hi, win_ok, win_lo,
                            sp_ok, sp_lo, sp_hi, T, qk_scale, skn, skd, svn, svd, skpn,
-                           HAS_KPM, IEEE, DOT_F32, D, DV, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
+                           HAS_KPM, IEEE, DOT_F32, D, DV, True, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
 
-    offdv = tl.arange(0, BLOCK_DV)
     tl.store(O + b * sob + h64 * soh + rows64[:, None] * som + offdv[None, :] * sod,
              out.to(O.dtype.element_ty), mask=rmask[:, None] & (offdv[None, :] < DV))
+
+
+@triton.jit
+def _span_pairs_kernel(
+    Q, K, V, KPM, IDX, PLO, PHI, PLSE, POUT,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    skpb, skpn,
+    Hkv, G, Lq, NPAIR, qk_scale,
+    TOPK: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, HAS_KPM: tl.constexpr,
+    IEEE: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """BLOCK_M (query, head, span piece) rows of one kv head, consecutive in key-footprint order:
+    the rows share one contiguous key range, read once per tile for all of them. Writes each
+    row's partial softmax (log2-sum-exp and normalised output)."""
+    cb = tl.program_id(0)
+    grp = tl.program_id(1)  # b * Hkv + kvh
+    b = (grp // Hkv).to(tl.int64)
+    kvh = (grp % Hkv).to(tl.int64)
+    r = cb * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm = r < NPAIR
+    gbase = grp.to(tl.int64) * NPAIR
+    loc = tl.load(IDX + gbase + r, mask=rm, other=0)
+    gidx = gbase + loc.to(tl.int64)  # pair index in [B, Hq, Lq, TOPK]
+    lo = tl.load(PLO + gidx, mask=rm, other=1)
+    hi = tl.load(PHI + gidx, mask=rm, other=0)
+    ok = rm & (hi >= lo)
+    hl = loc // (Lq * TOPK)
+    qi = (loc // TOPK) % Lq
+    h64 = kvh * G + hl.to(tl.int64)
+    offd = tl.arange(0, BLOCK_D)
+    q = tl.load(Q + b * sqb + h64[:, None] * sqh + qi.to(tl.int64)[:, None] * sqm
+                + offd[None, :] * sqd, mask=ok[:, None] & (offd[None, :] < D), other=0.0)
+    lo_min = tl.min(tl.where(ok, lo, _BIGI), axis=0)
+    hi_max = tl.max(tl.where(ok, hi, -1), axis=0)
+    kbase = K + b * skb + kvh * skh
+    vbase = V + b * svb + kvh * svh
+    offdv = tl.arange(0, BLOCK_DV)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    ks = (lo_min // BLOCK_N) * BLOCK_N
+    while ks <= hi_max:
+        offn = ks + tl.arange(0, BLOCK_N)
+        offn64 = offn.to(tl.int64)
+        nmask = offn <= hi_max
+        kt = tl.load(kbase + offn64[None, :] * skn + offd[:, None] * skd,
+                     mask=nmask[None, :] & (offd[:, None] < D), other=0.0)
+        if IEEE:
+            s = tl.dot(q, kt, input_precision="ieee")
+        elif DOT_F32:
+            s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
+        else:
+            s = tl.dot(q, kt)
+        s = s * qk_scale
+        keep = (offn[None, :] >= lo[:, None]) & (offn[None, :] <= hi[:, None])
+        if HAS_KPM:
+            kp = tl.load(KPM + b * skpb + offn64 * skpn, mask=nmask, other=0)
+            keep = keep & (kp != 0)[None, :]
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        vt = tl.load(vbase + offn64[:, None] * svn + offdv[None, :] * svd,
+                     mask=nmask[:, None] & (offdv[None, :] < DV), other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
+        elif DOT_F32:
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype).to(tl.float32),
+                                                vt.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+        m_i = m_new
+        ks += BLOCK_N
+    lpos = l_i > 0
+    lse = tl.where(lpos, m_i + tl.log2(tl.where(lpos, l_i, 1.0)), float("-inf"))
+    o = acc / tl.where(lpos, l_i, 1.0)[:, None]
+    tl.store(PLSE + gidx, lse, mask=ok)
+    tl.store(POUT + gidx[:, None] * DV + offdv[None, :], o,
+             mask=ok[:, None] & (offdv[None, :] < DV))
 
 
 def _interpreted() -> bool:
@@ -223,6 +371,13 @@ def _check(q, k, v):
         raise ValueError(f"span_attention: head dim {max(D, v.shape[3])} > 256 is not supported")
 
 
+IMPLS = ["pairs", "tile"]
+"""``pairs`` (default): spans as (query, head, piece) rows sorted by key footprint, one
+tensor-core pass over each group's shared key range, merged with window and sinks in a second
+kernel. ``tile``: one kernel per query block that visits the union of its rows' key tiles (fast
+only when neighbouring queries choose neighbouring spans)."""
+
+
 def _block_sizes(q, Dmax):
     if q.dtype == torch.float32:
         return (32, 32) if Dmax > 128 else (32, 64)
@@ -231,9 +386,49 @@ def _block_sizes(q, Dmax):
     return 32, 64
 
 
+def _pair_blocks(q, Dmax):
+    if q.dtype == torch.float32:
+        return (32, 32) if Dmax > 64 else (64, 32)
+    return (64, 32) if Dmax > 128 else (64, 64)
+
+
+def span_pieces(anchors, query_positions, T, W, S, back, fwd, union):
+    """int32 [B, Hq, Lq, topk] lo, hi of the key pieces the spans add beyond sinks and window
+    (empty: lo=1, hi=0). ``union``: the kept spans of a query made disjoint (sorted by start,
+    each minus the earlier ones), so a position counts once; ``gated``: span j as is (slot j)."""
+    Lq = anchors.shape[2]
+    dev = anchors.device
+    if query_positions is None:
+        t = (torch.arange(Lq, device=dev, dtype=torch.int64) + (T - Lq))[None, None, :, None]
+    else:
+        t = query_positions.long()[:, None, :, None]
+    a = anchors.long()
+    ok = a >= 0
+    ac = a.clamp(min=0)
+    lo = (ac - back[t]).clamp(min=max(S, 0))
+    hi = torch.minimum(ac + fwd[t], t - W)
+    ok = ok & (hi >= lo)
+    if union:
+        big = 2 ** 62
+        lo, order = torch.sort(torch.where(ok, lo, big), dim=-1)
+        hi = torch.gather(torch.where(ok, hi, -1), -1, order)
+        prev = torch.cummax(hi, dim=-1).values
+        prev = torch.cat([torch.full_like(prev[..., :1], -1), prev[..., :-1]], dim=-1)
+        valid = lo < big
+        lo = torch.maximum(lo, prev + 1)
+        ok = valid & (hi >= lo)
+    lo = torch.where(ok, lo, 1).to(torch.int32).contiguous()
+    hi = torch.where(ok, hi, 0).to(torch.int32).contiguous()
+    return lo, hi, ok
+
+
 def launch(q, k, v, anchors, scores, key_padding_mask, query_positions, W, S, back, fwd,
-           gated, scale, block_m=None, block_n=None, num_warps=4, num_stages=None):
-    """Run the kernel; ``W``/``S`` already clipped to T; ``back``/``fwd`` int64 [T] tables."""
+           gated, scale, block_m=None, block_n=None, num_warps=4, num_stages=None,
+           impl="pairs", pair_block_m=None, pair_block_n=None, pair_warps=4, pair_stages=None,
+           lo_bucket=16, spans=True):
+    """Run the kernels; ``W``/``S`` already clipped to T; ``back``/``fwd`` int64 [T] tables."""
+    if impl not in IMPLS:
+        raise ValueError(f"span_attention: impl={impl!r} is not one of {IMPLS}")
     B, Hq, Lq, D = q.shape
     Hkv, T, DV = k.shape[1], k.shape[2], v.shape[3]
     out = torch.empty((B, Hq, Lq, DV), dtype=q.dtype, device=q.device)
@@ -244,6 +439,34 @@ def launch(q, k, v, anchors, scores, key_padding_mask, query_positions, W, S, ba
     pos = query_positions.long() if query_positions is not None else None
     BLOCK_D = max(16, _next_pow2(D))
     BLOCK_DV = max(16, _next_pow2(DV))
+    ieee = q.dtype == torch.float32
+    dot_f32 = _interpreted() and q.dtype == torch.bfloat16
+    qk_scale = float(scale) * math.log2(math.e)
+    merge = spans and impl == "pairs"
+    if merge:
+        plo, phi, _ = span_pieces(anchors, pos, T, W, S, back, fwd, union=not gated)
+        G = Hq // Hkv
+        npair = G * Lq * topk
+        key = (plo.long() // lo_bucket) * (T + 1) + phi.long()
+        key = torch.where(phi >= plo, key, torch.iinfo(torch.int64).max)
+        idx = torch.argsort(key.view(B * Hkv, npair), dim=-1).to(torch.int32)
+        plse = torch.empty((B, Hq, Lq, topk), dtype=torch.float32, device=q.device)
+        pout = torch.empty((B, Hq, Lq, topk, DV), dtype=torch.float32, device=q.device)
+        pbm, pbn = _pair_blocks(q, max(BLOCK_D, BLOCK_DV))
+        pbm = pair_block_m or pbm
+        pbn = pair_block_n or pbn
+        extra = {} if pair_stages is None else {"num_stages": pair_stages}
+        _span_pairs_kernel[(triton.cdiv(npair, pbm), B * Hkv)](
+            q, k, v, kpm if kpm is not None else plo, idx, plo, phi, plse, pout,
+            *q.stride(), *k.stride(), *v.stride(),
+            *(kpm.stride() if kpm is not None else (0, 0)),
+            Hkv, G, Lq, npair, qk_scale,
+            TOPK=topk, D=D, DV=DV, HAS_KPM=kpm is not None, IEEE=ieee, DOT_F32=dot_f32,
+            BLOCK_M=pbm, BLOCK_N=pbn, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, num_warps=pair_warps,
+            **extra,
+        )
+    else:
+        plo = phi = plse = pout = back
     bm, bn = _block_sizes(q, max(BLOCK_D, BLOCK_DV))
     bm = block_m or bm
     bn = block_n or bn
@@ -253,15 +476,15 @@ def launch(q, k, v, anchors, scores, key_padding_mask, query_positions, W, S, ba
     _span_attention_kernel[grid](
         q, k, v, out, anchors, scores,
         kpm if kpm is not None else back, pos if pos is not None else back, back, fwd,
+        plo, phi, plse, pout,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *anchors.stride(), *scores.stride(),
         *(kpm.stride() if kpm is not None else (0, 0)),
         *(pos.stride() if pos is not None else (0, 0)),
-        Hq, Hq // Hkv, Lq, T, W, S, float(scale) * math.log2(math.e),
+        Hq, Hq // Hkv, Lq, T, W, S, qk_scale,
         D=D, DV=DV, HAS_KPM=kpm is not None, HAS_POS=pos is not None,
-        TOPK=topk, KP=max(2, _next_pow2(topk)), GATED=bool(gated),
-        IEEE=q.dtype == torch.float32,
-        DOT_F32=_interpreted() and q.dtype == torch.bfloat16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BLOCK_D,
-        BLOCK_DV=BLOCK_DV, num_warps=num_warps, **extra,
+        TOPK=topk, KP=max(2, _next_pow2(topk)), GATED=bool(gated), IEEE=ieee, DOT_F32=dot_f32,
+        MERGE=merge, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+        num_warps=num_warps, **extra,
     )
     return out
 
@@ -276,7 +499,7 @@ def dense_attention(q, k, v, key_padding_mask, query_positions, scale, **kw):
     scores = torch.full((1, 1, 1, 1), float("-inf"), dtype=torch.float32, device=dev).expand(B, Hq, Lq, 1)
     zeros = torch.zeros(max(T, 1), dtype=torch.int64, device=dev)
     return launch(q, k, v, anchors, scores, key_padding_mask, query_positions, max(T, 1), 0,
-                  zeros, zeros, False, scale, **kw)
+                  zeros, zeros, False, scale, **{**kw, "spans": False})
 
 
 def span_attention(q, k, v, anchors, scores, key_padding_mask, query_positions, window, sinks,

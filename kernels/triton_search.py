@@ -23,7 +23,7 @@ import torch
 
 from .geometry import num_stripes, span_extents, stripe_deltas
 
-_BIG = tl.constexpr(2 ** 62)
+_BIG = tl.constexpr(2 ** 30)
 
 
 @triton.jit
@@ -36,99 +36,112 @@ def _span_search_kernel(
     spfb, spfh, spfn, spfd,
     scb, scn,
     sab, sah, sam, sak,
-    Hq, G, Lq, T, W, NSTR,
+    Hkv, G, Lq, T, W, NSTR,
     D: tl.constexpr, HAS_KPM: tl.constexpr, HAS_POS: tl.constexpr, MEAN: tl.constexpr,
-    TOPK: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    TOPK: tl.constexpr, KP: tl.constexpr, GP: tl.constexpr, NS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    # one program: BLOCK_M queries x the G query heads of one kv head (each key row read once)
     pid = tl.program_id(0)
-    nbh = tl.num_programs(0) // tl.cdiv(Lq, BLOCK_M)
-    bh = pid % nbh
-    qb = tl.cdiv(Lq, BLOCK_M) - 1 - pid // nbh  # the longest query blocks start first
-    b = (bh // Hq).to(tl.int64)
-    h = bh % Hq
-    kvh = (h // G).to(tl.int64)
+    nqb = tl.cdiv(Lq, BLOCK_M)
+    nbk = tl.num_programs(0) // nqb
+    bk = pid % nbk
+    qb = nqb - 1 - pid // nbk  # the longest query blocks start first
+    b = (bk // Hkv).to(tl.int64)
+    kvh = (bk % Hkv).to(tl.int64)
 
+    hg = tl.arange(0, GP)
+    hmask = hg < G
+    h64 = (kvh * G + hg).to(tl.int64)
     rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < Lq
+    rows64 = rows.to(tl.int64)
     if HAS_POS:
-        t = tl.load(POS + b * spb + rows.to(tl.int64) * spm, mask=rmask, other=0).to(tl.int64)
+        t = tl.load(POS + b * spb + rows64 * spm, mask=rmask, other=0).to(tl.int32)
     else:
-        t = (T - Lq + rows).to(tl.int64)
+        t = T - Lq + rows
     t = tl.where(rmask, t, 0)
     offd = tl.arange(0, BLOCK_D)
     dmask = offd < D
-    q = tl.load(QS + b * sqb + h.to(tl.int64) * sqh + rows.to(tl.int64)[:, None] * sqm
-                + offd[None, :] * sqd, mask=rmask[:, None] & dmask[None, :], other=0.0)
-    q = q.to(tl.float32)
+    q = tl.load(QS + b * sqb + h64[:, None, None] * sqh + rows64[None, :, None] * sqm
+                + offd[None, None, :] * sqd,
+                mask=hmask[:, None, None] & rmask[None, :, None] & dmask[None, None, :], other=0.0)
+    q = q.to(tl.float32)  # [GP, BLOCK_M, BLOCK_D]
     kbase = K + b * skb + kvh * skh
 
     if MEAN:
-        back_t = tl.load(BACK + t, mask=rmask, other=0)
-        fwd_t = tl.load(FWD + t, mask=rmask, other=0)
+        back_t = tl.load(BACK + t, mask=rmask, other=0).to(tl.int32)
+        fwd_t = tl.load(FWD + t, mask=rmask, other=0).to(tl.int32)
         pbase = PREF + b * spfb + kvh * spfh
         cbase = CNT + b * scb
 
     cols = tl.arange(0, KP)
     # slots past TOPK hold +inf so that they are never the worst slot
-    ts = tl.where(cols[None, :] < TOPK, float("-inf"), float("inf")) + tl.zeros([BLOCK_M, KP], tl.float32)
-    ta = tl.full([BLOCK_M, KP], -1, tl.int64)
+    ts = tl.where(cols[None, None, :] < TOPK, float("-inf"), float("inf")) + \
+        tl.zeros([GP, BLOCK_M, KP], tl.float32)
+    ta = tl.full([GP, BLOCK_M, KP], -1, tl.int32)
 
     tmax = tl.max(tl.where(rmask, t, -1), axis=0)
-    i = tl.load(I0).to(tl.int64)
-    dlt = tl.load(DELTAS + i, mask=i < NSTR, other=_BIG)
+    i = tl.load(I0).to(tl.int32)
+    dlt = tl.load(DELTAS + i, mask=i < NSTR, other=_BIG).to(tl.int32)
     while dlt <= tmax:
-        a = t - dlt
-        ok = rmask & (a >= 0)
-        a_c = tl.where(ok, a, 0)
-        if HAS_KPM:
-            kp = tl.load(KPM + b * skpb + a_c * skpn, mask=ok, other=0)
-            ok = ok & (kp != 0)
-        if MEAN:
-            lo = tl.maximum(a_c - back_t, 0)
-            hi = tl.maximum(tl.minimum(a_c + fwd_t, t - W), 0)
-            m2 = ok[:, None] & dmask[None, :]
-            p_hi = tl.load(pbase + (hi + 1)[:, None] * spfn + offd[None, :] * spfd, mask=m2, other=0.0)
-            p_lo = tl.load(pbase + lo[:, None] * spfn + offd[None, :] * spfd, mask=m2, other=0.0)
-            c_hi = tl.load(cbase + (hi + 1) * scn, mask=ok, other=1.0)
-            c_lo = tl.load(cbase + lo * scn, mask=ok, other=0.0)
-            c = tl.maximum(c_hi - c_lo, 1.0)
-            key = ((p_hi - p_lo) / c[:, None]).to(tl.float32)
-        else:
-            key = tl.load(kbase + a_c[:, None] * skn + offd[None, :] * skd,
-                          mask=ok[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        s = tl.sum(q * key, axis=1)
-        s = tl.where(ok, s, float("-inf"))
-        # worst slot: lowest score, then farthest anchor (smallest), then first column
-        wmin = tl.min(ts, axis=1)
-        is_min = ts == wmin[:, None]
-        amin = tl.min(tl.where(is_min, ta, _BIG), axis=1)
-        cand = is_min & (ta == amin[:, None])
-        wcol = tl.min(tl.where(cand, cols[None, :], KP), axis=1)
-        repl = (cols[None, :] == wcol[:, None]) & (s > wmin)[:, None]
-        ts = tl.where(repl, s[:, None], ts)
-        ta = tl.where(repl, a[:, None], ta)
-        i += 1
-        dlt = tl.load(DELTAS + i, mask=i < NSTR, other=_BIG)
+        for st in tl.static_range(NS):
+            ds = tl.load(DELTAS + i + st, mask=i + st < NSTR, other=_BIG).to(tl.int32)
+            a = t - ds
+            ok = rmask & (a >= 0)
+            a_c = tl.where(ok, a, 0)
+            if HAS_KPM:
+                kp = tl.load(KPM + b * skpb + a_c.to(tl.int64) * skpn, mask=ok, other=0)
+                ok = ok & (kp != 0)
+            if MEAN:
+                lo = tl.maximum(a_c - back_t, 0).to(tl.int64)
+                hi = tl.maximum(tl.minimum(a_c + fwd_t, t - W), 0).to(tl.int64)
+                m2 = ok[:, None] & dmask[None, :]
+                p_hi = tl.load(pbase + (hi + 1)[:, None] * spfn + offd[None, :] * spfd, mask=m2,
+                               other=0.0)
+                p_lo = tl.load(pbase + lo[:, None] * spfn + offd[None, :] * spfd, mask=m2,
+                               other=0.0)
+                c_hi = tl.load(cbase + (hi + 1) * scn, mask=ok, other=1.0)
+                c_lo = tl.load(cbase + lo * scn, mask=ok, other=0.0)
+                c = tl.maximum(c_hi - c_lo, 1.0)
+                key = ((p_hi - p_lo) / c[:, None]).to(tl.float32)
+            else:
+                key = tl.load(kbase + a_c.to(tl.int64)[:, None] * skn + offd[None, :] * skd,
+                              mask=ok[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+            s = tl.sum(q * key[None, :, :], axis=2)  # [GP, BLOCK_M]
+            s = tl.where(ok[None, :], s, float("-inf"))
+            # worst slot: lowest score, then farthest anchor (smallest), then first column
+            wmin = tl.min(ts, axis=2)
+            is_min = ts == wmin[:, :, None]
+            amin = tl.min(tl.where(is_min, ta, 2147483647), axis=2)
+            cand = is_min & (ta == amin[:, :, None])
+            wcol = tl.min(tl.where(cand, cols[None, None, :], KP), axis=2)
+            repl = (cols[None, None, :] == wcol[:, :, None]) & (s > wmin)[:, :, None]
+            ts = tl.where(repl, s[:, :, None], ts)
+            ta = tl.where(repl, a[None, :, None], ta)
+        i += NS
+        dlt = tl.load(DELTAS + i, mask=i < NSTR, other=_BIG).to(tl.int32)
 
     # write the slots sorted by descending score, nearer (larger) anchor first among equals
-    obase = b * sab + h.to(tl.int64) * sah + rows.to(tl.int64) * sam
-    taken = cols[None, :] >= TOPK
+    obase = b * sab + h64[:, None] * sah + rows64[None, :] * sam
+    omask = hmask[:, None] & rmask[None, :]
+    taken = cols[None, None, :] >= TOPK
     for j in tl.static_range(TOPK):
         sv = tl.where(taken, float("-inf"), ts)
-        smax = tl.max(sv, axis=1)
-        is_max = (sv == smax[:, None]) & (~taken)
-        amax = tl.max(tl.where(is_max, ta, -_BIG), axis=1)
-        cand = is_max & (ta == amax[:, None])
-        pcol = tl.min(tl.where(cand, cols[None, :], KP), axis=1)
-        pick = cols[None, :] == pcol[:, None]
+        smax = tl.max(sv, axis=2)
+        is_max = (sv == smax[:, :, None]) & (~taken)
+        amax = tl.max(tl.where(is_max, ta, -2147483647), axis=2)
+        cand = is_max & (ta == amax[:, :, None])
+        pcol = tl.min(tl.where(cand, cols[None, None, :], KP), axis=2)
+        pick = cols[None, None, :] == pcol[:, :, None]
         taken = taken | pick
-        best_s = tl.sum(tl.where(pick, ts, 0.0), axis=1)
-        best_a = tl.sum(tl.where(pick, ta, 0), axis=1)
+        best_s = tl.sum(tl.where(pick, ts, 0.0), axis=2)
+        best_a = tl.sum(tl.where(pick, ta, 0), axis=2)
         is_inf = (best_s == float("-inf")) | (best_s == float("inf"))
         best_a = tl.where(is_inf, -1, best_a)
         best_s = tl.where(pcol < KP, best_s, float("-inf"))
-        tl.store(A_OUT + obase + j * sak, best_a.to(tl.int32), mask=rmask)
-        tl.store(S_OUT + obase + j * sak, best_s, mask=rmask)
+        tl.store(A_OUT + obase + j * sak, best_a.to(tl.int32), mask=omask)
+        tl.store(S_OUT + obase + j * sak, best_s, mask=omask)
 
 
 def _next_pow2(x: int) -> int:
@@ -137,7 +150,7 @@ def _next_pow2(x: int) -> int:
 
 def span_search(qs, k, key_padding_mask, query_positions, window, topk, search_power,
                 span_power, backward_factor, forward_factor, search_key, dense_below,
-                block_m: int = 32, num_warps: int = 4):
+                block_m: int = 16, num_warps: int = 4, stripes_per_iter: int = 4):
     """Same contract as ``reference.span_search``."""
     B, Hq, Lq, D = qs.shape
     Hkv, T = k.shape[1], k.shape[2]
@@ -178,8 +191,13 @@ def span_search(qs, k, key_padding_mask, query_positions, window, topk, search_p
     pos = query_positions.long() if query_positions is not None else None
     dummy = deltas
     BLOCK_D = max(16, _next_pow2(D))
-    BM = min(block_m, max(16, _next_pow2(Lq)))
-    grid = (triton.cdiv(Lq, BM) * B * Hq,)
+    G = Hq // Hkv
+    GP = _next_pow2(G)
+    BM = max(1, min(block_m, _next_pow2(Lq), max(1, 64 // GP)))
+    BLOCK_D = max(16, _next_pow2(D))
+    if GP * BM * BLOCK_D > 8192:
+        num_warps = max(num_warps, 8)
+    grid = (triton.cdiv(Lq, BM) * B * Hkv,)
     _span_search_kernel[grid](
         qs, k, kpm if kpm is not None else dummy, pos if pos is not None else dummy,
         deltas, i0, back, fwd, pref, cnt, anchors, scores,
@@ -187,9 +205,10 @@ def span_search(qs, k, key_padding_mask, query_positions, window, topk, search_p
         *(kpm.stride() if kpm is not None else (0, 0)),
         *(pos.stride() if pos is not None else (0, 0)),
         *pref.stride(), *cnt.stride(), *anchors.stride(),
-        Hq, Hq // Hkv, Lq, T, W, n,
+        Hkv, G, Lq, T, W, n,
         D=D, HAS_KPM=kpm is not None, HAS_POS=pos is not None, MEAN=mean,
-        TOPK=topk, KP=max(2, _next_pow2(topk)), BLOCK_M=BM, BLOCK_D=BLOCK_D,
+        TOPK=topk, KP=max(2, _next_pow2(topk)), GP=GP, NS=stripes_per_iter, BLOCK_M=BM,
+        BLOCK_D=BLOCK_D,
         num_warps=num_warps,
     )
     return anchors, scores

@@ -173,8 +173,12 @@ ATTN_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", ATTN_CASES, ids=[c[0] for c in ATTN_CASES])
-def test_span_attention_matches_reference(case):
+_TILE_CASES = [(c, "tile") for c in ATTN_CASES if c[0] in ("gated_pad", "union_d80_cache_ff")]
+
+
+@pytest.mark.parametrize("case,impl", [(c, "pairs") for c in ATTN_CASES] + _TILE_CASES,
+                         ids=[c[0] for c in ATTN_CASES] + [c[0] + "-tile" for c, _ in _TILE_CASES])
+def test_span_attention_matches_reference(case, impl):
     name, B, Hq, Hkv, Lq, T, D, Dv, dtype, ch, pad, posmode = case
     gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
     cfg = {**DEFAULT, **ch}
@@ -193,7 +197,7 @@ def test_span_attention_matches_reference(case):
     a, s = R.span_search(q, k, kpm, qpos, *_search_args(cfg))
     assert (a >= 0).any()
     _poison_allocator()
-    out = TA.span_attention(q, k, v, a, s, kpm, qpos, *_attn_args(cfg, scale))
+    out = TA.span_attention(q, k, v, a, s, kpm, qpos, *_attn_args(cfg, scale), impl=impl)
     ref = R.span_attention(q.float(), k.float(), v.float(), a, s, kpm, qpos,
                            *_attn_args(cfg, scale))
     assert out.dtype == dtype and out.shape == ref.shape
@@ -204,6 +208,31 @@ def test_span_attention_matches_reference(case):
     if kpm is not None:  # rows with every key removed give zeros, like the reference
         dead = ref.abs().sum(-1) == 0
         assert (out[dead] == 0).all()
+
+
+def test_union_pieces_are_disjoint_and_cover_the_spans():
+    """span_pieces (union): the pieces of a query are disjoint, avoid sinks and window, and
+    their union equals the union of its spans minus the sinks (checked position by position)."""
+    from slcompile.kernels.geometry import span_extents
+    gen = torch.Generator().manual_seed(3)
+    B, Hq, Lq, T, k, W, S = 2, 3, 50, 400, 5, 6, 3
+    pos = torch.randint(0, T, (B, Lq), generator=gen)
+    anchors = torch.randint(-1, T, (B, Hq, Lq, k), generator=gen).to(torch.int32)
+    anchors = torch.minimum(anchors, pos[:, None, :, None].to(torch.int32))
+    back, fwd = span_extents(T, 0.5, 2.0, 1.0)
+    lo, hi, ok = TA.span_pieces(anchors, pos, T, W, S, back, fwd, union=True)
+    for b in range(B):
+        for h in range(Hq):
+            for i in range(Lq):
+                t = int(pos[b, i])
+                want = set()
+                for a in anchors[b, h, i].tolist():
+                    if a >= 0:
+                        want |= set(range(max(a - int(back[t]), 0, S), min(a + int(fwd[t]), t - W) + 1))
+                got = []
+                for j in range(k):
+                    got += list(range(int(lo[b, h, i, j]), int(hi[b, h, i, j]) + 1))
+                assert len(got) == len(set(got)) and set(got) == want
 
 
 def test_dense_path_and_empty_rows():
@@ -267,10 +296,9 @@ def test_bad_inputs_raise_clear_errors():
                           None, 2, 1, 0.5, 2.0, 0.0, "union", 1.0, 0)
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError,
-                   reason="reference bug: gated with window=0 and sinks=0 (no fixed keys) calls "
-                          "amax over an empty dim; the kernel handles it")
 def test_gated_without_window_or_sinks():
+    """No fixed keys at all (window=0, sinks=0), gated: each span's softmax stands alone.
+    (The reference at commit f049c7f raised IndexError here: amax over an empty dim.)"""
     gen = torch.Generator().manual_seed(5)
     q, k, v = _inputs(gen, 1, 2, 1, 30, 50, 16)
     cfg = {**DEFAULT, "window": 0, "sinks": 0, "combine": "gated", "topk": 2}
