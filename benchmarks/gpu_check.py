@@ -200,6 +200,9 @@ def check_attention(R, TA, case, q, k, v, kpm, pos, ra, rs, log, impl=None):
     return probs
 
 
+TILE_TOO = ("default_bf16", "gated_bf16", "cache_offsets", "d80_fp16")
+
+
 def cases(quick=False):
     f32, bf, fp = torch.float32, torch.bfloat16, torch.float16
     C = []
@@ -218,7 +221,7 @@ def cases(quick=False):
     add("mean_key_bf16_pad", B=2, L=1000, search_key="mean", pad=True, combine="gated")
     for D in (32, 64, 80, 96, 256):
         add(f"d{D}_fp16", Hq=4, Hkv=1, L=1031, D=D, dtype=fp)
-        add(f"d{D}_fp32_gated", Hq=4, Hkv=4, L=700, D=D, dtype=f32, combine="gated")
+        add(f"d{D}_fp32_gated", Hq=4, Hkv=4, L=600, D=D, dtype=f32, combine="gated")
     add("dv_ne_d", L=800, D=64, Dv=128, dtype=f32)
     add("mqa_topk8_p3", Hq=6, Hkv=1, L=1200, D=64, topk=8, search_power=1 / 3)
     add("topk1_ff", L=999, D=64, dtype=f32, topk=1, forward_factor=0.5, backward_factor=1.5)
@@ -228,7 +231,7 @@ def cases(quick=False):
     add("random_positions", B=2, L=257, T=1500, D=64, pos="random", dtype=f32)
     add("small_window_no_sinks", L=700, D=64, window=1, sinks=0, dtype=f32)
     add("window0", L=500, D=32, window=0, sinks=2, dtype=f32, combine="gated")
-    add("tiny_L", L=70, D=64, dtype=f32)
+    add("tiny_L", L=70, D=64, dtype=f32, window=8, sinks=1)
     add("long_bf16", Hq=4, Hkv=1, L=8192, D=128)
     if quick:
         C = C[:4]
@@ -274,6 +277,8 @@ def main():
             if not (ra >= 0).any():
                 probs.append("no anchors at all: the case tests nothing")
             for impl in impls:
+                if impl not in (None, "pairs") and case["name"] not in TILE_TOO:
+                    continue
                 probs += check_attention(R, TA, case, q, k, v, kpm, pos, ra, rs, log, impl)
         except Exception as e:  # a crash is a failure, with its traceback in the log
             probs = [f"exception {type(e).__name__}: {e}"]
