@@ -278,7 +278,6 @@ def _canon_torch(node: fx.Node, name: str, args, kwargs, is_method: bool) -> Opt
     if name in ("zeros", "zeros_like", "new_zeros"):
         return COp("full", (0,))
     if name in ("full", "new_full"):
-        v = args[2] if is_method is False and len(args) > 1 and name == "full" else None
         if name == "full":
             v = args[1] if len(args) > 1 else kwargs.get("fill_value")
         else:

@@ -219,7 +219,9 @@ class MaskEvaluator:
         return None
 
     # -- helpers ----------------------------------------------------------------------------
-    def _fallback(self, node: fx.Node):
+    def _fallback(self, node: fx.Node, structured: bool = False):
+        """Opaque. `structured`: an op on position structure the evaluator cannot follow
+        (recorded so the proof says 'unsupported' rather than 'runtime data')."""
         t = tensor_meta(node)
         if t is None:
             e = sym(node)
@@ -228,6 +230,9 @@ class MaskEvaluator:
             return None
         n = t.dim()
         sup = frozenset(d - n for d in range(n) if not _is_one(sym(t.shape[d])))
+        if structured and any(isinstance(v, (Sel, Aff)) and not _opq_only(v)
+                              for v in (self.memo.get(a) for a in node.all_input_nodes)):
+            return None
         if t.dtype == torch.bool:
             return Sel(frozenset([("opq", node, sup, "truthy")]), True, False)
         return Opq(sup)
@@ -308,7 +313,15 @@ class MaskEvaluator:
         if c is None:
             return self._fallback(node)
         r = self._eval_op(node, c)
-        return self._fallback(node) if r is None else r
+        if r is None:
+            return self._fallback(node, structured=True)
+        t = tensor_meta(node)
+        if t is not None:  # values take the node's dtype (torch.ones(dtype=bool) is True)
+            if isinstance(r, Const):
+                r = Const(_cast(r.v, t.dtype))
+            elif isinstance(r, Sel):
+                r = _mk_sel(r.atoms, _cast(r.a, t.dtype), _cast(r.b, t.dtype))
+        return r
 
     def _eval_op(self, node: fx.Node, c: COp):
         op, a = c.op, c.args
@@ -729,14 +742,22 @@ class CausalProof:
 def constraints_of(v, kind: str):
     """The atoms a mask term imposes ("keep": bool, True = attend; "drop": bool, True = masked;
     "add": additive bias). Returns (atoms, error)."""
-    if v is None or isinstance(v, (Opq, Aff)):
-        return None, "mask is not provably a function of positions (runtime values or unsupported ops)"
+    if kind == "add" and isinstance(v, (Opq, Aff)):
+        return None, "additive bias on the logits is not a 0/-inf mask (position bias such as ALiBi?)"
+    if v is None:
+        return None, "mask is not provably causal (structure the prover does not follow)"
+    if isinstance(v, (Opq, Aff)):
+        return None, "mask is runtime data, not provably a function of positions"
     if isinstance(v, Const):
         x = v.v
         if kind == "keep" and bool(x) or kind == "drop" and not bool(x) or kind == "add" and _finite(x):
             return frozenset(), ""
         return None, "mask removes every key"
     a, b = v.a, v.b
+    lins = [at for at in v.atoms if at[0] == "lin"]
+    if len(v.atoms) == 1 and lins and _flipped(kind, a, b):
+        coef, const = dict(lins[0][1]), lins[0][2]  # not(e <= 0)  <=>  -e + 1 <= 0
+        return frozenset([lin_atom({d: -c for d, c in coef.items()}, -const + 1)]), ""
     if kind == "keep" and bool(a) and not bool(b):
         return v.atoms, ""
     if kind == "drop" and not bool(a) and bool(b):
@@ -746,6 +767,14 @@ def constraints_of(v, kind: str):
     if kind == "add":
         return None, "additive bias is not a 0/-inf mask (position bias such as ALiBi?)"
     return None, "mask polarity is not causal"
+
+
+def _flipped(kind, a, b) -> bool:
+    if kind == "keep":
+        return not bool(a) and bool(b)
+    if kind == "drop":
+        return bool(a) and not bool(b)
+    return _very_neg(a) and _finite(b)
 
 
 def prove_causal(atoms, Lq, T, logits_ndim: int, box: Optional[Tuple[int, int]] = None) -> CausalProof:
@@ -763,6 +792,14 @@ def prove_causal(atoms, Lq, T, logits_ndim: int, box: Optional[Tuple[int, int]] 
             if mx <= 0:
                 continue  # always true for these shapes
         kept.append(at)
+    for at in opqs:
+        if at[3] == "unknown":
+            return CausalProof(False, "mask is not provably causal (structure the prover does not follow)")
+        sup = set(at[2])
+        if logits_ndim != 4 and sup:
+            return CausalProof(False, "runtime mask factor on non-4-D attention logits")
+        if not sup <= {-4, -1}:
+            return CausalProof(False, "mask depends on runtime data along query/head axes")
     if not kept:
         return CausalProof(False, "no causal structure in the mask (bidirectional attention)")
     if len(kept) > 1:
@@ -773,12 +810,6 @@ def prove_causal(atoms, Lq, T, logits_ndim: int, box: Optional[Tuple[int, int]] 
             return CausalProof(False, "mask keeps keys after the query (anti-causal / prefix)")
         return CausalProof(False, f"mask is not a causal position comparison ({coef})")
     off = -kept[0][2]
-    for at in opqs:
-        sup = set(at[2])
-        if logits_ndim != 4 and sup:
-            return CausalProof(False, "runtime mask factor on non-4-D attention logits")
-        if not sup <= {-4, -1}:
-            return CausalProof(False, "mask depends on runtime data along query/head axes")
     expected = sympy.expand(T - Lq) if T is not None and Lq is not None else None
     return CausalProof(True, "", off if expected is None or not sym_eq(off, expected) else expected,
                        tuple(opqs))

@@ -209,7 +209,14 @@ def _is_last_two_transpose(c, x) -> bool:
     return False
 
 
+_EV: List[MaskEvaluator] = []
+
+
 def _very_neg_value(x) -> bool:
+    if isinstance(x, fx.Node) and _EV:  # e.g. torch.tensor(-inf), torch.finfo(dtype).min tensors
+        from .maskproof import Const
+        v = _EV[-1].eval(x)
+        x = v.v if isinstance(v, Const) else None
     return isinstance(x, (int, float)) and not isinstance(x, bool) and float(x) <= VERY_NEGATIVE
 
 
@@ -679,6 +686,14 @@ def rewrite_graph(gm: fx.GraphModule, config: Optional[SuperlinearConfig] = None
     graph = gm.graph
     meta_key = "val" if _is_aten_graph(graph) else None
     ev = MaskEvaluator(_buffer_constants(gm, constants))
+    _EV.append(ev)
+    try:
+        return _rewrite(gm, graph, config, ev, meta_key, dry_run, t0)
+    finally:
+        _EV.pop()
+
+
+def _rewrite(gm, graph, config, ev, meta_key, dry_run, t0) -> RewriteReport:
     report = RewriteReport()
     changed = False
     for node in list(graph.nodes):
@@ -708,8 +723,8 @@ def rewrite_graph(gm: fx.GraphModule, config: Optional[SuperlinearConfig] = None
                 rep.form = "mha"
             qt, kt, vt = tensor_meta(site.q), tensor_meta(site.k), tensor_meta(site.v)
             rep.q_shape, rep.kv_shape = _shape_str(qt), _shape_str(kt)
-            rep.kv_groups = site.group
             _check_layout(site, qt, kt, vt)
+            rep.kv_groups = site.group
             Lq, T = sym(qt.shape[2]), sym(kt.shape[2])
             if site.causal_flag:
                 proof = CausalProof(True, "", sympy.Integer(0), ())
