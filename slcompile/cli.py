@@ -174,7 +174,7 @@ def _sites_table(report: Dict[str, Any], title: str = "Attention sites"):
     for s in report["sites"]:
         where = s.get("module_path") or "-"
         if s.get("source"):
-            where = f"{where}\n{s['source']}"
+            where = f"{where}\n{_short_source(s['source'])}"
         rows.append([
             s.get("name"), where, s.get("form"),
             _shape(s.get("q_shape")), _shape(s.get("kv_shape")), s.get("kv_groups", "-"),
@@ -185,6 +185,30 @@ def _sites_table(report: Dict[str, Any], title: str = "Attention sites"):
                   f"{report['skipped']} skipped",
                   ["site", "where", "form", "q", "k/v", "q/kv heads", "causal", "padding",
                    "rewritten", "reason"], rows)
+
+
+def _grouped_sites_table(report: Dict[str, Any], title: str):
+    """Many sites (a 30-layer model): one row per kind of site, with a count."""
+    groups: Dict[tuple, int] = {}
+    for s in report["sites"]:
+        key = (s.get("form"), _shape(s.get("q_shape")), _shape(s.get("kv_shape")),
+               _yesno(s.get("causal_proven")), _yesno(s.get("rewritten")), s.get("reason") or "")
+        groups[key] = groups.get(key, 0) + 1
+    return _table(f"{title}: {report['found']} found, {report['rewritten']} rewritten, "
+                  f"{report['skipped']} skipped (slcompile inspect lists each site)",
+                  ["sites", "form", "q", "k/v", "causal", "rewritten", "reason"],
+                  [[n, *k] for k, n in groups.items()])
+
+
+def _short_source(src: str) -> str:
+    for marker in ("site-packages/", "dist-packages/"):
+        if marker in src:
+            return src.split(marker, 1)[1]
+    try:
+        rel = os.path.relpath(src)
+        return rel if not rel.startswith("../..") else src
+    except ValueError:
+        return src
 
 
 def _shape(s) -> str:
@@ -419,7 +443,10 @@ def _print_demo(out: Out, r: Dict[str, Any]) -> None:
         ("model", r["model"]), ("parameters", f"{r['parameters']:,}"), ("input", r["input"]),
         ("config", ", ".join(f"{k}={v}" for k, v in r["config"].items())),
     ]))
-    out.print(_sites_table(r["report"], "Rewrite report"))
+    if len(r["report"]["sites"]) > 8:
+        out.print(_grouped_sites_table(r["report"], "Rewrite report"))
+    else:
+        out.print(_sites_table(r["report"], "Rewrite report"))
     ex, ap = r["exact"], r["approx"]
     out.print(_table("Equivalence (compiled vs eager PyTorch)",
                      ["config", "max abs err", "mean abs err", "rel err", "argmax agree", "verdict"],

@@ -118,7 +118,7 @@ EXIT_CODES: List[Tuple[int, str]] = [
     (7, "invalid SuperlinearConfig value"),
     (8, "the model could not be exported, rewritten or run"),
     (9, "feature not available (optional dependency or module missing)"),
-    (10, "no attention site could be rewritten (convert)"),
+    (10, "no attention site could be rewritten (nothing to convert, check or benchmark)"),
     (70, "internal error (a bug: rerun with --debug and report it)"),
     (130, "interrupted"),
 ]
@@ -365,7 +365,10 @@ def load_model(path: str, trust_pickle: bool = False) -> LoadedModel:
                 f"archive instead: torch.export.save(torch.export.export(model, args), 'model.pt2'))")
         try:
             with _quiet_torch_logs():
-                obj = torch.load(path, map_location="cpu", weights_only=False)
+                if fmt == "pickle":
+                    obj = _load_plain_or_legacy_pickle(path)
+                else:
+                    obj = torch.load(path, map_location="cpu", weights_only=False)
         except (AttributeError, ImportError) as e:
             raise InputFormatError(f"cannot unpickle {path}: {first_line(e)} (the model's class must "
                                    f"be importable: use --import MODULE)")
@@ -383,6 +386,19 @@ def load_model(path: str, trust_pickle: bool = False) -> LoadedModel:
 
 
 _UNSAFE = object()
+
+
+def _load_plain_or_legacy_pickle(path: str):
+    """A legacy (pre-zip) torch.save file, or a plain ``pickle.dump`` of a module."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (AttributeError, ImportError):
+        raise
+    except Exception:
+        with open(path, "rb") as f:
+            return pickle.load(f)
 
 
 # --------------------------------------------------------------------------------------------

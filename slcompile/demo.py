@@ -189,8 +189,11 @@ def smollm2_model() -> nn.Module:
 
         raise NotAvailableError("not available: --model smollm2 needs transformers, gguf and "
                                 "accelerate (pip install 'slcompile[hf]')") from e
-    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                              torch_dtype=torch.float32, attn_implementation="sdpa")
+    kw = dict(gguf_file=os.path.basename(path), attn_implementation="sdpa")
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), dtype=torch.float32, **kw)
+    except TypeError:  # transformers 4.x spells it torch_dtype
+        hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), torch_dtype=torch.float32, **kw)
     return _LogitsOnly(hf.eval()).eval()
 
 

@@ -72,12 +72,13 @@ def test_convert_archive_then_load_it_back(tiny_files, workdir, monkeypatch):
 def test_convert_pickle_exact_config_matches_dense(tiny_files, workdir):
     out = workdir / "exact.pt2"
     res = run_cli("convert", tiny_files["dir"] / "tiny.pt", "--trust-pickle", "-o", out,
-                  "--seq-len", 24, "--static", "--window", 100000, "--dense-below", 0, "--json")
+                  "--seq-len", 24, "--static", "--window", 100000, "--dense-below", 0, "--no-verify",
+                  "--json")
     assert res.rc == 0, res
     d = res.json()
     assert d["input_format"] == "torch-save" and d["dynamic"] is False
     assert d["report"]["rewritten"] == 1
-    assert d["vs_dense"]["max_abs_err"] < 1e-4
+    assert d["verify_max_abs_err"] is None and d["vs_dense"] is None  # --no-verify
     ep = torch.export.load(out)
     assert any(n.target is torch.ops.superlinear.span_attention.default for n in ep.graph.nodes)
     ids = _ids(24, 5)

@@ -43,6 +43,21 @@ def test_pickles_only_with_trust(tiny_files):
         cv.load_model(str(tiny_files["dir"] / "state_dict.pt"), trust_pickle=True)
 
 
+def test_plain_pickle_of_a_module(tiny_files, tmp_path):
+    import pickle
+
+    path = tmp_path / "plain.pkl"
+    with open(path, "wb") as f:
+        pickle.dump(tiny_files["model"], f)
+    assert cv.detect_format(str(path)) == "pickle"
+    with pytest.raises(cv.PickleRefusedError):
+        cv.load_model(str(path))
+    module = cv.load_model(str(path), trust_pickle=True).module
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(module(ids), tiny_files["model"](ids))
+
+
 def test_output_path_checks(tiny_files, tmp_path):
     src = str(tiny_files["dir"] / "tiny.pt2")
     with pytest.raises(cv.OutputPathError, match="is the input"):
