@@ -243,6 +243,7 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--oracle", default=None)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--skip", default="", help="comma-separated case names to skip")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     logf = open(os.path.join(args.out, "gpu_check.log"), "w")
@@ -265,7 +266,10 @@ def main():
     results = []
     gen = torch.Generator(device="cuda")
     gen.manual_seed(int(time.time()) & 0xFFFF)
+    skip = set(x for x in args.skip.split(",") if x)
     for case in cases(args.quick):
+        if case["name"] in skip:
+            continue
         t0 = time.time()
         log(f"[{case['name']}] B={case['B']} Hq={case['Hq']} Hkv={case['Hkv']} Lq={case['Lq']} "
             f"T={case['T']} D={case['D']} Dv={case['Dv']} {case['dtype']} "
