@@ -7,6 +7,6 @@ sites with ``superlinear::span_search`` feeding ``superlinear::span_attention``.
 """
 
 from .report import RewriteReport, SiteReport
-from .rewrite import rewrite_graph
+from .rewrite import exported_constants, rewrite_graph
 
-__all__ = ["rewrite_graph", "RewriteReport", "SiteReport"]
+__all__ = ["rewrite_graph", "exported_constants", "RewriteReport", "SiteReport"]

@@ -764,10 +764,33 @@ def _rewrite(gm, graph, config, ev, meta_key, dry_run, t0) -> RewriteReport:
 def _impure(node: fx.Node) -> bool:
     if node.op in ("placeholder", "output"):
         return True
+    t = node.target
+    if isinstance(t, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in t.tags \
+            and t.overloadpacket.__name__ in ("scaled_dot_product_attention", "dropout", "native_dropout",
+                                              "_scaled_dot_product_flash_attention_for_cpu",
+                                              "_scaled_dot_product_flash_attention",
+                                              "_scaled_dot_product_efficient_attention",
+                                              "_scaled_dot_product_cudnn_attention"):
+        return False  # seeded only through dropout; a dead attention node can go
     try:
         return node.is_impure()
     except Exception:  # noqa: BLE001
         return True
+
+
+def exported_constants(ep) -> Dict[str, torch.Tensor]:
+    """The real tensors of an ExportedProgram's lifted buffers and constants, keyed by placeholder
+    name, for `rewrite_graph(ep.graph_module, config, constants=exported_constants(ep))`."""
+    sig = ep.graph_signature
+    out: Dict[str, torch.Tensor] = {}
+    for spec in sig.input_specs:
+        tgt = getattr(spec, "target", None)
+        if tgt is None or spec.kind.name not in ("BUFFER", "CONSTANT_TENSOR"):
+            continue
+        t = ep.state_dict.get(tgt) if tgt in ep.state_dict else ep.constants.get(tgt)
+        if isinstance(t, torch.Tensor):
+            out[spec.arg.name] = t
+    return out
 
 
 def _check_layout(site: Site, qt, kt, vt):

@@ -84,3 +84,5 @@ def test_smollm2_135m_real_weights():
     rep = assert_rewrite_equivalent(m, {"input_ids": ids, "attention_mask": am, "use_cache": False},
                                     expected=m.config.num_hidden_layers, compiler="eager", atol=1e-4)
     assert rep.found == rep.rewritten == 30
+    print(f"SmolLM2-135M: rewrite of {rep.graphs} graph(s), 30 layers: {rep.seconds * 1e3:.1f} ms")
+    assert rep.seconds < 1.0
