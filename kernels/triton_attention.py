@@ -345,6 +345,54 @@ def _span_pairs_kernel(
              mask=ok[:, None] & (offdv[None, :] < DV))
 
 
+@triton.jit
+def _pieces_kernel(
+    ANCH, POS, BACK, FWD, PLO, PHI, KEY,
+    sab, sah, sam, sak, spb, spm,
+    Hq, Lq, T, W, S, BUCKET, NROWS,
+    HAS_POS: tl.constexpr, UNION: tl.constexpr, KEY32: tl.constexpr, TOPK: tl.constexpr,
+    KP: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Span pieces of BLOCK_R (batch, head, query) rows, and their sort keys (see span_pieces)."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rm = r < NROWS
+    b = r // (Hq * Lq)
+    h = (r // Lq) % Hq
+    qi = r % Lq
+    if HAS_POS:
+        t = tl.load(POS + b * spb + qi * spm, mask=rm, other=0).to(tl.int32)
+    else:
+        t = (T - Lq + qi).to(tl.int32)
+    cols = tl.arange(0, KP)
+    cm = rm[:, None] & (cols[None, :] < TOPK)
+    a = tl.load(ANCH + b[:, None] * sab + h[:, None] * sah + qi[:, None] * sam + cols[None, :] * sak,
+                mask=cm, other=-1).to(tl.int32)
+    back_t = tl.load(BACK + t, mask=rm, other=0).to(tl.int32)
+    fwd_t = tl.load(FWD + t, mask=rm, other=0).to(tl.int32)
+    ac = tl.maximum(a, 0)
+    lo = tl.maximum(ac - back_t[:, None], S)
+    hi = tl.minimum(ac + fwd_t[:, None], t[:, None] - W)
+    ok = cm & (a >= 0) & (hi >= lo)
+    if UNION:
+        # the part of interval j not covered by the intervals before it in (lo, slot) order
+        lo_i = lo[:, None, :]
+        before = ok[:, None, :] & ((lo_i < lo[:, :, None]) |
+                                   ((lo_i == lo[:, :, None]) & (cols[None, None, :] < cols[None, :, None])))
+        prev = tl.max(tl.where(before, hi[:, None, :], -1), axis=2)
+        lo = tl.maximum(lo, prev + 1)
+        ok = ok & (hi >= lo)
+    lo = tl.where(ok, lo, 1)
+    hi = tl.where(ok, hi, 0)
+    off = r[:, None] * TOPK + cols[None, :]
+    tl.store(PLO + off, lo, mask=cm)
+    tl.store(PHI + off, hi, mask=cm)
+    if KEY32:
+        tl.store(KEY + off, tl.where(ok, lo, 2147483647), mask=cm)
+    else:
+        key = (lo // BUCKET).to(tl.int64) * (T + 1) + hi.to(tl.int64)
+        tl.store(KEY + off, tl.where(ok, key, 9223372036854775807), mask=cm)
+
+
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") == "1"
 
@@ -422,13 +470,40 @@ def span_pieces(anchors, query_positions, T, W, S, back, fwd, union):
     return lo, hi, ok
 
 
+def pieces_and_keys(anchors, query_positions, T, W, S, back, fwd, union, lo_bucket=16,
+                    sort_key="lo_hi"):
+    """The Triton version of ``span_pieces`` (same pieces as a set per query) plus the sort key
+    of every piece: (lo // lo_bucket, hi) as int64 (``lo_hi``) or lo as int32 (``lo``); empty
+    pieces sort last."""
+    B, Hq, Lq, topk = anchors.shape
+    pos = query_positions.long() if query_positions is not None else None
+    nrows = B * Hq * Lq
+    plo = torch.empty((B, Hq, Lq, topk), dtype=torch.int32, device=anchors.device)
+    phi = torch.empty_like(plo)
+    key32 = sort_key == "lo"
+    key = torch.empty((B, Hq, Lq, topk), dtype=torch.int32 if key32 else torch.int64,
+                      device=anchors.device)
+    if nrows == 0:
+        return plo, phi, key
+    _pieces_kernel[(triton.cdiv(nrows, 128),)](
+        anchors, pos if pos is not None else back, back, fwd, plo, phi, key,
+        *anchors.stride(), *(pos.stride() if pos is not None else (0, 0)),
+        Hq, Lq, T, W, S, lo_bucket, nrows,
+        HAS_POS=pos is not None, UNION=bool(union), KEY32=key32, TOPK=topk,
+        KP=max(2, _next_pow2(topk)), BLOCK_R=128, num_warps=4,
+    )
+    return plo, phi, key
+
+
 def launch(q, k, v, anchors, scores, key_padding_mask, query_positions, W, S, back, fwd,
            gated, scale, block_m=None, block_n=None, num_warps=4, num_stages=None,
            impl="pairs", pair_block_m=None, pair_block_n=None, pair_warps=4, pair_stages=None,
-           lo_bucket=16, spans=True):
+           lo_bucket=16, sort_key="lo_hi", spans=True):
     """Run the kernels; ``W``/``S`` already clipped to T; ``back``/``fwd`` int64 [T] tables."""
     if impl not in IMPLS:
         raise ValueError(f"span_attention: impl={impl!r} is not one of {IMPLS}")
+    if sort_key not in ("lo_hi", "lo"):
+        raise ValueError(f"span_attention: sort_key={sort_key!r} is not 'lo_hi' or 'lo'")
     B, Hq, Lq, D = q.shape
     Hkv, T, DV = k.shape[1], k.shape[2], v.shape[3]
     out = torch.empty((B, Hq, Lq, DV), dtype=q.dtype, device=q.device)
@@ -444,11 +519,10 @@ def launch(q, k, v, anchors, scores, key_padding_mask, query_positions, W, S, ba
     qk_scale = float(scale) * math.log2(math.e)
     merge = spans and impl == "pairs"
     if merge:
-        plo, phi, _ = span_pieces(anchors, pos, T, W, S, back, fwd, union=not gated)
         G = Hq // Hkv
         npair = G * Lq * topk
-        key = (plo.long() // lo_bucket) * (T + 1) + phi.long()
-        key = torch.where(phi >= plo, key, torch.iinfo(torch.int64).max)
+        plo, phi, key = pieces_and_keys(anchors, pos, T, W, S, back, fwd, not gated, lo_bucket,
+                                        sort_key)
         idx = torch.argsort(key.view(B * Hkv, npair), dim=-1).to(torch.int32)
         plse = torch.empty((B, Hq, Lq, topk), dtype=torch.float32, device=q.device)
         pout = torch.empty((B, Hq, Lq, topk, DV), dtype=torch.float32, device=q.device)

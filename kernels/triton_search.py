@@ -39,7 +39,7 @@ def _span_search_kernel(
     Hkv, G, Lq, T, W, NSTR,
     D: tl.constexpr, HAS_KPM: tl.constexpr, HAS_POS: tl.constexpr, MEAN: tl.constexpr,
     TOPK: tl.constexpr, KP: tl.constexpr, GP: tl.constexpr, NS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # one program: BLOCK_M queries x the G query heads of one kv head (each key row read once)
     pid = tl.program_id(0)
@@ -66,7 +66,8 @@ def _span_search_kernel(
     q = tl.load(QS + b * sqb + h64[:, None, None] * sqh + rows64[None, :, None] * sqm
                 + offd[None, None, :] * sqd,
                 mask=hmask[:, None, None] & rmask[None, :, None] & dmask[None, None, :], other=0.0)
-    q = q.to(tl.float32)  # [GP, BLOCK_M, BLOCK_D]
+    if Q_F32:
+        q = q.to(tl.float32)  # [GP, BLOCK_M, BLOCK_D]; else kept narrow (fewer registers)
     kbase = K + b * skb + kvh * skh
 
     if MEAN:
@@ -108,7 +109,7 @@ def _span_search_kernel(
             else:
                 key = tl.load(kbase + a_c.to(tl.int64)[:, None] * skn + offd[None, :] * skd,
                               mask=ok[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-            s = tl.sum(q * key[None, :, :], axis=2)  # [GP, BLOCK_M]
+            s = tl.sum(q.to(tl.float32) * key[None, :, :], axis=2)  # [GP, BLOCK_M]
             s = tl.where(ok[None, :], s, float("-inf"))
             # worst slot: lowest score, then farthest anchor (smallest), then first column
             wmin = tl.min(ts, axis=2)
@@ -150,7 +151,8 @@ def _next_pow2(x: int) -> int:
 
 def span_search(qs, k, key_padding_mask, query_positions, window, topk, search_power,
                 span_power, backward_factor, forward_factor, search_key, dense_below,
-                block_m: int = 16, num_warps: int = 4, stripes_per_iter: int = 4):
+                block_m: int = 16, num_warps: int = 4, stripes_per_iter: int = 4,
+                q_f32: bool = True):
     """Same contract as ``reference.span_search``."""
     B, Hq, Lq, D = qs.shape
     Hkv, T = k.shape[1], k.shape[2]
@@ -207,7 +209,8 @@ def span_search(qs, k, key_padding_mask, query_positions, window, topk, search_p
         *pref.stride(), *cnt.stride(), *anchors.stride(),
         Hkv, G, Lq, T, W, n,
         D=D, HAS_KPM=kpm is not None, HAS_POS=pos is not None, MEAN=mean,
-        TOPK=topk, KP=max(2, _next_pow2(topk)), GP=GP, NS=stripes_per_iter, BLOCK_M=BM,
+        TOPK=topk, KP=max(2, _next_pow2(topk)), GP=GP, NS=stripes_per_iter,
+        Q_F32=bool(q_f32) or qs.dtype == torch.float32, BLOCK_M=BM,
         BLOCK_D=BLOCK_D,
         num_warps=num_warps,
     )

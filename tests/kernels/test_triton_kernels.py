@@ -220,7 +220,25 @@ def test_union_pieces_are_disjoint_and_cover_the_spans():
     anchors = torch.randint(-1, T, (B, Hq, Lq, k), generator=gen).to(torch.int32)
     anchors = torch.minimum(anchors, pos[:, None, :, None].to(torch.int32))
     back, fwd = span_extents(T, 0.5, 2.0, 1.0)
-    lo, hi, ok = TA.span_pieces(anchors, pos, T, W, S, back, fwd, union=True)
+    lo_t, hi_t, ok_t = TA.span_pieces(anchors, pos, T, W, S, back, fwd, union=True)
+    lo_k, hi_k, key = TA.pieces_and_keys(anchors, pos, T, W, S, back, fwd, True, 16)
+    assert torch.equal(hi_k >= lo_k, key != torch.iinfo(torch.int64).max)
+    fin = hi_k >= lo_k
+    assert torch.equal(key[fin], (lo_k[fin].long() // 16) * (T + 1) + hi_k[fin].long())
+    for lo, hi in ((lo_t, hi_t), (lo_k, hi_k)):
+        _check_pieces(lo, hi, anchors, pos, back, fwd, B, Hq, Lq, k, W, S)
+    # gated: span j as is (minus sinks), slot by slot
+    lo_g, hi_g, _ = TA.pieces_and_keys(anchors, pos, T, W, S, back, fwd, False, 16)
+    a = anchors.long()
+    t = pos[:, None, :, None]
+    lo_w = torch.maximum(a - back[t], torch.tensor(S))
+    hi_w = torch.minimum(a + fwd[t], t - W)
+    ok_w = (a >= 0) & (hi_w >= lo_w)
+    assert torch.equal(hi_g >= lo_g, ok_w)
+    assert torch.equal(lo_g[ok_w].long(), lo_w[ok_w]) and torch.equal(hi_g[ok_w].long(), hi_w[ok_w])
+
+
+def _check_pieces(lo, hi, anchors, pos, back, fwd, B, Hq, Lq, k, W, S):
     for b in range(B):
         for h in range(Hq):
             for i in range(Lq):
@@ -233,6 +251,20 @@ def test_union_pieces_are_disjoint_and_cover_the_spans():
                 for j in range(k):
                     got += list(range(int(lo[b, h, i, j]), int(hi[b, h, i, j]) + 1))
                 assert len(got) == len(set(got)) and set(got) == want
+
+
+@pytest.mark.parametrize("kw", [dict(sort_key="lo", pair_block_m=16, pair_block_n=16),
+                                dict(lo_bucket=1, block_m=16, block_n=16)])
+def test_pairs_path_options_give_the_same_result(kw):
+    """Sort keys and block shapes only change which rows share a tile, never the result."""
+    gen = torch.Generator().manual_seed(21)
+    q, k, v = _inputs(gen, 1, 2, 1, 64, 64, 32)
+    kpm = (torch.rand(1, 64, generator=gen) > 0.1).to(DEV)
+    cfg = {**DEFAULT, "window": 6, "topk": 4, "forward_factor": 0.5}
+    a, s = R.span_search(q, k, kpm, None, *_search_args(cfg))
+    out = TA.span_attention(q, k, v, a, s, kpm, None, *_attn_args(cfg, 0.2), **kw)
+    ref = R.span_attention(q, k, v, a, s, kpm, None, *_attn_args(cfg, 0.2))
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-5
 
 
 def test_dense_path_and_empty_rows():
@@ -306,3 +338,14 @@ def test_gated_without_window_or_sinks():
     out = TA.span_attention(q, k, v, a, s, None, None, *_attn_args(cfg, 0.25))
     ref = R.span_attention(q, k, v, a, s, None, None, *_attn_args(cfg, 0.25))
     assert ((out - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_search_options_give_identical_results():
+    """Narrow q registers and fewer stripes per iteration change nothing, bit for bit."""
+    gen = torch.Generator().manual_seed(4)
+    q, k, _ = _inputs(gen, 1, 4, 2, 90, 90, 32, dtype=torch.bfloat16)
+    args = (None, None, 8, 3, 0.5, 0.5, 2.0, 0.0, "anchor", 0)
+    a1, s1 = TS.span_search(q, k, *args)
+    a2, s2 = TS.span_search(q, k, *args, q_f32=False, stripes_per_iter=2, block_m=8)
+    assert torch.equal(a1, a2) and torch.equal(s1, s2)
+    assert (a1 >= 0).any()
