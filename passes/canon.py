@@ -130,7 +130,8 @@ def _canon_aten(node: fx.Node) -> Optional[COp]:
         return COp(_UNARY[name], (a["self"],))
     if name == "where" and "condition" in a:
         return COp("where", (a["condition"], a["self"], a["other"]))
-    if name == "masked_fill":
+    if name == "masked_fill" or (name == "masked_fill_" and isinstance(a["self"], fx.Node)
+                                 and len(a["self"].users) == 1):
         return COp("masked_fill", (a["self"], a["mask"], a["value"]))
     if name in ("softmax", "_softmax", "_safe_softmax"):
         return COp("softmax", (a["self"], a["dim"]))
@@ -208,6 +209,14 @@ def _canon_torch(node: fx.Node, name: str, args, kwargs, is_method: bool) -> Opt
             return args[i]
         return kwargs.get(key, default)
 
+    if name == "_canonical_mask":
+        return COp("canonical_mask", (arg(0, "mask"),))
+    if name == "multi_head_attention_forward":
+        import inspect
+        sig = inspect.signature(torch.nn.functional.multi_head_attention_forward)
+        b = sig.bind(*args, **kwargs)
+        b.apply_defaults()
+        return COp("mha", (dict(b.arguments),))
     if name == "scaled_dot_product_attention":
         return COp("sdpa", (arg(0, "query"), arg(1, "key"), arg(2, "value"), arg(3, "attn_mask"),
                             arg(4, "dropout_p", 0.0), arg(5, "is_causal", False), arg(6, "scale"),
@@ -260,7 +269,9 @@ def _canon_torch(node: fx.Node, name: str, args, kwargs, is_method: bool) -> Opt
         if len(args) + len(kwargs) < 3:
             return None
         return COp("where", (arg(0, "condition"), arg(1, "input"), arg(2, "other")))
-    if name == "masked_fill":
+    if name == "masked_fill" or (name == "masked_fill_" and isinstance(args[0], fx.Node)
+                                 and len(args[0].users) == 1):
+        # in place on a tensor nothing else reads: the same value as the functional form
         return COp("masked_fill", (arg(0, "input"), arg(1, "mask"), arg(2, "value")))
     if name == "softmax":
         return COp("softmax", (arg(0, "input"), arg(1, "dim")))

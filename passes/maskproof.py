@@ -447,6 +447,12 @@ class MaskEvaluator:
             return self._where(node, E(a[0]), E(a[1]), E(a[2]))
         if op == "masked_fill":
             return self._where(node, E(a[1]), E(a[2]), E(a[0]))
+        if op == "canonical_mask":  # bool (True = masked) -> float 0 / -inf; float unchanged
+            v = E(a[0])
+            mt = tensor_meta(a[0])
+            if mt is not None and mt.dtype == torch.bool:
+                return self._where(node, v, Const(float("-inf")), Const(0.0))
+            return v
         if op == "cumsum":
             v = E(a[0])
             n = self._ndim(a[0])

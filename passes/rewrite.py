@@ -58,8 +58,7 @@ def _module_path(node: fx.Node) -> Tuple[str, str]:
         return "", ""
     path, typ = list(st.values())[-1]
     tname = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
-    path = re.sub(r"^L\['self'\]\.?", "", str(path))
-    path = path.replace("L['self']", "")
+    path = re.sub(r"^L\['[^']*'\]\.?", "", str(path))
     return path, tname
 
 
@@ -235,6 +234,10 @@ class Site:
         self.runtime: List[Tuple[Any, str]] = []
         self.terms: List[Tuple[Any, str]] = []  # (mask node, kind)
         self.causal_flag = False  # SDPA is_causal=True (top-left alignment)
+        self.kpm_node = None  # an emitted bool [B, T] key-padding mask (True = key present)
+        self.q_meta = None  # stands in for q's example value when q is built by the rewrite
+        self.pre_emit = None  # callable(emitter): builds q/k/v nodes (nn.MultiheadAttention)
+        self.post_emit = None  # callable(emitter, out): maps the attention output back
 
 
 def _parse_sdpa(node: fx.Node, c) -> Site:
@@ -316,6 +319,80 @@ def _parse_qk(node) -> Tuple[Any, Any, float, list]:
         k, f = _strip_scalars(ops[1], f, runtime)
         return q, k, f, runtime
     raise Skip("not attention logits")
+
+
+def _parse_mha(node: fx.Node, c) -> Site:
+    """F.multi_head_attention_forward (what nn.MultiheadAttention calls), self-attention only."""
+    a = c.args[0]
+    users = list(node.users)
+    outs = [u for u in users if canon(u) is not None and canon(u).op == "getitem" and canon(u).args[1] == 0]
+    weights = [u for u in users if u not in outs]
+    if len(outs) != 1:
+        raise Skip("MultiheadAttention output not used through [0]")
+    if any(len(w.users) for w in weights):
+        raise Skip("attention probabilities used elsewhere (MultiheadAttention weights)")
+    x = a["query"]
+    if not (a["key"] is x and a["value"] is x):
+        raise Skip("MultiheadAttention with distinct query/key/value (cross-attention)")
+    if a["bias_k"] is not None or a["bias_v"] is not None or a["add_zero_attn"]:
+        raise Skip("MultiheadAttention with bias_k/bias_v/add_zero_attn")
+    if a["static_k"] is not None or a["static_v"] is not None:
+        raise Skip("MultiheadAttention with static_k/static_v")
+    if a["dropout_p"] not in (0, 0.0) and a["training"] is not False:
+        raise Skip("attention dropout p > 0 in training mode")
+    xt = tensor_meta(x)
+    E, H = a["embed_dim_to_check"], a["num_heads"]
+    if xt is None or xt.dim() != 3 or not isinstance(E, int) or not isinstance(H, int) or E % H:
+        raise Skip("MultiheadAttention input not [L, B, E]")
+    Dh = E // H
+    s = Site(outs[0], "mha")
+    s.scale = 1.0 / math.sqrt(Dh)
+    kpm = a["key_padding_mask"]
+    mask = a["attn_mask"]
+    if a["is_causal"] is True and kpm is None and not a["need_weights"]:
+        s.causal_flag = True  # torch itself then ignores attn_mask and runs causal SDPA
+    elif mask is not None:
+        mt = tensor_meta(mask)
+        if mt is None or mt.dim() != 2:
+            raise Skip("MultiheadAttention attn_mask is not 2-D [L, S]")
+        s.terms.append((mask, "drop" if mt.dtype == torch.bool else "add"))
+    if kpm is not None:
+        kt = tensor_meta(kpm)
+        if kt is None or kt.dtype != torch.bool or kt.dim() != 2:
+            raise Skip("MultiheadAttention key_padding_mask is not a bool [B, S] tensor")
+
+    def pre(em):
+        L, B = _size(em, x, 0), _size(em, x, 1)
+        if a["use_separate_proj_weight"]:
+            ws = (a["q_proj_weight"], a["k_proj_weight"], a["v_proj_weight"])
+            b = a["in_proj_bias"]
+            parts = []
+            for i, w in enumerate(ws):
+                bi = None if b is None else em.call(aten.slice.Tensor, (b, 0, i * E, (i + 1) * E))
+                parts.append(em.call(aten.linear.default, (x, w, bi)))
+        else:
+            qkv = em.call(aten.linear.default, (x, a["in_proj_weight"], a["in_proj_bias"]))
+            parts = [em.call(aten.slice.Tensor, (qkv, 2, i * E, (i + 1) * E)) for i in range(3)]
+        heads = []
+        for p in parts:
+            p = em.call(aten.reshape.default, (p, [L, B, H, Dh]))
+            heads.append(em.call(aten.permute.default, (p, [1, 2, 0, 3])))
+        s.q, s.k, s.v = heads
+        if kpm is not None:
+            s.kpm_node = em.call(aten.logical_not.default, (kpm,))
+
+    def post(em, out):
+        L, B = _size(em, x, 0), _size(em, x, 1)
+        o = em.call(aten.permute.default, (out, [2, 0, 1, 3]))
+        o = em.call(aten.reshape.default, (o, [L, B, E]))
+        return em.call(aten.linear.default, (o, a["out_proj_weight"], a["out_proj_bias"]))
+
+    s.pre_emit, s.post_emit = pre, post
+    import types
+    s.q_meta = types.SimpleNamespace(shape=(xt.shape[1], H, xt.shape[0], Dh), dtype=xt.dtype,
+                                     device=xt.device)
+    s.mha_shapes = (xt, H, Dh)
+    return s
 
 
 def _parse_logits(node, terms: list, depth=0):
@@ -509,6 +586,7 @@ class _Emitter:
         return n
 
     def _meta(self, n, target, args, kwargs):
+        key = self.meta_key
         def mv(a):
             if isinstance(a, fx.Node):
                 return meta_val(a)
@@ -522,9 +600,9 @@ class _Emitter:
             if self.fake_mode is None:
                 return
             with self.fake_mode:
-                n.meta["val"] = target(*vals, **{k: mv(v) for k, v in kwargs.items()})
-        except Exception:  # noqa: BLE001 - meta is a convenience for exported graphs
-            pass
+                n.meta[key] = target(*vals, **{k: mv(v) for k, v in kwargs.items()})
+        except Exception as e:  # noqa: BLE001 - meta is a convenience for exported graphs
+            log.debug("no example value for %s: %r", n, e)
 
 
 def _size(em: _Emitter, node, dim):
@@ -558,8 +636,10 @@ def _emit_padding(em: _Emitter, atom, q, k) -> fx.Node:
 def _emit(graph: fx.Graph, site: Site, proof: CausalProof, qpos_offset: Optional[int],
           config: SuperlinearConfig, meta_key: Optional[str]) -> fx.Node:
     em = _Emitter(graph, site.out, meta_key)
+    if site.pre_emit is not None:
+        site.pre_emit(em)
     q = site.q
-    qt = tensor_meta(q)
+    qt = site.q_meta if site.q_meta is not None else tensor_meta(q)
     D = qt.shape[-1]
     scale = site.scale
     runtime = list(site.runtime)
@@ -580,7 +660,7 @@ def _emit(graph: fx.Graph, site: Site, proof: CausalProof, qpos_offset: Optional
         raise Skip("zero softmax scale")
     for s, op in runtime:
         q = em.call(aten.mul.Tensor if op == "mul" else aten.div.Tensor, (q, s))
-    kpm = None
+    kpm = site.kpm_node
     for atom in proof.padding:
         m = _emit_padding(em, atom, site.q, site.k)
         kpm = m if kpm is None else em.call(aten.logical_and.default, (kpm, m))
@@ -602,6 +682,8 @@ def _emit(graph: fx.Graph, site: Site, proof: CausalProof, qpos_offset: Optional
     out = em.call(torch.ops.superlinear.span_attention.default,
                   (q, site.k, site.v, anchors, scores, kpm, qpos, c.window, c.sinks, c.span_power,
                    c.backward_factor, c.forward_factor, c.combine, float(scale), c.dense_below))
+    if site.post_emit is not None:
+        return site.post_emit(em, out)
     ot = tensor_meta(site.out)
     if ot is not None and qt is not None and ot.dtype != qt.dtype:
         out = em.call(aten.to.dtype, (out, ot.dtype))
@@ -700,7 +782,7 @@ def _rewrite(gm, graph, config, ev, meta_key, dry_run, t0) -> RewriteReport:
         if node.op not in ("call_function", "call_method"):
             continue
         c = canon(node)
-        if c is None or c.op not in ("sdpa", "sdpa_fused", "softmax"):
+        if c is None or c.op not in ("sdpa", "sdpa_fused", "softmax", "mha"):
             continue
         rep = SiteReport(name=node.name)
         rep.module_path, mtype = _module_path(node)
@@ -715,17 +797,25 @@ def _rewrite(gm, graph, config, ev, meta_key, dry_run, t0) -> RewriteReport:
                     raise
                 if site is None:
                     continue
+            elif c.op == "mha":
+                rep.form = "mha"
+                site = _parse_mha(node, c)
             else:
                 site = _parse_sdpa(node, c)
-            rep.name = site.out.name if c.op != "sdpa_fused" else node.name
+            rep.name = site.out.name if c.op not in ("sdpa_fused", "mha") else node.name
             rep.form = site.form
             if any("MultiheadAttention" in t for t in _module_types(node)):
                 rep.form = "mha"
-            qt, kt, vt = tensor_meta(site.q), tensor_meta(site.k), tensor_meta(site.v)
-            rep.q_shape, rep.kv_shape = _shape_str(qt), _shape_str(kt)
-            _check_layout(site, qt, kt, vt)
+            if site.pre_emit is None:
+                qt, kt, vt = tensor_meta(site.q), tensor_meta(site.k), tensor_meta(site.v)
+                rep.q_shape, rep.kv_shape = _shape_str(qt), _shape_str(kt)
+                _check_layout(site, qt, kt, vt)
+                Lq, T = sym(qt.shape[2]), sym(kt.shape[2])
+            else:
+                xt, H, Dh = site.mha_shapes
+                rep.q_shape = rep.kv_shape = (str(xt.shape[1]), str(H), str(xt.shape[0]), str(Dh))
+                Lq = T = sym(xt.shape[0])
             rep.kv_groups = site.group
-            Lq, T = sym(qt.shape[2]), sym(kt.shape[2])
             if site.causal_flag:
                 proof = CausalProof(True, "", sympy.Integer(0), ())
             else:
@@ -746,6 +836,12 @@ def _rewrite(gm, graph, config, ev, meta_key, dry_run, t0) -> RewriteReport:
             if not dry_run:
                 new = _emit(graph, site, proof, qpos_offset, config, meta_key)
                 site.out.replace_all_uses_with(new)
+                if c.op == "mha":  # the original call and its [0] are dead now
+                    for u in list(node.users):
+                        if not u.users:
+                            graph.erase_node(u)
+                    if not node.users:
+                        graph.erase_node(node)
                 changed = True
             rep.rewritten = not dry_run
             rep.reason = "" if not dry_run else "dry run"

@@ -350,3 +350,36 @@ def test_backend_rejects_unknown_option():
     c = torch.compile(Fn(sdpa_causal), backend="superlinear", options={"windw": 3})
     with pytest.raises(Exception, match="windw"):
         c(*qkv())
+
+
+# ---------------------------------------------------------------------------------------------
+# nn.MultiheadAttention
+# ---------------------------------------------------------------------------------------------
+
+class MHA(torch.nn.Module):
+    def __init__(self, need_weights, is_causal, bool_mask=False, cross=False):
+        super().__init__()
+        self.mha = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+        self.nw, self.causal, self.bm, self.cross = need_weights, is_causal, bool_mask, cross
+
+    def forward(self, x):
+        n = x.shape[1]
+        if self.bm:
+            mask = torch.ones(n, n, dtype=torch.bool).triu(1)  # True = not allowed
+        else:
+            mask = torch.nn.Transformer.generate_square_subsequent_mask(n)
+        kv = x * 2.0 if self.cross else x
+        return self.mha(x, kv, kv, attn_mask=mask, is_causal=self.causal, need_weights=self.nw)[0]
+
+
+@pytest.mark.parametrize("nw,causal,bm", [(False, True, False), (True, False, False), (True, False, True)],
+                         ids=["is_causal", "float_mask_weights_unused", "bool_mask"])
+def test_multihead_attention(nw, causal, bm):
+    m = MHA(nw, causal, bm).eval()
+    rep = assert_rewrite_equivalent(m, (torch.randn(2, 10, 32),), expected=1, compiler="eager")
+    assert rep.sites[0].form == "mha" and rep.sites[0].module_path == "mha"
+
+
+def test_multihead_cross_attention_left_alone():
+    rep = slcompile.explain(MHA(False, False, cross=True).eval(), torch.randn(2, 10, 32))
+    assert rep.found == 1 and rep.rewritten == 0 and "cross" in rep.sites[0].reason
