@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 COMBINE_MODES = ("union", "gated")
-SEARCH_KEYS = ("anchor", "mean")
+SEARCH_KEYS = ("anchor", "mean", "block")
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -47,7 +47,10 @@ class SuperlinearConfig:
         forward_factor: ff; span reach after its anchor (never into the window).
         combine: "union" (one softmax over spans, window and sinks) or "gated" (per-span
             softmax, mixed by a softmax over the spans' search scores).
-        search_key: "anchor" (the anchor's key) or "mean" (mean key over the anchor's span).
+        search_key: "anchor" (the anchor's key), "mean" (mean key over the anchor's span) or
+            "block" (training-free routing: anchors placed on the 32-key blocks with the highest
+            Quest bound max_k q.k <= sum_d max(q_d*kmin_d, q_d*kmax_d), found coarse-to-fine in
+            O(sqrt(t)) per query; see docs/routing.md).
         dense_below: if the number of keys T <= dense_below, exact dense causal attention.
         scale: softmax scale; None means 1/sqrt(head_dim) (or the scale of the matched graph).
     """

