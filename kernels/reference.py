@@ -25,7 +25,7 @@ import torch
 
 from .geometry import num_stripes, span_extents, stripe_deltas
 
-# Elements of the largest gathered tensor per chunk ([Hq, chunk, budget, D]).
+# Elements of the largest gathered tensor per chunk of span-search ([Hq, chunk, stripes, D]).
 _CHUNK_ELEMS = 1 << 25
 
 
@@ -373,6 +373,106 @@ def dense_attention(q, k, v, key_padding_mask, query_positions, scale) -> torch.
     return out
 
 
+def _segment_partials(q2, k2, v2, seg_q, seg_h, lo, hi, valid_fn, scale, maxlen, T, bucket=64):
+    """Softmax partials of contiguous key segments, computed by grouping segments by key footprint.
+
+    A segment is (query row seg_q of q2, kv head seg_h, keys [lo, hi], further masked by
+    valid_fn(seg_index [n], positions [n, w]) -> bool [n, w]). Segments are bucketed by lo // bucket;
+    all segments of a bucket share one contiguous key window [j*bucket, j*bucket + bucket + maxlen),
+    so their logits come from one GEMM against a strided view of K (no gathered copy of K or V),
+    which is what makes this reference fast on a CPU. Returns, per segment, the running max m,
+    the sum of exponentials l and the unnormalised output o (all float32; m = -inf, l = 0, o = 0
+    for a segment with no valid key).
+
+    q2 [Nq, D]; k2 [H, T, D], v2 [H, T, Dv] (float32); seg_* int64 [N]."""
+    N = seg_q.shape[0]
+    H, _, D = k2.shape
+    Dv = v2.shape[-1]
+    dev = q2.device
+    m_out = torch.full((N,), float("-inf"), device=dev)
+    l_out = torch.zeros(N, device=dev)
+    o_out = torch.zeros(N, Dv, device=dev)
+    if N == 0:
+        return m_out, l_out, o_out
+    nbk = -(-T // bucket)
+    width = bucket + maxlen
+    R = nbk * bucket + maxlen  # padded rows per head: every window lies inside its own head
+    kp = torch.zeros(H * R, D, device=dev)
+    vp = torch.zeros(H * R, Dv, device=dev)
+    kp.view(H, R, D)[:, :T] = k2
+    vp.view(H, R, Dv)[:, :T] = v2
+    # windows starting at every row (overlapping strided views; nothing is copied here)
+    kwin = kp.as_strided((H * R - width + 1, width, D), (D, D, 1))
+    vwin = vp.as_strided((H * R - width + 1, width, Dv), (Dv, Dv, 1))
+    key = seg_h * nbk + torch.div(lo, bucket, rounding_mode="floor")
+    order = torch.argsort(key, stable=True)
+    key_s = key[order]
+    counts = torch.bincount(key_s, minlength=H * nbk)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(N, device=dev) - starts[key_s]
+    # split crowded buckets (spans clamped at the sinks pile up in bucket 0) into virtual buckets
+    # of at most `cap` segments, so that padding stays small
+    nonempty = int((counts > 0).sum().item())
+    cap = max(16, -(-N // max(1, nonempty)))
+    nv = -(-counts // cap)
+    vstart = torch.cumsum(nv, 0) - nv
+    vb = vstart[key_s] + torch.div(rank, cap, rounding_mode="floor")  # virtual bucket per segment
+    row = rank % cap
+    NV = int(nv.sum().item())
+    vkey = torch.zeros(NV, dtype=torch.int64, device=dev)
+    vkey[vb] = key_s
+    vh = torch.div(vkey, nbk, rounding_mode="floor")
+    vbase = (vkey - vh * nbk) * bucket  # first key position of each virtual bucket's window
+    vrow0 = vh * R + vbase  # its first row in kp / vp
+    woff = torch.arange(width, device=dev)
+    per_chunk = max(1, (1 << 23) // (cap * width))
+    # segments sorted by virtual bucket are contiguous: chunk over virtual buckets
+    vcounts = torch.bincount(vb, minlength=NV)
+    vend = torch.cumsum(vcounts, 0)
+    for v0 in range(0, NV, per_chunk):
+        v1 = min(NV, v0 + per_chunk)
+        s0 = int(vend[v0 - 1].item()) if v0 > 0 else 0
+        s1 = int(vend[v1 - 1].item())
+        idx = order[s0:s1]  # segments in these virtual buckets
+        bj = vb[s0:s1] - v0
+        rk = row[s0:s1]
+        nb = v1 - v0
+        qb = torch.zeros(nb, cap, D, device=dev)
+        qb[bj, rk] = q2[seg_q[idx]]
+        kw = kwin[vrow0[v0:v1]]  # [nb, width, D] (copy of nb windows)
+        vw = vwin[vrow0[v0:v1]]
+        logits = torch.bmm(qb, kw.transpose(1, 2)).mul_(scale)  # [nb, cap, width]
+        pos_seg = vbase[v0:v1][bj][:, None] + woff[None, :]  # [n, width]
+        ok = (pos_seg >= lo[idx, None]) & (pos_seg <= hi[idx, None]) & valid_fn(idx, pos_seg)
+        okb = torch.zeros(nb, cap, width, dtype=torch.bool, device=dev)
+        okb[bj, rk] = ok
+        logits.masked_fill_(~okb, float("-inf"))
+        m = logits.amax(-1)  # [nb, cap]
+        m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+        logits.sub_(m_safe[..., None]).exp_()
+        o = torch.bmm(logits, vw)  # [nb, cap, Dv]
+        m_out[idx] = m[bj, rk]
+        l_out[idx] = logits.sum(-1)[bj, rk]
+        o_out[idx] = o[bj, rk]
+    return m_out, l_out, o_out
+
+
+def _merge(parts):
+    """Merge softmax partials [(m, l, o)] over disjoint key sets -> normalised output (zeros where
+    no key is valid)."""
+    m = parts[0][0]
+    for pm, _, _ in parts[1:]:
+        m = torch.maximum(m, pm)
+    m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    l_tot = 0.0
+    o_tot = 0.0
+    for pm, pl, po in parts:
+        w = torch.exp(pm - m_safe)  # 0 for an empty part (m = -inf)
+        l_tot = l_tot + pl * w
+        o_tot = o_tot + po * w[..., None]
+    return o_tot / torch.where(l_tot > 0, l_tot, torch.ones_like(l_tot))[..., None]
+
+
 def span_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -390,6 +490,10 @@ def span_attention(
     scale: float,
     dense_below: int,
 ) -> torch.Tensor:
+    """Step 2 of SPEC.md. Every query attends three kinds of disjoint segments: the sinks
+    [0, min(S, t+1)), the window [max(S, t-W+1), t] and its kept spans [lo_j, hi_j] minus the sinks
+    (union mode: also minus earlier kept spans, so a position counts once). Each segment's softmax
+    partial is computed separately (see _segment_partials) and the partials are merged exactly."""
     B, Hq, Lq, D = q.shape
     Hkv, T, Dv = k.shape[1], k.shape[2], v.shape[3]
     dev = q.device
@@ -399,85 +503,88 @@ def span_attention(
     W = min(window, T)
     S = min(sinks, T)
     kk = anchors.shape[-1]
-    back, fwd = span_extents(T, span_power, backward_factor, forward_factor, dev)
-    maxlen_all = int((back + fwd).max().item()) + 1 if T > 0 else 1
     g = Hq // Hkv
-    kvh = _kv_index(Hq, Hkv, dev)
-    nF = max(1, S + W)  # at least one (then invalid) slot keeps reductions well-defined
-    fixed_off = torch.arange(nF, device=dev)
+    back, fwd = span_extents(T, span_power, backward_factor, forward_factor, dev)
     out = torch.empty(B, Hq, Lq, Dv, dtype=q.dtype, device=dev)
-    chunk = _chunk_size(Hq * (nF + kk * maxlen_all) * max(D, Dv))
     ninf = float("-inf")
-
     for b in range(B):
-        kb, vb = k[b], v[b]
+        q2 = q[b].float().reshape(Hq * Lq, D)  # row = h * Lq + i
+        k2, v2 = k[b].float(), v[b].float()
         kpm = key_padding_mask[b] if key_padding_mask is not None else None
-        for s in range(0, Lq, chunk):
-            t = pos[b, s:s + chunk]  # [c]
-            c = t.shape[0]
-            qc = q[b, :, s:s + chunk].float()  # [Hq, c, D]
-            # ---- fixed part: sinks [0, S) and window [t-W+1, t], deduplicated ----------
-            is_sink = fixed_off[None, :] < S
-            fpos = torch.where(is_sink, fixed_off[None, :].expand(c, -1),
-                               t[:, None] - W + 1 + (fixed_off[None, :] - S))  # [c, nF]
-            fval = torch.where(is_sink, fpos <= t[:, None], fpos >= S) & (fixed_off[None, :] < S + W)
-            fpos = fpos.clamp(0, T - 1)
+        t = pos[b]  # [Lq]
+        rows = torch.arange(Hq * Lq, device=dev)
+        t_row = t.repeat(Hq)
+        h_row = torch.div(rows, Lq, rounding_mode="floor") // g  # kv head of each row
+
+        def present(idx, p, _kpm=kpm):
+            return _kpm[p.clamp(max=T - 1)] if _kpm is not None else torch.ones_like(p, dtype=torch.bool)
+
+        # sinks: tiny, dense
+        if S > 0:
+            ls = torch.einsum("hgld,hsd->hgls", q[b].float().view(Hkv, g, Lq, D), k2[:, :S]) * scale
+            ok = torch.arange(S, device=dev)[None, :] <= t[:, None]  # [Lq, S]
             if kpm is not None:
-                fval &= kpm[fpos]
-            kf = _rows(kb, fpos).float()  # [Hkv, c, nF, D]
-            vf = _rows(vb, fpos).float()  # [Hkv, c, nF, Dv]
-            q4 = qc.view(Hkv, g, c, D).transpose(1, 2)  # [Hkv, c, g, D]
-            lf = torch.matmul(q4, kf.transpose(-1, -2)) * scale  # [Hkv, c, g, nF]
-            lf = lf.masked_fill(~fval[None, :, None, :], ninf)
-            # ---- spans ---------------------------------------------------------------
-            a = anchors[b, :, s:s + chunk].long()  # [Hq, c, kk]
-            aval = a >= 0
-            a_c = a.clamp(min=0)
-            lo = (a_c - back[t][None, :, None]).clamp(min=0)
-            hi = torch.minimum(a_c + fwd[t][None, :, None], t[None, :, None] - W)
-            span_len = torch.where(aval, (hi - lo + 1).clamp(min=0), torch.zeros_like(lo))
-            maxlen = max(1, int(span_len.max().item()))
-            off = torch.arange(maxlen, device=dev)
-            sp = lo[..., None] + off  # [Hq, c, kk, maxlen]
-            sval = (off < span_len[..., None]) & (sp >= S)  # sinks count once, in the fixed part
-            sp = sp.clamp(0, T - 1)
-            if kpm is not None:
-                sval &= kpm[sp]
-            if combine == "union":
-                for j in range(1, kk):  # a position counts once: drop it from later spans
-                    for jj in range(j):
-                        inside = (sp[:, :, j] >= lo[:, :, jj, None]) & (sp[:, :, j] <= hi[:, :, jj, None])
-                        sval[:, :, j] &= ~(inside & aval[:, :, jj, None])
-            ks = _rows(kb, sp, kvh).float().view(Hq * c, kk * maxlen, D)
-            vs = _rows(vb, sp, kvh).float().view(Hq * c, kk * maxlen, Dv)
-            ls = torch.bmm(qc.reshape(Hq * c, 1, D), ks.transpose(1, 2)).view(Hq, c, kk, maxlen)
-            ls = (ls * scale).masked_fill(~sval, ninf)
-            lf = lf.permute(0, 2, 1, 3).reshape(Hq, c, nF)
-            vfh = vf[:, :, None].expand(Hkv, c, g, nF, Dv).transpose(1, 2).reshape(Hq * c, nF, Dv)
-            if combine == "union":
-                logits = torch.cat([lf, ls.reshape(Hq, c, -1)], dim=-1)
-                p = torch.softmax(logits, dim=-1).nan_to_num(0.0).view(Hq * c, 1, -1)
-                o = torch.bmm(p[..., :nF], vfh) + torch.bmm(p[..., nF:], vs)
-                o = o.view(Hq, c, Dv)
-            else:
-                # per span j: softmax over span_j ∪ window ∪ sinks, mixed by softmax(scores)
-                m = torch.maximum(lf.amax(-1)[..., None], ls.amax(-1))  # [Hq, c, kk]
-                m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-                ef = torch.exp(lf[:, :, None, :] - m[..., None])  # [Hq, c, kk, nF]
-                es = torch.exp(ls - m[..., None])  # [Hq, c, kk, maxlen]
-                z = ef.sum(-1) + es.sum(-1)
-                num = torch.bmm(ef.reshape(Hq * c, kk, nF), vfh).view(Hq, c, kk, Dv)
-                num = num + torch.matmul(es.reshape(Hq * c, kk, 1, maxlen),
-                                         vs.view(Hq * c, kk, maxlen, Dv)).view(Hq, c, kk, Dv)
-                oj = num / torch.where(z > 0, z, torch.ones_like(z))[..., None]  # [Hq, c, kk, Dv]
-                sc = scores[b, :, s:s + chunk].float().masked_fill(~aval, ninf)
-                gate = torch.softmax(sc, dim=-1).nan_to_num(0.0)  # [Hq, c, kk]
-                o = (gate[..., None] * oj).sum(-2)
-                # no kept span: attention over window ∪ sinks alone
-                pf = torch.softmax(lf, dim=-1).nan_to_num(0.0).view(Hq * c, 1, nF)
-                o_fixed = torch.bmm(pf, vfh).view(Hq, c, Dv)
-                o = torch.where(aval.any(-1)[..., None], o, o_fixed)
-            out[b, :, s:s + chunk] = o.to(q.dtype)
+                ok = ok & kpm[:S][None, :]
+            ls = ls.masked_fill(~ok, ninf).reshape(Hq * Lq, S)
+            ms = ls.amax(-1)
+            ms_safe = torch.where(torch.isinf(ms), torch.zeros_like(ms), ms)
+            es = torch.exp(ls - ms_safe[:, None])
+            os_ = torch.einsum("hgls,hsd->hgld", es.view(Hkv, g, Lq, S), v2[:, :S]).reshape(Hq * Lq, Dv)
+            sink_part = (ms, es.sum(-1), os_)
+        else:
+            sink_part = (torch.full((Hq * Lq,), ninf, device=dev), torch.zeros(Hq * Lq, device=dev),
+                         torch.zeros(Hq * Lq, Dv, device=dev))
+        # window
+        if W > 0:
+            wlo = torch.clamp(t_row - W + 1, min=S)
+            win_part = _segment_partials(q2, k2, v2, rows, h_row, wlo, t_row, present, scale, W, T)
+        else:
+            win_part = sink_part[0].new_full(sink_part[0].shape, ninf), sink_part[1] * 0, sink_part[2] * 0
+        # spans
+        a = anchors[b].long().reshape(Hq * Lq, kk)
+        aval = a >= 0
+        a_c = a.clamp(min=0)
+        lo = torch.clamp(a_c - back[t_row][:, None], min=S)  # sinks are counted in the sink part
+        hi = torch.minimum(a_c + fwd[t_row][:, None], t_row[:, None] - W)
+        hi = torch.where(aval, hi, lo - 1)  # an empty slot is an empty segment
+        span_len = (hi - lo + 1).clamp(min=0)
+        maxlen = max(1, int(span_len.max().item()))
+        seg_row = rows[:, None].expand(-1, kk).reshape(-1)
+        seg_j = torch.arange(kk, device=dev).repeat(Hq * Lq)
+        lo_f, hi_f = lo.reshape(-1), hi.reshape(-1)
+        live = span_len.reshape(-1) > 0
+        if combine == "union":
+            def span_valid(idx, p, _lo=lo, _hi=hi, _kpm=kpm):
+                ok = present(idx, p)
+                r, j = seg_row[idx], seg_j[idx]
+                for jj in range(kk - 1):  # drop positions already in an earlier kept span
+                    earlier = (jj < j)[:, None]
+                    inside = (p >= _lo[r, jj][:, None]) & (p <= _hi[r, jj][:, None])
+                    ok = ok & ~(earlier & inside)
+                return ok
+        else:
+            span_valid = present
+        sel = torch.nonzero(live).flatten()
+        m_sp = torch.full((Hq * Lq * kk,), ninf, device=dev)
+        l_sp = torch.zeros(Hq * Lq * kk, device=dev)
+        o_sp = torch.zeros(Hq * Lq * kk, Dv, device=dev)
+        pm, pl, po = _segment_partials(q2, k2, v2, seg_row[sel], h_row[seg_row[sel]], lo_f[sel],
+                                       hi_f[sel], lambda idx, p: span_valid(sel[idx], p), scale,
+                                       maxlen, T)
+        m_sp[sel], l_sp[sel], o_sp[sel] = pm, pl, po
+        m_sp, l_sp, o_sp = m_sp.view(-1, kk), l_sp.view(-1, kk), o_sp.view(-1, kk, Dv)
+        if combine == "union":
+            parts = [sink_part, win_part] + [(m_sp[:, j], l_sp[:, j], o_sp[:, j]) for j in range(kk)]
+            o = _merge(parts)
+        else:
+            oj = torch.stack([_merge([sink_part, win_part, (m_sp[:, j], l_sp[:, j], o_sp[:, j])])
+                              for j in range(kk)], dim=1)  # [rows, kk, Dv]
+            sc = scores[b].float().reshape(-1, kk).masked_fill(~aval, ninf)
+            gate = torch.softmax(sc, dim=-1).nan_to_num(0.0)
+            o = (gate[..., None] * oj).sum(1)
+            # no kept span: attention over window ∪ sinks alone
+            o = torch.where(aval.any(-1)[:, None], o, _merge([sink_part, win_part]))
+        out[b] = o.view(Hq, Lq, Dv).to(q.dtype)
     return out
 
 
