@@ -103,12 +103,12 @@ def make_inputs(case, gen):
     return q, k, v, kpm, pos
 
 
-def check_search(R, geo, TS, case, q, k, kpm, pos, log):
+def check_search(R, geo, TS, case, q, k, kpm, pos, log, **skw):
     cfg = case["cfg"]
     B, Hq, Lq, D = q.shape
     Hkv, T = k.shape[1], k.shape[2]
     poison()
-    a, s = TS.span_search(q, k, kpm, pos, *sargs(cfg))
+    a, s = TS.span_search(q, k, kpm, pos, *sargs(cfg), **skw)
     torch.cuda.synchronize()
     ra, rs = R.span_search(q, k, kpm, pos, *sargs(cfg))
     probs = []
@@ -172,7 +172,7 @@ def check_search(R, geo, TS, case, q, k, kpm, pos, log):
     agree = ((a == ra) | ~ok).float().mean().item()
     if agree < 0.95:
         probs.append(f"anchors agree with the reference on only {agree:.3f}")
-    log(f"  search: score err {serr:.1e}, recomputed err {rerr:.1e}, anchor agreement {agree:.4f}")
+    log(f"  search{skw or ''}: score err {serr:.1e}, recomputed err {rerr:.1e}, anchor agreement {agree:.4f}")
     return probs, ra, rs
 
 
@@ -244,6 +244,8 @@ def main():
     ap.add_argument("--oracle", default=None)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip", default="", help="comma-separated case names to skip")
+    ap.add_argument("--only", default="", help="comma-separated case names to run")
+    ap.add_argument("--no-tile", action="store_true", help="check only the default attention path")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     logf = open(os.path.join(args.out, "gpu_check.log"), "w")
@@ -262,13 +264,13 @@ def main():
     from slcompile.kernels import triton_impl as TI  # noqa
     log(f"torch {torch.__version__}, triton {importlib.import_module('triton').__version__}, "
         f"{torch.cuda.get_device_name()}, oracle {R.__file__}")
-    impls = getattr(TA, "IMPLS", [None])
+    impls = getattr(TA, "IMPLS", [None])[:1] if args.no_tile else getattr(TA, "IMPLS", [None])
     results = []
     gen = torch.Generator(device="cuda")
     gen.manual_seed(int(time.time()) & 0xFFFF)
     skip = set(x for x in args.skip.split(",") if x)
     for case in cases(args.quick):
-        if case["name"] in skip:
+        if case["name"] in skip or (args.only and case["name"] not in args.only.split(",")):
             continue
         t0 = time.time()
         log(f"[{case['name']}] B={case['B']} Hq={case['Hq']} Hkv={case['Hkv']} Lq={case['Lq']} "
@@ -278,6 +280,9 @@ def main():
         try:
             q, k, v, kpm, pos = make_inputs(case, gen)
             probs, ra, rs = check_search(R, geo, TS, case, q, k, kpm, pos, log)
+            if case["dtype"] != torch.float32 and case["cfg"]["search_key"] == "anchor":
+                p2, _, _ = check_search(R, geo, TS, case, q, k, kpm, pos, log, use_dot=True)
+                probs += [f"use_dot: {x}" for x in p2]
             if not (ra >= 0).any():
                 probs.append("no anchors at all: the case tests nothing")
             for impl in impls:

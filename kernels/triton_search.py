@@ -17,6 +17,8 @@ CUDA graph.
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 import torch
@@ -145,6 +147,124 @@ def _span_search_kernel(
         tl.store(S_OUT + obase + j * sak, best_s, mask=omask)
 
 
+@triton.jit
+def _span_search_dot_kernel(
+    QS, K, KPM, POS, DELTAS, I0, A_OUT, S_OUT,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    skpb, skpn,
+    spb, spm,
+    sab, sah, sam, sak,
+    Hkv, G, Lq, T, NSTR,
+    D: tl.constexpr, HAS_KPM: tl.constexpr, HAS_POS: tl.constexpr, DOT_F32: tl.constexpr,
+    TOPK: tl.constexpr, KP: tl.constexpr, GP: tl.constexpr, NS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Anchor-key search on the tensor cores (bf16/fp16: exact products, fp32 sums, like the
+    reference). Rows r = (head h, query m) of one kv head; per stripe, S = Q[rows] . K[anchors]^T
+    is a [GP*BLOCK_M, BLOCK_M] product whose entries (r, m(r)) are the scores; the other
+    entries are wasted work (BLOCK_M x the FLOPs) traded for matrix-unit throughput."""
+    pid = tl.program_id(0)
+    nqb = tl.cdiv(Lq, BLOCK_M)
+    nbk = tl.num_programs(0) // nqb
+    bk = pid % nbk
+    qb = nqb - 1 - pid // nbk
+    b = (bk // Hkv).to(tl.int64)
+    kvh = (bk % Hkv).to(tl.int64)
+
+    r = tl.arange(0, GP * BLOCK_M)
+    hl = r // BLOCK_M
+    mr = r % BLOCK_M
+    qrow = qb * BLOCK_M + mr
+    rmask = (hl < G) & (qrow < Lq)
+    h64 = kvh * G + hl.to(tl.int64)
+    if HAS_POS:
+        t = tl.load(POS + b * spb + qrow.to(tl.int64) * spm, mask=rmask, other=0).to(tl.int32)
+    else:
+        t = T - Lq + qrow
+    t = tl.where(rmask, t, 0)
+    # the key side: one row per query of the block
+    mk = tl.arange(0, BLOCK_M)
+    kq = qb * BLOCK_M + mk
+    kmask = kq < Lq
+    if HAS_POS:
+        tk = tl.load(POS + b * spb + kq.to(tl.int64) * spm, mask=kmask, other=0).to(tl.int32)
+    else:
+        tk = T - Lq + kq
+    tk = tl.where(kmask, tk, 0)
+    offd = tl.arange(0, BLOCK_D)
+    dmask = offd < D
+    q = tl.load(QS + b * sqb + h64[:, None] * sqh + qrow.to(tl.int64)[:, None] * sqm
+                + offd[None, :] * sqd, mask=rmask[:, None] & dmask[None, :], other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+    kbase = K + b * skb + kvh * skh
+    diag = mr[:, None] == mk[None, :]
+
+    cols = tl.arange(0, KP)
+    ts = tl.where(cols[None, :] < TOPK, float("-inf"), float("inf")) + tl.zeros([GP * BLOCK_M, KP], tl.float32)
+    ta = tl.full([GP * BLOCK_M, KP], -1, tl.int32)
+    tmax = tl.max(tl.where(kmask, tk, -1), axis=0)
+    i = tl.load(I0).to(tl.int32)
+    dlt = tl.load(DELTAS + i, mask=i < NSTR, other=_BIG).to(tl.int32)
+    while dlt <= tmax:
+        for st in tl.static_range(NS):
+            ds = tl.load(DELTAS + i + st, mask=i + st < NSTR, other=_BIG).to(tl.int32)
+            ak = tk - ds
+            okk = kmask & (ak >= 0)
+            akc = tl.where(okk, ak, 0)
+            key = tl.load(kbase + akc.to(tl.int64)[:, None] * skn + offd[None, :] * skd,
+                          mask=okk[:, None] & dmask[None, :], other=0.0)
+            if DOT_F32:
+                sfull = tl.dot(q, tl.trans(key.to(tl.float32)), input_precision="ieee")
+            else:
+                sfull = tl.dot(q, tl.trans(key))
+            s = tl.sum(tl.where(diag, sfull, 0.0), axis=1)  # one score per row
+            a = t - ds
+            ok = rmask & (a >= 0)
+            if HAS_KPM:
+                kp = tl.load(KPM + b * skpb + tl.where(ok, a, 0).to(tl.int64) * skpn, mask=ok,
+                             other=0)
+                ok = ok & (kp != 0)
+            s = tl.where(ok, s, float("-inf"))
+            wmin = tl.min(ts, axis=1)
+            is_min = ts == wmin[:, None]
+            amin = tl.min(tl.where(is_min, ta, 2147483647), axis=1)
+            cand = is_min & (ta == amin[:, None])
+            wcol = tl.min(tl.where(cand, cols[None, :], KP), axis=1)
+            repl = (cols[None, :] == wcol[:, None]) & (s > wmin)[:, None]
+            ts = tl.where(repl, s[:, None], ts)
+            ta = tl.where(repl, a[:, None], ta)
+        i += NS
+        dlt = tl.load(DELTAS + i, mask=i < NSTR, other=_BIG).to(tl.int32)
+
+    obase = b * sab + h64 * sah + qrow.to(tl.int64) * sam
+    taken = cols[None, :] >= TOPK
+    for j in tl.static_range(TOPK):
+        sv = tl.where(taken, float("-inf"), ts)
+        smax = tl.max(sv, axis=1)
+        is_max = (sv == smax[:, None]) & (~taken)
+        amax = tl.max(tl.where(is_max, ta, -2147483647), axis=1)
+        cand = is_max & (ta == amax[:, None])
+        pcol = tl.min(tl.where(cand, cols[None, :], KP), axis=1)
+        pick = cols[None, :] == pcol[:, None]
+        taken = taken | pick
+        best_s = tl.sum(tl.where(pick, ts, 0.0), axis=1)
+        best_a = tl.sum(tl.where(pick, ta, 0), axis=1)
+        is_inf = (best_s == float("-inf")) | (best_s == float("inf"))
+        best_a = tl.where(is_inf, -1, best_a)
+        best_s = tl.where(pcol < KP, best_s, float("-inf"))
+        tl.store(A_OUT + obase + j * sak, best_a.to(tl.int32), mask=rmask)
+        tl.store(S_OUT + obase + j * sak, best_s, mask=rmask)
+
+
+DOT_SEARCH_DEFAULT = False  # set from the H200 measurement (benchmarks/RESULTS.md)
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
@@ -152,7 +272,7 @@ def _next_pow2(x: int) -> int:
 def span_search(qs, k, key_padding_mask, query_positions, window, topk, search_power,
                 span_power, backward_factor, forward_factor, search_key, dense_below,
                 block_m: int = 16, num_warps: int = 4, stripes_per_iter: int = 4,
-                q_f32: bool = True):
+                q_f32: bool = True, use_dot=None):
     """Same contract as ``reference.span_search``."""
     B, Hq, Lq, D = qs.shape
     Hkv, T = k.shape[1], k.shape[2]
@@ -192,9 +312,28 @@ def span_search(qs, k, key_padding_mask, query_positions, window, topk, search_p
     kpm = key_padding_mask.to(torch.uint8) if key_padding_mask is not None else None
     pos = query_positions.long() if query_positions is not None else None
     dummy = deltas
-    BLOCK_D = max(16, _next_pow2(D))
     G = Hq // Hkv
     GP = _next_pow2(G)
+    if use_dot is None:  # tensor cores for narrow dtypes; fp32 stays exact on the FMA path
+        use_dot = DOT_SEARCH_DEFAULT
+    if use_dot and not mean and qs.dtype in (torch.bfloat16, torch.float16) and \
+            qs.dtype == k.dtype and GP <= 8:
+        BMd = 16
+        grid = (triton.cdiv(Lq, BMd) * B * Hkv,)
+        _span_search_dot_kernel[grid](
+            qs, k, kpm if kpm is not None else dummy, pos if pos is not None else dummy,
+            deltas, i0, anchors, scores,
+            *qs.stride(), *k.stride(),
+            *(kpm.stride() if kpm is not None else (0, 0)),
+            *(pos.stride() if pos is not None else (0, 0)),
+            *anchors.stride(),
+            Hkv, G, Lq, T, n,
+            D=D, HAS_KPM=kpm is not None, HAS_POS=pos is not None,
+            DOT_F32=_interpreted() and qs.dtype == torch.bfloat16,
+            TOPK=topk, KP=max(2, _next_pow2(topk)), GP=GP, NS=stripes_per_iter,
+            BLOCK_M=BMd, BLOCK_D=max(16, _next_pow2(D)), num_warps=num_warps,
+        )
+        return anchors, scores
     BM = max(1, min(block_m, _next_pow2(Lq), max(1, 64 // GP)))
     BLOCK_D = max(16, _next_pow2(D))
     if GP * BM * BLOCK_D > 8192:

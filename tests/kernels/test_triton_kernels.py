@@ -349,3 +349,16 @@ def test_search_options_give_identical_results():
     a2, s2 = TS.span_search(q, k, *args, q_f32=False, stripes_per_iter=2, block_m=8)
     assert torch.equal(a1, a2) and torch.equal(s1, s2)
     assert (a1 >= 0).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_search_on_tensor_cores_matches_reference(dtype):
+    """use_dot=True (bf16/fp16 anchor key): scores from a matrix product's diagonal."""
+    gen = torch.Generator().manual_seed(8)
+    qs, k, _ = _inputs(gen, 1, 6, 2, 60, 100, 32, dtype=dtype)
+    kpm = (torch.rand(1, 100, generator=gen) > 0.2).to(DEV)
+    qpos = torch.randperm(100, generator=gen)[:60][None].to(DEV)
+    cfg = {**DEFAULT, "window": 8}
+    _poison_allocator()
+    a, s = TS.span_search(qs, k, kpm, qpos, *_search_args(cfg), use_dot=True)
+    _check_search(qs, k, kpm, qpos, cfg, a, s)
