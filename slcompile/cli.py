@@ -963,4 +963,4 @@ def _export_function(fmt: str):
 
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="slcompile")

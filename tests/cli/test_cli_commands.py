@@ -54,8 +54,8 @@ def test_convert_archive_then_load_it_back(tiny_files, workdir, monkeypatch):
     model = tiny_files["model"]
     from slcompile.passes import rewrite_graph
 
-    original = torch.export.load(tiny_files["dir"] / "tiny.pt2").module()
-    rewritten = torch.export.load(tiny_files["dir"] / "tiny.pt2").module()
+    source = torch.export.load(tiny_files["dir"] / "tiny.pt2")
+    original, rewritten = source.module(), source.module()  # two independent copies
     rewrite_graph(rewritten, config)
     for L, seed in ((40, 1), (72, 2)):  # the sample length and another: the length stays dynamic
         ids = _ids(L, seed)
