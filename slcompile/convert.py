@@ -916,6 +916,10 @@ def convert_file(input_path: str, output_path: str, config=None, *, trust_pickle
     gm, report = rewrite_module(prep, config)
     rep = report_to_dict(report)
     seconds["rewrite"] = time.perf_counter() - t
+    already = len(superlinear_nodes(prep.program.graph))
+    if rep["rewritten"] == 0 and already and not allow_unchanged:
+        raise NothingRewrittenError(f"{input_path} is already converted ({already} superlinear "
+                                    f"attention site(s)) and has no dense attention left to rewrite")
     if rep["rewritten"] == 0 and not allow_unchanged:
         reasons = sorted({s.get("reason") or "?" for s in rep["sites"]})
         detail = f"{rep['found']} site(s) found" + (f", skipped: {'; '.join(reasons)}" if reasons else "")

@@ -97,3 +97,22 @@ def test_config_errors_are_the_configs():
         cv.build_config({"window": -1})
     exact = cv.exact_config(cv.build_config({"combine": "gated", "window": 8}))
     assert exact.combine == "gated" and exact.dense_below == 0 and exact.window >= 2**40
+
+
+def test_bench_a_model_in_process(tiny_files):
+    """`slcompile bench MODEL` (in process through click's runner: the subprocess tests above
+    cover the command-line plumbing; this covers the model-timing path)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from slcompile.cli import main
+
+    res = CliRunner().invoke(main, ["bench", str(tiny_files["dir"] / "tiny.pt"), "--trust-pickle",
+                                    "--lengths", "16,40", "--repeat", "1", "--warmup", "0",
+                                    "--window", "4", "--topk", "1", "--sinks", "1", "--json", "-q"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    assert [r["seq_len"] for r in d["rows"]] == [16, 40]
+    assert all(r["dense_ms"] > 0 and r["superlinear_ms"] > 0 for r in d["rows"])
+    assert d["rows"][1]["max_abs_err"] > 1e-3  # L=40 >> window 4: the rewritten model differs
