@@ -578,7 +578,10 @@ def inspect(model, trust_pickle, imports, seq_len, batch, vocab, inputs_file, js
     if already:
         out.print(_table(f"Already superlinear: {len(already)} site(s)", ["node", "source"],
                          [[a["name"], a["source"] or "-"] for a in already]))
-    out.print(_sites_table(rep))
+    if rep["found"]:
+        out.print(_sites_table(rep))
+    else:
+        out.print("no dense attention site found" + (" (nothing left to rewrite)" if already else ""))
 
 
 def _node_source(node) -> Optional[str]:
