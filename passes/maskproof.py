@@ -787,7 +787,7 @@ def prove_causal(atoms, Lq, T, logits_ndim: int, box: Optional[Tuple[int, int]] 
     lins = sorted({at for at in atoms if at[0] == "lin"}, key=str)
     opqs = [at for at in atoms if at[0] == "opq"]
     Lq_i, T_i = static_int(Lq), static_int(T)
-    kept = []
+    kept, redundant = [], []
     for at in lins:
         coef = dict(at[1])
         if any(d not in (-1, -2) for d in coef):
@@ -796,7 +796,8 @@ def prove_causal(atoms, Lq, T, logits_ndim: int, box: Optional[Tuple[int, int]] 
             ci, cj = coef.get(-2, 0), coef.get(-1, 0)
             mx = max(0, ci * (Lq_i - 1)) + max(0, cj * (T_i - 1)) + int(at[2])
             if mx <= 0:
-                continue  # always true for these shapes
+                redundant.append(at)  # always true for these shapes (e.g. a decode step)
+                continue
         kept.append(at)
     for at in opqs:
         if at[3] == "unknown":
@@ -807,7 +808,10 @@ def prove_causal(atoms, Lq, T, logits_ndim: int, box: Optional[Tuple[int, int]] 
         if not sup <= {-4, -1}:
             return CausalProof(False, "mask depends on runtime data along query/head axes")
     if not kept:
-        return CausalProof(False, "no causal structure in the mask (bidirectional attention)")
+        causal = [at for at in redundant if dict(at[1]) == {-1: 1, -2: -1}]
+        if len(causal) != 1:
+            return CausalProof(False, "no causal structure in the mask (bidirectional attention)")
+        kept = causal  # the mask is a causal comparison that these shapes make all-true
     if len(kept) > 1:
         return CausalProof(False, "mask restricts positions beyond causality (sliding window / prefix-LM / band)")
     coef = dict(kept[0][1])

@@ -235,6 +235,7 @@ class Site:
         self.terms: List[Tuple[Any, str]] = []  # (mask node, kind)
         self.causal_flag = False  # SDPA is_causal=True (top-left alignment)
         self.kpm_node = None  # an emitted bool [B, T] key-padding mask (True = key present)
+        self.check_kv_len = False
         self.q_meta = None  # stands in for q's example value when q is built by the rewrite
         self.pre_emit = None  # callable(emitter): builds q/k/v nodes (nn.MultiheadAttention)
         self.post_emit = None  # callable(emitter, out): maps the attention output back
@@ -660,6 +661,10 @@ def _emit(graph: fx.Graph, site: Site, proof: CausalProof, qpos_offset: Optional
         raise Skip("zero softmax scale")
     for s, op in runtime:
         q = em.call(aten.mul.Tensor if op == "mul" else aten.div.Tensor, (q, s))
+    if site.check_kv_len:
+        import operator
+        same = em.call(operator.eq, (_size(em, site.k, 2), _size(em, site.v, 2)))
+        em.call(aten._assert_scalar.default, (same, "superlinear: key and value lengths differ"))
     kpm = site.kpm_node
     for atom in proof.padding:
         m = _emit_padding(em, atom, site.q, site.k)
@@ -913,7 +918,9 @@ def _check_layout(site: Site, qt, kt, vt):
     if not sym_eq(sym(qt.shape[3]), sym(kt.shape[3])):
         raise Skip("q and k head dims differ")
     if not sym_eq(sym(kt.shape[2]), sym(vt.shape[2])):
-        raise Skip("k and v lengths differ")
+        if static_int(sym(kt.shape[2])) is not None and static_int(sym(vt.shape[2])) is not None:
+            raise Skip("k and v lengths differ")
+        site.check_kv_len = True  # symbolic: asserted at run time
 
 
 def _positions(offset, Lq, T) -> Optional[int]:
