@@ -678,6 +678,13 @@ def prepare(loaded: LoadedModel, inputs: ExampleInputs, dynamic: bool = True) ->
             notes.append("the archive was exported with static shapes: the result is static too")
         return Prepared(loaded, ep, inputs, ds, notes)
     module = loaded.module
+    hf_config = getattr(module, "config", None)
+    if getattr(hf_config, "use_cache", False) is True:
+        # Hugging Face models return a KV-cache object by default; a prefill program has no use
+        # for it and torch.export cannot return it.
+        hf_config.use_cache = False
+        notes.append("the model's config.use_cache was set to False for export (prefill program, "
+                     "no KV cache in the outputs)")
     ds = _seq_dynamic_shapes(module, inputs) if dynamic else None
     if ds is not None:
         try:
