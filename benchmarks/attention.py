@@ -230,9 +230,10 @@ def main():
             bk, fw = span_extents(L, CFG["span_power"], CFG["backward_factor"],
                                   CFG["forward_factor"], dev)
 
-            def prep():
-                lo, hi, _ = TA.span_pieces(a, None, L, CFG["window"], CFG["sinks"], bk, fw, True)
-                key = (lo.long() // 16) * (L + 1) + hi.long()
+            def prep():  # what the pairs path does before its kernels: pieces, keys, sort
+                _, _, key = TA.pieces_and_keys(a, None, L, CFG["window"], CFG["sinks"], bk, fw,
+                                               True, akw.get("lo_bucket", 16),
+                                               akw.get("sort_key", "lo_hi"))
                 return torch.argsort(key.view(B * Hkv, -1), dim=-1)
             r["prep_s"], _ = cuda_time(prep)
         r["super_s"], r["super_n"] = cuda_time(lambda: attend(q, k, v, *search(q, k)))

@@ -1,22 +1,29 @@
-"""Triton kernel for step 2 of SPEC.md: span-attention (sinks, window and kept spans, one pass).
+"""Triton kernels for step 2 of SPEC.md: span-attention (sinks, window and kept spans).
 
-One program owns ``BLOCK_M`` queries of one (batch, query head); query head h reads kv head
-h // (Hq / Hkv) straight from the un-repeated K/V tensors. Each query row brings up to topk + 2
-key intervals: the sinks [0, min(S, t+1)), the window [t-W+1, t] and its kept spans
-[max(0, a - back[t]), min(a + fwd[t], t - W)] (extents from ``geometry.span_extents``, the same
-float64 table as the reference). The program visits, in ascending order, only the key tiles of
-``BLOCK_N`` keys that some interval of some row touches: the next tile is the smallest tile index
->= the current one covered by any interval (a vector min over the intervals, no sort, no host
-work). On each tile it computes q.K^T on the tensor cores, masks every (row, key) that is not in
-that row's set A (a position counts once: the mask is an OR of the intervals, so overlapping spans,
-window and sinks never double-count), and updates an online softmax (exp2, running max, running
-sum) and the P.V accumulator.
+Two paths (``impl``), both exact against the reference:
 
-``union`` is one such pass. ``gated`` runs one pass per span slot j over span_j ∪ window ∪ sinks
-and mixes the normalised outputs with softmax over the kept spans' search scores; a query with no
-kept span gets attention over window ∪ sinks (pass 0 without a span).
+``pairs`` (default). The kept spans of each (query, head) are turned into key *pieces*
+(``_pieces_kernel``): in ``union`` mode the spans of a query made disjoint (sorted by start, each
+minus the ones before it), so a position counts once; in ``gated`` mode span j as is; positions
+below the sinks are left to the sinks. The pieces of one kv head are sorted by key footprint
+((lo // bucket, hi)), so 64 consecutive pieces, from any queries and any of the G query heads,
+share one contiguous key range: ``_span_pairs_kernel`` runs an online softmax over that range on
+the tensor cores, each row masked to its own piece, and writes per-piece partial results (log2
+sum of exponentials and normalised output, fp32). ``_span_attention_kernel`` (MERGE) then does the
+window and the sinks per query block and merges the partials: one softmax over the union, or,
+for ``gated``, one softmax per span over span_j ∪ window ∪ sinks mixed by softmax(search scores)
+(a query with no kept span gets window ∪ sinks). This is what makes data-dependent routing cheap:
+neighbouring queries rarely pick the same spans, but across a kv head about G*k pieces start at
+every key position, so the tiles are nearly full.
 
-Dense causal attention (T <= dense_below) is the same kernel with the window covering every key.
+``tile``. One program per query block visits, in ascending order, only the key tiles that some
+interval (sinks, window, spans) of some row touches, and masks each (row, key) by an OR of the
+row's intervals. Fast when neighbouring queries choose neighbouring spans; with random routing the
+union of a block's spans is most of the prefix (see benchmarks/RESULTS.md).
+
+Extents come from ``geometry.span_extents`` (the reference's float64 table); query head h reads
+kv head h // (Hq / Hkv) from the un-repeated K/V. Dense causal attention (T <= dense_below) is
+the merge kernel with a window over every key and no spans. No host synchronisation anywhere.
 """
 
 from __future__ import annotations
