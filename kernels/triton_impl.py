@@ -6,7 +6,8 @@ the reference. The functions take exactly the argument lists of ``reference.span
 ``triton_attention`` (step 2). On CUDA, the dense case (T <= dense_below) goes to
 ``F.scaled_dot_product_attention`` (flash) when its causal alignment matches SPEC (Lq == T, no
 explicit positions, no key padding, same q/v head dim); otherwise it runs the Triton kernel with
-a window over every key.
+a window over every key. Dtypes other than fp32/bf16/fp16 and head dims above 256 run the
+reference.
 """
 
 from __future__ import annotations
@@ -20,7 +21,17 @@ except Exception as e:  # pragma: no cover - depends on the installation
 import torch
 import torch.nn.functional as F
 
-from . import triton_attention, triton_search
+from . import reference, triton_attention, triton_search
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _supported(*tensors) -> bool:
+    """Shapes and dtypes the kernels handle (head dims up to 256, fp32/bf16/fp16); anything
+    else runs the reference, which is slow but exact."""
+    return len({t.dtype for t in tensors}) == 1 and \
+        all(t.dtype in _DTYPES and t.shape[-1] <= 256 for t in tensors)
+
 
 __all__ = ["span_search", "span_attention", "dense_attention"]
 
@@ -28,6 +39,10 @@ __all__ = ["span_search", "span_attention", "dense_attention"]
 def span_search(search_query, key, key_padding_mask, query_positions, window, topk,
                 search_power, span_power, backward_factor, forward_factor, search_key,
                 dense_below):
+    if not _supported(search_query, key):
+        return reference.span_search(search_query, key, key_padding_mask, query_positions, window,
+                                     topk, search_power, span_power, backward_factor,
+                                     forward_factor, search_key, dense_below)
     return triton_search.span_search(search_query, key, key_padding_mask, query_positions,
                                      window, topk, search_power, span_power, backward_factor,
                                      forward_factor, search_key, dense_below)
@@ -54,6 +69,11 @@ def span_attention(query, key, value, anchors, scores, key_padding_mask, query_p
                    sinks, span_power, backward_factor, forward_factor, combine, scale,
                    dense_below):
     T, Lq = key.shape[2], query.shape[2]
+    if not _supported(query, key, value):
+        return reference.span_attention(query, key, value, anchors, scores, key_padding_mask,
+                                        query_positions, window, sinks, span_power,
+                                        backward_factor, forward_factor, combine, scale,
+                                        dense_below)
     if (T <= dense_below or Lq == 0) and _sdpa_ok(query, key, value, key_padding_mask,
                                                   query_positions):
         return dense_attention(query, key, value, key_padding_mask, query_positions, scale)

@@ -363,3 +363,17 @@ def test_search_on_tensor_cores_matches_reference(dtype):
     _poison_allocator()
     a, s = TS.span_search(qs, k, kpm, qpos, *_search_args(cfg), use_dot=True)
     _check_search(qs, k, kpm, qpos, cfg, a, s)
+
+
+def test_unsupported_inputs_fall_back_to_the_reference():
+    """float64 and head dims above 256 are not kernel cases: triton_impl runs the reference."""
+    gen = torch.Generator().manual_seed(9)
+    for dtype, D in ((torch.float64, 16), (torch.float32, 288)):
+        q, k, v = _inputs(gen, 1, 2, 1, 40, 40, D, dtype=dtype)
+        cfg = {**DEFAULT, "window": 4}
+        a, s = TI.span_search(q, k, None, None, *_search_args(cfg))
+        ra, rs = R.span_search(q, k, None, None, *_search_args(cfg))
+        assert torch.equal(a, ra) and torch.equal(s, rs)
+        out = TI.span_attention(q, k, v, a, s, None, None, *_attn_args(cfg, 0.1))
+        ref = R.span_attention(q, k, v, a, s, None, None, *_attn_args(cfg, 0.1))
+        assert out.dtype == dtype and torch.equal(out, ref)
