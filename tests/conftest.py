@@ -1,4 +1,9 @@
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests/oracle.py
+# Tests import with --import-mode=importlib (test files in different folders may share a basename);
+# make the shared test helpers importable: tests/oracle.py, tests/cli/cli_helpers.py.
+_here = os.path.dirname(os.path.abspath(__file__))
+for _p in (_here, os.path.join(_here, "cli")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
