@@ -35,7 +35,7 @@ FRESH = textwrap.dedent("""
 
 def test_entry_point_in_fresh_interpreter():
     env = dict(os.environ)
-    for compiler in ("aot_eager",):
+    for compiler in ("eager",):
         r = subprocess.run([sys.executable, "-c", FRESH, compiler], capture_output=True, text=True,
                            env=env, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]

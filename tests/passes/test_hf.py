@@ -54,7 +54,7 @@ def test_hf_padded(arch, impl):
         assert all(s.kv_groups == 2 for s in rep.sites)  # read through repeat_kv
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("impl", ["sdpa"])
 def test_hf_llama_no_mask_dynamic(impl):
     m = tiny("llama", impl)
     ids = torch.randint(0, V, (1, 12))
@@ -98,7 +98,7 @@ def test_hf_generate_with_cache_prefill_and_decode():
     ids = torch.randint(0, V, (2, 7))
     am = torch.ones_like(ids)
     am[0, :2] = 0
-    kw = dict(input_ids=ids, attention_mask=am, max_new_tokens=5, do_sample=False, pad_token_id=0,
+    kw = dict(input_ids=ids, attention_mask=am, max_new_tokens=3, do_sample=False, pad_token_id=0,
               output_scores=True, return_dict_in_generate=True)
     with torch.no_grad():
         ref = m.generate(**kw)
