@@ -614,6 +614,10 @@ def _size(em: _Emitter, node, dim):
     return em.call(aten.sym_size.int, (node, dim))
 
 
+def _one(e) -> bool:
+    return e is not None and e == 1
+
+
 def _emit_padding(em: _Emitter, atom, q, k) -> fx.Node:
     _, node, _sup, mode = atom
     t = tensor_meta(node)
@@ -624,13 +628,20 @@ def _emit_padding(em: _Emitter, atom, q, k) -> fx.Node:
         n += 1
     x = em.call(aten.select.int, (x, 1, 0))
     x = em.call(aten.select.int, (x, 1, 0))  # [B or 1, T or 1]
+    B, T = _size(em, q, 0), _size(em, k, 2)
+    ts = [sym(s) for s in t.shape]
+    # a factor may be wider than the logits it broadcasts onto only if it was sliced from the
+    # front (start 0, the only slice the prover lets through unchanged): cut it to size
+    if t.dim() == 4 and not _one(ts[0]) and not sym_eq(ts[0], sym(tensor_meta(q).shape[0])):
+        x = em.call(aten.slice.Tensor, (x, 0, 0, B))
+    if not _one(ts[-1]) and not sym_eq(ts[-1], sym(tensor_meta(k).shape[2])):
+        x = em.call(aten.slice.Tensor, (x, 1, 0, T))
     if mode == "truthy":
         x = em.call(aten.ne.Scalar, (x, 0)) if t.dtype != torch.bool else x
     elif mode == "not":
         x = em.call(aten.eq.Scalar, (x, 0)) if t.dtype != torch.bool else em.call(aten.logical_not.default, (x,))
     else:
         x = em.call(aten.eq.Scalar, (x, mode[1]))
-    B, T = _size(em, q, 0), _size(em, k, 2)
     return em.call(aten.expand.default, (x, [B, T]))
 
 

@@ -383,3 +383,24 @@ def test_multihead_attention(nw, causal, bm):
 def test_multihead_cross_attention_left_alone():
     rep = slcompile.explain(MHA(False, False, cross=True).eval(), torch.randn(2, 10, 32))
     assert rep.found == 1 and rep.rewritten == 0 and "cross" in rep.sites[0].reason
+
+
+def test_wide_mask_sliced_to_length_carries_padding():
+    """A mask built once for a maximum length (causal & padding) and sliced [:L, :L]: the padding
+    factor is cut to the key length when carried into the ops."""
+    S = 32
+
+    def fn(m, q, k, v, pad):
+        i = torch.arange(S)
+        full = (i[None, None, None, :] <= i[None, None, :, None]) & pad.bool()[:, None, None, :]
+        n = q.shape[-2]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=full[:, :, :n, :n])
+
+    q, k, v = qkv()
+    pad = torch.ones(B, S, dtype=torch.long)
+    pad[0, :2] = 0
+    pad[1, 5] = 0
+    keep = pad[:, :L].bool()
+    rep = assert_rewrite_equivalent(Fn(fn), (q, k, v, pad), expected=1, compiler="eager",
+                                    output_fn=lambda o: o.transpose(1, 2)[keep])
+    assert rep.sites[0].padding
