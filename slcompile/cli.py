@@ -935,10 +935,18 @@ def export(model, fmt, output, trust_pickle, imports, seq_len, batch, vocab, inp
         steps.step(f"exporting to {fmt}")
         with cv.atomic_output(output) as tmp:
             try:
-                fn(program, tmp, example_inputs=(prep.inputs.args, prep.inputs.kwargs))
+                import contextlib
+
+                with (contextlib.nullcontext() if debug else cv._quiet_torch_logs()):
+                    fn(program, tmp, example_inputs=(prep.inputs.args, prep.inputs.kwargs))
             except SlcompileError:
                 raise
+            except NotImplementedError as e:
+                raise NotAvailableError(f"not available yet: --format {fmt} is not implemented in "
+                                        f"slcompile.export ({first_line(e) or 'NotImplementedError'})")
             except Exception as e:
+                if type(e).__name__ == "ExportDependencyError":
+                    raise NotAvailableError(f"not available: {first_line(e)}")
                 raise ModelError(f"{fmt} export failed: {type(e).__name__}: {first_line(e)}")
     result = {"ok": True, "model": model, "format": fmt, "output": output,
               "output_bytes": os.path.getsize(output), "report": rep}
@@ -962,6 +970,15 @@ def _export_function(fmt: str):
     fn = getattr(ex_mod, name, None)
     if fn is None:
         raise NotAvailableError(f"not available yet: --format {fmt} needs slcompile.export.{name}")
+    # Fail before any heavy work when the format's packages are missing.
+    import importlib.util
+
+    needs = {"onnx": [("onnx", "onnx"), ("onnxscript", "onnxscript")],
+             "tensorrt": [("tensorrt", "tensorrt"), ("torch_tensorrt", "torch-tensorrt")]}[fmt]
+    missing = [pkg for mod, pkg in needs if importlib.util.find_spec(mod) is None]
+    if missing:
+        raise NotAvailableError(f"not available: --format {fmt} needs the package(s) "
+                                f"{', '.join(missing)} (pip install 'slcompile[{fmt}]')")
     return fn
 
 

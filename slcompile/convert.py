@@ -229,7 +229,8 @@ def check_output_path(output: str, inputs: Sequence[str] = (), overwrite: bool =
 
 def _temp_path_for(output: str) -> str:
     folder = os.path.dirname(os.path.abspath(output))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(output)}.", suffix=".partial.pt2", dir=folder)
+    ext = os.path.splitext(output)[1] or ".pt2"
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(output)}.", suffix=f".partial{ext}", dir=folder)
     os.close(fd)
     return tmp
 
@@ -241,6 +242,9 @@ def atomic_output(output: str):
     tmp = _temp_path_for(output)
     try:
         yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
         os.replace(tmp, output)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -95,12 +95,17 @@ def test_bad_config_value_is_the_configs_error_and_debug_shows_traceback(tiny_fi
     assert res.stderr.strip().splitlines()[-1].startswith("slcompile: error: SuperlinearConfig.topk=99")
 
 
-def test_export_without_export_module_is_a_clear_error(tiny_files, workdir):
+def test_export_without_its_packages_is_a_clear_error(tiny_files, workdir):
     import importlib.util
 
-    if importlib.util.find_spec("slcompile.export") is not None:
-        pytest.skip("slcompile.export exists: the export command is covered by the export tests")
-    res = run_cli("export", tiny_files["dir"] / "tiny.pt2", "--format", "onnx", "-o",
-                  workdir / "m.onnx")
-    assert_one_line_error(res, 9, "not available yet", "needs")
+    if importlib.util.find_spec("slcompile.export") is None:
+        res = run_cli("export", tiny_files["dir"] / "tiny.pt2", "--format", "onnx", "-o",
+                      workdir / "m.onnx")
+        assert_one_line_error(res, 9, "not available yet", "needs")
+    elif importlib.util.find_spec("tensorrt") is None:
+        res = run_cli("export", tiny_files["dir"] / "tiny.pt2", "--format", "tensorrt", "-o",
+                      workdir / "m.trt")
+        assert_one_line_error(res, 9, "not available", "needs", "tensorrt")
+    else:
+        pytest.skip("slcompile.export and TensorRT are installed: covered by the export tests")
     assert listing(workdir) == []
