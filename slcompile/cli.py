@@ -227,6 +227,12 @@ def _yesno(v) -> str:
 # Error handling: one line, distinct exit codes, traceback only with --debug
 # --------------------------------------------------------------------------------------------
 
+def _reported(exc: SlcompileError, json_mode: bool) -> SlcompileError:
+    """Mark a failure whose result (``"ok": false``) was already printed as JSON."""
+    exc.json_reported = bool(json_mode)
+    return exc
+
+
 def _fail(out_json: bool, code: int, kind: str, message: str) -> None:
     click.echo(f"slcompile: error: {message}", err=True)
     if out_json:
@@ -246,7 +252,7 @@ def _guard(fn: Callable) -> Callable:
         except SlcompileError as e:
             if debug:
                 traceback.print_exc()
-            _fail(json_mode, e.exit_code, e.kind, str(e))
+            _fail(json_mode and not getattr(e, "json_reported", False), e.exit_code, e.kind, str(e))
         except click.exceptions.ClickException:
             raise
         except (click.exceptions.Exit, click.exceptions.Abort, SystemExit):
@@ -433,9 +439,11 @@ def demo(model_name, seq_len, batch, repeat, seed, compiler, device, json_mode, 
         _print_demo(out, result)
     if not result["exact"]["passed"]:
         if result["report"]["rewritten"] == 0:
-            raise NothingRewrittenError("no attention site was rewritten by the superlinear backend")
-        raise CheckFailedError(f"the compiled model is not exact under the exact config "
-                               f"(max abs error {result['exact']['max_abs_err']:.3g})")
+            raise _reported(NothingRewrittenError("no attention site was rewritten by the "
+                                                  "superlinear backend"), json_mode)
+        raise _reported(CheckFailedError(f"the compiled model is not exact under the exact config "
+                                         f"(max abs error {result['exact']['max_abs_err']:.3g})"),
+                        json_mode)
 
 
 def _print_demo(out: Out, r: Dict[str, Any]) -> None:
@@ -684,8 +692,8 @@ def check(model, trust_pickle, imports, seq_len, batch, vocab, inputs_file, leng
                            f"T <= dense_below={config.dense_below}: exact dense path"
                            if r["dense_path"] else ""] for r in rows]))
     if not exact["passed"]:
-        raise CheckFailedError(f"not exact: max abs error {exact['max_abs_err']:.3g} > tolerance "
-                               f"{tol:.3g} under the exact config")
+        raise _reported(CheckFailedError(f"not exact: max abs error {exact['max_abs_err']:.3g} > "
+                                         f"tolerance {tol:.3g} under the exact config"), json_mode)
 
 
 def _seq_len_of(ex) -> Optional[int]:

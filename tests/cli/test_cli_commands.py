@@ -111,10 +111,12 @@ def test_check_reports_exactness_and_errors_per_length(tiny_files):
 
 def test_check_exits_1_when_not_exact(tiny_files):
     # sabotage_ops adds 1e-2 to every span_attention output: the wiring check must catch it.
-    res = run_cli("check", tiny_files["dir"] / "tiny.pt2", "--import", "sabotage_ops",
+    res = run_cli("check", tiny_files["dir"] / "tiny.pt2", "--import", "sabotage_ops", "--json",
                   env_extra={"PYTHONPATH": str(HERE)})
     assert_one_line_error(res, 1, "not exact")
-    assert "FAIL" in res.stdout
+    d = res.json()  # one JSON document: the full result, marked not ok
+    assert d["ok"] is False and d["exact"]["passed"] is False
+    assert 5e-3 < d["exact"]["max_abs_err"]
 
 
 def test_bench_attention_op_alone_with_plot(workdir):
