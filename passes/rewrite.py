@@ -236,6 +236,7 @@ class Site:
         self.causal_flag = False  # SDPA is_causal=True (top-left alignment)
         self.kpm_node = None  # an emitted bool [B, T] key-padding mask (True = key present)
         self.check_kv_len = False
+        self.three_d = False
         self.q_meta = None  # stands in for q's example value when q is built by the rewrite
         self.pre_emit = None  # callable(emitter): builds q/k/v nodes (nn.MultiheadAttention)
         self.post_emit = None  # callable(emitter, out): maps the attention output back
@@ -650,6 +651,8 @@ def _emit(graph: fx.Graph, site: Site, proof: CausalProof, qpos_offset: Optional
     em = _Emitter(graph, site.out, meta_key)
     if site.pre_emit is not None:
         site.pre_emit(em)
+    if site.three_d:
+        site.q, site.k, site.v = (em.call(aten.unsqueeze.default, (x, 0)) for x in (site.q, site.k, site.v))
     q = site.q
     qt = site.q_meta if site.q_meta is not None else tensor_meta(q)
     D = qt.shape[-1]
@@ -683,7 +686,7 @@ def _emit(graph: fx.Graph, site: Site, proof: CausalProof, qpos_offset: Optional
     qpos = None
     if qpos_offset is not None:
         Lq = static_int(sym(qt.shape[2]))
-        B = _size(em, site.q, 0)
+        B = 1 if site.three_d else _size(em, site.q, 0)
         dev = qt.device
         ar = em.call(aten.arange.start, (qpos_offset, qpos_offset + Lq),
                      {"dtype": torch.int64, "device": dev})
@@ -700,6 +703,8 @@ def _emit(graph: fx.Graph, site: Site, proof: CausalProof, qpos_offset: Optional
                    c.backward_factor, c.forward_factor, c.combine, float(scale), c.dense_below))
     if site.post_emit is not None:
         return site.post_emit(em, out)
+    if site.three_d:
+        out = em.call(aten.squeeze.dim, (out, 0))
     ot = tensor_meta(site.out)
     if ot is not None and qt is not None and ot.dtype != qt.dtype:
         out = em.call(aten.to.dtype, (out, ot.dtype))
@@ -825,7 +830,7 @@ def _rewrite(gm, graph, config, ev, meta_key, dry_run, t0) -> RewriteReport:
             if site.pre_emit is None:
                 qt, kt, vt = tensor_meta(site.q), tensor_meta(site.k), tensor_meta(site.v)
                 rep.q_shape, rep.kv_shape = _shape_str(qt), _shape_str(kt)
-                _check_layout(site, qt, kt, vt)
+                qt, kt, vt = _check_layout(site, qt, kt, vt)
                 Lq, T = sym(qt.shape[2]), sym(kt.shape[2])
             else:
                 xt, H, Dh = site.mha_shapes
@@ -843,7 +848,7 @@ def _rewrite(gm, graph, config, ev, meta_key, dry_run, t0) -> RewriteReport:
                     if cons is None:
                         raise Skip(err)
                     atoms |= set(cons)
-                proof = prove_causal(atoms, Lq, T, tensor_meta(site.out).dim())
+                proof = prove_causal(atoms, Lq, T, tensor_meta(site.out).dim() if not site.three_d else 3)
                 if not proof.ok:
                     raise Skip(proof.reason)
             rep.causal_proven = True
@@ -908,7 +913,20 @@ def exported_constants(ep) -> Dict[str, torch.Tensor]:
 def _check_layout(site: Site, qt, kt, vt):
     if qt is None or kt is None or vt is None:
         raise Skip("q/k/v without example values")
-    if qt.dim() != 4 or kt.dim() != 4 or vt.dim() != 4:
+    if qt.dim() == kt.dim() == vt.dim() == 3 and site.group == 1:
+        site.three_d = True  # [B*H, L, D] (bmm attention): run as one batch of B*H heads
+        import types
+        qt, kt, vt = (types.SimpleNamespace(shape=(1,) + tuple(t.shape), dtype=t.dtype, device=t.device)
+                      for t in (qt, kt, vt))
+        site.q_meta = qt
+        _check_layout_4d(site, qt, kt, vt)
+        return qt, kt, vt
+    _check_layout_4d(site, qt, kt, vt)
+    return qt, kt, vt
+
+
+def _check_layout_4d(site: Site, qt, kt, vt):
+    if len(qt.shape) != 4 or len(kt.shape) != 4 or len(vt.shape) != 4:
         raise Skip(f"q/k/v are not 4-D [B, H, L, D] (q {tuple(qt.shape)})")
     if not (qt.dtype == kt.dtype == vt.dtype):
         raise Skip(f"q/k/v dtypes differ ({qt.dtype}, {kt.dtype}, {vt.dtype})")

@@ -404,3 +404,18 @@ def test_wide_mask_sliced_to_length_carries_padding():
     rep = assert_rewrite_equivalent(Fn(fn), (q, k, v, pad), expected=1, compiler="eager",
                                     output_fn=lambda o: o.transpose(1, 2)[keep])
     assert rep.sites[0].padding
+
+
+def test_bmm_three_d_attention():
+    """[B*H, L, D] attention through bmm / baddbmm-free spelling, with a top-left causal offset
+    check: queries and keys of one length."""
+
+    def fn(m, q, k, v):
+        b, h, n, d = q.shape
+        q3, k3, v3 = (t.reshape(b * h, n, d) for t in (q, k, v))
+        w = torch.bmm(q3 * d ** -0.5, k3.transpose(1, 2))
+        w = w + torch.full((n, n), float("-inf")).triu(1)
+        return torch.bmm(w.softmax(-1), v3).view(b, h, n, d)
+
+    rep = assert_rewrite_equivalent(Fn(fn), qkv(), expected=1, compiler="eager")
+    assert rep.sites[0].q_shape == (str(B * H), str(L), str(D))
