@@ -260,6 +260,7 @@ class NeedleCase:
     seed: int
     ids: torch.Tensor
     answer: str
+    needle: tuple = (0, 0)  # token range [lo, hi) of the needle sentence
 
 
 def make_needle_cases(tok, hay_ids: List[int], lengths, depths, seeds) -> List[NeedleCase]:
@@ -281,7 +282,7 @@ def make_needle_cases(tok, hay_ids: List[int], lengths, depths, seeds) -> List[N
                 p = int(round(d * n))
                 ids = hay[:p] + needle + hay[p:] + ask
                 assert len(ids) == L
-                cases.append(NeedleCase(L, d, s, torch.tensor([ids]), val))
+                cases.append(NeedleCase(L, d, s, torch.tensor([ids]), val, (p, p + len(needle))))
     return cases
 
 
@@ -331,6 +332,104 @@ def plot(results, lengths, depths, path):
     axes[0][0].set_ylabel("needle depth")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="exact-match accuracy")
     fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
+# --------------------------------------------------------------------------------------------
+# Routing probe: which keys would each variant attend, on the model's own q/k (no generation)
+# --------------------------------------------------------------------------------------------
+
+class QKCapture:
+    """Attention ``capture_sdpa``: transformers' sdpa, recording each layer's (q, k)."""
+
+    NAME = "capture_sdpa"
+
+    def __init__(self):
+        from transformers import AttentionInterface
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        self.store = {}
+        self._sdpa = sdpa_attention_forward
+        AttentionInterface.register(self.NAME, self._forward)
+        AttentionMaskInterface.register(self.NAME, sdpa_mask)
+
+    def _forward(self, module, query, key, value, attention_mask, **kw):
+        self.store[module.layer_idx] = (query.detach(), key.detach())
+        return self._sdpa(module, query, key, value, attention_mask, **kw)
+
+
+@torch.no_grad()
+def attended_mask(cfg: SuperlinearConfig, qs, k, qpos):
+    """bool [B, Hq, nQ, T]: the keys SPEC.md's union attends for the queries at qpos [B, nQ]."""
+    from slcompile.kernels.geometry import span_extents
+    from slcompile.kernels import reference
+
+    B, Hq, nQ, D = qs.shape
+    T = k.shape[2]
+    j = torch.arange(T, device=k.device)
+    t = qpos[:, None, :, None]
+    W, S = min(cfg.window, T), min(cfg.sinks, T)
+    A = ((j <= t) & ((j < S) | (j > t - W))).expand(B, Hq, nQ, T).clone()
+    anchors, _ = reference.span_search(qs, k, None, qpos, cfg.window, cfg.topk, cfg.search_power,
+                                       cfg.span_power, cfg.backward_factor, cfg.forward_factor,
+                                       cfg.search_key, 0)
+    back, fwd = span_extents(T, cfg.span_power, cfg.backward_factor, cfg.forward_factor, k.device)
+    for s in range(anchors.shape[-1]):
+        a = anchors[..., s].long()[..., None]
+        lo = (a - back[qpos][:, None, :, None]).clamp(min=0)
+        hi = torch.minimum(a + fwd[qpos][:, None, :, None], t - W)
+        A |= (a >= 0) & (j >= lo) & (j <= hi)
+    return A
+
+
+@torch.no_grad()
+def run_routing(model, cases, variants, n_queries: int, device):
+    """For each case: one dense prefill capturing q/k; then per variant and layer, on the last
+    n_queries queries (the question): dense attention mass inside the attended set (recall),
+    fraction of the needle's tokens attended, and fraction of keys attended."""
+    cap = QKCapture()
+    model.set_attn_implementation(cap.NAME)
+    acc = {v: {"recall": [], "needle": [], "keys": []} for v in variants}
+    by_len = {v: {} for v in variants}
+    for c in cases:
+        cap.store.clear()
+        ids = c.ids.to(device)
+        model(input_ids=ids)
+        T = ids.shape[1]
+        qpos = torch.arange(T - n_queries, T, device=device)[None]
+        lo, hi = c.needle
+        for layer, (q, k) in sorted(cap.store.items()):
+            qs = q[:, :, -n_queries:].float()
+            kf = k.float()
+            g = qs.shape[1] // kf.shape[1]
+            kr = kf.repeat_interleave(g, dim=1)
+            logits = torch.einsum("bhqd,bhtd->bhqt", qs, kr) / math.sqrt(qs.shape[-1])
+            causal = torch.arange(T, device=device) <= qpos[:, None, :, None]
+            p = torch.softmax(logits.masked_fill(~causal, float("-inf")), -1)
+            for v in variants:
+                A = attended_mask(variant_config(v), qs, kf, qpos)
+                rec = float((p * A).sum(-1).mean())
+                nd = float(A[..., lo:hi].float().mean())
+                ks = float((A.sum(-1).double() / (qpos[:, None, :] + 1)).mean())
+                for key, val in (("recall", rec), ("needle", nd), ("keys", ks)):
+                    acc[v][key].append(val)
+                by_len[v].setdefault(c.length, []).append(rec)
+        print(f"  routing probe: case L={c.length} depth={c.depth} seed={c.seed} done", flush=True)
+    out = {}
+    for v in variants:
+        out[v] = {k: sum(x) / max(1, len(x)) for k, x in acc[v].items()}
+        out[v]["recall_by_length"] = {L: sum(x) / len(x) for L, x in by_len[v].items()}
+    return out
+
+
+def routing_table(res, lengths) -> str:
+    hdr = ("| variant | keys attended (question queries) | dense attention mass attended | " +
+           " | ".join(f"mass @ {L}" for L in lengths) + " | needle tokens attended |")
+    lines = [hdr, "|" + "---|" * (hdr.count("|") - 1)]
+    for v, r in res.items():
+        lines.append(f"| {v} | {r['keys']:.1%} | {r['recall']:.3f} | " + " | ".join(
+            f"{r['recall_by_length'].get(L, float('nan')):.3f}" for L in lengths) + f" | {r['needle']:.3f} |")
+    return "\n".join(lines)
 
 
 def make_table(results, lengths, ppl_tail, ppl_len) -> str:
@@ -388,6 +487,10 @@ def main(argv=None):
     ap.add_argument("--merge", nargs="+", metavar="JSON",
                     help="only combine the JSON files of earlier runs (same lengths/depths) into one "
                          "table and PNG at --out")
+    ap.add_argument("--routing", action="store_true",
+                    help="routing probe only: dense prefills of the needle prompts, then per variant the "
+                         "dense attention mass and needle tokens inside the attended set (no generation)")
+    ap.add_argument("--routing-queries", type=int, default=16)
     args = ap.parse_args(argv)
     if args.merge:
         return merge(args.merge, args.out)
@@ -402,6 +505,18 @@ def main(argv=None):
     print(f"model {gguf} ({args.device}, fp32), loaded in {time.time() - t0:.0f}s", flush=True)
     print(f"haystack: {len(hay_ids)} tokens from {len(hay_src)} files: {', '.join(hay_src)}")
     print(f"held-out: {len(held_ids)} tokens from {len(held_src)} files: {held_src[0]} .. {held_src[-1]}")
+    if args.routing:
+        cases = make_needle_cases(tok, hay_ids, args.lengths, args.depths, args.seeds)
+        variants = [v for v in args.variants if variant_config(v) is not None]
+        res = run_routing(model, cases, variants, args.routing_queries, args.device)
+        table = routing_table(res, args.lengths)
+        print(table)
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out + ".json", "w") as fh:
+            json.dump({"meta": dict(model=gguf, lengths=args.lengths, depths=args.depths, seeds=args.seeds,
+                                    queries=args.routing_queries, haystack=hay_src,
+                                    seconds=time.time() - t0), "results": res, "table": table}, fh, indent=1)
+        return res
     counter = KeyCounter()
     cases = [] if args.no_needle else make_needle_cases(tok, hay_ids, args.lengths, args.depths, args.seeds)
     if len(held_ids) < args.ppl_len:

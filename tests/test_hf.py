@@ -186,7 +186,7 @@ except Exception:  # pragma: no cover
 def test_smollm2_exact_equals_sdpa_and_greedy_tokens():
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(SMOL[0], gguf_file=SMOL[1], torch_dtype=torch.float32,
+    model = AutoModelForCausalLM.from_pretrained(SMOL[0], gguf_file=SMOL[1], dtype=torch.float32,
                                                  attn_implementation="sdpa").eval()
     torch.manual_seed(0)
     ids = torch.randint(100, 1000, (1, 40))
@@ -199,3 +199,13 @@ def test_smollm2_exact_equals_sdpa_and_greedy_tokens():
     with torch.no_grad():
         tok = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
     assert torch.equal(tok, ref_tok)
+
+
+def test_packed_sequences_are_refused_not_silently_wrong():
+    model = tiny_llama(7)
+    H.configure(model, SPARSE)
+    ids = torch.randint(3, VOCAB, (1, 40))
+    pos = torch.cat([torch.arange(20), torch.arange(20)])[None]  # two packed sequences
+    with pytest.raises(NotImplementedError, match="plain causal"):
+        with torch.no_grad():
+            model(input_ids=ids, position_ids=pos, use_cache=False)
