@@ -1,0 +1,223 @@
+"""ONNX export of rewritten models (issue 9): standard operators only, dynamic sequence axis,
+onnxruntime (CPU) against PyTorch (the reference implementation of the custom ops).
+
+Tolerance: max abs error <= 2e-4 on logits / 1e-5 on attention outputs (float32; both sides
+compute the same sums in a different order). Top-k decisions are compared exactly where the op
+outputs are graph outputs (anchors)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx", reason="needs onnx (pip install 'slcompile[onnx]')")
+pytest.importorskip("onnxscript", reason="needs onnxscript (pip install 'slcompile[onnx]')")
+ort = pytest.importorskip("onnxruntime", reason="needs onnxruntime (pip install 'slcompile[onnx]')")
+
+import slcompile.kernels.ops  # noqa: E402,F401
+from slcompile import SuperlinearConfig  # noqa: E402
+from slcompile import convert as cv  # noqa: E402
+from slcompile.demo import tiny_model  # noqa: E402
+from slcompile.export import ExportDependencyError, export_onnx, export_tensorrt  # noqa: E402
+from slcompile.kernels import reference as R  # noqa: E402
+
+LOGIT_TOL = 2e-4
+ATTN_TOL = 1e-5
+
+
+def _session(path):
+    return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+
+
+def _check_standard(path):
+    m = onnx.load(path)
+    onnx.checker.check_model(m, full_check=True)
+    domains = {n.domain for n in m.graph.node} | {n.domain for f in m.functions for n in f.node}
+    assert domains <= {"", "ai.onnx"}, f"non-standard domains in the exported graph: {domains}"
+    ops = {n.op_type for n in m.graph.node} | {n.op_type for f in m.functions for n in f.node}
+    assert {"TopK", "Gather", "MatMul"} <= ops, ops  # the superlinear ops were translated
+    return m
+
+
+# --------------------------------------------------------------------------------------------
+# a small causal LM: export -> rewrite -> re-export -> ONNX
+# --------------------------------------------------------------------------------------------
+
+CFG = SuperlinearConfig(window=16, sinks=2, topk=2, dense_below=0)
+TINY = dict(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=128)
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    torch.manual_seed(0)
+    model = tiny_model(seed=1, **TINY)
+    ids = torch.randint(0, TINY["vocab_size"], (1, 48))
+    loaded = cv.LoadedModel(path="<memory>", fmt="module", module=model)
+    ex = cv.ExampleInputs((ids,), {}, "token ids", seq_dim_dynamic=True)
+    prep = cv.prepare(loaded, ex)
+    assert prep.dynamic, prep.notes
+    gm, report = cv.rewrite_module(prep, CFG)
+    assert cv.report_to_dict(report)["rewritten"] == TINY["n_layers"]
+    program = cv.reexport(prep, gm)
+    path = str(tmp_path_factory.mktemp("onnx") / "tiny.onnx")
+    export_onnx(program, path, example_inputs=((ids,), {}), optimize=False)  # CLI test: optimize=True
+    return dict(model=model, program=program, path=path, ids=ids, dir=os.path.dirname(path))
+
+
+def test_lm_onnx_matches_pytorch_at_two_lengths(lm):
+    m = _check_standard(lm["path"])
+    seq_dim = m.graph.input[0].type.tensor_type.shape.dim[1]
+    assert seq_dim.dim_param and not seq_dim.dim_value, "the sequence axis must be dynamic"
+    sess = _session(lm["path"])
+    name = sess.get_inputs()[0].name
+    rewritten = lm["program"].module()
+    g = torch.Generator().manual_seed(7)
+    for L in (48, 133):  # the example length and another one, same session (no re-export)
+        ids = torch.randint(0, TINY["vocab_size"], (1, L), generator=g)
+        with torch.no_grad():
+            want = rewritten(ids)
+            dense = lm["model"](ids)
+        got = sess.run(None, {name: ids.numpy()})[0]
+        assert got.shape == tuple(want.shape)
+        err = np.abs(got - want.numpy()).max()
+        assert err <= LOGIT_TOL, f"L={L}: ONNX vs PyTorch max abs err {err}"
+        # far beyond the window the superlinear path drops keys: it must differ from dense
+        # attention, or this test would not tell a dense export from a superlinear one
+        gap = (want - dense).abs().max().item()
+        assert gap > 100 * LOGIT_TOL, f"L={L}: rewritten model equals dense ({gap}); test is vacuous"
+
+
+def test_cli_export_onnx(lm, tmp_path):
+    archive = tmp_path / "model.sl.pt2"
+    torch.export.save(lm["program"], str(archive))
+    out = tmp_path / "out.onnx"
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", "slcompile", "export", str(archive), "--format", "onnx",
+                           "-o", str(out)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert out.is_file() and "wrote" in proc.stdout
+    _check_standard(str(out))
+    sess = _session(str(out))
+    ids = torch.randint(0, TINY["vocab_size"], (1, 70), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = lm["program"].module()(ids)
+    got = sess.run(None, {sess.get_inputs()[0].name: ids.numpy()})[0]
+    assert np.abs(got - want.numpy()).max() <= LOGIT_TOL
+
+
+# --------------------------------------------------------------------------------------------
+# the two ops under many settings, in one exported graph (one export keeps the test fast)
+# --------------------------------------------------------------------------------------------
+
+VARIANTS = [
+    # (search settings, attention settings, use key padding, use query positions)
+    dict(window=8, topk=3, p=0.5, r=0.5, bf=2.0, ff=0.0, sk="anchor", db=0, sinks=2, combine="union",
+         kpm=True, qpos=True),
+    dict(window=8, topk=3, p=0.5, r=0.5, bf=2.0, ff=0.0, sk="mean", db=0, sinks=2, combine="gated",
+         kpm=True, qpos=False),
+    dict(window=6, topk=5, p=0.4, r=0.7, bf=1.5, ff=0.5, sk="anchor", db=60, sinks=3, combine="union",
+         kpm=False, qpos=False),
+    dict(window=0, topk=2, p=1 / 3, r=0.0, bf=3.0, ff=1.0, sk="anchor", db=0, sinks=0, combine="gated",
+         kpm=False, qpos=True),
+]
+
+
+class _Ops(torch.nn.Module):
+    def forward(self, q, k, v, kpm, qpos):
+        outs = []
+        for c in VARIANTS:
+            m = kpm if c["kpm"] else None
+            p = qpos if c["qpos"] else None
+            a, s = torch.ops.superlinear.span_search(q, k, m, p, c["window"], c["topk"], c["p"], c["r"],
+                                                     c["bf"], c["ff"], c["sk"], c["db"])
+            o = torch.ops.superlinear.span_attention(q, k, v, a, s, m, p, c["window"], c["sinks"], c["r"],
+                                                     c["bf"], c["ff"], c["combine"], 0.3, c["db"])
+            outs += [o, a, s]
+        return tuple(outs)
+
+
+def _op_inputs(L, P, B=2, Hq=4, Hkv=2, D=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    T = L + P
+    q = torch.randn(B, Hq, L, D, generator=g)
+    k = torch.randn(B, Hkv, T, D, generator=g)
+    v = torch.randn(B, Hkv, T, D, generator=g)
+    kpm = torch.rand(B, T, generator=g) > 0.25
+    kpm[0] = True  # batch row 0 unpadded
+    qpos = (torch.arange(L) + P).expand(B, L).clone()
+    qpos[1] = torch.randperm(T, generator=g)[:L]  # row 1: arbitrary positions
+    return q, k, v, kpm, qpos
+
+
+def test_ops_variants_match_reference(tmp_path):
+    ex = _op_inputs(40, 3)
+    Ld, Td = torch.export.Dim("L", min=2), torch.export.Dim("T", min=3)
+    ep = torch.export.export(_Ops(), ex, dynamic_shapes=({2: Ld}, {2: Td}, {2: Td}, {1: Td}, {1: Ld}))
+    path = str(tmp_path / "ops.onnx")
+    export_onnx(ep, path, example_inputs=(ex, {}), optimize=False)
+    _check_standard(path)
+    sess = _session(path)
+    names = [i.name for i in sess.get_inputs()]
+    for L, P, seed in ((40, 3, 1), (90, 7, 2)):  # T = 43 (<= dense_below 60 in variant 3), 97
+        x = _op_inputs(L, P, seed=seed)
+        feeds = {n: t.numpy() for n, t in zip(["q", "k", "v", "kpm", "qpos"], x) if n in names}
+        got = sess.run(None, feeds)
+        for i, c in enumerate(VARIANTS):
+            q, k, v, kpm, qpos = x
+            m = kpm if c["kpm"] else None
+            p = qpos if c["qpos"] else None
+            a, s = R.span_search(q, k, m, p, c["window"], c["topk"], c["p"], c["r"], c["bf"], c["ff"],
+                                 c["sk"], c["db"])
+            o = R.span_attention(q, k, v, a, s, m, p, c["window"], c["sinks"], c["r"], c["bf"], c["ff"],
+                                 c["combine"], 0.3, c["db"])
+            go, ga, gs = got[3 * i: 3 * i + 3]
+            assert np.array_equal(ga, a.numpy()), f"variant {i}, L={L}: anchors differ"
+            fin = np.isfinite(s.numpy())
+            assert np.array_equal(np.isfinite(gs), fin)
+            assert np.abs(gs[fin] - s.numpy()[fin]).max(initial=0.0) <= ATTN_TOL * 10
+            err = np.abs(go - o.numpy()).max()
+            assert err <= ATTN_TOL, f"variant {i}, L={L}: attention max abs err {err}"
+            if c["db"] and q.shape[2] + P <= c["db"]:  # T <= dense_below: dense attention
+                d = R.dense_attention(q, k, v, m, p, 0.3)
+                assert np.abs(go - d.numpy()).max() <= ATTN_TOL
+                assert (ga == -1).all()
+            else:
+                assert (ga >= 0).any(), f"variant {i}, L={L}: no span kept; the case is vacuous"
+
+
+def test_block_search_key_is_refused_with_a_clear_error(tmp_path):
+    class Blk(torch.nn.Module):
+        def forward(self, q, k):
+            return torch.ops.superlinear.span_search(q, k, None, None, 8, 2, 0.5, 0.5, 2.0, 0.0, "block", 0)
+
+    q, k = torch.randn(1, 2, 20, 8), torch.randn(1, 2, 20, 8)
+    ep = torch.export.export(Blk(), (q, k))
+    with pytest.raises(Exception) as ei:
+        export_onnx(ep, str(tmp_path / "b.onnx"), example_inputs=((q, k), {}), optimize=False)
+    text = repr(ei.value) + repr(ei.value.__cause__) + str(ei.getrepr())
+    assert "search_key='block'" in text
+
+
+# --------------------------------------------------------------------------------------------
+# TensorRT
+# --------------------------------------------------------------------------------------------
+
+def _have(mod):
+    try:
+        __import__(mod)
+        return True
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(_have("tensorrt") and _have("torch_tensorrt"), reason="TensorRT is installed")
+def test_tensorrt_missing_is_a_clear_error(lm, tmp_path):
+    with pytest.raises(ExportDependencyError) as ei:
+        export_tensorrt(lm["program"], str(tmp_path / "m.ep"), example_inputs=((lm["ids"],), {}))
+    assert "tensorrt" in str(ei.value)
+    assert not (tmp_path / "m.ep").exists()
