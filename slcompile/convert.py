@@ -567,8 +567,9 @@ def _program_dynamic_shapes(ep, module, args, kwargs):
                 if getattr(expr, "is_Symbol", False):
                     if name not in dims:
                         rng = ep.range_constraints.get(expr)
-                        lo = int(rng.lower) if rng is not None and rng.lower.is_finite else 0
-                        hi = int(rng.upper) if rng is not None and rng.upper.is_finite else None
+                        # torch's int_oo reports is_finite=True: test .is_Integer too
+                        lo = int(rng.lower) if rng is not None and rng.lower.is_Integer else 0
+                        hi = int(rng.upper) if rng is not None and rng.upper.is_Integer else None
                         kw = {"min": max(lo, 0)}
                         if hi is not None:
                             kw["max"] = hi
