@@ -355,9 +355,24 @@ def _canon(node: fx.Node) -> Optional[COp]:
         return _canon_torch(node, name, node.args, node.kwargs, False)
     if node.op == "call_method":
         name = node.target
-        if name in ("__and__", "__or__", "__mul__", "__add__", "__sub__", "__truediv__"):
-            name = name.strip("_").replace("truediv", "div")
-        return _canon_torch(node, name, node.args, node.kwargs, True)
+        args = tuple(node.args)
+        if name.startswith("__") and name.endswith("__"):  # x.__eq__(y) (dynamo spells some ops so)
+            base = name[2:-2]
+            if base in ("radd", "rmul", "rsub", "rtruediv", "rand", "ror"):
+                base = base[1:]
+                args = (args[1], args[0]) + args[2:]
+            base = {"truediv": "div", "invert": "not", "and": "and", "or": "or",
+                    "getitem": "getitem"}.get(base, base)
+            if base == "getitem":
+                return COp("getitem", (args[0], args[1]))
+            if base in ("not", "neg"):
+                return COp(base, (args[0],))
+            if base == "matmul":
+                return COp("matmul", args[:2])
+            if base in ("and", "or"):
+                return COp(base, args[:2])
+            name = base
+        return _canon_torch(node, name, args, node.kwargs, True)
     return None
 
 
