@@ -64,7 +64,7 @@ class SuperlinearConfig:
     forward_factor: float = 0.0
     combine: str = "union"
     search_key: str = "anchor"
-    dense_below: int = 16384
+    dense_below: int = 12288
     scale: Optional[float] = None
 
     def __post_init__(self) -> None:
