@@ -94,6 +94,9 @@ def _canon_aten(node: fx.Node) -> Optional[COp]:
     if name == "permute":
         return COp("permute", (a["self"], tuple(a["dims"])))
     if name in ("view", "_unsafe_view", "reshape"):
+        mm = _decomposed_matmul(node, a["self"])
+        if mm is not None:
+            return mm
         if "size" in a and isinstance(a["size"], (list, tuple)):
             return COp("view", (a["self"], tuple(a["size"])))
         if "shape" in a and isinstance(a["shape"], (list, tuple)):
@@ -157,6 +160,35 @@ def _canon_aten(node: fx.Node) -> Optional[COp]:
     if name == "item":
         return COp("item", (a["self"],))
     return None
+
+
+def _decomposed_matmul(node, x) -> Optional[COp]:
+    """AOTAutograd spells a batched matmul(A, B) as view(bmm(view(expand(A)), view(expand(B)))):
+    recognise it as matmul(A, B)."""
+    if not (isinstance(x, fx.Node) and x.op == "call_function" and x.target is aten.bmm.default):
+        return None
+    out = tensor_meta(node)
+    if out is None or out.dim() < 3:
+        return None
+    ops = []
+    for v in x.args[:2]:
+        if not (isinstance(v, fx.Node) and v.op == "call_function"
+                and getattr(v.target, "overloadpacket", None) in (aten.view, aten._unsafe_view, aten.reshape)):
+            return None
+        e = v.args[0]
+        if isinstance(e, fx.Node) and e.op == "call_function" and e.target is aten.expand.default:
+            et = tensor_meta(e)
+            base = e.args[0]
+        else:
+            et = tensor_meta(e)
+            base = e
+        if et is None or et.dim() != out.dim():
+            return None
+        ops.append((base, et))
+    (a, at), (b, bt) = ops
+    if list(at.shape[:-2]) != list(out.shape[:-2]) or list(bt.shape[:-2]) != list(out.shape[:-2]):
+        return None
+    return COp("matmul", (a, b))
 
 
 # --------------------------------------------------------------------------------------------

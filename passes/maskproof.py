@@ -761,6 +761,13 @@ def constraints_of(v, kind: str):
         return None, "mask removes every key"
     a, b = v.a, v.b
     lins = [at for at in v.atoms if at[0] == "lin"]
+    if not lins and _flipped(kind, a, b):
+        if len(v.atoms) == 1:  # one runtime factor, the other way round: negate it
+            at = next(iter(v.atoms))
+            neg = {"truthy": "not", "not": "truthy"}.get(at[3]) if isinstance(at[3], str) else None
+            if neg is not None:
+                return frozenset([(at[0], at[1], at[2], neg)]), ""
+        return None, "mask is runtime data, not provably a function of positions"
     if len(v.atoms) == 1 and lins and _flipped(kind, a, b):
         coef, const = dict(lins[0][1]), lins[0][2]  # not(e <= 0)  <=>  -e + 1 <= 0
         return frozenset([lin_atom({d: -c for d, c in coef.items()}, -const + 1)]), ""

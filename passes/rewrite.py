@@ -492,14 +492,19 @@ def _parse_softmax(node: fx.Node, c) -> Optional[Site]:
         return None
     # forward: probs -> (cast, inactive dropout)* -> probs @ v
     cur = node
+    walk = node  # walks past the expand/view/bmm of a decomposed (AOTAutograd) matmul
     for _ in range(16):
-        users = list(cur.users)
+        users = list(walk.users)
         if len(users) != 1:
             raise Skip("attention probabilities used elsewhere (e.g. returned weights)")
         u = users[0]
         cu = canon(u)
         if cu is None:
             raise Skip("attention probabilities feed an unsupported op")
+        if cu.op in ("expand", "view") or (cu.op == "matmul" and u.target is aten.bmm.default):
+            walk = u
+            continue
+        walk = u
         if cu.op == "to":
             cur = u
             continue

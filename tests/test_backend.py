@@ -131,3 +131,32 @@ def test_rewrite_time_30_layers():
     assert (out[keep] - ref[keep]).abs().max() < 1e-4
     print(f"rewrite of 30 layers: {sum(times) * 1e3:.1f} ms")
     assert sum(times) < 1.0
+
+
+def test_aotautograd_graphs():
+    """rewrite_graph on post-dispatch ATen graphs (an aot_module_simplified forward compiler):
+    fused SDPA ops and view(bmm(view(expand))) matmuls are recognised."""
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    def gqa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    def hand(q, k, v):
+        n = q.shape[-2]
+        w = torch.matmul(q, k.transpose(-1, -2)) * 0.3 + torch.triu(torch.full((n, n), -1e9), diagonal=1)
+        return w.softmax(-1) @ v
+
+    for fn, hkv in ((gqa, 2), (hand, 4)):
+        reports = []
+
+        def fw(gm, ex):
+            reports.append(rewrite_graph(gm, slcompile.SuperlinearConfig.exact()))
+            return make_boxed_func(gm.forward)
+
+        torch._dynamo.reset()
+        q, k, v = torch.randn(2, 4, 9, 8), torch.randn(2, hkv, 9, 8), torch.randn(2, hkv, 9, 8)
+        with torch.no_grad():
+            out = torch.compile(fn, backend=lambda gm, ex: aot_module_simplified(gm, ex, fw_compiler=fw))(q, k, v)
+        assert sum(r.rewritten for r in reports) == 1, [r.summary() for r in reports]
+        torch.testing.assert_close(out, fn(q, k, v), atol=1e-5, rtol=0)

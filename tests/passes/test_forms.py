@@ -419,3 +419,22 @@ def test_bmm_three_d_attention():
 
     rep = assert_rewrite_equivalent(Fn(fn), qkv(), expected=1, compiler="eager")
     assert rep.sites[0].q_shape == (str(B * H), str(L), str(D))
+
+
+def test_separate_causal_and_padding_masked_fills():
+    """Two masked_fill calls: a causal one from shapes and a runtime padding one (True = pad)."""
+
+    def fn(m, q, k, v, is_pad):
+        n = q.shape[-2]
+        w = q @ k.transpose(-2, -1) * 0.25
+        w = w.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+        w = w.masked_fill(is_pad[:, None, None, :], float("-inf"))
+        return w.softmax(-1) @ v
+
+    q, k, v = qkv()
+    is_pad = torch.zeros(B, L, dtype=torch.bool)
+    is_pad[1, :5] = True
+    keep = ~is_pad
+    rep = assert_rewrite_equivalent(Fn(fn), (q, k, v, is_pad), expected=1, compiler="eager",
+                                    output_fn=lambda o: o.transpose(1, 2)[keep])
+    assert rep.sites[0].padding
