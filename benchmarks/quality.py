@@ -383,7 +383,7 @@ def attended_mask(cfg: SuperlinearConfig, qs, k, qpos):
 
 
 @torch.no_grad()
-def run_routing(model, cases, variants, n_queries: int, device):
+def run_routing(model, cases, variants, n_queries: int, device, on_case=None):
     """For each case: one dense prefill capturing q/k; then per variant and layer, on the last
     n_queries queries (the question): dense attention mass inside the attended set (recall),
     fraction of the needle's tokens attended, and fraction of keys attended."""
@@ -415,6 +415,12 @@ def run_routing(model, cases, variants, n_queries: int, device):
                     acc[v][key].append(val)
                 by_len[v].setdefault(c.length, []).append(rec)
         print(f"  routing probe: case L={c.length} depth={c.depth} seed={c.seed} done", flush=True)
+        if on_case is not None:  # partial results survive an interrupted run
+            on_case(_routing_summary(acc, by_len, variants))
+    return _routing_summary(acc, by_len, variants)
+
+
+def _routing_summary(acc, by_len, variants):
     out = {}
     for v in variants:
         out[v] = {k: sum(x) / max(1, len(x)) for k, x in acc[v].items()}
@@ -508,14 +514,18 @@ def main(argv=None):
     if args.routing:
         cases = make_needle_cases(tok, hay_ids, args.lengths, args.depths, args.seeds)
         variants = [v for v in args.variants if variant_config(v) is not None]
-        res = run_routing(model, cases, variants, args.routing_queries, args.device)
-        table = routing_table(res, args.lengths)
-        print(table)
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out + ".json", "w") as fh:
-            json.dump({"meta": dict(model=gguf, lengths=args.lengths, depths=args.depths, seeds=args.seeds,
-                                    queries=args.routing_queries, haystack=hay_src,
-                                    seconds=time.time() - t0), "results": res, "table": table}, fh, indent=1)
+
+        def save(res):
+            table = routing_table(res, args.lengths)
+            with open(args.out + ".json", "w") as fh:
+                json.dump({"meta": dict(model=gguf, lengths=args.lengths, depths=args.depths,
+                                        seeds=args.seeds, queries=args.routing_queries, haystack=hay_src,
+                                        seconds=time.time() - t0), "results": res, "table": table}, fh, indent=1)
+            return table
+
+        res = run_routing(model, cases, variants, args.routing_queries, args.device, on_case=save)
+        print(save(res))
         return res
     counter = KeyCounter()
     cases = [] if args.no_needle else make_needle_cases(tok, hay_ids, args.lengths, args.depths, args.seeds)
