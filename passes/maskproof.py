@@ -316,7 +316,14 @@ class MaskEvaluator:
         if r is None:
             return self._fallback(node, structured=True)
         t = tensor_meta(node)
-        if t is not None:  # values take the node's dtype (torch.ones(dtype=bool) is True)
+        if t is not None:
+            # along a dim of size 1 the index is always 0: drop it, so that broadcasting the
+            # value later cannot be mistaken for a dependence on the broadcast index
+            n = t.dim()
+            ones = {d - n for d in range(n) if _is_one(sym(t.shape[d]))}
+            if ones and isinstance(r, (Aff, Sel, Opq)):
+                r = _remap(r, lambda d: None if d in ones else d, {d: (0, 0) for d in ones}, aligned=True) or r
+            # values take the node's dtype (torch.ones(dtype=bool) is True)
             if isinstance(r, Const):
                 r = Const(_cast(r.v, t.dtype))
             elif isinstance(r, Sel):

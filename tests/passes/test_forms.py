@@ -271,6 +271,13 @@ def runtime_mask(m, q, k, v, mask):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+def first_row_broadcast(m, q, k, v):
+    n = q.shape[-2]
+    i = torch.arange(n)
+    mask = (i[None, :] <= i[:, None])[:1, :]  # row 0 only, broadcast to every query
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 def anti_causal(m, q, k, v):
     n = q.shape[-2]
     mask = torch.ones(n, n, dtype=torch.bool).triu()
@@ -308,6 +315,7 @@ NEGATIVE = [
     ("sliding_window", sliding_window, "sliding window"),
     ("prefix_lm", prefix_lm, "not provably causal"),
     ("anti_causal", anti_causal, "causal"),
+    ("first_row_broadcast", first_row_broadcast, "not a causal"),
     ("alibi", alibi, "ALiBi"),
     ("softcap", softcap, "soft-capping"),
     ("weights_returned", weights_returned, "used elsewhere"),
