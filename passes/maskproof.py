@@ -55,9 +55,13 @@ def sym(x: Any) -> Optional[sympy.Expr]:
 def sym_eq(a: Optional[sympy.Expr], b: Optional[sympy.Expr]) -> bool:
     if a is None or b is None:
         return False
+    if a == b:
+        return True
     d = sympy.expand(a - b)
     if d == 0:
         return True
+    if d.is_Number or not d.free_symbols:
+        return False
     try:
         return sympy.simplify(d) == 0
     except Exception:  # noqa: BLE001
