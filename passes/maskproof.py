@@ -802,9 +802,13 @@ def _flipped(kind, a, b) -> bool:
 
 
 def prove_causal(atoms, Lq, T, logits_ndim: int, box: Optional[Tuple[int, int]] = None) -> CausalProof:
-    lins = sorted({at for at in atoms if at[0] == "lin"}, key=str)
-    opqs = [at for at in atoms if at[0] == "opq"]
     Lq_i, T_i = static_int(Lq), static_int(T)
+    lins = {at for at in atoms if at[0] == "lin"}
+    if Lq_i == 1:  # one query row (a decode step): its index is 0
+        lins = {lin_atom({d: c for d, c in at[1] if d != -2}, at[2]) for at in lins}
+    lins = sorted(lins, key=str)
+    opqs = [at for at in atoms if at[0] == "opq"]
+    causal_coef = [{-1: 1, -2: -1}] + ([{-1: 1}] if Lq_i == 1 else [])
     kept, redundant = [], []
     for at in lins:
         coef = dict(at[1])
@@ -826,14 +830,14 @@ def prove_causal(atoms, Lq, T, logits_ndim: int, box: Optional[Tuple[int, int]] 
         if not sup <= {-4, -1}:
             return CausalProof(False, "mask depends on runtime data along query/head axes")
     if not kept:
-        causal = [at for at in redundant if dict(at[1]) == {-1: 1, -2: -1}]
+        causal = [at for at in redundant if dict(at[1]) in causal_coef]
         if len(causal) != 1:
             return CausalProof(False, "no causal structure in the mask (bidirectional attention)")
         kept = causal  # the mask is a causal comparison that these shapes make all-true
     if len(kept) > 1:
         return CausalProof(False, "mask restricts positions beyond causality (sliding window / prefix-LM / band)")
     coef = dict(kept[0][1])
-    if coef != {-1: 1, -2: -1}:
+    if coef not in causal_coef:
         if coef.get(-2, 0) > 0 and coef.get(-1, 0) < 0:
             return CausalProof(False, "mask keeps keys after the query (anti-causal / prefix)")
         return CausalProof(False, f"mask is not a causal position comparison ({coef})")
