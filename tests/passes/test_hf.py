@@ -118,3 +118,16 @@ def test_hf_generate_with_cache_prefill_and_decode():
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(ref.scores, out.scores):
         assert (a - b).abs().max() <= 1e-4
+
+
+def test_hf_packed_sequences_left_alone():
+    """position_ids restarting inside a row (packed sequences): the mask compares runtime positions
+    along the query axis, so nothing may be rewritten."""
+    import slcompile
+
+    m = tiny("llama", "sdpa")
+    ids = torch.randint(0, V, (1, 12))
+    pos = torch.cat([torch.arange(6), torch.arange(6)])[None]
+    rep = slcompile.explain(m, kwargs={"input_ids": ids, "position_ids": pos, "use_cache": False})
+    assert rep.found == 2 and rep.rewritten == 0, rep.sites
+    assert all("runtime" in s.reason for s in rep.sites), [s.reason for s in rep.sites]
