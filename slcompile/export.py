@@ -7,11 +7,12 @@ the model with no plugin. The sequence axis stays dynamic when the program's is 
 archives and ``slcompile.convert`` keep it dynamic); a program exported with static shapes is
 re-exported with the sequence axis (dim 1 of a 2-D integer input such as token ids) dynamic.
 
-``export_tensorrt(program, path, example_inputs=...)`` compiles the program with torch-tensorrt
-(``ir="dynamo"``), with converters for the two ops that lower them to TensorRT layers through the
-same standard-operator decomposition (``slcompile.trt_converters`` is not needed: the ops are
-decomposed into aten ops before TensorRT sees them). It needs ``torch_tensorrt`` and
-``tensorrt``, and raises ``ExportDependencyError`` naming the missing package otherwise.
+``export_tensorrt(program, path, example_inputs=...)`` has two routes: the ONNX form above parsed
+by TensorRT's ONNX parser into a serialized engine (``model.engine``; needs ``tensorrt``), or
+torch-tensorrt's dynamo compiler with the two ops registered as generated plugins
+(``register_tensorrt_plugins``; ``model.ep``; needs ``torch-tensorrt`` and TensorRT >= 10.7). A
+missing package raises ``ExportDependencyError`` naming it. Neither route has been run against a
+real TensorRT here (see README, "Export"); the ONNX form is the one tested end to end.
 """
 
 from __future__ import annotations
@@ -114,7 +115,160 @@ def export_onnx(program: "torch.export.ExportedProgram", path: str, example_inpu
     return path
 
 
-def export_tensorrt(program, path, example_inputs=None, **kw):
+
+# --------------------------------------------------------------------------------------------
+# TensorRT
+# --------------------------------------------------------------------------------------------
+
+ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+
+
+def register_tensorrt_plugins() -> None:
+    """Register the two ops with torch-tensorrt as Quick Deployable Plugins (TensorRT >= 10.7):
+    torch-tensorrt generates the plugin (shapes from the ops' fake implementations, execution by
+    the ops themselves, i.e. the Triton kernels on CUDA) and a ``dynamo_tensorrt_converter`` for
+    each op, so the compiled engine runs them without a graph break. Idempotent."""
+    global _PLUGINS_REGISTERED
+    if _PLUGINS_REGISTERED:
+        return
     _require("tensorrt", "tensorrt", "TensorRT export")
-    _require("torch_tensorrt", "torch-tensorrt", "TensorRT export")
-    raise NotImplementedError
+    ttrt = _require("torch_tensorrt", "torch-tensorrt", "TensorRT export")
+    import slcompile.kernels.ops  # noqa: F401  (defines torch.ops.superlinear)
+
+    feats = getattr(ttrt, "ENABLED_FEATURES", None)
+    if feats is not None and not getattr(feats, "qdp_plugin", False):
+        raise ExportDependencyError("TensorRT export through torch-tensorrt needs TensorRT >= 10.7 "
+                                    "(Quick Deployable Plugins: torch_tensorrt.ENABLED_FEATURES.qdp_plugin "
+                                    "is False); or write an engine from the ONNX form: -o model.engine")
+    for name in ("superlinear::span_search", "superlinear::span_attention"):
+        ttrt.dynamo.conversion.plugins.custom_op(name, supports_dynamic_shapes=True)
+    _PLUGINS_REGISTERED = True
+
+
+_PLUGINS_REGISTERED = False
+
+
+def tensorrt_profile(onnx_model, feeds, max_seq_len: Optional[int] = None, min_seq_len: int = 2):
+    """Optimisation profile for TensorRT: {input name: (min, opt, max) shapes}. Dimensions that are
+    symbolic in the ONNX graph (the sequence axis) range over [min_seq_len, max_seq_len] with the
+    example's size as the optimum (max default: 8x the example, at least 4096); static ones are
+    fixed. ``feeds``: {input name: example array}."""
+    prof = {}
+    for inp in onnx_model.graph.input:
+        if inp.name not in feeds:
+            raise ValueError(f"no example value for ONNX input {inp.name!r}")
+        ex = tuple(int(d) for d in feeds[inp.name].shape)
+        dims = inp.type.tensor_type.shape.dim
+        if len(dims) != len(ex):
+            raise ValueError(f"ONNX input {inp.name!r} has rank {len(dims)}, example has shape {ex}")
+        lo, opt, hi = [], [], []
+        for d, n in zip(dims, ex):
+            if d.HasField("dim_value"):
+                lo.append(n), opt.append(n), hi.append(n)
+            else:
+                top = max_seq_len if max_seq_len is not None else max(4096, 8 * n)
+                if top < n:
+                    raise ValueError(f"max_seq_len={top} is below the example's size {n} of {inp.name!r}")
+                lo.append(min(min_seq_len, n)), opt.append(n), hi.append(top)
+        prof[inp.name] = (tuple(lo), tuple(opt), tuple(hi))
+    return prof
+
+
+def _onnx_feeds(onnx_model, args, kwargs):
+    flat = [a for a in list(args) + [kwargs[k] for k in kwargs] if isinstance(a, torch.Tensor)]
+    names = [i.name for i in onnx_model.graph.input]
+    if len(names) != len(flat):
+        raise ValueError(f"the ONNX graph has {len(names)} inputs, the example has {len(flat)} tensors")
+    return {n: t.detach().cpu().numpy() for n, t in zip(names, flat)}
+
+
+def build_tensorrt_engine(onnx_path: str, engine_path: str, profile, *, fp16: bool = False,
+                          workspace_bytes: Optional[int] = None) -> str:
+    """Parse the ONNX file with TensorRT's ONNX parser (no plugin: standard operators only), build
+    a serialized engine with one optimisation profile and write it to ``engine_path``."""
+    trt = _require("tensorrt", "tensorrt", "TensorRT export")
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH", None)
+    network = builder.create_network(0 if flag is None else (1 << int(flag)))
+    parser = trt.OnnxParser(network, logger)
+    with open(onnx_path, "rb") as f:
+        ok = parser.parse(f.read())
+    if not ok:
+        errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT's ONNX parser rejected {onnx_path}: {errs or 'no detail'}")
+    config = builder.create_builder_config()
+    if workspace_bytes is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
+    if fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    opt = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        name = network.get_input(i).name
+        if name not in profile:
+            raise RuntimeError(f"no optimisation-profile shapes for network input {name!r}")
+        opt.set_shape(name, *profile[name])
+    config.add_optimization_profile(opt)
+    blob = builder.build_serialized_network(network, config)
+    if blob is None:
+        raise RuntimeError("TensorRT failed to build the engine (see the TensorRT log above)")
+    with open(engine_path, "wb") as f:
+        f.write(bytes(blob))
+    return engine_path
+
+
+def export_tensorrt(program: "torch.export.ExportedProgram", path: str, example_inputs=None, *,
+                    route: str = "auto", max_seq_len: Optional[int] = None, fp16: bool = False) -> str:
+    """Export ``program`` for TensorRT. Two routes:
+
+    * ``route="onnx"`` (the default for paths ending in .engine/.plan/.trt): the standard-operator
+      ONNX form (``export_onnx``) parsed by TensorRT's ONNX parser into a serialized engine with a
+      dynamic sequence axis (profile: ``tensorrt_profile``). Needs the ``tensorrt`` package.
+    * ``route="torch_tensorrt"`` (the default otherwise, e.g. ``model.ep``): torch-tensorrt's
+      dynamo compiler with the two ops as generated plugins (``register_tensorrt_plugins``), saved
+      with ``torch_tensorrt.save`` as an ExportedProgram. Needs ``torch-tensorrt`` and
+      ``tensorrt`` >= 10.7, and a CUDA device.
+
+    Raises ``ExportDependencyError`` naming the missing package."""
+    if route == "auto":
+        route = "onnx" if path.lower().endswith(ENGINE_SUFFIXES) else "torch_tensorrt"
+    if route not in ("onnx", "torch_tensorrt"):
+        raise ValueError(f"route={route!r}: expected 'auto', 'onnx' or 'torch_tensorrt'")
+    args, kwargs = _split_inputs(program, example_inputs)
+    if route == "onnx":
+        _require("tensorrt", "tensorrt", "TensorRT export")
+        import tempfile
+
+        import onnx
+
+        with tempfile.TemporaryDirectory() as d:
+            onnx_path = os.path.join(d, "model.onnx")
+            export_onnx(program, onnx_path, example_inputs=(args, kwargs))
+            model = onnx.load(onnx_path)
+            profile = tensorrt_profile(model, _onnx_feeds(model, args, kwargs), max_seq_len)
+            return build_tensorrt_engine(onnx_path, path, profile, fp16=fp16)
+    register_tensorrt_plugins()
+    ttrt = importlib.import_module("torch_tensorrt")
+    if not torch.cuda.is_available():
+        raise RuntimeError("TensorRT export through torch-tensorrt needs a CUDA device")
+    if kwargs:
+        raise ValueError("TensorRT export takes positional example inputs only")
+    program = _with_dynamic_sequence(program, args, kwargs)
+    dev_args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
+    inputs = []
+    for a in dev_args:
+        if not isinstance(a, torch.Tensor):
+            inputs.append(a)
+            continue
+        shp = tuple(a.shape)
+        if a.dim() == 2 and not a.is_floating_point() and _has_dynamic_input(program):
+            top = max_seq_len if max_seq_len is not None else max(4096, 8 * shp[1])
+            inputs.append(ttrt.Input(min_shape=(shp[0], min(2, shp[1])), opt_shape=shp,
+                                     max_shape=(shp[0], top), dtype=a.dtype))
+        else:
+            inputs.append(ttrt.Input(shape=shp, dtype=a.dtype))
+    enabled = {torch.float16} if fp16 else {torch.float32}
+    trt_gm = ttrt.dynamo.compile(program, arg_inputs=inputs, enabled_precisions=enabled,
+                                 min_block_size=1)
+    ttrt.save(trt_gm, path, output_format="exported_program", arg_inputs=list(dev_args))
+    return path

@@ -113,8 +113,23 @@ def _power_of_count(t1, r: float):
     return _snap(op.Pow(x, _f64(r)))
 
 
+def _ceil_sqrt(x):
+    """Exact ceil(sqrt(x)) for int64 x >= 0: a float estimate, then integer fix-ups (exact even
+    where a runtime computes the estimate in float32, as TensorRT does with float64)."""
+    s = op.Cast(op.Ceil(op.Sqrt(op.Cast(x, to=_F64))), to=_I64)
+    s = op.Where(op.GreaterOrEqual(op.Mul(op.Sub(s, _i64(1)), op.Sub(s, _i64(1))), x), op.Sub(s, _i64(1)), s)
+    s = op.Where(op.Less(op.Mul(s, s), x), op.Add(s, _i64(1)), s)
+    return op.Max(s, _i64(0))
+
+
 def _extent(t1, r: float, factor: float):
-    """int64 ceil(snap(factor * snap((t+1)^r))) for int64 t1 = t+1 (kernels/geometry.span_extents)."""
+    """int64 ceil(snap(factor * snap((t+1)^r))) for int64 t1 = t+1 (kernels/geometry.span_extents).
+    For r = 1/2 and an integer factor^2 (the default bf = 2: 4), the exact integer form
+    ceil(sqrt(factor^2 * (t+1)))."""
+    if r == 0.5:
+        K = factor * factor
+        if abs(K - round(K)) <= 1e-12 * max(1.0, K) and K < 2**20:
+            return _ceil_sqrt(op.Mul(t1, _i64(int(round(K)))))
     x = _power_of_count(t1, r)
     return op.Cast(op.Ceil(_snap(op.Mul(_f64(factor), x))), to=_I64)
 

@@ -204,7 +204,40 @@ def test_block_search_key_is_refused_with_a_clear_error(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# TensorRT
+# geometry: the ONNX integer tables equal kernels/geometry.py (onnxscript eager mode runs the ops)
+# --------------------------------------------------------------------------------------------
+
+def test_onnx_geometry_matches_kernels_geometry():
+    import math
+
+    from slcompile import onnx_ops as O
+    from slcompile.kernels.geometry import span_extents, stripe_deltas
+
+    def _np(x):  # onnxscript eager tensors: .value is the numpy array (np.asarray would iterate)
+        return np.asarray(x.value if hasattr(x, "value") else x)
+
+    N = 100_000
+    t1 = np.arange(1, N + 1, dtype=np.int64)
+    for r, f in ((0.5, 2.0), (0.5, 1.5), (0.5, 3.0), (0.7, 1.5), (0.0, 3.0), (1.0, 0.25), (0.5, 0.0), (0.25, 2.5)):
+        got = _np(O._extent(t1, r, f))
+        want = span_extents(N, r, f, 0.0)[0].numpy()
+        assert np.array_equal(got, want), (r, f, np.flatnonzero(got != want)[:5])
+    i = np.arange(1, 5000, dtype=np.int64)
+    for p in (0.5, 1 / 3, 0.4, 0.75, 1.0):
+        got = _np(O._deltas(i, p))
+        assert np.array_equal(got, stripe_deltas(4999, p).numpy()), p
+    # the exact integer ceil(sqrt) (r = 1/2 path) far beyond what the tables above reach
+    rng = np.random.default_rng(0)
+    xs = np.concatenate([rng.integers(0, 2**46, 2000), np.arange(0, 2000) ** 2,
+                         np.arange(1, 2000) ** 2 - 1, (2**23 + np.arange(50)) ** 2 + 1]).astype(np.int64)
+    got = _np(O._ceil_sqrt(xs))
+    want = np.array([math.isqrt(int(x)) + (math.isqrt(int(x)) ** 2 < int(x)) for x in xs])
+    assert np.array_equal(got, want)
+
+
+# --------------------------------------------------------------------------------------------
+# TensorRT (no TensorRT here: its use is tested through a recording stand-in; the real compile
+# tests skip without it)
 # --------------------------------------------------------------------------------------------
 
 def _have(mod):
@@ -215,9 +248,119 @@ def _have(mod):
         return False
 
 
-@pytest.mark.skipif(_have("tensorrt") and _have("torch_tensorrt"), reason="TensorRT is installed")
-def test_tensorrt_missing_is_a_clear_error(lm, tmp_path):
+@pytest.mark.skipif(_have("tensorrt"), reason="TensorRT is installed")
+@pytest.mark.parametrize("name", ["m.ep", "m.engine"])
+def test_tensorrt_missing_is_a_clear_error(lm, tmp_path, name):
     with pytest.raises(ExportDependencyError) as ei:
-        export_tensorrt(lm["program"], str(tmp_path / "m.ep"), example_inputs=((lm["ids"],), {}))
-    assert "tensorrt" in str(ei.value)
-    assert not (tmp_path / "m.ep").exists()
+        export_tensorrt(lm["program"], str(tmp_path / name), example_inputs=((lm["ids"],), {}))
+    assert "'tensorrt'" in str(ei.value)
+    assert not (tmp_path / name).exists()
+
+
+def test_tensorrt_profile_from_the_onnx_graph(lm):
+    from slcompile.export import tensorrt_profile
+
+    m = onnx.load(lm["path"])
+    name = m.graph.input[0].name
+    prof = tensorrt_profile(m, {name: lm["ids"].numpy()})
+    assert prof == {name: ((1, 2), (1, 48), (1, 4096))}
+    assert tensorrt_profile(m, {name: lm["ids"].numpy()}, max_seq_len=100)[name][2] == (1, 100)
+    with pytest.raises(ValueError, match="below the example"):
+        tensorrt_profile(m, {name: lm["ids"].numpy()}, max_seq_len=10)
+
+
+class _FakeTRT:
+    """Records what build_tensorrt_engine asks of the tensorrt module (a stand-in, not TensorRT)."""
+
+    def __init__(self, parse_ok=True):
+        import types
+
+        rec = self.rec = {"shapes": {}, "parsed": None}
+        self.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda s, lvl: None})
+        self.NetworkDefinitionCreationFlag = types.SimpleNamespace(EXPLICIT_BATCH=0)
+        self.MemoryPoolType = types.SimpleNamespace(WORKSPACE=0)
+        self.BuilderFlag = types.SimpleNamespace(FP16=1)
+
+        class Inp:
+            def __init__(s, n):
+                s.name = n
+
+        class Net:
+            def __init__(s):
+                s.names = []
+
+            @property
+            def num_inputs(s):
+                return len(s.names)
+
+            def get_input(s, i):
+                return Inp(s.names[i])
+
+        class Parser:
+            def __init__(s, net, logger):
+                s.net = net
+                s.num_errors = 0 if parse_ok else 1
+
+            def parse(s, data):
+                rec["parsed"] = data
+                s.net.names = [i.name for i in onnx.load_from_string(data).graph.input]
+                return parse_ok
+
+            def get_error(s, i):
+                return "node 7 (TopK): unsupported"
+
+        class Profile:
+            def set_shape(s, name, lo, opt, hi):
+                rec["shapes"][name] = (lo, opt, hi)
+
+        class Config:
+            def add_optimization_profile(s, p):
+                rec["profile"] = p
+
+        class Builder:
+            def __init__(s, logger):
+                pass
+
+            def create_network(s, flags):
+                return Net()
+
+            def create_builder_config(s):
+                return Config()
+
+            def create_optimization_profile(s):
+                return Profile()
+
+            def build_serialized_network(s, net, config):
+                return b"ENGINE" if "profile" in rec else None
+
+        self.Builder, self.OnnxParser = Builder, Parser
+
+
+def test_tensorrt_engine_route_wiring(lm, tmp_path, monkeypatch):
+    fake = _FakeTRT()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    out = tmp_path / "m.engine"
+    export_tensorrt(lm["program"], str(out), example_inputs=((lm["ids"],), {}), max_seq_len=512)
+    assert out.read_bytes() == b"ENGINE"
+    m = onnx.load_from_string(fake.rec["parsed"])  # the standard-operator ONNX form was parsed
+    assert {n.domain for n in m.graph.node} <= {"", "ai.onnx"}
+    assert fake.rec["shapes"] == {m.graph.input[0].name: ((1, 2), (1, 48), (1, 512))}
+    from slcompile.export import build_tensorrt_engine
+
+    monkeypatch.setitem(sys.modules, "tensorrt", _FakeTRT(parse_ok=False))
+    with pytest.raises(RuntimeError, match="TopK"):
+        build_tensorrt_engine(lm["path"], str(tmp_path / "x.engine"), {})
+
+
+@pytest.mark.skipif(not (_have("torch_tensorrt") and torch.cuda.is_available()),
+                    reason="needs torch-tensorrt, TensorRT >= 10.7 and a CUDA device (not installed here)")
+def test_tensorrt_compile_matches_pytorch(lm, tmp_path):  # pragma: no cover - not run here
+    out = tmp_path / "m.ep"
+    export_tensorrt(lm["program"], str(out), example_inputs=((lm["ids"],), {}))
+    import torch_tensorrt
+
+    trt_prog = torch_tensorrt.load(str(out)).module()
+    for L in (48, 133):
+        ids = torch.randint(0, TINY["vocab_size"], (1, L)).cuda()
+        want = lm["program"].module().cuda()(ids)
+        assert (trt_prog(ids) - want).abs().max().item() <= LOGIT_TOL
