@@ -37,21 +37,12 @@ def _chunk_size(per_query: int) -> int:
     return int(max(1, min(4096, _CHUNK_ELEMS // max(1, per_query))))
 
 
-def _kv_index(Hq: int, Hkv: int, device) -> torch.Tensor:
-    return torch.arange(Hq, device=device) // (Hq // Hkv)
-
-
-def _rows(x: torch.Tensor, idx: torch.Tensor, heads: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Gather rows of x [H, T, D] (index_select on a flat view, faster than advanced indexing).
-    heads None: idx [...] is shared by all heads -> [H, *idx.shape, D];
-    heads [H']: idx [H', ...] gives head heads[h]'s rows -> [H', *idx.shape[1:], D]."""
+def _rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows idx [...] of every head of x [H, T, D] -> [H, *idx.shape, D] (index_select on a flat
+    view; faster than advanced indexing)."""
     H, T, D = x.shape
-    flat = x.reshape(H * T, D)
-    if heads is None:
-        full = (torch.arange(H, device=x.device) * T).view(H, *([1] * idx.dim())) + idx
-        return flat.index_select(0, full.reshape(-1)).view(H, *idx.shape, D)
-    full = (heads * T).view(-1, *([1] * (idx.dim() - 1))) + idx
-    return flat.index_select(0, full.reshape(-1)).view(*idx.shape, D)
+    full = (torch.arange(H, device=x.device) * T).view(H, *([1] * idx.dim())) + idx
+    return x.reshape(H * T, D).index_select(0, full.reshape(-1)).view(H, *idx.shape, D)
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,7 +77,6 @@ def span_search(
     back, fwd = span_extents(T, span_power, backward_factor, forward_factor, dev)
     if search_key == "block":  # coarse-to-fine block bounds, docs/routing.md
         return _block_search(qs, k, key_padding_mask, pos, W, topk, back, fwd, anchors, scores)
-    kvh = _kv_index(Hq, Hkv, dev)
     g = Hq // Hkv
 
     if search_key == "mean":
