@@ -50,6 +50,44 @@ def _next_tile(cur, sk_ok, sk_hi_t, win_ok, win_lo_t, win_hi_t, sp_ok, sp_lo_t, 
 
 
 @triton.jit
+def _tile_scores(q, kbase, offn64, nmask, offd, skn, skd, qk_scale, D: tl.constexpr,
+                 IEEE: tl.constexpr, DOT_F32: tl.constexpr):
+    """Scaled logits of q [BLOCK_M, BLOCK_D] against the key tile at rows offn64 (log2 domain)."""
+    kt = tl.load(kbase + offn64[None, :] * skn + offd[:, None] * skd,
+                 mask=nmask[None, :] & (offd[:, None] < D), other=0.0)
+    if IEEE:
+        s = tl.dot(q, kt, input_precision="ieee")
+    elif DOT_F32:  # the interpreter's bf16 dot is wrong: emulate it in fp32
+        s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
+    else:
+        s = tl.dot(q, kt)
+    return s * qk_scale
+
+
+@triton.jit
+def _tile_update(s, keep, m_i, l_i, acc, vbase, offn64, nmask, offdv, svn, svd, DV: tl.constexpr,
+                 IEEE: tl.constexpr, DOT_F32: tl.constexpr):
+    """One online-softmax step: mask the logits s by keep, rescale the running (m, l, acc) and add
+    the tile's values. Rows with nothing kept so far stay at m = -inf, l = 0, acc = 0."""
+    s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    vt = tl.load(vbase + offn64[:, None] * svn + offdv[None, :] * svd,
+                 mask=nmask[:, None] & (offdv[None, :] < DV), other=0.0)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
+    elif DOT_F32:
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype).to(tl.float32),
+                                            vt.to(tl.float32), input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _attend(q, kbase, vbase, kpbase, t, sk_ok, sk_hi, win_ok, win_lo, sp_ok, sp_lo, sp_hi,
             T, qk_scale, skn, skd, svn, svd, skpn,
             HAS_KPM: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr, D: tl.constexpr,
@@ -70,15 +108,7 @@ def _attend(q, kbase, vbase, kpbase, t, sk_ok, sk_hi, win_ok, win_lo, sp_ok, sp_
         offn = nxt * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = offn < T
         offn64 = offn.to(tl.int64)
-        kt = tl.load(kbase + offn64[None, :] * skn + offd[:, None] * skd,
-                     mask=nmask[None, :] & (offd[:, None] < D), other=0.0)
-        if IEEE:
-            s = tl.dot(q, kt, input_precision="ieee")
-        elif DOT_F32:  # the interpreter's bf16 dot is wrong: emulate it in fp32
-            s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
-        else:
-            s = tl.dot(q, kt)
-        s = s * qk_scale
+        s = _tile_scores(q, kbase, offn64, nmask, offd, skn, skd, qk_scale, D, IEEE, DOT_F32)
         keep = (offn[None, :] <= t[:, None]) & nmask[None, :]
         fixed = (sk_ok[:, None] & (offn[None, :] <= sk_hi[:, None])) | \
                 (win_ok[:, None] & (offn[None, :] >= win_lo[:, None]))
@@ -92,22 +122,8 @@ def _attend(q, kbase, vbase, kpbase, t, sk_ok, sk_hi, win_ok, win_lo, sp_ok, sp_
         if HAS_KPM:
             kp = tl.load(kpbase + offn64 * skpn, mask=nmask, other=0)
             keep = keep & (kp != 0)[None, :]
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        vt = tl.load(vbase + offn64[:, None] * svn + offdv[None, :] * svd,
-                     mask=nmask[:, None] & (offdv[None, :] < DV), other=0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
-        elif DOT_F32:
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype).to(tl.float32),
-                                                vt.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-        m_i = m_new
+        acc, l_i, m_i = _tile_update(s, keep, m_i, l_i, acc, vbase, offn64, nmask, offdv, svn, svd,
+                                     DV, IEEE, DOT_F32)
         nxt = _next_tile(nxt + 1, sk_ok, sk_hi_t, win_ok, win_lo_t, win_hi_t, sp_ok, sp_lo_t,
                          sp_hi_t)
     return acc, l_i, m_i
@@ -314,35 +330,13 @@ def _span_pairs_kernel(
         offn = ks + tl.arange(0, BLOCK_N)
         offn64 = offn.to(tl.int64)
         nmask = offn <= hi_max
-        kt = tl.load(kbase + offn64[None, :] * skn + offd[:, None] * skd,
-                     mask=nmask[None, :] & (offd[:, None] < D), other=0.0)
-        if IEEE:
-            s = tl.dot(q, kt, input_precision="ieee")
-        elif DOT_F32:
-            s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
-        else:
-            s = tl.dot(q, kt)
-        s = s * qk_scale
+        s = _tile_scores(q, kbase, offn64, nmask, offd, skn, skd, qk_scale, D, IEEE, DOT_F32)
         keep = (offn[None, :] >= lo[:, None]) & (offn[None, :] <= hi[:, None])
         if HAS_KPM:
             kp = tl.load(KPM + b * skpb + offn64 * skpn, mask=nmask, other=0)
             keep = keep & (kp != 0)[None, :]
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        vt = tl.load(vbase + offn64[:, None] * svn + offdv[None, :] * svd,
-                     mask=nmask[:, None] & (offdv[None, :] < DV), other=0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
-        elif DOT_F32:
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype).to(tl.float32),
-                                                vt.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-        m_i = m_new
+        acc, l_i, m_i = _tile_update(s, keep, m_i, l_i, acc, vbase, offn64, nmask, offdv, svn, svd,
+                                     DV, IEEE, DOT_F32)
         ks += BLOCK_N
     lpos = l_i > 0
     lse = tl.where(lpos, m_i + tl.log2(tl.where(lpos, l_i, 1.0)), float("-inf"))
