@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 COMBINE_MODES = ("union", "gated")
 SEARCH_KEYS = ("anchor", "mean", "block")
+NSTEP_SEARCH_KEYS = ("anchor", "mean")  # search keys of the N-step search (steps >= 3)
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -53,6 +54,11 @@ class SuperlinearConfig:
             O(sqrt(t)) per query; see docs/routing.md).
         dense_below: if the number of keys T <= dense_below, exact dense causal attention.
         scale: softmax scale; None means 1/sqrt(head_dim) (or the scale of the matched graph).
+        steps: N, the number of search-and-attend steps (2..8). 2 is SPEC.md's stripe search;
+            N >= 3 is the hierarchical search of docs/nstep.md (cells of about t^(1/N) keys, a
+            beam search over N-1 levels, O(L^(1+1/N)) per prefill). With N >= 3,
+            search_power/span_power keep their defaults (the powers are 1/N) and search_key is
+            "anchor" or "mean".
     """
 
     window: int = 64
@@ -66,6 +72,7 @@ class SuperlinearConfig:
     search_key: str = "anchor"
     dense_below: int = 12288
     scale: Optional[float] = None
+    steps: int = 2
 
     def __post_init__(self) -> None:
         _check_int("window", self.window, 0)
@@ -84,6 +91,22 @@ class SuperlinearConfig:
             if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) \
                     or not math.isfinite(self.scale) or self.scale <= 0:
                 _fail("scale", self.scale, "None or a finite number > 0")
+        _check_int("steps", self.steps, 2, 8)
+        if self.steps != 2:
+            if self.search_key not in NSTEP_SEARCH_KEYS:
+                _fail("search_key", self.search_key,
+                      f"one of {NSTEP_SEARCH_KEYS} with steps={self.steps} (docs/nstep.md)")
+            for name in ("search_power", "span_power"):
+                if getattr(self, name) != 0.5:
+                    raise ValueError(
+                        f"SuperlinearConfig.{name}={getattr(self, name)!r} is invalid with "
+                        f"steps={self.steps}: it sets the steps=2 stripe geometry; steps=N uses "
+                        f"the power 1/N (docs/nstep.md), so leave {name} at its default 0.5")
+
+    @property
+    def attention_span_power(self) -> float:
+        """The span power span-attention runs with: span_power for steps=2, 1/steps otherwise."""
+        return self.span_power if self.steps == 2 else 1.0 / self.steps
 
     def replace(self, **changes: Any) -> "SuperlinearConfig":
         """A copy with some fields changed (validated again)."""
