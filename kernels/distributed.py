@@ -1,0 +1,413 @@
+"""Sequence-parallel superlinear attention over ``torch.distributed`` (NCCL on GPUs, gloo on CPU).
+
+The sequence is cut into equal contiguous chunks, one per rank of the process group: group rank r
+holds the queries, keys and values of positions [r*C, (r+1)*C). Each query's whole softmax is
+computed on the rank that holds the query, by the single-device ops (``torch.ops.superlinear``: the
+reference on CPU, the Triton kernels on CUDA) over a local key buffer of length (r+1)*C in which the
+rank's own chunk is filled in and, of the earlier chunks, only the rows the query's selection reads:
+
+1. **search rows**: the keys span-search scores. With ``search_key="anchor"`` these are the stripe
+   anchors t - delta_i of the rank's queries (delta_i >= W), computed from the geometry alone, so
+   every rank knows them before any data moves; ``"mean"`` and ``"block"`` summarise every earlier
+   key, so they fetch all earlier K (and no V).
+2. span-search runs locally, giving each query its kept anchors;
+3. **attention rows**: K and V of the blocks the kept spans, the window and the sinks (the first
+   keys, on rank 0) touch, per batch row and kv head; K rows already fetched in 1 are not fetched
+   again.
+
+Rows travel in blocks of ``block`` rows of one (batch row, kv head); a rank asks each owner for its
+blocks with three ``all_to_all_single`` calls (request counts, block indices, block rows). Later
+chunks are never read (causality), so rank 0 receives nothing. Since every attended key of a query
+is present in the buffer, and the ops see the query at its global position (bottom-right
+alignment over the (r+1)*C keys), the result equals single-device superlinear attention on the
+whole sequence: no partial softmax crosses a rank, and the exact log-sum-exp merge of the sinks,
+window and span partials is the one the ops already do. Rows of the buffer that are not fetched
+hold zeros and are never attended.
+
+``comm="all_gather"`` is the baseline: ``all_gather`` every chunk's K and V (and use the first r+1
+of them) and run the same local compute.
+
+Bytes are counted as logical payload exchanged with other ranks (a rank's own chunk is not
+counted); see `CommStats`. Memory per rank is O((r+1)*C) for the key buffer, like the baseline:
+only the traffic is selective.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import ops as _ops  # noqa: F401  (registers torch.ops.superlinear)
+from .config import SuperlinearConfig
+from .geometry import num_stripes, stripe_deltas, span_extents
+
+COMM_MODES = ("selective", "all_gather")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_NAME = "sequence_parallel_superlinear_attention"
+# Meta vector every rank shares before any data moves (validation across ranks).
+_META = ("ok", "B", "Hq", "Hkv", "C", "D", "Dv", "dtype", "cuda", "has_mask", "has_search_query")
+
+
+@dataclass
+class CommStats:
+    """Bytes one rank exchanged with the other ranks of the group in one call.
+
+    Logical payload: what the rank put into collectives for other ranks (``sent``) and took out of
+    them from other ranks (``received``); its own chunk is not counted (an ``all_gather`` of n bytes
+    over P ranks counts (P-1)*n each way). Categories: ``"meta"`` (shape check), ``"mask"`` (key
+    padding mask), ``"count"`` and ``"index"`` (block requests), ``"k"`` and ``"v"`` (rows of K and
+    V; a block at the end of a chunk that is not a multiple of ``block`` travels padded).
+    ``k_blocks``/``v_blocks``: blocks of (block rows, one batch row, one kv head) this rank
+    requested."""
+
+    rank: int
+    world_size: int
+    block: int
+    sent: Dict[str, int] = field(default_factory=dict)
+    received: Dict[str, int] = field(default_factory=dict)
+    k_blocks: int = 0
+    v_blocks: int = 0
+
+    def add(self, category: str, sent: int, received: int) -> None:
+        self.sent[category] = self.sent.get(category, 0) + int(sent)
+        self.received[category] = self.received.get(category, 0) + int(received)
+
+    @property
+    def total_sent(self) -> int:
+        return sum(self.sent.values())
+
+    @property
+    def total_received(self) -> int:
+        return sum(self.received.values())
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------
+
+def _meta_device(group) -> torch.device:
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _local_problem(q, k, v, qs, kpm, backend) -> Optional[str]:
+    """What is wrong with this rank's inputs, or None."""
+    for name, t in (("q_local", q), ("k_local", k), ("v_local", v)):
+        if not isinstance(t, Tensor):
+            return f"{name} must be a torch.Tensor, got {type(t).__name__}"
+        if t.dim() != 4:
+            return f"{name} must be 4-D [B, H, C, D], got shape {tuple(t.shape)}"
+        if t.dtype not in _FLOAT_DTYPES:
+            return f"{name} dtype {t.dtype} is not a floating type"
+    if not (q.dtype == k.dtype == v.dtype):
+        return f"q_local, k_local, v_local must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
+    if not (q.device == k.device == v.device):
+        return f"q_local, k_local, v_local must be on one device, got {q.device}, {k.device}, {v.device}"
+    if backend == "nccl" and q.device.type != "cuda":
+        return f"the NCCL backend needs CUDA tensors, got {q.device}"
+    B, Hq, C, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        return f"batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}"
+    if k.shape[2] != C or v.shape[2] != C:
+        return f"queries and keys/values must cover the same chunk: q {C}, k {k.shape[2]}, v {v.shape[2]} positions"
+    if k.shape[1] != v.shape[1]:
+        return f"k_local and v_local head counts differ: {k.shape[1]} vs {v.shape[1]}"
+    if k.shape[3] != D:
+        return f"query head dim {D} != key head dim {k.shape[3]}"
+    if C == 0 or Hq == 0 or k.shape[1] == 0 or D == 0 or v.shape[3] == 0:
+        return f"empty chunk, heads or head dim: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    if Hq % k.shape[1] != 0:
+        return f"query heads {Hq} are not a multiple of key/value heads {k.shape[1]}"
+    if qs is not None:
+        if not isinstance(qs, Tensor) or tuple(qs.shape) != tuple(q.shape) or qs.dtype != q.dtype \
+                or qs.device != q.device:
+            got = tuple(qs.shape) if isinstance(qs, Tensor) else type(qs).__name__
+            return f"search_query_local must match q_local (shape {tuple(q.shape)}, {q.dtype}, {q.device}), got {got}"
+    if kpm is not None:
+        if not isinstance(kpm, Tensor) or kpm.dtype != torch.bool:
+            return "key_padding_mask_local must be a bool tensor (True = key present)"
+        if tuple(kpm.shape) != (B, C) or kpm.device != q.device:
+            return f"key_padding_mask_local must be [B, C] = {(B, C)} on {q.device}, got {tuple(kpm.shape)} on {kpm.device}"
+    return None
+
+
+def _check_group(q, k, v, qs, kpm, group, stats) -> Tuple[int, int]:
+    """Validate every rank's inputs together (so that all ranks raise, none hangs in a collective).
+    Returns (rank, world size)."""
+    rank, P = dist.get_rank(group), dist.get_world_size(group)
+    problem = _local_problem(q, k, v, qs, kpm, dist.get_backend(group))
+    if problem is None:
+        B, Hq, C, D = q.shape
+        meta = [1, B, Hq, k.shape[1], C, D, v.shape[3], _FLOAT_DTYPES.index(q.dtype),
+                int(q.device.type == "cuda"), int(kpm is not None), int(qs is not None)]
+    else:
+        meta = [0] * len(_META)
+    mine = torch.tensor(meta, dtype=torch.int64, device=_meta_device(group))
+    every = [torch.empty_like(mine) for _ in range(P)]
+    dist.all_gather(every, mine, group=group)
+    stats.add("meta", (P - 1) * mine.numel() * 8, (P - 1) * mine.numel() * 8)
+    rows = [e.tolist() for e in every]
+    if problem is not None:
+        raise ValueError(f"{_NAME}: rank {rank}: {problem}")
+    bad = [i for i, m in enumerate(rows) if m[0] == 0]
+    if bad:
+        raise ValueError(f"{_NAME}: rank(s) {bad} of the group passed invalid inputs (see their error)")
+    if any(m != rows[0] for m in rows):
+        desc = "; ".join(f"rank {i}: " + ", ".join(f"{n}={x}" for n, x in zip(_META[1:], m[1:]))
+                         for i, m in enumerate(rows))
+        raise ValueError(f"{_NAME}: every rank must hold an equal contiguous chunk with the same "
+                         f"shapes, dtype, device type and optional inputs; got {desc}")
+    return rank, P
+
+
+# --------------------------------------------------------------------------------------------
+# moving rows
+# --------------------------------------------------------------------------------------------
+
+def _all_to_all(out: Tensor, inp: Tensor, out_splits: List[int], in_splits: List[int], group) -> None:
+    dist.all_to_all_single(out, inp, output_split_sizes=out_splits, input_split_sizes=in_splits,
+                           group=group)
+
+
+def _fetch_blocks(buf: Tensor, x: Tensor, need: Tensor, block: int, group, stats: CommStats,
+                  category: str) -> int:
+    """Copy into ``buf`` [B, H, (r+1)*C, Dx] the blocks ``need`` [P, B, H, nb] (owner rank, batch
+    row, head, block of the owner's chunk) from their owners; serve the blocks other ranks ask of
+    this rank's ``x`` [B, H, C, Dx]. Collective: every rank of the group calls it. Returns the number
+    of blocks requested."""
+    rank, P = dist.get_rank(group), dist.get_world_size(group)
+    B, H, C, Dx = x.shape
+    nb = need.shape[-1]
+    dev = x.device
+    # 1. how many blocks each rank asks of each owner
+    reqs = [torch.nonzero(need[q].reshape(-1)).flatten() for q in range(P)]
+    send_counts = [int(r_.numel()) for r_ in reqs]
+    counts_in = torch.tensor(send_counts, dtype=torch.int64, device=dev)
+    counts_out = torch.empty_like(counts_in)
+    _all_to_all(counts_out, counts_in, [1] * P, [1] * P, group)
+    recv_counts = counts_out.tolist()
+    stats.add("count", 8 * (P - 1), 8 * (P - 1))
+    # 2. which blocks (flat index into [B, H, nb] of the owner)
+    send_idx = torch.cat(reqs) if reqs else torch.empty(0, dtype=torch.int64, device=dev)
+    recv_idx = torch.empty(sum(recv_counts), dtype=torch.int64, device=dev)
+    _all_to_all(recv_idx, send_idx, recv_counts, send_counts, group)
+    stats.add("index", 8 * (sum(send_counts) - send_counts[rank]),
+              8 * (sum(recv_counts) - recv_counts[rank]))
+    # 3. the rows, as raw bytes (any dtype over any backend)
+    padded = x
+    if nb * block != C:
+        padded = torch.zeros(B, H, nb * block, Dx, dtype=x.dtype, device=dev)
+        padded[:, :, :C] = x
+    blocks = padded.reshape(B * H * nb, block, Dx)
+    row_bytes = block * Dx * x.element_size()
+    payload = blocks.index_select(0, recv_idx).view(torch.uint8).reshape(recv_idx.numel(), row_bytes)
+    got = torch.empty(sum(send_counts), row_bytes, dtype=torch.uint8, device=dev)
+    _all_to_all(got, payload, send_counts, recv_counts, group)
+    stats.add(category, row_bytes * (sum(recv_counts) - recv_counts[rank]),
+              row_bytes * (sum(send_counts) - send_counts[rank]))
+    # 4. into place: owner q's block j covers positions q*C + j*block + [0, block) (< (q+1)*C)
+    if got.numel():
+        data = got.view(x.dtype).view(-1, block, Dx)
+        owner = torch.repeat_interleave(torch.arange(P, device=dev),
+                                        torch.tensor(send_counts, device=dev))
+        j = send_idx % nb
+        bh = torch.div(send_idx, nb, rounding_mode="floor")  # b * H + h
+        off = j[:, None] * block + torch.arange(block, device=dev)[None, :]  # [n, block]
+        keep = off < C
+        Tl = buf.shape[2]
+        flat = bh[:, None] * Tl + owner[:, None] * C + off
+        buf.view(B * H * Tl, Dx).index_copy_(0, flat[keep], data[keep])
+    return sum(send_counts)
+
+
+def _positions_to_blocks(need_pos: Tensor, C: int, block: int, P: int) -> Tensor:
+    """need_pos bool [B, H, r*C] (earlier positions) -> need bool [P, B, H, nb] per owner block."""
+    B, H, L = need_pos.shape
+    r = L // C
+    nb = -(-C // block)
+    x = need_pos.view(B, H, r, C)
+    if nb * block != C:
+        x = torch.nn.functional.pad(x, (0, nb * block - C))
+    blocks = x.view(B, H, r, nb, block).any(-1).permute(2, 0, 1, 3)  # [r, B, H, nb]
+    out = torch.zeros(P, B, H, nb, dtype=torch.bool, device=need_pos.device)
+    out[:r] = blocks
+    return out
+
+
+def _mark_ranges(diff: Tensor, lo: Tensor, hi: Tensor) -> None:
+    """diff int32 [..., L+1]: +1 at lo, -1 at hi+1 for the ranges lo <= hi (flat in the last dim;
+    lo/hi broadcast against diff's leading dims already flattened to [N, n])."""
+    ok = lo <= hi
+    ones = ok.to(diff.dtype)
+    diff.scatter_add_(-1, torch.where(ok, lo, 0), ones)
+    diff.scatter_add_(-1, torch.where(ok, hi + 1, 0), -ones)
+
+
+def _search_need(B: int, Hkv: int, rank: int, C: int, T: int, cfg: SuperlinearConfig,
+                 dev) -> Tensor:
+    """bool [B, Hkv, rank*C]: earlier key positions span-search reads for this rank's queries."""
+    L = rank * C
+    if cfg.search_key != "anchor":  # "mean" and "block" summarise every earlier key
+        return torch.ones(B, Hkv, L, dtype=torch.bool, device=dev)
+    deltas = stripe_deltas(num_stripes(T, cfg.search_power), cfg.search_power, dev)
+    deltas = deltas[deltas >= cfg.window]
+    # queries t in [L, L + C) read anchors t - delta: the range [L - delta, L + C - 1 - delta]
+    lo = (L - deltas).clamp(min=0)
+    hi = (L + C - 1 - deltas).clamp(max=L - 1)
+    diff = torch.zeros(1, L + 1, dtype=torch.int32, device=dev)
+    _mark_ranges(diff, lo[None], hi[None])
+    need = torch.cumsum(diff[:, :L], dim=-1) > 0
+    return need.expand(B, Hkv, L)
+
+
+def _attention_need(anchors: Tensor, B: int, Hkv: int, rank: int, C: int, T: int,
+                    cfg: SuperlinearConfig) -> Tensor:
+    """bool [B, Hkv, rank*C]: earlier key positions span-attention reads for this rank's queries
+    (kept spans, window, sinks), per batch row and kv head."""
+    dev = anchors.device
+    L = rank * C
+    W, S = min(cfg.window, T), min(cfg.sinks, T)
+    k = anchors.shape[-1]
+    g = anchors.shape[1] // Hkv
+    back, fwd = span_extents(L + C, cfg.span_power, cfg.backward_factor, cfg.forward_factor, dev)
+    t = torch.arange(L, L + C, device=dev)
+    diff = torch.zeros(B * Hkv, L + 1, dtype=torch.int32, device=dev)
+    for b in range(B):
+        for h in range(Hkv):
+            a = anchors[b, h * g:(h + 1) * g].long()  # [g, C, k]
+            lo = (a - back[t][None, :, None]).clamp(min=S)  # sinks are marked below
+            hi = torch.minimum(a + fwd[t][None, :, None], t[None, :, None] - W).clamp(max=L - 1)
+            hi = torch.where(a >= 0, hi, lo - 1)
+            _mark_ranges(diff[b * Hkv + h:b * Hkv + h + 1], lo.reshape(1, -1), hi.reshape(1, -1))
+    need = torch.cumsum(diff[:, :L], dim=-1) > 0
+    if W > 0:  # the window of the first query, L, reaches furthest back
+        need[:, max(S, L - W + 1):L] = True
+    need[:, :min(S, L)] = True
+    return need.view(B, Hkv, L)
+
+
+# --------------------------------------------------------------------------------------------
+# the entry point
+# --------------------------------------------------------------------------------------------
+
+def sequence_parallel_superlinear_attention(
+    q_local: Tensor,
+    k_local: Tensor,
+    v_local: Tensor,
+    *,
+    config: Optional[SuperlinearConfig] = None,
+    group=None,
+    scale: Optional[float] = None,
+    search_query_local: Optional[Tensor] = None,
+    key_padding_mask_local: Optional[Tensor] = None,
+    comm: str = "selective",
+    block: int = 64,
+    return_stats: bool = False,
+):
+    """Superlinear causal attention (SPEC.md) of a sequence split across the ranks of ``group``.
+
+    Group rank r holds positions [r*C, (r+1)*C) of the sequence; every rank holds C positions (an
+    equal chunk), so the sequence has T = world_size * C tokens. Collective: every rank calls it
+    with the same config and options.
+
+    Args:
+        q_local: [B, Hq, C, D] queries of this rank's chunk.
+        k_local, v_local: [B, Hkv, C, D] / [B, Hkv, C, Dv] keys and values of the chunk; Hq must
+            be a multiple of Hkv (query head h reads kv head h // (Hq / Hkv)).
+        config: `SuperlinearConfig` (defaults if None); ``dense_below`` applies to T.
+        group: process group (default: the world).
+        scale: softmax scale; overrides ``config.scale``; default 1/sqrt(D).
+        search_query_local: [B, Hq, C, D] search queries (default: ``q_local``).
+        key_padding_mask_local: bool [B, C], True where the key exists.
+        comm: ``"selective"`` (move only the rows the selection reads) or ``"all_gather"`` (the
+            baseline: gather every chunk's K and V).
+        block: rows per transferred block (selective).
+        return_stats: also return a `CommStats` of the bytes this rank exchanged.
+
+    Returns:
+        [B, Hq, C, Dv] in q's dtype, equal to rows [r*C, (r+1)*C) of single-device
+        ``superlinear_attention`` over the whole sequence; with ``return_stats``, (out, stats).
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(f"{_NAME}: torch.distributed is not initialised (call init_process_group first)")
+    if config is None:
+        config = SuperlinearConfig()
+    if not isinstance(config, SuperlinearConfig):
+        raise TypeError(f"{_NAME}: config must be a SuperlinearConfig, got {type(config).__name__}")
+    if comm not in COMM_MODES:
+        raise ValueError(f"{_NAME}: comm={comm!r} is invalid: expected one of {COMM_MODES}")
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"{_NAME}: block={block!r} is invalid: expected an int >= 1")
+    stats = CommStats(rank=dist.get_rank(group), world_size=dist.get_world_size(group), block=block)
+    rank, P = _check_group(q_local, k_local, v_local, search_query_local, key_padding_mask_local,
+                           group, stats)
+    B, Hq, C, D = q_local.shape
+    Hkv, Dv = k_local.shape[1], v_local.shape[3]
+    T, L = P * C, rank * C
+    if scale is None:
+        scale = config.scale if config.scale is not None else 1.0 / math.sqrt(D)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) \
+            or scale <= 0:
+        raise ValueError(f"{_NAME}: scale must be a finite number > 0, got {scale!r}")
+    dev = q_local.device
+    dense = T <= config.dense_below  # decided on the whole sequence, as on one device
+
+    mask = None
+    if key_padding_mask_local is not None:  # [B, T]: one bit per key, cheap next to K/V
+        parts = [torch.empty_like(key_padding_mask_local) for _ in range(P)]
+        dist.all_gather(parts, key_padding_mask_local.contiguous(), group=group)
+        stats.add("mask", (P - 1) * B * C, (P - 1) * B * C)
+        mask = torch.cat(parts[:rank + 1], dim=1)
+
+    if comm == "all_gather":
+        ks = [torch.empty_like(k_local) for _ in range(P)]
+        vs = [torch.empty_like(v_local) for _ in range(P)]
+        dist.all_gather(ks, k_local.contiguous(), group=group)
+        dist.all_gather(vs, v_local.contiguous(), group=group)
+        stats.add("k", (P - 1) * k_local.nbytes, (P - 1) * k_local.nbytes)
+        stats.add("v", (P - 1) * v_local.nbytes, (P - 1) * v_local.nbytes)
+        kbuf, vbuf = torch.cat(ks[:rank + 1], dim=2), torch.cat(vs[:rank + 1], dim=2)
+        anchors, scores = _search(q_local, search_query_local, kbuf, mask, config, dense)
+    else:
+        kbuf = k_local.new_zeros(B, Hkv, L + C, D)
+        vbuf = v_local.new_zeros(B, Hkv, L + C, Dv)
+        kbuf[:, :, L:] = k_local
+        vbuf[:, :, L:] = v_local
+        nb = -(-C // block)
+        have_k = torch.zeros(P, B, Hkv, nb, dtype=torch.bool, device=dev)
+        if not dense:  # 1. the keys span-search reads
+            need = _positions_to_blocks(_search_need(B, Hkv, rank, C, T, config, dev), C, block, P)
+            stats.k_blocks += _fetch_blocks(kbuf, k_local, need, block, group, stats, "k")
+            have_k = need
+        anchors, scores = _search(q_local, search_query_local, kbuf, mask, config, dense)
+        # 2. K and V of the kept spans, the window and the sinks (dense: every earlier key)
+        if dense:
+            need = torch.ones(P, B, Hkv, nb, dtype=torch.bool, device=dev)
+            need[rank:] = False
+        else:
+            need = _positions_to_blocks(_attention_need(anchors, B, Hkv, rank, C, T, config),
+                                        C, block, P)
+        stats.k_blocks += _fetch_blocks(kbuf, k_local, need & ~have_k, block, group, stats, "k")
+        stats.v_blocks += _fetch_blocks(vbuf, v_local, need, block, group, stats, "v")
+    c = config
+    out = torch.ops.superlinear.span_attention(
+        q_local, kbuf, vbuf, anchors, scores, mask, None, c.window, c.sinks, c.span_power,
+        c.backward_factor, c.forward_factor, c.combine, float(scale),
+        c.dense_below if dense else 0)
+    return (out, stats) if return_stats else out
+
+
+def _search(q, qs, kbuf, mask, c: SuperlinearConfig, dense: bool):
+    """Span-search of this rank's queries over its key buffer (positions [0, (r+1)*C)); the
+    queries sit bottom-right, i.e. at their global positions. ``dense`` (T <= dense_below on the
+    whole sequence) is passed on as dense_below; otherwise dense_below=0, so a rank whose own
+    prefix is short still searches as the whole sequence would."""
+    return torch.ops.superlinear.span_search(
+        q if qs is None else qs, kbuf, mask, None, c.window, c.topk, c.search_power, c.span_power,
+        c.backward_factor, c.forward_factor, c.search_key, c.dense_below if dense else 0)

@@ -1,0 +1,253 @@
+"""Sequence-parallel superlinear attention (kernels/distributed.py) on CPU: gloo, 2 processes.
+
+One fork of 2 processes runs every case (process start-up dominates on a small CPU); each rank saves its outputs
+and byte counts, and the tests compare them here against single-device
+``slcompile.superlinear_attention`` over the whole sequence, and the byte counts against the rows a
+brute-force walk over the single-device selection says must move."""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import slcompile
+from slcompile.kernels import reference as R
+from slcompile.kernels.config import SuperlinearConfig
+from slcompile.kernels.distributed import sequence_parallel_superlinear_attention
+from slcompile.kernels.geometry import span_extents, stripe_deltas, num_stripes
+
+WORLD = 2
+
+# name -> shapes, config, options. T = WORLD * C.
+CASES = {
+    "union_gqa": dict(B=1, Hq=4, Hkv=2, C=80, D=8, block=16,
+                      cfg=dict(window=8, sinks=2, topk=2, dense_below=0)),
+    "union_gqa_all_gather": dict(B=1, Hq=4, Hkv=2, C=80, D=8, block=16, comm="all_gather", seed_of="union_gqa",
+                                 cfg=dict(window=8, sinks=2, topk=2, dense_below=0)),
+    "gated_mask_search_query": dict(B=2, Hq=4, Hkv=1, C=72, D=8, Dv=6, block=32, mask=True, sq=True,
+                                    cfg=dict(window=5, sinks=3, topk=3, combine="gated", dense_below=0)),
+    "union_topk1_forward": dict(B=1, Hq=2, Hkv=2, C=64, D=8, block=8,
+                                cfg=dict(window=12, sinks=0, topk=1, forward_factor=1.0, span_power=0.4,
+                                         dense_below=0)),
+    "gated_topk4_mean": dict(B=1, Hq=4, Hkv=2, C=60, D=8, block=16, mask=True,
+                             cfg=dict(window=7, sinks=1, topk=4, combine="gated", search_key="mean",
+                                      dense_below=0)),
+    "union_block_search": dict(B=1, Hq=2, Hkv=1, C=100, D=8, block=16,
+                               cfg=dict(window=16, sinks=4, topk=3, search_key="block", dense_below=0)),
+    "dense_below": dict(B=1, Hq=2, Hkv=1, C=40, D=8, block=16, mask=True, cfg=dict(window=8)),
+    "window_covers_all": dict(B=1, Hq=2, Hkv=2, C=40, D=8, block=16, cfg=dict(window=1000, dense_below=0)),
+    # long enough that the selection is sparse; structured so that every query routes to one region
+    "bytes_selective": dict(B=1, Hq=2, Hkv=1, C=1024, D=8, block=32, hot=(300, 420),
+                            cfg=dict(window=16, sinks=2, topk=1, dense_below=0)),
+    "bytes_all_gather": dict(B=1, Hq=2, Hkv=1, C=1024, D=8, block=32, hot=(300, 420), comm="all_gather",
+                             seed_of="bytes_selective", cfg=dict(window=16, sinks=2, topk=1, dense_below=0)),
+}
+
+
+def _inputs(name):
+    """Whole-sequence inputs of a case, from a seed of its name (every process makes the same)."""
+    c = CASES[name]
+    g = torch.Generator().manual_seed(sum(map(ord, c.get("seed_of", name))))
+    B, Hq, Hkv, D, Dv = c["B"], c["Hq"], c["Hkv"], c["D"], c.get("Dv", c["D"])
+    T = WORLD * c["C"]
+    q = torch.randn(B, Hq, T, D, generator=g)
+    k = torch.randn(B, Hkv, T, D, generator=g)
+    v = torch.randn(B, Hkv, T, Dv, generator=g)
+    if "hot" in c:  # queries share a direction that only the keys of one region carry
+        u = torch.randn(D, generator=g)
+        u = u / u.norm()
+        q = 0.3 * q + 3.0 * u
+        k = 0.3 * k
+        k[:, :, c["hot"][0]:c["hot"][1]] += 3.0 * u
+    qs = torch.randn(B, Hq, T, D, generator=g) if c.get("sq") else None
+    mask = (torch.rand(B, T, generator=g) > 0.2) if c.get("mask") else None
+    return q, k, v, qs, mask
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _expect_error(fn):
+    try:
+        fn()
+    except (ValueError, TypeError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _worker(rank, port, outdir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD, timeout=timedelta(seconds=60))
+    res = {}
+    for name, c in CASES.items():
+        q, k, v, qs, mask = _inputs(name)
+        C = c["C"]
+        sl = slice(rank * C, (rank + 1) * C)
+        out, st = sequence_parallel_superlinear_attention(
+            q[:, :, sl], k[:, :, sl], v[:, :, sl], config=SuperlinearConfig(**c["cfg"]),
+            search_query_local=None if qs is None else qs[:, :, sl],
+            key_padding_mask_local=None if mask is None else mask[:, sl],
+            comm=c.get("comm", "selective"), block=c["block"], return_stats=True)
+        res[name] = dict(out=out, sent=st.sent, received=st.received, k_blocks=st.k_blocks,
+                         v_blocks=st.v_blocks)
+    # invalid inputs: every rank raises, none hangs
+    q, k, v = torch.randn(1, 2, 8, 4), torch.randn(1, 1, 8, 4), torch.randn(1, 1, 8, 4)
+    qo, ko, vo = (torch.randn(1, 2, 9, 4), torch.randn(1, 1, 9, 4), torch.randn(1, 1, 9, 4)) if rank == 1 else (q, k, v)
+    res["err_unequal"] = _expect_error(lambda: sequence_parallel_superlinear_attention(qo, ko, vo))
+    bad = torch.ones(1, 8, dtype=torch.int64) if rank == 0 else torch.ones(1, 8, dtype=torch.bool)
+    res["err_mask"] = _expect_error(lambda: sequence_parallel_superlinear_attention(q, k, v, key_padding_mask_local=bad))
+    res["err_heads"] = _expect_error(lambda: sequence_parallel_superlinear_attention(q, torch.randn(1, 3, 8, 4), torch.randn(1, 3, 8, 4)))
+    res["err_comm"] = _expect_error(lambda: sequence_parallel_superlinear_attention(q, k, v, comm="ring"))
+    res["ok_after_errors"] = sequence_parallel_superlinear_attention(q, k, v, config=SuperlinearConfig(dense_below=0, window=2))
+    torch.save(res, os.path.join(outdir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The CPU reference on these tiny shapes is many times slower with 2 threads on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _single_device(name):
+    c = CASES[name]
+    q, k, v, qs, mask = _inputs(name)
+    return slcompile.superlinear_attention(q, k, v, config=SuperlinearConfig(**c["cfg"]), enable_gqa=True,
+                                           key_padding_mask=mask, search_query=qs)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, one_thread):
+    """Run every case once in WORLD processes; [rank] -> {case: outputs and byte counts}.
+
+    The processes are forked after one call of the ops here: a spawned process would import torch
+    and, on its first custom-op call, torch._dynamo again (40+ s on a busy 2-core machine). Each
+    worker is single-threaded."""
+    _single_device("window_covers_all")
+    outdir = str(tmp_path_factory.mktemp("dist"))
+    mp.start_processes(_worker, args=(_free_port(), outdir), nprocs=WORLD, join=True, start_method="fork")
+    return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_equals_single_device(runs, one_thread, name):
+    ref = _single_device(name)
+    C = CASES[name]["C"]
+    for r in range(WORLD):
+        out = runs[r][name]["out"]
+        assert out.shape == ref[:, :, r * C:(r + 1) * C].shape
+        assert not torch.isnan(out).any()
+        torch.testing.assert_close(out, ref[:, :, r * C:(r + 1) * C], atol=2e-5, rtol=1e-5)
+
+
+def _oracle_blocks(name, rank):
+    """From the single-device selection, brute force: the (kv head, block) pairs of earlier ranks
+    that rank's queries read, for the search (anchor keys) and for attention (spans, window,
+    sinks). Returns (search blocks, attention blocks) as sets of (b, h, position // block)."""
+    c = CASES[name]
+    cfg = SuperlinearConfig(**c["cfg"])
+    q, k, v, qs, mask = _inputs(name)
+    B, Hq, Hkv, C, blk = c["B"], c["Hq"], c["Hkv"], c["C"], c["block"]
+    T, L = WORLD * C, rank * C
+    assert C % blk == 0
+    anchors, _ = R.span_search(q, k, mask, None, cfg.window, cfg.topk, cfg.search_power, cfg.span_power,
+                               cfg.backward_factor, cfg.forward_factor, cfg.search_key, cfg.dense_below)
+    back, fwd = span_extents(T, cfg.span_power, cfg.backward_factor, cfg.forward_factor)
+    deltas = stripe_deltas(num_stripes(T, cfg.search_power), cfg.search_power).tolist()
+    W, S = cfg.window, cfg.sinks
+    search, attend = set(), set()
+    g = Hq // Hkv
+    for t in range(L, L + C):
+        for d in deltas:
+            if d >= W and 0 <= t - d < L:
+                search |= {(b, h, (t - d) // blk) for b in range(B) for h in range(Hkv)}
+        keys = set(range(min(S, t + 1))) | set(range(max(0, t - W + 1), t + 1))
+        for b in range(B):
+            for hq in range(Hq):
+                pos = set(keys)
+                for a in anchors[b, hq, t].tolist():
+                    if a >= 0:
+                        pos |= set(range(max(0, a - int(back[t])), min(a + int(fwd[t]), t - W) + 1))
+                attend |= {(b, hq // g, p // blk) for p in pos if p < L}
+    return search, attend
+
+
+def test_bytes_match_the_selection_and_beat_all_gather(runs, one_thread):
+    name = "bytes_selective"
+    c = CASES[name]
+    row = c["block"] * c["D"] * 4  # float32 rows of one block
+    for r in range(WORLD):
+        search, attend = _oracle_blocks(name, r)
+        got = runs[r][name]
+        assert got["k_blocks"] == len(search | attend)
+        assert got["v_blocks"] == len(attend)
+        assert got["received"]["k"] == row * len(search | attend)
+        assert got["received"]["v"] == row * len(attend)
+        assert got["sent"]["index"] == 8 * (len(search | attend) + len(attend))
+    assert runs[1][name]["received"]["index"] == 0  # nobody asks for blocks of a later rank
+    assert runs[0][name]["sent"]["index"] == 0 and runs[0][name]["received"]["k"] == 0
+    # rank 0 serves rank 1: what one sends, the other receives
+    for cat in ("k", "v", "index", "count", "meta"):
+        assert runs[0][name]["sent"][cat] == runs[1][name]["received"][cat]
+    # rank 1 needs every key of rank 0 for the search (C is far larger than the stripe gaps), but
+    # the values of only a few blocks: the one region every query routes to, the window, the sinks
+    search, attend = _oracle_blocks(name, 1)
+    assert len(search) == c["C"] // c["block"]
+    assert len(attend) < len(search) // 2
+    base = [runs[r]["bytes_all_gather"] for r in range(WORLD)]
+    sel = [runs[r][name] for r in range(WORLD)]
+    for r in range(WORLD):
+        assert base[r]["received"]["k"] == base[r]["received"]["v"] == c["C"] * c["D"] * 4
+        assert sum(sel[r]["received"].values()) < sum(base[r]["received"].values())
+        assert sum(sel[r]["sent"].values()) < sum(base[r]["sent"].values())
+
+
+def test_bytes_random_inputs_causal_saving(runs, one_thread):
+    """Random routing reads most earlier blocks, yet rank 0 receives nothing but metadata and the
+    group moves less than the all-gather baseline; the counts match the selection."""
+    sel = [runs[r]["union_gqa"] for r in range(WORLD)]
+    base = [runs[r]["union_gqa_all_gather"] for r in range(WORLD)]
+    assert set(sel[0]["received"]) - {"meta", "count", "index", "k", "v"} == set()
+    assert sel[0]["received"]["k"] == sel[0]["received"]["v"] == 0
+    total_sel = sum(sum(s["received"].values()) for s in sel)
+    total_base = sum(sum(s["received"].values()) for s in base)
+    assert total_sel < total_base
+    c = CASES["union_gqa"]
+    search, attend = _oracle_blocks("union_gqa", 1)
+    row = c["block"] * c["D"] * 4
+    assert sel[1]["received"]["k"] == row * len(search | attend)
+    assert sel[1]["received"]["v"] == row * len(attend)
+
+
+def test_invalid_inputs_raise_on_every_rank(runs):
+    for r in range(WORLD):
+        assert "equal contiguous chunk" in runs[r]["err_unequal"]
+        assert runs[r]["err_unequal"].startswith("ValueError")
+        assert "not a multiple of key/value heads" in runs[r]["err_heads"]
+        assert "comm='ring'" in runs[r]["err_comm"]
+    assert "rank 0: key_padding_mask_local must be a bool tensor" in runs[0]["err_mask"]
+    assert "rank(s) [0]" in runs[1]["err_mask"]
+    # the group is still usable afterwards
+    for r in range(WORLD):
+        assert runs[r]["ok_after_errors"].shape == (1, 2, 8, 4)
+
+
+def test_needs_an_initialised_group():
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="not initialised"):
+        sequence_parallel_superlinear_attention(torch.randn(1, 1, 4, 4), torch.randn(1, 1, 4, 4),
+                                                torch.randn(1, 1, 4, 4))
