@@ -116,3 +116,50 @@ def _(query, key, value, anchors, scores, key_padding_mask, query_positions, win
       span_power, backward_factor, forward_factor, combine, scale, dense_below):
     B, Hq, Lq, _ = query.shape
     return query.new_empty((B, Hq, Lq, value.shape[-1]))
+
+
+# --------------------------------------------------------------------------------------------
+# nstep_search: the N-step search of docs/nstep.md (SuperlinearConfig(steps=N), N >= 3)
+# --------------------------------------------------------------------------------------------
+
+def _triton_nstep():
+    """The Triton N-step search, or None when Triton is unavailable."""
+    try:
+        from . import triton_nstep
+    except ImportError:
+        return None
+    return triton_nstep
+
+
+@torch.library.custom_op("superlinear::nstep_search", mutates_args=())
+def nstep_search(
+    search_query: Tensor,
+    key: Tensor,
+    key_padding_mask: Optional[Tensor],
+    query_positions: Optional[Tensor],
+    window: int,
+    topk: int,
+    steps: int,
+    backward_factor: float,
+    forward_factor: float,
+    search_key: str,
+    dense_below: int,
+) -> Tuple[Tensor, Tensor]:
+    """docs/nstep.md: anchors int32 [B, Hq, Lq, topk] and scores float32 of the kept cells, for
+    ``span_attention`` with ``span_power = 1/steps``."""
+    from . import nstep
+
+    args = (search_query, key, key_padding_mask, query_positions, window, topk, steps,
+            backward_factor, forward_factor, search_key, dense_below)
+    if _use_triton(search_query.device) and _triton_nstep() is not None:
+        return _triton_nstep().nstep_search(*args)
+    return nstep.nstep_search(*args)
+
+
+@nstep_search.register_fake
+def _(search_query, key, key_padding_mask, query_positions, window, topk, steps, backward_factor,
+      forward_factor, search_key, dense_below):
+    B, Hq, Lq, _ = search_query.shape
+    a = search_query.new_empty((B, Hq, Lq, topk), dtype=torch.int32)
+    s = search_query.new_empty((B, Hq, Lq, topk), dtype=torch.float32)
+    return a, s

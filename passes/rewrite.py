@@ -697,15 +697,21 @@ def _emit(graph: fx.Graph, site: Site, proof: CausalProof, qpos_offset: Optional
                      {"dtype": torch.int64, "device": dev})
         qpos = em.call(aten.expand.default, (ar, [B, Lq]))
     c = config
-    ss = em.call(torch.ops.superlinear.span_search.default,
-                 (q, site.k, kpm, qpos, c.window, c.topk, c.search_power, c.span_power,
-                  c.backward_factor, c.forward_factor, c.search_key, c.dense_below))
+    if c.steps == 2:
+        ss = em.call(torch.ops.superlinear.span_search.default,
+                     (q, site.k, kpm, qpos, c.window, c.topk, c.search_power, c.span_power,
+                      c.backward_factor, c.forward_factor, c.search_key, c.dense_below))
+    else:  # the N-step search of docs/nstep.md
+        ss = em.call(torch.ops.superlinear.nstep_search.default,
+                     (q, site.k, kpm, qpos, c.window, c.topk, c.steps, c.backward_factor,
+                      c.forward_factor, c.search_key, c.dense_below))
     import operator
     anchors = em.call(operator.getitem, (ss, 0))
     scores = em.call(operator.getitem, (ss, 1))
     out = em.call(torch.ops.superlinear.span_attention.default,
-                  (q, site.k, site.v, anchors, scores, kpm, qpos, c.window, c.sinks, c.span_power,
-                   c.backward_factor, c.forward_factor, c.combine, float(scale), c.dense_below))
+                  (q, site.k, site.v, anchors, scores, kpm, qpos, c.window, c.sinks,
+                   c.attention_span_power, c.backward_factor, c.forward_factor, c.combine,
+                   float(scale), c.dense_below))
     if site.post_emit is not None:
         return site.post_emit(em, out)
     if site.three_d:

@@ -92,6 +92,16 @@ def _with_dynamic_sequence(program, args, kwargs):
         return program
 
 
+def _refuse_nstep(program, what: str) -> None:
+    """The N-step search (SuperlinearConfig(steps>=3), docs/nstep.md) has no export form yet."""
+    graph = getattr(getattr(program, "graph_module", None), "graph", None)
+    for n in (graph.nodes if graph is not None else ()):
+        if n.op == "call_function" and "superlinear.nstep_search" in str(n.target):
+            raise ValueError(f"{what}: the program uses superlinear::nstep_search "
+                             f"(SuperlinearConfig(steps>=3), docs/nstep.md), which has no {what} form; "
+                             f"convert the model with steps=2 to export it")
+
+
 def export_onnx(program: "torch.export.ExportedProgram", path: str, example_inputs=None, *,
                 opset_version: Optional[int] = None, optimize: bool = True) -> str:
     """Write ``program`` (holding ``torch.ops.superlinear`` nodes or not) to the ONNX file ``path``
@@ -102,6 +112,7 @@ def export_onnx(program: "torch.export.ExportedProgram", path: str, example_inpu
 
     if not isinstance(program, torch.export.ExportedProgram):
         raise TypeError(f"export_onnx needs a torch.export.ExportedProgram, got {type(program).__name__}")
+    _refuse_nstep(program, "ONNX export")
     args, kwargs = _split_inputs(program, example_inputs)
     program = _with_dynamic_sequence(program, args, kwargs)
     with warnings.catch_warnings():
@@ -234,6 +245,7 @@ def export_tensorrt(program: "torch.export.ExportedProgram", path: str, example_
         route = "onnx" if path.lower().endswith(ENGINE_SUFFIXES) else "torch_tensorrt"
     if route not in ("onnx", "torch_tensorrt"):
         raise ValueError(f"route={route!r}: expected 'auto', 'onnx' or 'torch_tensorrt'")
+    _refuse_nstep(program, "TensorRT export")
     args, kwargs = _split_inputs(program, example_inputs)
     if route == "onnx":
         _require("tensorrt", "tensorrt", "TensorRT export")

@@ -111,7 +111,8 @@ def superlinear_attention(
         query: [B, Hq, Lq, D].
         key: [B, Hkv, T, D].
         value: [B, Hkv, T, Dv].
-        config: `SuperlinearConfig` (defaults if None).
+        config: `SuperlinearConfig` (defaults if None); ``steps=3`` (or more) runs the N-step
+            search of docs/nstep.md, O(L^(1+1/N)).
         scale: softmax scale; overrides ``config.scale``; default 1/sqrt(D).
         enable_gqa: allow Hq to be a multiple of Hkv (query head h reads kv head h // (Hq/Hkv)).
         key_padding_mask: bool [B, T], True where a key exists.
@@ -137,9 +138,15 @@ def superlinear_attention(
     qpos = normalize_positions(query_positions, B, Lq, T, query.device)
     c = config
     qs = query if search_query is None else search_query
-    anchors, scores = torch.ops.superlinear.span_search(
-        qs, key, key_padding_mask, qpos, c.window, c.topk, c.search_power, c.span_power,
-        c.backward_factor, c.forward_factor, c.search_key, c.dense_below)
+    if c.steps == 2:
+        anchors, scores = torch.ops.superlinear.span_search(
+            qs, key, key_padding_mask, qpos, c.window, c.topk, c.search_power, c.span_power,
+            c.backward_factor, c.forward_factor, c.search_key, c.dense_below)
+    else:  # the N-step search of docs/nstep.md
+        anchors, scores = torch.ops.superlinear.nstep_search(
+            qs, key, key_padding_mask, qpos, c.window, c.topk, c.steps, c.backward_factor,
+            c.forward_factor, c.search_key, c.dense_below)
     return torch.ops.superlinear.span_attention(
         query, key, value, anchors, scores, key_padding_mask, qpos, c.window, c.sinks,
-        c.span_power, c.backward_factor, c.forward_factor, c.combine, float(scale), c.dense_below)
+        c.attention_span_power, c.backward_factor, c.forward_factor, c.combine, float(scale),
+        c.dense_below)

@@ -1,0 +1,394 @@
+"""The N-step search (docs/nstep.md, ``SuperlinearConfig(steps>=3)``) against a brute-force oracle
+written from docs/nstep.md: Python loops per query, explicit position sets, float64 attention.
+
+Search inputs are small integers (exact in bf16 and in float32 sums), so scores are exact in every
+implementation and the many exact ties exercise the tie rules. The Triton kernel runs under
+TRITON_INTERPRET=1 (SLCOMPILE_FORCE_TRITON routes the op through it) with poisoned outputs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from slcompile.kernels import nstep as NS
+from slcompile.kernels import reference as R
+from slcompile.kernels.config import SuperlinearConfig
+from slcompile.kernels.geometry import span_extents
+
+# ------------------------------------------------------------------------------------------------
+# brute-force oracle, from docs/nstep.md only (the geometry table fixes how (t+1)^(1/N) rounds)
+# ------------------------------------------------------------------------------------------------
+
+
+def oracle_cells(t, T, W, N, bf, ff):
+    """(s, n, f, fwd, [(j, lo, hi, anchor)]) of the query at t, straight from the definition."""
+    back, fwd = span_extents(T, 1.0 / N, bf, ff)
+    b, fw = int(back[t]), int(fwd[t])
+    e = t - W
+    s = b + fw + 1
+    if e < 0:
+        return s, 0, 1, fw, []
+    n = e // s + 1
+    f = 1
+    while f ** (N - 1) < n:
+        f += 1
+    cells = [(j, max(0, e - (j + 1) * s + 1), e - j * s, max(0, e - j * s - fw)) for j in range(n)]
+    return s, n, f, fw, cells
+
+
+def oracle_search(qs, k, kpm, pos, cfg):
+    """anchors / scores [B, Hq, Lq, topk] as lists, float64 scores of float32-rounded keys."""
+    B, Hq, Lq, D = qs.shape
+    Hkv, T = k.shape[1], k.shape[2]
+    W, N, topk = min(cfg["window"], T), cfg["steps"], cfg["topk"]
+    keep = torch.ones(B, T, dtype=torch.bool) if kpm is None else kpm
+    out_a = torch.full((B, Hq, Lq, topk), -1, dtype=torch.int64)
+    out_s = torch.full((B, Hq, Lq, topk), float("-inf"), dtype=torch.float64)
+    if T <= cfg["dense_below"] or W >= T:
+        return out_a, out_s
+    for b in range(B):
+        for h in range(Hq):
+            kh = h // (Hq // Hkv)
+            for i in range(Lq):
+                t = int(pos[b, i])
+                s, n, f, fw, cells = oracle_cells(t, T, W, N, cfg["backward_factor"], cfg["forward_factor"])
+                if n == 0:
+                    continue
+                e = t - W
+
+                def region(level, g):
+                    P = f ** level
+                    lo, hi = max(0, e - min((g + 1) * P, n) * s + 1), e - g * P * s
+                    present = [x for x in range(lo, hi + 1) if keep[b, x]]
+                    if not present:
+                        return float("-inf")
+                    if cfg["search_key"] == "anchor":
+                        key = k[b, kh, present[-1]].double()
+                    else:
+                        key = k[b, kh, present].double().mean(0).float().double()
+                    return float(qs[b, h, i].double() @ key)
+
+                level = N - 2
+                cands = list(range(-(-n // f ** level)))
+                while True:
+                    scored = sorted(((region(level, g), g) for g in cands), key=lambda x: (-x[0], x[1]))
+                    kept = [(sc, g) for sc, g in scored if sc > float("-inf")][:topk]
+                    if level == 0:
+                        break
+                    level -= 1
+                    nreg = -(-n // f ** level)
+                    cands = [g * f + c for _, g in kept for c in range(f) if g * f + c < nreg]
+                for j, (sc, g) in enumerate(kept):
+                    out_a[b, h, i, j] = cells[g][3]
+                    out_s[b, h, i, j] = sc
+    return out_a, out_s
+
+
+def oracle_attention(q, k, v, cfg, scale, kpm, pos, anchors, scores):
+    """SPEC.md step 2 over explicit sets, given the oracle's anchors (span power 1/N)."""
+    B, Hq, Lq, D = q.shape
+    Hkv, T, Dv = k.shape[1], k.shape[2], v.shape[3]
+    W, S = min(cfg["window"], T), cfg["sinks"]
+    keep = torch.ones(B, T, dtype=torch.bool) if kpm is None else kpm
+    back, fwd = span_extents(T, 1.0 / cfg["steps"], cfg["backward_factor"], cfg["forward_factor"])
+    out = torch.zeros(B, Hq, Lq, Dv, dtype=torch.float64)
+    for b in range(B):
+        for h in range(Hq):
+            kh = h // (Hq // Hkv)
+            for i in range(Lq):
+                t = int(pos[b, i])
+                if T <= cfg["dense_below"]:
+                    sets, gates = [set(range(t + 1))], [1.0]
+                else:
+                    fixed = set(range(min(S, t + 1))) | set(range(max(0, t - W + 1), t + 1))
+                    spans = []
+                    for a, sc in zip(anchors[b, h, i].tolist(), scores[b, h, i].tolist()):
+                        if a >= 0:
+                            spans.append((set(range(max(0, a - int(back[t])), min(a + int(fwd[t]), t - W) + 1)), sc))
+                    if cfg["combine"] == "union" or not spans:
+                        sets, gates = [fixed.union(*[sp for sp, _ in spans])], [1.0]
+                    else:
+                        sets = [fixed | sp for sp, _ in spans]
+                        gates = torch.softmax(torch.tensor([sc for _, sc in spans], dtype=torch.float64), 0).tolist()
+                for st, gate in zip(sets, gates):
+                    idx = sorted(x for x in st if keep[b, x])
+                    if idx:
+                        p = torch.softmax((k[b, kh, idx].double() @ q[b, h, i].double()) * scale, 0)
+                        out[b, h, i] += gate * (p @ v[b, kh, idx].double())
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+
+def _cfg(**kw):
+    c = dict(window=4, sinks=2, topk=2, steps=3, backward_factor=2.0, forward_factor=0.0,
+             combine="union", search_key="anchor", dense_below=0)
+    c.update(kw)
+    return c
+
+
+def _int_inputs(gen, B, Hq, Hkv, Lq, T, D, Dv=None):
+    """Small-integer q/k (exact scores everywhere, many ties), normal v."""
+    q = torch.randint(-3, 4, (B, Hq, Lq, D), generator=gen).float()
+    k = torch.randint(-3, 4, (B, Hkv, T, D), generator=gen).float()
+    v = torch.randn(B, Hkv, T, Dv or D, generator=gen)
+    return q, k, v
+
+
+def _search(q, k, kpm, pos, c):
+    return NS.nstep_search(q, k, kpm, pos, c["window"], c["topk"], c["steps"], c["backward_factor"],
+                           c["forward_factor"], c["search_key"], c["dense_below"])
+
+
+def _attend(q, k, v, a, s, kpm, pos, c, scale):
+    return R.span_attention(q, k, v, a, s, kpm, pos, c["window"], c["sinks"], 1.0 / c["steps"],
+                            c["backward_factor"], c["forward_factor"], c["combine"], scale,
+                            c["dense_below"])
+
+
+def _positions(B, Lq, T):
+    return (torch.arange(Lq) + T - Lq).expand(B, Lq)
+
+
+def _subset(gen, B, T, n):
+    """Random query positions [B, n] (a decode-like subset of a prefill's rows)."""
+    return torch.stack([torch.randperm(T, generator=gen)[:n].sort().values for _ in range(B)])
+
+
+# ------------------------------------------------------------------------------------------------
+# config
+# ------------------------------------------------------------------------------------------------
+
+def test_config_steps_field():
+    c = SuperlinearConfig(steps=3)
+    assert c.steps == 3 and c.attention_span_power == pytest.approx(1 / 3)
+    assert SuperlinearConfig.from_dict(c.to_dict()) == c
+    d = SuperlinearConfig()
+    assert d.steps == 2 and d.attention_span_power == d.span_power
+    assert SuperlinearConfig(steps=4, search_key="mean").replace(steps=2).search_key == "mean"
+    for bad, msg in [(dict(steps=1), "steps"), (dict(steps=9), "steps"), (dict(steps=3.0), "steps"),
+                     (dict(steps=True), "steps"), (dict(steps=3, search_key="block"), "search_key"),
+                     (dict(steps=3, span_power=1 / 3), "span_power"),
+                     (dict(steps=3, search_power=0.4), "search_power")]:
+        with pytest.raises(ValueError, match=msg):
+            SuperlinearConfig(**bad)
+
+
+def test_steps_2_is_the_spec_path_bit_identical():
+    import slcompile
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = torch.randn(1, 4, 90, 8, generator=gen), torch.randn(1, 2, 90, 8, generator=gen), \
+        torch.randn(1, 2, 90, 8, generator=gen)
+    c = SuperlinearConfig(window=8, dense_below=0)
+    out = slcompile.superlinear_attention(q, k, v, config=c, enable_gqa=True)
+    a, s = R.span_search(q, k, None, None, 8, 3, 0.5, 0.5, 2.0, 0.0, "anchor", 0)
+    ref = R.span_attention(q, k, v, a, s, None, None, 8, 4, 0.5, 2.0, 0.0, "union", 8 ** -0.5, 0)
+    assert torch.equal(out, ref)
+
+
+# ------------------------------------------------------------------------------------------------
+# the search and the attention against the oracle
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("N,search_key,pad,bf,ff", [
+    (3, "anchor", False, 2.0, 0.0), (3, "anchor", True, 1.0, 1.0), (3, "mean", True, 2.0, 0.0),
+    (4, "anchor", True, 2.0, 0.0), (4, "mean", False, 0.5, 1.5)])
+def test_search_matches_oracle(N, search_key, pad, bf, ff):
+    gen = torch.Generator().manual_seed(100 * N + 7 * pad + int(10 * ff))
+    B, Hq, Hkv, T, D = 2, 4, 2, 160, 6
+    c = _cfg(steps=N, search_key=search_key, backward_factor=bf, forward_factor=ff, topk=2)
+    if search_key == "anchor":
+        q, k, _ = _int_inputs(gen, B, Hq, Hkv, T, T, D)
+    else:  # float inputs: means of integers would make exact ties depend on rounding order
+        q, k = torch.randn(B, Hq, T, D, generator=gen), torch.randn(B, Hkv, T, D, generator=gen)
+    kpm = (torch.rand(B, T, generator=gen) > 0.3) if pad else None
+    pos = _subset(gen, B, T, 24)
+    qs = torch.gather(q, 2, pos[:, None, :, None].expand(B, Hq, 24, D))
+    a, s = _search(qs, k, kpm, pos, c)
+    oa, os_ = oracle_search(qs, k, kpm, pos, c)
+    assert torch.equal(a.long(), oa)
+    assert torch.allclose(s.double(), os_, rtol=1e-5, atol=1e-5)
+    assert (a >= 0).any()  # the test exercises kept cells
+
+
+@pytest.mark.parametrize("combine,search_key,pad", [("union", "anchor", True), ("gated", "mean", False)])
+def test_attention_matches_oracle(combine, search_key, pad):
+    import slcompile
+    gen = torch.Generator().manual_seed(5 + pad)
+    B, Hq, Hkv, T, D = 1, 4, 2, 140, 6
+    c = _cfg(combine=combine, search_key=search_key, window=5, sinks=2)
+    q, k, v = _int_inputs(gen, B, Hq, Hkv, T, T, D) if search_key == "anchor" else \
+        (torch.randn(B, Hq, T, D, generator=gen), torch.randn(B, Hkv, T, D, generator=gen),
+         torch.randn(B, Hkv, T, D, generator=gen))
+    kpm = (torch.rand(B, T, generator=gen) > 0.25) if pad else None
+    pos = _subset(gen, B, T, 20)
+    qs = torch.gather(q, 2, pos[:, None, :, None].expand(B, Hq, 20, D))  # the search query
+    qa = qs * 0.3 + 0.1 * torch.randn(qs.shape, generator=gen)  # the attention query
+    cfg = SuperlinearConfig(**{k_: c[k_] for k_ in ("window", "sinks", "topk", "steps", "combine",
+                                                     "search_key", "dense_below")})
+    out = slcompile.superlinear_attention(qa, k, v, config=cfg, scale=0.5, enable_gqa=True,
+                                          key_padding_mask=kpm, query_positions=pos, search_query=qs)
+    oa, os_ = oracle_search(qs, k, kpm, pos, c)
+    ref = oracle_attention(qa, k, v, c, 0.5, kpm, pos, oa, os_)
+    assert torch.allclose(out.double(), ref, atol=1e-5), (out.double() - ref).abs().max()
+    dense = R.dense_attention(qa, k, v, kpm, pos, 0.5)
+    assert not torch.allclose(out, dense, atol=1e-3)  # the spans did restrict the attention
+
+
+# ------------------------------------------------------------------------------------------------
+# properties
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("N", [3, 4])
+def test_cells_tile_the_past_and_lie_in_their_spans(N):
+    gen = torch.Generator().manual_seed(N)
+    T = 2000
+    fwd_t, cell, ncell, fan = NS.tables(T, 64, N, 2.0, 0.5)
+    back, fwd = span_extents(T, 1.0 / N, 2.0, 0.5)
+    for t in torch.randint(0, T, (12,), generator=gen).tolist() + [63, 64, T - 1]:
+        s, n, f, fw, cells = oracle_cells(t, T, 64, N, 2.0, 0.5)
+        assert (int(cell[t]), int(ncell[t]), int(fan[t])) == (s, n, f)
+        covered = []
+        for j, lo, hi, a in cells:
+            covered += range(lo, hi + 1)
+            assert max(0, a - int(back[t])) <= lo and hi <= min(a + int(fwd[t]), t - 64)
+        # disjoint, every position of [0, t - W] once, none in the window
+        assert sorted(covered) == list(range(t - 63)) and len(covered) == len(set(covered))
+
+
+def test_every_position_is_reachable():
+    """A key that stands out for the query is found wherever it lies before the window (mean
+    search), so the span holding it is attended: no coverage gap next to the window."""
+    gen = torch.Generator().manual_seed(3)
+    T, D, W, t = 200, 8, 16, 199
+    q = torch.randn(1, 1, 1, D, generator=gen)
+    pos = torch.tensor([[t]])
+    c = _cfg(window=W, search_key="mean", topk=1)
+    fwd, cell, ncell, fan = NS.tables(T, W, 3, 2.0, 0.0)
+    assert int(ncell[t]) > 2 * int(fan[t]) > 4  # a real search: several top regions and cells
+    back, _ = span_extents(T, 1 / 3, 2.0, 0.0)
+    for x in range(0, t - W + 1):
+        k = 0.01 * torch.randn(1, 1, T, D, generator=gen)
+        k[0, 0, x] = 50.0 * q[0, 0, 0] / q.norm()
+        a, _ = _search(q, k, None, pos, c)
+        a0 = int(a[0, 0, 0, 0])
+        assert max(0, a0 - int(back[t])) <= x <= min(a0, t - W), (x, a0)
+
+
+def test_causality():
+    import slcompile
+    gen = torch.Generator().manual_seed(9)
+    B, Hq, Hkv, T, D = 1, 2, 1, 150, 8
+    q, k, v = (torch.randn(B, h, T, D, generator=gen) for h in (Hq, Hkv, Hkv))
+    for sk in ("anchor", "mean"):
+        cfg = SuperlinearConfig(window=4, sinks=1, steps=3, search_key=sk, dense_below=0, topk=2)
+        out = slcompile.superlinear_attention(q, k, v, config=cfg, enable_gqa=True)
+        for cut in (40, 97, 149):
+            k2, v2 = k.clone(), v.clone()
+            k2[:, :, cut:] = torch.randn(B, Hkv, T - cut, D, generator=gen) * 5
+            v2[:, :, cut:] = torch.randn(B, Hkv, T - cut, D, generator=gen) * 5
+            out2 = slcompile.superlinear_attention(q, k2, v2, config=cfg, enable_gqa=True)
+            assert torch.equal(out[:, :, :cut], out2[:, :, :cut])
+            assert not torch.equal(out[:, :, cut:], out2[:, :, cut:])
+
+
+def test_exactness():
+    import slcompile
+    gen = torch.Generator().manual_seed(4)
+    B, Hq, Hkv, T, D = 2, 4, 2, 130, 8
+    q, k, v = (torch.randn(B, h, T, D, generator=gen) for h in (Hq, Hkv, Hkv))
+    kpm = torch.rand(B, T, generator=gen) > 0.2
+    kpm[:, 0] = True
+    dense = R.dense_attention(q, k, v, kpm, None, D ** -0.5)
+    for cfg in (SuperlinearConfig.exact(steps=3), SuperlinearConfig(steps=3, dense_below=T),
+                SuperlinearConfig(steps=4, window=T, dense_below=0, search_key="mean")):
+        out = slcompile.superlinear_attention(q, k, v, config=cfg, enable_gqa=True, key_padding_mask=kpm)
+        assert torch.allclose(out, dense, atol=1e-5)
+    # union mode: a query with at most topk cells keeps every cell, so its row is dense
+    cfg = SuperlinearConfig(steps=3, window=6, sinks=0, topk=4, dense_below=0)
+    out = slcompile.superlinear_attention(q, k, v, config=cfg, enable_gqa=True, key_padding_mask=kpm)
+    _, _, ncell, _ = NS.tables(T, 6, 3, 2.0, 0.0)
+    few = ncell <= 4
+    assert few.sum() > 20 and (~few).sum() > 20
+    assert torch.allclose(out[:, :, few], dense[:, :, few], atol=1e-5)
+    assert not torch.allclose(out[:, :, ~few], dense[:, :, ~few], atol=1e-3)
+
+
+def test_decode_equals_prefill():
+    import slcompile
+    gen = torch.Generator().manual_seed(6)
+    B, Hq, Hkv, T, D = 2, 4, 2, 120, 8
+    q, k, v = (torch.randn(B, h, T, D, generator=gen) for h in (Hq, Hkv, Hkv))
+    kpm = torch.ones(B, T, dtype=torch.bool)
+    kpm[1, :17] = False  # left padding of the second row
+    for sk in ("anchor", "mean"):
+        cfg = SuperlinearConfig(window=4, steps=3, search_key=sk, dense_below=0, topk=2)
+        full = slcompile.superlinear_attention(q, k, v, config=cfg, enable_gqa=True, key_padding_mask=kpm)
+        for t in (70, 119):  # one decode step with a cache of t keys
+            step = slcompile.superlinear_attention(q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1],
+                                                   config=cfg, enable_gqa=True,
+                                                   key_padding_mask=kpm[:, :t + 1])
+            assert torch.allclose(step[:, :, 0], full[:, :, t], atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# the op, the pass, export
+# ------------------------------------------------------------------------------------------------
+
+def test_opcheck():
+    gen = torch.Generator().manual_seed(8)
+    q, k = torch.randn(1, 4, 100, 8, generator=gen), torch.randn(1, 2, 100, 8, generator=gen)
+    kpm = torch.rand(1, 100, generator=gen) > 0.2
+    for args in ((q, k, kpm, None, 4, 3, 3, 2.0, 0.0, "anchor", 0),
+                 (q[:, :, -5:], k, None, torch.arange(95, 100)[None], 4, 2, 4, 1.0, 1.0, "mean", 0)):
+        torch.library.opcheck(torch.ops.superlinear.nstep_search.default, args)
+        a, s = torch.ops.superlinear.nstep_search(*args)
+        ra, rs = NS.nstep_search(*args)
+        assert a.dtype == torch.int32 and torch.equal(a, ra) and torch.equal(s, rs)
+
+
+class _Attn(torch.nn.Module):
+    def forward(self, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+def test_backend_and_pass_emit_the_nstep_search():
+    import slcompile
+    from slcompile.passes import rewrite_graph
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = torch.randn(1, 4, 96, 8, generator=gen), torch.randn(1, 2, 96, 8, generator=gen), \
+        torch.randn(1, 2, 96, 8, generator=gen)
+    opts = dict(window=4, steps=3, dense_below=0, topk=2)
+    want = slcompile.superlinear_attention(q, k, v, config=SuperlinearConfig(**opts), enable_gqa=True)
+    got = torch.compile(_Attn(), backend="superlinear", options={**opts, "compiler": "eager"})(q, k, v)
+    assert torch.equal(got, want)
+    assert not torch.allclose(got, _Attn()(q, k, v), atol=1e-3)
+    ep = torch.export.export(_Attn(), (q, k, v))
+    rep = rewrite_graph(ep.graph_module, SuperlinearConfig(**opts))
+    targets = [str(n.target) for n in ep.graph_module.graph.nodes if n.op == "call_function"]
+    assert any("nstep_search" in x for x in targets) and not any("span_search" in x for x in targets), rep
+
+
+def test_export_refuses_steps_3():
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    from slcompile.export import export_onnx, export_tensorrt
+
+    class M(torch.nn.Module):
+        def forward(self, q, k, v):
+            a, s = torch.ops.superlinear.nstep_search(q, k, None, None, 4, 2, 3, 2.0, 0.0, "anchor", 0)
+            return torch.ops.superlinear.span_attention(q, k, v, a, s, None, None, 4, 2, 1 / 3, 2.0,
+                                                        0.0, "union", 0.3, 0)
+
+    x = torch.randn(1, 2, 40, 8)
+    ep = torch.export.export(M(), (x, x, x))
+    with pytest.raises(ValueError, match="nstep_search.*steps=2"):
+        export_onnx(ep, "/nonexistent/never_written.onnx", example_inputs=((x, x, x), {}))
+    with pytest.raises(ValueError, match="nstep_search"):
+        export_tensorrt(ep, "/nonexistent/never_written.engine", example_inputs=((x, x, x), {}))
