@@ -3,7 +3,8 @@
 Importing this module raises ImportError when Triton is unavailable, so that ``ops`` falls back to
 the reference. The functions take exactly the argument lists of ``reference.span_search`` and
 ``reference.span_attention``. The kernels live one per module: ``triton_search`` (step 1) and
-``triton_attention`` (step 2). On CUDA, the dense case (T <= dense_below) goes to
+``triton_attention`` (step 2); decoding (a few query rows per kv head, ``triton_decode.use_decode``)
+runs ``triton_decode``, which splits each (query, head) over many programs. On CUDA, the dense case (T <= dense_below) goes to
 ``F.scaled_dot_product_attention`` (flash) when its causal alignment matches SPEC (Lq == T, no
 explicit positions, no key padding, same q/v head dim); otherwise it runs the Triton kernel with
 a window over every key. Dtypes other than fp32/bf16/fp16 and head dims above 256 run the
@@ -21,7 +22,7 @@ except Exception as e:  # pragma: no cover - depends on the installation
 import torch
 import torch.nn.functional as F
 
-from . import reference, triton_attention, triton_search
+from . import reference, triton_attention, triton_decode, triton_search
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -43,6 +44,10 @@ def span_search(search_query, key, key_padding_mask, query_positions, window, to
         return reference.span_search(search_query, key, key_padding_mask, query_positions, window,
                                      topk, search_power, span_power, backward_factor,
                                      forward_factor, search_key, dense_below)
+    if search_key == "anchor" and triton_decode.use_decode(search_query, key):
+        return triton_decode.span_search(search_query, key, key_padding_mask, query_positions,
+                                         window, topk, search_power, span_power, backward_factor,
+                                         forward_factor, search_key, dense_below)
     return triton_search.span_search(search_query, key, key_padding_mask, query_positions,
                                      window, topk, search_power, span_power, backward_factor,
                                      forward_factor, search_key, dense_below)
@@ -77,6 +82,12 @@ def span_attention(query, key, value, anchors, scores, key_padding_mask, query_p
     if (T <= dense_below or Lq == 0) and _sdpa_ok(query, key, value, key_padding_mask,
                                                   query_positions):
         return dense_attention(query, key, value, key_padding_mask, query_positions, scale)
+    if triton_decode.use_decode(query, key):
+        triton_attention._check(query, key, value)
+        return triton_decode.span_attention(query, key, value, anchors, scores, key_padding_mask,
+                                            query_positions, window, sinks, span_power,
+                                            backward_factor, forward_factor, combine, scale,
+                                            dense_below)
     return triton_attention.span_attention(query, key, value, anchors, scores, key_padding_mask,
                                            query_positions, window, sinks, span_power,
                                            backward_factor, forward_factor, combine, scale,

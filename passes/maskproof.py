@@ -32,6 +32,14 @@ import torch.fx as fx
 from .canon import COp, canon, decode_getitem, meta_val, tensor_meta
 
 VERY_NEGATIVE = -1e4
+RUNTIME_PREFIX = "rt_"  # names of the symbols that stand for runtime integer scalars
+
+
+def runtime_symbols(e) -> set:
+    """The runtime-scalar symbols in a sympy expression (see MaskEvaluator.runtime)."""
+    if e is None or not hasattr(e, "free_symbols"):
+        return set()
+    return {s for s in e.free_symbols if s.name.startswith(RUNTIME_PREFIX)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,6 +212,8 @@ class MaskEvaluator:
         self.constants = constants or {}
         self.memo: Dict[fx.Node, Any] = {}
         self._pattern_cache: Dict[int, Any] = {}
+        # symbols standing for runtime integer scalars (a static cache's fill level): symbol -> node
+        self.runtime: Dict[sympy.Symbol, fx.Node] = {}
 
     # -- entry ------------------------------------------------------------------------------
     def eval(self, x):
@@ -237,6 +247,12 @@ class MaskEvaluator:
         if structured and any(isinstance(v, (Sel, Aff)) and not _opq_only(v)
                               for v in (self.memo.get(a) for a in node.all_input_nodes)):
             return None
+        if not sup and not t.dtype.is_floating_point and t.dtype != torch.bool and not t.is_complex():
+            # one runtime integer (e.g. StaticCache's fill level, the first query's position): a
+            # symbol, so that positions offset by it stay affine and a causal comparison proves
+            s = sympy.Symbol(f"{RUNTIME_PREFIX}{node.name}", integer=True)
+            self.runtime[s] = node
+            return Aff((), s)
         if t.dtype == torch.bool:
             return Sel(frozenset([("opq", node, sup, "truthy")]), True, False)
         return Opq(sup)
@@ -801,6 +817,23 @@ def _flipped(kind, a, b) -> bool:
     return _very_neg(a) and _finite(b)
 
 
+def _tightest(atoms):
+    """Of comparisons with the same coefficients whose constants differ by a known integer, only
+    the strictest binds (``e + c1 <= 0`` and ``e + c2 <= 0`` is ``e + max(c1, c2) <= 0``), e.g.
+    a static cache's ``j <= q + fill`` next to ``j < fill + Lq``."""
+    out: list = []
+    for at in atoms:
+        for n, o in enumerate(out):
+            if o[1] == at[1]:
+                d = static_int(sympy.expand(at[2] - o[2]))
+                if d is not None:
+                    out[n] = at if d > 0 else o
+                    break
+        else:
+            out.append(at)
+    return out
+
+
 def prove_causal(atoms, Lq, T, logits_ndim: int, box: Optional[Tuple[int, int]] = None) -> CausalProof:
     Lq_i, T_i = static_int(Lq), static_int(T)
     lins = {at for at in atoms if at[0] == "lin"}
@@ -832,8 +865,12 @@ def prove_causal(atoms, Lq, T, logits_ndim: int, box: Optional[Tuple[int, int]] 
     if not kept:
         causal = [at for at in redundant if dict(at[1]) in causal_coef]
         if len(causal) != 1:
+            if opqs and not lins:
+                return CausalProof(False, "mask is runtime data with no position structure in the graph "
+                                          "(a 4-D mask built outside the compiled region?)")
             return CausalProof(False, "no causal structure in the mask (bidirectional attention)")
         kept = causal  # the mask is a causal comparison that these shapes make all-true
+    kept = _tightest(kept)
     if len(kept) > 1:
         return CausalProof(False, "mask restricts positions beyond causality (sliding window / prefix-LM / band)")
     coef = dict(kept[0][1])

@@ -30,8 +30,8 @@ from slcompile.kernels import ops as _ops  # noqa: F401  (registers torch.ops.su
 from slcompile.kernels.config import SuperlinearConfig
 
 from .canon import canon, decode_getitem, meta_val, remove_canon_cache, tensor_meta
-from .maskproof import (CausalProof, MaskEvaluator, constraints_of, prove_causal, static_int, sym,
-                        sym_eq, VERY_NEGATIVE)
+from .maskproof import (Aff, CausalProof, MaskEvaluator, constraints_of, prove_causal, runtime_symbols,
+                        static_int, sym, sym_eq, VERY_NEGATIVE)
 from .report import RewriteReport, SiteReport
 
 log = logging.getLogger("slcompile.passes")
@@ -689,7 +689,13 @@ def _emit(graph: fx.Graph, site: Site, proof: CausalProof, qpos_offset: Optional
         m = _emit_padding(em, atom, site.q, site.k)
         kpm = m if kpm is None else em.call(aten.logical_and.default, (kpm, m))
     qpos = None
-    if qpos_offset is not None:
+    if isinstance(qpos_offset, fx.Node):  # runtime positions: the mask's own query-position values
+        Lq = _size(em, q, 2)
+        B = 1 if site.three_d else _size(em, site.q, 0)
+        p = em.call(aten.reshape.default, (qpos_offset, [1, Lq]))
+        p = em.call(aten.to.dtype, (p, torch.int64))
+        qpos = em.call(aten.expand.default, (p, [B, Lq]))
+    elif qpos_offset is not None:
         Lq = static_int(sym(qt.shape[2]))
         B = 1 if site.three_d else _size(em, site.q, 0)
         dev = qt.device
@@ -864,7 +870,7 @@ def _rewrite(gm, graph, config, ev, meta_key, dry_run, t0) -> RewriteReport:
                     raise Skip(proof.reason)
             rep.causal_proven = True
             rep.padding = bool(proof.padding)
-            qpos_offset = _positions(proof.offset, Lq, T)
+            qpos_offset = _positions(proof.offset, Lq, T, ev)
             if not dry_run:
                 new = _emit(graph, site, proof, qpos_offset, config, meta_key)
                 site.out.replace_all_uses_with(new)
@@ -900,6 +906,8 @@ def _impure(node: fx.Node) -> bool:
                                               "_scaled_dot_product_efficient_attention",
                                               "_scaled_dot_product_cudnn_attention"):
         return False  # seeded only through dropout; a dead attention node can go
+    if _in_place(node):  # e.g. a static cache's keys.index_copy_(...): fx counts methods as pure
+        return True
     try:
         return node.is_impure()
     except Exception:  # noqa: BLE001
@@ -963,15 +971,67 @@ def _check_layout_4d(site: Site, qt, kt, vt):
         site.check_kv_len = True  # symbolic: asserted at run time
 
 
-def _positions(offset, Lq, T) -> Optional[int]:
-    """None: bottom-right (the ops' default); an int: queries sit at offset..offset+Lq-1."""
+def _positions(offset, Lq, T, ev: MaskEvaluator):
+    """None: bottom-right (the ops' default); an int: queries sit at offset..offset+Lq-1; a node:
+    the graph's own tensor of query positions (offset holds runtime values, e.g. a static cache's
+    fill level), read where the mask read it."""
     if Lq is None or T is None:
         raise Skip("unknown sequence lengths")
     if sym_eq(offset, T - Lq):
         return None
+    if runtime_symbols(offset):
+        return _runtime_positions(ev, offset, Lq)
     o, lq, t = static_int(offset), static_int(Lq), static_int(T)
     if o is not None and lq is not None and t is not None:
         if 0 <= o and o + lq <= t:
             return o
         raise Skip(f"causal offset {o} puts queries outside the {t} keys")
     raise Skip("cannot prove the query/key alignment for symbolic lengths")
+
+
+_VIEWS = ("to", "view", "expand", "slice", "getitem", "unsqueeze", "squeeze", "transpose", "permute",
+          "select", "contiguous")
+
+
+def _runtime_positions(ev: MaskEvaluator, offset, Lq) -> fx.Node:
+    """The node, among those the mask was built from, that holds query i's position offset + i
+    (a [.., Lq, ..] integer tensor, or any one-element tensor when Lq is 1). It must be computed
+    (not a view of an input, which a cache update may later change in place) and never written in
+    place, so that reading it at the attention gives the positions the mask used."""
+    lq = static_int(Lq)
+    for node, v in ev.memo.items():
+        if not isinstance(v, Aff) or not sym_eq(v.const, offset) or node.op not in ("call_function", "call_method"):
+            continue
+        t = tensor_meta(node)
+        if t is None or t.dtype.is_floating_point or t.dtype == torch.bool:
+            continue
+        c = canon(node)
+        if c is None or c.op in _VIEWS or any(_in_place(u) and u.args and u.args[0] is node for u in node.users):
+            continue
+        n = t.dim()
+        dims = [d for d in range(n) if not (sym(t.shape[d]) is not None and sym(t.shape[d]) == 1)]
+        if v.coef == () and lq == 1 and not dims:
+            return node
+        if len(v.coef) == 1 and v.coef[0][1] == 1 and len(dims) == 1 and dims[0] - n == v.coef[0][0] \
+                and sym_eq(sym(t.shape[dims[0]]), Lq):
+            return node
+    raise Skip("query positions depend on runtime values that the graph holds in no tensor of positions")
+
+
+def _in_place(node: fx.Node) -> bool:
+    """A call that writes into its first argument (x.add_(...), x.index_copy_(...), x[i] = y)."""
+    t = node.target
+    if node.op == "call_method":
+        return (t.endswith("_") and not t.startswith("__")) or t in ("__setitem__", "__iadd__", "__isub__",
+                                                                      "__imul__", "__itruediv__", "__ior__",
+                                                                      "__iand__")
+    if node.op == "call_function":
+        import operator
+        if t in (operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                 operator.ior, operator.iand):
+            return True
+        if isinstance(t, torch._ops.OpOverload):
+            return t._schema.is_mutable
+        name = getattr(t, "__name__", "")
+        return name.endswith("_") and not name.startswith("_")
+    return False
