@@ -118,6 +118,13 @@ def _(query, key, value, anchors, scores, key_padding_mask, query_positions, win
     return query.new_empty((B, Hq, Lq, value.shape[-1]))
 
 
+# Autograd (kernels/autograd.py): gradients for query, key, value, the gate's scores and, through
+# the scores, the search query; the backward passes are ops of their own.
+from . import autograd as _autograd  # noqa: E402
+
+_autograd.register(span_search, span_attention)
+
+
 # --------------------------------------------------------------------------------------------
 # nstep_search: the N-step search of docs/nstep.md (SuperlinearConfig(steps=N), N >= 3)
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,515 @@
+"""Triton kernels for the backward pass of span-attention (dq, dk, dv and, gated, d scores).
+
+Every (query, head) attends disjoint key *pieces*: its span pieces (``triton_attention``'s
+``pieces_and_keys``: union pieces made disjoint, gated pieces one per slot, all above the sinks and
+below the window), its window [max(S, t-W+1), t] and its sinks [0, min(S, t+1)). Within a piece
+every key's softmax weight is p = exp2(s - lse) and its logit gradient p * (dO.v - delta) for one
+per-piece pair (lse, delta):
+
+* union: lse = the row's log-sum-exp over all its pieces, delta = dO . out.
+* gated, span piece j: lse = LSE_j - log2 g_j, delta = dO . O_j (O_j, LSE_j: the softmax over
+  span j, window and sinks; g the gate); window and sinks belong to every O_j, which makes their
+  weight sum_j g_j exp2(s - LSE_j) = exp2(s - lse_F), lse_F = -log2 sum_j g_j 2^-LSE_j, and their
+  delta the same mix of the dO . O_j. d score_j = g_j (dO . O_j - dO . out). A row without a kept
+  span is window and sinks alone.
+
+Passes (no host synchronisation except one count of the key-major work list):
+
+1. Recompute (``_prep_kernel``): the forward's span partials (``_span_pairs_kernel`` of
+   ``triton_attention``), window and sinks per query block (its ``_attend``), and from them, per
+   row, the (lse, delta) of each piece and d scores.
+2. Sort the pieces of each kv head by (lo // bucket, hi) as the forward does (sinks first).
+3. ``_dq_kernel``: 64 consecutive pieces share one key range; dq per piece, atomically added to
+   its query row (a row has up to topk + 2 pieces).
+4. ``_dkdv_kernel``: key-major. For a key tile, the pieces that can touch it lie in one contiguous
+   range of the sorted order (lo >= tile start - longest piece + 1); the range is cut into chunks
+   of at most ``CHUNK`` pieces, one program each, accumulating dk, dv of the tile in registers and
+   adding them atomically once at the end (few atomics: about one tile per chunk).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import triton_attention as TA
+from .geometry import span_extents
+
+_attend = TA._attend
+_BIGI = TA._BIGI
+
+
+@triton.jit
+def _mm(a, b, IEEE: tl.constexpr, DOT_F32: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    elif DOT_F32:  # the interpreter's bf16 dot is wrong: emulate it in fp32
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _prep_kernel(
+    Q, K, V, DO, ANCH, SCO, KPM, POS, BACK, FWD, PLO, PHI, PLSE, POUT, LSE, DELTA, DSC,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sdb, sdh, sdm, sdd,
+    sab, sah, sam, sak,
+    ssb, ssh, ssm, ssk,
+    skpb, skpn,
+    spb, spm,
+    Hq, G, Lq, T, W, S, qk_scale,
+    D: tl.constexpr, DV: tl.constexpr, HAS_KPM: tl.constexpr, HAS_POS: tl.constexpr,
+    TOPK: tl.constexpr, KP: tl.constexpr, NP: tl.constexpr, GATED: tl.constexpr,
+    SPANS: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """Per query block and head: (lse, delta) of every piece (slots 0..TOPK-1 spans, TOPK window,
+    TOPK+1 sinks; log2 domain, +inf where nothing is attended) and, gated, d scores."""
+    pid = tl.program_id(0)
+    nqb = tl.cdiv(Lq, BLOCK_M)
+    bh = pid // nqb
+    qb = pid % nqb
+    b = (bh // Hq).to(tl.int64)
+    h = bh % Hq
+    kvh = (h // G).to(tl.int64)
+    h64 = h.to(tl.int64)
+    rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < Lq
+    rows64 = rows.to(tl.int64)
+    if HAS_POS:
+        t = tl.load(POS + b * spb + rows64 * spm, mask=rmask, other=0).to(tl.int32)
+    else:
+        t = T - Lq + rows
+    t = tl.where(rmask, t, 0)
+    offd = tl.arange(0, BLOCK_D)
+    offdv = tl.arange(0, BLOCK_DV)
+    dvmask = offdv < DV
+    q = tl.load(Q + b * sqb + h64 * sqh + rows64[:, None] * sqm + offd[None, :] * sqd,
+                mask=rmask[:, None] & (offd[None, :] < D), other=0.0)
+    do = tl.load(DO + b * sdb + h64 * sdh + rows64[:, None] * sdm + offdv[None, :] * sdd,
+                 mask=rmask[:, None] & dvmask[None, :], other=0.0).to(tl.float32)
+    sk_hi = tl.minimum(S, t + 1) - 1
+    sk_ok = rmask & (sk_hi >= 0)
+    win_lo = tl.maximum(t - W + 1, 0)
+    win_ok = rmask & (W > 0)
+    cols = tl.arange(0, KP)
+    cmask = rmask[:, None] & (cols[None, :] < TOPK)
+    kbase = K + b * skb + kvh * skh
+    vbase = V + b * svb + kvh * svh
+    kpbase = KPM + b * skpb
+    nosp = cmask & (cols[None, :] < 0)
+    zi = tl.zeros([BLOCK_M, KP], tl.int32)
+    acc, l_f, m_f = _attend(q, kbase, vbase, kpbase, t, sk_ok, sk_hi, win_ok, win_lo,
+                            nosp, zi, zi, T, qk_scale, skn, skd, svn, svd, skpn,
+                            HAS_KPM, IEEE, DOT_F32, D, DV, False, BLOCK_M, BLOCK_N, BLOCK_D,
+                            BLOCK_DV)
+    lpos = l_f > 0
+    lse_f = tl.where(lpos, m_f + tl.log2(tl.where(lpos, l_f, 1.0)), float("-inf"))
+    o_f = acc / tl.where(lpos, l_f, 1.0)[:, None]
+    roff = ((b * Hq + h64) * Lq + rows64)
+    lse_rows = lse_f  # what window and sinks get (lse_F)
+    delta_rows = tl.sum(do * o_f, axis=1)
+    lse_sp = tl.full([BLOCK_M, KP], float("inf"), tl.float32)
+    delta_sp = tl.zeros([BLOCK_M, KP], tl.float32)
+    if SPANS:
+        poff = roff[:, None] * TOPK + cols[None, :]
+        plo = tl.load(PLO + poff, mask=cmask, other=1)
+        phi = tl.load(PHI + poff, mask=cmask, other=0)
+        pok = cmask & (phi >= plo)
+        lse_p = tl.load(PLSE + poff, mask=pok, other=float("-inf"))
+        lse_p = tl.where(pok, lse_p, float("-inf"))
+        if GATED:
+            aoff = b * sab + h64 * sah + rows64[:, None] * sam + cols[None, :] * sak
+            a = tl.load(ANCH + aoff, mask=cmask, other=-1)
+            aval = cmask & (a >= 0)
+            soff = b * ssb + h64 * ssh + rows64[:, None] * ssm + cols[None, :] * ssk
+            sc = tl.load(SCO + soff, mask=cmask, other=float("-inf")).to(tl.float32)
+            sc = tl.where(aval, sc, float("-inf"))
+            gmax = tl.max(sc, axis=1)
+            gmax = tl.where(gmax == float("-inf"), 0.0, gmax)
+            e = tl.where(aval, tl.exp(sc - gmax[:, None]), 0.0)
+            esum = tl.sum(e, axis=1)
+            gw = tl.where(esum[:, None] > 0, e / tl.where(esum > 0, esum, 1.0)[:, None], 0.0)
+            any_a = tl.max(aval.to(tl.int32), axis=1) > 0
+            out = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+            dj_all = tl.zeros([BLOCK_M, KP], tl.float32)
+            # window and sinks: lse_F = -log2 sum_j g_j 2^-LSE_j, delta_F = the same mix of dO.O_j
+            mu = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            csum = tl.zeros([BLOCK_M], tl.float32)
+            cdel = tl.zeros([BLOCK_M], tl.float32)
+            for j in tl.static_range(TOPK):
+                selj = cols[None, :] == j
+                lj = tl.max(tl.where(selj, lse_p, float("-inf")), axis=1)
+                okj = tl.max((selj & pok).to(tl.int32), axis=1) > 0
+                pj = tl.sum(tl.where(selj, poff, 0), axis=1)
+                oj_p = tl.load(POUT + pj[:, None] * DV + offdv[None, :],
+                               mask=okj[:, None] & dvmask[None, :], other=0.0)
+                mj = tl.maximum(lse_f, lj)
+                mj_s = tl.where(mj == float("-inf"), 0.0, mj)
+                wf = tl.exp2(lse_f - mj_s)
+                wj = tl.exp2(lj - mj_s)
+                den = wf + wj
+                oj = (wf[:, None] * o_f + wj[:, None] * oj_p) / tl.where(den > 0, den, 1.0)[:, None]
+                lse_j = tl.where(den > 0, mj_s + tl.log2(tl.where(den > 0, den, 1.0)), float("-inf"))
+                gj = tl.sum(tl.where(selj, gw, 0.0), axis=1)
+                out += gj[:, None] * oj
+                dj = tl.sum(do * oj, axis=1)
+                dj_all = tl.where(selj, dj[:, None], dj_all)
+                # piece j: weight g_j 2^(s - LSE_j)
+                live = (gj > 0) & (lse_j > float("-inf"))
+                lg = tl.log2(tl.where(live, gj, 1.0))
+                eff = tl.where(live, lse_j - lg, float("inf"))
+                lse_sp = tl.where(selj, eff[:, None], lse_sp)
+                delta_sp = tl.where(selj, dj[:, None], delta_sp)
+                u = tl.where(live, lg - lse_j, float("-inf"))
+                mu_new = tl.maximum(mu, u)
+                mu_s = tl.where(mu_new == float("-inf"), 0.0, mu_new)
+                sc_old = tl.exp2(mu - mu_s)
+                wu = tl.exp2(u - mu_s)
+                csum = csum * sc_old + wu
+                cdel = cdel * sc_old + wu * dj
+                mu = mu_new
+            delta_o = tl.sum(do * out, axis=1)
+            dsc = tl.where(aval, gw * (dj_all - delta_o[:, None]), 0.0)
+            dsc = tl.where(any_a[:, None], dsc, 0.0)
+            tl.store(DSC + roff[:, None] * TOPK + cols[None, :], dsc, mask=cmask)
+            has_c = csum > 0
+            lse_F = tl.where(has_c, -(mu + tl.log2(tl.where(has_c, csum, 1.0))), float("inf"))
+            del_F = cdel / tl.where(has_c, csum, 1.0)
+            lse_rows = tl.where(any_a, lse_F, lse_rows)
+            delta_rows = tl.where(any_a, del_F, delta_rows)
+            lse_sp = tl.where(any_a[:, None], lse_sp, float("inf"))
+        else:
+            mx = tl.maximum(lse_f, tl.max(lse_p, axis=1))
+            mx_s = tl.where(mx == float("-inf"), 0.0, mx)
+            wf = tl.exp2(lse_f - mx_s)
+            wp = tl.exp2(lse_p - mx_s[:, None])
+            num = wf[:, None] * o_f
+            den = wf + tl.sum(wp, axis=1)
+            for j in tl.static_range(TOPK):
+                selj = cols[None, :] == j
+                okj = tl.max((selj & pok).to(tl.int32), axis=1) > 0
+                pj = tl.sum(tl.where(selj, poff, 0), axis=1)
+                oj_p = tl.load(POUT + pj[:, None] * DV + offdv[None, :],
+                               mask=okj[:, None] & dvmask[None, :], other=0.0)
+                num += tl.sum(tl.where(selj, wp, 0.0), axis=1)[:, None] * oj_p
+            out = num / tl.where(den > 0, den, 1.0)[:, None]
+            lse_u = tl.where(den > 0, mx_s + tl.log2(tl.where(den > 0, den, 1.0)), float("-inf"))
+            lse_rows = lse_u
+            delta_rows = tl.sum(do * out, axis=1)
+            lse_sp = tl.zeros([BLOCK_M, KP], tl.float32) + lse_rows[:, None]
+            delta_sp = tl.zeros([BLOCK_M, KP], tl.float32) + delta_rows[:, None]
+    lse_rows = tl.where(lse_rows == float("-inf"), float("inf"), lse_rows)
+    lse_sp = tl.where(lse_sp == float("-inf"), float("inf"), lse_sp)
+    ooff = roff[:, None] * NP + cols[None, :]
+    tl.store(LSE + ooff, lse_sp, mask=cmask)
+    tl.store(DELTA + ooff, delta_sp, mask=cmask)
+    tl.store(LSE + roff * NP + TOPK, lse_rows, mask=rmask)
+    tl.store(LSE + roff * NP + TOPK + 1, lse_rows, mask=rmask)
+    tl.store(DELTA + roff * NP + TOPK, delta_rows, mask=rmask)
+    tl.store(DELTA + roff * NP + TOPK + 1, delta_rows, mask=rmask)
+
+
+@triton.jit
+def _piece_rows(loc, b, kvh, G, Lq, NP):
+    """(query head, query row) of pieces with local index loc in their kv head's list."""
+    hl = loc // (Lq * NP)
+    qi = (loc // NP) % Lq
+    return kvh * G + hl.to(tl.int64), qi.to(tl.int64)
+
+
+@triton.jit
+def _dq_kernel(
+    Q, K, V, DO, KPM, IDX, PLO, PHI, LSE, DELTA, DQ,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sdb, sdh, sdm, sdd,
+    skpb, skpn,
+    Hq, Hkv, G, Lq, NPAIR, NP, qk_scale, sm_scale,
+    D: tl.constexpr, DV: tl.constexpr, HAS_KPM: tl.constexpr, IEEE: tl.constexpr,
+    DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    """BLOCK_M consecutive pieces (sorted order) of one kv head share one key range: dq of each
+    piece, added atomically to its query row of DQ (fp32 [B, Hq, Lq, D])."""
+    cb = tl.program_id(0)
+    grp = tl.program_id(1)
+    b = (grp // Hkv).to(tl.int64)
+    kvh = (grp % Hkv).to(tl.int64)
+    r = cb * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm = r < NPAIR
+    gbase = grp.to(tl.int64) * NPAIR
+    loc = tl.load(IDX + gbase + r, mask=rm, other=0)
+    gidx = gbase + loc.to(tl.int64)
+    lo = tl.load(PLO + gidx, mask=rm, other=1)
+    hi = tl.load(PHI + gidx, mask=rm, other=0)
+    ok = rm & (hi >= lo)
+    h64, qi = _piece_rows(loc, b, kvh, G, Lq, NP)
+    offd = tl.arange(0, BLOCK_D)
+    offdv = tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + b * sqb + h64[:, None] * sqh + qi[:, None] * sqm + offd[None, :] * sqd,
+                mask=ok[:, None] & (offd[None, :] < D), other=0.0)
+    do = tl.load(DO + b * sdb + h64[:, None] * sdh + qi[:, None] * sdm + offdv[None, :] * sdd,
+                 mask=ok[:, None] & (offdv[None, :] < DV), other=0.0)
+    lse = tl.load(LSE + gidx, mask=ok, other=float("inf"))
+    delta = tl.load(DELTA + gidx, mask=ok, other=0.0)
+    lo_min = tl.min(tl.where(ok, lo, _BIGI), axis=0)
+    hi_max = tl.max(tl.where(ok, hi, -1), axis=0)
+    kbase = K + b * skb + kvh * skh
+    vbase = V + b * svb + kvh * svh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    ks = (lo_min // BLOCK_N) * BLOCK_N
+    while ks <= hi_max:
+        offn = ks + tl.arange(0, BLOCK_N)
+        offn64 = offn.to(tl.int64)
+        nmask = offn <= hi_max
+        kt = tl.load(kbase + offn64[None, :] * skn + offd[:, None] * skd,
+                     mask=nmask[None, :] & (offd[:, None] < D), other=0.0)  # [BD, BN]
+        vt = tl.load(vbase + offn64[None, :] * svn + offdv[:, None] * svd,
+                     mask=nmask[None, :] & (offdv[:, None] < DV), other=0.0)  # [BDV, BN]
+        s = _mm(q, kt, IEEE, DOT_F32) * qk_scale
+        keep = (offn[None, :] >= lo[:, None]) & (offn[None, :] <= hi[:, None])
+        if HAS_KPM:
+            kp = tl.load(KPM + b * skpb + offn64 * skpn, mask=nmask, other=0)
+            keep = keep & (kp != 0)[None, :]
+        p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
+        dp = _mm(do, vt, IEEE, DOT_F32)
+        ds = p * (dp - delta[:, None])
+        dq += _mm(ds.to(kt.dtype), tl.trans(kt), IEEE, DOT_F32)
+        ks += BLOCK_N
+    rowoff = ((b * Hq + h64) * Lq + qi) * D
+    tl.atomic_add(DQ + rowoff[:, None] + offd[None, :], dq * sm_scale,
+                  mask=ok[:, None] & (offd[None, :] < D))
+
+
+@triton.jit
+def _dkdv_kernel(
+    Q, K, V, DO, KPM, IDX, PLO, PHI, LSE, DELTA, ITEMS, DK, DV_,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sdb, sdh, sdm, sdd,
+    skpb, skpn,
+    Hkv, G, Lq, T, NPAIR, NP, qk_scale, sm_scale,
+    D: tl.constexpr, DV: tl.constexpr, HAS_KPM: tl.constexpr, IEEE: tl.constexpr,
+    DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    """One work item (kv group, key tile, sorted piece range [c0, c1)): dk, dv of the tile from
+    those pieces, added atomically to DK/DV_ (fp32 [B, Hkv, T, D])."""
+    w = tl.program_id(0).to(tl.int64)
+    grp = tl.load(ITEMS + w * 4).to(tl.int64)
+    n0 = tl.load(ITEMS + w * 4 + 1).to(tl.int32) * BLOCK_N
+    c0 = tl.load(ITEMS + w * 4 + 2).to(tl.int32)
+    c1 = tl.load(ITEMS + w * 4 + 3).to(tl.int32)
+    b = grp // Hkv
+    kvh = grp % Hkv
+    offn = n0 + tl.arange(0, BLOCK_N)
+    nmask = offn < T
+    offn64 = offn.to(tl.int64)
+    offd = tl.arange(0, BLOCK_D)
+    offdv = tl.arange(0, BLOCK_DV)
+    kbase = K + b * skb + kvh * skh
+    vbase = V + b * svb + kvh * svh
+    kt = tl.load(kbase + offn64[None, :] * skn + offd[:, None] * skd,
+                 mask=nmask[None, :] & (offd[:, None] < D), other=0.0)  # [BD, BN]
+    vt = tl.load(vbase + offn64[None, :] * svn + offdv[:, None] * svd,
+                 mask=nmask[None, :] & (offdv[:, None] < DV), other=0.0)  # [BDV, BN]
+    present = nmask
+    if HAS_KPM:
+        kp = tl.load(KPM + b * skpb + offn64 * skpn, mask=nmask, other=0)
+        present = present & (kp != 0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    gbase = grp * NPAIR
+    n1 = n0 + BLOCK_N - 1
+    c = c0
+    while c < c1:
+        r = c + tl.arange(0, BLOCK_M)
+        rm = r < c1
+        loc = tl.load(IDX + gbase + r, mask=rm, other=0)
+        gidx = gbase + loc.to(tl.int64)
+        lo = tl.load(PLO + gidx, mask=rm, other=1)
+        hi = tl.load(PHI + gidx, mask=rm, other=0)
+        ok = rm & (hi >= lo) & (hi >= n0) & (lo <= n1)
+        if tl.max(ok.to(tl.int32), axis=0) > 0:
+            h64, qi = _piece_rows(loc, b, kvh, G, Lq, NP)
+            q = tl.load(Q + b * sqb + h64[:, None] * sqh + qi[:, None] * sqm + offd[None, :] * sqd,
+                        mask=ok[:, None] & (offd[None, :] < D), other=0.0)
+            do = tl.load(DO + b * sdb + h64[:, None] * sdh + qi[:, None] * sdm
+                         + offdv[None, :] * sdd, mask=ok[:, None] & (offdv[None, :] < DV), other=0.0)
+            lse = tl.load(LSE + gidx, mask=ok, other=float("inf"))
+            delta = tl.load(DELTA + gidx, mask=ok, other=0.0)
+            s = _mm(q, kt, IEEE, DOT_F32) * qk_scale  # [BM, BN]
+            keep = ok[:, None] & (offn[None, :] >= lo[:, None]) & (offn[None, :] <= hi[:, None]) \
+                & present[None, :]
+            p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
+            dp = _mm(do, vt, IEEE, DOT_F32)
+            ds = p * (dp - delta[:, None])
+            dv += _mm(tl.trans(p.to(do.dtype)), do, IEEE, DOT_F32)
+            dk += _mm(tl.trans(ds.to(q.dtype)), q, IEEE, DOT_F32)
+        c += BLOCK_M
+    tl.atomic_add(DK + (grp * T + offn64)[:, None] * D + offd[None, :], dk * sm_scale,
+                  mask=nmask[:, None] & (offd[None, :] < D))
+    tl.atomic_add(DV_ + (grp * T + offn64)[:, None] * DV + offdv[None, :], dv,
+                  mask=nmask[:, None] & (offdv[None, :] < DV))
+
+
+def _blocks(dtype, Dmax):
+    """(BLOCK_M, BLOCK_N) of the dq and dk/dv kernels."""
+    if dtype == torch.float32 or Dmax > 128:
+        return 32, 32
+    return 64, 64
+
+
+CHUNK = 2048  # pieces per dk/dv work item at most
+BUCKET = 16  # lo // BUCKET orders the pieces (as the forward's sort)
+
+
+def piece_tables(anchors, pos, T, W, S, back, fwd, union, spans, B, Hq, Lq, device):
+    """lo, hi int32 [B, Hq, Lq, topk + 2]: span pieces (slots < topk), window, sinks."""
+    topk = anchors.shape[-1]
+    if spans:
+        plo, phi, _ = TA.pieces_and_keys(anchors, pos, T, W, S, back, fwd, union)
+    else:
+        plo = torch.ones((B, Hq, Lq, topk), dtype=torch.int32, device=device)
+        phi = torch.zeros_like(plo)
+    if pos is None:
+        t = (torch.arange(Lq, device=device, dtype=torch.int64) + (T - Lq)).expand(B, Lq)
+    else:
+        t = pos
+    t = t[:, None, :].expand(B, Hq, Lq)
+    wlo = torch.clamp(t - W + 1, min=S)
+    whi = torch.where(torch.tensor(W > 0, device=device), t, wlo - 1)
+    shi = torch.clamp(t + 1, max=S) - 1
+    slo = torch.zeros_like(shi)
+    lo = torch.cat([plo, wlo[..., None].int(), slo[..., None].int()], -1)
+    hi = torch.cat([phi, whi[..., None].int(), shi[..., None].int()], -1)
+    empty = hi < lo
+    lo = torch.where(empty, 1, lo).to(torch.int32).contiguous()
+    hi = torch.where(empty, 0, hi).to(torch.int32).contiguous()
+    return lo, hi, plo, phi
+
+
+def span_attention_backward(grad_out, q, k, v, anchors, scores, key_padding_mask, query_positions,
+                            window, sinks, span_power, backward_factor, forward_factor, combine,
+                            scale, dense_below):
+    """(dq, dk, dv, dscores) with the contract of ``autograd.span_attention_backward``."""
+    TA._check(q, k, v)
+    B, Hq, Lq, D = q.shape
+    Hkv, T, DV = k.shape[1], k.shape[2], v.shape[3]
+    dev = q.device
+    G = Hq // Hkv
+    topk = anchors.shape[-1]
+    dsc = torch.zeros((B, Hq, Lq, topk), dtype=torch.float32, device=dev)
+    if Lq == 0 or T == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dsc
+    gated = combine == "gated"
+    spans = T > dense_below
+    if spans:
+        W, S = min(window, T), min(sinks, T)
+        back, fwd = span_extents(T, span_power, backward_factor, forward_factor, dev)
+    else:  # dense: a window over every key
+        W, S = T, 0
+        back = fwd = torch.zeros(T, dtype=torch.int64, device=dev)
+    gated = gated and spans
+    do = grad_out.contiguous()
+    kpm = key_padding_mask.to(torch.uint8) if key_padding_mask is not None else None
+    pos = query_positions.long() if query_positions is not None else None
+    BLOCK_D = max(16, TA._next_pow2(D))
+    BLOCK_DV = max(16, TA._next_pow2(DV))
+    ieee = q.dtype == torch.float32
+    dot_f32 = TA._interpreted() and q.dtype == torch.bfloat16
+    qk_scale = float(scale) * math.log2(math.e)
+    NP = topk + 2
+    lo, hi, plo, phi = piece_tables(anchors, pos, T, W, S, back, fwd, not gated, spans, B, Hq,
+                                    Lq, dev)
+    # 1. recompute: the span partials (forward kernel), then (lse, delta) per piece and d scores
+    if spans:
+        npair_f = G * Lq * topk
+        key_f = (plo.long() // BUCKET) * (T + 1) + phi.long()
+        key_f = torch.where(phi >= plo, key_f, torch.iinfo(torch.int64).max)
+        idx_f = torch.argsort(key_f.view(B * Hkv, npair_f), dim=-1).to(torch.int32)
+        plse = torch.empty((B, Hq, Lq, topk), dtype=torch.float32, device=dev)
+        pout = torch.empty((B, Hq, Lq, topk, DV), dtype=torch.float32, device=dev)
+        pbm, pbn = TA._pair_blocks(q, max(BLOCK_D, BLOCK_DV))
+        TA._span_pairs_kernel[(triton.cdiv(npair_f, pbm), B * Hkv)](
+            q, k, v, kpm if kpm is not None else plo, idx_f, plo, phi, plse, pout,
+            *q.stride(), *k.stride(), *v.stride(),
+            *(kpm.stride() if kpm is not None else (0, 0)),
+            Hkv, G, Lq, npair_f, qk_scale,
+            TOPK=topk, D=D, DV=DV, HAS_KPM=kpm is not None, IEEE=ieee, DOT_F32=dot_f32,
+            BLOCK_M=pbm, BLOCK_N=pbn, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, num_warps=4)
+        del idx_f, key_f
+    else:
+        plse = pout = plo
+    lse = torch.empty((B, Hq, Lq, NP), dtype=torch.float32, device=dev)
+    delta = torch.empty((B, Hq, Lq, NP), dtype=torch.float32, device=dev)
+    bm = min(32, max(16, TA._next_pow2(Lq)))
+    _prep_kernel[(triton.cdiv(Lq, bm) * B * Hq,)](
+        q, k, v, do, anchors, scores, kpm if kpm is not None else back,
+        pos if pos is not None else back, back, fwd, plo, phi, plse, pout, lse, delta, dsc,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *anchors.stride(), *scores.stride(),
+        *(kpm.stride() if kpm is not None else (0, 0)),
+        *(pos.stride() if pos is not None else (0, 0)),
+        Hq, G, Lq, T, W, S, qk_scale,
+        D=D, DV=DV, HAS_KPM=kpm is not None, HAS_POS=pos is not None, TOPK=topk,
+        KP=max(2, TA._next_pow2(NP)), NP=NP, GATED=gated, SPANS=spans, IEEE=ieee,
+        DOT_F32=dot_f32, BLOCK_M=bm, BLOCK_N=64 if D <= 128 else 32, BLOCK_D=BLOCK_D,
+        BLOCK_DV=BLOCK_DV, num_warps=4)
+    del plse, pout
+    # 2. sort every kv head's pieces: sinks first (by hi), then by (lo // BUCKET, hi)
+    npair = G * Lq * NP
+    lo64, hi64 = lo.long(), hi.long()
+    is_sink = torch.zeros_like(lo64, dtype=torch.bool)
+    is_sink[..., -1] = True
+    key = torch.where(is_sink, hi64 - (T + 1), (lo64 // BUCKET) * (T + 1) + hi64)
+    key = torch.where(hi64 >= lo64, key, torch.iinfo(torch.int64).max).view(B * Hkv, npair)
+    skey, idx = torch.sort(key, dim=-1)
+    idx = idx.to(torch.int32)
+    bm, bn = _blocks(q.dtype, max(BLOCK_D, BLOCK_DV))
+    kpm_arg = kpm if kpm is not None else lo
+    kpm_st = kpm.stride() if kpm is not None else (0, 0)
+    # 3. dq
+    dq = torch.zeros((B, Hq, Lq, D), dtype=torch.float32, device=dev)
+    _dq_kernel[(triton.cdiv(npair, bm), B * Hkv)](
+        q, k, v, do, kpm_arg, idx, lo, hi, lse, delta, dq,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *kpm_st,
+        Hq, Hkv, G, Lq, npair, NP, qk_scale, float(scale),
+        D=D, DV=DV, HAS_KPM=kpm is not None, IEEE=ieee, DOT_F32=dot_f32, BLOCK_M=bm, BLOCK_N=bn,
+        BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, num_warps=4)
+    # 4. dk, dv: key-major work list
+    maxlen = (hi64 - lo64 + 1).clamp(min=0).amax()  # device scalar
+    ntile = triton.cdiv(T, bn)
+    n0 = torch.arange(ntile, device=dev, dtype=torch.int64) * bn
+    n1 = torch.clamp(n0 + bn - 1, max=T - 1)
+    lower = torch.where(n0 < S, n0 - (T + 1), torch.clamp(n0 - maxlen + 1, min=0) // BUCKET * (T + 1))
+    upper = (n1 // BUCKET + 1) * (T + 1)
+    c0 = torch.searchsorted(skey, lower.expand(B * Hkv, ntile).contiguous())
+    c1 = torch.searchsorted(skey, upper.expand(B * Hkv, ntile).contiguous())
+    nch = torch.div(c1 - c0 + CHUNK - 1, CHUNK, rounding_mode="floor").clamp(min=0).reshape(-1)
+    total = int(nch.sum().item())
+    dk = torch.zeros((B, Hkv, T, D), dtype=torch.float32, device=dev)
+    dv = torch.zeros((B, Hkv, T, DV), dtype=torch.float32, device=dev)
+    if total > 0:
+        item = torch.repeat_interleave(torch.arange(nch.numel(), device=dev), nch,
+                                       output_size=total)
+        first = torch.cumsum(nch, 0) - nch
+        sub = torch.arange(total, device=dev) - first[item]
+        c0f = c0.reshape(-1)[item] + sub * CHUNK
+        c1f = torch.minimum(c0f + CHUNK, c1.reshape(-1)[item])
+        items = torch.stack([item // ntile, item % ntile, c0f, c1f], 1).to(torch.int32).contiguous()
+        _dkdv_kernel[(total,)](
+            q, k, v, do, kpm_arg, idx, lo, hi, lse, delta, items, dk, dv,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *kpm_st,
+            Hkv, G, Lq, T, npair, NP, qk_scale, float(scale),
+            D=D, DV=DV, HAS_KPM=kpm is not None, IEEE=ieee, DOT_F32=dot_f32, BLOCK_M=bm,
+            BLOCK_N=bn, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, num_warps=4)
+    return dq, dk, dv, dsc
