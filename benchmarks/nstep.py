@@ -32,11 +32,14 @@ import time
 
 import torch
 
-import slcompile  # noqa: F401  (registers the ops)
-from slcompile.kernels import nstep as NS
-from slcompile.kernels import reference as R
-from slcompile.kernels.config import SuperlinearConfig
-from slcompile.kernels.geometry import num_stripes, span_extents, stripe_deltas
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_check import boot  # noqa: E402  (slcompile.kernels from this checkout, installed or not)
+
+boot()  # registers the ops
+from slcompile.kernels import nstep as NS  # noqa: E402
+from slcompile.kernels import reference as R  # noqa: E402
+from slcompile.kernels.config import SuperlinearConfig  # noqa: E402
+from slcompile.kernels.geometry import num_stripes, span_extents, stripe_deltas  # noqa: E402
 
 LENGTHS = [262144, 524288, 1048576, 2097152, 4194304]
 
