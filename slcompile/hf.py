@@ -1,39 +1,58 @@
 """Hugging Face transformers without compiling: ``attn_implementation="superlinear"``.
 
-Importing this module registers an attention function and its mask function under the name
-``"superlinear"`` with transformers (5.x ``AttentionInterface`` / ``AttentionMaskInterface``). Nothing
-changes for a model until it selects that name::
+After ``import slcompile``, transformers models that dispatch attention through its
+``AttentionInterface`` (Llama, Mistral, Qwen2, SmolLM, ... in transformers 5.x) run superlinear
+attention eagerly, ``generate()`` included::
 
-    import slcompile.hf
+    import slcompile
+    from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="superlinear")
-    slcompile.hf.configure(model, window=256, dense_below=0)      # optional; defaults otherwise
+    slcompile.hf.configure(model, window=256, dense_below=0)   # optional; defaults otherwise
 
-    # or, on a loaded model
-    slcompile.hf.configure(model, window=256, dense_below=0)      # also switches the model over
+    # or, on a model that is already loaded (this also switches it over)
+    slcompile.hf.configure(model, window=256, dense_below=0)
+    model.set_attn_implementation("superlinear")               # the same, keeping the config
 
-The `SuperlinearConfig` is read, per call, from the attention module's model config attribute
-``superlinear`` (a dict of `SuperlinearConfig` fields, saved with ``save_pretrained``); without one
-the defaults apply.
+Registration. The name ``"superlinear"`` is registered with transformers' ``AttentionInterface`` and
+``AttentionMaskInterface`` when ``transformers.modeling_utils`` is imported, at once if it already was
+(importing it ourselves would cost seconds, so ``import slcompile`` never does).
 
-Masks. transformers hands a custom attention function ``attention_mask=None`` unless a mask function is
-registered under the same name, which would silently drop padding. Ours builds a small
+Config. The `SuperlinearConfig` is the model config's attribute ``superlinear``: a dict of its
+fields, which ``save_pretrained`` writes to config.json and ``from_pretrained`` reads back (it may
+also be passed as ``from_pretrained(..., superlinear={...})``). `configure` sets it. Unknown fields
+or a value of the wrong type raise at the first forward.
+
+Masks. transformers hands a custom attention function ``attention_mask=None`` unless a mask function
+is registered under the same name, which would silently drop padding. Ours builds a small
 `SuperlinearMask` (never a [Lq, T] tensor): the key-padding mask, the query positions and, when the
-batch is padded, the per-row order that packs each row's present keys to the front. Positions in
-superlinear attention are therefore *token* positions within each sequence, not slots of the padded
-buffer: a left-padded row attends exactly as the same sequence alone would (same sinks, same window,
-same stripes), which is what makes batched generation equal one sequence at a time. Only causal
-masks are supported; a packed-sequence, sliding-window or custom mask function raises.
+batch is padded, the per-row order that packs each row's present keys to the front. Positions are
+therefore *token* positions within each sequence, not slots of the padded buffer, and the choice
+between exact dense and superlinear attention (``dense_below``) is made per sequence on its own
+length: a left-padded row attends exactly as the same sequence alone would, which is what makes
+batched generation equal one sequence at a time. Only plain causal masks are supported: packed
+sequences, sliding windows, bidirectional or custom mask functions raise.
 
-Caches: DynamicCache (keys are the whole past, queries bottom-right) and StaticCache (queries sit at
-the cache position; unfilled slots lie after every query and are never seen) both work through the
-query positions carried by the mask.
+Caches. DynamicCache (keys are the whole past, queries bottom-right) and StaticCache (queries sit
+at the cache position; unwritten slots lie after every query and are never seen) both work through
+the query positions carried by the mask; so do chunked prefills. Caches that drop keys (sliding
+window layers) raise.
+
+Routers. When an attention module carries a buffer ``superlinear_router`` [Hq, D, D] (set by
+`slcompile.calibrate.attach_routers`), span-search scores with ``query[b, h] @ router[h]`` instead
+of the query itself.
+
+Cost. A padded batch is packed by a gather of each layer's keys and values (O(T) per layer and
+forward, as much memory traffic as reading the cache once); an unpadded batch is not copied.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
+import sys
+import warnings
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -43,9 +62,20 @@ from slcompile.kernels.config import SuperlinearConfig
 
 NAME = "superlinear"
 CONFIG_ATTR = "superlinear"
+ROUTER_ATTR = "superlinear_router"
 
-__all__ = ["NAME", "SuperlinearMask", "configure", "get_config", "register",
-           "superlinear_attention_forward", "superlinear_mask"]
+__all__ = ["NAME", "CONFIG_ATTR", "ROUTER_ATTR", "SuperlinearMask", "configure", "get_config",
+           "register", "superlinear_attention_forward", "superlinear_mask"]
+
+# keyword arguments of transformers' attention calls that change the attention itself; we cannot
+# honour them, so they raise instead of being ignored
+_UNSUPPORTED_KWARGS = {
+    "sliding_window": "sliding-window attention layers",
+    "softcap": "attention logit soft-capping",
+    "s_aux": "learned attention sinks (s_aux)",
+    "cu_seq_lens_q": "packed sequences (cu_seq_lens_q)",
+    "cu_seq_lens_k": "packed sequences (cu_seq_lens_k)",
+}
 
 
 @dataclass
@@ -54,20 +84,23 @@ class SuperlinearMask:
 
     Attributes:
         key_padding_mask: bool [B, T] in the attention's key order (after packing), True = key
-            present; None when every key is present.
-        query_positions: int64 [B, Lq], absolute positions of the queries in that key order.
+            present; None when every key a query can see is present.
+        query_positions: int64 [B, Lq], positions of the queries in that key order.
         gather_index: int64 [B, T] or None: key slot j of row b in the attention's order is slot
             ``gather_index[b, j]`` of the cache (present keys first, in order). None: identity.
         kv_length: T, checked against the keys the attention receives.
+        lengths: per row, the number of keys of its sequence up to its last query (what T would be
+            for that sequence alone); decides dense or superlinear per row. None: T for every row.
     """
 
     key_padding_mask: Optional[Tensor]
     query_positions: Tensor
     gather_index: Optional[Tensor]
     kv_length: int
+    lengths: Optional[Tuple[int, ...]] = None
 
-    # transformers treats a mask with a 4-D ``shape`` as prepared and passes it through untouched
-    # (generate() builds masks ahead of the forward for static caches); we present as one.
+    # transformers reads ``ndim`` of a prepared mask (generate() builds masks ahead of the forward
+    # for static caches and passes them back in) and leaves one that is not 2-D alone.
     @property
     def shape(self) -> tuple:
         return (self.query_positions.shape[0], 1, self.query_positions.shape[1], self.kv_length)
@@ -88,24 +121,33 @@ class SuperlinearMask:
 # Config
 # --------------------------------------------------------------------------------------------
 
-def _model_config(obj) -> Any:
-    cfg = getattr(obj, "config", None)
-    return cfg
+@functools.lru_cache(maxsize=64)
+def _config_from_items(items: tuple) -> SuperlinearConfig:
+    return SuperlinearConfig.from_dict(dict(items))
 
 
-def get_config(module_or_model) -> SuperlinearConfig:
-    """The `SuperlinearConfig` of a model or attention module (its ``config.superlinear``;
-    defaults when absent)."""
-    cfg = _model_config(module_or_model)
-    raw = getattr(cfg, CONFIG_ATTR, None) if cfg is not None else None
+def _config_of(hf_config) -> SuperlinearConfig:
+    raw = getattr(hf_config, CONFIG_ATTR, None) if hf_config is not None else None
     if raw is None:
         return SuperlinearConfig()
     if isinstance(raw, SuperlinearConfig):
         return raw
     if isinstance(raw, dict):
-        return SuperlinearConfig.from_dict(raw)
+        try:
+            return _config_from_items(tuple(sorted(raw.items())))
+        except TypeError as e:  # an unhashable value: validate it uncached for the message
+            if "unhashable" not in str(e):
+                raise
+            return SuperlinearConfig.from_dict(raw)
     raise TypeError(f"model config attribute {CONFIG_ATTR!r} must be a dict of SuperlinearConfig "
                     f"fields or a SuperlinearConfig, got {type(raw).__name__}")
+
+
+def get_config(module_or_model) -> SuperlinearConfig:
+    """The `SuperlinearConfig` of a model or attention module: its ``config.superlinear``
+    (defaults when absent). Raises ValueError on unknown fields or invalid values, TypeError on a
+    value that is neither a dict nor a `SuperlinearConfig`."""
+    return _config_of(getattr(module_or_model, "config", None))
 
 
 def configure(model, config: Optional[SuperlinearConfig] = None, *, enable: bool = True,
@@ -117,15 +159,15 @@ def configure(model, config: Optional[SuperlinearConfig] = None, *, enable: bool
         config: a full config (default: the model's current one, or the defaults).
         enable: also switch the model to the superlinear attention implementation
             (``model.set_attn_implementation("superlinear")``).
-        **fields: `SuperlinearConfig` fields to change (validated).
+        **fields: `SuperlinearConfig` fields to change (validated; unknown names raise ValueError).
 
-    The config is stored as a dict in ``model.config.superlinear`` (and in every sub-config of
-    the model that attention modules read), so ``save_pretrained`` keeps it.
+    Returns the config now in effect. It is stored as a dict in ``model.config.superlinear`` (and in
+    every sub-config that the model's modules read), so ``save_pretrained`` keeps it.
     """
     register()
+    if config is not None and not isinstance(config, SuperlinearConfig):
+        raise TypeError(f"configure: config must be a SuperlinearConfig, got {type(config).__name__}")
     base = config if config is not None else get_config(model)
-    if not isinstance(base, SuperlinearConfig):
-        raise TypeError(f"configure: config must be a SuperlinearConfig, got {type(base).__name__}")
     new = base.replace(**fields) if fields else base
     d = new.to_dict()
     seen = set()
@@ -164,22 +206,22 @@ def superlinear_mask(
         raise NotImplementedError(
             "superlinear attention supports plain causal masks only; this model/input asked for a "
             f"custom mask function ({getattr(mask_function, '__name__', mask_function)!r}: packed "
-            "sequences, sliding windows, bidirectional blocks or and/or masks are not supported)")
+            "sequences, sliding windows, bidirectional (non-causal) attention, or extra and/or "
+            "masks are not supported)")
     if kv_offset != 0:
         raise NotImplementedError(
             f"superlinear attention needs the whole past in the cache (kv_offset={kv_offset}); "
             "sliding-window caches are not supported")
     device = torch.device(device)
-    if isinstance(q_offset, Tensor):
-        q_offset = q_offset.to(device=device, dtype=torch.int64).reshape(())
-    qpos = torch.arange(q_length, device=device, dtype=torch.int64) + q_offset  # [Lq]
-    qpos = qpos.expand(batch_size, q_length)
+    offset = int(q_offset)  # a tensor for static caches
+    end = offset + q_length  # keys up to the last query, unpadded
+    qpos = (torch.arange(q_length, device=device, dtype=torch.int64) + offset).expand(batch_size, q_length)
 
     present = None
     if attention_mask is not None:
         if attention_mask.dim() != 2:
-            raise NotImplementedError(
-                f"superlinear attention takes a 2-D padding mask [B, T]; got shape {tuple(attention_mask.shape)}")
+            raise NotImplementedError("superlinear attention takes a 2-D padding mask [B, T]; got shape "
+                                      f"{tuple(attention_mask.shape)}")
         present = attention_mask.to(device=device, dtype=torch.bool)
         if present.shape[-1] < kv_length:  # static caches: slots not yet written are absent
             present = torch.nn.functional.pad(present, (0, kv_length - present.shape[-1]))
@@ -187,13 +229,12 @@ def superlinear_mask(
             present = present[:, :kv_length]
         if present.shape[0] != batch_size:
             present = present.expand(batch_size, kv_length)
-        # With a static cache the unwritten slots past the queries are "absent" too; they never
-        # precede a query, so they change no position. Only absent keys *before* some query matter.
-        upto = int(qpos.max().item()) + 1 if q_length > 0 else 0
-        if bool(present[:, :upto].all()):
+        # Slots after the last query (unwritten static-cache slots) change no position; only absent
+        # keys before some query matter.
+        if bool(present[:, :end].all()):
             present = None
     if present is None:
-        return SuperlinearMask(None, qpos.contiguous(), None, kv_length)
+        return SuperlinearMask(None, qpos.contiguous(), None, kv_length, (end,) * batch_size)
 
     # Pack present keys to the front of each row (stable) and renumber the queries.
     idx = torch.arange(kv_length, device=device, dtype=torch.int64)
@@ -205,12 +246,44 @@ def superlinear_mask(
     new_q = torch.gather(before, 1, qpos.clamp(max=kv_length - 1)) - 1
     # a query at a padding slot (its output is never used) gets some valid position
     new_q = new_q.clamp(min=0)
-    return SuperlinearMask(kpm, new_q.contiguous(), gather_index, kv_length)
+    lengths = tuple(int(n) for n in (new_q.amax(dim=1) + 1).tolist())
+    return SuperlinearMask(kpm, new_q.contiguous(), gather_index, kv_length, lengths)
 
 
 # --------------------------------------------------------------------------------------------
 # Attention function
 # --------------------------------------------------------------------------------------------
+
+def _where(module) -> str:
+    layer = getattr(module, "layer_idx", None)
+    return type(module).__name__ + (f" (layer {layer})" if layer is not None else "")
+
+
+def _search_query(module, query: Tensor) -> Optional[Tensor]:
+    """query @ router per head when the module carries a calibrated router, else None."""
+    router = getattr(module, ROUTER_ATTR, None)
+    if router is None:
+        return None
+    B, Hq, Lq, D = query.shape
+    if not isinstance(router, Tensor) or not router.is_floating_point():
+        raise TypeError(f"{_where(module)}.{ROUTER_ATTR} must be a floating-point tensor "
+                        f"[Hq, D, D], got {type(router).__name__}"
+                        + (f" of dtype {router.dtype}" if isinstance(router, Tensor) else ""))
+    if tuple(router.shape) != (Hq, D, D):
+        raise ValueError(f"{_where(module)}.{ROUTER_ATTR} has shape {tuple(router.shape)}; this "
+                         f"layer has {Hq} query heads of dimension {D}, so it must be [{Hq}, {D}, {D}]")
+    if router.device != query.device:
+        raise ValueError(f"{_where(module)}.{ROUTER_ATTR} is on {router.device}, the query on "
+                         f"{query.device}")
+    return torch.einsum("bhld,hde->bhle", query.float(), router.float()).to(query.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _forced(cfg: SuperlinearConfig, dense: bool) -> SuperlinearConfig:
+    # dense_below decides per call on the key tensor's length; we decide per sequence instead and
+    # hand the kernels a value that forces that decision
+    return cfg.replace(dense_below=2**62 if dense else 0)
+
 
 def superlinear_attention_forward(
     module: torch.nn.Module,
@@ -233,18 +306,25 @@ def superlinear_attention_forward(
                                   f"(dropout={dropout}); call model.eval() or set attention_dropout=0")
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     if not causal:
-        raise NotImplementedError(f"superlinear attention is causal only; {type(module).__name__} "
-                                  "is not causal")
-    if kwargs.get("output_attentions"):
-        raise NotImplementedError("superlinear attention cannot return attention weights")
+        raise NotImplementedError(f"superlinear attention is causal only; {_where(module)} is not "
+                                  "causal (encoder or cross-attention)")
+    if kwargs.get("output_attentions") or getattr(getattr(module, "config", None), "output_attentions", False):
+        raise NotImplementedError("superlinear attention cannot return attention weights "
+                                  "(output_attentions=True); use attn_implementation='eager' for that")
+    for name, what in _UNSUPPORTED_KWARGS.items():
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"superlinear attention does not support {what}; "
+                                      f"{_where(module)} passed {name}")
     cfg = get_config(module)
     B, Hq, Lq, D = query.shape
     T = key.shape[2]
 
     if attention_mask is None:
         # no mask function ran (e.g. a standalone module): bottom-right, nothing padded
-        m = SuperlinearMask(None, (torch.arange(Lq, device=query.device) + (T - Lq)).expand(B, Lq),
-                            None, T)
+        if Lq > T:
+            raise ValueError(f"superlinear attention: {Lq} queries but {T} keys and no mask")
+        qpos = (torch.arange(Lq, device=query.device) + (T - Lq)).expand(B, Lq)
+        m = SuperlinearMask(None, qpos, None, T, (T,) * B)
     elif isinstance(attention_mask, SuperlinearMask):
         m = attention_mask
     else:
@@ -253,8 +333,8 @@ def superlinear_attention_forward(
             f"({type(attention_mask).__name__} of shape {tuple(getattr(attention_mask, 'shape', ()))}); "
             "pass a 2-D padding mask (or none) so that the 'superlinear' mask function builds it")
     if m.kv_length != T:
-        raise ValueError(f"superlinear attention: the mask was built for {m.kv_length} keys but the "
-                         f"layer has {T} (a cache with per-layer lengths is not supported)")
+        raise ValueError(f"superlinear attention: the mask was built for {m.kv_length} keys but "
+                         f"{_where(module)} has {T} (a cache with per-layer lengths is not supported)")
     if m.gather_index is not None:
         gi = m.gather_index[:, None, :, None]
         key = torch.gather(key, 2, gi.expand(B, key.shape[1], T, key.shape[3]))
@@ -262,26 +342,102 @@ def superlinear_attention_forward(
     qpos = m.query_positions
     if qpos.shape[0] != B:
         qpos = qpos.expand(B, -1)
-    out = superlinear_attention(
-        query, key, value, config=cfg, scale=scaling, enable_gqa=query.shape[1] != key.shape[1],
-        key_padding_mask=m.key_padding_mask, query_positions=qpos)
+    kpm = m.key_padding_mask
+    sq = _search_query(module, query)
+    lengths = m.lengths if m.lengths is not None else (T,) * B
+    dense = [n <= cfg.dense_below for n in lengths]
+
+    def attend(rows, as_dense):
+        def pick(t):
+            return t if t is None or rows is None else t[rows]
+        return superlinear_attention(
+            pick(query), pick(key), pick(value), config=_forced(cfg, as_dense), scale=scaling,
+            enable_gqa=Hq != key.shape[1], key_padding_mask=pick(kpm), query_positions=pick(qpos),
+            search_query=pick(sq))
+
+    if all(dense) or not any(dense):
+        out = attend(None, dense[0])
+    else:  # rows on both sides of dense_below: each row as it would run alone
+        rows_d = torch.tensor([b for b in range(B) if dense[b]], device=query.device)
+        rows_s = torch.tensor([b for b in range(B) if not dense[b]], device=query.device)
+        out = torch.empty(B, Hq, Lq, value.shape[3], dtype=query.dtype, device=query.device)
+        out[rows_d] = attend(rows_d, True)
+        out[rows_s] = attend(rows_s, False)
     return out.transpose(1, 2).contiguous(), None
 
 
+# --------------------------------------------------------------------------------------------
+# Registration
+# --------------------------------------------------------------------------------------------
+
+_TRIGGER = "transformers.modeling_utils"
 _REGISTERED = False
 
 
 def register() -> None:
-    """Register ``"superlinear"`` with transformers (idempotent; done on import)."""
+    """Register ``"superlinear"`` with transformers' attention and mask interfaces (idempotent).
+    Done automatically once transformers' modeling code is imported; call it to do it now."""
     global _REGISTERED
     if _REGISTERED:
         return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
+    try:
+        from transformers.masking_utils import AttentionMaskInterface
+        from transformers.modeling_utils import AttentionInterface
+    except ImportError as e:
+        raise ImportError("slcompile.hf needs transformers >= 5 (AttentionInterface and "
+                          "AttentionMaskInterface); pip install 'slcompile[hf]'") from e
     AttentionInterface.register(NAME, superlinear_attention_forward)
     AttentionMaskInterface.register(NAME, superlinear_mask)
     _REGISTERED = True
 
 
-register()
+class _RegisterOnImport:
+    """A meta-path finder that registers right after ``transformers.modeling_utils`` is executed,
+    so that ``import slcompile`` stays cheap and works without transformers installed."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _TRIGGER:
+            return None
+        for finder in sys.meta_path:  # the spec the rest of the import system would find
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        exec_module = loader.exec_module
+
+        def exec_then_register(module):
+            exec_module(module)
+            _register_after_import(self)
+
+        loader.exec_module = exec_then_register
+        return spec
+
+
+def _register_after_import(finder) -> None:
+    try:
+        register()
+    except Exception as e:  # never break the user's transformers import
+        warnings.warn(f"slcompile could not register attn_implementation='superlinear' with "
+                      f"transformers: {e}", RuntimeWarning, stacklevel=2)
+    finally:
+        if finder in sys.meta_path:
+            sys.meta_path.remove(finder)
+
+
+def _register_when_transformers_loads() -> None:
+    """Register now if transformers' modeling code is loaded, else when it is (idempotent)."""
+    if _REGISTERED:
+        return
+    if _TRIGGER in sys.modules:
+        _register_after_import(None)
+    elif not any(isinstance(f, _RegisterOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterOnImport())
+
+
+_register_when_transformers_loads()
