@@ -334,16 +334,22 @@ def sequence_parallel_superlinear_attention(
         [B, Hq, C, Dv] in q's dtype, equal to rows [r*C, (r+1)*C) of single-device
         ``superlinear_attention`` over the whole sequence; with ``return_stats``, (out, stats).
     """
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError(f"{_NAME}: torch.distributed is not initialised (call init_process_group first)")
     if config is None:
         config = SuperlinearConfig()
     if not isinstance(config, SuperlinearConfig):
         raise TypeError(f"{_NAME}: config must be a SuperlinearConfig, got {type(config).__name__}")
+    if config.steps != 2:
+        raise ValueError(f"{_NAME}: config.steps={config.steps} (the N-step search of docs/nstep.md) is "
+                         f"not supported across ranks yet; only steps=2 (SPEC.md's stripe search)")
     if comm not in COMM_MODES:
         raise ValueError(f"{_NAME}: comm={comm!r} is invalid: expected one of {COMM_MODES}")
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise ValueError(f"{_NAME}: block={block!r} is invalid: expected an int >= 1")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale) or scale <= 0):
+        raise ValueError(f"{_NAME}: scale must be None or a finite number > 0, got {scale!r}")
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(f"{_NAME}: torch.distributed is not initialised (call init_process_group first)")
     stats = CommStats(rank=dist.get_rank(group), world_size=dist.get_world_size(group), block=block)
     rank, P = _check_group(q_local, k_local, v_local, search_query_local, key_padding_mask_local,
                            group, stats)
@@ -352,9 +358,6 @@ def sequence_parallel_superlinear_attention(
     T, L = P * C, rank * C
     if scale is None:
         scale = config.scale if config.scale is not None else 1.0 / math.sqrt(D)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) \
-            or scale <= 0:
-        raise ValueError(f"{_NAME}: scale must be a finite number > 0, got {scale!r}")
     dev = q_local.device
     dense = T <= config.dense_below  # decided on the whole sequence, as on one device
 

@@ -30,7 +30,7 @@ CASES = {
                       cfg=dict(window=8, sinks=2, topk=2, dense_below=0)),
     "union_gqa_all_gather": dict(B=1, Hq=4, Hkv=2, C=80, D=8, block=16, comm="all_gather", seed_of="union_gqa",
                                  cfg=dict(window=8, sinks=2, topk=2, dense_below=0)),
-    "gated_mask_search_query": dict(B=2, Hq=4, Hkv=1, C=72, D=8, Dv=6, block=32, mask=True, sq=True,
+    "gated_mask_search_query": dict(B=2, Hq=4, Hkv=1, C=72, D=8, Dv=6, block=32, mask=True, sq=True, scale=0.3,
                                     cfg=dict(window=5, sinks=3, topk=3, combine="gated", dense_below=0)),
     "union_topk1_forward": dict(B=1, Hq=2, Hkv=2, C=64, D=8, block=8,
                                 cfg=dict(window=12, sinks=0, topk=1, forward_factor=1.0, span_power=0.4,
@@ -97,7 +97,7 @@ def _worker(rank, port, outdir):
             q[:, :, sl], k[:, :, sl], v[:, :, sl], config=SuperlinearConfig(**c["cfg"]),
             search_query_local=None if qs is None else qs[:, :, sl],
             key_padding_mask_local=None if mask is None else mask[:, sl],
-            comm=c.get("comm", "selective"), block=c["block"], return_stats=True)
+            scale=c.get("scale"), comm=c.get("comm", "selective"), block=c["block"], return_stats=True)
         res[name] = dict(out=out, sent=st.sent, received=st.received, k_blocks=st.k_blocks,
                          v_blocks=st.v_blocks)
     # invalid inputs: every rank raises, none hangs
@@ -127,7 +127,7 @@ def _single_device(name):
     c = CASES[name]
     q, k, v, qs, mask = _inputs(name)
     return slcompile.superlinear_attention(q, k, v, config=SuperlinearConfig(**c["cfg"]), enable_gqa=True,
-                                           key_padding_mask=mask, search_query=qs)
+                                           key_padding_mask=mask, search_query=qs, scale=c.get("scale"))
 
 
 @pytest.fixture(scope="module")
@@ -244,6 +244,15 @@ def test_invalid_inputs_raise_on_every_rank(runs):
     # the group is still usable afterwards
     for r in range(WORLD):
         assert runs[r]["ok_after_errors"].shape == (1, 2, 8, 4)
+
+
+def test_local_argument_errors_before_any_collective():
+    with pytest.raises(ValueError, match="steps=3"):
+        sequence_parallel_superlinear_attention(torch.randn(1, 1, 4, 4), torch.randn(1, 1, 4, 4),
+                                                torch.randn(1, 1, 4, 4), config=SuperlinearConfig(steps=3))
+    with pytest.raises(ValueError, match="scale must be"):
+        sequence_parallel_superlinear_attention(torch.randn(1, 1, 4, 4), torch.randn(1, 1, 4, 4),
+                                                torch.randn(1, 1, 4, 4), scale=-1.0)
 
 
 def test_needs_an_initialised_group():
