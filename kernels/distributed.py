@@ -129,6 +129,9 @@ def _local_problem(q, k, v, qs, kpm, backend) -> Optional[str]:
                 or qs.device != q.device:
             got = tuple(qs.shape) if isinstance(qs, Tensor) else type(qs).__name__
             return f"search_query_local must match q_local (shape {tuple(q.shape)}, {q.dtype}, {q.device}), got {got}"
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, qs)):
+        return ("gradients do not flow across ranks (the collectives are not differentiable): "
+                "call it under torch.no_grad() or with inputs that do not require grad")
     if kpm is not None:
         if not isinstance(kpm, Tensor) or kpm.dtype != torch.bool:
             return "key_padding_mask_local must be a bool tensor (True = key present)"

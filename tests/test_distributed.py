@@ -107,6 +107,10 @@ def _worker(rank, port, outdir):
     bad = torch.ones(1, 8, dtype=torch.int64) if rank == 0 else torch.ones(1, 8, dtype=torch.bool)
     res["err_mask"] = _expect_error(lambda: sequence_parallel_superlinear_attention(q, k, v, key_padding_mask_local=bad))
     res["err_heads"] = _expect_error(lambda: sequence_parallel_superlinear_attention(q, torch.randn(1, 3, 8, 4), torch.randn(1, 3, 8, 4)))
+    qg = q.clone().requires_grad_(rank == 1)
+    res["err_grad"] = _expect_error(lambda: sequence_parallel_superlinear_attention(qg, k, v))
+    with torch.no_grad():
+        res["ok_no_grad"] = sequence_parallel_superlinear_attention(qg, k, v, config=SuperlinearConfig(dense_below=0, window=2))
     res["err_comm"] = _expect_error(lambda: sequence_parallel_superlinear_attention(q, k, v, comm="ring"))
     res["ok_after_errors"] = sequence_parallel_superlinear_attention(q, k, v, config=SuperlinearConfig(dense_below=0, window=2))
     torch.save(res, os.path.join(outdir, f"rank{rank}.pt"))
@@ -241,6 +245,9 @@ def test_invalid_inputs_raise_on_every_rank(runs):
         assert "comm='ring'" in runs[r]["err_comm"]
     assert "rank 0: key_padding_mask_local must be a bool tensor" in runs[0]["err_mask"]
     assert "rank(s) [0]" in runs[1]["err_mask"]
+    assert "rank 1: gradients do not flow across ranks" in runs[1]["err_grad"]
+    assert "rank(s) [1]" in runs[0]["err_grad"]
+    assert runs[1]["ok_no_grad"].shape == (1, 2, 8, 4)
     # the group is still usable afterwards
     for r in range(WORLD):
         assert runs[r]["ok_after_errors"].shape == (1, 2, 8, 4)
