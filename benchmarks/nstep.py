@@ -171,6 +171,8 @@ def main(argv=None):
     ap.add_argument("--max-seconds", type=float, default=1e9, help="start no new length after this")
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--steps", type=lambda s: [int(x) for x in s.split(",")], default=[2, 3],
+                    help="which N to time (budgets are computed for 2 and 3 always)")
     args = ap.parse_args(argv)
     t_start = time.time()
     out = {"lengths": args.lengths, "rows": []}
@@ -206,7 +208,7 @@ def main(argv=None):
     # warm-up (compiles every kernel) at a small length
     qw = torch.randn(1, 32, 32768, 128, device="cuda", generator=g).bfloat16()
     kw = torch.randn(1, 8, 32768, 128, device="cuda", generator=g).bfloat16()
-    for steps in (2, 3):
+    for steps in args.steps:
         prefill(qw, kw, kw, config(steps), 16384, False)
     del qw, kw
     for L in args.lengths:
@@ -216,7 +218,7 @@ def main(argv=None):
         q = torch.randn(1, 32, L, 128, device="cuda", generator=g, dtype=torch.bfloat16)
         k = torch.randn(1, 8, L, 128, device="cuda", generator=g, dtype=torch.bfloat16)
         v = torch.randn(1, 8, L, 128, device="cuda", generator=g, dtype=torch.bfloat16)
-        for steps in (2, 3):
+        for steps in args.steps:
             c = config(steps)
             reps = [prefill(q, k, v, c, args.chunk, True)]  # counts keys outside the timed part
             if L <= 1 << 20:

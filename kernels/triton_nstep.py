@@ -83,7 +83,7 @@ def _nstep_search_kernel(
     Hkv, G, Lq, T, W,
     D: tl.constexpr, STEPS: tl.constexpr, HAS_KPM: tl.constexpr, HAS_POS: tl.constexpr,
     MEAN: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, GP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    UNROLL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nqb = tl.cdiv(Lq, BLOCK_M)
@@ -133,34 +133,34 @@ def _nstep_search_kernel(
     gmax = tl.max(ntop, axis=0)
     g = 0
     while g < gmax:
-        gid = tl.zeros([GP * BLOCK_M], tl.int32) + g
-        ok = gid < ntop
-        sc = _region_scores(q, kbase, pbase, cbase, lpbase, e, s, n, gid, P, ok, T,
-                            skn, skd, sln, spfn, spfd, scn, offd, dmask, HAS_KPM, MEAN)
-        bsc, bid = _offer(bsc, bid, sc, gid, cols, KP)
-        g += 1
+        for u in tl.static_range(UNROLL):  # independent loads in flight together
+            gid = tl.zeros([GP * BLOCK_M], tl.int32) + (g + u)
+            ok = gid < ntop
+            sc = _region_scores(q, kbase, pbase, cbase, lpbase, e, s, n, gid, P, ok, T,
+                                skn, skd, sln, spfn, spfd, scn, offd, dmask, HAS_KPM, MEAN)
+            bsc, bid = _offer(bsc, bid, sc, gid, cols, KP)
+        g += UNROLL
 
-    # the levels below: children of the kept regions
+    # the levels below: children of the kept regions; child c of every kept region per step
     fmax = tl.max(tl.where(live, f, 0), axis=0)
     for _ in tl.static_range(STEPS - 2):
         P = P // f
         nreg = (n + P - 1) // P
         nsc = empty_s
         nid = empty_i
-        for j in tl.static_range(TOPK):
-            pj = cols[None, :] == j
-            ps = tl.sum(tl.where(pj, bsc, 0.0), axis=1)
-            par = tl.sum(tl.where(pj, bid, 0), axis=1)
-            pok = live & (ps > float("-inf"))
-            c = 0
-            while c < fmax:
+        c = 0
+        while c < fmax:
+            for j in tl.static_range(TOPK):
+                pj = cols[None, :] == j
+                par = tl.sum(tl.where(pj, bid, 0), axis=1)
+                pok = live & (tl.sum(tl.where(pj, bsc, 0.0), axis=1) > float("-inf"))
                 gid = par * f + c
                 ok = pok & (c < f) & (gid < nreg)
                 gid = tl.where(ok, gid, 0)
                 sc = _region_scores(q, kbase, pbase, cbase, lpbase, e, s, n, gid, P, ok, T,
                                     skn, skd, sln, spfn, spfd, scn, offd, dmask, HAS_KPM, MEAN)
                 nsc, nid = _offer(nsc, nid, sc, gid, cols, KP)
-                c += 1
+            c += 1
         bsc = nsc
         bid = nid
 
@@ -188,7 +188,8 @@ def _next_pow2(x: int) -> int:
 
 
 def nstep_search(qs, k, key_padding_mask, query_positions, window, topk, steps, backward_factor,
-                 forward_factor, search_key, dense_below, block_rows: int = 64, num_warps: int = 4):
+                 forward_factor, search_key, dense_below, block_rows: int = 64, num_warps: int = 4,
+                 unroll: int = 4):
     """Same contract as ``nstep.nstep_search``."""
     B, Hq, Lq, D = qs.shape
     Hkv, T = k.shape[1], k.shape[2]
@@ -231,7 +232,7 @@ def nstep_search(qs, k, key_padding_mask, query_positions, window, topk, steps, 
         *pref.stride(), *cnt.stride(), *anchors.stride(),
         Hkv, G, Lq, T, W,
         D=D, STEPS=steps, HAS_KPM=lastp is not None, HAS_POS=pos is not None, MEAN=mean,
-        TOPK=topk, KP=max(2, _next_pow2(topk)), GP=GP, BLOCK_M=BM,
+        TOPK=topk, KP=max(2, _next_pow2(topk)), GP=GP, UNROLL=unroll, BLOCK_M=BM,
         BLOCK_D=max(16, _next_pow2(D)), num_warps=num_warps,
     )
     return anchors, scores
