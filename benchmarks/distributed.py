@@ -67,7 +67,8 @@ def _sync(dev):
 
 
 def _time(fn, dev, warmup, repeats, group_wide):
-    """Median seconds of fn(); with group_wide, each sample is the slowest rank's time."""
+    """Median seconds of fn(); with group_wide, (median of the slowest rank's time, each rank's
+    median)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -78,11 +79,14 @@ def _time(fn, dev, warmup, repeats, group_wide):
         t0 = time.perf_counter()
         fn()
         _sync(dev)
-        dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64, device=dev)
-        if group_wide:
-            dist.all_reduce(dt, op=dist.ReduceOp.MAX)
-        times.append(float(dt.item()))
-    return statistics.median(times)
+        times.append(time.perf_counter() - t0)
+    if not group_wide:
+        return statistics.median(times)
+    mine = torch.tensor(times, dtype=torch.float64, device=dev)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    worst = torch.stack(every).max(0).values
+    return statistics.median(worst.tolist()), [statistics.median(e.tolist()) for e in every]
 
 
 def _worker(rank, args, port):
@@ -148,7 +152,8 @@ def _worker(rank, args, port):
                 return sp_attn(ql, kl, vl, config=cfg, comm=comm, block=args.block, return_stats=True)
 
             out, st = split()
-            t = _time(split, dev, max(0, args.warmup - 1), args.repeats, group_wide=True)
+            t, per_rank_s = _time(split, dev, max(0, args.warmup - 1), args.repeats, group_wide=True)
+            row[f"{comm}_rank_s"] = per_rank_s
             mine = _sample_rows(out, C)
             every = [torch.empty_like(mine) for _ in range(P)]
             dist.all_gather(every, mine)
@@ -168,7 +173,15 @@ def _worker(rank, args, port):
             out = None
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
-        ql = kl = vl = None
+        # the all-gather baseline's collectives alone (K and V), to split its time
+        ks, vs = [torch.empty_like(kl) for _ in range(P)], [torch.empty_like(vl) for _ in range(P)]
+
+        def gather_only():
+            dist.all_gather(ks, kl)
+            dist.all_gather(vs, vl)
+
+        row["all_gather_comm_s"] = _time(gather_only, dev, 1, args.repeats, group_wide=True)[0]
+        ql = kl = vl = ks = vs = None
         if rank == 0:
             if "single_s" in row:
                 for comm in ("selective", "all_gather"):
@@ -182,7 +195,7 @@ def _worker(rank, args, port):
 
 
 def _gb(x):
-    return f"{x / 1e9:.3f}"
+    return f"{x / 1e9:.4g}"
 
 
 def _write(rows, args):
@@ -197,8 +210,8 @@ def _write(rows, args):
     lines = [f"# {meta}", "",
              f"| L | 1 device s | {args.nproc} ranks selective s | speed-up | {args.nproc} ranks all-gather s "
              "| speed-up | max rank GB received, selective | all-gather | GB sent+received per rank, selective "
-             "| all-gather | max abs err (sel / ag) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| all-gather | max abs err (sel / ag) | per-rank s, sel | per-rank s, ag | all_gather of K/V alone s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         sel, ag = r["selective_bytes"], r["all_gather_bytes"]
         lines.append(
@@ -208,9 +221,11 @@ def _write(rows, args):
             f"| {_gb(max(b['received'] for b in sel))} | {_gb(max(b['received'] for b in ag))} "
             f"| {' / '.join(_gb(b['sent'] + b['received']) for b in sel)} "
             f"| {' / '.join(_gb(b['sent'] + b['received']) for b in ag)} "
-            f"| {r.get('selective_max_abs_err', float('nan')):.2e} / {r.get('all_gather_max_abs_err', float('nan')):.2e} |")
+            f"| {r.get('selective_max_abs_err', float('nan')):.2e} / {r.get('all_gather_max_abs_err', float('nan')):.2e} "
+            f"| {' / '.join(f'{x:.4f}' for x in r['selective_rank_s'])} "
+            f"| {' / '.join(f'{x:.4f}' for x in r['all_gather_rank_s'])} | {r['all_gather_comm_s']:.4f} |")
         if "single_error" in r:
-            lines.append(f"|  | 1 device: {r['single_error']} | | | | | | | | | |")
+            lines.append(f"|  | 1 device: {r['single_error']} | | | | | | | | | | | | |")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "distributed.md"), "w") as f:
         f.write(text)

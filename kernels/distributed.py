@@ -222,10 +222,14 @@ def _fetch_blocks(buf: Tensor, x: Tensor, need: Tensor, block: int, group, stats
         j = send_idx % nb
         bh = torch.div(send_idx, nb, rounding_mode="floor")  # b * H + h
         off = j[:, None] * block + torch.arange(block, device=dev)[None, :]  # [n, block]
-        keep = off < C
         Tl = buf.shape[2]
         flat = bh[:, None] * Tl + owner[:, None] * C + off
-        buf.view(B * H * Tl, Dx).index_copy_(0, flat[keep], data[keep])
+        if nb * block == C:  # no padded rows
+            flat, data = flat.reshape(-1), data.reshape(-1, Dx)
+        else:
+            keep = off < C
+            flat, data = flat[keep], data[keep]
+        buf.view(B * H * Tl, Dx).index_copy_(0, flat, data)
     return sum(send_counts)
 
 
