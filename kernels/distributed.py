@@ -197,7 +197,7 @@ def _fetch_blocks(buf: Tensor, x: Tensor, need: Tensor, block: int, group, stats
     recv_counts = counts_out.tolist()
     stats.add("count", 8 * (P - 1), 8 * (P - 1))
     # 2. which blocks (flat index into [B, H, nb] of the owner)
-    send_idx = torch.cat(reqs) if reqs else torch.empty(0, dtype=torch.int64, device=dev)
+    send_idx = torch.cat(reqs)
     recv_idx = torch.empty(sum(recv_counts), dtype=torch.int64, device=dev)
     _all_to_all(recv_idx, send_idx, recv_counts, send_counts, group)
     stats.add("index", 8 * (sum(send_counts) - send_counts[rank]),
@@ -248,8 +248,9 @@ def _positions_to_blocks(need_pos: Tensor, C: int, block: int, P: int) -> Tensor
 
 
 def _mark_ranges(diff: Tensor, lo: Tensor, hi: Tensor) -> None:
-    """diff int32 [..., L+1]: +1 at lo, -1 at hi+1 for the ranges lo <= hi (flat in the last dim;
-    lo/hi broadcast against diff's leading dims already flattened to [N, n])."""
+    """Difference array of ranges: diff int32 [N, L+1], lo/hi int64 [N, n]. Adds +1 at lo and -1
+    at hi+1 of every range of row i with lo <= hi < L, so that cumsum(diff[i, :L]) > 0 exactly on
+    the union of row i's ranges."""
     ok = lo <= hi
     ones = ok.to(diff.dtype)
     diff.scatter_add_(-1, torch.where(ok, lo, 0), ones)
