@@ -2,9 +2,10 @@
 
 One program owns a block of BLOCK_M queries and the G query heads of one kv head; its rows are
 (head, query) pairs. Each row walks the tree of docs/nstep.md: it scores every top-level region
-(shared by the G heads of a query, so those loads hit the same key row), keeps the best ``topk``
-in registers, then, level by level, scores the children of its kept regions and keeps the best
-``topk`` again. The kept set is maintained by "replace the worst slot if the candidate is better",
+(shared by the G heads of a query, so those loads hit the same key row; UNROLL regions per loop
+step so that their loads are in flight together), keeps the best ``topk`` in registers, then,
+level by level, scores the children of its kept regions (child c of every kept region per loop
+step) and keeps the best ``topk`` again. The kept set is maintained by "replace the worst slot if the candidate is better",
 with the total order (score descending, index ascending) of docs/nstep.md, so the result does not
 depend on the visiting order; the slots are written sorted. A region's score reads one key row
 (``"anchor"``: the last present key of the region, from a last-present table when there is a key
