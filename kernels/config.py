@@ -13,6 +13,9 @@ from typing import Any, Optional
 
 COMBINE_MODES = ("union", "gated")
 SEARCH_KEYS = ("anchor", "mean", "block")
+# SuperlinearConfig.for_pretrained(): see its docstring
+PRETRAINED = dict(search_key="block", topk=6, window=64, sinks=4, backward_factor=2.0,
+                  forward_factor=0.0, combine="union")
 NSTEP_SEARCH_KEYS = ("anchor", "mean")  # search keys of the N-step search (steps >= 3)
 
 
@@ -123,6 +126,13 @@ class SuperlinearConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def for_pretrained(cls, **overrides: Any) -> "SuperlinearConfig":
+        """The preset for dense pretrained models converted without training (issue 7; chosen from
+        the measurements in benchmarks/RESULTS.md, "Quality"; the trade-off table is in README.md).
+        The field defaults stay those of SPEC.md."""
+        return cls(**{**PRETRAINED, **overrides})
 
     @classmethod
     def exact(cls, **overrides: Any) -> "SuperlinearConfig":

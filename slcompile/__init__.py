@@ -4,10 +4,14 @@ from slcompile.kernels.config import SuperlinearConfig
 from slcompile.functional import superlinear_attention
 from slcompile.explain import explain
 from slcompile import testing  # noqa: F401  (slcompile.testing)
+# the function; its module (save_routers, load_routers, attach_routers) is
+# importlib.import_module("slcompile.calibrate") or `from slcompile.calibrate import ...`
+from slcompile.calibrate import calibrate
 from slcompile import hf  # noqa: F401  (attn_implementation="superlinear" once transformers loads; cheap)
 
 __version__ = "0.1.0"
 
 __all__ = ["SuperlinearConfig", "superlinear_attention", "__version__"]
 __all__ += ["explain", "testing"]
+__all__ += ["calibrate"]
 __all__ += ["hf"]

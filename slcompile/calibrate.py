@@ -1,0 +1,541 @@
+"""Router calibration: learn each attention layer's search projection from the model's own dense
+attention (issue 7).
+
+A converted pretrained model was never trained to route: span-search scores candidate regions with
+the attention query itself. Calibration learns, per layer and query head, a linear map
+``router[h]`` [D, D] so that the search query ``query[b, h] @ router[h]`` ranks the candidate regions
+the way dense attention distributes its mass over them. Nothing else changes: the attention query,
+keys and values, and every weight of the model, stay as they are.
+
+How:
+
+1. **Capture** (no gradients): dense forward passes over ordinary text. In each attention layer, for
+   a random sample of query positions t, the post-RoPE query and the exact dense attention
+   probabilities are reduced to what the search sees: per candidate region (before the window, the
+   part routing must find) the dense attention mass it holds, and the region's key summary.
+2. **Distil** (per layer, the model frozen): minimise the KL divergence from the dense mass
+   distribution over the candidate regions to the softmax of the search scores computed from
+   ``query @ router`` (plus a learned per-head temperature that is folded into the router).
+   Regions follow ``config.search_key``:
+
+   * ``"block"`` (docs/routing.md): aligned blocks of 32, 64, ... keys, scored by the Quest bound
+     sum_d max(qs_d kmin_d, qs_d kmax_d); every level of the coarse-to-fine search is trained.
+   * ``"anchor"`` / ``"mean"`` (SPEC.md): the stripe spans of the query, scored by qs . k[anchor]
+     or qs . mean(k over the span).
+
+The routers start at the identity (the training-free search) and the loss is measured on held-back
+queries before and after; ``Routers.info`` records both.
+
+Contract with the attention function (``slcompile.hf``): `attach_routers` sets, on every attention
+module (``model.model.layers[i].self_attn`` for Llama-family models; the ``module`` transformers
+passes to an attention function), a float32 buffer ``superlinear_router`` [Hq, D, D] such that
+``search_query[b, h] = query[b, h] @ router[h]``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from slcompile.kernels.config import SuperlinearConfig
+from slcompile.kernels.geometry import span_extents, stripe_deltas
+
+__all__ = ["Routers", "calibrate", "save_routers", "load_routers", "attach_routers", "search_query",
+           "BUFFER"]
+
+BUFFER = "superlinear_router"
+_FORMAT = "slcompile-routers/1"
+_CAPTURE = "slcompile_calibrate_capture"
+LOSS = "mix"
+FINE = 32  # the finest block of the "block" search (kernels/reference.py BLOCK)
+
+
+@dataclass
+class Routers:
+    """Learned search projections.
+
+    Attributes:
+        config: the `SuperlinearConfig` they were calibrated for (its ``search_key`` decides what
+            the routers were trained to rank).
+        weights: attention module name (``model.named_modules()``) -> float32 [Hq, D, D].
+        info: what calibration measured (loss before/after per layer, seconds, tokens, ...).
+    """
+
+    config: SuperlinearConfig
+    weights: Dict[str, Tensor]
+    info: Dict[str, Any] = field(default_factory=dict)
+
+
+def search_query(query: Tensor, router: Tensor) -> Tensor:
+    """query [B, Hq, L, D] @ router [Hq, D, D] per head -> [B, Hq, L, D] (query's dtype)."""
+    if router.dim() != 3 or router.shape[0] != query.shape[1] or router.shape[1] != query.shape[-1] \
+            or router.shape[2] != query.shape[-1]:
+        raise ValueError(f"router of shape {tuple(router.shape)} does not fit a query of shape "
+                         f"{tuple(query.shape)} (expected [Hq, D, D] = [{query.shape[1]}, "
+                         f"{query.shape[-1]}, {query.shape[-1]}])")
+    r = router.to(device=query.device, dtype=torch.float32)
+    return torch.einsum("bhld,hde->bhle", query.float(), r).to(query.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Saving, loading, attaching
+# --------------------------------------------------------------------------------------------
+
+def save_routers(routers: Routers, path: str) -> str:
+    """Write routers to ``path`` (safetensors: one float32 tensor per attention module, the config
+    and info as JSON metadata). The file is written next to its destination and renamed into place,
+    so a reader never sees half a file. Returns the path."""
+    from safetensors.torch import save_file
+
+    if not isinstance(routers, Routers):
+        raise TypeError(f"save_routers: expected Routers, got {type(routers).__name__}")
+    if not routers.weights:
+        raise ValueError("save_routers: no router weights to save")
+    tensors = {}
+    for name, w in routers.weights.items():
+        if not isinstance(w, Tensor) or w.dim() != 3 or w.shape[1] != w.shape[2]:
+            raise ValueError(f"save_routers: router {name!r} must be a tensor [Hq, D, D], got "
+                             f"{getattr(w, 'shape', type(w).__name__)}")
+        tensors[name] = w.detach().to("cpu", torch.float32).contiguous()
+    meta = {"format": _FORMAT, "config": json.dumps(routers.config.to_dict()),
+            "info": json.dumps(routers.info, default=str)}
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d):
+        raise ValueError(f"save_routers: directory {d!r} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=".routers-", suffix=".tmp", dir=d)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_routers(path: str) -> Routers:
+    """Read a file written by `save_routers`. Raises ValueError naming the problem for a missing,
+    truncated or foreign file."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise ValueError(f"load_routers: no such file: {path!r}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            names = list(f.keys())
+            weights = {n: f.get_tensor(n) for n in names}
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise ValueError(f"load_routers: {path!r} is not a readable routers file "
+                         f"({type(e).__name__}: {e})") from None
+    if meta.get("format") != _FORMAT:
+        raise ValueError(f"load_routers: {path!r} is not a routers file (format "
+                         f"{meta.get('format')!r}, expected {_FORMAT!r})")
+    try:
+        config = SuperlinearConfig.from_dict(json.loads(meta["config"]))
+        info = json.loads(meta.get("info", "{}"))
+    except (KeyError, ValueError, TypeError) as e:
+        raise ValueError(f"load_routers: {path!r} has a bad config: {e}") from None
+    for n, w in weights.items():
+        if w.dim() != 3 or w.shape[1] != w.shape[2] or w.dtype != torch.float32:
+            raise ValueError(f"load_routers: {path!r}: router {n!r} is not float32 [Hq, D, D] "
+                             f"({w.dtype}, {tuple(w.shape)})")
+    if not weights:
+        raise ValueError(f"load_routers: {path!r} holds no routers")
+    return Routers(config, weights, info)
+
+
+def attention_modules(model) -> Dict[str, torch.nn.Module]:
+    """The attention modules of a transformers decoder: name -> module, in layer order (modules
+    with q/k projections and a ``layer_idx``, the ``module`` an attention function receives)."""
+    mods = {}
+    for name, m in model.named_modules():
+        if hasattr(m, "layer_idx") and hasattr(m, "q_proj") and hasattr(m, "k_proj"):
+            mods[name] = m
+    if not mods:
+        raise TypeError(f"{type(model).__name__} has no transformers attention modules (modules "
+                        "with q_proj, k_proj and layer_idx); calibration supports transformers "
+                        "decoder models")
+    return mods
+
+
+def attach_routers(model, routers: Routers) -> int:
+    """Register ``superlinear_router`` float32 [Hq, D, D] on each attention module of ``model``
+    (replacing an earlier one). Every module must get one and every router must fit its module.
+    Returns the number of modules."""
+    if not isinstance(routers, Routers):
+        raise TypeError(f"attach_routers: expected Routers, got {type(routers).__name__}")
+    mods = attention_modules(model)
+    missing = sorted(set(mods) - set(routers.weights))
+    extra = sorted(set(routers.weights) - set(mods))
+    if missing or extra:
+        raise ValueError(f"attach_routers: routers do not match the model's attention modules "
+                         f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unknown "
+                         f"{extra[:3]}{'...' if len(extra) > 3 else ''})")
+    for name, m in mods.items():
+        w = routers.weights[name]
+        hq, d = _heads(m)
+        if tuple(w.shape) != (hq, d, d):
+            raise ValueError(f"attach_routers: router {name!r} has shape {tuple(w.shape)}, the module "
+                             f"needs [{hq}, {d}, {d}]")
+        dev = m.q_proj.weight.device
+        m.register_buffer(BUFFER, w.detach().to(dev, torch.float32).clone(), persistent=False)
+    return len(mods)
+
+
+def _heads(m) -> tuple:
+    d = getattr(m, "head_dim", None) or m.config.hidden_size // m.config.num_attention_heads
+    hq = m.q_proj.weight.shape[0] // d
+    return hq, d
+
+
+# --------------------------------------------------------------------------------------------
+# Step 1: capture what the search sees, from dense attention
+# --------------------------------------------------------------------------------------------
+
+def _regions_block(k: Tensor, levels: int):
+    """Key summaries of aligned blocks of FINE * 2^j keys, j = 0..levels-1: lists of kmin/kmax
+    [Hkv, T // size, D] (only whole blocks)."""
+    Hkv, T, D = k.shape
+    n = T // FINE
+    kb = k[:, :n * FINE].float().view(Hkv, n, FINE, D)
+    mn, mx = [kb.amin(2)], [kb.amax(2)]
+    for _ in range(1, levels):
+        m = mn[-1].shape[1] // 2
+        mn.append(torch.minimum(mn[-1][:, 0:2 * m:2], mn[-1][:, 1:2 * m:2]))
+        mx.append(torch.maximum(mx[-1][:, 0:2 * m:2], mx[-1][:, 1:2 * m:2]))
+    return mn, mx
+
+
+def _stripe_candidates(t: Tensor, cfg: SuperlinearConfig, T: int):
+    """Per sampled query t [n]: stripe anchors [n, S] and their spans [lo, hi] (valid mask)."""
+    W = cfg.window
+    n_st = max(1, int(math.floor((T + 1) ** cfg.search_power)) + 2)
+    deltas = stripe_deltas(n_st, cfg.search_power, t.device)
+    back, fwd = span_extents(T, cfg.span_power, cfg.backward_factor, cfg.forward_factor, t.device)
+    a = t[:, None] - deltas[None, :]
+    valid = (deltas[None, :] >= W) & (a >= 0)
+    a = a.clamp(min=0)
+    lo = (a - back[t][:, None]).clamp(min=0)
+    hi = torch.minimum(a + fwd[t][:, None], (t - W)[:, None]).clamp(min=0)
+    return a, lo, hi, valid
+
+
+class _Capture:
+    """Attention function registered as ``_CAPTURE``: transformers' sdpa (dense, the teacher), and
+    per layer a sample of what the search needs."""
+
+    def __init__(self, cfg: SuperlinearConfig, queries: int, gen: torch.Generator):
+        from transformers import AttentionInterface
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        self.cfg, self.queries, self.gen = cfg, queries, gen
+        self.samples: Dict[int, List[dict]] = {}
+        self._sdpa = sdpa_attention_forward
+        AttentionInterface.register(_CAPTURE, self._forward)
+        AttentionMaskInterface.register(_CAPTURE, sdpa_mask)
+
+    def _forward(self, module, query, key, value, attention_mask, scaling=None, **kw):
+        with torch.no_grad():
+            self._sample(module, query, key, scaling)
+        return self._sdpa(module, query, key, value, attention_mask, scaling=scaling, **kw)
+
+    def _sample(self, module, query, key, scaling):
+        cfg = self.cfg
+        B, Hq, L, D = query.shape
+        Hkv, T = key.shape[1], key.shape[2]
+        if L != T:
+            raise ValueError("calibration runs plain prefills (no cache)")
+        scale = scaling if scaling is not None else 1.0 / math.sqrt(D)
+        g = Hq // Hkv
+        t_min = cfg.window + 2 * FINE  # at least two whole blocks before the window
+        if T <= t_min:
+            return
+        for b in range(B):
+            cand = torch.arange(t_min, T)
+            pick = torch.randperm(cand.numel(), generator=self.gen)[:self.queries]
+            t = cand[pick].sort().values.to(query.device)
+            q = query[b, :, t].float()  # [Hq, n, D]
+            kf = key[b].float()  # [Hkv, T, D]
+            logits = torch.einsum("hgnd,htd->hgnt", q.view(Hkv, g, -1, D), kf).reshape(Hq, -1, T) * scale
+            j = torch.arange(T, device=query.device)
+            logits = logits.masked_fill(j[None, None, :] > t[None, :, None], float("-inf"))
+            p = torch.softmax(logits, -1)
+            e = t - cfg.window  # last key a span may reach
+            s = {"t": t.cpu(), "q": q.cpu()}
+            if cfg.search_key == "block":
+                nfine = T // FINE
+                levels = max(1, int(math.floor(math.log2(max(1, nfine)))) + 1)
+                mn, mx = _regions_block(key[b], levels)
+                s["kmin"], s["kmax"] = [x.cpu() for x in mn], [x.cpu() for x in mx]
+                s["mass"] = p[..., :nfine * FINE].view(Hq, -1, nfine, FINE).sum(-1).cpu()  # [Hq, n, nfine]
+            else:
+                a, lo, hi, valid = _stripe_candidates(t, cfg, T)
+                cs = torch.cat([torch.zeros_like(p[..., :1]), p.cumsum(-1)], -1)  # [Hq, n, T+1]
+                mass = torch.gather(cs, -1, (hi + 1)[None].expand(Hq, -1, -1)) - \
+                    torch.gather(cs, -1, lo[None].expand(Hq, -1, -1))
+                if cfg.search_key == "anchor":
+                    keys = kf[:, a]  # [Hkv, n, S, D]
+                else:
+                    pk = torch.cat([torch.zeros_like(kf[:, :1]), kf.cumsum(1)], 1)  # [Hkv, T+1, D]
+                    cnt = (hi - lo + 1).clamp(min=1).to(kf.dtype)
+                    keys = (pk[:, hi + 1] - pk[:, lo]) / cnt[None, ..., None]
+                s["keys"], s["mass"], s["valid"] = keys.cpu(), mass.cpu(), valid.cpu()
+            s["e"] = e.cpu()
+            self.samples.setdefault(module.layer_idx, []).append(s)
+
+
+# --------------------------------------------------------------------------------------------
+# Step 2: distil
+# --------------------------------------------------------------------------------------------
+
+def _scores(s: dict, qs: Tensor, cfg: SuperlinearConfig, g: int) -> List[tuple]:
+    """Per candidate set of sample s: (logits [Hq, n, m] from search queries qs [Hq, n, D],
+    target mass [Hq, n, m], valid [n, m] or [Hq, n, m])."""
+    Hq, n, D = qs.shape
+    Hkv = Hq // g
+    out = []
+    if cfg.search_key == "block":
+        e = s["e"].to(qs.device)
+        mass = s["mass"].to(qs.device)
+        for lvl, (mn, mx) in enumerate(zip(s["kmin"], s["kmax"])):
+            size = FINE << lvl
+            nb = mn.shape[1]
+            if nb < 2:
+                break
+            mn, mx = mn.to(qs.device), mx.to(qs.device)
+            q4 = qs.reshape(Hkv, g * n, D)
+            sc = (q4.clamp(min=0) @ mx.transpose(1, 2) + q4.clamp(max=0) @ mn.transpose(1, 2)).view(Hq, n, nb)
+            tm = mass[..., :nb << lvl].reshape(Hq, n, nb, 1 << lvl).sum(-1) if lvl else mass[..., :nb]
+            valid = (torch.arange(nb, device=qs.device)[None, :] + 1) * size - 1 <= e[:, None]  # whole block <= e
+            out.append((sc, tm, valid))
+    else:
+        keys = s["keys"].to(qs.device)  # [Hkv, n, S, D]
+        sc = torch.einsum("hgnd,hnsd->hgns", qs.view(Hkv, g, n, D), keys).reshape(Hq, n, -1)
+        out.append((sc, s["mass"].to(qs.device), s["valid"].to(qs.device)))
+    return out
+
+
+def _loss(samples: List[dict], R: Tensor, logtau: Tensor, cfg: SuperlinearConfig, g: int) -> Tensor:
+    total, count = 0.0, 0
+    for s in samples:
+        q = s["q"].to(R.device)
+        qs = torch.einsum("hnd,hde->hne", q, R) * logtau.exp()[:, None, None]
+        for sc, tm, valid in _scores(s, qs, cfg, g):
+            v = valid if valid.dim() == 3 else valid[None].expand_as(sc)
+            tm = tm.masked_fill(~v, 0.0)
+            z = tm.sum(-1, keepdim=True)
+            rows = (z[..., 0] > 1e-6) & (v.sum(-1) >= 2)  # queries with a choice to make
+            if not bool(rows.any()):
+                continue
+            pt = tm / z.clamp(min=1e-12)
+            logp = torch.log_softmax(sc.masked_fill(~v, float("-inf")), -1)
+            if LOSS == "kl":
+                kl = (pt * (torch.log(pt.clamp(min=1e-12)) - logp.masked_fill(~v, 0.0))).sum(-1)
+            else:  # -log E_{j ~ softmax(scores)} [mass share of j]: rewards ranking high-mass regions first
+                kl = -torch.logsumexp(logp + torch.log(pt.clamp(min=1e-30)), -1)
+            total = total + kl[rows].sum()
+            count += int(rows.sum())
+    return total / max(1, count) if count else torch.zeros((), device=R.device)
+
+
+def _fit_layer(train: List[dict], held: List[dict], Hq: int, D: int, g: int, cfg, steps: int,
+               deadline: float, device, lr: float) -> tuple:
+    R = torch.eye(D, device=device).repeat(Hq, 1, 1).requires_grad_(True)
+    logtau = torch.full((Hq,), -0.5 * math.log(D), device=device, requires_grad=True)
+    opt = torch.optim.Adam([R, logtau], lr=lr)
+    with torch.no_grad():
+        before = float(_loss(held, R, logtau, cfg, g))
+    done = 0
+    best = (before, R.detach().clone(), logtau.detach().clone())
+    for step in range(steps):
+        if time.monotonic() > deadline and step > 0:
+            break
+        opt.zero_grad()
+        loss = _loss(train, R, logtau, cfg, g)
+        loss.backward()
+        opt.step()
+        done += 1
+    with torch.no_grad():
+        after = float(_loss(held, R, logtau, cfg, g))
+    if after < best[0]:
+        best = (after, R.detach().clone(), logtau.detach().clone())
+    _, Rb, tb = best
+    # fold the temperature in (ranking is unchanged by it; a gated combine sees calibrated logits)
+    return (Rb * tb.exp()[:, None, None]).float().cpu(), before, after, done
+
+
+# --------------------------------------------------------------------------------------------
+# The entry point
+# --------------------------------------------------------------------------------------------
+
+def _token_ids(texts_or_token_ids, tokenizer, max_length: Optional[int]) -> List[Tensor]:
+    if isinstance(texts_or_token_ids, (str, Tensor)):
+        texts_or_token_ids = [texts_or_token_ids]
+    items = list(texts_or_token_ids)
+    if not items:
+        raise ValueError("calibrate: no texts or token ids given")
+    out = []
+    for i, x in enumerate(items):
+        if isinstance(x, str):
+            if tokenizer is None:
+                raise TypeError("calibrate: texts need a tokenizer (tokenizer=...); or pass token ids")
+            ids = torch.tensor(tokenizer.encode(x, add_special_tokens=False), dtype=torch.long)
+        elif isinstance(x, Tensor):
+            if x.dim() == 2 and x.shape[0] == 1:
+                x = x[0]
+            if x.dim() != 1 or x.dtype not in (torch.int32, torch.int64):
+                raise TypeError(f"calibrate: token ids #{i} must be a 1-D integer tensor, got "
+                                f"{x.dtype} {tuple(x.shape)}")
+            ids = x.long()
+        elif isinstance(x, (list, tuple)) and all(isinstance(v, int) for v in x):
+            ids = torch.tensor(x, dtype=torch.long)
+        else:
+            raise TypeError(f"calibrate: item #{i} is {type(x).__name__}; expected str, a list of "
+                            "ints or a 1-D integer tensor")
+        if max_length is not None:
+            ids = ids[:max_length]
+        out.append(ids)
+    return out
+
+
+def _printer(progress) -> Callable[[str], None]:
+    if callable(progress):
+        return progress
+    if progress:
+        return lambda msg: print(f"calibrate: {msg}", file=sys.stderr, flush=True)
+    return lambda msg: None
+
+
+def calibrate(model, texts_or_token_ids, *, config: Optional[SuperlinearConfig] = None,
+              minutes: float = 10.0, steps: int = 200, progress: Union[bool, Callable] = True,
+              tokenizer=None, max_length: Optional[int] = None, queries: int = 256,
+              lr: float = 0.01, seed: int = 0) -> Routers:
+    """Learn each attention layer's search projection from the model's own dense attention.
+
+    Args:
+        model: a transformers causal LM (Llama-family attention modules); left frozen and unchanged.
+        texts_or_token_ids: ordinary text (str, needs ``tokenizer``) or token ids (lists of ints,
+            1-D tensors), one sequence each. Longer sequences teach longer-range routing; use the
+            lengths you will run at. No labels are used.
+        config: the `SuperlinearConfig` the routers are for (default
+            `SuperlinearConfig.for_pretrained()`): its ``search_key``, window and span geometry
+            define the candidate regions.
+        minutes: time budget for the whole call (capture and distillation); each layer gets an
+            equal share of what is left after the capture.
+        steps: at most this many optimiser steps per layer (full batch).
+        progress: True prints progress lines on stderr; a callable receives the lines instead.
+        tokenizer: turns texts into ids.
+        max_length: cut each sequence to this many tokens.
+        queries: sampled query positions per sequence and layer (a quarter is held back to measure
+            the loss before and after).
+        lr: Adam learning rate.
+        seed: sampling seed.
+
+    Returns:
+        `Routers` (save with `save_routers`, attach with `attach_routers`).
+    """
+    if config is None:
+        config = SuperlinearConfig.for_pretrained() if hasattr(SuperlinearConfig, "for_pretrained") \
+            else SuperlinearConfig(search_key="block")
+    if not isinstance(config, SuperlinearConfig):
+        raise TypeError(f"calibrate: config must be a SuperlinearConfig, got {type(config).__name__}")
+    for name, v, lo in (("minutes", minutes, 0.0), ("steps", steps, 1), ("queries", queries, 4)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= lo) or \
+                (isinstance(v, float) and not math.isfinite(v)):
+            raise ValueError(f"calibrate: {name}={v!r} must be a number >= {lo}")
+    if minutes <= 0:
+        raise ValueError(f"calibrate: minutes={minutes!r} must be > 0")
+    say = _printer(progress)
+    t0 = time.monotonic()
+    deadline = t0 + 60.0 * minutes
+    mods = attention_modules(model)
+    seqs = _token_ids(texts_or_token_ids, tokenizer, max_length)
+    need = config.window + 2 * FINE + 2
+    seqs = [s for s in seqs if s.numel() > need]
+    if not seqs:
+        raise ValueError(f"calibrate: every sequence is too short: routing needs more than {need} "
+                         f"tokens (window {config.window} + two {FINE}-key blocks)")
+    dev = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    cap = _Capture(config, queries, gen)
+    old_impl = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    was_training = model.training
+    model.eval()
+    ntok = 0
+    try:
+        model.set_attn_implementation(_CAPTURE)
+        for i, ids in enumerate(seqs):
+            with torch.no_grad():
+                model(input_ids=ids[None].to(dev), use_cache=False)
+            ntok += ids.numel()
+            say(f"captured dense attention of sequence {i + 1}/{len(seqs)} ({ids.numel()} tokens, "
+                f"{time.monotonic() - t0:.0f}s)")
+            if time.monotonic() > t0 + 0.5 * 60.0 * minutes and i + 1 < len(seqs):
+                say(f"capture used half the budget: {len(seqs) - i - 1} sequence(s) left out")
+                break
+    finally:
+        model.set_attn_implementation(old_impl)
+        model.train(was_training)
+    t_cap = time.monotonic() - t0
+
+    weights, per_layer = {}, []
+    names = list(mods)
+    for li, name in enumerate(names):
+        m = mods[name]
+        hq, d = _heads(m)
+        samples = cap.samples.pop(m.layer_idx, [])
+        if not samples:
+            raise ValueError(f"calibrate: layer {name!r} saw no sequence (is it an attention layer of "
+                             "this model's forward?)")
+        hkv = samples[0]["kmin"][0].shape[0] if config.search_key == "block" else samples[0]["keys"].shape[0]
+        g = hq // hkv
+        train, held = [], []
+        for s in samples:
+            n = s["t"].numel()
+            nh = max(1, n // 4)
+            held.append(_subset(s, slice(0, n, max(1, n // nh))))
+            keep = torch.ones(n, dtype=torch.bool)
+            keep[0:n:max(1, n // nh)] = False
+            train.append(_subset(s, keep))
+        layer_deadline = time.monotonic() + (deadline - time.monotonic()) / (len(names) - li)
+        R, before, after, done = _fit_layer(train, held, hq, d, g, config, steps, layer_deadline, dev, lr)
+        weights[name] = R
+        per_layer.append({"module": name, "kl_before": before, "kl_after": after, "steps": done})
+        say(f"layer {li + 1}/{len(names)} {name}: KL {before:.3f} -> {after:.3f} ({done} steps, "
+            f"{time.monotonic() - t0:.0f}s)")
+    info = {"tokens": ntok, "sequences": len(seqs), "queries_per_sequence": queries,
+            "capture_seconds": t_cap, "seconds": time.monotonic() - t0, "layers": per_layer,
+            "kl_before_mean": sum(x["kl_before"] for x in per_layer) / len(per_layer),
+            "kl_after_mean": sum(x["kl_after"] for x in per_layer) / len(per_layer)}
+    say(f"done in {info['seconds']:.0f}s: mean KL {info['kl_before_mean']:.3f} -> "
+        f"{info['kl_after_mean']:.3f} over {len(per_layer)} layers")
+    return Routers(config, weights, info)
+
+
+def _subset(s: dict, idx) -> dict:
+    """Sample s restricted to some of its queries (dimension 1 of per-head tensors, 0 of t/e)."""
+    out = {}
+    for k, v in s.items():
+        if k in ("t", "e"):
+            out[k] = v[idx]
+        elif k in ("q", "mass"):
+            out[k] = v[:, idx]
+        elif k == "keys":
+            out[k] = v[:, idx]
+        elif k == "valid":
+            out[k] = v[idx]
+        else:
+            out[k] = v  # block summaries are shared by all queries
+    return out
