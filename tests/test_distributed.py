@@ -1,6 +1,6 @@
 """Sequence-parallel superlinear attention (kernels/distributed.py) on CPU: gloo, 2 processes.
 
-One fork of 2 processes runs every case (process start-up dominates on a small CPU); each rank saves its outputs
+One fork of 2 processes (and one of 3) runs the cases (process start-up dominates on a small CPU); each rank saves its outputs
 and byte counts, and the tests compare them here against single-device
 ``slcompile.superlinear_attention`` over the whole sequence, and the byte counts against the rows a
 brute-force walk over the single-device selection says must move."""
@@ -22,9 +22,9 @@ from slcompile.kernels.config import SuperlinearConfig
 from slcompile.kernels.distributed import sequence_parallel_superlinear_attention
 from slcompile.kernels.geometry import span_extents, stripe_deltas, num_stripes
 
-WORLD = 2
+WORLD = 2  # processes of most cases; a case with "world": 3 runs in a second group of 3
 
-# name -> shapes, config, options. T = WORLD * C.
+# name -> shapes, config, options. T = world * C.
 CASES = {
     "union_gqa": dict(B=1, Hq=4, Hkv=2, C=80, D=8, block=16,
                       cfg=dict(window=8, sinks=2, topk=2, dense_below=0)),
@@ -47,7 +47,19 @@ CASES = {
                             cfg=dict(window=16, sinks=2, topk=1, dense_below=0)),
     "bytes_all_gather": dict(B=1, Hq=2, Hkv=1, C=1024, D=8, block=32, hot=(300, 420), comm="all_gather",
                              seed_of="bytes_selective", cfg=dict(window=16, sinks=2, topk=1, dense_below=0)),
+    # three ranks: the last one fetches from two owners at once
+    "three_union_gqa": dict(world=3, B=1, Hq=4, Hkv=2, C=64, D=8, block=16,
+                            cfg=dict(window=8, sinks=2, topk=2, dense_below=0)),
+    "three_gated_mean_mask": dict(world=3, B=2, Hq=2, Hkv=1, C=48, D=8, block=32, mask=True,
+                                  cfg=dict(window=6, sinks=1, topk=3, combine="gated", search_key="mean",
+                                           dense_below=0)),
+    "three_bytes": dict(world=3, B=1, Hq=2, Hkv=1, C=512, D=8, block=32, hot=(300, 420),
+                        cfg=dict(window=16, sinks=2, topk=1, dense_below=0)),
 }
+
+
+def _world(name):
+    return CASES[name].get("world", WORLD)
 
 
 def _inputs(name):
@@ -55,7 +67,7 @@ def _inputs(name):
     c = CASES[name]
     g = torch.Generator().manual_seed(sum(map(ord, c.get("seed_of", name))))
     B, Hq, Hkv, D, Dv = c["B"], c["Hq"], c["Hkv"], c["D"], c.get("Dv", c["D"])
-    T = WORLD * c["C"]
+    T = _world(name) * c["C"]
     q = torch.randn(B, Hq, T, D, generator=g)
     k = torch.randn(B, Hkv, T, D, generator=g)
     v = torch.randn(B, Hkv, T, Dv, generator=g)
@@ -84,12 +96,14 @@ def _expect_error(fn):
     return None
 
 
-def _worker(rank, port, outdir):
+def _worker(rank, world, port, outdir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD, timeout=timedelta(seconds=60))
+                            world_size=world, timeout=timedelta(seconds=60))
     res = {}
     for name, c in CASES.items():
+        if _world(name) != world:
+            continue
         q, k, v, qs, mask = _inputs(name)
         C = c["C"]
         sl = slice(rank * C, (rank + 1) * C)
@@ -100,6 +114,10 @@ def _worker(rank, port, outdir):
             scale=c.get("scale"), comm=c.get("comm", "selective"), block=c["block"], return_stats=True)
         res[name] = dict(out=out, sent=st.sent, received=st.received, k_blocks=st.k_blocks,
                          v_blocks=st.v_blocks)
+    if world != WORLD:
+        torch.save(res, os.path.join(outdir, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+        return
     # invalid inputs: every rank raises, none hangs
     q, k, v = torch.randn(1, 2, 8, 4), torch.randn(1, 1, 8, 4), torch.randn(1, 1, 8, 4)
     qo, ko, vo = (torch.randn(1, 2, 9, 4), torch.randn(1, 1, 9, 4), torch.randn(1, 1, 9, 4)) if rank == 1 else (q, k, v)
@@ -134,25 +152,38 @@ def _single_device(name):
                                            key_padding_mask=mask, search_query=qs, scale=c.get("scale"))
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, one_thread):
-    """Run every case once in WORLD processes; [rank] -> {case: outputs and byte counts}.
+def _run(tmp_path_factory, world):
+    """Run the cases of a world size once in that many processes; [rank] -> {case: outputs and
+    byte counts}.
 
     The processes are forked after one call of the ops here: a spawned process would import torch
     and, on its first custom-op call, torch._dynamo again (40+ s on a busy 2-core machine). Each
     worker is single-threaded."""
     _single_device("window_covers_all")
-    outdir = str(tmp_path_factory.mktemp("dist"))
-    mp.start_processes(_worker, args=(_free_port(), outdir), nprocs=WORLD, join=True, start_method="fork")
-    return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    outdir = str(tmp_path_factory.mktemp(f"dist{world}"))
+    mp.start_processes(_worker, args=(world, _free_port(), outdir), nprocs=world, join=True,
+                       start_method="fork")
+    return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, one_thread):
+    return _run(tmp_path_factory, WORLD)
+
+
+@pytest.fixture(scope="module")
+def runs3(tmp_path_factory, one_thread):
+    return _run(tmp_path_factory, 3)
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_equals_single_device(runs, one_thread, name):
+def test_equals_single_device(request, one_thread, name):
+    world = _world(name)
+    res = request.getfixturevalue("runs" if world == WORLD else "runs3")
     ref = _single_device(name)
     C = CASES[name]["C"]
-    for r in range(WORLD):
-        out = runs[r][name]["out"]
+    for r in range(world):
+        out = res[r][name]["out"]
         assert out.shape == ref[:, :, r * C:(r + 1) * C].shape
         assert not torch.isnan(out).any()
         torch.testing.assert_close(out, ref[:, :, r * C:(r + 1) * C], atol=2e-5, rtol=1e-5)
@@ -166,7 +197,7 @@ def _oracle_blocks(name, rank):
     cfg = SuperlinearConfig(**c["cfg"])
     q, k, v, qs, mask = _inputs(name)
     B, Hq, Hkv, C, blk = c["B"], c["Hq"], c["Hkv"], c["C"], c["block"]
-    T, L = WORLD * C, rank * C
+    T, L = _world(name) * C, rank * C
     assert C % blk == 0
     anchors, _ = R.span_search(q, k, mask, None, cfg.window, cfg.topk, cfg.search_power, cfg.span_power,
                                cfg.backward_factor, cfg.forward_factor, cfg.search_key, cfg.dense_below)
@@ -267,3 +298,23 @@ def test_needs_an_initialised_group():
     with pytest.raises(RuntimeError, match="not initialised"):
         sequence_parallel_superlinear_attention(torch.randn(1, 1, 4, 4), torch.randn(1, 1, 4, 4),
                                                 torch.randn(1, 1, 4, 4))
+
+
+def test_bytes_three_ranks_match_the_selection(runs3, one_thread):
+    """Rank 2 fetches from two owners in one exchange; every rank's counts match the selection,
+    and what each owner serves adds up to what the others receive."""
+    name = "three_bytes"
+    c = CASES[name]
+    row = c["block"] * c["D"] * 4
+    for r in range(3):
+        search, attend = _oracle_blocks(name, r)
+        got = runs3[r][name]
+        assert got["received"]["k"] == row * len(search | attend)
+        assert got["received"]["v"] == row * len(attend)
+        assert got["sent"]["index"] == 8 * (len(search | attend) + len(attend))
+        if r == 2:  # blocks from both earlier ranks
+            assert {blk * c["block"] // c["C"] for (_, _, blk) in attend} == {0, 1}
+    for cat in ("k", "v", "index"):
+        assert sum(runs3[r][name]["sent"][cat] for r in range(3)) == \
+            sum(runs3[r][name]["received"][cat] for r in range(3))
+    assert runs3[2][name]["received"]["v"] < 2 * c["C"] * c["D"] * 4  # less than all earlier V
