@@ -1,7 +1,8 @@
-"""Sequence-parallel superlinear attention (kernels/distributed.py) on CPU: gloo, 2 processes.
+"""Sequence-parallel superlinear attention (kernels/distributed.py) on CPU: gloo, 2 processes (and a
+group of 3 for the multi-owner exchange).
 
-One fork of 2 processes (and one of 3) runs the cases (process start-up dominates on a small CPU); each rank saves its outputs
-and byte counts, and the tests compare them here against single-device
+One fork per group size runs all of its cases (process start-up dominates on a small CPU); each
+rank saves its outputs and byte counts, and the tests compare them here against single-device
 ``slcompile.superlinear_attention`` over the whole sequence, and the byte counts against the rows a
 brute-force walk over the single-device selection says must move."""
 
