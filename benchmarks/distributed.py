@@ -114,6 +114,8 @@ def _worker(rank, args, port):
             raise ValueError(f"length {L} is not a multiple of --nproc {P}")
         C = L // P
         row = dict(L=L, nproc=P, device=args.device, dtype=args.dtype)
+        if rank == 0:
+            print(f"# L={L}: started {time.strftime('%H:%M:%S')}", flush=True)
         # ---- one device: rank 0 alone, the ops on the whole sequence ----------------------------
         ref = None
         if rank == 0 and not args.no_single:
@@ -188,8 +190,7 @@ def _worker(rank, args, port):
                     row[f"{comm}_speedup"] = row["single_s"] / row[f"{comm}_s"]
             print(json.dumps(row), flush=True)
             rows.append(row)
-    if rank == 0:
-        _write(rows, args)
+            _write(rows, args)  # after every length: a later one may not finish
     dist.barrier()
     dist.destroy_process_group()
 
@@ -229,7 +230,8 @@ def _write(rows, args):
     text = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "distributed.md"), "w") as f:
         f.write(text)
-    print(text, flush=True)
+    if len(rows) == len(args.lengths):
+        print(text, flush=True)
 
 
 def main():
