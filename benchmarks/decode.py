@@ -276,6 +276,15 @@ def bench_attention(lengths, log, iters):
             f"dense decode kernel {r['dense_decode_kernel_graph_ms']:.4f} ms graph; "
             f"keys/head {r['keys_per_head']:.0f}; sdpa {r['bytes_sdpa'] / r['sdpa_graph_ms'] / 1e6:.0f} GB/s, "
             f"superlinear {r['bytes_superlinear'] / r['superlinear_graph_ms'] / 1e6:.0f} GB/s")
+        if T in (131072, 1048576):  # tile sizes of the attention kernel
+            for bn, nw in ((32, 4), (64, 4), (64, 8), (128, 4), (128, 8)):
+                def attn_bn(bn=bn, nw=nw):
+                    TD.span_attention(q, k, v, a, s, None, None, c["window"], c["sinks"], c["span_power"],
+                                      c["backward_factor"], c["forward_factor"], c["combine"], D ** -0.5,
+                                      0, block_n=bn, num_warps=nw)
+                r[f"attention_bn{bn}_w{nw}_graph_ms"] = time_graph(attn_bn)
+            log(f"  T={T} attention by (block_n, warps): " + ", ".join(
+                f"{kk.split('_')[1]}/{kk.split('_')[2]} {vv:.4f}" for kk, vv in r.items() if kk.startswith("attention_bn")))
         rows.append(r)
         del k, v
     return rows

@@ -290,20 +290,25 @@ def _attend_part_kernel(
 
 
 @triton.jit
-def _merge_range(PM, PL, PO, base, c0, c1, m_i, l_i, acc, offdv, DV: tl.constexpr):
+def _merge_range(PM, PL, PO, base, c0, c1, m_i, l_i, acc, offdv, DV: tl.constexpr, CB: tl.constexpr):
+    """Fold the partials of chunks [c0, c1) into (m_i, l_i, acc), CB chunks per step (the loads
+    of a step are independent, so their latencies overlap)."""
     c = c0
     while c < c1:
-        mc = tl.load(PM + base + c)
-        lc = tl.load(PL + base + c)
-        oc = tl.load(PO + (base + c) * DV + offdv, mask=offdv < DV, other=0.0)
-        m_new = tl.maximum(m_i, mc)
+        cc = c + tl.arange(0, CB)
+        cm = cc < c1
+        mc = tl.load(PM + base + cc, mask=cm, other=float("-inf"))
+        lc = tl.load(PL + base + cc, mask=cm, other=0.0)
+        oc = tl.load(PO + (base + cc)[:, None] * DV + offdv[None, :],
+                     mask=cm[:, None] & (offdv[None, :] < DV), other=0.0)
+        m_new = tl.maximum(m_i, tl.max(mc, axis=0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         a1 = tl.exp2(m_i - m_safe)
-        a2 = tl.exp2(mc - m_safe)
-        l_i = l_i * a1 + lc * a2
-        acc = acc * a1 + oc * a2
+        w = tl.exp2(mc - m_safe)  # 0 for empty chunks (m = -inf)
+        l_i = l_i * a1 + tl.sum(lc * w, axis=0)
+        acc = acc * a1 + tl.sum(oc * w[:, None], axis=0)
         m_i = m_new
-        c += 1
+        c += CB
     return m_i, l_i, acc
 
 
@@ -315,6 +320,7 @@ def _attend_merge_kernel(
     sob, soh, som, sod,
     Hq, Lq, NSK, NWC, NPC, NCH,
     DV: tl.constexpr, TOPK: tl.constexpr, GATED: tl.constexpr, BLOCK_DV: tl.constexpr,
+    CB: tl.constexpr,
 ):
     r = tl.program_id(0)
     qi = (r % Lq).to(tl.int64)
@@ -328,7 +334,7 @@ def _attend_merge_kernel(
     a0 = tl.zeros([BLOCK_DV], tl.float32)
     if GATED:
         # sinks ∪ window, shared by every span's softmax
-        m_b, l_b, acc_b = _merge_range(PM, PL, PO, base, 0, NSK + NWC, m0, l0, a0, offdv, DV)
+        m_b, l_b, acc_b = _merge_range(PM, PL, PO, base, 0, NSK + NWC, m0, l0, a0, offdv, DV, CB)
         gmax = tl.full([], float("-inf"), tl.float32)
         for j in tl.static_range(TOPK):
             aj = tl.load(ANCH + b * sab + h * sah + qi * sam + j * sak)
@@ -341,13 +347,13 @@ def _attend_merge_kernel(
             sj = tl.load(SCO + b * ssb + h * ssh + qi * ssm + j * ssk)
             gj = tl.where(aj >= 0, tl.exp(sj - gmax), 0.0)
             c0 = NSK + NWC + j * NPC
-            m_j, l_j, acc_j = _merge_range(PM, PL, PO, base, c0, c0 + NPC, m_b, l_b, acc_b, offdv, DV)
+            m_j, l_j, acc_j = _merge_range(PM, PL, PO, base, c0, c0 + NPC, m_b, l_b, acc_b, offdv, DV, CB)
             out += gj * (acc_j / tl.where(l_j > 0, l_j, 1.0))
             gsum += gj
         plain = acc_b / tl.where(l_b > 0, l_b, 1.0)
         out = tl.where(gsum > 0, out / tl.where(gsum > 0, gsum, 1.0), plain)
     else:
-        m_i, l_i, acc = _merge_range(PM, PL, PO, base, 0, NCH, m0, l0, a0, offdv, DV)
+        m_i, l_i, acc = _merge_range(PM, PL, PO, base, 0, NCH, m0, l0, a0, offdv, DV, CB)
         out = acc / tl.where(l_i > 0, l_i, 1.0)
     tl.store(O + b * sob + h * soh + qi * som + offdv * sod, out.to(O.dtype.element_ty),
              mask=offdv < DV)
@@ -385,7 +391,8 @@ def _attend(q, k, v, anchors, scores, key_padding_mask, query_positions, W, S, b
         pm, pl, po, anchors, scores, out,
         *anchors.stride(), *scores.stride(), *out.stride(),
         Hq, Lq, NSK, NWC, NPC, NCH,
-        DV=DV, TOPK=topk, GATED=bool(gated) and topk > 0, BLOCK_DV=BLOCK_DV, num_warps=1,
+        DV=DV, TOPK=topk, GATED=bool(gated) and topk > 0, BLOCK_DV=BLOCK_DV,
+        CB=min(32, max(2, _next_pow2(NCH))), num_warps=4,
     )
     return out
 
