@@ -19,8 +19,8 @@ Registration. The name ``"superlinear"`` is registered with transformers' ``Atte
 (importing it ourselves would cost seconds, so ``import slcompile`` never does).
 
 Config. The `SuperlinearConfig` is the model config's attribute ``superlinear``: a dict of its
-fields, which ``save_pretrained`` writes to config.json and ``from_pretrained`` reads back (it may
-also be passed as ``from_pretrained(..., superlinear={...})``). `configure` sets it. Unknown fields
+fields, which ``save_pretrained`` writes to config.json and ``from_pretrained`` reads back.
+`configure` sets it. Unknown fields
 or a value of the wrong type raise at the first forward.
 
 Masks. transformers hands a custom attention function ``attention_mask=None`` unless a mask function
@@ -179,6 +179,13 @@ def configure(model, config: Optional[SuperlinearConfig] = None, *, enable: bool
         setattr(cfg, CONFIG_ATTR, dict(d))
     if enable:
         model.set_attn_implementation(NAME)
+        # transformers only logs a warning for models whose attention does not dispatch through
+        # AttentionInterface; they would keep their own attention
+        if model.config._attn_implementation != NAME:
+            raise NotImplementedError(
+                f"{type(model).__name__} does not dispatch attention through transformers' "
+                "AttentionInterface, so attn_implementation='superlinear' cannot take effect; use "
+                "torch.compile(model, backend='superlinear') instead")
     return new
 
 
