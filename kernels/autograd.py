@@ -307,13 +307,15 @@ def span_attention_backward(
         dq, dk, dv, ds = triton_backward.span_attention_backward(grad_out, *args)
     else:
         _, dq, dk, dv, ds = gathered_attention(*args, grad_out=grad_out)
-    return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype), ds.to(scores.dtype)
+    return tuple(x.to(like.dtype).contiguous()
+                 for x, like in ((dq, query), (dk, key), (dv, value), (ds, scores)))
 
 
 @span_attention_backward.register_fake
 def _(grad_out, query, key, value, anchors, scores, *rest):
-    return (torch.empty_like(query), torch.empty_like(key), torch.empty_like(value),
-            torch.empty_like(scores))
+    # contiguous, as the real outputs (empty_like would copy a transposed input's strides)
+    return (query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape),
+            scores.new_empty(scores.shape))
 
 
 @torch.library.custom_op("superlinear::span_search_backward", mutates_args=())
@@ -323,14 +325,15 @@ def span_search_backward(
     backward_factor: float, forward_factor: float, search_key: str, dense_below: int,
 ) -> Tuple[Tensor, Tensor]:
     """(d search_query, d key) of span_search's scores."""
-    return search_backward(grad_scores, search_query, key, key_padding_mask, query_positions,
-                           anchors, window, span_power, backward_factor, forward_factor,
-                           search_key, dense_below)
+    dqs, dk = search_backward(grad_scores, search_query, key, key_padding_mask, query_positions,
+                              anchors, window, span_power, backward_factor, forward_factor,
+                              search_key, dense_below)
+    return dqs.contiguous(), dk.contiguous()
 
 
 @span_search_backward.register_fake
 def _(grad_scores, search_query, key, *rest):
-    return torch.empty_like(search_query), torch.empty_like(key)
+    return search_query.new_empty(search_query.shape), key.new_empty(key.shape)
 
 
 def _setup_search(ctx, inputs, output):

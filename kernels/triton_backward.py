@@ -511,5 +511,6 @@ def span_attention_backward(grad_out, q, k, v, anchors, scores, key_padding_mask
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *kpm_st,
             Hkv, G, Lq, T, npair, NP, qk_scale, float(scale),
             D=D, DV=DV, HAS_KPM=kpm is not None, IEEE=ieee, DOT_F32=dot_f32, BLOCK_M=bm,
-            BLOCK_N=bn, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, num_warps=4)
+            BLOCK_N=bn, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+            num_warps=8 if max(BLOCK_D, BLOCK_DV) >= 128 else 4)
     return dq, dk, dv, dsc

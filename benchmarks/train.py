@@ -1,0 +1,202 @@
+#!/usr/bin/env python3
+"""Benchmark: forward + backward of superlinear attention against SDPA (training step cost).
+
+One run times, at L = 32K .. 256K (B=1, Hq=32, Hkv=8, d=128, bf16, default config with
+dense_below=0), ``out = slcompile.superlinear_attention(q, k, v)`` followed by
+``out.backward(dout)`` for ``combine="union"`` and ``"gated"`` (gated: the gradient also flows
+through the gate's scores into q and k, the search query being q), against
+``F.scaled_dot_product_attention(..., is_causal=True, enable_gqa=True)`` (flash) forward +
+backward. Also the forward alone, so that the backward's share is visible. Median of CUDA-event
+timings; writes ``train.json`` and ``train.md`` to ``--out``.
+
+FLOP model (for the achieved-throughput column): dense causal attention does 4*d*L^2/2 FLOPs per
+head forward and 2.5x that backward (recompute q.k, dO.v, dS.k, dS^T.q, P^T.dO); superlinear
+attention attends |A_t| = min(t+1, S + W + k*(bf+ff)*(t+1)^r) keys per query (SPEC's cost model),
+so 4*d*|A_t| forward and 10*d*|A_t| backward, plus the recompute of the forward partials (4*d*|A_t|).
+
+    python benchmarks/train.py [--lengths 32768,65536,131072,262144] [--out DIR] [--check]
+
+``--check`` first runs the GPU gradient sweep: the Triton backward against the reference
+gradients (max error relative to the largest reference gradient, per output) on small shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_check import boot  # noqa: E402
+
+CFG = dict(window=64, sinks=4, topk=3, search_power=0.5, span_power=0.5, backward_factor=2.0,
+           forward_factor=0.0, search_key="anchor")
+
+
+def cuda_time(fn, budget_s=2.0, max_iters=10):
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    t_start = time.time()
+    while True:
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        fn()
+        e1.record()
+        e1.synchronize()
+        times.append(e0.elapsed_time(e1) / 1e3)
+        if len(times) >= max_iters or time.time() - t_start + times[-1] > budget_s:
+            break
+    return statistics.median(times), len(times)
+
+
+def keys_attended(L, S, W, k, bf, ff, r):
+    t = torch.arange(L, dtype=torch.float64)
+    return torch.minimum(t + 1, S + W + k * (bf + ff) * (t + 1) ** r).sum().item()
+
+
+def gradient_sweep():
+    """Triton backward against the reference gradients (``autograd.gathered_attention``, fp32
+    on the same GPU), plus the search query's gradient of the whole gated chain. Returns rows."""
+    from slcompile.kernels import autograd as AG, reference as R, triton_backward as TB
+
+    out = []
+    cases = [  # B, Hq, Hkv, L, D, dtype, combine, pad, pos, dense_below
+        (1, 8, 2, 2048, 128, torch.bfloat16, "union", False, False, 0),
+        (1, 8, 2, 2048, 128, torch.bfloat16, "gated", False, False, 0),
+        (2, 8, 8, 1500, 64, torch.bfloat16, "gated", True, True, 0),
+        (2, 4, 1, 1024, 128, torch.float16, "union", True, True, 0),
+        (1, 4, 2, 1024, 64, torch.float32, "gated", False, True, 0),
+        (1, 8, 2, 1024, 128, torch.bfloat16, "union", False, False, 4096),
+    ]
+    for B, Hq, Hkv, L, D, dt, combine, pad, pos, db in cases:
+        g = torch.Generator(device="cuda").manual_seed(L + Hq)
+        q, qs = (torch.randn(B, Hq, L, D, device="cuda", generator=g).to(dt) for _ in range(2))
+        k, v = (torch.randn(B, Hkv, L, D, device="cuda", generator=g).to(dt) for _ in range(2))
+        do = torch.randn(B, Hq, L, D, device="cuda", generator=g).to(dt)
+        kpm = (torch.rand(B, L, device="cuda", generator=g) > 0.2) if pad else None
+        qp = torch.sort(torch.randint(0, 4 * L, (B, L), device="cuda", generator=g) % L, 1).values if pos else None
+        T = L
+        a, s = R.span_search(qs, k, kpm, qp, 64, 3, 0.5, 0.5, 2.0, 0.0, "anchor", db)
+        args = (q, k, v, a, s, kpm, qp, 64, 4, 0.5, 2.0, 0.0, combine, D ** -0.5, db)
+        torch.cuda.synchronize()
+        t0 = time.time()
+        got = TB.span_attention_backward(do, *args)
+        torch.cuda.synchronize()
+        t1 = time.time()
+        ref = AG.gathered_attention(*args, grad_out=do)[1:]
+        row = {"case": f"B={B} Hq={Hq} Hkv={Hkv} L={L} D={D} {str(dt)[6:]} {combine} pad={pad} "
+                       f"pos={pos} dense_below={db}", "triton_s": round(t1 - t0, 3)}
+        ok = True
+        tol = 1e-4 if dt == torch.float32 else 2.5e-2
+        for name, x, y in zip(("dq", "dk", "dv", "dscores"), got, ref):
+            if not torch.isfinite(x).all():
+                row[name] = "non-finite"
+                ok = False
+                continue
+            den = max(float(y.abs().max()), 1e-6)
+            err = float((x.float() - y.float()).abs().max()) / den
+            row[name] = f"{err:.2e}"
+            ok &= err <= tol
+        row["ok"] = bool(ok)
+        print(json.dumps(row), flush=True)
+        out.append(row)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lengths", default="32768,65536,131072,262144")
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--budget", type=float, default=2.0, help="seconds of timing per case")
+    ap.add_argument("--check", action="store_true", help="first the GPU gradient sweep")
+    args = ap.parse_args(argv)
+    boot()
+    from slcompile.kernels import ops  # noqa: F401  (registers the ops and their autograd)
+
+    sweep = gradient_sweep() if args.check else []
+
+    dev = "cuda"
+    Hq, Hkv, D = args.heads, args.kv_heads, args.dim
+    rows = []
+    for L in [int(x) for x in args.lengths.split(",")]:
+        torch.manual_seed(0)
+        q = torch.randn(1, Hq, L, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(1, Hkv, L, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        v = torch.randn(1, Hkv, L, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        do = torch.randn(1, Hq, L, D, device=dev, dtype=torch.bfloat16)
+        scale = 1.0 / math.sqrt(D)
+        row = {"L": L}
+
+        def sl(combine, backward=True):
+            c = CFG
+            a, s = torch.ops.superlinear.span_search(
+                q, k, None, None, c["window"], c["topk"], c["search_power"], c["span_power"],
+                c["backward_factor"], c["forward_factor"], c["search_key"], 0)
+            o = torch.ops.superlinear.span_attention(
+                q, k, v, a, s, None, None, c["window"], c["sinks"], c["span_power"],
+                c["backward_factor"], c["forward_factor"], combine, scale, 0)
+            if backward:
+                o.backward(do)
+
+        def sdpa(backward=True):
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+            if backward:
+                o.backward(do)
+
+        for name, fn in (("union", lambda: sl("union")), ("gated", lambda: sl("gated")),
+                         ("union_fwd", lambda: sl("union", False)), ("sdpa", sdpa),
+                         ("sdpa_fwd", lambda: sdpa(False))):
+            try:
+                with torch.no_grad() if name.endswith("_fwd") else torch.enable_grad():
+                    sec, n = cuda_time(fn, args.budget, 10 if L <= 131072 else 3)
+                row[name + "_ms"] = round(sec * 1e3, 3)
+                row[name + "_iters"] = n
+            except Exception as e:  # noqa: BLE001  (report, keep going)
+                row[name + "_error"] = repr(e)[:300]
+            q.grad = k.grad = v.grad = None
+            torch.cuda.empty_cache()
+        A = keys_attended(L, CFG.get("sinks", 4), CFG["window"], CFG["topk"],
+                          CFG["backward_factor"], CFG["forward_factor"], CFG["span_power"]) * Hq
+        dense_flops = 4 * D * (L * (L + 1) / 2) * Hq * 3.5  # fwd + 2.5x bwd
+        sl_flops = (4 + 10 + 4) * D * A  # fwd + bwd + recompute
+        if "union_ms" in row and "sdpa_ms" in row:
+            row["speedup_union"] = round(row["sdpa_ms"] / row["union_ms"], 2)
+            row["sdpa_tflops"] = round(dense_flops / row["sdpa_ms"] / 1e9, 1)
+            row["union_tflops"] = round(sl_flops / row["union_ms"] / 1e9, 1)
+        if "gated_ms" in row and "sdpa_ms" in row:
+            row["speedup_gated"] = round(row["sdpa_ms"] / row["gated_ms"], 2)
+        row["keys_per_query"] = round(A / Hq / L, 1)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        del q, k, v, do
+        torch.cuda.empty_cache()
+
+    os.makedirs(args.out, exist_ok=True)
+    meta = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+            "shape": f"B=1 Hq={Hq} Hkv={Hkv} d={D} bf16", "config": CFG, "rows": rows,
+            "gradient_sweep": sweep}
+    with open(os.path.join(args.out, "train.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    cols = ["L", "union_ms", "gated_ms", "union_fwd_ms", "sdpa_ms", "sdpa_fwd_ms", "speedup_union",
+            "speedup_gated", "union_tflops", "sdpa_tflops", "keys_per_query"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+    with open(os.path.join(args.out, "train.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
