@@ -111,6 +111,81 @@ def gradient_sweep():
     return out
 
 
+def _qkv(L, Hq, Hkv, D):
+    torch.manual_seed(0)
+    q = torch.randn(1, Hq, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, Hkv, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, Hkv, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    return q, k, v, torch.randn_like(q)
+
+
+def _fwd_bwd(q, k, v, do, combine="union"):
+    c = CFG
+    a, s = torch.ops.superlinear.span_search(
+        q, k, None, None, c["window"], c["topk"], c["search_power"], c["span_power"],
+        c["backward_factor"], c["forward_factor"], c["search_key"], 0)
+    o = torch.ops.superlinear.span_attention(
+        q, k, v, a, s, None, None, c["window"], c["sinks"], c["span_power"],
+        c["backward_factor"], c["forward_factor"], combine, q.shape[-1] ** -0.5, 0)
+    o.backward(do)
+
+
+def tune(TB, L, Hq, Hkv, D):
+    """Time union fwd+bwd at L for a few block settings of the backward; keep the fastest
+    (each change alone, then the best changes together)."""
+    q, k, v, do = _qkv(L, Hq, Hkv, D)
+    cands = [{}, {"kv_block_m": 128}, {"kv_block_n": 128, "kv_block_m": 32},
+             {"dq_block_m": 128, "dq_warps": 8}]
+    rows = []
+    for cand in cands:
+        TB.TUNING.clear()
+        TB.TUNING.update(cand)
+        try:
+            ms = cuda_time(lambda: _fwd_bwd(q, k, v, do), 1.0, 5)[0] * 1e3
+        except Exception as e:  # noqa: BLE001
+            ms = float("inf")
+            print("tune", cand, repr(e)[:200], flush=True)
+        rows.append({"settings": cand, "ms": round(ms, 2)})
+        print("tune", rows[-1], flush=True)
+    base = rows[0]["ms"]
+    best = {}
+    for r in rows[1:]:
+        if r["ms"] < base * 0.98:
+            best.update(r["settings"])
+    if best and best not in [r["settings"] for r in rows]:
+        TB.TUNING.clear()
+        TB.TUNING.update(best)
+        ms = cuda_time(lambda: _fwd_bwd(q, k, v, do), 1.0, 5)[0] * 1e3
+        rows.append({"settings": dict(best), "ms": round(ms, 2)})
+        print("tune", rows[-1], flush=True)
+    pick = min(rows, key=lambda r: r["ms"])["settings"]
+    TB.TUNING.clear()
+    TB.TUNING.update(pick)
+    print("tune: chose", pick, flush=True)
+    return rows
+
+
+def kernel_profile(L, Hq, Hkv, D):
+    """CUDA time per kernel of one union fwd+bwd at L (after a warm-up), largest first."""
+    q, k, v, do = _qkv(L, Hq, Hkv, D)
+    _fwd_bwd(q, k, v, do)
+    torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        _fwd_bwd(q, k, v, do)
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t > 0:
+            rows.append({"kernel": e.key[:90], "ms": round(t / 1e3, 3), "calls": e.count})
+    rows.sort(key=lambda r: -r["ms"])
+    for r in rows[:20]:
+        print("profile", json.dumps(r), flush=True)
+    return rows[:40]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", default="32768,65536,131072,262144")
@@ -120,34 +195,38 @@ def main(argv=None):
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--budget", type=float, default=2.0, help="seconds of timing per case")
     ap.add_argument("--check", action="store_true", help="first the GPU gradient sweep")
+    ap.add_argument("--tune-L", type=int, default=0,
+                    help="first pick the backward's block sizes by timing at this length")
+    ap.add_argument("--profile-L", type=int, default=0,
+                    help="record the CUDA kernels of one fwd+bwd (union) at this length")
     args = ap.parse_args(argv)
     boot()
     from slcompile.kernels import ops  # noqa: F401  (registers the ops and their autograd)
+    from slcompile.kernels import triton_backward as TB
 
     sweep = gradient_sweep() if args.check else []
+    tuning = tune(TB, args.tune_L, args.heads, args.kv_heads, args.dim) if args.tune_L else []
+    profile = kernel_profile(args.profile_L, args.heads, args.kv_heads, args.dim) \
+        if args.profile_L else []
 
-    dev = "cuda"
     Hq, Hkv, D = args.heads, args.kv_heads, args.dim
     rows = []
     for L in [int(x) for x in args.lengths.split(",")]:
-        torch.manual_seed(0)
-        q = torch.randn(1, Hq, L, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
-        k = torch.randn(1, Hkv, L, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
-        v = torch.randn(1, Hkv, L, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
-        do = torch.randn(1, Hq, L, D, device=dev, dtype=torch.bfloat16)
+        q, k, v, do = _qkv(L, Hq, Hkv, D)
         scale = 1.0 / math.sqrt(D)
         row = {"L": L}
 
         def sl(combine, backward=True):
-            c = CFG
-            a, s = torch.ops.superlinear.span_search(
-                q, k, None, None, c["window"], c["topk"], c["search_power"], c["span_power"],
-                c["backward_factor"], c["forward_factor"], c["search_key"], 0)
-            o = torch.ops.superlinear.span_attention(
-                q, k, v, a, s, None, None, c["window"], c["sinks"], c["span_power"],
-                c["backward_factor"], c["forward_factor"], combine, scale, 0)
             if backward:
-                o.backward(do)
+                _fwd_bwd(q, k, v, do, combine)
+            else:
+                c = CFG
+                a, s = torch.ops.superlinear.span_search(
+                    q, k, None, None, c["window"], c["topk"], c["search_power"], c["span_power"],
+                    c["backward_factor"], c["forward_factor"], c["search_key"], 0)
+                torch.ops.superlinear.span_attention(
+                    q, k, v, a, s, None, None, c["window"], c["sinks"], c["span_power"],
+                    c["backward_factor"], c["forward_factor"], combine, scale, 0)
 
         def sdpa(backward=True):
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
@@ -185,7 +264,8 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     meta = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
             "shape": f"B=1 Hq={Hq} Hkv={Hkv} d={D} bf16", "config": CFG, "rows": rows,
-            "gradient_sweep": sweep}
+            "gradient_sweep": sweep,
+            "tuning": tuning, "chosen_tuning": dict(TB.TUNING), "profile": profile}
     with open(os.path.join(args.out, "train.json"), "w") as f:
         json.dump(meta, f, indent=1)
     cols = ["L", "union_ms", "gated_ms", "union_fwd_ms", "sdpa_ms", "sdpa_fwd_ms", "speedup_union",

@@ -23,7 +23,7 @@ Passes (no host synchronisation except one count of the key-major work list):
    its query row (a row has up to topk + 2 pieces).
 4. ``_dkdv_kernel``: key-major. For a key tile, the pieces that can touch it lie in one contiguous
    range of the sorted order (lo >= tile start - longest piece + 1); the range is cut into chunks
-   of at most ``CHUNK`` pieces, one program each, accumulating dk, dv of the tile in registers and
+   of at most ``chunk`` pieces, one program each, accumulating dk, dv of the tile in registers and
    adding them atomically once at the end (few atomics: about one tile per chunk).
 """
 
@@ -362,14 +362,19 @@ def _dkdv_kernel(
                   mask=nmask[:, None] & (offdv[None, :] < DV))
 
 
-def _blocks(dtype, Dmax):
-    """(BLOCK_M, BLOCK_N) of the dq and dk/dv kernels."""
-    if dtype == torch.float32 or Dmax > 128:
-        return 32, 32
-    return 64, 64
+def _settings(dtype, Dmax):
+    """Block sizes and warps of the dq and dk/dv kernels, then ``TUNING``'s overrides."""
+    small = dtype == torch.float32 or Dmax > 128
+    s = dict(dq_block_m=32 if small else 64, dq_block_n=32 if small else 64, dq_warps=4,
+             kv_block_m=32 if small else 64, kv_block_n=32 if small else 64,
+             kv_warps=8 if Dmax >= 128 else 4, chunk=2048)
+    s.update(TUNING)
+    return s
 
 
-CHUNK = 2048  # pieces per dk/dv work item at most
+TUNING: dict = {}
+"""Overrides of ``_settings`` (benchmarks/train.py --tune sets them): dq_block_m, dq_block_n,
+dq_warps, kv_block_m, kv_block_n, kv_warps, chunk (pieces per dk/dv work item at most)."""
 BUCKET = 16  # lo // BUCKET orders the pieces (as the forward's sort)
 
 
@@ -474,7 +479,8 @@ def span_attention_backward(grad_out, q, k, v, anchors, scores, key_padding_mask
     key = torch.where(hi64 >= lo64, key, torch.iinfo(torch.int64).max).view(B * Hkv, npair)
     skey, idx = torch.sort(key, dim=-1)
     idx = idx.to(torch.int32)
-    bm, bn = _blocks(q.dtype, max(BLOCK_D, BLOCK_DV))
+    cfg = _settings(q.dtype, max(BLOCK_D, BLOCK_DV))
+    bm, bn = cfg["dq_block_m"], cfg["dq_block_n"]
     kpm_arg = kpm if kpm is not None else lo
     kpm_st = kpm.stride() if kpm is not None else (0, 0)
     # 3. dq
@@ -484,8 +490,9 @@ def span_attention_backward(grad_out, q, k, v, anchors, scores, key_padding_mask
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *kpm_st,
         Hq, Hkv, G, Lq, npair, NP, qk_scale, float(scale),
         D=D, DV=DV, HAS_KPM=kpm is not None, IEEE=ieee, DOT_F32=dot_f32, BLOCK_M=bm, BLOCK_N=bn,
-        BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, num_warps=4)
+        BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, num_warps=cfg["dq_warps"])
     # 4. dk, dv: key-major work list
+    bm, bn, chunk = cfg["kv_block_m"], cfg["kv_block_n"], cfg["chunk"]
     maxlen = (hi64 - lo64 + 1).clamp(min=0).amax()  # device scalar
     ntile = triton.cdiv(T, bn)
     n0 = torch.arange(ntile, device=dev, dtype=torch.int64) * bn
@@ -494,7 +501,7 @@ def span_attention_backward(grad_out, q, k, v, anchors, scores, key_padding_mask
     upper = (n1 // BUCKET + 1) * (T + 1)
     c0 = torch.searchsorted(skey, lower.expand(B * Hkv, ntile).contiguous())
     c1 = torch.searchsorted(skey, upper.expand(B * Hkv, ntile).contiguous())
-    nch = torch.div(c1 - c0 + CHUNK - 1, CHUNK, rounding_mode="floor").clamp(min=0).reshape(-1)
+    nch = torch.div(c1 - c0 + chunk - 1, chunk, rounding_mode="floor").clamp(min=0).reshape(-1)
     total = int(nch.sum().item())
     dk = torch.zeros((B, Hkv, T, D), dtype=torch.float32, device=dev)
     dv = torch.zeros((B, Hkv, T, DV), dtype=torch.float32, device=dev)
@@ -503,14 +510,13 @@ def span_attention_backward(grad_out, q, k, v, anchors, scores, key_padding_mask
                                        output_size=total)
         first = torch.cumsum(nch, 0) - nch
         sub = torch.arange(total, device=dev) - first[item]
-        c0f = c0.reshape(-1)[item] + sub * CHUNK
-        c1f = torch.minimum(c0f + CHUNK, c1.reshape(-1)[item])
+        c0f = c0.reshape(-1)[item] + sub * chunk
+        c1f = torch.minimum(c0f + chunk, c1.reshape(-1)[item])
         items = torch.stack([item // ntile, item % ntile, c0f, c1f], 1).to(torch.int32).contiguous()
         _dkdv_kernel[(total,)](
             q, k, v, do, kpm_arg, idx, lo, hi, lse, delta, items, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *kpm_st,
             Hkv, G, Lq, T, npair, NP, qk_scale, float(scale),
             D=D, DV=DV, HAS_KPM=kpm is not None, IEEE=ieee, DOT_F32=dot_f32, BLOCK_M=bm,
-            BLOCK_N=bn, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
-            num_warps=8 if max(BLOCK_D, BLOCK_DV) >= 128 else 4)
+            BLOCK_N=bn, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, num_warps=cfg["kv_warps"])
     return dq, dk, dv, dsc
