@@ -144,7 +144,7 @@ def main(argv=None):
     ap.add_argument("--window", type=int, default=32)
     ap.add_argument("--sinks", type=int, default=0)
     ap.add_argument("--topk", type=int, default=4)
-    ap.add_argument("--d-model", type=int, default=256)
+    ap.add_argument("--d-model", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--kv-heads", type=int, default=2)

@@ -340,6 +340,8 @@ def _setup_search(ctx, inputs, output):
     (qs, k, kpm, pos, window, topk, sp, rp, bf, ff, search_key, dense_below) = inputs
     ctx.save_for_backward(qs, k, kpm, pos, output[0])
     ctx.params = (window, rp, bf, ff, search_key, dense_below)
+    # an unused scores output (union mode) then arrives as None, not as zeros to scatter
+    ctx.set_materialize_grads(False)
 
 
 def _backward_search(ctx, grad_anchors, grad_scores):

@@ -363,10 +363,12 @@ def _dkdv_kernel(
 
 
 def _settings(dtype, Dmax):
-    """Block sizes and warps of the dq and dk/dv kernels, then ``TUNING``'s overrides."""
+    """Block sizes and warps of the dq and dk/dv kernels, then ``TUNING``'s overrides.
+    kv_block_m=128 won the H200 tuning at 128K (231.9 ms fwd+bwd against 261.6 ms with 64;
+    benchmarks/RESULTS.md)."""
     small = dtype == torch.float32 or Dmax > 128
     s = dict(dq_block_m=32 if small else 64, dq_block_n=32 if small else 64, dq_warps=4,
-             kv_block_m=32 if small else 64, kv_block_n=32 if small else 64,
+             kv_block_m=32 if small else 128, kv_block_n=32 if small else 64,
              kv_warps=8 if Dmax >= 128 else 4, chunk=2048)
     s.update(TUNING)
     return s
