@@ -83,7 +83,6 @@ def gradient_sweep():
         do = torch.randn(B, Hq, L, D, device="cuda", generator=g).to(dt)
         kpm = (torch.rand(B, L, device="cuda", generator=g) > 0.2) if pad else None
         qp = torch.sort(torch.randint(0, 4 * L, (B, L), device="cuda", generator=g) % L, 1).values if pos else None
-        T = L
         a, s = R.span_search(qs, k, kpm, qp, 64, 3, 0.5, 0.5, 2.0, 0.0, "anchor", db)
         args = (q, k, v, a, s, kpm, qp, 64, 4, 0.5, 2.0, 0.0, combine, D ** -0.5, db)
         torch.cuda.synchronize()

@@ -217,7 +217,7 @@ def _prep_kernel(
 
 
 @triton.jit
-def _piece_rows(loc, b, kvh, G, Lq, NP):
+def _piece_rows(loc, kvh, G, Lq, NP):
     """(query head, query row) of pieces with local index loc in their kv head's list."""
     hl = loc // (Lq * NP)
     qi = (loc // NP) % Lq
@@ -251,7 +251,7 @@ def _dq_kernel(
     lo = tl.load(PLO + gidx, mask=rm, other=1)
     hi = tl.load(PHI + gidx, mask=rm, other=0)
     ok = rm & (hi >= lo)
-    h64, qi = _piece_rows(loc, b, kvh, G, Lq, NP)
+    h64, qi = _piece_rows(loc, kvh, G, Lq, NP)
     offd = tl.arange(0, BLOCK_D)
     offdv = tl.arange(0, BLOCK_DV)
     q = tl.load(Q + b * sqb + h64[:, None] * sqh + qi[:, None] * sqm + offd[None, :] * sqd,
@@ -340,7 +340,7 @@ def _dkdv_kernel(
         hi = tl.load(PHI + gidx, mask=rm, other=0)
         ok = rm & (hi >= lo) & (hi >= n0) & (lo <= n1)
         if tl.max(ok.to(tl.int32), axis=0) > 0:
-            h64, qi = _piece_rows(loc, b, kvh, G, Lq, NP)
+            h64, qi = _piece_rows(loc, kvh, G, Lq, NP)
             q = tl.load(Q + b * sqb + h64[:, None] * sqh + qi[:, None] * sqm + offd[None, :] * sqd,
                         mask=ok[:, None] & (offd[None, :] < D), other=0.0)
             do = tl.load(DO + b * sdb + h64[:, None] * sdh + qi[:, None] * sdm
@@ -394,7 +394,7 @@ def piece_tables(anchors, pos, T, W, S, back, fwd, union, spans, B, Hq, Lq, devi
         t = pos
     t = t[:, None, :].expand(B, Hq, Lq)
     wlo = torch.clamp(t - W + 1, min=S)
-    whi = torch.where(torch.tensor(W > 0, device=device), t, wlo - 1)
+    whi = t if W > 0 else wlo - 1
     shi = torch.clamp(t + 1, max=S) - 1
     slo = torch.zeros_like(shi)
     lo = torch.cat([plo, wlo[..., None].int(), slo[..., None].int()], -1)
