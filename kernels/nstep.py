@@ -163,6 +163,65 @@ def nstep_search(
     return anchors, scores
 
 
+def cells_of_anchors(anchors, pos, T, window, steps, backward_factor, forward_factor):
+    """The cell [lo, hi] (int64, like anchors) behind each kept anchor (docs/nstep.md: hi =
+    a + fwd unless the anchor was clamped at 0, which only the last cell can be)."""
+    fwd, cell, ncell, _ = tables(T, window, steps, backward_factor, forward_factor, anchors.device)
+    t = pos[:, None, :, None]
+    a = anchors.long()
+    e = t - min(window, T)
+    hi = torch.where(a > 0, a + fwd[t], e - (ncell[t] - 1) * cell[t])
+    return (hi - cell[t] + 1).clamp(min=0), hi
+
+
+def nstep_search_backward(grad_scores, qs, k, key_padding_mask, query_positions, anchors, window,
+                          steps, backward_factor, forward_factor, search_key, dense_below):
+    """(d search_query, d key) of the kept scores s_j = q_s . key(cell_j) (docs/nstep.md):
+    "anchor": key = k[last present key of the cell]; "mean": the mean of its present keys.
+    Anchors are piecewise constant in the inputs, so this is the exact gradient where they do
+    not change. Empty slots and the dense case contribute nothing."""
+    B, Hq, Lq, D = qs.shape
+    Hkv, T = k.shape[1], k.shape[2]
+    dev = qs.device
+    cd = torch.float64 if torch.float64 in (qs.dtype, k.dtype) else torch.float32
+    dqs = torch.zeros(B, Hq, Lq, D, dtype=cd, device=dev)
+    dk = torch.zeros(B * Hkv * T, D, dtype=cd, device=dev)
+    W = min(window, T)
+    if T <= dense_below or W >= T or Lq == 0:
+        return dqs.to(qs.dtype), dk.view(B, Hkv, T, D).to(k.dtype)
+    pos = reference.default_positions(B, Lq, T, dev) if query_positions is None else query_positions.long()
+    valid = anchors >= 0
+    lo, hi = cells_of_anchors(anchors, pos, T, window, steps, backward_factor, forward_factor)
+    lo, hi = torch.where(valid, lo, 0), torch.where(valid, hi, 0)
+    gs = torch.where(valid, grad_scores.to(cd), torch.zeros((), dtype=cd, device=dev))
+    q = qs.to(cd)
+    kvrow = (torch.arange(B, device=dev)[:, None] * Hkv
+             + torch.arange(Hq, device=dev)[None, :] // (Hq // Hkv))[:, :, None, None]  # [B, Hq, 1, 1]
+    kf = k.to(cd).reshape(B * Hkv * T, D)
+    if search_key == "anchor":
+        rep = hi if key_padding_mask is None else \
+            _last_present(key_padding_mask)[torch.arange(B, device=dev)[:, None, None, None], hi]
+        flat = (kvrow * T + rep.clamp(min=0)).reshape(-1)
+        dqs = (gs[..., None] * kf.index_select(0, flat).view(*rep.shape, D)).sum(-2)
+        dk.index_add_(0, flat, (gs[..., None] * q[..., None, :]).reshape(-1, D))
+        return dqs.to(qs.dtype), dk.view(B, Hkv, T, D).to(k.dtype)
+    present = torch.ones(B, T, dtype=cd, device=dev) if key_padding_mask is None else key_padding_mask.to(cd)
+    kp = kf.view(B, Hkv, T, D) * present[:, None, :, None]
+    pre = torch.cat([torch.zeros(B, Hkv, 1, D, dtype=cd, device=dev), kp.cumsum(2)], 2).reshape(-1, D)
+    cpre = torch.cat([torch.zeros(B, 1, dtype=cd, device=dev), present.cumsum(1)], 1)
+    bidx = torch.arange(B, device=dev)[:, None, None, None]
+    cnt = (cpre[bidx, hi + 1] - cpre[bidx, lo]).clamp(min=1.0)
+    prow = kvrow * (T + 1)
+    mean = (pre[(prow + hi + 1).reshape(-1)] - pre[(prow + lo).reshape(-1)]).view(*lo.shape, D) / cnt[..., None]
+    dqs = (gs[..., None] * mean).sum(-2)
+    c = ((gs / cnt)[..., None] * q[..., None, :]).reshape(-1, D)  # to every present key of the cell
+    diff = torch.zeros(B * Hkv * (T + 1), D, dtype=cd, device=dev)
+    diff.index_add_(0, (prow + lo).reshape(-1), c)
+    diff.index_add_(0, (prow + hi + 1).reshape(-1), -c)
+    dk = diff.view(B, Hkv, T + 1, D).cumsum(2)[:, :, :T] * present[:, None, :, None]
+    return dqs.to(qs.dtype), dk.to(k.dtype)
+
+
 def superlinear_attention(q, k, v, *, window, sinks, topk, steps, backward_factor, forward_factor,
                           combine, search_key, dense_below, scale, key_padding_mask=None,
                           query_positions=None, search_query=None):

@@ -170,3 +170,41 @@ def _(search_query, key, key_padding_mask, query_positions, window, topk, steps,
     a = search_query.new_empty((B, Hq, Lq, topk), dtype=torch.int32)
     s = search_query.new_empty((B, Hq, Lq, topk), dtype=torch.float32)
     return a, s
+
+
+@torch.library.custom_op("superlinear::nstep_search_backward", mutates_args=())
+def nstep_search_backward(
+    grad_scores: Tensor, search_query: Tensor, key: Tensor, key_padding_mask: Optional[Tensor],
+    query_positions: Optional[Tensor], anchors: Tensor, window: int, steps: int,
+    backward_factor: float, forward_factor: float, search_key: str, dense_below: int,
+) -> Tuple[Tensor, Tensor]:
+    """(d search_query, d key) of nstep_search's scores (``nstep.nstep_search_backward``)."""
+    from . import nstep
+
+    dqs, dk = nstep.nstep_search_backward(grad_scores, search_query, key, key_padding_mask,
+                                          query_positions, anchors, window, steps, backward_factor,
+                                          forward_factor, search_key, dense_below)
+    return dqs.contiguous(), dk.contiguous()
+
+
+@nstep_search_backward.register_fake
+def _(grad_scores, search_query, key, *rest):
+    return search_query.new_empty(search_query.shape), key.new_empty(key.shape)
+
+
+def _nstep_setup(ctx, inputs, output):
+    qs, k, kpm, pos, window, topk, steps, bf, ff, search_key, dense_below = inputs
+    ctx.save_for_backward(qs, k, kpm, pos, output[0])
+    ctx.params = (window, steps, bf, ff, search_key, dense_below)
+
+
+def _nstep_backward(ctx, grad_anchors, grad_scores):
+    qs, k, kpm, pos, anchors = ctx.saved_tensors
+    if grad_scores is None:
+        return (None,) * 11
+    dqs, dk = torch.ops.superlinear.nstep_search_backward(grad_scores, qs, k, kpm, pos, anchors,
+                                                          *ctx.params)
+    return (dqs, dk) + (None,) * 9
+
+
+nstep_search.register_autograd(_nstep_backward, setup_context=_nstep_setup)

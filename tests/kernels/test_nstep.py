@@ -466,3 +466,52 @@ def test_triton_route_of_the_ops_with_span_power_one_third():
         ops.force_triton(was)
     assert calls == [1]
     assert torch.allclose(out.cpu(), ref, atol=2e-5), (out.cpu() - ref).abs().max()
+
+
+# ------------------------------------------------------------------------------------------------
+# autograd
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("search_key,pad,ff", [("anchor", True, 0.0), ("mean", True, 1.0), ("mean", False, 0.0)])
+def test_search_gradient_matches_oracle(search_key, pad, ff):
+    """Gradient of the kept scores (through the op's autograd) against autograd through the
+    oracle's definition of a cell's score, recomputed in float64 for the anchors the op kept."""
+    gen = torch.Generator().manual_seed(40 + pad + int(ff))
+    B, Hq, Hkv, T, D = 1, 4, 2, 90, 5
+    c = _cfg(search_key=search_key, forward_factor=ff, topk=3)
+    qs = torch.randn(B, Hq, T, D, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, Hkv, T, D, generator=gen, dtype=torch.float64, requires_grad=True)
+    kpm = (torch.rand(B, T, generator=gen) > 0.3) if pad else None
+    w = torch.randn(B, Hq, T, 3, generator=gen, dtype=torch.float64)
+    a, s = torch.ops.superlinear.nstep_search(qs, k, kpm, None, c["window"], 3, 3, c["backward_factor"],
+                                               ff, search_key, 0)
+    (w * s.nan_to_num(0.0, neginf=0.0)).sum().backward()
+    keep = torch.ones(B, T, dtype=torch.bool) if kpm is None else kpm
+    q2, k2 = qs.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
+    total = 0.0
+    for h in range(Hq):
+        for t in range(T):
+            _, _, _, _, cells = oracle_cells(t, T, c["window"], 3, c["backward_factor"], ff)
+            by_anchor = {anc: (lo, hi) for _, lo, hi, anc in cells}
+            for j in range(3):
+                anc = int(a[0, h, t, j])
+                if anc < 0:
+                    continue
+                lo, hi = by_anchor[anc]
+                present = [x for x in range(lo, hi + 1) if keep[0, x]]
+                key = k2[0, h // 2, present[-1]] if search_key == "anchor" else k2[0, h // 2, present].mean(0)
+                total = total + w[0, h, t, j] * (q2[0, h, t] @ key)
+    total.backward()
+    assert (a >= 0).sum() > 100
+    assert torch.allclose(qs.grad, q2.grad, atol=1e-5) and torch.allclose(k.grad, k2.grad, atol=1e-5)
+
+
+def test_backward_through_attention_runs_in_both_modes():
+    import slcompile
+    gen = torch.Generator().manual_seed(44)
+    for combine in ("union", "gated"):
+        q, k, v = (torch.randn(1, h, 70, 8, generator=gen, requires_grad=True) for h in (4, 2, 2))
+        cfg = SuperlinearConfig(steps=3, window=4, dense_below=0, combine=combine)
+        slcompile.superlinear_attention(q, k, v, config=cfg, enable_gqa=True).square().sum().backward()
+        assert all(x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+                   for x in (q, k, v))
