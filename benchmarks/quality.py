@@ -112,6 +112,10 @@ def smollm2_gguf():
 def load_model(device: str, gguf: Optional[str] = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if gguf is not None and os.path.isdir(gguf):  # a saved transformers directory (faster to load)
+        tok = AutoTokenizer.from_pretrained(gguf)
+        model = AutoModelForCausalLM.from_pretrained(gguf, dtype=torch.float32, attn_implementation="sdpa")
+        return tok, model.to(device).eval(), gguf
     d, f = smollm2_gguf() if gguf is None else os.path.split(os.path.abspath(gguf))
     tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32,
@@ -556,9 +560,10 @@ def load_bundle(path):
     return d["hay"].tolist(), d["hay_src"], d["held"].tolist(), d["held_src"], d.get("calib")
 
 
-def evaluate(model, tok, args, variants, cases, ppl_ids, counter, out_meta, t0):
-    """Every variant: perplexity (with exact keys attended) and needles; JSON after each."""
-    results = {}
+def evaluate(model, tok, args, variants, cases, ppl_ids, counter, out_meta, t0, results=None):
+    """Every variant: perplexity (with exact keys attended) and needles; JSON after each (with the
+    entries already in ``results``, which is updated in place)."""
+    results = {} if results is None else results
     for name in variants:
         cfg = variant_config(name)
         routed = name.endswith(ROUTED)

@@ -4,9 +4,9 @@ from slcompile.kernels.config import SuperlinearConfig
 from slcompile.functional import superlinear_attention
 from slcompile.explain import explain
 from slcompile import testing  # noqa: F401  (slcompile.testing)
-# the function; its module (save_routers, load_routers, attach_routers) is
-# importlib.import_module("slcompile.calibrate") or `from slcompile.calibrate import ...`
-from slcompile.calibrate import calibrate
+# a callable module: slcompile.calibrate(model, texts, ...) runs calibrate.calibrate;
+# save_routers / load_routers / attach_routers live in it too
+from slcompile import calibrate  # noqa: F401
 from slcompile import hf  # noqa: F401  (attn_implementation="superlinear" once transformers loads; cheap)
 
 __version__ = "0.1.0"

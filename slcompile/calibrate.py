@@ -39,6 +39,7 @@ import math
 import os
 import sys
 import tempfile
+import types
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
@@ -55,7 +56,6 @@ __all__ = ["Routers", "calibrate", "save_routers", "load_routers", "attach_route
 BUFFER = "superlinear_router"
 _FORMAT = "slcompile-routers/1"
 _CAPTURE = "slcompile_calibrate_capture"
-LOSS = "mix"
 FINE = 32  # the finest block of the "block" search (kernels/reference.py BLOCK)
 
 
@@ -341,24 +341,41 @@ def _loss(samples: List[dict], R: Tensor, logtau: Tensor, cfg: SuperlinearConfig
                 continue
             pt = tm / z.clamp(min=1e-12)
             logp = torch.log_softmax(sc.masked_fill(~v, float("-inf")), -1)
-            if LOSS == "kl":
-                kl = (pt * (torch.log(pt.clamp(min=1e-12)) - logp.masked_fill(~v, 0.0))).sum(-1)
-            else:  # -log E_{j ~ softmax(scores)} [mass share of j]: rewards ranking high-mass regions first
-                kl = -torch.logsumexp(logp + torch.log(pt.clamp(min=1e-30)), -1)
+            kl = (pt * (torch.log(pt.clamp(min=1e-12)) - logp.masked_fill(~v, 0.0))).sum(-1)
             total = total + kl[rows].sum()
             count += int(rows.sum())
     return total / max(1, count) if count else torch.zeros((), device=R.device)
 
 
+def _topk_mass(samples: List[dict], R: Tensor, cfg: SuperlinearConfig, g: int) -> float:
+    """What the search keeps: the dense mass share of the top-k candidate regions by score (finest
+    level for "block"), averaged over queries and heads. The selection criterion."""
+    tot, n = 0.0, 0
+    with torch.no_grad():
+        for s in samples:
+            qs = torch.einsum("hnd,hde->hne", s["q"].to(R.device), R)
+            sc, tm, valid = _scores(s, qs, cfg, g)[0]
+            v = valid if valid.dim() == 3 else valid[None].expand_as(sc)
+            tm = tm.masked_fill(~v, 0.0)
+            share = tm / tm.sum(-1, keepdim=True).clamp(min=1e-12)
+            k = min(cfg.topk, sc.shape[-1])
+            top = sc.masked_fill(~v, float("-inf")).topk(k, -1).indices
+            tot += float(torch.gather(share, -1, top).sum(-1).sum())
+            n += share.shape[0] * share.shape[1]
+    return tot / max(1, n)
+
+
 def _fit_layer(train: List[dict], held: List[dict], Hq: int, D: int, g: int, cfg, steps: int,
-               deadline: float, device, lr: float) -> tuple:
-    R = torch.eye(D, device=device).repeat(Hq, 1, 1).requires_grad_(True)
+               deadline: float, device, lr: float) -> dict:
+    """Distil one layer. Returns the router (the learned one if it keeps more of the held-back
+    queries' dense mass in the top-k regions than the identity, else the identity) and stats."""
+    eye = torch.eye(D, device=device).repeat(Hq, 1, 1)
+    R = eye.clone().requires_grad_(True)
     logtau = torch.full((Hq,), -0.5 * math.log(D), device=device, requires_grad=True)
     opt = torch.optim.Adam([R, logtau], lr=lr)
     with torch.no_grad():
-        before = float(_loss(held, R, logtau, cfg, g))
+        kl0 = float(_loss(held, R, logtau, cfg, g))
     done = 0
-    best = (before, R.detach().clone(), logtau.detach().clone())
     for step in range(steps):
         if time.monotonic() > deadline and step > 0:
             break
@@ -368,12 +385,13 @@ def _fit_layer(train: List[dict], held: List[dict], Hq: int, D: int, g: int, cfg
         opt.step()
         done += 1
     with torch.no_grad():
-        after = float(_loss(held, R, logtau, cfg, g))
-    if after < best[0]:
-        best = (after, R.detach().clone(), logtau.detach().clone())
-    _, Rb, tb = best
-    # fold the temperature in (ranking is unchanged by it; a gated combine sees calibrated logits)
-    return (Rb * tb.exp()[:, None, None]).float().cpu(), before, after, done
+        kl1 = float(_loss(held, R, logtau, cfg, g))
+        # fold the temperature in (ranking is unchanged by it; a gated combine sees calibrated logits)
+        learned = (R * logtau.exp()[:, None, None]).detach()
+    m0, m1 = _topk_mass(held, eye, cfg, g), _topk_mass(held, learned, cfg, g)
+    keep = m1 > m0
+    return {"router": (learned if keep else eye).float().cpu(), "kl_before": kl0, "kl_after": kl1,
+            "topk_mass_identity": m0, "topk_mass_learned": m1, "learned_kept": keep, "steps": done}
 
 
 # --------------------------------------------------------------------------------------------
@@ -510,17 +528,28 @@ def calibrate(model, texts_or_token_ids, *, config: Optional[SuperlinearConfig] 
             keep[0:n:max(1, n // nh)] = False
             train.append(_subset(s, keep))
         layer_deadline = time.monotonic() + (deadline - time.monotonic()) / (len(names) - li)
-        R, before, after, done = _fit_layer(train, held, hq, d, g, config, steps, layer_deadline, dev, lr)
-        weights[name] = R
-        per_layer.append({"module": name, "kl_before": before, "kl_after": after, "steps": done})
-        say(f"layer {li + 1}/{len(names)} {name}: KL {before:.3f} -> {after:.3f} ({done} steps, "
+        r = _fit_layer(train, held, hq, d, g, config, steps, layer_deadline, dev, lr)
+        weights[name] = r.pop("router")
+        per_layer.append({"module": name, **r})
+        say(f"layer {li + 1}/{len(names)} {name}: KL {r['kl_before']:.3f} -> {r['kl_after']:.3f}, "
+            f"top-{config.topk} mass {r['topk_mass_identity']:.3f} -> {r['topk_mass_learned']:.3f} "
+            f"({'kept' if r['learned_kept'] else 'identity kept'}; {r['steps']} steps, "
             f"{time.monotonic() - t0:.0f}s)")
+
+    def mean(k):
+        return sum(float(x[k]) for x in per_layer) / len(per_layer)
+
     info = {"tokens": ntok, "sequences": len(seqs), "queries_per_sequence": queries,
             "capture_seconds": t_cap, "seconds": time.monotonic() - t0, "layers": per_layer,
-            "kl_before_mean": sum(x["kl_before"] for x in per_layer) / len(per_layer),
-            "kl_after_mean": sum(x["kl_after"] for x in per_layer) / len(per_layer)}
+            "kl_before_mean": mean("kl_before"), "kl_after_mean": mean("kl_after"),
+            "topk_mass_identity_mean": mean("topk_mass_identity"),
+            "topk_mass_calibrated_mean": sum(max(x["topk_mass_identity"], x["topk_mass_learned"])
+                                             for x in per_layer) / len(per_layer),
+            "layers_learned": sum(bool(x["learned_kept"]) for x in per_layer)}
     say(f"done in {info['seconds']:.0f}s: mean KL {info['kl_before_mean']:.3f} -> "
-        f"{info['kl_after_mean']:.3f} over {len(per_layer)} layers")
+        f"{info['kl_after_mean']:.3f}; held-back top-{config.topk} mass "
+        f"{info['topk_mass_identity_mean']:.3f} -> {info['topk_mass_calibrated_mean']:.3f}; "
+        f"learned routers kept in {info['layers_learned']}/{len(per_layer)} layers")
     return Routers(config, weights, info)
 
 
@@ -539,3 +568,15 @@ def _subset(s: dict, idx) -> dict:
         else:
             out[k] = v  # block summaries are shared by all queries
     return out
+
+
+class _CallableModule(types.ModuleType):
+    """``slcompile.calibrate`` is this module and also the function: ``slcompile.calibrate(model,
+    texts, ...)`` calls `calibrate`, while ``import slcompile.calibrate as C`` and
+    ``from slcompile.calibrate import save_routers`` keep working."""
+
+    def __call__(self, *args, **kwargs):
+        return calibrate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
