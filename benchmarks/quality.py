@@ -180,7 +180,6 @@ class KeyCounter:
         AttentionInterface.register(self.NAME, self._forward)
         AttentionMaskInterface.register(self.NAME, H.superlinear_mask)
         self.enabled = True
-        self.use_routers = False
 
     def reset(self):
         self.sum_all = 0.0
@@ -192,33 +191,14 @@ class KeyCounter:
         self.tail = getattr(self, "tail", 512)
 
     def _forward(self, module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kw):
-        router = getattr(module, BUFFER, None) if self.use_routers else None
-        if router is None:
-            out, _ = H.superlinear_attention_forward(module, query, key, value, attention_mask,
-                                                     dropout=dropout, scaling=scaling, **kw)
-            qs = query
-        else:
-            out, qs = self._routed(module, query, key, value, attention_mask, scaling, router)
+        # slcompile.hf searches with query @ module.superlinear_router when the module has one
+        out, _ = H.superlinear_attention_forward(module, query, key, value, attention_mask,
+                                                 dropout=dropout, scaling=scaling, **kw)
         if self.enabled and query.shape[2] > 1:  # prefill only
-            cfg = H.get_config(module)
-            self._count(cfg, qs, key, attention_mask)
+            router = getattr(module, BUFFER, None)
+            qs = query if router is None else search_query(query, router)
+            self._count(H.get_config(module), qs, key, attention_mask)
         return out, None
-
-    @staticmethod
-    def _routed(module, query, key, value, mask, scaling, router):
-        """superlinear attention with search_query = query @ router (unpadded prompts only; what
-        slcompile.hf does once it reads ``superlinear_router``)."""
-        B, Hq, Lq, D = query.shape
-        T = key.shape[2]
-        if mask is not None and (mask.key_padding_mask is not None or mask.gather_index is not None):
-            raise NotImplementedError("the benchmark's routed attention assumes unpadded prompts")
-        qpos = (torch.arange(Lq, device=query.device) + (T - Lq)).expand(B, Lq) if mask is None \
-            else mask.query_positions.expand(B, -1)
-        qs = search_query(query, router)
-        out = slcompile.superlinear_attention(
-            query, key, value, config=H.get_config(module), scale=scaling,
-            enable_gqa=Hq != key.shape[1], query_positions=qpos, search_query=qs)
-        return out.transpose(1, 2).contiguous(), qs
 
     @torch.no_grad()
     def _count(self, cfg: SuperlinearConfig, query, key, mask):
@@ -280,14 +260,20 @@ class KeyCounter:
                 self.sum_tail / max(1, self.n_tail))
 
 
-def use_variant(model, cfg: Optional[SuperlinearConfig], counter: "KeyCounter", routed: bool):
-    """Switch the model to a variant: dense sdpa, or superlinear through the key counter (with the
-    attached routers when ``routed``)."""
+def use_variant(model, cfg: Optional[SuperlinearConfig], routers=None):
+    """Switch the model to a variant: dense sdpa, or superlinear through the key counter; with
+    ``routers`` attached (search query = query @ router), else with every router removed."""
+    from slcompile.calibrate import attach_routers, attention_modules
+
+    if routers is not None:
+        attach_routers(model, routers)
+    else:
+        for m in attention_modules(model).values():
+            m._buffers.pop(BUFFER, None)
     if cfg is None:
         model.set_attn_implementation("sdpa")
     else:
         H.configure(model, cfg, enable=False)
-        counter.use_routers = routed
         model.set_attn_implementation(KeyCounter.NAME)
 
 
@@ -560,7 +546,8 @@ def load_bundle(path):
     return d["hay"].tolist(), d["hay_src"], d["held"].tolist(), d["held_src"], d.get("calib")
 
 
-def evaluate(model, tok, args, variants, cases, ppl_ids, counter, out_meta, t0, results=None):
+def evaluate(model, tok, args, variants, cases, ppl_ids, counter, out_meta, t0, results=None,
+             routers=None):
     """Every variant: perplexity (with exact keys attended) and needles; JSON after each (with the
     entries already in ``results``, which is updated in place)."""
     results = {} if results is None else results
@@ -569,7 +556,9 @@ def evaluate(model, tok, args, variants, cases, ppl_ids, counter, out_meta, t0, 
         routed = name.endswith(ROUTED)
         r = {"config": None if cfg is None else cfg.to_dict(), "routers": routed}
         tv = time.time()
-        use_variant(model, cfg, counter, routed)
+        if routed and routers is None:
+            raise SystemExit(f"variant {name} needs --routers")
+        use_variant(model, cfg, routers if routed else None)
         counter.reset()
         if ppl_ids is not None:
             r["ppl"] = run_ppl(model, ppl_ids, args.ppl_tail, args.device)
@@ -655,10 +644,13 @@ def main(argv=None):
     print(f"model {gguf} ({args.device}, fp32), loaded in {time.time() - t0:.0f}s", flush=True)
     print(f"haystack: {len(hay_ids)} tokens from {len(hay_src)} files: {', '.join(hay_src)}")
     print(f"held-out: {len(held_ids)} tokens from {len(held_src)} files: {held_src[0]} .. {held_src[-1]}")
+    routers = None
     if args.routers:
         from slcompile.calibrate import attach_routers, load_routers
 
-        attach_routers(model, load_routers(args.routers))
+        routers = load_routers(args.routers)
+        if args.routing:
+            attach_routers(model, routers)  # the probe reads them from the modules
     tf = args.needle_check == "teacher-forced"
     cases = [] if args.no_needle else make_needle_cases(tok, hay_ids, args.lengths, args.depths,
                                                         args.seeds, args.prompt, tf and not args.routing)
@@ -690,7 +682,8 @@ def main(argv=None):
                 ppl_len=args.ppl_len, ppl_tail=args.ppl_tail, prompt=args.prompt,
                 needle_check=args.needle_check, routers=args.routers,
                 gpu=torch.cuda.get_device_name() if args.device.startswith("cuda") else None)
-    results = evaluate(model, tok, args, args.variants, cases, ppl_ids, counter, meta, t0)
+    results = evaluate(model, tok, args, args.variants, cases, ppl_ids, counter, meta, t0,
+                       routers=routers)
     table = make_table(results, args.lengths, args.ppl_tail, args.ppl_len)
     print()
     print(table)

@@ -67,8 +67,6 @@ def main(argv=None):
         log["calibrate_s"] = time.time() - tc
         log["calibrate_info"] = routers.info
         save_routers(routers, args.out + "_routers.safetensors")
-    if routers is not None:
-        attach_routers(model, routers)
 
     cases = Q.make_needle_cases(tok, hay, [args.length], args.depths, args.seeds, "chat", True)
     ppl_ids = torch.tensor([held[:args.ppl_len]])
@@ -84,7 +82,7 @@ def main(argv=None):
         if time.time() - t0 > args.budget_s:
             skipped.append(v)
             continue
-        Q.evaluate(model, tok, ns, [v], cs, ppl_ids, counter, meta, t0, results)
+        Q.evaluate(model, tok, ns, [v], cs, ppl_ids, counter, meta, t0, results, routers=routers)
         if not cs:
             results[v].update(needle=float("nan"), needle_grid={}, needle_by_length={})
     routing = {}
@@ -94,6 +92,8 @@ def main(argv=None):
     if args.routing_cases and rv and time.time() - t0 < args.budget_s:
         tr = time.time()
         rcases = Q.make_needle_cases(tok, hay, [args.length], [0.5], args.routing_cases, "chat", False)
+        if routers is not None:
+            attach_routers(model, routers)  # the probe reads them from the modules
         routing = Q.run_routing(model, rcases, rv, 16, dev)
         log["routing_s"] = time.time() - tr
     log["skipped"] = skipped
