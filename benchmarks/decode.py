@@ -85,7 +85,7 @@ def poison():
 # 1. correctness
 # ------------------------------------------------------------------------------------------
 
-def check(log):
+def check(log, quick=False):
     from slcompile.kernels import reference as R
     from slcompile.kernels import triton_decode as TD
     gen = torch.Generator(device="cuda")
@@ -98,7 +98,7 @@ def check(log):
         (1, 4, 1, 1, 3000, 80, torch.float32, True, None, {"search_power": 1 / 3, "window": 7}),
     ]
     ok_all = True
-    for B, Hq, Hkv, Lq, T, D, dt, pad, posmode, cfg in cases:
+    for B, Hq, Hkv, Lq, T, D, dt, pad, posmode, cfg in cases[:1] if quick else cases:
         name = f"B{B} Hq{Hq} Hkv{Hkv} Lq{Lq} T{T} D{D} {dt} pad={pad} pos={posmode} {cfg}"
         try:
             q = torch.randn(B, Hq, Lq, D, device="cuda", generator=gen).to(dt)
@@ -414,6 +414,48 @@ def bench_model(ctx, log, layers=4, steps=20):
     return out
 
 
+def compile_check(log, steps=4):
+    """The superlinear backend with Inductor and CUDA graphs (what mode="reduce-overhead" sets) on
+    a small model with a static cache: decode steps against the same rewrite run eagerly."""
+    boot_passes()
+    from slcompile.backend import superlinear_backend
+    from torch._dynamo.utils import counters
+    torch.manual_seed(0)
+    dims = dict(layers=2, vocab=1000, hid=256, Hq=8, Hkv=2, d=32, inter=512, Tmax=40000)
+    m = Model(**dims).to("cuda", torch.bfloat16).eval()
+    for lay in m.layers:
+        lay.kc.normal_(0, 1)
+        lay.vc.normal_(0, 1)
+        torch._dynamo.mark_static_address(lay.kc)
+        torch._dynamo.mark_static_address(lay.vc)
+    opts = {**CFG, "dense_below": 0}
+    res = {}
+    for comp in ("eager", "inductor"):
+        torch._dynamo.reset()
+        counters.clear()
+        extra = {"inductor_options": {"triton.cudagraphs": True}} if comp == "inductor" else {}
+        f = torch.compile(m, backend=lambda gm, ex: superlinear_backend(
+            gm, ex, options={**opts, "compiler": comp, **extra}))
+        start = torch.tensor(30000, device="cuda")
+        ids = torch.tensor([[7]], device="cuda")
+        outs = []
+        with torch.no_grad():
+            for i in range(steps):
+                logits = f(ids, start).float()
+                outs.append(logits.clone())
+                ids = logits.argmax(-1, keepdim=True)
+                start += 1
+        res[comp] = torch.stack(outs)
+        res[comp + "_skips"] = dict(counters["inductor"]).get("cudagraph_skips", 0)
+    err = (res["inductor"] - res["eager"]).abs().max().item()
+    same = torch.equal(res["inductor"].argmax(-1), res["eager"].argmax(-1))
+    ok = same and err < 0.1 and res["inductor_skips"] == 0
+    log(f"compile check (backend superlinear, Inductor + CUDA graphs, static cache, {steps} steps): "
+        f"max |logit diff| vs eager rewrite {err:.3e}, tokens equal {same}, cudagraph skips "
+        f"{res['inductor_skips']} -> {'OK' if ok else 'FAIL'}")
+    return ok
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -423,6 +465,8 @@ def main():
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--skip-model", action="store_true")
+    ap.add_argument("--compile-check", action="store_true")
+    ap.add_argument("--quick-check", action="store_true", help="one kernel case + the CUDA graph check")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     logf = open(os.path.join(args.out, "decode.log"), "w")
@@ -439,8 +483,13 @@ def main():
     res = {}
     t0 = time.time()
     if not args.skip_check:
-        res["check_ok"] = check(log)
+        res["check_ok"] = check(log, args.quick_check)
         log(f"checks: {'ALL OK' if res['check_ok'] else 'FAILURES'} ({time.time() - t0:.1f}s)")
+    if args.compile_check:
+        try:
+            res["compile_ok"] = compile_check(log)
+        except Exception as e:  # noqa: BLE001
+            log(f"compile check: EXCEPTION {e!r}\n{traceback.format_exc()}")
     lengths = [int(x) for x in args.lengths.split(",") if x]
     try:
         res["attention"] = bench_attention(lengths, log, args.iters)

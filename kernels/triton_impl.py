@@ -6,7 +6,7 @@ the reference. The functions take exactly the argument lists of ``reference.span
 ``triton_attention`` (step 2); decoding (a few query rows per kv head, ``triton_decode.use_decode``)
 runs ``triton_decode``, which splits each (query, head) over many programs. On CUDA, the dense case (T <= dense_below) goes to
 ``F.scaled_dot_product_attention`` (flash) when its causal alignment matches SPEC (Lq == T, no
-explicit positions, no key padding, same q/v head dim); otherwise it runs the Triton kernel with
+explicit positions, no key padding, same q/v head dim; or a single bottom-right query); otherwise it runs the Triton kernel with
 a window over every key. Dtypes other than fp32/bf16/fp16 and head dims above 256 run the
 reference.
 """
@@ -54,8 +54,10 @@ def span_search(search_query, key, key_padding_mask, query_positions, window, to
 
 
 def _sdpa_ok(q, k, v, key_padding_mask, query_positions) -> bool:
+    # Lq == T: causal SDPA; Lq == 1 at the bottom-right (a decode step): it sees every key, so
+    # SDPA without a mask (flash decoding, GQA-aware) is exactly causal attention
     return (q.is_cuda and key_padding_mask is None and query_positions is None
-            and q.shape[2] == k.shape[2] and q.shape[3] == v.shape[3]
+            and q.shape[2] in (k.shape[2], 1) and q.shape[3] == v.shape[3]
             and q.dtype == k.dtype == v.dtype and k.shape[2] > 0)
 
 
@@ -65,7 +67,7 @@ def dense_attention(q, k, v, key_padding_mask, query_positions, scale):
         Hq, Hkv = q.shape[1], k.shape[1]
         if Hq % Hkv != 0:
             raise ValueError(f"dense attention: query heads ({Hq}) must be a multiple of kv heads ({Hkv})")
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scale,
                                               enable_gqa=Hq != Hkv)
     return triton_attention.dense_attention(q, k, v, key_padding_mask, query_positions, scale)
 

@@ -22,9 +22,17 @@ Sites:
 Causality is proven, never guessed: mask subgraphs are evaluated abstractly (aranges, offsets,
 comparisons, gathers, tril/triu, constant buffers read concretely, and/or/not/where/masked_fill,
 additive 0/-inf biases); the only runtime data allowed in a mask is a per-(batch, key) factor,
-which becomes ``key_padding_mask``. A causal comparison with an offset becomes ``query_positions``
-when the offset is not the bottom-right one (static shapes only). Left alone, with the reason:
-bidirectional and cross attention, sliding-window and prefix-LM masks, masks that are runtime data,
+which becomes ``key_padding_mask``, and integer scalars that offset positions. A causal comparison with an offset becomes ``query_positions``
+when the offset is not the bottom-right one: a constant (checked against the key length at run time
+when lengths are symbolic) or one holding runtime integer scalars, such as a StaticCache's fill
+level, in which case the graph's own tensor of query positions (the one the mask was built from) is
+passed to the ops, so the positions are read from the graph at run time, never assumed. One query
+without any mask is a decode step only when its keys and values are ``cat([past, new])`` with
+``new`` computed from the query's own input (a DynamicCache step); then it sits at the bottom-right.
+In-place writes (a static cache's ``index_copy_``) are never removed as dead code. Left alone, with
+the reason:
+bidirectional and cross attention, sliding-window and prefix-LM masks, masks that are runtime data
+(e.g. the 4-D mask ``generate()`` builds outside the compiled forward for a StaticCache),
 additive position biases (ALiBi), logit soft-capping, probabilities used elsewhere (returned
 weights), dropout in training.
 

