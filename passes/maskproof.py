@@ -817,21 +817,30 @@ def _flipped(kind, a, b) -> bool:
     return _very_neg(a) and _finite(b)
 
 
-def _tightest(atoms):
-    """Of comparisons with the same coefficients whose constants differ by a known integer, only
-    the strictest binds (``e + c1 <= 0`` and ``e + c2 <= 0`` is ``e + max(c1, c2) <= 0``), e.g.
-    a static cache's ``j <= q + fill`` next to ``j < fill + Lq``."""
-    out: list = []
+def _drop_implied(atoms, Lq, T):
+    """Drop comparisons that another one implies over every query i in [0, Lq) and key j in
+    [0, T): ``e2 <= 0`` follows from ``e1 <= 0`` when ``max(e2 - e1) <= 0`` over that box, e.g. a
+    static cache's ``j < fill + Lq`` next to the causal ``j <= i + fill``."""
+    size = {-1: T, -2: Lq}
+
+    def implies(a1, a2) -> bool:
+        c1, c2 = dict(a1[1]), dict(a2[1])
+        bound = sympy.expand(a2[2] - a1[2])
+        for d in set(c1) | set(c2):
+            diff = c2.get(d, 0) - c1.get(d, 0)
+            if diff > 0:
+                if d not in size or size[d] is None:
+                    return False
+                bound += diff * (size[d] - 1)
+        b = static_int(sympy.expand(bound))
+        return b is not None and b <= 0
+
+    kept: list = []
     for at in atoms:
-        for n, o in enumerate(out):
-            if o[1] == at[1]:
-                d = static_int(sympy.expand(at[2] - o[2]))
-                if d is not None:
-                    out[n] = at if d > 0 else o
-                    break
-        else:
-            out.append(at)
-    return out
+        if any(implies(k, at) for k in kept):
+            continue
+        kept = [k for k in kept if not implies(at, k)] + [at]
+    return kept
 
 
 def prove_causal(atoms, Lq, T, logits_ndim: int, box: Optional[Tuple[int, int]] = None) -> CausalProof:
@@ -870,7 +879,7 @@ def prove_causal(atoms, Lq, T, logits_ndim: int, box: Optional[Tuple[int, int]] 
                                           "(a 4-D mask built outside the compiled region?)")
             return CausalProof(False, "no causal structure in the mask (bidirectional attention)")
         kept = causal  # the mask is a causal comparison that these shapes make all-true
-    kept = _tightest(kept)
+    kept = _drop_implied(kept, Lq, T)
     if len(kept) > 1:
         return CausalProof(False, "mask restricts positions beyond causality (sliding window / prefix-LM / band)")
     coef = dict(kept[0][1])

@@ -59,3 +59,30 @@ def test_decode_over_own_cache_sits_at_the_bottom_right():
         dense = F.scaled_dot_product_attention(q, torch.cat([pk, k], 2), torch.cat([pv, k], 2))
     assert torch.allclose(out, ref, atol=1e-6)
     assert not torch.allclose(out, dense, atol=1e-3)
+
+
+class StaticStep(torch.nn.Module):
+    """A static buffer of T slots, queries at a runtime offset `off` (a 0-d tensor, like a static
+    cache's fill level); the mask also states that no key past the written part is seen."""
+
+    def forward(self, q, k, v, off):
+        Lq, T = q.shape[2], k.shape[2]
+        qi = torch.arange(Lq) + off
+        j = torch.arange(T)
+        mask = (j[None, :] <= qi[:, None]) & (j[None, :] < off + Lq)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def test_runtime_offset_positions_come_from_the_graph():
+    torch._dynamo.reset()
+    cfg = slcompile.SuperlinearConfig(window=4, sinks=1, topk=2, dense_below=0)
+    f = torch.compile(StaticStep(), backend="superlinear", options={**cfg.to_dict(), "compiler": "eager"})
+    q, k, v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 60, 8), torch.randn(1, 2, 60, 8)
+    from slcompile.backend import capture_reports
+    for off in (30, 51):  # one graph: the offset is data
+        with capture_reports() as reps:
+            out = f(q, k, v, torch.tensor(off))
+        pos = (torch.arange(3) + off)[None]
+        ref = slcompile.superlinear_attention(q, k, v, config=cfg, query_positions=pos)
+        assert torch.allclose(out, ref, atol=1e-6), off
+        assert all(r.rewritten == 1 for r in reps)
