@@ -13,8 +13,10 @@ from typing import Any, Optional
 
 COMBINE_MODES = ("union", "gated")
 SEARCH_KEYS = ("anchor", "mean", "block")
-# SuperlinearConfig.for_pretrained(): see its docstring
-PRETRAINED = dict(search_key="block", topk=6, window=64, sinks=4, backward_factor=2.0,
+# SuperlinearConfig.for_pretrained(): see its docstring. Measured on SmolLM2-135M at 8K (H200,
+# benchmarks/RESULTS.md "Quality at 8K"): perplexity +2.8% at 13.3% of keys per query; a large
+# window carries perplexity, eight ~0.35 sqrt(t)-key spans on the best fine blocks the rest.
+PRETRAINED = dict(search_key="block", window=768, sinks=4, topk=8, backward_factor=0.35,
                   forward_factor=0.0, combine="union")
 NSTEP_SEARCH_KEYS = ("anchor", "mean")  # search keys of the N-step search (steps >= 3)
 
@@ -129,9 +131,11 @@ class SuperlinearConfig:
 
     @classmethod
     def for_pretrained(cls, **overrides: Any) -> "SuperlinearConfig":
-        """The preset for dense pretrained models converted without training (issue 7; chosen from
-        the measurements in benchmarks/RESULTS.md, "Quality"; the trade-off table is in README.md).
-        The field defaults stay those of SPEC.md."""
+        """The preset for dense pretrained models converted without training (issue 7): block
+        search, window 768, 4 sinks, 8 spans of ~0.35 sqrt(t) keys (each covers its fine block: 16
+        keys for 2K <= t < 8K), union. Chosen from the 8K measurements in benchmarks/RESULTS.md
+        ("Quality at 8K"); the trade-off table is in README.md. ``dense_below`` keeps its default,
+        so short inputs stay exact. The field defaults stay those of SPEC.md."""
         return cls(**{**PRETRAINED, **overrides})
 
     @classmethod

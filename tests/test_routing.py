@@ -98,6 +98,7 @@ CASES = [
     (2, 2, 2, 200, 4, 0, 4, 0.5, 0.5, 0.0, True),
     (1, 2, 1, 300, 8, 32, 1, 0.6, 3.0, 0.5, False),
     (1, 4, 4, 150, 8, 4, 5, 0.5, 0.0, 0.0, False),  # one-key spans: fine blocks of one key
+    (1, 2, 1, 420, 8, 24, 8, 0.5, 0.35, 0.0, True),  # the pretrained preset's short spans, topk 8
 ]
 
 
@@ -184,3 +185,23 @@ def test_block_config_through_the_public_function():
     torch.testing.assert_close(exact, dense, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="search_key"):
         SuperlinearConfig(search_key="blocks")
+
+
+def test_for_pretrained_preset():
+    """The preset of issue 7 (README "Quality"): block search, window 768, 8 spans of ~0.35 sqrt(t)
+    keys; SPEC.md's field defaults are untouched; at 8K every query attends at most 15% of keys."""
+    p = SuperlinearConfig.for_pretrained()
+    assert (p.search_key, p.window, p.sinks, p.topk, p.backward_factor, p.forward_factor, p.combine) \
+        == ("block", 768, 4, 8, 0.35, 0.0, "union")
+    d = SuperlinearConfig()
+    assert p.dense_below == d.dense_below and p.span_power == d.span_power == 0.5
+    assert (d.window, d.sinks, d.topk, d.backward_factor, d.search_key) == (64, 4, 3, 2.0, "anchor")
+    assert SuperlinearConfig.for_pretrained(window=512).window == 512
+    with pytest.raises(ValueError, match="topk"):
+        SuperlinearConfig.for_pretrained(topk=9)
+    back, _ = span_extents(8192, p.span_power, p.backward_factor, p.forward_factor)
+    t = torch.arange(7168, 8192)
+    worst = (p.window + p.sinks + p.topk * (back[t] + 1)).double() / (t + 1)
+    assert float(worst.max()) <= 0.15
+    # fine blocks are the largest power of two <= back + 1 keys: 16 over most of 2K..8K
+    assert int(back[t].min()) + 1 >= 16
