@@ -7,6 +7,9 @@
 * ``compiler``: what compiles the rewritten graph: ``"inductor"`` (default), ``"aot_eager"``
   (AOTAutograd without code generation, for debugging) or ``"eager"`` (run the FX graph as is).
 * ``inductor_options``: a dict passed to Inductor as its config patches.
+* ``mode``: an Inductor mode (``"reduce-overhead"`` for CUDA graphs, ``"max-autotune"``, ...).
+  ``torch.compile(model, backend="superlinear", mode="reduce-overhead")`` works too; torch.compile
+  refuses ``mode`` together with ``options``, so to combine them put ``"mode"`` into ``options``.
 
 The backend rewrites the dynamo graph in place (`slcompile.passes.rewrite_graph`), logs one line
 per graph on the ``slcompile.backend`` logger, and hands the graph on. The rewrite adds no guards,
@@ -24,7 +27,7 @@ from typing import Any, Dict, Iterator, List, Optional
 log = logging.getLogger("slcompile.backend")
 
 _COMPILERS = ("inductor", "aot_eager", "eager")
-_EXTRA_OPTIONS = ("compiler", "inductor_options")
+_EXTRA_OPTIONS = ("compiler", "inductor_options", "mode")
 _capture = threading.local()
 _graph_counter = [0]
 
@@ -44,6 +47,16 @@ def _split_options(options: Optional[Dict[str, Any]]):
     inductor_options = options.pop("inductor_options", None) or {}
     if not isinstance(inductor_options, dict):
         raise ValueError("superlinear backend: inductor_options must be a dict")
+    mode = options.pop("mode", None)
+    if mode not in (None, "default"):
+        from torch._inductor import list_mode_options
+
+        modes = list_mode_options()
+        if mode not in modes:
+            raise ValueError(f"superlinear backend: mode={mode!r} is invalid: expected one of {sorted(modes)}")
+        if compiler != "inductor":
+            raise ValueError(f"superlinear backend: mode={mode!r} needs compiler='inductor', not {compiler!r}")
+        inductor_options = {**modes[mode], **inductor_options}
     return SuperlinearConfig.from_dict(options), compiler, inductor_options
 
 
@@ -66,12 +79,15 @@ def _publish(report) -> None:
         lst.append(report)
 
 
-def superlinear_backend(gm, example_inputs, options: Optional[Dict[str, Any]] = None, **kwargs):
+def superlinear_backend(gm, example_inputs, options: Optional[Dict[str, Any]] = None,
+                        mode: Optional[str] = None, **kwargs):
     """Dynamo backend: rewrite provably causal attention, then compile with `compiler`."""
     from slcompile.passes import rewrite_graph
 
     if kwargs:
         raise ValueError(f"superlinear backend: unexpected arguments {sorted(kwargs)}; pass settings in options={{...}}")
+    if mode is not None:
+        options = {**(options or {}), "mode": mode}
     config, compiler, inductor_options = _split_options(options)
     report = rewrite_graph(gm, config)
     _graph_counter[0] += 1

@@ -160,3 +160,28 @@ def test_aotautograd_graphs():
             out = torch.compile(fn, backend=lambda gm, ex: aot_module_simplified(gm, ex, fw_compiler=fw))(q, k, v)
         assert sum(r.rewritten for r in reports) == 1, [r.summary() for r in reports]
         torch.testing.assert_close(out, fn(q, k, v), atol=1e-5, rtol=0)
+
+
+def test_mode_reduce_overhead_and_mode_in_options():
+    """torch.compile's `mode` reaches Inductor as its config patches; bad modes are refused."""
+    import pytest
+    from slcompile.backend import _split_options
+
+    _, _, patches = _split_options({"mode": "reduce-overhead", "inductor_options": {"max_autotune": False}})
+    assert patches == {"triton.cudagraphs": True, "max_autotune": False}
+    with pytest.raises(ValueError, match="mode='fast'"):
+        _split_options({"mode": "fast"})
+    with pytest.raises(ValueError, match="needs compiler='inductor'"):
+        _split_options({"mode": "reduce-overhead", "compiler": "eager"})
+
+    def f(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    torch._dynamo.reset()
+    q, k, v = torch.randn(1, 4, 24, 8), torch.randn(1, 2, 24, 8), torch.randn(1, 2, 24, 8)
+    from slcompile.backend import capture_reports
+
+    with capture_reports() as reports:
+        out = torch.compile(f, backend="superlinear", mode="reduce-overhead")(q, k, v)
+    assert sum(r.rewritten for r in reports) == 1
+    torch.testing.assert_close(out, f(q, k, v), atol=1e-5, rtol=1e-5)
