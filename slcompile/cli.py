@@ -293,9 +293,10 @@ _CONFIG_OPTIONS = [
     ("--backward-factor", float, "bf: span reach before its anchor, in units of (t+1)^r."),
     ("--forward-factor", float, "ff: span reach after its anchor."),
     ("--combine", str, "'union' (converted pretrained models) or 'gated' (trained)."),
-    ("--search-key", str, "'anchor' or 'mean'."),
+    ("--search-key", str, "'anchor', 'mean' or 'block' (docs/routing.md)."),
     ("--dense-below", int, "Exact dense attention when the number of keys T <= this."),
     ("--scale", float, "Softmax scale (default: the matched graph's, else 1/sqrt(d))."),
+    ("--steps", int, "Search steps N: 2 (SPEC.md) or 3..8 (docs/nstep.md); cost O(L^(1+1/N))."),
 ]
 
 
@@ -1087,7 +1088,10 @@ def calibrate(model, texts, output, minutes, steps, seq_len, max_sequences, quer
     res = {"ok": True, "model": model, "output": output, "output_bytes": os.path.getsize(output),
            "modules": len(routers.weights), "config": config.to_dict(), "tokens": info["tokens"],
            "sequences": info["sequences"], "seconds": info["seconds"],
-           "kl_before_mean": info["kl_before_mean"], "kl_after_mean": info["kl_after_mean"]}
+           "kl_before_mean": info["kl_before_mean"], "kl_after_mean": info["kl_after_mean"],
+           "layers_trained": info["layers_trained"], "layers_learned": info["layers_learned"],
+           "topk_mass_identity_mean": info["topk_mass_identity_mean"],
+           "topk_mass_calibrated_mean": info["topk_mass_calibrated_mean"]}
     if json_mode:
         out.emit_json(res)
         return
@@ -1095,7 +1099,11 @@ def calibrate(model, texts, output, minutes, steps, seq_len, max_sequences, quer
         ("model", model), ("output", f"{output} ({res['output_bytes']:,} bytes)"),
         ("attention modules", res["modules"]),
         ("text", f"{res['sequences']} sequence(s), {res['tokens']:,} tokens"),
+        ("layers trained / learned router kept", f"{res['layers_trained']} / {res['layers_learned']} "
+                                                  f"of {res['modules']}"),
         ("search KL (held-back queries)", f"{res['kl_before_mean']:.4f} -> {res['kl_after_mean']:.4f}"),
+        (f"top-{config.topk} dense mass (held-back)",
+         f"{res['topk_mass_identity_mean']:.4f} -> {res['topk_mass_calibrated_mean']:.4f}"),
         ("time", f"{res['seconds']:.1f}s"),
         ("config", ", ".join(f"{k}={v}" for k, v in res["config"].items())),
     ]))

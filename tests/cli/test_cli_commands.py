@@ -143,3 +143,13 @@ def test_demo_tiny(workdir):
     assert d["exact"]["passed"] and d["exact"]["max_abs_err"] < 1e-4
     assert d["approx"]["max_abs_err"] > 1e-3
     assert d["timing"]["dense_ms"] > 0 and d["timing"]["superlinear_ms"] > 0
+
+
+def test_check_with_three_search_steps(tiny_files):
+    res = run_cli("check", tiny_files["dir"] / "tiny.pt2", "--lengths", "72", *SMALL, "--steps", 3, "--json")
+    assert res.rc == 0, res
+    d = res.json()
+    assert d["ok"] and d["exact"]["passed"] and d["exact"]["max_abs_err"] < 1e-4
+    assert d["lengths"][0]["max_abs_err"] > 1e-4  # window 8 < L: the 3-step approximation ran
+    bad = run_cli("check", tiny_files["dir"] / "tiny.pt2", "--steps", 1)
+    assert_one_line_error(bad, 7, "steps")
