@@ -451,7 +451,8 @@ def calibrate(model, texts_or_token_ids, *, config: Optional[SuperlinearConfig] 
             `SuperlinearConfig.for_pretrained()`): its ``search_key``, window and span geometry
             define the candidate regions.
         minutes: time budget for the whole call (capture and distillation); each layer gets an
-            equal share of what is left after the capture.
+            equal share of what is left after the capture, and layers reached after the budget is
+            spent keep the identity (``info["layers_trained"]`` says how many were trained).
         steps: at most this many optimiser steps per layer (full batch).
         progress: True prints progress lines on stderr; a callable receives the lines instead.
         tokenizer: turns texts into ids.
@@ -527,6 +528,11 @@ def calibrate(model, texts_or_token_ids, *, config: Optional[SuperlinearConfig] 
             keep = torch.ones(n, dtype=torch.bool)
             keep[0:n:max(1, n // nh)] = False
             train.append(_subset(s, keep))
+        if time.monotonic() >= deadline:  # budget spent: the remaining layers keep the identity
+            weights[name] = torch.eye(d).repeat(hq, 1, 1)
+            per_layer.append({"module": name, "steps": 0, "learned_kept": False})
+            say(f"layer {li + 1}/{len(names)} {name}: budget spent, identity")
+            continue
         layer_deadline = time.monotonic() + (deadline - time.monotonic()) / (len(names) - li)
         r = _fit_layer(train, held, hq, d, g, config, steps, layer_deadline, dev, lr)
         weights[name] = r.pop("router")
@@ -536,19 +542,24 @@ def calibrate(model, texts_or_token_ids, *, config: Optional[SuperlinearConfig] 
             f"({'kept' if r['learned_kept'] else 'identity kept'}; {r['steps']} steps, "
             f"{time.monotonic() - t0:.0f}s)")
 
-    def mean(k):
-        return sum(float(x[k]) for x in per_layer) / len(per_layer)
+    trained = [x for x in per_layer if x["steps"] > 0]
+
+    def mean(values):
+        values = list(values)
+        return sum(values) / len(values) if values else float("nan")
 
     info = {"tokens": ntok, "sequences": len(seqs), "queries_per_sequence": queries,
             "capture_seconds": t_cap, "seconds": time.monotonic() - t0, "layers": per_layer,
-            "kl_before_mean": mean("kl_before"), "kl_after_mean": mean("kl_after"),
-            "topk_mass_identity_mean": mean("topk_mass_identity"),
-            "topk_mass_calibrated_mean": sum(max(x["topk_mass_identity"], x["topk_mass_learned"])
-                                             for x in per_layer) / len(per_layer),
+            "layers_trained": len(trained),
+            "kl_before_mean": mean(x["kl_before"] for x in trained),
+            "kl_after_mean": mean(x["kl_after"] for x in trained),
+            "topk_mass_identity_mean": mean(x["topk_mass_identity"] for x in trained),
+            "topk_mass_calibrated_mean": mean(max(x["topk_mass_identity"], x["topk_mass_learned"])
+                                              for x in trained),
             "layers_learned": sum(bool(x["learned_kept"]) for x in per_layer)}
-    say(f"done in {info['seconds']:.0f}s: mean KL {info['kl_before_mean']:.3f} -> "
-        f"{info['kl_after_mean']:.3f}; held-back top-{config.topk} mass "
-        f"{info['topk_mass_identity_mean']:.3f} -> {info['topk_mass_calibrated_mean']:.3f}; "
+    say(f"done in {info['seconds']:.0f}s: {len(trained)}/{len(per_layer)} layers trained; mean KL "
+        f"{info['kl_before_mean']:.3f} -> {info['kl_after_mean']:.3f}; held-back top-{config.topk} "
+        f"mass {info['topk_mass_identity_mean']:.3f} -> {info['topk_mass_calibrated_mean']:.3f}; "
         f"learned routers kept in {info['layers_learned']}/{len(per_layer)} layers")
     return Routers(config, weights, info)
 

@@ -235,6 +235,17 @@ def test_bad_router_files_and_shapes(calibrated, tmp_path):
         slcompile.calibrate(model, [list(range(200))], config=CFG, minutes=0, progress=False)
 
 
+def test_budget_spent_layers_keep_the_identity(one_thread):
+    model = tiny_llama(seed=4, layers=3)
+    ids = [topic_ids(400, torch.Generator().manual_seed(5))]
+    r = slcompile.calibrate(model, ids, config=CFG, minutes=1e-4, steps=50, progress=False)
+    assert len(r.weights) == 3
+    assert r.info["layers_trained"] < 3  # 6 ms cannot train three layers
+    eye = torch.eye(16).repeat(4, 1, 1)
+    untrained = [x["module"] for x in r.info["layers"] if x["steps"] == 0]
+    assert untrained and all(torch.equal(r.weights[n], eye) for n in untrained)
+
+
 def _tiny_hf_dir(path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -263,6 +274,7 @@ def test_cli_calibrate(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(p.stdout)
     assert res["ok"] and res["modules"] == 1 and res["config"]["window"] == 16
+    assert res["layers_trained"] == 1 and res["seconds"] < 60
     r = load_routers(str(out))
     assert r.config.window == 16 and r.config.search_key == "block"
     attach_routers(model, r)
