@@ -72,13 +72,17 @@ def span_search(
     return reference.span_search(*args)
 
 
+def _search_outputs_like(search_query: Tensor, topk: int) -> Tuple[Tensor, Tensor]:
+    """Fake outputs of a search op: anchors int32 and scores float32 [B, Hq, Lq, topk]."""
+    B, Hq, Lq, _ = search_query.shape
+    return (search_query.new_empty((B, Hq, Lq, topk), dtype=torch.int32),
+            search_query.new_empty((B, Hq, Lq, topk), dtype=torch.float32))
+
+
 @span_search.register_fake
 def _(search_query, key, key_padding_mask, query_positions, window, topk, search_power,
       span_power, backward_factor, forward_factor, search_key, dense_below):
-    B, Hq, Lq, _ = search_query.shape
-    a = search_query.new_empty((B, Hq, Lq, topk), dtype=torch.int32)
-    s = search_query.new_empty((B, Hq, Lq, topk), dtype=torch.float32)
-    return a, s
+    return _search_outputs_like(search_query, topk)
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,10 +170,7 @@ def nstep_search(
 @nstep_search.register_fake
 def _(search_query, key, key_padding_mask, query_positions, window, topk, steps, backward_factor,
       forward_factor, search_key, dense_below):
-    B, Hq, Lq, _ = search_query.shape
-    a = search_query.new_empty((B, Hq, Lq, topk), dtype=torch.int32)
-    s = search_query.new_empty((B, Hq, Lq, topk), dtype=torch.float32)
-    return a, s
+    return _search_outputs_like(search_query, topk)
 
 
 @torch.library.custom_op("superlinear::nstep_search_backward", mutates_args=())
