@@ -24,6 +24,13 @@ dense). Example (quick, 2 CPU cores)::
 
     python benchmarks/quality.py --lengths 1024 2048 --seeds 2 --depths 0.1 0.5 0.9 --variants dense w64 anchor block
 
+Options: ``--prompt chat`` puts the needle prompt in the model's chat template; ``--needle-check
+teacher-forced`` decides a needle with one prefill (greedy decoding would emit exactly the answer's
+tokens) instead of generating; ``--routers FILE`` (from ``slcompile calibrate``) runs the variants
+named with a trailing ``+r`` with those routers as search projections (the others without);
+``pretrained`` is ``SuperlinearConfig.for_pretrained()``. ``--make-bundle`` writes the tokenised texts
+for a machine without them; ``benchmarks/quality_gpu.py`` runs everything in one GPU call.
+
 """
 
 from __future__ import annotations
