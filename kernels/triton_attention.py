@@ -130,6 +130,70 @@ def _attend(q, kbase, vbase, kpbase, t, sk_ok, sk_hi, win_ok, win_lo, sp_ok, sp_
 
 
 @triton.jit
+def _gate_weights(sco_ptrs, cmask, aval):
+    """Gated mode: softmax of the kept spans' scores per row (0 for empty slots) and whether the
+    row kept any span."""
+    sc = tl.load(sco_ptrs, mask=cmask, other=float("-inf")).to(tl.float32)
+    sc = tl.where(aval, sc, float("-inf"))
+    gmax = tl.max(sc, axis=1)
+    gmax = tl.where(gmax == float("-inf"), 0.0, gmax)
+    e = tl.where(aval, tl.exp(sc - gmax[:, None]), 0.0)
+    esum = tl.sum(e, axis=1)
+    gw = tl.where(esum[:, None] > 0, e / tl.where(esum > 0, esum, 1.0)[:, None], 0.0)
+    return gw, tl.max(aval.to(tl.int32), axis=1) > 0
+
+
+@triton.jit
+def _span_partials(PLO, PHI, PLSE, poff, cmask):
+    """Which span slots hold a piece computed by the pairs kernel, and its log2-sum-exp."""
+    plo = tl.load(PLO + poff, mask=cmask, other=1)
+    phi = tl.load(PHI + poff, mask=cmask, other=0)
+    pok = cmask & (phi >= plo)
+    lse_p = tl.load(PLSE + poff, mask=pok, other=float("-inf"))
+    return pok, tl.where(pok, lse_p, float("-inf"))
+
+
+@triton.jit
+def _span_partial_out(pok, poff, selj, POUT, offdv, dvmask, DV: tl.constexpr):
+    okj = tl.max((selj & pok).to(tl.int32), axis=1) > 0
+    pj = tl.sum(tl.where(selj, poff, 0), axis=1)
+    return tl.load(POUT + pj[:, None] * DV + offdv[None, :], mask=okj[:, None] & dvmask[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _with_span_partial(lse_f, o_f, lse_p, pok, poff, selj, POUT, offdv, dvmask, DV: tl.constexpr):
+    """Gated mode: (window + sinks) merged with span slot j alone; returns the normalised output,
+    the shift and the denominator (lse = shift + log2 den)."""
+    lj = tl.max(tl.where(selj, lse_p, float("-inf")), axis=1)
+    oj_p = _span_partial_out(pok, poff, selj, POUT, offdv, dvmask, DV)
+    mj = tl.maximum(lse_f, lj)
+    mj = tl.where(mj == float("-inf"), 0.0, mj)
+    wf = tl.exp2(lse_f - mj)
+    wj = tl.exp2(lj - mj)
+    den = wf + wj
+    return (wf[:, None] * o_f + wj[:, None] * oj_p) / tl.where(den > 0, den, 1.0)[:, None], mj, den
+
+
+@triton.jit
+def _union_with_span_partials(lse_f, o_f, lse_p, pok, poff, cols, POUT, offdv, dvmask,
+                              DV: tl.constexpr, TOPK: tl.constexpr):
+    """Union mode: (window + sinks) merged exactly with every span piece; returns the normalised
+    output, the shift and the denominator (lse = shift + log2 den)."""
+    mx = tl.maximum(lse_f, tl.max(lse_p, axis=1))
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    wf = tl.exp2(lse_f - mx)
+    wp = tl.exp2(lse_p - mx[:, None])
+    num = wf[:, None] * o_f
+    den = wf + tl.sum(wp, axis=1)
+    for j in tl.static_range(TOPK):
+        selj = cols[None, :] == j
+        oj_p = _span_partial_out(pok, poff, selj, POUT, offdv, dvmask, DV)
+        num += tl.sum(tl.where(selj, wp, 0.0), axis=1)[:, None] * oj_p
+    return num / tl.where(den > 0, den, 1.0)[:, None], mx, den
+
+
+@triton.jit
 def _span_attention_kernel(
     Q, K, V, O, ANCH, SCO, KPM, POS, BACK, FWD, PLO, PHI, PLSE, POUT,
     sqb, sqh, sqm, sqd,
@@ -191,14 +255,7 @@ def _span_attention_kernel(
 
     if GATED:
         soff = b * ssb + h64 * ssh + rows64[:, None] * ssm + cols[None, :] * ssk
-        sc = tl.load(SCO + soff, mask=cmask, other=float("-inf")).to(tl.float32)
-        sc = tl.where(aval, sc, float("-inf"))
-        gmax = tl.max(sc, axis=1)
-        gmax = tl.where(gmax == float("-inf"), 0.0, gmax)
-        e = tl.where(aval, tl.exp(sc - gmax[:, None]), 0.0)
-        esum = tl.sum(e, axis=1)
-        gw = tl.where(esum[:, None] > 0, e / tl.where(esum > 0, esum, 1.0)[:, None], 0.0)
-        any_a = tl.max(aval.to(tl.int32), axis=1) > 0
+        gw, any_a = _gate_weights(SCO + soff, cmask, aval)
 
     offdv = tl.arange(0, BLOCK_DV)
     dvmask = offdv < DV
@@ -213,54 +270,22 @@ def _span_attention_kernel(
         lse_f = tl.where(lpos, m_f + tl.log2(tl.where(lpos, l_f, 1.0)), float("-inf"))
         o_f = acc / tl.where(lpos, l_f, 1.0)[:, None]
         poff = ((b * Hq + h64) * Lq + rows64)[:, None] * TOPK + cols[None, :]
-        plo = tl.load(PLO + poff, mask=cmask, other=1)
-        phi = tl.load(PHI + poff, mask=cmask, other=0)
-        pok = cmask & (phi >= plo)
-        lse_p = tl.load(PLSE + poff, mask=pok, other=float("-inf"))
-        lse_p = tl.where(pok, lse_p, float("-inf"))
+        pok, lse_p = _span_partials(PLO, PHI, PLSE, poff, cmask)
         if GATED:
             out = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
             for j in tl.static_range(TOPK):
                 selj = cols[None, :] == j
-                lj = tl.max(tl.where(selj, lse_p, float("-inf")), axis=1)
-                okj = tl.max((selj & pok).to(tl.int32), axis=1) > 0
-                pj = tl.sum(tl.where(selj, poff, 0), axis=1)
-                oj_p = tl.load(POUT + pj[:, None] * DV + offdv[None, :],
-                               mask=okj[:, None] & dvmask[None, :], other=0.0)
-                mj = tl.maximum(lse_f, lj)
-                mj = tl.where(mj == float("-inf"), 0.0, mj)
-                wf = tl.exp2(lse_f - mj)
-                wj = tl.exp2(lj - mj)
-                den = wf + wj
-                oj = (wf[:, None] * o_f + wj[:, None] * oj_p) / tl.where(den > 0, den, 1.0)[:, None]
+                oj, _, _ = _with_span_partial(lse_f, o_f, lse_p, pok, poff, selj, POUT, offdv,
+                                              dvmask, DV)
                 gj = tl.sum(tl.where(selj, gw, 0.0), axis=1)
                 out += gj[:, None] * oj
             out = tl.where(any_a[:, None], out, o_f)
         else:
-            mx = tl.maximum(lse_f, tl.max(lse_p, axis=1))
-            mx = tl.where(mx == float("-inf"), 0.0, mx)
-            wf = tl.exp2(lse_f - mx)
-            wp = tl.exp2(lse_p - mx[:, None])
-            num = wf[:, None] * o_f
-            den = wf + tl.sum(wp, axis=1)
-            for j in tl.static_range(TOPK):
-                selj = cols[None, :] == j
-                okj = tl.max((selj & pok).to(tl.int32), axis=1) > 0
-                pj = tl.sum(tl.where(selj, poff, 0), axis=1)
-                oj_p = tl.load(POUT + pj[:, None] * DV + offdv[None, :],
-                               mask=okj[:, None] & dvmask[None, :], other=0.0)
-                num += tl.sum(tl.where(selj, wp, 0.0), axis=1)[:, None] * oj_p
-            out = num / tl.where(den > 0, den, 1.0)[:, None]
+            out, _, _ = _union_with_span_partials(lse_f, o_f, lse_p, pok, poff, cols, POUT, offdv,
+                                                  dvmask, DV, TOPK)
     elif GATED:
         soff = b * ssb + h64 * ssh + rows64[:, None] * ssm + cols[None, :] * ssk
-        sc = tl.load(SCO + soff, mask=cmask, other=float("-inf")).to(tl.float32)
-        sc = tl.where(aval, sc, float("-inf"))
-        gmax = tl.max(sc, axis=1)
-        gmax = tl.where(gmax == float("-inf"), 0.0, gmax)
-        e = tl.where(aval, tl.exp(sc - gmax[:, None]), 0.0)
-        esum = tl.sum(e, axis=1)
-        gw = tl.where(esum[:, None] > 0, e / tl.where(esum > 0, esum, 1.0)[:, None], 0.0)
-        any_a = tl.max(aval.to(tl.int32), axis=1) > 0
+        gw, any_a = _gate_weights(SCO + soff, cmask, aval)
         out = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
         o0 = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
         for j in tl.static_range(TOPK):

@@ -39,6 +39,10 @@ from . import triton_attention as TA
 from .geometry import span_extents
 
 _attend = TA._attend
+_gate_weights = TA._gate_weights
+_span_partials = TA._span_partials
+_with_span_partial = TA._with_span_partial
+_union_with_span_partials = TA._union_with_span_partials
 _BIGI = TA._BIGI
 
 
@@ -119,24 +123,13 @@ def _prep_kernel(
     delta_sp = tl.zeros([BLOCK_M, KP], tl.float32)
     if SPANS:
         poff = roff[:, None] * TOPK + cols[None, :]
-        plo = tl.load(PLO + poff, mask=cmask, other=1)
-        phi = tl.load(PHI + poff, mask=cmask, other=0)
-        pok = cmask & (phi >= plo)
-        lse_p = tl.load(PLSE + poff, mask=pok, other=float("-inf"))
-        lse_p = tl.where(pok, lse_p, float("-inf"))
+        pok, lse_p = _span_partials(PLO, PHI, PLSE, poff, cmask)
         if GATED:
             aoff = b * sab + h64 * sah + rows64[:, None] * sam + cols[None, :] * sak
             a = tl.load(ANCH + aoff, mask=cmask, other=-1)
             aval = cmask & (a >= 0)
             soff = b * ssb + h64 * ssh + rows64[:, None] * ssm + cols[None, :] * ssk
-            sc = tl.load(SCO + soff, mask=cmask, other=float("-inf")).to(tl.float32)
-            sc = tl.where(aval, sc, float("-inf"))
-            gmax = tl.max(sc, axis=1)
-            gmax = tl.where(gmax == float("-inf"), 0.0, gmax)
-            e = tl.where(aval, tl.exp(sc - gmax[:, None]), 0.0)
-            esum = tl.sum(e, axis=1)
-            gw = tl.where(esum[:, None] > 0, e / tl.where(esum > 0, esum, 1.0)[:, None], 0.0)
-            any_a = tl.max(aval.to(tl.int32), axis=1) > 0
+            gw, any_a = _gate_weights(SCO + soff, cmask, aval)
             out = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
             dj_all = tl.zeros([BLOCK_M, KP], tl.float32)
             # window and sinks: lse_F = -log2 sum_j g_j 2^-LSE_j, delta_F = the same mix of dO.O_j
@@ -145,17 +138,8 @@ def _prep_kernel(
             cdel = tl.zeros([BLOCK_M], tl.float32)
             for j in tl.static_range(TOPK):
                 selj = cols[None, :] == j
-                lj = tl.max(tl.where(selj, lse_p, float("-inf")), axis=1)
-                okj = tl.max((selj & pok).to(tl.int32), axis=1) > 0
-                pj = tl.sum(tl.where(selj, poff, 0), axis=1)
-                oj_p = tl.load(POUT + pj[:, None] * DV + offdv[None, :],
-                               mask=okj[:, None] & dvmask[None, :], other=0.0)
-                mj = tl.maximum(lse_f, lj)
-                mj_s = tl.where(mj == float("-inf"), 0.0, mj)
-                wf = tl.exp2(lse_f - mj_s)
-                wj = tl.exp2(lj - mj_s)
-                den = wf + wj
-                oj = (wf[:, None] * o_f + wj[:, None] * oj_p) / tl.where(den > 0, den, 1.0)[:, None]
+                oj, mj_s, den = _with_span_partial(lse_f, o_f, lse_p, pok, poff, selj, POUT,
+                                                   offdv, dvmask, DV)
                 lse_j = tl.where(den > 0, mj_s + tl.log2(tl.where(den > 0, den, 1.0)), float("-inf"))
                 gj = tl.sum(tl.where(selj, gw, 0.0), axis=1)
                 out += gj[:, None] * oj
@@ -186,20 +170,8 @@ def _prep_kernel(
             delta_rows = tl.where(any_a, del_F, delta_rows)
             lse_sp = tl.where(any_a[:, None], lse_sp, float("inf"))
         else:
-            mx = tl.maximum(lse_f, tl.max(lse_p, axis=1))
-            mx_s = tl.where(mx == float("-inf"), 0.0, mx)
-            wf = tl.exp2(lse_f - mx_s)
-            wp = tl.exp2(lse_p - mx_s[:, None])
-            num = wf[:, None] * o_f
-            den = wf + tl.sum(wp, axis=1)
-            for j in tl.static_range(TOPK):
-                selj = cols[None, :] == j
-                okj = tl.max((selj & pok).to(tl.int32), axis=1) > 0
-                pj = tl.sum(tl.where(selj, poff, 0), axis=1)
-                oj_p = tl.load(POUT + pj[:, None] * DV + offdv[None, :],
-                               mask=okj[:, None] & dvmask[None, :], other=0.0)
-                num += tl.sum(tl.where(selj, wp, 0.0), axis=1)[:, None] * oj_p
-            out = num / tl.where(den > 0, den, 1.0)[:, None]
+            out, mx_s, den = _union_with_span_partials(lse_f, o_f, lse_p, pok, poff, cols, POUT,
+                                                       offdv, dvmask, DV, TOPK)
             lse_u = tl.where(den > 0, mx_s + tl.log2(tl.where(den > 0, den, 1.0)), float("-inf"))
             lse_rows = lse_u
             delta_rows = tl.sum(do * out, axis=1)
