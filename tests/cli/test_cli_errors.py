@@ -19,7 +19,7 @@ def test_help_lists_commands_examples_and_exit_codes():
     assert script, "the slcompile console script is not installed"
     res = run_cli(script, "--help", module=False)
     assert res.rc == 0, res
-    for cmd in ("demo", "convert", "inspect", "check", "bench", "export"):
+    for cmd in ("demo", "convert", "inspect", "check", "bench", "export", "calibrate"):
         assert cmd in res.stdout
     assert "Examples:" in res.stdout
     for code, _ in EXIT_CODES:
