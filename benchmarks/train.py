@@ -26,7 +26,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
 import time
 
@@ -34,27 +33,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from attention import cuda_time  # noqa: E402  (median of CUDA-event timings)
 from gpu_check import boot  # noqa: E402
 
 CFG = dict(window=64, sinks=4, topk=3, search_power=0.5, span_power=0.5, backward_factor=2.0,
            forward_factor=0.0, search_key="anchor")
-
-
-def cuda_time(fn, budget_s=2.0, max_iters=10):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    t_start = time.time()
-    while True:
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        fn()
-        e1.record()
-        e1.synchronize()
-        times.append(e0.elapsed_time(e1) / 1e3)
-        if len(times) >= max_iters or time.time() - t_start + times[-1] > budget_s:
-            break
-    return statistics.median(times), len(times)
 
 
 def keys_attended(L, S, W, k, bf, ff, r):
