@@ -40,7 +40,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .geometry import span_extents
+from .geometry import keeps_no_span, span_extents
 from .reference import default_positions
 
 # elements of the largest gathered tensor per chunk of rows ([rows, slots, D])
@@ -232,9 +232,9 @@ def search_backward(grad_scores, search_query, key, key_padding_mask, query_posi
     cd = _compute_dtype(search_query, key, grad_scores)
     dqs = torch.zeros(B, Hq, Lq, D, dtype=cd, device=dev)
     dk = torch.zeros(B * Hkv * T, D, dtype=cd, device=dev)
-    W = min(window, T)
-    if search_key == "block" or T <= dense_below or W >= T or Lq == 0:
+    if search_key == "block" or keeps_no_span(T, window, dense_below, Lq):
         return dqs.to(search_query.dtype), dk.view(B, Hkv, T, D).to(key.dtype)
+    W = min(window, T)
     g = Hq // Hkv
     a = anchors.long()
     valid = a >= 0

@@ -11,6 +11,9 @@ Triton kernels see exactly the same stripes and spans:
 Both are built with device-side torch ops only (no host synchronisation), so they can be made
 inside a CUDA graph capture. Integer-valued powers are snapped to the integer before floor/ceil so
 that 1-ulp differences between pow implementations never change a table entry.
+
+Below them, the bookkeeping every search implementation (reference, N-step, Triton prefill, decode
+and N-step kernels) shares: when no query keeps a span, that case's output, and the argument checks.
 """
 
 from __future__ import annotations
@@ -43,3 +46,27 @@ def span_extents(T: int, r: float, bf: float, ff: float, device=None):
     back = torch.ceil(_snap(bf * x)).to(torch.int64)
     fwd = torch.ceil(_snap(ff * x)).to(torch.int64)
     return back, fwd
+
+
+def keeps_no_span(T: int, window: int, dense_below: int, Lq: int) -> bool:
+    """SPEC.md: no query keeps a span when T <= dense_below (dense attention), when the window
+    covers all T keys, or when there is no query."""
+    return T <= dense_below or window >= T or Lq == 0
+
+
+def no_span_outputs(B: int, Hq: int, Lq: int, topk: int, device):
+    """A search's output for queries that keep no span: anchors -1 (int32), scores -inf (float32)."""
+    return (torch.full((B, Hq, Lq, topk), -1, dtype=torch.int32, device=device),
+            torch.full((B, Hq, Lq, topk), float("-inf"), dtype=torch.float32, device=device))
+
+
+def check_search_inputs(name: str, Hq: int, Hkv: int, topk: int, search_key: str, search_keys,
+                        max_topk=None) -> None:
+    """The argument checks every search implementation makes (ValueError naming ``name``)."""
+    if search_key not in search_keys:
+        allowed = " or ".join(repr(x) for x in search_keys)
+        raise ValueError(f"{name}: search_key={search_key!r} is not {allowed}")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"{name}: query heads ({Hq}) must be a multiple of kv heads ({Hkv})")
+    if max_topk is not None and not 1 <= topk <= max_topk:
+        raise ValueError(f"{name}: topk={topk} must be in [1, {max_topk}]")

@@ -10,13 +10,12 @@ an empty slot, key_padding_mask True = present, query_positions None = bottom-ri
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
 
 from . import reference
-from .geometry import span_extents
+from .geometry import check_search_inputs, keeps_no_span, no_span_outputs, span_extents
 
 _CHUNK_ELEMS = 1 << 24  # elements of the largest gathered tensor per query chunk
 
@@ -65,6 +64,11 @@ def _mean_tables(k, key_padding_mask):
     return pref, cnt
 
 
+def check_steps(steps) -> None:
+    if not isinstance(steps, int) or steps < 3:
+        raise ValueError(f"nstep_search: steps={steps!r} must be an int >= 3 (steps=2 is span_search)")
+
+
 def nstep_search(
     qs: torch.Tensor,
     k: torch.Tensor,
@@ -82,17 +86,12 @@ def nstep_search(
     B, Hq, Lq, D = qs.shape
     Hkv, T = k.shape[1], k.shape[2]
     dev = qs.device
-    if search_key not in ("anchor", "mean"):
-        raise ValueError(f"nstep_search: search_key={search_key!r} is not 'anchor' or 'mean'")
-    if not isinstance(steps, int) or steps < 3:
-        raise ValueError(f"nstep_search: steps={steps!r} must be an int >= 3 (steps=2 is span_search)")
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"nstep_search: query heads ({Hq}) must be a multiple of kv heads ({Hkv})")
-    anchors = torch.full((B, Hq, Lq, topk), -1, dtype=torch.int32, device=dev)
-    scores = torch.full((B, Hq, Lq, topk), float("-inf"), dtype=torch.float32, device=dev)
-    W = min(window, T)
-    if T <= dense_below or W >= T or Lq == 0:
+    check_search_inputs("nstep_search", Hq, Hkv, topk, search_key, ("anchor", "mean"))
+    check_steps(steps)
+    anchors, scores = no_span_outputs(B, Hq, Lq, topk, dev)
+    if keeps_no_span(T, window, dense_below, Lq):
         return anchors, scores
+    W = min(window, T)
     pos = reference.default_positions(B, Lq, T, dev) if query_positions is None else query_positions.long()
     fwd, cell, ncell, fan = tables(T, window, steps, backward_factor, forward_factor, dev)
     g = Hq // Hkv
@@ -186,8 +185,7 @@ def nstep_search_backward(grad_scores, qs, k, key_padding_mask, query_positions,
     cd = torch.float64 if torch.float64 in (qs.dtype, k.dtype) else torch.float32
     dqs = torch.zeros(B, Hq, Lq, D, dtype=cd, device=dev)
     dk = torch.zeros(B * Hkv * T, D, dtype=cd, device=dev)
-    W = min(window, T)
-    if T <= dense_below or W >= T or Lq == 0:
+    if keeps_no_span(T, window, dense_below, Lq):
         return dqs.to(qs.dtype), dk.view(B, Hkv, T, D).to(k.dtype)
     pos = reference.default_positions(B, Lq, T, dev) if query_positions is None else query_positions.long()
     valid = anchors >= 0

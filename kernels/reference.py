@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .geometry import num_stripes, span_extents, stripe_deltas
+from .geometry import keeps_no_span, no_span_outputs, num_stripes, span_extents, stripe_deltas
 
 # Elements of the largest gathered tensor per chunk of span-search ([Hq, chunk, stripes, D]).
 _CHUNK_ELEMS = 1 << 25
@@ -66,10 +66,9 @@ def span_search(
     B, Hq, Lq, D = qs.shape
     Hkv, T = k.shape[1], k.shape[2]
     dev = qs.device
-    anchors = torch.full((B, Hq, Lq, topk), -1, dtype=torch.int32, device=dev)
-    scores = torch.full((B, Hq, Lq, topk), float("-inf"), dtype=torch.float32, device=dev)
+    anchors, scores = no_span_outputs(B, Hq, Lq, topk, dev)
     W = min(window, T)
-    if T <= dense_below or W >= T or Lq == 0:
+    if keeps_no_span(T, window, dense_below, Lq):
         return anchors, scores  # dense attention, or no stripe reaches past the window
     pos = default_positions(B, Lq, T, dev) if query_positions is None else query_positions.long()
     n = num_stripes(T, search_power)

@@ -33,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .geometry import num_stripes, span_extents, stripe_deltas
+from .geometry import (check_search_inputs, keeps_no_span, no_span_outputs, num_stripes, span_extents,
+                       stripe_deltas)
 
 _BIG = tl.constexpr(2 ** 30)
 
@@ -169,17 +170,10 @@ def span_search(qs, k, key_padding_mask, query_positions, window, topk, search_p
     B, Hq, Lq, D = qs.shape
     Hkv, T = k.shape[1], k.shape[2]
     dev = qs.device
-    if search_key != "anchor":
-        raise ValueError(f"span_search (decode): search_key={search_key!r} is not 'anchor'")
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"span_search: query heads ({Hq}) must be a multiple of kv heads ({Hkv})")
-    if not 1 <= topk <= 8:
-        raise ValueError(f"span_search: topk={topk} must be in [1, 8]")
+    check_search_inputs("span_search (decode)", Hq, Hkv, topk, search_key, ("anchor",), max_topk=8)
     W = min(window, T)
-    if T <= dense_below or W >= T or Lq == 0:
-        anchors = torch.full((B, Hq, Lq, topk), -1, dtype=torch.int32, device=dev)
-        scores = torch.full((B, Hq, Lq, topk), float("-inf"), dtype=torch.float32, device=dev)
-        return anchors, scores
+    if keeps_no_span(T, window, dense_below, Lq):
+        return no_span_outputs(B, Hq, Lq, topk, dev)
     deltas = _deltas(T, search_power, dev)
     nstr = num_stripes(T, search_power)  # stripes past this bound have delta > T - 1
     BS = block_stripes

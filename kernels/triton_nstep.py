@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from . import nstep
+from .geometry import check_search_inputs, keeps_no_span, no_span_outputs
 
 _BIGI = tl.constexpr(2 ** 30)
 
@@ -195,19 +196,11 @@ def nstep_search(qs, k, key_padding_mask, query_positions, window, topk, steps, 
     B, Hq, Lq, D = qs.shape
     Hkv, T = k.shape[1], k.shape[2]
     dev = qs.device
-    if search_key not in ("anchor", "mean"):
-        raise ValueError(f"nstep_search: search_key={search_key!r} is not 'anchor' or 'mean'")
-    if not isinstance(steps, int) or steps < 3:
-        raise ValueError(f"nstep_search: steps={steps!r} must be an int >= 3 (steps=2 is span_search)")
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"nstep_search: query heads ({Hq}) must be a multiple of kv heads ({Hkv})")
-    if not 1 <= topk <= 8:
-        raise ValueError(f"nstep_search: topk={topk} must be in [1, 8]")
+    check_search_inputs("nstep_search", Hq, Hkv, topk, search_key, ("anchor", "mean"), max_topk=8)
+    nstep.check_steps(steps)
     W = min(window, T)
-    if T <= dense_below or W >= T or Lq == 0:
-        anchors = torch.full((B, Hq, Lq, topk), -1, dtype=torch.int32, device=dev)
-        scores = torch.full((B, Hq, Lq, topk), float("-inf"), dtype=torch.float32, device=dev)
-        return anchors, scores
+    if keeps_no_span(T, window, dense_below, Lq):
+        return no_span_outputs(B, Hq, Lq, topk, dev)
     fwd, cell, ncell, fan = nstep.tables(T, window, steps, backward_factor, forward_factor, dev)
     anchors = torch.empty((B, Hq, Lq, topk), dtype=torch.int32, device=dev)
     scores = torch.empty((B, Hq, Lq, topk), dtype=torch.float32, device=dev)

@@ -33,7 +33,8 @@ import triton
 import triton.language as tl
 import torch
 
-from .geometry import num_stripes, span_extents, stripe_deltas
+from .geometry import (check_search_inputs, keeps_no_span, no_span_outputs, num_stripes, span_extents,
+                       stripe_deltas)
 
 _BIG = tl.constexpr(2 ** 30)
 
@@ -289,17 +290,10 @@ def span_search(qs, k, key_padding_mask, query_positions, window, topk, search_p
     B, Hq, Lq, D = qs.shape
     Hkv, T = k.shape[1], k.shape[2]
     dev = qs.device
-    if search_key not in ("anchor", "mean"):
-        raise ValueError(f"span_search: search_key={search_key!r} is not 'anchor' or 'mean'")
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"span_search: query heads ({Hq}) must be a multiple of kv heads ({Hkv})")
-    if not 1 <= topk <= 8:
-        raise ValueError(f"span_search: topk={topk} must be in [1, 8]")
+    check_search_inputs("span_search", Hq, Hkv, topk, search_key, ("anchor", "mean"), max_topk=8)
     W = min(window, T)
-    if T <= dense_below or W >= T or Lq == 0:
-        anchors = torch.full((B, Hq, Lq, topk), -1, dtype=torch.int32, device=dev)
-        scores = torch.full((B, Hq, Lq, topk), float("-inf"), dtype=torch.float32, device=dev)
-        return anchors, scores
+    if keeps_no_span(T, window, dense_below, Lq):
+        return no_span_outputs(B, Hq, Lq, topk, dev)
     anchors = torch.empty((B, Hq, Lq, topk), dtype=torch.int32, device=dev)
     scores = torch.empty((B, Hq, Lq, topk), dtype=torch.float32, device=dev)
     n = num_stripes(T, search_power)
