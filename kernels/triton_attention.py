@@ -452,6 +452,12 @@ kernel. ``tile``: one kernel per query block that visits the union of its rows' 
 only when neighbouring queries choose neighbouring spans)."""
 
 
+# The pairs kernel keeps an fp32 partial output per (query head, query, span): B*Hq*Lq*topk*DV*4
+# bytes (96 GiB for 2M queries, 32 heads, topk 3, DV 128). Past this many bytes span_attention
+# runs the queries in chunks, so its memory stays bounded at any length.
+PARTIAL_BYTES = 16 << 30
+
+
 def _block_sizes(q, Dmax):
     if q.dtype == torch.float32:
         return (32, 32) if Dmax > 128 else (32, 64)
@@ -621,5 +627,17 @@ def span_attention(q, k, v, anchors, scores, key_padding_mask, query_positions, 
     W = min(window, T)
     S = min(sinks, T)
     back, fwd = span_extents(T, span_power, backward_factor, forward_factor, q.device)
-    return launch(q, k, v, anchors, scores, key_padding_mask, query_positions, W, S, back, fwd,
-                  combine == "gated", scale, **kw)
+    gated = combine == "gated"
+    rows = max(1, PARTIAL_BYTES // (B * Hq * anchors.shape[-1] * v.shape[3] * 4))
+    if Lq <= rows:
+        return launch(q, k, v, anchors, scores, key_padding_mask, query_positions, W, S, back, fwd,
+                      gated, scale, **kw)
+    # Query chunks with explicit positions: every query's result is computed as in one launch.
+    pos = (query_positions.long() if query_positions is not None else
+           (torch.arange(Lq, device=q.device) + (T - Lq)).expand(B, Lq))
+    out = torch.empty((B, Hq, Lq, v.shape[3]), dtype=q.dtype, device=q.device)
+    for s in range(0, Lq, rows):
+        e = min(Lq, s + rows)
+        out[:, :, s:e] = launch(q[:, :, s:e], k, v, anchors[:, :, s:e], scores[:, :, s:e],
+                                key_padding_mask, pos[:, s:e], W, S, back, fwd, gated, scale, **kw)
+    return out

@@ -268,6 +268,31 @@ def test_pairs_path_options_give_the_same_result(kw):
     assert ((out - ref).norm() / ref.norm()).item() < 1e-5
 
 
+@pytest.mark.parametrize("combine,posmode", [("union", None), ("gated", "random")])
+def test_query_chunks_bound_memory_and_keep_the_result(monkeypatch, combine, posmode):
+    """Past PARTIAL_BYTES of partial outputs the queries run in chunks; the result is unchanged."""
+    gen = torch.Generator().manual_seed(29)
+    B, Hq, Hkv, Lq, T, D = 2, 2, 1, 70, 90, 16
+    q, k, v = _inputs(gen, B, Hq, Hkv, Lq, T, D)
+    kpm = (torch.rand(B, T, generator=gen) > 0.1).to(DEV)
+    qpos = (torch.stack([torch.randperm(T, generator=gen)[:Lq] for _ in range(B)]).to(DEV)
+            if posmode else None)
+    cfg = {**DEFAULT, "window": 6, "combine": combine}
+    a, s = R.span_search(q, k, kpm, qpos, *_search_args(cfg))
+    per_query = B * Hq * cfg["topk"] * D * 4
+    monkeypatch.setattr(TA, "PARTIAL_BYTES", 16 * per_query)  # 16 queries per chunk, 5 chunks
+    calls = []
+    real_launch = TA.launch
+    monkeypatch.setattr(TA, "launch", lambda q_, *a_, **k_: calls.append(q_.shape[2]) or
+                        real_launch(q_, *a_, **k_))
+    _poison_allocator()
+    out = TA.span_attention(q, k, v, a, s, kpm, qpos, *_attn_args(cfg, 0.25))
+    ref = R.span_attention(q, k, v, a, s, kpm, qpos, *_attn_args(cfg, 0.25))
+    assert calls == [16, 16, 16, 16, 6]
+    assert not torch.isnan(out).any()
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-5
+
+
 def test_dense_path_and_empty_rows():
     """T <= dense_below: exact causal attention through the kernel (CPU has no SDPA route)."""
     gen = torch.Generator().manual_seed(7)
