@@ -296,15 +296,17 @@ def span_attention_backward(
     grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, anchors: Tensor, scores: Tensor,
     key_padding_mask: Optional[Tensor], query_positions: Optional[Tensor], window: int,
     sinks: int, span_power: float, backward_factor: float, forward_factor: float, combine: str,
-    scale: float, dense_below: int,
+    scale: float, dense_below: int, out: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(d query, d key, d value, d scores) of span_attention; d scores is zero in union mode."""
+    """(d query, d key, d value, d scores) of span_attention; d scores is zero in union mode.
+    ``out``: the forward's output, if kept (the Triton union backward takes delta = dO . out
+    from it instead of recomputing the forward)."""
     args = (query, key, value, anchors, scores, key_padding_mask, query_positions, window, sinks,
             span_power, backward_factor, forward_factor, combine, scale, dense_below)
     if _use_triton_backward(query, key, value):
         from . import triton_backward
 
-        dq, dk, dv, ds = triton_backward.span_attention_backward(grad_out, *args)
+        dq, dk, dv, ds = triton_backward.span_attention_backward(grad_out, *args, out=out)
     else:
         _, dq, dk, dv, ds = gathered_attention(*args, grad_out=grad_out)
     return tuple(x.to(like.dtype).contiguous()
@@ -357,15 +359,16 @@ def _backward_search(ctx, grad_anchors, grad_scores):
 
 def _setup_attention(ctx, inputs, output):
     (q, k, v, anchors, scores, kpm, pos, *params) = inputs
-    ctx.save_for_backward(q, k, v, anchors, scores, kpm, pos)
+    # the output too: the union backward takes delta = dO . out from it (no forward recompute)
+    ctx.save_for_backward(q, k, v, anchors, scores, kpm, pos, output)
     ctx.params = tuple(params)
 
 
 def _backward_attention(ctx, grad_out):
-    q, k, v, anchors, scores, kpm, pos = ctx.saved_tensors
+    q, k, v, anchors, scores, kpm, pos, out = ctx.saved_tensors
     combine = ctx.params[5]
     dq, dk, dv, ds = torch.ops.superlinear.span_attention_backward(
-        grad_out.contiguous(), q, k, v, anchors, scores, kpm, pos, *ctx.params)
+        grad_out.contiguous(), q, k, v, anchors, scores, kpm, pos, *ctx.params, out)
     return (dq, dk, dv, None, ds if combine == "gated" else None) + (None,) * 10
 
 

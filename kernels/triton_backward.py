@@ -15,10 +15,17 @@ per-piece pair (lse, delta):
 
 Passes (no host synchronisation except one count of the key-major work list):
 
-1. Recompute (``_prep_kernel``): the forward's span partials (``_span_pairs_kernel`` of
-   ``triton_attention``), window and sinks per query block (its ``_attend``), and from them, per
-   row, the (lse, delta) of each piece and d scores.
-2. Sort the pieces of each kv head by (lo // bucket, hi) as the forward does (sinks first).
+1. Sort the pieces of each kv head by ``sort_keys`` (sinks first; then by lo // BUCKET, and within
+   a bucket by hi, ascending in even buckets and descending in odd ones, so that a block of
+   consecutive pieces straddling two buckets still holds pieces of similar extent).
+2. (lse, delta) per piece.
+   * union: ``_stats_kernel`` runs over the sorted pieces (64 share one key range) computing only
+     each piece's log-sum-exp (q.k, no P.V); ``_union_rows_kernel`` merges a row's pieces and
+     takes delta = dO . out from the forward's output (recomputed by the forward kernels when
+     the caller does not pass it).
+   * gated: ``_prep_kernel`` recomputes the forward's span partials (``_span_pairs_kernel`` of
+     ``triton_attention``, over the span pieces in the same order), window and sinks per query
+     block (its ``_attend``), and from them the per-piece (lse, delta) and d scores.
 3. ``_dq_kernel``: 64 consecutive pieces share one key range; dq per piece, atomically added to
    its query row (a row has up to topk + 2 pieces).
 4. ``_dkdv_kernel``: key-major. For a key tile, the pieces that can touch it lie in one contiguous
@@ -42,7 +49,7 @@ _attend = TA._attend
 _gate_weights = TA._gate_weights
 _span_partials = TA._span_partials
 _with_span_partial = TA._with_span_partial
-_union_with_span_partials = TA._union_with_span_partials
+_tile_scores = TA._tile_scores
 _BIGI = TA._BIGI
 
 
@@ -69,12 +76,12 @@ def _prep_kernel(
     spb, spm,
     Hq, G, Lq, T, W, S, qk_scale,
     D: tl.constexpr, DV: tl.constexpr, HAS_KPM: tl.constexpr, HAS_POS: tl.constexpr,
-    TOPK: tl.constexpr, KP: tl.constexpr, NP: tl.constexpr, GATED: tl.constexpr,
-    SPANS: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr,
+    TOPK: tl.constexpr, KP: tl.constexpr, NP: tl.constexpr, IEEE: tl.constexpr,
+    DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """Per query block and head: (lse, delta) of every piece (slots 0..TOPK-1 spans, TOPK window,
-    TOPK+1 sinks; log2 domain, +inf where nothing is attended) and, gated, d scores."""
+    """Gated mode, per query block and head: (lse, delta) of every piece (slots 0..TOPK-1 spans,
+    TOPK window, TOPK+1 sinks; log2 domain, +inf where nothing is attended) and d scores."""
     pid = tl.program_id(0)
     nqb = tl.cdiv(Lq, BLOCK_M)
     bh = pid // nqb
@@ -117,66 +124,55 @@ def _prep_kernel(
     lse_f = tl.where(lpos, m_f + tl.log2(tl.where(lpos, l_f, 1.0)), float("-inf"))
     o_f = acc / tl.where(lpos, l_f, 1.0)[:, None]
     roff = ((b * Hq + h64) * Lq + rows64)
-    lse_rows = lse_f  # what window and sinks get (lse_F)
-    delta_rows = tl.sum(do * o_f, axis=1)
+    poff = roff[:, None] * TOPK + cols[None, :]
+    pok, lse_p = _span_partials(PLO, PHI, PLSE, poff, cmask)
+    aoff = b * sab + h64 * sah + rows64[:, None] * sam + cols[None, :] * sak
+    a = tl.load(ANCH + aoff, mask=cmask, other=-1)
+    aval = cmask & (a >= 0)
+    soff = b * ssb + h64 * ssh + rows64[:, None] * ssm + cols[None, :] * ssk
+    gw, any_a = _gate_weights(SCO + soff, cmask, aval)
+    out = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    dj_all = tl.zeros([BLOCK_M, KP], tl.float32)
     lse_sp = tl.full([BLOCK_M, KP], float("inf"), tl.float32)
     delta_sp = tl.zeros([BLOCK_M, KP], tl.float32)
-    if SPANS:
-        poff = roff[:, None] * TOPK + cols[None, :]
-        pok, lse_p = _span_partials(PLO, PHI, PLSE, poff, cmask)
-        if GATED:
-            aoff = b * sab + h64 * sah + rows64[:, None] * sam + cols[None, :] * sak
-            a = tl.load(ANCH + aoff, mask=cmask, other=-1)
-            aval = cmask & (a >= 0)
-            soff = b * ssb + h64 * ssh + rows64[:, None] * ssm + cols[None, :] * ssk
-            gw, any_a = _gate_weights(SCO + soff, cmask, aval)
-            out = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-            dj_all = tl.zeros([BLOCK_M, KP], tl.float32)
-            # window and sinks: lse_F = -log2 sum_j g_j 2^-LSE_j, delta_F = the same mix of dO.O_j
-            mu = tl.full([BLOCK_M], float("-inf"), tl.float32)
-            csum = tl.zeros([BLOCK_M], tl.float32)
-            cdel = tl.zeros([BLOCK_M], tl.float32)
-            for j in tl.static_range(TOPK):
-                selj = cols[None, :] == j
-                oj, mj_s, den = _with_span_partial(lse_f, o_f, lse_p, pok, poff, selj, POUT,
-                                                   offdv, dvmask, DV)
-                lse_j = tl.where(den > 0, mj_s + tl.log2(tl.where(den > 0, den, 1.0)), float("-inf"))
-                gj = tl.sum(tl.where(selj, gw, 0.0), axis=1)
-                out += gj[:, None] * oj
-                dj = tl.sum(do * oj, axis=1)
-                dj_all = tl.where(selj, dj[:, None], dj_all)
-                # piece j: weight g_j 2^(s - LSE_j)
-                live = (gj > 0) & (lse_j > float("-inf"))
-                lg = tl.log2(tl.where(live, gj, 1.0))
-                eff = tl.where(live, lse_j - lg, float("inf"))
-                lse_sp = tl.where(selj, eff[:, None], lse_sp)
-                delta_sp = tl.where(selj, dj[:, None], delta_sp)
-                u = tl.where(live, lg - lse_j, float("-inf"))
-                mu_new = tl.maximum(mu, u)
-                mu_s = tl.where(mu_new == float("-inf"), 0.0, mu_new)
-                sc_old = tl.exp2(mu - mu_s)
-                wu = tl.exp2(u - mu_s)
-                csum = csum * sc_old + wu
-                cdel = cdel * sc_old + wu * dj
-                mu = mu_new
-            delta_o = tl.sum(do * out, axis=1)
-            dsc = tl.where(aval, gw * (dj_all - delta_o[:, None]), 0.0)
-            dsc = tl.where(any_a[:, None], dsc, 0.0)
-            tl.store(DSC + roff[:, None] * TOPK + cols[None, :], dsc, mask=cmask)
-            has_c = csum > 0
-            lse_F = tl.where(has_c, -(mu + tl.log2(tl.where(has_c, csum, 1.0))), float("inf"))
-            del_F = cdel / tl.where(has_c, csum, 1.0)
-            lse_rows = tl.where(any_a, lse_F, lse_rows)
-            delta_rows = tl.where(any_a, del_F, delta_rows)
-            lse_sp = tl.where(any_a[:, None], lse_sp, float("inf"))
-        else:
-            out, mx_s, den = _union_with_span_partials(lse_f, o_f, lse_p, pok, poff, cols, POUT,
-                                                       offdv, dvmask, DV, TOPK)
-            lse_u = tl.where(den > 0, mx_s + tl.log2(tl.where(den > 0, den, 1.0)), float("-inf"))
-            lse_rows = lse_u
-            delta_rows = tl.sum(do * out, axis=1)
-            lse_sp = tl.zeros([BLOCK_M, KP], tl.float32) + lse_rows[:, None]
-            delta_sp = tl.zeros([BLOCK_M, KP], tl.float32) + delta_rows[:, None]
+    # window and sinks: lse_F = -log2 sum_j g_j 2^-LSE_j, delta_F = the same mix of dO.O_j
+    mu = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    csum = tl.zeros([BLOCK_M], tl.float32)
+    cdel = tl.zeros([BLOCK_M], tl.float32)
+    for j in tl.static_range(TOPK):
+        selj = cols[None, :] == j
+        oj, mj_s, den = _with_span_partial(lse_f, o_f, lse_p, pok, poff, selj, POUT,
+                                           offdv, dvmask, DV)
+        lse_j = tl.where(den > 0, mj_s + tl.log2(tl.where(den > 0, den, 1.0)), float("-inf"))
+        gj = tl.sum(tl.where(selj, gw, 0.0), axis=1)
+        out += gj[:, None] * oj
+        dj = tl.sum(do * oj, axis=1)
+        dj_all = tl.where(selj, dj[:, None], dj_all)
+        # piece j: weight g_j 2^(s - LSE_j)
+        live = (gj > 0) & (lse_j > float("-inf"))
+        lg = tl.log2(tl.where(live, gj, 1.0))
+        eff = tl.where(live, lse_j - lg, float("inf"))
+        lse_sp = tl.where(selj, eff[:, None], lse_sp)
+        delta_sp = tl.where(selj, dj[:, None], delta_sp)
+        u = tl.where(live, lg - lse_j, float("-inf"))
+        mu_new = tl.maximum(mu, u)
+        mu_s = tl.where(mu_new == float("-inf"), 0.0, mu_new)
+        sc_old = tl.exp2(mu - mu_s)
+        wu = tl.exp2(u - mu_s)
+        csum = csum * sc_old + wu
+        cdel = cdel * sc_old + wu * dj
+        mu = mu_new
+    delta_o = tl.sum(do * out, axis=1)
+    dsc = tl.where(aval, gw * (dj_all - delta_o[:, None]), 0.0)
+    dsc = tl.where(any_a[:, None], dsc, 0.0)
+    tl.store(DSC + roff[:, None] * TOPK + cols[None, :], dsc, mask=cmask)
+    has_c = csum > 0
+    lse_F = tl.where(has_c, -(mu + tl.log2(tl.where(has_c, csum, 1.0))), float("inf"))
+    del_F = cdel / tl.where(has_c, csum, 1.0)
+    # a row without a kept span: window and sinks alone
+    lse_rows = tl.where(any_a, lse_F, lse_f)
+    delta_rows = tl.where(any_a, del_F, tl.sum(do * o_f, axis=1))
+    lse_sp = tl.where(any_a[:, None], lse_sp, float("inf"))
     lse_rows = tl.where(lse_rows == float("-inf"), float("inf"), lse_rows)
     lse_sp = tl.where(lse_sp == float("-inf"), float("inf"), lse_sp)
     ooff = roff[:, None] * NP + cols[None, :]
@@ -197,25 +193,15 @@ def _piece_rows(loc, kvh, G, Lq, NP):
 
 
 @triton.jit
-def _dq_kernel(
-    Q, K, V, DO, KPM, IDX, PLO, PHI, LSE, DELTA, DQ,
-    sqb, sqh, sqm, sqd,
-    skb, skh, skn, skd,
-    svb, svh, svn, svd,
-    sdb, sdh, sdm, sdd,
-    skpb, skpn,
-    Hq, Hkv, G, Lq, NPAIR, NP, qk_scale, sm_scale,
-    D: tl.constexpr, DV: tl.constexpr, HAS_KPM: tl.constexpr, IEEE: tl.constexpr,
-    DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-):
-    """BLOCK_M consecutive pieces (sorted order) of one kv head share one key range: dq of each
-    piece, added atomically to its query row of DQ (fp32 [B, Hq, Lq, D])."""
-    cb = tl.program_id(0)
+def _piece_block(Q, IDX, PLO, PHI, sqb, sqh, sqm, sqd, Hkv, G, Lq, NPAIR, NP,
+                 D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's BLOCK_M consecutive pieces (sorted order) of kv group program_id(1):
+    batch, kv head, index into the piece tables, extents, validity, query head and row, the
+    query rows and the block's key range [lo_min, hi_max]."""
     grp = tl.program_id(1)
     b = (grp // Hkv).to(tl.int64)
     kvh = (grp % Hkv).to(tl.int64)
-    r = cb * BLOCK_M + tl.arange(0, BLOCK_M)
+    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rm = r < NPAIR
     gbase = grp.to(tl.int64) * NPAIR
     loc = tl.load(IDX + gbase + r, mask=rm, other=0)
@@ -225,37 +211,176 @@ def _dq_kernel(
     ok = rm & (hi >= lo)
     h64, qi = _piece_rows(loc, kvh, G, Lq, NP)
     offd = tl.arange(0, BLOCK_D)
-    offdv = tl.arange(0, BLOCK_DV)
     q = tl.load(Q + b * sqb + h64[:, None] * sqh + qi[:, None] * sqm + offd[None, :] * sqd,
                 mask=ok[:, None] & (offd[None, :] < D), other=0.0)
+    lo_min = tl.min(tl.where(ok, lo, _BIGI), axis=0)
+    hi_max = tl.max(tl.where(ok, hi, -1), axis=0)
+    return b, kvh, gidx, lo, hi, ok, h64, qi, q, lo_min, hi_max
+
+
+@triton.jit
+def _piece_keep(offn, offn64, nmask, lo, hi, KPM, b, skpb, skpn, HAS_KPM: tl.constexpr):
+    """Which (piece, key) pairs of a key tile a piece attends."""
+    keep = (offn[None, :] >= lo[:, None]) & (offn[None, :] <= hi[:, None])
+    if HAS_KPM:
+        kp = tl.load(KPM + b * skpb + offn64 * skpn, mask=nmask, other=0)
+        keep = keep & (kp != 0)[None, :]
+    return keep
+
+
+@triton.jit
+def _stats_tile(ks, m_i, l_i, q, kbase, lo, hi, hi_max, KPM, b, skpb, skpn, skn, skd, qk_scale,
+                D: tl.constexpr, HAS_KPM: tl.constexpr, IEEE: tl.constexpr,
+                DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One key tile of ``_stats_kernel``: the running (max, sum) of 2^s per piece."""
+    offn = ks + tl.arange(0, BLOCK_N)
+    offn64 = offn.to(tl.int64)
+    nmask = offn <= hi_max
+    s = _tile_scores(q, kbase, offn64, nmask, tl.arange(0, BLOCK_D), skn, skd, qk_scale, D, IEEE,
+                     DOT_F32)
+    keep = _piece_keep(offn, offn64, nmask, lo, hi, KPM, b, skpb, skpn, HAS_KPM)
+    s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
+    return m_new, l_i
+
+
+@triton.jit
+def _stats_kernel(
+    Q, K, KPM, IDX, PLO, PHI, LSE,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    skpb, skpn,
+    Hkv, G, Lq, NPAIR, NP, qk_scale,
+    D: tl.constexpr, HAS_KPM: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr,
+    PIPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Union mode: the log2-sum-exp of each of BLOCK_M consecutive pieces (sorted order) over
+    its keys (q.k only, no values), written to LSE; pieces with no present key are not written."""
+    b, kvh, gidx, lo, hi, ok, h64, qi, q, lo_min, hi_max = _piece_block(
+        Q, IDX, PLO, PHI, sqb, sqh, sqm, sqd, Hkv, G, Lq, NPAIR, NP, D, BLOCK_M, BLOCK_D)
+    kbase = K + b * skb + kvh * skh
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    ks0 = (lo_min // BLOCK_N) * BLOCK_N
+    if PIPE:  # see _dq_kernel
+        for ks in range(ks0, hi_max + 1, BLOCK_N):
+            m_i, l_i = _stats_tile(ks, m_i, l_i, q, kbase, lo, hi, hi_max, KPM, b, skpb, skpn,
+                                   skn, skd, qk_scale, D, HAS_KPM, IEEE, DOT_F32, BLOCK_N,
+                                   BLOCK_D)
+    else:
+        ks = ks0
+        while ks <= hi_max:
+            m_i, l_i = _stats_tile(ks, m_i, l_i, q, kbase, lo, hi, hi_max, KPM, b, skpb, skpn,
+                                   skn, skd, qk_scale, D, HAS_KPM, IEEE, DOT_F32, BLOCK_N,
+                                   BLOCK_D)
+            ks += BLOCK_N
+    lpos = l_i > 0
+    tl.store(LSE + gidx, m_i + tl.log2(tl.where(lpos, l_i, 1.0)), mask=ok & lpos)
+
+
+@triton.jit
+def _union_rows_kernel(
+    LSE, DELTA, DO, O,
+    sdb, sdh, sdm, sdd,
+    sob, soh, som, sod,
+    Hq, Lq, NROWS,
+    NP: tl.constexpr, KP: tl.constexpr, DV: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    """Union mode, BLOCK_R (batch, head, query) rows: the row's log-sum-exp over its pieces'
+    (LSE, -inf for pieces that attend nothing) and delta = dO . out, written to every piece of
+    the row (lse +inf where the row attends nothing)."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rm = r < NROWS
+    b = r // (Hq * Lq)
+    h = (r // Lq) % Hq
+    qi = r % Lq
+    cols = tl.arange(0, KP)
+    cm = rm[:, None] & (cols[None, :] < NP)
+    off = r[:, None] * NP + cols[None, :]
+    lp = tl.load(LSE + off, mask=cm, other=float("-inf"))
+    mx = tl.max(lp, axis=1)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    den = tl.sum(tl.exp2(lp - mx[:, None]), axis=1)
+    lse = tl.where(den > 0, mx + tl.log2(tl.where(den > 0, den, 1.0)), float("inf"))
+    offdv = tl.arange(0, BLOCK_DV)
+    dm = rm[:, None] & (offdv[None, :] < DV)
+    do = tl.load(DO + (b * sdb + h * sdh + qi * sdm)[:, None] + offdv[None, :] * sdd, mask=dm,
+                 other=0.0).to(tl.float32)
+    o = tl.load(O + (b * sob + h * soh + qi * som)[:, None] + offdv[None, :] * sod, mask=dm,
+                other=0.0).to(tl.float32)
+    delta = tl.sum(do * o, axis=1)
+    zero = tl.zeros([BLOCK_R, KP], tl.float32)
+    tl.store(LSE + off, zero + lse[:, None], mask=cm)
+    tl.store(DELTA + off, zero + delta[:, None], mask=cm)
+
+
+@triton.jit
+def _dq_tile(ks, dq, q, do, lo, hi, hi_max, lse, delta, kbase, vbase, KPM, b, skpb, skpn, skn,
+             skd, svn, svd, qk_scale, D: tl.constexpr, DV: tl.constexpr, HAS_KPM: tl.constexpr,
+             IEEE: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """One key tile of ``_dq_kernel``: dq += dS . K over the tile."""
+    offd = tl.arange(0, BLOCK_D)
+    offdv = tl.arange(0, BLOCK_DV)
+    offn = ks + tl.arange(0, BLOCK_N)
+    offn64 = offn.to(tl.int64)
+    nmask = offn <= hi_max
+    kt = tl.load(kbase + offn64[None, :] * skn + offd[:, None] * skd,
+                 mask=nmask[None, :] & (offd[:, None] < D), other=0.0)  # [BD, BN]
+    vt = tl.load(vbase + offn64[None, :] * svn + offdv[:, None] * svd,
+                 mask=nmask[None, :] & (offdv[:, None] < DV), other=0.0)  # [BDV, BN]
+    s = _mm(q, kt, IEEE, DOT_F32) * qk_scale
+    keep = _piece_keep(offn, offn64, nmask, lo, hi, KPM, b, skpb, skpn, HAS_KPM)
+    p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
+    dp = _mm(do, vt, IEEE, DOT_F32)
+    ds = p * (dp - delta[:, None])
+    return dq + _mm(ds.to(kt.dtype), tl.trans(kt), IEEE, DOT_F32)
+
+
+@triton.jit
+def _dq_kernel(
+    Q, K, V, DO, KPM, IDX, PLO, PHI, LSE, DELTA, DQ,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sdb, sdh, sdm, sdd,
+    skpb, skpn,
+    Hq, Hkv, G, Lq, NPAIR, NP, qk_scale, sm_scale,
+    D: tl.constexpr, DV: tl.constexpr, HAS_KPM: tl.constexpr, IEEE: tl.constexpr,
+    DOT_F32: tl.constexpr, PIPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """BLOCK_M consecutive pieces (sorted order) of one kv head share one key range: dq of each
+    piece, added atomically to its query row of DQ (fp32 [B, Hq, Lq, D])."""
+    b, kvh, gidx, lo, hi, ok, h64, qi, q, lo_min, hi_max = _piece_block(
+        Q, IDX, PLO, PHI, sqb, sqh, sqm, sqd, Hkv, G, Lq, NPAIR, NP, D, BLOCK_M, BLOCK_D)
+    offd = tl.arange(0, BLOCK_D)
+    offdv = tl.arange(0, BLOCK_DV)
     do = tl.load(DO + b * sdb + h64[:, None] * sdh + qi[:, None] * sdm + offdv[None, :] * sdd,
                  mask=ok[:, None] & (offdv[None, :] < DV), other=0.0)
     lse = tl.load(LSE + gidx, mask=ok, other=float("inf"))
     delta = tl.load(DELTA + gidx, mask=ok, other=0.0)
-    lo_min = tl.min(tl.where(ok, lo, _BIGI), axis=0)
-    hi_max = tl.max(tl.where(ok, hi, -1), axis=0)
     kbase = K + b * skb + kvh * skh
     vbase = V + b * svb + kvh * svh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    ks = (lo_min // BLOCK_N) * BLOCK_N
-    while ks <= hi_max:
-        offn = ks + tl.arange(0, BLOCK_N)
-        offn64 = offn.to(tl.int64)
-        nmask = offn <= hi_max
-        kt = tl.load(kbase + offn64[None, :] * skn + offd[:, None] * skd,
-                     mask=nmask[None, :] & (offd[:, None] < D), other=0.0)  # [BD, BN]
-        vt = tl.load(vbase + offn64[None, :] * svn + offdv[:, None] * svd,
-                     mask=nmask[None, :] & (offdv[:, None] < DV), other=0.0)  # [BDV, BN]
-        s = _mm(q, kt, IEEE, DOT_F32) * qk_scale
-        keep = (offn[None, :] >= lo[:, None]) & (offn[None, :] <= hi[:, None])
-        if HAS_KPM:
-            kp = tl.load(KPM + b * skpb + offn64 * skpn, mask=nmask, other=0)
-            keep = keep & (kp != 0)[None, :]
-        p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
-        dp = _mm(do, vt, IEEE, DOT_F32)
-        ds = p * (dp - delta[:, None])
-        dq += _mm(ds.to(kt.dtype), tl.trans(kt), IEEE, DOT_F32)
-        ks += BLOCK_N
+    ks0 = (lo_min // BLOCK_N) * BLOCK_N
+    if PIPE:
+        # a for loop over the key tiles is software-pipelined (num_stages), a while loop is not;
+        # the interpreter cannot take the for loop's runtime bound
+        for ks in range(ks0, hi_max + 1, BLOCK_N):
+            dq = _dq_tile(ks, dq, q, do, lo, hi, hi_max, lse, delta, kbase, vbase, KPM, b, skpb,
+                          skpn, skn, skd, svn, svd, qk_scale, D, DV, HAS_KPM, IEEE, DOT_F32,
+                          BLOCK_N, BLOCK_D, BLOCK_DV)
+    else:
+        ks = ks0
+        while ks <= hi_max:
+            dq = _dq_tile(ks, dq, q, do, lo, hi, hi_max, lse, delta, kbase, vbase, KPM, b, skpb,
+                          skpn, skn, skd, svn, svd, qk_scale, D, DV, HAS_KPM, IEEE, DOT_F32,
+                          BLOCK_N, BLOCK_D, BLOCK_DV)
+            ks += BLOCK_N
     rowoff = ((b * Hq + h64) * Lq + qi) * D
     tl.atomic_add(DQ + rowoff[:, None] + offd[None, :], dq * sm_scale,
                   mask=ok[:, None] & (offd[None, :] < D))
@@ -335,21 +460,41 @@ def _dkdv_kernel(
 
 
 def _settings(dtype, Dmax):
-    """Block sizes and warps of the dq and dk/dv kernels, then ``TUNING``'s overrides.
+    """Block sizes and warps of the stats, dq and dk/dv kernels, then ``TUNING``'s overrides.
     kv_block_m=128 won the H200 tuning at 128K (231.9 ms fwd+bwd against 261.6 ms with 64;
     benchmarks/RESULTS.md)."""
     small = dtype == torch.float32 or Dmax > 128
+    stages = 2 if small else 3
     s = dict(dq_block_m=32 if small else 64, dq_block_n=32 if small else 64, dq_warps=4,
-             kv_block_m=32 if small else 128, kv_block_n=32 if small else 64,
-             kv_warps=8 if Dmax >= 128 else 4, chunk=2048)
+             dq_stages=stages, kv_block_m=32 if small else 128, kv_block_n=32 if small else 64,
+             kv_warps=8 if Dmax >= 128 else 4, chunk=2048,
+             st_block_m=32 if small else 64, st_block_n=32 if small else 64, st_warps=4,
+             st_stages=stages)
     s.update(TUNING)
     return s
 
 
 TUNING: dict = {}
 """Overrides of ``_settings`` (benchmarks/train.py --tune sets them): dq_block_m, dq_block_n,
-dq_warps, kv_block_m, kv_block_n, kv_warps, chunk (pieces per dk/dv work item at most)."""
-BUCKET = 16  # lo // BUCKET orders the pieces (as the forward's sort)
+dq_warps, dq_stages, kv_block_m, kv_block_n, kv_warps, chunk (pieces per dk/dv work item at
+most), st_block_m, st_block_n, st_warps, st_stages (union statistics pass); *_stages: the
+software-pipelining depth of the kernel's key-tile loop."""
+BUCKET = 64  # lo // BUCKET orders the pieces (sort_keys)
+
+
+def sort_keys(lo, hi, T, sinks=True):
+    """int64 sort keys of pieces (lo, hi [..., n]): by lo // BUCKET, within a bucket by hi,
+    ascending in even buckets and descending in odd ones (a block of consecutive pieces that
+    straddles two buckets then holds pieces of similar extent, not the longest of one bucket
+    with the shortest of the next); with ``sinks`` the last slot (the sinks piece) sorts before
+    all others, by hi; empty pieces (hi < lo) last. Pieces of lo bucket c have keys in
+    [c * (T + 1), c * (T + 1) + T]."""
+    lo64, hi64 = lo.long(), hi.long()
+    bkt = lo64 // BUCKET
+    key = bkt * (T + 1) + torch.where(bkt % 2 == 1, T - hi64, hi64)
+    if sinks:
+        key[..., -1] = hi64[..., -1] - (T + 1)
+    return torch.where(hi64 >= lo64, key, torch.iinfo(torch.int64).max)
 
 
 def piece_tables(anchors, pos, T, W, S, back, fwd, union, spans, B, Hq, Lq, device):
@@ -379,8 +524,9 @@ def piece_tables(anchors, pos, T, W, S, back, fwd, union, spans, B, Hq, Lq, devi
 
 def span_attention_backward(grad_out, q, k, v, anchors, scores, key_padding_mask, query_positions,
                             window, sinks, span_power, backward_factor, forward_factor, combine,
-                            scale, dense_below):
-    """(dq, dk, dv, dscores) with the contract of ``autograd.span_attention_backward``."""
+                            scale, dense_below, out=None):
+    """(dq, dk, dv, dscores) with the contract of ``autograd.span_attention_backward``. ``out``:
+    the forward's output (union mode uses it for delta = dO . out; recomputed when None)."""
     TA._check(q, k, v)
     B, Hq, Lq, D = q.shape
     Hkv, T, DV = k.shape[1], k.shape[2], v.shape[3]
@@ -406,71 +552,83 @@ def span_attention_backward(grad_out, q, k, v, anchors, scores, key_padding_mask
     BLOCK_DV = max(16, TA._next_pow2(DV))
     ieee = q.dtype == torch.float32
     dot_f32 = TA._interpreted() and q.dtype == torch.bfloat16
+    pipe = not TA._interpreted()
     qk_scale = float(scale) * math.log2(math.e)
     NP = topk + 2
+    cfg = _settings(q.dtype, max(BLOCK_D, BLOCK_DV))
+    kpm_arg = kpm if kpm is not None else back
+    kpm_st = kpm.stride() if kpm is not None else (0, 0)
     lo, hi, plo, phi = piece_tables(anchors, pos, T, W, S, back, fwd, not gated, spans, B, Hq,
                                     Lq, dev)
-    # 1. recompute: the span partials (forward kernel), then (lse, delta) per piece and d scores
-    if spans:
+    # 1. sort every kv head's pieces
+    npair = G * Lq * NP
+    skey, idx = torch.sort(sort_keys(lo, hi, T).view(B * Hkv, npair), dim=-1)
+    idx = idx.to(torch.int32)
+    # 2. (lse, delta) per piece
+    lse = torch.empty((B, Hq, Lq, NP), dtype=torch.float32, device=dev)
+    delta = torch.empty((B, Hq, Lq, NP), dtype=torch.float32, device=dev)
+    if gated:
+        # the forward's span partials (its pairs kernel), then _prep_kernel
         npair_f = G * Lq * topk
-        key_f = (plo.long() // BUCKET) * (T + 1) + phi.long()
-        key_f = torch.where(phi >= plo, key_f, torch.iinfo(torch.int64).max)
-        idx_f = torch.argsort(key_f.view(B * Hkv, npair_f), dim=-1).to(torch.int32)
+        idx_f = torch.argsort(sort_keys(plo, phi, T, sinks=False).view(B * Hkv, npair_f),
+                              dim=-1).to(torch.int32)
         plse = torch.empty((B, Hq, Lq, topk), dtype=torch.float32, device=dev)
         pout = torch.empty((B, Hq, Lq, topk, DV), dtype=torch.float32, device=dev)
         pbm, pbn = TA._pair_blocks(q, max(BLOCK_D, BLOCK_DV))
         TA._span_pairs_kernel[(triton.cdiv(npair_f, pbm), B * Hkv)](
-            q, k, v, kpm if kpm is not None else plo, idx_f, plo, phi, plse, pout,
-            *q.stride(), *k.stride(), *v.stride(),
-            *(kpm.stride() if kpm is not None else (0, 0)),
+            q, k, v, kpm_arg, idx_f, plo, phi, plse, pout,
+            *q.stride(), *k.stride(), *v.stride(), *kpm_st,
             Hkv, G, Lq, npair_f, qk_scale,
             TOPK=topk, D=D, DV=DV, HAS_KPM=kpm is not None, IEEE=ieee, DOT_F32=dot_f32,
             BLOCK_M=pbm, BLOCK_N=pbn, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, num_warps=4)
-        del idx_f, key_f
+        del idx_f
+        bm = min(32, max(16, TA._next_pow2(Lq)))
+        _prep_kernel[(triton.cdiv(Lq, bm) * B * Hq,)](
+            q, k, v, do, anchors, scores, kpm_arg, pos if pos is not None else back, back, fwd,
+            plo, phi, plse, pout, lse, delta, dsc,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *anchors.stride(),
+            *scores.stride(), *kpm_st, *(pos.stride() if pos is not None else (0, 0)),
+            Hq, G, Lq, T, W, S, qk_scale,
+            D=D, DV=DV, HAS_KPM=kpm is not None, HAS_POS=pos is not None, TOPK=topk,
+            KP=max(2, TA._next_pow2(NP)), NP=NP, IEEE=ieee, DOT_F32=dot_f32, BLOCK_M=bm,
+            BLOCK_N=64 if D <= 128 else 32, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, num_warps=4)
+        del plse, pout
     else:
-        plse = pout = plo
-    lse = torch.empty((B, Hq, Lq, NP), dtype=torch.float32, device=dev)
-    delta = torch.empty((B, Hq, Lq, NP), dtype=torch.float32, device=dev)
-    bm = min(32, max(16, TA._next_pow2(Lq)))
-    _prep_kernel[(triton.cdiv(Lq, bm) * B * Hq,)](
-        q, k, v, do, anchors, scores, kpm if kpm is not None else back,
-        pos if pos is not None else back, back, fwd, plo, phi, plse, pout, lse, delta, dsc,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *anchors.stride(), *scores.stride(),
-        *(kpm.stride() if kpm is not None else (0, 0)),
-        *(pos.stride() if pos is not None else (0, 0)),
-        Hq, G, Lq, T, W, S, qk_scale,
-        D=D, DV=DV, HAS_KPM=kpm is not None, HAS_POS=pos is not None, TOPK=topk,
-        KP=max(2, TA._next_pow2(NP)), NP=NP, GATED=gated, SPANS=spans, IEEE=ieee,
-        DOT_F32=dot_f32, BLOCK_M=bm, BLOCK_N=64 if D <= 128 else 32, BLOCK_D=BLOCK_D,
-        BLOCK_DV=BLOCK_DV, num_warps=4)
-    del plse, pout
-    # 2. sort every kv head's pieces: sinks first (by hi), then by (lo // BUCKET, hi)
-    npair = G * Lq * NP
-    lo64, hi64 = lo.long(), hi.long()
-    is_sink = torch.zeros_like(lo64, dtype=torch.bool)
-    is_sink[..., -1] = True
-    key = torch.where(is_sink, hi64 - (T + 1), (lo64 // BUCKET) * (T + 1) + hi64)
-    key = torch.where(hi64 >= lo64, key, torch.iinfo(torch.int64).max).view(B * Hkv, npair)
-    skey, idx = torch.sort(key, dim=-1)
-    idx = idx.to(torch.int32)
-    cfg = _settings(q.dtype, max(BLOCK_D, BLOCK_DV))
-    bm, bn = cfg["dq_block_m"], cfg["dq_block_n"]
-    kpm_arg = kpm if kpm is not None else lo
-    kpm_st = kpm.stride() if kpm is not None else (0, 0)
+        # union: each piece's log-sum-exp (q.k only), merged per row; delta from the output
+        if out is None:
+            out = TA.span_attention(q, k, v, anchors, scores, key_padding_mask, query_positions,
+                                    window, sinks, span_power, backward_factor, forward_factor,
+                                    combine, scale, dense_below)
+        lse.fill_(float("-inf"))
+        _stats_kernel[(triton.cdiv(npair, cfg["st_block_m"]), B * Hkv)](
+            q, k, kpm_arg, idx, lo, hi, lse,
+            *q.stride(), *k.stride(), *kpm_st,
+            Hkv, G, Lq, npair, NP, qk_scale,
+            D=D, HAS_KPM=kpm is not None, IEEE=ieee, DOT_F32=dot_f32, PIPE=pipe,
+            BLOCK_M=cfg["st_block_m"], BLOCK_N=cfg["st_block_n"], BLOCK_D=BLOCK_D,
+            num_warps=cfg["st_warps"], num_stages=cfg["st_stages"])
+        br = max(16, 8192 // BLOCK_DV)
+        _union_rows_kernel[(triton.cdiv(B * Hq * Lq, br),)](
+            lse, delta, do, out, *do.stride(), *out.stride(), Hq, Lq, B * Hq * Lq,
+            NP=NP, KP=max(2, TA._next_pow2(NP)), DV=DV, BLOCK_R=br, BLOCK_DV=BLOCK_DV,
+            num_warps=4)
     # 3. dq
+    bm, bn = cfg["dq_block_m"], cfg["dq_block_n"]
     dq = torch.zeros((B, Hq, Lq, D), dtype=torch.float32, device=dev)
     _dq_kernel[(triton.cdiv(npair, bm), B * Hkv)](
         q, k, v, do, kpm_arg, idx, lo, hi, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *kpm_st,
         Hq, Hkv, G, Lq, npair, NP, qk_scale, float(scale),
-        D=D, DV=DV, HAS_KPM=kpm is not None, IEEE=ieee, DOT_F32=dot_f32, BLOCK_M=bm, BLOCK_N=bn,
-        BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, num_warps=cfg["dq_warps"])
+        D=D, DV=DV, HAS_KPM=kpm is not None, IEEE=ieee, DOT_F32=dot_f32, PIPE=pipe, BLOCK_M=bm,
+        BLOCK_N=bn, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, num_warps=cfg["dq_warps"],
+        num_stages=cfg["dq_stages"])
     # 4. dk, dv: key-major work list
     bm, bn, chunk = cfg["kv_block_m"], cfg["kv_block_n"], cfg["chunk"]
-    maxlen = (hi64 - lo64 + 1).clamp(min=0).amax()  # device scalar
+    maxlen = (hi.long() - lo.long() + 1).clamp(min=0).amax()  # device scalar
     ntile = triton.cdiv(T, bn)
     n0 = torch.arange(ntile, device=dev, dtype=torch.int64) * bn
     n1 = torch.clamp(n0 + bn - 1, max=T - 1)
+    # sort_keys: sinks below 0 (by hi); lo bucket c in [c * (T + 1), c * (T + 1) + T]
     lower = torch.where(n0 < S, n0 - (T + 1), torch.clamp(n0 - maxlen + 1, min=0) // BUCKET * (T + 1))
     upper = (n1 // BUCKET + 1) * (T + 1)
     c0 = torch.searchsorted(skey, lower.expand(B * Hkv, ntile).contiguous())
