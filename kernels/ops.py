@@ -66,8 +66,7 @@ def span_search(
     """Step 1 of SPEC.md: anchors int32 [B, Hq, Lq, topk] and scores float32 [B, Hq, Lq, topk]."""
     args = (search_query, key, key_padding_mask, query_positions, window, topk, search_power,
             span_power, backward_factor, forward_factor, search_key, dense_below)
-    # search_key="block" (docs/routing.md) has no Triton kernel yet: the reference runs on any device
-    if _use_triton(search_query.device) and search_key != "block":
+    if _use_triton(search_query.device):
         return _triton_module().span_search(*args)
     return reference.span_search(*args)
 

@@ -1,0 +1,151 @@
+"""The block-search kernel (kernels/triton_block.py, search_key="block") against the reference,
+under TRITON_INTERPRET=1.
+
+Tiny shapes, fresh random inputs, a NaN-poisoned allocator. Anchors must equal the reference's
+exactly. Integer-valued inputs make every bound exact in any summation order, so scores must be
+equal too and equal bounds are common: the tie rules (coarse: the later block; fine: the nearer
+anchor) are checked there. On Gaussian inputs scores agree to fp32 rounding (the kernel sums in
+another order than the reference's matrix products).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # CPU CI: run the kernels under Triton's interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+from slcompile.kernels import ops  # noqa: E402
+from slcompile.kernels import reference as R  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+    pytest.skip("Triton kernels need TRITON_INTERPRET=1 on a machine without CUDA",
+                allow_module_level=True)
+
+from slcompile.kernels import triton_block as TB  # noqa: E402
+from slcompile.kernels import triton_impl as TI  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+
+def _poison():
+    x = torch.full((1 << 16,), float("nan"), device=DEV)
+    del x
+
+
+def _data(gen, B, Hq, Hkv, Lq, T, D, integer, dtype):
+    if integer:
+        q = torch.randint(-3, 4, (B, Hq, Lq, D), generator=gen).float()
+        k = torch.randint(-3, 4, (B, Hkv, T, D), generator=gen).float()
+    else:
+        q = torch.randn(B, Hq, Lq, D, generator=gen)
+        k = torch.randn(B, Hkv, T, D, generator=gen)
+    return q.to(dtype), k.to(dtype)
+
+
+def _extras(gen, B, Lq, T, pad, posmode):
+    kpm = None
+    if pad:
+        kpm = torch.rand(B, T, generator=gen) > 0.3
+        kpm[0, :T // 4] = False  # left padding as well as holes
+        kpm[-1, T // 2:T // 2 + 40] = False  # a hole longer than a fine block
+    pos = None
+    if posmode == "random":
+        pos = torch.stack([torch.randperm(T, generator=gen)[:Lq] for _ in range(B)])
+    return kpm, pos
+
+
+CASES = [
+    # name, B, Hq, Hkv, Lq, T, D, W, topk, bf, ff, pad, posmode, integer, dtype, block_q
+    ("gqa-gauss-chunk", 1, 4, 2, 128, 230, 8, 16, 3, 2.0, 0.0, False, None, False, torch.float32, 128),
+    ("int-ties-pad-ff", 2, 2, 1, 160, 160, 8, 8, 4, 1.0, 1.0, True, None, True, torch.float32, 128),
+    ("preset-bf16-pad", 1, 2, 1, 96, 420, 16, 24, 8, 0.35, 0.0, True, None, False, torch.bfloat16, 128),
+    ("random-pos-fp16-int", 2, 2, 2, 24, 300, 8, 5, 2, 2.0, 0.0, True, "random", True, torch.float16, 8),
+    # one-key fine blocks, topk 1: more coarse blocks than the 2 refined, so coarse ties matter
+    ("one-key-blocks-top1", 1, 2, 1, 120, 120, 4, 4, 1, 0.0, 0.0, False, None, True, torch.float32, 128),
+    ("decode-gqa", 2, 4, 1, 1, 333, 8, 12, 3, 2.0, 0.0, True, None, False, torch.float32, 1),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_block_search_matches_reference(case):
+    name, B, Hq, Hkv, Lq, T, D, W, topk, bf, ff, pad, posmode, integer, dtype, bq = case
+    gen = torch.Generator().manual_seed(sum(map(ord, name)))
+    qs, k = _data(gen, B, Hq, Hkv, Lq, T, D, integer, dtype)
+    kpm, pos = _extras(gen, B, Lq, T, pad, posmode)
+    args = (kpm, pos, W, topk, 0.5, 0.5, bf, ff, "block", 0)
+    ra, rs = R.span_search(qs, k, *args)
+    dev = lambda x: x.to(DEV) if torch.is_tensor(x) else x  # noqa: E731
+    _poison()
+    a, s = TB.span_search(dev(qs), dev(k), *map(dev, args), block_q=bq)
+    a, s = a.cpu(), s.cpu()
+    assert (ra >= 0).sum() > ra.numel() // 3, "the case must keep spans"
+    assert torch.equal(a, ra), (name, (a != ra).nonzero()[:4].tolist())
+    if integer:
+        assert torch.equal(s, rs)
+    else:
+        torch.testing.assert_close(s, rs, rtol=1e-5, atol=1e-4)
+    if integer and topk > 1:  # equal bounds occur among the kept spans: the tie rules are exercised
+        kept = s[..., 1:][a[..., 1:] >= 0]
+        assert (kept == s[..., :-1][a[..., 1:] >= 0]).any()
+
+
+def test_short_sequences_and_empty_rows():
+    """Queries before the window keep nothing; T smaller than a fine block; every key padded."""
+    gen = torch.Generator().manual_seed(3)
+    qs, k = _data(gen, 2, 2, 1, 20, 20, 8, False, torch.float32)
+    kpm = torch.ones(2, 20, dtype=torch.bool)
+    kpm[1] = False
+    for args in [(None, None, 6, 3, 0.5, 0.5, 30.0, 0.0, "block", 0),  # blocks of 32 keys > T
+                 (kpm, None, 3, 2, 0.5, 0.5, 2.0, 0.0, "block", 0)]:
+        ra, rs = R.span_search(qs, k, *args)
+        _poison()
+        a, s = TB.span_search(qs.to(DEV), k.to(DEV), *[x.to(DEV) if torch.is_tensor(x) else x
+                                                       for x in args], block_q=32)
+        assert torch.equal(a.cpu(), ra)
+        torch.testing.assert_close(s.cpu(), rs, rtol=1e-5, atol=1e-4)
+        assert (ra[:, :, :args[2]] == -1).all() and (ra >= 0).any()
+
+
+def test_dispatch_runs_the_kernel():
+    """torch.ops.superlinear.span_search (forced onto Triton) routes "block" to this kernel; a
+    window covering every key, or T <= dense_below, keeps no span."""
+    gen = torch.Generator().manual_seed(4)
+    qs, k = _data(gen, 1, 2, 1, 3, 70, 8, False, torch.float32)
+    args = (None, None, 8, 2, 0.5, 0.5, 2.0, 0.0, "block", 0)
+    ra, rs = R.span_search(qs, k, *args)
+    was = ops._FORCE_TRITON
+    ops.force_triton(True)
+    try:
+        calls = []
+        orig = TB.span_search
+        TB.span_search = lambda *a, **kw: calls.append(1) or orig(*a, **kw)
+        try:
+            a, s = torch.ops.superlinear.span_search(qs.to(DEV), k.to(DEV), *args)
+        finally:
+            TB.span_search = orig
+    finally:
+        ops.force_triton(was)
+    assert calls and torch.equal(a.cpu(), ra)
+    torch.testing.assert_close(s.cpu(), rs, rtol=1e-5, atol=1e-4)
+    for w, below in [(70, 0), (8, 70)]:
+        a, s = TI.span_search(qs, k, None, None, w, 2, 0.5, 0.5, 2.0, 0.0, "block", below)
+        assert (a == -1).all() and (s == float("-inf")).all()
+
+
+def test_bad_inputs_raise():
+    q, k = _data(torch.Generator().manual_seed(0), 1, 3, 2, 4, 40, 8, False, torch.float32)
+    with pytest.raises(ValueError, match="kv heads"):
+        TB.span_search(q, k, None, None, 4, 2, 0.5, 0.5, 2.0, 0.0, "block", 0)
+    q = q[:, :2]
+    with pytest.raises(ValueError, match="topk"):
+        TB.span_search(q, k, None, None, 4, 9, 0.5, 0.5, 2.0, 0.0, "block", 0)
+    with pytest.raises(ValueError, match="search_key"):
+        TB.span_search(q, k, None, None, 4, 2, 0.5, 0.5, 2.0, 0.0, "anchor", 0)
+    with pytest.raises(ValueError, match="dtype|bf16"):
+        TB.span_search(q.double(), k.double(), None, None, 4, 2, 0.5, 0.5, 2.0, 0.0, "block", 0)
