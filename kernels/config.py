@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 COMBINE_MODES = ("union", "gated")
-SEARCH_KEYS = ("anchor", "mean", "block")
+SEARCH_KEYS = ("anchor", "mean", "block", "block_rerank")
 # SuperlinearConfig.for_pretrained(): see its docstring. Measured on SmolLM2-135M at 8K (H200,
 # benchmarks/RESULTS.md "Quality at 8K"): perplexity +2.8% at 13.3% of keys per query; a large
 # window carries perplexity, eight ~0.35 sqrt(t)-key spans on the best fine blocks the rest.

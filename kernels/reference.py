@@ -74,8 +74,10 @@ def span_search(
     n = num_stripes(T, search_power)
     deltas = stripe_deltas(n, search_power, dev)  # ascending: nearest anchor first
     back, fwd = span_extents(T, span_power, backward_factor, forward_factor, dev)
-    if search_key == "block":  # coarse-to-fine block bounds, docs/routing.md
-        return _block_search(qs, k, key_padding_mask, pos, W, topk, back, fwd, anchors, scores)
+    if search_key in ("block", "block_rerank"):  # coarse-to-fine block bounds, docs/routing.md
+        rerank = RERANK * topk if search_key == "block_rerank" else 0
+        return _block_search(qs, k, key_padding_mask, pos, W, topk, back, fwd, anchors, scores,
+                             rerank)
     g = Hq // Hkv
 
     if search_key == "mean":
@@ -132,6 +134,7 @@ def span_search(
 
 BLOCK = 32  # finest block size in keys (smaller when spans are shorter, see _block_levels)
 COARSE_FANOUT = 2  # coarse blocks refined per kept span
+RERANK = 4  # search_key="block_rerank": fine blocks rescored exactly per kept span
 
 
 def _key_pyramid(k: torch.Tensor, key_padding_mask: Optional[torch.Tensor], levels: int):
@@ -201,8 +204,10 @@ def _block_levels(e: torch.Tensor, back_t: torch.Tensor):
     return jf, jf + c
 
 
-def _block_search(qs, k, key_padding_mask, pos, W, topk, back, fwd, anchors, scores):
-    """search_key="block" (docs/routing.md): writes anchors/scores in place."""
+def _block_search(qs, k, key_padding_mask, pos, W, topk, back, fwd, anchors, scores, rerank=0):
+    """search_key="block" (docs/routing.md): writes anchors/scores in place. rerank > 0
+    ("block_rerank"): the `rerank` best fine candidates by bound are rescored by their exact
+    largest q.k before the greedy."""
     B, Hq, Lq, D = qs.shape
     Hkv, T = k.shape[1], k.shape[2]
     dev = qs.device
@@ -234,10 +239,37 @@ def _block_search(qs, k, key_padding_mask, pos, W, topk, back, fwd, anchors, sco
                 a_, s_ = _block_search_chunk(
                     qs[b][:, qi].float(), k[b], None if key_padding_mask is None else last_present[b],
                     [x[b] for x in kmin], [x[b] for x in kmax], [x[b] for x in cnt], run_min, run_max,
-                    run_cnt, pos[b, qi], W, topk, back, fwd, jf, jc)
+                    run_cnt, pos[b, qi], W, topk, back, fwd, jf, jc, rerank,
+                    None if key_padding_mask is None else key_padding_mask[b])
                 anchors[b, :, qi] = a_.to(torch.int32)
                 scores[b, :, qi] = s_
     return anchors, scores
+
+
+def _rerank_exact(q, kb, kpm, fsc, e, jf, M):
+    """search_key="block_rerank" (docs/routing.md): the M best fine candidates of fsc [Hq, c, nF]
+    by bound (ties: the nearer block) get the exact largest logit q.k over the block's present keys
+    <= e; every other block drops to -inf. O(M * bs * D) per query."""
+    Hq, c, nF = fsc.shape
+    Hkv, T, D = kb.shape
+    g = Hq // Hkv
+    ninf = float("-inf")
+    M = min(M, nF)
+    order = (nF - 1) - torch.sort(fsc.flip(-1), dim=-1, descending=True, stable=True).indices[..., :M]
+    ok = torch.gather(fsc, -1, order) > ninf  # [Hq, c, M]
+    head = (torch.arange(Hq, device=q.device) // g)[:, None, None] * T
+    flat = kb.reshape(Hkv * T, D).float()
+    best = torch.full((Hq, c, M), ninf, dtype=torch.float32, device=q.device)
+    for i in range(1 << jf):  # the i-th key of every candidate block
+        p = (order << jf) + i
+        valid = ok & (p <= e[None, :, None])
+        pc = p.clamp(max=T - 1)
+        if kpm is not None:
+            valid &= kpm[pc]
+        key = flat.index_select(0, (head + pc).reshape(-1)).view(Hq, c, M, D)
+        lg = (key * q[:, :, None, :]).sum(-1)
+        best = torch.maximum(best, lg.masked_fill(~valid, ninf))
+    return torch.full_like(fsc, ninf).scatter_(-1, order, best)
 
 
 def _sorted_by_score_then_nearer(sc: torch.Tensor, a: torch.Tensor):
@@ -248,7 +280,7 @@ def _sorted_by_score_then_nearer(sc: torch.Tensor, a: torch.Tensor):
 
 
 def _block_search_chunk(q, kb, last_present, kmin, kmax, cnt, run_min, run_max, run_cnt, t, W, topk,
-                        back, fwd, jf, jc):
+                        back, fwd, jf, jc, rerank=0, kpm=None):
     """One batch row, queries sharing (jf, jc). q [Hq, c, D] float32, t [c]. Returns anchors
     int64 [Hq, c, topk] and scores float32 [Hq, c, topk].
 
@@ -299,6 +331,8 @@ def _block_search_chunk(q, kb, last_present, kmin, kmax, cnt, run_min, run_max, 
         fsc = torch.where(here[None], psc[..., None], fsc)
         fc = torch.where(here[None], pc[None, :, None], fc)
     fsc = fsc.masked_fill(~(cand & (fc > 0)), ninf)
+    if rerank:
+        fsc = _rerank_exact(q, kb, kpm, fsc, e, jf, rerank)
     # anchor of a fine block: its last present key inside [0, e]
     b1 = torch.minimum((fidx << jf)[None, :] + bs - 1, e[:, None])
     fa = (b1 if last_present is None else last_present[b1.clamp(min=0)]).expand(Hq, c, nF)

@@ -25,9 +25,11 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def oracle_block_search(qs, k, kpm, pos, W, topk, span_power, bf, ff, triples):
+def oracle_block_search(qs, k, kpm, pos, W, topk, span_power, bf, ff, triples, rerank=0):
     """docs/routing.md, written out per query with Python loops over blocks, in float64, from the
-    keys themselves (no pyramid, no running summaries). Returns {(b, h, i): (anchors, scores)}."""
+    keys themselves (no pyramid, no running summaries). rerank > 0 ("block_rerank"): the rerank
+    best candidates by bound are rescored by their exact largest q.k. Returns {(b, h, i): (anchors,
+    scores)}."""
     B, Hq, Lq, D = qs.shape
     Hkv, T = k.shape[1], k.shape[2]
     g = Hq // Hkv
@@ -78,6 +80,10 @@ def oracle_block_search(qs, k, kpm, pos, W, topk, span_power, bf, ff, triples):
                 a = max(p for p in range(lo, hi + 1) if present[p])
                 cands.append((s, a, lo))
             cands.sort(key=lambda x: (-x[0], -x[1]))
+            if rerank:
+                cands = [(max(float(q @ kk[p]) for p in range(lo, a + 1) if present[p]), a, lo)
+                         for s, a, lo in cands[:rerank * topk]]
+                cands.sort(key=lambda x: (-x[0], -x[1]))
             for s, a, lo in cands:
                 if len(anchors) == topk:
                     break
@@ -102,8 +108,9 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("search_key", ["block", "block_rerank"])
 @pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
-def test_block_search_matches_oracle(case):
+def test_block_search_matches_oracle(case, search_key):
     B, Hq, Hkv, T, D, W, topk, r, bf, ff, padded = case
     gen = torch.Generator().manual_seed(hash(case) % 2**31)
     qs = torch.randn(B, Hq, T, D, generator=gen)
@@ -113,11 +120,12 @@ def test_block_search_matches_oracle(case):
         kpm = torch.rand(B, T, generator=gen) > 0.25
         kpm[:, :8] = False  # left padding as well as holes
     pos = ref.default_positions(B, T, T, "cpu")
-    a, s = ref.span_search(qs, k, kpm, None, W, topk, 0.5, r, bf, ff, "block", 0)
+    a, s = ref.span_search(qs, k, kpm, None, W, topk, 0.5, r, bf, ff, search_key, 0)
     rng = random.Random(0)
     triples = [(b, h, i) for b in range(B) for h in range(Hq) for i in range(T)]
     triples = rng.sample(triples, min(len(triples), 120)) + [(0, 0, T - 1), (B - 1, Hq - 1, W)]
-    want = oracle_block_search(qs, k, kpm, pos, W, topk, r, bf, ff, triples)
+    want = oracle_block_search(qs, k, kpm, pos, W, topk, r, bf, ff, triples,
+                               ref.RERANK if search_key == "block_rerank" else 0)
     n_nonempty = 0
     for key, (wa, ws) in want.items():
         b, h, i = key
