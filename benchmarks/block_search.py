@@ -110,6 +110,7 @@ def main():
     ap.add_argument("--lengths", default="8192,32768,131072")
     ap.add_argument("--ref-queries", type=int, default=2048)
     ap.add_argument("--skip-checks", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="time a few launch shapes at 32K")
     a = ap.parse_args()
     cfg = SuperlinearConfig.for_pretrained()
     out = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, config=cfg.to_dict(),
@@ -120,18 +121,34 @@ def main():
                                                   ((32, 8, 128), 2048, 32768, False, True),
                                                   ((32, 8, 128), 1, 32768, True, True)]:
             out["checks"].append(check(cfg, Hq, Hkv, Lq, T, D, integer, pad, seed=T + Lq))
+    os.makedirs(a.out, exist_ok=True)
+
+    def save():
+        with open(os.path.join(a.out, "block_search.json"), "w") as f:
+            json.dump(out, f, indent=1)
+
+    save()
     for T in [int(x) for x in a.lengths.split(",")]:
         for Hq, Hkv, D in HEADS:
             out["timings"].append(timing(cfg, Hq, Hkv, D, T, a.ref_queries))
-    os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "block_search.json"), "w") as f:
-        json.dump(out, f, indent=1)
-    lines = ["| T | Hq/Hkv/D | block kernel (prefill) | anchor search | block / anchor | queries timed vs ref "
-             "| kernel | reference | speed-up |", "|---|---|---|---|---|---|---|---|---|"]
+            save()
+    if a.sweep:  # launch shapes of the kernel at 32K, Hq=32/Hkv=8/D=128
+        q, k = data(32, 8, 32768, 32768, 128, False, 1)
+        out["sweep"] = {}
+        for bq, nw in [(1, 4), (1, 8), (2, 4), (4, 8)]:
+            ms = cuda_time(lambda: TB.span_search(q, k, *search_args(cfg), block_q=bq, num_warps=nw),
+                           budget_s=0.5, max_iters=5)[0] * 1e3
+            out["sweep"][f"block_q={bq},num_warps={nw}"] = ms
+            print("sweep", bq, nw, f"{ms:.2f} ms", flush=True)
+        save()
+    lines = ["| T | Hq/Hkv/D | block kernel (prefill) | anchor search | block / anchor "
+             "| queries timed vs ref | kernel | reference | speed-up |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in out["timings"]:
         lines.append(f"| {r['T']} | {'/'.join(map(str, r['heads']))} | {r['block_s'] * 1e3:.2f} ms | "
                      f"{r['anchor_s'] * 1e3:.2f} ms | {r['x_anchor']:.1f}x | {r['slice_queries']} | "
-                     f"{r['block_slice_s'] * 1e3:.2f} ms | {r['ref_slice_s'] * 1e3:.1f} ms | {r['x_ref']:.0f}x |")
+                     f"{r['block_slice_s'] * 1e3:.2f} ms | {r['ref_slice_s'] * 1e3:.1f} ms | "
+                     f"{r['x_ref']:.0f}x |")
     with open(os.path.join(a.out, "block_search.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

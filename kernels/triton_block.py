@@ -85,7 +85,7 @@ def _anchors(LP, lpb, slpn, last, ok, HAS_KPM: tl.constexpr):
     return a
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["JLO"])  # a runtime loop counter starts at JLO (may be 1)
 def _block_search_kernel(
     QS, K, KPM, KMIN, KMAX, LP, POS, BACK, FWD, A_OUT, S_OUT,
     sqb, sqh, sqm, sqd,
@@ -98,7 +98,7 @@ def _block_search_kernel(
     Hq, G, Lq, T, W, JLO, JTOP,
     D: tl.constexpr, HAS_KPM: tl.constexpr, HAS_POS: tl.constexpr, TOPK: tl.constexpr,
     M: tl.constexpr, MP: tl.constexpr, RP: tl.constexpr, LOG_BLOCK: tl.constexpr,
-    QB: tl.constexpr, BLOCK_D: tl.constexpr, DC: tl.constexpr,
+    BLK: tl.constexpr, QB: tl.constexpr, BLOCK_D: tl.constexpr, DC: tl.constexpr,
 ):
     # one program: QB queries of one query head (the longest query blocks first)
     pid = tl.program_id(0)
@@ -157,7 +157,7 @@ def _block_search_kernel(
     cs = tl.full([QB, MP, RP], float("-inf"), tl.float32)
     ca = tl.full([QB, MP, RP], -1, tl.int32)
     cb = tl.zeros([QB, MP, RP], tl.int32)
-    for g in tl.static_range(M):
+    for g in range(M):  # a runtime loop: short compiles
         best = tl.max(csc, axis=1)
         ci = tl.max(tl.where(csc == best[:, None], r, -1), axis=1)
         csc = tl.where(r == ci[:, None], float("-inf"), csc)
@@ -182,7 +182,7 @@ def _block_search_kernel(
     ts = _bounds(QROW, qok, sqd, PMIN, PMAX, row_f + f, whole, spn, spd, D, BLOCK_D, DC)
     pb = (e >> jf) << jf  # first key of the last fine block
     part = live & (pb + bs - 1 > e)
-    p = pb[:, None] + tl.arange(0, 1 << LOG_BLOCK)[None, :]  # [QB, BLOCK]
+    p = pb[:, None] + tl.arange(0, BLK)[None, :]  # [QB, BLK]
     pm = part[:, None] & (p <= e2)
     if HAS_KPM:
         pm = pm & (tl.load(KPM + b * skpb + p.to(tl.int64) * skpn, mask=pm, other=0) != 0)
@@ -209,7 +209,7 @@ def _block_search_kernel(
     # greedy keep: topk rounds of best remaining candidate (ties: nearer anchor), then drop every
     # candidate whose [first slot, anchor] the kept span covers
     obase = b * sab + h * sah + qi * sam
-    for j in tl.static_range(TOPK):
+    for j in range(TOPK):
         best = tl.maximum(tl.max(tl.max(cs, axis=2), axis=1), tl.max(ts, axis=1))
         b3 = best[:, None, None]
         a1 = tl.max(tl.max(tl.where(cs == b3, ca, -1), axis=2), axis=1)
@@ -296,8 +296,8 @@ def span_search(qs, k, key_padding_mask, query_positions, window, topk, search_p
         *anchors.stride(),
         Hq, Hq // Hkv, Lq, T, W, jlo, T.bit_length(),
         D=D, HAS_KPM=key_padding_mask is not None, HAS_POS=query_positions is not None,
-        TOPK=topk, M=M, MP=_next_pow2(M), RP=RP, LOG_BLOCK=_LOG_BLOCK, QB=QB, BLOCK_D=BLOCK_D,
-        DC=DC,
+        TOPK=topk, M=M, MP=_next_pow2(M), RP=RP, LOG_BLOCK=_LOG_BLOCK, BLK=BLOCK, QB=QB,
+        BLOCK_D=BLOCK_D, DC=DC,
         num_warps=num_warps,
     )
     return anchors, scores
