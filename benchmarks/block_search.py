@@ -30,8 +30,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from attention import cuda_time  # noqa: E402
+from gpu_check import boot  # noqa: E402
 
-from slcompile import SuperlinearConfig  # noqa: E402
+boot()  # slcompile.kernels from this checkout (the GPU machine has no install)
+from slcompile.kernels.config import SuperlinearConfig  # noqa: E402
 from slcompile.kernels import reference as R  # noqa: E402
 from slcompile.kernels import triton_block as TB  # noqa: E402
 from slcompile.kernels import triton_impl as TI  # noqa: E402
