@@ -3,16 +3,18 @@
 
 One run times, at L = 32K .. 256K (B=1, Hq=32, Hkv=8, d=128, bf16, default config with
 dense_below=0), ``out = slcompile.superlinear_attention(q, k, v)`` followed by
-``out.backward(dout)`` for ``combine="union"`` and ``"gated"`` (gated: the gradient also flows
-through the gate's scores into q and k, the search query being q), against
+the gradients of q, k, v for ``dout`` (``torch.autograd.grad``: nothing accumulates into
+``.grad``) for ``combine="union"`` and ``"gated"`` (gated: the gradient also flows through the
+gate's scores into q and k, the search query being q), against
 ``F.scaled_dot_product_attention(..., is_causal=True, enable_gqa=True)`` (flash) forward +
-backward. Also the forward alone, so that the backward's share is visible. Median of CUDA-event
-timings; writes ``train.json`` and ``train.md`` to ``--out``.
+backward, timed the same way. Also the forward alone, so that the backward's share is visible.
+Median of CUDA-event timings; writes ``train.json`` and ``train.md`` to ``--out``.
 
 FLOP model (for the achieved-throughput column): dense causal attention does 4*d*L^2/2 FLOPs per
 head forward and 2.5x that backward (recompute q.k, dO.v, dS.k, dS^T.q, P^T.dO); superlinear
 attention attends |A_t| = min(t+1, S + W + k*(bf+ff)*(t+1)^r) keys per query (SPEC's cost model),
-so 4*d*|A_t| forward and 10*d*|A_t| backward, plus the recompute of the forward partials (4*d*|A_t|).
+so 4*d*|A_t| forward and 10*d*|A_t| backward, plus (union) the q.k-only statistics pass
+(2*d*|A_t|).
 
     python benchmarks/train.py [--lengths 32768,65536,131072,262144] [--out DIR] [--check]
 
@@ -46,11 +48,12 @@ def keys_attended(L, S, W, k, bf, ff, r):
 
 
 def gradient_sweep():
-    """Triton backward against the reference gradients (``autograd.gathered_attention``, fp32
-    on the same GPU), plus the search query's gradient of the whole gated chain. Returns rows."""
-    from slcompile.kernels import autograd as AG, reference as R, triton_backward as TB
+    """The ops' gradients on the GPU (Triton forward and backward, through autograd as in
+    training: the union backward takes delta from the saved output) against the reference
+    gradients (``autograd.gathered_attention``, fp32 on the same GPU). Returns rows."""
+    from slcompile.kernels import autograd as AG, reference as R
 
-    out = []
+    rows = []
     cases = [  # B, Hq, Hkv, L, D, dtype, combine, pad, pos, dense_below
         (1, 8, 2, 2048, 128, torch.bfloat16, "union", False, False, 0),
         (1, 8, 2, 2048, 128, torch.bfloat16, "gated", False, False, 0),
@@ -67,15 +70,26 @@ def gradient_sweep():
         kpm = (torch.rand(B, L, device="cuda", generator=g) > 0.2) if pad else None
         qp = torch.sort(torch.randint(0, 4 * L, (B, L), device="cuda", generator=g) % L, 1).values if pos else None
         a, s = R.span_search(qs, k, kpm, qp, 64, 3, 0.5, 0.5, 2.0, 0.0, "anchor", db)
-        args = (q, k, v, a, s, kpm, qp, 64, 4, 0.5, 2.0, 0.0, combine, D ** -0.5, db)
+        params = (kpm, qp, 64, 4, 0.5, 2.0, 0.0, combine, D ** -0.5, db)
+        row = {"case": f"B={B} Hq={Hq} Hkv={Hkv} L={L} D={D} {str(dt)[6:]} {combine} pad={pad} "
+                       f"pos={pos} dense_below={db}"}
+        ins = [x.clone().requires_grad_() for x in (q, k, v)]
+        if combine == "gated":
+            ins.append(s.clone().requires_grad_())
         torch.cuda.synchronize()
         t0 = time.time()
-        got = TB.span_attention_backward(do, *args)
+        try:
+            out = torch.ops.superlinear.span_attention(*ins[:3], a, ins[3] if combine == "gated"
+                                                       else s, *params)
+            got = torch.autograd.grad(out, ins, do)
+        except Exception as e:  # noqa: BLE001  (report, keep going)
+            row.update(error=repr(e)[:300], ok=False)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            continue
         torch.cuda.synchronize()
-        t1 = time.time()
-        ref = AG.gathered_attention(*args, grad_out=do)[1:]
-        row = {"case": f"B={B} Hq={Hq} Hkv={Hkv} L={L} D={D} {str(dt)[6:]} {combine} pad={pad} "
-                       f"pos={pos} dense_below={db}", "triton_s": round(t1 - t0, 3)}
+        row["triton_s"] = round(time.time() - t0, 3)
+        ref = AG.gathered_attention(q, k, v, a, s, *params, grad_out=do)[1:]
         ok = True
         tol = 1e-4 if dt == torch.float32 else 2.5e-2
         for name, x, y in zip(("dq", "dk", "dv", "dscores"), got, ref):
@@ -89,8 +103,8 @@ def gradient_sweep():
             ok &= err <= tol
         row["ok"] = bool(ok)
         print(json.dumps(row), flush=True)
-        out.append(row)
-    return out
+        rows.append(row)
+    return rows
 
 
 def _qkv(L, Hq, Hkv, D):
@@ -109,15 +123,15 @@ def _fwd_bwd(q, k, v, do, combine="union"):
     o = torch.ops.superlinear.span_attention(
         q, k, v, a, s, None, None, c["window"], c["sinks"], c["span_power"],
         c["backward_factor"], c["forward_factor"], combine, q.shape[-1] ** -0.5, 0)
-    o.backward(do)
+    torch.autograd.grad(o, (q, k, v), do)
 
 
 def tune(TB, L, Hq, Hkv, D):
     """Time union fwd+bwd at L for a few block settings of the backward; keep the fastest
     (each change alone, then the best changes together)."""
     q, k, v, do = _qkv(L, Hq, Hkv, D)
-    cands = [{}, {"kv_block_m": 128}, {"kv_block_n": 128, "kv_block_m": 32},
-             {"dq_block_m": 128, "dq_warps": 8}]
+    cands = [{}, {"dq_stages": 1, "kv_stages": 1, "st_stages": 1},
+             {"dq_stages": 3, "kv_stages": 3}]
     rows = []
     for cand in cands:
         TB.TUNING.clear()
@@ -213,7 +227,7 @@ def main(argv=None):
         def sdpa(backward=True):
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
             if backward:
-                o.backward(do)
+                torch.autograd.grad(o, (q, k, v), do)
 
         for name, fn in (("union", lambda: sl("union")), ("gated", lambda: sl("gated")),
                          ("union_fwd", lambda: sl("union", False)), ("sdpa", sdpa),
@@ -225,12 +239,11 @@ def main(argv=None):
                 row[name + "_iters"] = n
             except Exception as e:  # noqa: BLE001  (report, keep going)
                 row[name + "_error"] = repr(e)[:300]
-            q.grad = k.grad = v.grad = None
             torch.cuda.empty_cache()
         A = keys_attended(L, CFG.get("sinks", 4), CFG["window"], CFG["topk"],
                           CFG["backward_factor"], CFG["forward_factor"], CFG["span_power"]) * Hq
         dense_flops = 4 * D * (L * (L + 1) / 2) * Hq * 3.5  # fwd + 2.5x bwd
-        sl_flops = (4 + 10 + 4) * D * A  # fwd + bwd + recompute
+        sl_flops = (4 + 10 + 2) * D * A  # fwd + bwd + union's statistics pass
         if "union_ms" in row and "sdpa_ms" in row:
             row["speedup_union"] = round(row["sdpa_ms"] / row["union_ms"], 2)
             row["sdpa_tflops"] = round(dense_flops / row["sdpa_ms"] / 1e9, 1)

@@ -29,9 +29,14 @@ Passes (no host synchronisation except one count of the key-major work list):
 3. ``_dq_kernel``: 64 consecutive pieces share one key range; dq per piece, atomically added to
    its query row (a row has up to topk + 2 pieces).
 4. ``_dkdv_kernel``: key-major. For a key tile, the pieces that can touch it lie in one contiguous
-   range of the sorted order (lo >= tile start - longest piece + 1); the range is cut into chunks
-   of at most ``chunk`` pieces, one program each, accumulating dk, dv of the tile in registers and
-   adding them atomically once at the end (few atomics: about one tile per chunk).
+   range of the sorted order (lo >= tile start - longest piece + 1); of its blocks of
+   ``kv_block_m`` pieces, those whose extents can reach the tile become the tile's work list,
+   cut into runs of at most ``chunk`` pieces, one program each, accumulating dk, dv of the tile
+   in registers and adding them atomically once at the end (few atomics: about one tile per run).
+
+The key-tile loops of the stats and dq kernels and the block loop of the dk/dv kernel are for
+loops with runtime bounds, which Triton software-pipelines (``*_stages``); the interpreter cannot
+take such bounds, so there the same bodies run in while loops.
 """
 
 from __future__ import annotations
@@ -264,7 +269,7 @@ def _stats_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     ks0 = (lo_min // BLOCK_N) * BLOCK_N
-    if PIPE:  # see _dq_kernel
+    if PIPE:  # module docstring
         for ks in range(ks0, hi_max + 1, BLOCK_N):
             m_i, l_i = _stats_tile(ks, m_i, l_i, q, kbase, lo, hi, hi_max, KPM, b, skpb, skpn,
                                    skn, skd, qk_scale, D, HAS_KPM, IEEE, DOT_F32, BLOCK_N,
@@ -367,9 +372,7 @@ def _dq_kernel(
     vbase = V + b * svb + kvh * svh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     ks0 = (lo_min // BLOCK_N) * BLOCK_N
-    if PIPE:
-        # a for loop over the key tiles is software-pipelined (num_stages), a while loop is not;
-        # the interpreter cannot take the for loop's runtime bound
+    if PIPE:  # a pipelined for loop; the interpreter: a while loop (module docstring)
         for ks in range(ks0, hi_max + 1, BLOCK_N):
             dq = _dq_tile(ks, dq, q, do, lo, hi, hi_max, lse, delta, kbase, vbase, KPM, b, skpb,
                           skpn, skn, skd, svn, svd, qk_scale, D, DV, HAS_KPM, IEEE, DOT_F32,
@@ -387,8 +390,42 @@ def _dq_kernel(
 
 
 @triton.jit
+def _dkdv_block(c, dk, dv, kt, vt, offn, present, n0, n1, Q, DO, IDX, PLO, PHI, LSE, DELTA,
+                gbase, b, kvh, sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, G, Lq, NPAIR, NP,
+                qk_scale, D: tl.constexpr, DV: tl.constexpr, IEEE: tl.constexpr,
+                DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_DV: tl.constexpr):
+    """One block of ``_dkdv_kernel``: the sorted pieces [c, c + BLOCK_M) against the key tile."""
+    offd = tl.arange(0, BLOCK_D)
+    offdv = tl.arange(0, BLOCK_DV)
+    r = c + tl.arange(0, BLOCK_M)
+    rm = r < NPAIR
+    loc = tl.load(IDX + gbase + r, mask=rm, other=0)
+    gidx = gbase + loc.to(tl.int64)
+    lo = tl.load(PLO + gidx, mask=rm, other=1)
+    hi = tl.load(PHI + gidx, mask=rm, other=0)
+    ok = rm & (hi >= lo) & (hi >= n0) & (lo <= n1)
+    h64, qi = _piece_rows(loc, kvh, G, Lq, NP)
+    q = tl.load(Q + b * sqb + h64[:, None] * sqh + qi[:, None] * sqm + offd[None, :] * sqd,
+                mask=ok[:, None] & (offd[None, :] < D), other=0.0)
+    do = tl.load(DO + b * sdb + h64[:, None] * sdh + qi[:, None] * sdm + offdv[None, :] * sdd,
+                 mask=ok[:, None] & (offdv[None, :] < DV), other=0.0)
+    lse = tl.load(LSE + gidx, mask=ok, other=float("inf"))
+    delta = tl.load(DELTA + gidx, mask=ok, other=0.0)
+    s = _mm(q, kt, IEEE, DOT_F32) * qk_scale  # [BM, BN]
+    keep = ok[:, None] & (offn[None, :] >= lo[:, None]) & (offn[None, :] <= hi[:, None]) \
+        & present[None, :]
+    p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
+    dp = _mm(do, vt, IEEE, DOT_F32)
+    ds = p * (dp - delta[:, None])
+    dv += _mm(tl.trans(p.to(do.dtype)), do, IEEE, DOT_F32)
+    dk += _mm(tl.trans(ds.to(q.dtype)), q, IEEE, DOT_F32)
+    return dk, dv
+
+
+@triton.jit
 def _dkdv_kernel(
-    Q, K, V, DO, KPM, IDX, PLO, PHI, LSE, DELTA, ITEMS, DK, DV_,
+    Q, K, V, DO, KPM, IDX, PLO, PHI, LSE, DELTA, ITEMS, BLIST, DK, DV_,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -396,16 +433,17 @@ def _dkdv_kernel(
     skpb, skpn,
     Hkv, G, Lq, T, NPAIR, NP, qk_scale, sm_scale,
     D: tl.constexpr, DV: tl.constexpr, HAS_KPM: tl.constexpr, IEEE: tl.constexpr,
-    DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
+    DOT_F32: tl.constexpr, PIPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """One work item (kv group, key tile, sorted piece range [c0, c1)): dk, dv of the tile from
-    those pieces, added atomically to DK/DV_ (fp32 [B, Hkv, T, D])."""
+    """One work item (kv group, key tile, entries [j0, j1) of BLIST, the sorted-order blocks
+    of BLOCK_M pieces that can touch the tile): dk, dv of the tile from those pieces, added
+    atomically to DK/DV_ (fp32 [B, Hkv, T, D])."""
     w = tl.program_id(0).to(tl.int64)
     grp = tl.load(ITEMS + w * 4).to(tl.int64)
     n0 = tl.load(ITEMS + w * 4 + 1).to(tl.int32) * BLOCK_N
-    c0 = tl.load(ITEMS + w * 4 + 2).to(tl.int32)
-    c1 = tl.load(ITEMS + w * 4 + 3).to(tl.int32)
+    j0 = tl.load(ITEMS + w * 4 + 2)
+    j1 = tl.load(ITEMS + w * 4 + 3)
     b = grp // Hkv
     kvh = grp % Hkv
     offn = n0 + tl.arange(0, BLOCK_N)
@@ -427,32 +465,22 @@ def _dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     gbase = grp * NPAIR
     n1 = n0 + BLOCK_N - 1
-    c = c0
-    while c < c1:
-        r = c + tl.arange(0, BLOCK_M)
-        rm = r < c1
-        loc = tl.load(IDX + gbase + r, mask=rm, other=0)
-        gidx = gbase + loc.to(tl.int64)
-        lo = tl.load(PLO + gidx, mask=rm, other=1)
-        hi = tl.load(PHI + gidx, mask=rm, other=0)
-        ok = rm & (hi >= lo) & (hi >= n0) & (lo <= n1)
-        if tl.max(ok.to(tl.int32), axis=0) > 0:
-            h64, qi = _piece_rows(loc, kvh, G, Lq, NP)
-            q = tl.load(Q + b * sqb + h64[:, None] * sqh + qi[:, None] * sqm + offd[None, :] * sqd,
-                        mask=ok[:, None] & (offd[None, :] < D), other=0.0)
-            do = tl.load(DO + b * sdb + h64[:, None] * sdh + qi[:, None] * sdm
-                         + offdv[None, :] * sdd, mask=ok[:, None] & (offdv[None, :] < DV), other=0.0)
-            lse = tl.load(LSE + gidx, mask=ok, other=float("inf"))
-            delta = tl.load(DELTA + gidx, mask=ok, other=0.0)
-            s = _mm(q, kt, IEEE, DOT_F32) * qk_scale  # [BM, BN]
-            keep = ok[:, None] & (offn[None, :] >= lo[:, None]) & (offn[None, :] <= hi[:, None]) \
-                & present[None, :]
-            p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
-            dp = _mm(do, vt, IEEE, DOT_F32)
-            ds = p * (dp - delta[:, None])
-            dv += _mm(tl.trans(p.to(do.dtype)), do, IEEE, DOT_F32)
-            dk += _mm(tl.trans(ds.to(q.dtype)), q, IEEE, DOT_F32)
-        c += BLOCK_M
+    if PIPE:  # module docstring
+        for j in range(j0, j1):
+            c = tl.load(BLIST + j) * BLOCK_M
+            dk, dv = _dkdv_block(c, dk, dv, kt, vt, offn, present, n0, n1, Q, DO, IDX, PLO, PHI,
+                                 LSE, DELTA, gbase, b, kvh, sqb, sqh, sqm, sqd, sdb, sdh, sdm,
+                                 sdd, G, Lq, NPAIR, NP, qk_scale, D, DV, IEEE, DOT_F32, BLOCK_M,
+                                 BLOCK_D, BLOCK_DV)
+    else:
+        j = j0
+        while j < j1:
+            c = tl.load(BLIST + j) * BLOCK_M
+            dk, dv = _dkdv_block(c, dk, dv, kt, vt, offn, present, n0, n1, Q, DO, IDX, PLO, PHI,
+                                 LSE, DELTA, gbase, b, kvh, sqb, sqh, sqm, sqd, sdb, sdh, sdm,
+                                 sdd, G, Lq, NPAIR, NP, qk_scale, D, DV, IEEE, DOT_F32, BLOCK_M,
+                                 BLOCK_D, BLOCK_DV)
+            j += 1
     tl.atomic_add(DK + (grp * T + offn64)[:, None] * D + offd[None, :], dk * sm_scale,
                   mask=nmask[:, None] & (offd[None, :] < D))
     tl.atomic_add(DV_ + (grp * T + offn64)[:, None] * DV + offdv[None, :], dv,
@@ -464,21 +492,20 @@ def _settings(dtype, Dmax):
     kv_block_m=128 won the H200 tuning at 128K (231.9 ms fwd+bwd against 261.6 ms with 64;
     benchmarks/RESULTS.md)."""
     small = dtype == torch.float32 or Dmax > 128
-    stages = 2 if small else 3
     s = dict(dq_block_m=32 if small else 64, dq_block_n=32 if small else 64, dq_warps=4,
-             dq_stages=stages, kv_block_m=32 if small else 128, kv_block_n=32 if small else 64,
-             kv_warps=8 if Dmax >= 128 else 4, chunk=2048,
+             dq_stages=2, kv_block_m=32 if small else 128, kv_block_n=32 if small else 64,
+             kv_warps=8 if Dmax >= 128 else 4, kv_stages=2, chunk=2048,
              st_block_m=32 if small else 64, st_block_n=32 if small else 64, st_warps=4,
-             st_stages=stages)
+             st_stages=2 if small else 3)
     s.update(TUNING)
     return s
 
 
 TUNING: dict = {}
 """Overrides of ``_settings`` (benchmarks/train.py --tune sets them): dq_block_m, dq_block_n,
-dq_warps, dq_stages, kv_block_m, kv_block_n, kv_warps, chunk (pieces per dk/dv work item at
-most), st_block_m, st_block_n, st_warps, st_stages (union statistics pass); *_stages: the
-software-pipelining depth of the kernel's key-tile loop."""
+dq_warps, dq_stages, kv_block_m, kv_block_n, kv_warps, kv_stages, chunk (pieces per dk/dv
+work item at most), st_block_m, st_block_n, st_warps, st_stages (union statistics pass);
+*_stages: the software-pipelining depth of the kernel's main loop."""
 BUCKET = 64  # lo // BUCKET orders the pieces (sort_keys)
 
 
@@ -520,6 +547,59 @@ def piece_tables(anchors, pos, T, W, S, back, fwd, union, spans, B, Hq, Lq, devi
     lo = torch.where(empty, 1, lo).to(torch.int32).contiguous()
     hi = torch.where(empty, 0, hi).to(torch.int32).contiguous()
     return lo, hi, plo, phi
+
+
+def _key_major_work(lo, hi, idx, skey, T, S, NG, npair, cfg):
+    """The dk/dv kernel's work: per kv group, key tiles of kv_block_n keys and blocks of
+    kv_block_m consecutive sorted pieces. A tile's candidate pieces lie in one range [c0, c1)
+    of the sorted order (lo bucket from that of tile start - longest piece + 1 to that of the
+    tile end; sinks: the tiles below S); of the blocks overlapping it, those whose smallest lo
+    and largest hi can reach the tile are the tile's work, in runs of at most chunk // kv_block_m
+    blocks. Returns items int32 [n, 4] (group, tile, first, end into blist) and blist int32
+    (block numbers)."""
+    bm, bn = cfg["kv_block_m"], cfg["kv_block_n"]
+    dev = lo.device
+    ntile = triton.cdiv(T, bn)
+    nblk = triton.cdiv(npair, bm)
+    # smallest lo and largest hi of the present pieces of each block
+    srt = idx.long()
+    lo_s = lo.view(NG, npair).gather(1, srt)
+    hi_s = hi.view(NG, npair).gather(1, srt)
+    real = hi_s >= lo_s
+    pad = nblk * bm - npair
+    lo_b = torch.nn.functional.pad(torch.where(real, lo_s, T), (0, pad), value=T)
+    hi_b = torch.nn.functional.pad(torch.where(real, hi_s, -1), (0, pad), value=-1)
+    lo_b = lo_b.view(NG, nblk, bm).amin(-1)
+    hi_b = hi_b.view(NG, nblk, bm).amax(-1)
+    # candidate range per (group, tile), see sort_keys
+    maxlen = (hi.long() - lo.long() + 1).clamp(min=0).amax()  # device scalar
+    n0 = torch.arange(ntile, device=dev, dtype=torch.int64) * bn
+    n1 = torch.clamp(n0 + bn - 1, max=T - 1)
+    lower = torch.where(n0 < S, n0 - (T + 1),
+                        torch.clamp(n0 - maxlen + 1, min=0) // BUCKET * (T + 1))
+    upper = (n1 // BUCKET + 1) * (T + 1)
+    c0 = torch.searchsorted(skey, lower.expand(NG, ntile).contiguous()).reshape(-1)
+    c1 = torch.searchsorted(skey, upper.expand(NG, ntile).contiguous()).reshape(-1)
+    j0 = c0 // bm
+    cnt = torch.where(c1 > c0, (c1 + bm - 1) // bm - j0, 0)
+    ncand = int(cnt.sum().item())
+    pair = torch.repeat_interleave(torch.arange(NG * ntile, device=dev), cnt, output_size=ncand)
+    j = j0[pair] + torch.arange(ncand, device=dev) - (torch.cumsum(cnt, 0) - cnt)[pair]
+    g, tile = pair // ntile, pair % ntile
+    live = (lo_b[g, j] <= n1[tile]) & (hi_b[g, j] >= n0[tile])
+    pair, j = pair[live], j[live]
+    # runs of at most cb live blocks per (group, tile)
+    cb = max(1, cfg["chunk"] // bm)
+    nlive = torch.bincount(pair, minlength=NG * ntile)
+    nch = (nlive + cb - 1) // cb
+    total = int(nch.sum().item())
+    item = torch.repeat_interleave(torch.arange(NG * ntile, device=dev), nch, output_size=total)
+    sub = torch.arange(total, device=dev) - (torch.cumsum(nch, 0) - nch)[item]
+    first = (torch.cumsum(nlive, 0) - nlive)[item]
+    s0 = first + sub * cb
+    s1 = torch.minimum(s0 + cb, first + nlive[item])
+    items = torch.stack([item // ntile, item % ntile, s0, s1], 1).to(torch.int32).contiguous()
+    return items, j.to(torch.int32).contiguous()
 
 
 def span_attention_backward(grad_out, q, k, v, anchors, scores, key_padding_mask, query_positions,
@@ -623,32 +703,15 @@ def span_attention_backward(grad_out, q, k, v, anchors, scores, key_padding_mask
         BLOCK_N=bn, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, num_warps=cfg["dq_warps"],
         num_stages=cfg["dq_stages"])
     # 4. dk, dv: key-major work list
-    bm, bn, chunk = cfg["kv_block_m"], cfg["kv_block_n"], cfg["chunk"]
-    maxlen = (hi.long() - lo.long() + 1).clamp(min=0).amax()  # device scalar
-    ntile = triton.cdiv(T, bn)
-    n0 = torch.arange(ntile, device=dev, dtype=torch.int64) * bn
-    n1 = torch.clamp(n0 + bn - 1, max=T - 1)
-    # sort_keys: sinks below 0 (by hi); lo bucket c in [c * (T + 1), c * (T + 1) + T]
-    lower = torch.where(n0 < S, n0 - (T + 1), torch.clamp(n0 - maxlen + 1, min=0) // BUCKET * (T + 1))
-    upper = (n1 // BUCKET + 1) * (T + 1)
-    c0 = torch.searchsorted(skey, lower.expand(B * Hkv, ntile).contiguous())
-    c1 = torch.searchsorted(skey, upper.expand(B * Hkv, ntile).contiguous())
-    nch = torch.div(c1 - c0 + chunk - 1, chunk, rounding_mode="floor").clamp(min=0).reshape(-1)
-    total = int(nch.sum().item())
     dk = torch.zeros((B, Hkv, T, D), dtype=torch.float32, device=dev)
     dv = torch.zeros((B, Hkv, T, DV), dtype=torch.float32, device=dev)
-    if total > 0:
-        item = torch.repeat_interleave(torch.arange(nch.numel(), device=dev), nch,
-                                       output_size=total)
-        first = torch.cumsum(nch, 0) - nch
-        sub = torch.arange(total, device=dev) - first[item]
-        c0f = c0.reshape(-1)[item] + sub * chunk
-        c1f = torch.minimum(c0f + chunk, c1.reshape(-1)[item])
-        items = torch.stack([item // ntile, item % ntile, c0f, c1f], 1).to(torch.int32).contiguous()
-        _dkdv_kernel[(total,)](
-            q, k, v, do, kpm_arg, idx, lo, hi, lse, delta, items, dk, dv,
+    items, blist = _key_major_work(lo, hi, idx, skey, T, S, B * Hkv, npair, cfg)
+    if items.shape[0] > 0:
+        _dkdv_kernel[(items.shape[0],)](
+            q, k, v, do, kpm_arg, idx, lo, hi, lse, delta, items, blist, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *kpm_st,
             Hkv, G, Lq, T, npair, NP, qk_scale, float(scale),
-            D=D, DV=DV, HAS_KPM=kpm is not None, IEEE=ieee, DOT_F32=dot_f32, BLOCK_M=bm,
-            BLOCK_N=bn, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, num_warps=cfg["kv_warps"])
+            D=D, DV=DV, HAS_KPM=kpm is not None, IEEE=ieee, DOT_F32=dot_f32, PIPE=pipe,
+            BLOCK_M=cfg["kv_block_m"], BLOCK_N=cfg["kv_block_n"], BLOCK_D=BLOCK_D,
+            BLOCK_DV=BLOCK_DV, num_warps=cfg["kv_warps"], num_stages=cfg["kv_stages"])
     return dq, dk, dv, dsc

@@ -253,6 +253,40 @@ def test_triton_backward_matches_cpu_backward(combine, pad, pos, dtype, dense_be
         assert ref[3].abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("combine", ["union", "gated"])
+def test_key_major_work_covers_each_touching_piece_once(combine):
+    """The dk/dv work list (plain torch, no kernel) against brute force: for every kv group and
+    key tile, the pieces of its listed blocks include every piece that reaches the tile, and no
+    block is listed twice for a tile (that would add its dk, dv twice)."""
+    TB = _triton()
+    B, Hq, Hkv, L, W, S, topk = 1, 4, 2, 2000, 16, 4, 3
+    g = torch.Generator().manual_seed(7)
+    t = torch.arange(L)
+    back, fwd = span_extents(L, 0.5, 2.0, 0.0)
+    a = (t[None, None, :, None] - W - (torch.rand(B, Hq, L, topk, generator=g)
+                                        * (t[None, None, :, None] - W + 1)).long())
+    a = torch.where(a >= 0, a, -1).int()
+    lo, hi, _, _ = TB.piece_tables(a, None, L, W, S, back, fwd, combine == "union", True, B, Hq,
+                                   L, "cpu")
+    NG, npair = B * Hkv, (Hq // Hkv) * L * (topk + 2)
+    skey, idx = torch.sort(TB.sort_keys(lo, hi, L).view(NG, npair), dim=-1)
+    cfg = dict(TB._settings(torch.bfloat16, 128), kv_block_m=64, kv_block_n=64, chunk=256)
+    items, blist = TB._key_major_work(lo, hi, idx.int(), skey, L, S, NG, npair, cfg)
+    ntile = -(-L // 64)
+    cover = torch.zeros(NG, ntile, npair, dtype=torch.int64)  # by position in sorted order
+    for grp, tile, j0, j1 in items.tolist():
+        for blk in blist[j0:j1].tolist():
+            cover[grp, tile, blk * 64:(blk + 1) * 64] += 1
+    lo_s, hi_s = (x.view(NG, npair).gather(1, idx) for x in (lo, hi))
+    n0 = torch.arange(ntile) * 64
+    touch = ((hi_s >= lo_s)[:, None] & (hi_s[:, None] >= n0[None, :, None])
+             & (lo_s[:, None] <= n0[None, :, None] + 63))
+    assert touch.sum() > 2 * npair  # pieces reach several tiles
+    assert bool((cover[touch] == 1).all())
+    assert int(cover.max()) == 1
+    assert cover.sum() < 4 * touch.sum()  # and the list is not everything
+
+
 @pytest.mark.parametrize("combine", ["gated", "union"])
 def test_ops_route_backward_through_triton_when_forced(combine):
     _triton()
