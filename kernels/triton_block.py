@@ -33,13 +33,10 @@ import triton.language as tl
 
 from .geometry import check_search_inputs, keeps_no_span, no_span_outputs, span_extents
 from .reference import BLOCK, COARSE_FANOUT
+from .triton_search import _next_pow2
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LOG_BLOCK = BLOCK.bit_length() - 1
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (int(x) - 1).bit_length())
 
 
 @triton.jit
