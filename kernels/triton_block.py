@@ -8,11 +8,13 @@ Two parts:
   bf16/fp16 values is exact in that dtype) in one buffer per bound, level after level. Absent keys
   (key-padding mask) enter as -inf/+inf; a block without present keys is recognised by the
   last-present-key table (``LP``) and scores -inf, its summary is never used.
-* ``_block_search_kernel``: one program per (batch row, query head, query), the longest queries
-  first. It scores the query's coarse blocks (at most 2^c <= RP of them, one [RP, D] tile), picks the
-  2 topk best by repeated argmax (ties: the later block) and, in the same loop, scores each picked
-  block's R fine blocks (one [RP, D] tile of the fine level); then the tail's fine blocks (the
-  partial last one from its keys, at most BLOCK of them). The greedy keep of docs/routing.md is run
+* ``_block_search_kernel``: one program per (batch row, query head, ``block_q`` queries; 1 on the
+  GPU, where it was measured; the interpreter tests use more to cut per-op overhead), the longest
+  queries first. Per query it scores the coarse blocks (at most 2^c <= RP of them, one [RP, D]
+  tile), picks the 2 topk best by repeated argmax (ties: the later block) and, in the same loop,
+  scores each picked block's R fine blocks (one [RP, D] tile of the fine level); then the tail's
+  R fine blocks, the partial last one from its (at most BLOCK) keys. The greedy keep of
+  docs/routing.md is run
   as topk rounds of "take the best remaining candidate (ties: the nearer anchor), drop every
   candidate its span covers", which keeps the same anchors in the same order (a candidate skipped
   by the greedy is exactly one covered by a span kept before it). Per query: O((2 topk + 1) R D)
