@@ -35,8 +35,9 @@ Passes (no host synchronisation except one count of the key-major work list):
    in registers and adding them atomically once at the end (few atomics: about one tile per run).
 
 The key-tile loops of the stats and dq kernels and the block loop of the dk/dv kernel are for
-loops with runtime bounds, which Triton software-pipelines (``*_stages``); the interpreter cannot
-take such bounds, so there the same bodies run in while loops.
+loops with runtime bounds, which Triton can software-pipeline (``*_stages`` > 1; measured slower
+on the H200, so off by default); the interpreter cannot take such bounds, so there the same
+bodies run in while loops.
 """
 
 from __future__ import annotations
@@ -488,15 +489,17 @@ def _dkdv_kernel(
 
 
 def _settings(dtype, Dmax):
-    """Block sizes and warps of the stats, dq and dk/dv kernels, then ``TUNING``'s overrides.
-    kv_block_m=128 won the H200 tuning at 128K (231.9 ms fwd+bwd against 261.6 ms with 64;
-    benchmarks/RESULTS.md)."""
+    """Block sizes, warps and pipelining depths of the stats, dq and dk/dv kernels, then
+    ``TUNING``'s overrides. H200 tunings at 128K (bf16, union fwd+bwd; benchmarks/RESULTS.md):
+    kv_block_m=128 (231.9 ms against 261.6 ms with 64, earlier kernels); no software pipelining
+    (154.9 ms against 162.8 ms with 2 stages for dq and dk/dv and 3 for stats, 185.0 ms with 3
+    everywhere)."""
     small = dtype == torch.float32 or Dmax > 128
     s = dict(dq_block_m=32 if small else 64, dq_block_n=32 if small else 64, dq_warps=4,
-             dq_stages=2, kv_block_m=32 if small else 128, kv_block_n=32 if small else 64,
-             kv_warps=8 if Dmax >= 128 else 4, kv_stages=2, chunk=2048,
+             dq_stages=1, kv_block_m=32 if small else 128, kv_block_n=32 if small else 64,
+             kv_warps=8 if Dmax >= 128 else 4, kv_stages=1, chunk=2048,
              st_block_m=32 if small else 64, st_block_n=32 if small else 64, st_warps=4,
-             st_stages=2 if small else 3)
+             st_stages=1)
     s.update(TUNING)
     return s
 
