@@ -69,10 +69,11 @@ def make_batch(gen, batch, seq_len, n_pairs, n_queries, n_keys, n_values, n_fill
             vpos.to(device))
 
 
-def rotary(x, base=10000.0):
-    """Rotary position embedding on the first half of the head dim; the rest stays as is."""
+def rotary(x, dims, base=10000.0):
+    """Rotary position embedding on the first ``dims`` (even) dims of each head; the rest stays
+    as is."""
     B, H, L, D = x.shape
-    r = D // 2
+    r = dims
     half = r // 2
     inv = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
     ang = torch.arange(L, device=x.device, dtype=torch.float32)[:, None] * inv[None, :]
@@ -82,9 +83,10 @@ def rotary(x, base=10000.0):
 
 
 class Attention(nn.Module):
-    def __init__(self, d, hq, hkv, config):
+    def __init__(self, d, hq, hkv, config, rotary_dims):
         super().__init__()
         self.hq, self.hkv, self.hd = hq, hkv, d // hq
+        self.rotary_dims = rotary_dims
         self.q = nn.Linear(d, d, bias=False)
         self.k = nn.Linear(d, hkv * self.hd, bias=False)
         self.v = nn.Linear(d, hkv * self.hd, bias=False)
@@ -95,8 +97,8 @@ class Attention(nn.Module):
 
     def forward(self, x):
         B, L, _ = x.shape
-        q = rotary(self.q(x).view(B, L, self.hq, self.hd).transpose(1, 2))
-        k = rotary(self.k(x).view(B, L, self.hkv, self.hd).transpose(1, 2))
+        q = rotary(self.q(x).view(B, L, self.hq, self.hd).transpose(1, 2), self.rotary_dims)
+        k = rotary(self.k(x).view(B, L, self.hkv, self.hd).transpose(1, 2), self.rotary_dims)
         v = self.v(x).view(B, L, self.hkv, self.hd).transpose(1, 2)
         qs = self.s(x).view(B, L, self.hq, self.hd).transpose(1, 2)
         if self.record is not None:  # the same search superlinear_attention runs, for its anchors
@@ -111,10 +113,10 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, d, hq, hkv, config):
+    def __init__(self, d, hq, hkv, config, rotary_dims):
         super().__init__()
         self.n1, self.n2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.attn = Attention(d, hq, hkv, config)
+        self.attn = Attention(d, hq, hkv, config, rotary_dims)
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
 
     def forward(self, x):
@@ -123,10 +125,11 @@ class Block(nn.Module):
 
 
 class RetrievalLM(nn.Module):
-    def __init__(self, vocab, d, layers, hq, hkv, config):
+    def __init__(self, vocab, d, layers, hq, hkv, config, rotary_frac=0.5):
         super().__init__()
+        rotary_dims = 2 * round(d // hq * rotary_frac / 2)
         self.emb = nn.Embedding(vocab, d)
-        self.blocks = nn.ModuleList([Block(d, hq, hkv, config) for _ in range(layers)])
+        self.blocks = nn.ModuleList([Block(d, hq, hkv, config, rotary_dims) for _ in range(layers)])
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, vocab, bias=False)
 
@@ -184,6 +187,9 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--rotary-frac", type=float, default=0.5,
+                    help="fraction of each head's dims that rotary embeddings turn (the rest is "
+                         "position-free: what a span's mean key can match)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     ap.add_argument("--search-lr-mult", type=float, default=1.0,
@@ -208,7 +214,8 @@ def main(argv=None):
     config = SuperlinearConfig(window=args.window, sinks=args.sinks, topk=args.topk,
                                combine="gated", search_key="mean", dense_below=0)
     vocab = args.filler + args.keys + args.values
-    model = RetrievalLM(vocab, args.d_model, args.layers, args.heads, args.kv_heads, config).to(dev)
+    model = RetrievalLM(vocab, args.d_model, args.layers, args.heads, args.kv_heads, config,
+                        args.rotary_frac).to(dev)
     search = [p for n, p in model.named_parameters() if ".attn.s." in n]
     rest = [p for n, p in model.named_parameters() if ".attn.s." not in n]
     peak = [args.lr, args.lr * args.search_lr_mult]
