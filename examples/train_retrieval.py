@@ -12,9 +12,18 @@ Model: ``--layers`` pre-norm blocks; attention is ``slcompile.superlinear_attent
 ``combine="gated"`` (the paper's trainable form: per-span softmaxes mixed by a softmax over the
 spans' search scores), ``search_key="mean"`` (a span is scored by the mean of its keys, so a key
 anywhere in the span can attract the search), GQA, and a *learned search projection*
-(``search_query = W_s x``, its own weights). Rotary embeddings turn half of each head's dims
-(the other half stays position-free, which is what the mean key of a span can match). The search
-projection learns only through the gate (see kernels/autograd.py): the curve shows it learning.
+(``search_query = W_s x``, its own weights). Rotary embeddings turn a quarter of each head's
+dims (``--rotary-frac``); the rest stays position-free, which is what the mean key of a span can
+match (rotated dims average out over a span). The search projection learns only through the gate
+(see kernels/autograd.py).
+
+Training: AdamW, linear warmup, then cosine decay over the wall-clock budget ``--max-seconds``;
+every ``--eval-every`` steps an evaluation on fresh held-out batches; the run stops once accuracy
+reaches ``--target``, then a 4x larger fresh held-out set gives the final accuracy. Each
+evaluation also measures *routing recall*: the fraction of answer queries for which some head of
+the last layer keeps a span that holds the answer's value token (at step 0 this is what random
+routing gets), and the accuracy with and without such a span, which separates learning where to
+look from learning to read what was found.
 
     python examples/train_retrieval.py                         # GPU: until 90% or --max-seconds
     python examples/train_retrieval.py --device cpu --steps 3 --seq-len 96 --batch 2   # smoke test
@@ -187,10 +196,10 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--kv-heads", type=int, default=2)
-    ap.add_argument("--rotary-frac", type=float, default=0.5,
+    ap.add_argument("--rotary-frac", type=float, default=0.25,
                     help="fraction of each head's dims that rotary embeddings turn (the rest is "
                          "position-free: what a span's mean key can match)")
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     ap.add_argument("--search-lr-mult", type=float, default=1.0,
                     help="learning rate of the search projections, in units of --lr")
@@ -201,7 +210,7 @@ def main(argv=None):
     ap.add_argument("--max-seconds", type=float, default=540.0,
                     help="wall-clock budget of the run (training plus evaluations)")
     ap.add_argument("--target", type=float, default=0.9, help="stop once eval accuracy >= this")
-    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--eval-batches", type=int, default=4,
                     help="fresh held-out batches per evaluation (the final one uses 4x as many)")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
