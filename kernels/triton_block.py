@@ -7,28 +7,48 @@ Two parts:
   first query past the window up to log2(T)), stored in the keys' dtype (a minimum or maximum of
   bf16/fp16 values is exact in that dtype) in one buffer per bound, level after level. Absent keys
   (key-padding mask) enter as -inf/+inf; a block without present keys is recognised by the
-  last-present-key table (``LP``) and scores -inf, its summary is never used.
-* ``_block_search_kernel``: one program per (batch row, query head, ``block_q`` queries; 1 on the
-  GPU, where it was measured; the interpreter tests use more to cut per-op overhead), the longest
-  queries first. Per query it scores the coarse blocks (at most 2^c <= RP of them, one [RP, D]
-  tile), picks the 2 topk best by repeated argmax (ties: the later block) and, in the same loop,
-  scores each picked block's R fine blocks (one [RP, D] tile of the fine level); then the tail's
-  R fine blocks, the partial last one from its (at most BLOCK) keys. The greedy keep of
-  docs/routing.md is run
-  as topk rounds of "take the best remaining candidate (ties: the nearer anchor), drop every
-  candidate its span covers", which keeps the same anchors in the same order (a candidate skipped
-  by the greedy is exactly one covered by a span kept before it). Per query: O((2 topk + 1) R D)
-  with R <= 2 sqrt(t / bs), no O(L^2) tensor, no host synchronisation.
+  last-present-key table (``LP``), never loaded, and scores -inf.
+* ``_block_search_kernel``: a persistent grid; one work item = ``QB`` consecutive queries x the G
+  query heads of one kv head (``QB * GP`` rows, GP = G rounded up to a power of two), the longest
+  query blocks first. Rows that share a block geometry (fine level, coarse level, number of whole
+  coarse blocks: all rows of an item but at geometry boundaries or with arbitrary query positions)
+  form a group, and per group:
+  - coarse step: the bounds of all rows against the whole coarse blocks, two tensor-core products
+    [rows, D] x [D, blocks] (q+ against the block maxima, q- against the minima, fp32
+    accumulation), then per row the 2 topk best by repeated argmax (ties: the later block), each
+    given a slot;
+  - refinement: for every coarse block that some row of the group kept, the bounds of its R fine
+    blocks for all rows (two products [rows, D] x [D, R]), written to the slot of the rows that kept
+    it (in a per-program scratch, as int64 keys: the order-preserving bits of the score above the
+    anchor, so the largest key is the best bound, ties to the nearer anchor);
+  - tail: its fine blocks the same way (one product); the partial last block of each row from its
+    (at most 32) keys.
+  Then the greedy of docs/routing.md as topk rounds of "keep the best remaining candidate, drop
+  every candidate its span covers", over per-slot maxima kept in registers: a kept span covers a
+  contiguous run of fine blocks, so a round rereads and rescans only the one or two slots holding
+  that run. A candidate skipped by the greedy is exactly one covered by a span kept before it, so
+  the same anchors come out in the same order.
 
-Bounds are sum_d q+_d kmax_d + sum_d q-_d kmin_d in fp32 (q+ = max(q, 0), q- = min(q, 0)), like the
-reference's two matrix products; only the summation order differs, so scores agree to fp32 rounding
-and anchors are identical unless two bounds differ by less than that rounding. Exactly equal bounds
-follow the reference's tie rules (coarse: the later block; fine: the nearer anchor), which the tests
-check on integer-valued inputs, where every bound is exact in any summation order.
+Cost per row: the coarse bounds, the fine bounds of the union U of the coarse blocks the item's rows
+kept (U <= min(n, rows * 2 topk)) and of the tail, each 2 D multiply-adds on tensor cores; the
+greedy O(topk (R + slots)). U R <= rows 2 topk R = O(sqrt(t)) per row: O(L^1.5) per prefill, with
+rows times the constant of scoring one row's candidates alone; at today's lengths U is most of the
+n <= 64 coarse blocks (rows of different heads and queries keep different ones), i.e. tensor cores
+score nearly every fine block before the window, which costs less than gathering each row's own.
+No O(L^2) tensor and no host synchronisation.
+
+Bounds are sum_d q+_d kmax_d + sum_d q-_d kmin_d with fp32 accumulation (q+ = max(q, 0),
+q- = min(q, 0)); products of bf16/fp16 values are exact in fp32 (fp32 inputs use IEEE fp32
+products), so only the order (and the tensor cores' internal rounding) of the sums differs from the
+reference: scores agree to fp32 rounding and anchors are identical unless two bounds differ by less
+than that rounding. On integer-valued inputs every bound is exact, so scores are bitwise equal and
+the tie rules decide; the tests check that. Under the Triton interpreter (whose bf16 products are
+wrong) the products run in fp32, which gives the same exact values.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -39,11 +59,14 @@ from .triton_search import _next_pow2
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LOG_BLOCK = BLOCK.bit_length() - 1
+# int64 key of a -inf score: below every finite score's key, so "no candidate"
+_NO_KEY = ((0xFF800000 ^ 0x7FFFFFFF) - (1 << 32)) << 32
+PROGRAMS_PER_SM = 4  # persistent grid: programs per multiprocessor (each owns a scratch area)
 
 
 @triton.jit
 def _level_row(j, JLO, JTOP, T):
-    """First row of level j [Q] in the pyramid buffers (levels JLO .. JTOP - 1 stored one after the
+    """First row of level j in the pyramid buffers (levels JLO .. JTOP - 1 stored one after the
     other, level i holding T >> i blocks)."""
     off = j.to(tl.int64) * 0
     i = JLO
@@ -51,27 +74,6 @@ def _level_row(j, JLO, JTOP, T):
         off += tl.where(i < j, T >> i, 0)
         i += 1
     return off
-
-
-@triton.jit
-def _bounds(QROW, qok, sqd, KMIN, KMAX, rows, ok, spn, spd,
-            D: tl.constexpr, BLOCK_D: tl.constexpr, DC: tl.constexpr):
-    """Quest bounds [Q, RP] of the queries (row pointers QROW [Q]) against pyramid rows ``rows``
-    [Q, RP] (masked by ok): sum_d q+ kmax + sum_d q- kmin, fp32, in chunks of DC dimensions."""
-    accp = tl.zeros(rows.shape, tl.float32)
-    accn = tl.zeros(rows.shape, tl.float32)
-    for d0 in tl.static_range(0, BLOCK_D, DC):
-        od = d0 + tl.arange(0, DC)
-        dm = od < D
-        q = tl.load(QROW[:, None] + od[None, :] * sqd, mask=qok[:, None] & dm[None, :],
-                    other=0.0).to(tl.float32)
-        m3 = ok[:, :, None] & dm[None, None, :]
-        off = rows[:, :, None] * spn + od[None, None, :] * spd
-        mx = tl.load(KMAX + off, mask=m3, other=0.0).to(tl.float32)
-        mn = tl.load(KMIN + off, mask=m3, other=0.0).to(tl.float32)
-        accp += tl.sum(tl.maximum(q, 0.0)[:, None, :] * mx, axis=2)
-        accn += tl.sum(tl.minimum(q, 0.0)[:, None, :] * mn, axis=2)
-    return accp + accn
 
 
 @triton.jit
@@ -84,9 +86,41 @@ def _anchors(LP, lpb, slpn, last, ok, HAS_KPM: tl.constexpr):
     return a
 
 
+@triton.jit
+def _key(score, a, ok, NO_KEY: tl.constexpr):
+    """int64 keys ordered like (score, anchor): the flipped float bits of the score (-0 as +0)
+    above the anchor (>= 0); NO_KEY where not ok."""
+    bits = tl.where(score == 0.0, 0, score.to(tl.int32, bitcast=True))
+    o = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    return tl.where(ok, (o.to(tl.int64) << 32) | a.to(tl.int64), NO_KEY)
+
+
+@triton.jit
+def _key_score(key):
+    o = (key >> 32).to(tl.int32)
+    return tl.where(o >= 0, o, o ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _tile_bounds(qp, qn, PMIN, PMAX, rows, ok, spn, spd, od, dm, DOT_F32: tl.constexpr):
+    """Bounds [rows of q, len(rows)] of the queries (q+ and q- tiles [ROWS, BLOCK_D]) against the
+    pyramid rows ``rows`` (masked by ok, not loaded where not ok): q+ . kmax + q- . kmin."""
+    off = rows[:, None] * spn + od[None, :] * spd
+    m = ok[:, None] & dm[None, :]
+    mx = tl.load(PMAX + off, mask=m, other=0.0)
+    mn = tl.load(PMIN + off, mask=m, other=0.0)
+    if DOT_F32:
+        sp = tl.dot(qp, tl.trans(mx.to(tl.float32)), input_precision="ieee")
+        sn = tl.dot(qn, tl.trans(mn.to(tl.float32)), input_precision="ieee")
+    else:
+        sp = tl.dot(qp, tl.trans(mx))
+        sn = tl.dot(qn, tl.trans(mn))
+    return sp + sn
+
+
 @triton.jit(do_not_specialize=["JLO"])  # a runtime loop counter starts at JLO (may be 1)
 def _block_search_kernel(
-    QS, K, KPM, KMIN, KMAX, LP, POS, BACK, FWD, A_OUT, S_OUT,
+    QS, K, KPM, KMIN, KMAX, LP, POS, BACK, FWD, A_OUT, S_OUT, SCR,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     skpb, skpn,
@@ -94,134 +128,184 @@ def _block_search_kernel(
     slpb, slpn,
     sposb, sposm,
     sab, sah, sam, sak,
-    Hq, G, Lq, T, W, JLO, JTOP,
+    Hkv, G, Lq, T, W, JLO, JTOP, NQB, NITEMS, NPROG, NPER,
     D: tl.constexpr, HAS_KPM: tl.constexpr, HAS_POS: tl.constexpr, TOPK: tl.constexpr,
     M: tl.constexpr, MP: tl.constexpr, RP: tl.constexpr, LOG_BLOCK: tl.constexpr,
-    BLK: tl.constexpr, QB: tl.constexpr, BLOCK_D: tl.constexpr, DC: tl.constexpr,
+    QB: tl.constexpr, GP: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
+    NO_KEY: tl.constexpr,
 ):
-    # one program: QB queries of one query head (the longest query blocks first)
+    ROWS: tl.constexpr = QB * GP
     pid = tl.program_id(0)
-    nqb = tl.cdiv(Lq, QB)
-    nbh = tl.num_programs(0) // nqb
-    bh = pid % nbh
-    b = (bh // Hq).to(tl.int64)
-    h = (bh % Hq).to(tl.int64)
-    kvh = h // G
-    qi = ((nqb - 1 - pid // nbh) * QB + tl.arange(0, QB)).to(tl.int64)
-    qok = qi < Lq
-    if HAS_POS:
-        t = tl.load(POS + b * sposb + qi * sposm, mask=qok, other=0).to(tl.int32)
-    else:
-        t = (T - Lq + qi).to(tl.int32)
-    t = tl.where(qok, t, 0)
-    e = t - W
-    live = qok & (e >= 0)
-    e = tl.maximum(e, 0)
-    back_t = tl.load(BACK + t).to(tl.int32)
-    fwd_t = tl.load(FWD + t).to(tl.int32)
+    rr = tl.arange(0, ROWS)
+    col = tl.arange(0, RP)
+    scol = tl.arange(0, MP)
+    od = tl.arange(0, BLOCK_D)
+    dm = od < D
+    g = rr % GP
+    nbh = NITEMS // NQB  # batch rows x kv heads
+    # this program's scratch: [ROWS, M + 1 slots, RP] int64 keys (slot M: the tail)
+    scr = SCR + pid.to(tl.int64) * (ROWS * (M + 1) * RP) + rr[:, None].to(tl.int64) * ((M + 1) * RP)
+    w = pid  # items pid, pid + NPROG, ... (past NITEMS: no rows)
+    while w < NPER * NPROG:
+        tl.debug_barrier()  # the previous item's scratch reads are done before it is rewritten
+        bh = w % nbh
+        b = (bh // Hkv).to(tl.int64)
+        kvh = (bh % Hkv).to(tl.int64)
+        qi = ((NQB - 1 - w // nbh) * QB + rr // GP).to(tl.int64)
+        rok = (qi < Lq) & (g < G) & (w < NITEMS)
+        h = kvh * G + g
+        if HAS_POS:
+            t = tl.load(POS + b * sposb + qi * sposm, mask=rok, other=0).to(tl.int32)
+        else:
+            t = (T - Lq + qi).to(tl.int32)
+        t = tl.where(rok, t, 0)
+        e = t - W
+        live = rok & (e >= 0)
+        e = tl.maximum(e, 0)
+        back_t = tl.load(BACK + t).to(tl.int32)
+        fwd_t = tl.load(FWD + t).to(tl.int32)
+        # block sizes (docs/routing.md, step 1): bs = 2^jf, coarse blocks of R = 2^c fine blocks
+        jf = back_t * 0
+        for _ in tl.static_range(LOG_BLOCK):
+            jf = tl.where((2 << jf) <= back_t + 1, jf + 1, jf)
+        nf = tl.maximum((e + 1) >> jf, 1)
+        c = jf * 0
+        while tl.max(((1 << (2 * c)) < nf).to(tl.int32), axis=0) > 0:
+            c = tl.where((1 << (2 * c)) < nf, c + 1, c)
+        n_full = tl.where(live, (e + 1) >> (jf + c), 0)
 
-    # block sizes (docs/routing.md, step 1): bs = 2^jf, coarse blocks of R = 2^c fine blocks
-    jf = back_t * 0
-    for _ in tl.static_range(LOG_BLOCK):
-        jf = tl.where((2 << jf) <= back_t + 1, jf + 1, jf)
-    nf = tl.maximum((e + 1) >> jf, 1)
-    c = jf * 0
-    while tl.max(((1 << (2 * c)) < nf).to(tl.int32), axis=0) > 0:
-        c = tl.where((1 << (2 * c)) < nf, c + 1, c)
-    jc = jf + c
-    R = 1 << c
-    bs = 1 << jf
-    n_full = tl.where(live, (e + 1) >> jc, 0)
+        q = tl.load((QS + b * sqb + h * sqh + qi * sqm)[:, None] + od[None, :] * sqd,
+                    mask=rok[:, None] & dm[None, :], other=0.0)
+        if DOT_F32:
+            q = q.to(tl.float32)
+        qp = tl.maximum(q, 0.0).to(q.dtype)
+        qn = tl.minimum(q, 0.0).to(q.dtype)
+        PMIN = KMIN + b * spb_ + kvh * sph
+        PMAX = KMAX + b * spb_ + kvh * sph
+        kbase = K + b * skb + kvh * skh
+        lpb = b * slpb
 
-    QROW = QS + b * sqb + h * sqh + qi * sqm
-    PMIN = KMIN + b * spb_ + kvh * sph
-    PMAX = KMAX + b * spb_ + kvh * sph
-    lpb = b * slpb
-    row_f = _level_row(jf, JLO, JTOP, T)[:, None]
-    r = tl.arange(0, RP)[None, :]
-    jf2, bs2, R2, e2 = jf[:, None], bs[:, None], R[:, None], e[:, None]
+        rank = tl.full([ROWS, RP], -1, tl.int32)  # slot of each kept coarse block, per row
+        smax = tl.full([ROWS, MP], NO_KEY, tl.int64)  # best remaining key per slot
+        tmax = tl.full([ROWS], NO_KEY, tl.int64)  # ... of the tail
+        gkey = tl.where(live, (jf.to(tl.int64) << 40) | ((jf + c).to(tl.int64) << 32)
+                        | n_full.to(tl.int64), -1)
+        todo = live
+        while tl.max(todo.to(tl.int32), axis=0) > 0:
+            gk = tl.max(tl.where(todo, gkey, -1), axis=0)
+            grp = todo & (gkey == gk)
+            todo = todo & ~grp
+            gjf = (gk >> 40).to(tl.int32)
+            gjc = ((gk >> 32) & 0xFF).to(tl.int32)
+            gn = (gk & 0xFFFFFFFF).to(tl.int32)
+            gR = 1 << (gjc - gjf)
+            gbs = 1 << gjf
+            row_f = _level_row(gjf, JLO, JTOP, T)
 
-    # coarse step: the n_full whole coarse blocks, scored by their bound
-    # (blocks without present keys are masked before loading: their summaries hold +-inf)
-    cok = r < n_full[:, None]
-    if HAS_KPM:
-        jc2 = jc[:, None]
-        cok = cok & (_anchors(LP, lpb, slpn, ((r + 1) << jc2) - 1, cok, HAS_KPM) >= (r << jc2))
-    csc = _bounds(QROW, qok, sqd, PMIN, PMAX, _level_row(jc, JLO, JTOP, T)[:, None] + r, cok,
-                  spn, spd, D, BLOCK_D, DC)
-    csc = tl.where(cok, csc, float("-inf"))
+            # coarse step: the gn whole coarse blocks, the 2 topk best per row get slots
+            if gn > 0:
+                cok = col < gn
+                if HAS_KPM:
+                    cok = cok & (_anchors(LP, lpb, slpn, ((col + 1) << gjc) - 1, cok, HAS_KPM)
+                                 >= (col << gjc))
+                csc = _tile_bounds(qp, qn, PMIN, PMAX, _level_row(gjc, JLO, JTOP, T) + col, cok,
+                                   spn, spd, od, dm, DOT_F32)
+                csc = tl.where(grp[:, None] & cok[None, :], csc, float("-inf"))
+                for sl in range(M):
+                    best = tl.max(csc, axis=1)
+                    ci = tl.max(tl.where(csc == best[:, None], col[None, :], -1), axis=1)
+                    hit = col[None, :] == ci[:, None]
+                    rank = tl.where(hit & (best > float("-inf"))[:, None], sl, rank)
+                    csc = tl.where(hit, float("-inf"), csc)
+                # refinement: the fine blocks of every coarse block some row kept
+                ci = gn * 0
+                while ci < gn:
+                    cr = tl.max(tl.where(grp[:, None] & (col[None, :] == ci), rank, -1), axis=1)
+                    if tl.max(cr, axis=0) >= 0:
+                        b0 = (ci * gR + col) << gjf
+                        fok = col < gR
+                        a = _anchors(LP, lpb, slpn, b0 + gbs - 1, fok, HAS_KPM)
+                        fok = fok & (a >= b0)
+                        s = _tile_bounds(qp, qn, PMIN, PMAX, row_f + ci * gR + col, fok,
+                                         spn, spd, od, dm, DOT_F32)
+                        key = _key(s, a[None, :], (cr >= 0)[:, None] & fok[None, :], NO_KEY)
+                        tl.store(scr + cr[:, None] * RP + col[None, :], key, mask=(cr >= 0)[:, None])
+                        smax = tl.where(scol[None, :] == cr[:, None], tl.max(key, axis=1)[:, None],
+                                        smax)
+                    ci += 1
 
-    # the best M coarse blocks (ties: the later block), each refined into its R fine blocks
-    gi = tl.arange(0, MP)[None, :, None]
-    cs = tl.full([QB, MP, RP], float("-inf"), tl.float32)
-    ca = tl.full([QB, MP, RP], -1, tl.int32)
-    cb = tl.zeros([QB, MP, RP], tl.int32)
-    for g in range(M):  # a runtime loop: short compiles
-        best = tl.max(csc, axis=1)
-        ci = tl.max(tl.where(csc == best[:, None], r, -1), axis=1)
-        csc = tl.where(r == ci[:, None], float("-inf"), csc)
-        f = ci[:, None] * R2 + r
-        ok = (best > float("-inf"))[:, None] & (r < R2)
-        b0 = f << jf2
-        a = _anchors(LP, lpb, slpn, b0 + bs2 - 1, ok, HAS_KPM)
-        ok = ok & (a >= b0)
-        s = _bounds(QROW, qok, sqd, PMIN, PMAX, row_f + f, ok, spn, spd, D, BLOCK_D, DC)
-        here = gi == g
-        cs = tl.where(here, tl.where(ok, s, float("-inf"))[:, None, :], cs)
-        ca = tl.where(here, a[:, None, :], ca)
-        cb = tl.where(here, b0[:, None, :], cb)
+            # the tail [gn G, e]: whole fine blocks from the pyramid, the partial last one from
+            # its keys (e differs per row)
+            tb = (gn * gR + col) << gjf
+            e2 = e[:, None]
+            emax = tl.max(tl.where(grp, e, -1), axis=0)
+            wok = (col < gR) & (tb + gbs - 1 <= emax)
+            if HAS_KPM:
+                wok = wok & (_anchors(LP, lpb, slpn, tb + gbs - 1, wok, HAS_KPM) >= tb)
+            ts = _tile_bounds(qp, qn, PMIN, PMAX, row_f + gn * gR + col, wok, spn, spd, od, dm,
+                              DOT_F32)
+            tin = grp[:, None] & (col < gR)[None, :] & (tb[None, :] <= e2)
+            ta = _anchors(LP, lpb, slpn, tl.minimum(tb[None, :] + gbs - 1, e2), tin, HAS_KPM)
+            tin = tin & (ta >= tb[None, :])
+            pb = (e >> gjf) << gjf  # first key of each row's last fine block
+            part = grp & (pb + gbs - 1 > e)
+            if tl.max(part.to(tl.int32), axis=0) > 0:
+                mx = tl.full([ROWS, BLOCK_D], float("-inf"), tl.float32)
+                mn = tl.full([ROWS, BLOCK_D], float("inf"), tl.float32)
+                j = gbs * 0
+                while j < gbs:
+                    p = pb + j
+                    pm = part & (p <= e)
+                    if HAS_KPM:
+                        pm = pm & (tl.load(KPM + b * skpb + p.to(tl.int64) * skpn, mask=pm,
+                                           other=0) != 0)
+                    kk = tl.load(kbase + p.to(tl.int64)[:, None] * skn + od[None, :] * skd,
+                                 mask=pm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+                    mx = tl.maximum(mx, tl.where(pm[:, None], kk, float("-inf")))
+                    mn = tl.minimum(mn, tl.where(pm[:, None], kk, float("inf")))
+                    j += 1
+                qf = q.to(tl.float32)  # no present key: unused (anchor check), keep finite
+                mx = tl.where(mx == float("-inf"), 0.0, mx)
+                mn = tl.where(mn == float("inf"), 0.0, mn)
+                psc = tl.sum(tl.maximum(qf, 0.0) * mx, axis=1) + tl.sum(tl.minimum(qf, 0.0) * mn,
+                                                                        axis=1)
+                ts = tl.where((tb[None, :] == pb[:, None]) & part[:, None], psc[:, None], ts)
+            key = _key(ts, ta, tin, NO_KEY)
+            tl.store(scr + M * RP + col[None, :], key, mask=grp[:, None])
+            tmax = tl.where(grp, tl.max(key, axis=1), tmax)
 
-    # the tail [n_full G, e]: whole fine blocks from the pyramid, the partial last one from its keys
-    f = n_full[:, None] * R2 + r
-    tb = f << jf2
-    tok = live[:, None] & (tb <= e2)
-    ta = _anchors(LP, lpb, slpn, tl.minimum(tb + bs2 - 1, e2), tok, HAS_KPM)
-    tok = tok & (ta >= tb)
-    whole = tok & (tb + bs2 - 1 <= e2)
-    ts = _bounds(QROW, qok, sqd, PMIN, PMAX, row_f + f, whole, spn, spd, D, BLOCK_D, DC)
-    pb = (e >> jf) << jf  # first key of the last fine block
-    part = live & (pb + bs - 1 > e)
-    p = pb[:, None] + tl.arange(0, BLK)[None, :]  # [QB, BLK]
-    pm = part[:, None] & (p <= e2)
-    if HAS_KPM:
-        pm = pm & (tl.load(KPM + b * skpb + p.to(tl.int64) * skpn, mask=pm, other=0) != 0)
-    kbase = K + b * skb + kvh * skh
-    accp = tl.zeros([QB], tl.float32)
-    accn = tl.zeros([QB], tl.float32)
-    for d0 in tl.static_range(0, BLOCK_D, DC):
-        od = d0 + tl.arange(0, DC)
-        dm = od < D
-        q = tl.load(QROW[:, None] + od[None, :] * sqd, mask=qok[:, None] & dm[None, :],
-                    other=0.0).to(tl.float32)
-        kk = tl.load(kbase + p.to(tl.int64)[:, :, None] * skn + od[None, None, :] * skd,
-                     mask=pm[:, :, None] & dm[None, None, :], other=0.0).to(tl.float32)
-        mx = tl.max(tl.where(pm[:, :, None], kk, float("-inf")), axis=1)  # [QB, DC]
-        mn = tl.min(tl.where(pm[:, :, None], kk, float("inf")), axis=1)
-        some = tl.max(pm.to(tl.int32), axis=1)[:, None] > 0  # else +-inf: not used, keep finite
-        mx = tl.where(some, mx, 0.0)
-        mn = tl.where(some, mn, 0.0)
-        accp += tl.sum(tl.where(dm[None, :], tl.maximum(q, 0.0) * mx, 0.0), axis=1)
-        accn += tl.sum(tl.where(dm[None, :], tl.minimum(q, 0.0) * mn, 0.0), axis=1)
-    ts = tl.where((tb == pb[:, None]) & part[:, None], (accp + accn)[:, None], ts)
-    ts = tl.where(tok, ts, float("-inf"))
-
-    # greedy keep: topk rounds of best remaining candidate (ties: nearer anchor), then drop every
-    # candidate whose [first slot, anchor] the kept span covers
-    obase = b * sab + h * sah + qi * sam
-    for j in range(TOPK):
-        best = tl.maximum(tl.max(tl.max(cs, axis=2), axis=1), tl.max(ts, axis=1))
-        b3 = best[:, None, None]
-        a1 = tl.max(tl.max(tl.where(cs == b3, ca, -1), axis=2), axis=1)
-        a = tl.maximum(a1, tl.max(tl.where(ts == best[:, None], ta, -1), axis=1))
-        found = best > float("-inf")
-        tl.store(A_OUT + obase + j * sak, tl.where(found, a, -1).to(tl.int32), mask=qok)
-        tl.store(S_OUT + obase + j * sak, best, mask=qok)
-        lo = tl.maximum(a - back_t, 0)
-        hi = tl.minimum(a + fwd_t, e)
-        lo3, hi3, a3 = lo[:, None, None], hi[:, None, None], a[:, None, None]
-        cs = tl.where(((cb >= lo3) & (ca <= hi3)) | (ca == a3), float("-inf"), cs)
-        ts = tl.where(((tb >= lo[:, None]) & (ta <= hi[:, None])) | (ta == a[:, None]),
-                      float("-inf"), ts)
+        tl.debug_barrier()  # scratch written by other threads' layouts above
+        # greedy keep: topk rounds of best remaining (ties: nearer anchor), then drop every
+        # candidate whose [first slot, anchor] the kept span covers: fine blocks [flo, fhi], in
+        # the slots of coarse blocks flo >> c .. fhi >> c (coarse index n_full: the tail)
+        obase = b * sab + h * sah + qi * sam
+        for j in range(TOPK):
+            best = tl.maximum(tl.max(smax, axis=1), tmax)
+            found = best > NO_KEY
+            a = tl.where(found, (best & 0xFFFFFFFF).to(tl.int32), -1)
+            tl.store(A_OUT + obase + j * sak, a, mask=rok)
+            tl.store(S_OUT + obase + j * sak, tl.where(found, _key_score(best), float("-inf")),
+                     mask=rok)
+            lo = tl.maximum(a - back_t, 0)
+            hi = tl.minimum(a + fwd_t, e)
+            clo = ((lo + (1 << jf) - 1) >> jf) >> c
+            chi = (hi >> jf) >> c
+            ci = clo
+            while tl.max(tl.where(found, chi - ci, -1), axis=0) >= 0:
+                slot = tl.where(ci == n_full, M,
+                                tl.max(tl.where(col[None, :] == ci[:, None], rank, -1), axis=1))
+                act = found & (ci <= chi) & (slot >= 0)
+                ptr = scr + slot[:, None] * RP + col[None, :]
+                key = tl.load(ptr, mask=act[:, None], other=NO_KEY)
+                ka = (key & 0xFFFFFFFF).to(tl.int32)
+                cov = (((ka >> jf[:, None]) << jf[:, None]) >= lo[:, None]) & (ka <= hi[:, None])
+                key = tl.where(cov | (ka == a[:, None]), NO_KEY, key)
+                tl.store(ptr, key, mask=act[:, None])
+                km = tl.max(key, axis=1)
+                smax = tl.where(act[:, None] & (scol[None, :] == slot[:, None]), km[:, None], smax)
+                tmax = tl.where(act & (slot == M), km, tmax)
+                ci += 1
+        w += NPROG
 
 
 def _pyramid(k: torch.Tensor, key_padding_mask, jlo: int):
@@ -247,10 +331,23 @@ def _pyramid(k: torch.Tensor, key_padding_mask, jlo: int):
     return torch.cat(mins, 2), torch.cat(maxs, 2)
 
 
+def _max_fine_per_coarse(T: int, W: int, t0: int, r: float, bf: float) -> int:
+    """A power of two >= R = 2^c (fine blocks per coarse block, also >= the number of whole coarse
+    blocks) of every query at t in [t0, T), on the host without a synchronisation: from a lower
+    bound of back(t) (the float64 formula less 1e-6 relative), so it is never below the kernel's."""
+    t = np.arange(max(t0, W), T, dtype=np.float64)
+    x = bf * (t + 1) ** r
+    back_low = np.maximum(np.ceil(x - 1e-6 * np.maximum(x, 1.0)), 0.0)
+    jf = np.minimum(np.frexp(back_low + 1)[1] - 1, _LOG_BLOCK).astype(np.int64)
+    nf = int(np.max(np.maximum((t.astype(np.int64) - W + 1) >> jf, 1)))
+    return 1 << (((nf - 1).bit_length() + 1) // 2)
+
+
 def span_search(qs, k, key_padding_mask, query_positions, window, topk, search_power,
                 span_power, backward_factor, forward_factor, search_key, dense_below,
-                block_q: int = 1, num_warps: int = 4):
-    """Same contract as ``reference.span_search`` for ``search_key="block"``."""
+                block_q=None, num_warps=4):
+    """Same contract as ``reference.span_search`` for ``search_key="block"``. ``block_q``: queries
+    per work item (default: 64 rows of queries x heads, at least 16 rows)."""
     B, Hq, Lq, D = qs.shape
     Hkv, T = k.shape[1], k.shape[2]
     dev = qs.device
@@ -266,11 +363,8 @@ def span_search(qs, k, key_padding_mask, query_positions, window, topk, search_p
     # the same float64 table, evaluated on the host for t = W only
     back_w = int(span_extents(W + 1, span_power, backward_factor, forward_factor)[0][W])
     jlo = min(_LOG_BLOCK, (back_w + 1).bit_length() - 1)
-    nf_max = max(1, (T - W) >> jlo)
-    c_max = 0
-    while (1 << (2 * c_max)) < nf_max:
-        c_max += 1
-    RP = max(2, 1 << c_max)  # >= every query's R and number of coarse blocks
+    t0 = W if query_positions is not None else T - Lq
+    RP = max(16, _max_fine_per_coarse(T, W, t0, span_power, backward_factor))
     kmin, kmax = _pyramid(k, key_padding_mask, jlo)
     if key_padding_mask is not None:
         idx = torch.arange(T, device=dev)
@@ -281,22 +375,32 @@ def span_search(qs, k, key_padding_mask, query_positions, window, topk, search_p
     pos = query_positions if query_positions is not None else back
     anchors = torch.empty((B, Hq, Lq, topk), dtype=torch.int32, device=dev)
     scores = torch.empty((B, Hq, Lq, topk), dtype=torch.float32, device=dev)
-    BLOCK_D = max(16, _next_pow2(D))
-    QB = _next_pow2(max(1, min(block_q, Lq)))
-    DC = max(1, min(BLOCK_D, 4096 // (RP * QB)))
+    G = Hq // Hkv
+    GP = _next_pow2(G)
+    QB = _next_pow2(max(block_q or 64 // GP, -(-16 // GP), 1))  # tensor-core tiles: >= 16 rows
+    QB = min(QB, max(_next_pow2(Lq), -(-16 // GP)))
     M = COARSE_FANOUT * topk
-    _block_search_kernel[(B * Hq * triton.cdiv(Lq, QB),)](
-        qs, k, kpm, kmin, kmax, lp, pos, back, fwd, anchors, scores,
+    nqb = triton.cdiv(Lq, QB)
+    items = B * Hkv * nqb
+    if dev.type == "cuda":
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count
+        progs = min(items, PROGRAMS_PER_SM * sms)
+    else:  # the interpreter runs programs one after the other: a few, for a small scratch
+        progs = min(items, 4)
+    scratch = torch.empty((progs, QB * GP, M + 1, RP), dtype=torch.int64, device=dev)
+    _block_search_kernel[(progs,)](
+        qs, k, kpm, kmin, kmax, lp, pos, back, fwd, anchors, scores, scratch,
         *qs.stride(), *k.stride(),
         *(kpm.stride() if key_padding_mask is not None else (0, 0)),
         kmin.stride(0), kmin.stride(1), kmin.stride(2), kmin.stride(3),
         *(lp.stride() if key_padding_mask is not None else (0, 0)),
         *(pos.stride() if query_positions is not None else (0, 0)),
         *anchors.stride(),
-        Hq, Hq // Hkv, Lq, T, W, jlo, T.bit_length(),
+        Hkv, G, Lq, T, W, jlo, T.bit_length(), nqb, items, progs, triton.cdiv(items, progs),
         D=D, HAS_KPM=key_padding_mask is not None, HAS_POS=query_positions is not None,
-        TOPK=topk, M=M, MP=_next_pow2(M), RP=RP, LOG_BLOCK=_LOG_BLOCK, BLK=BLOCK, QB=QB,
-        BLOCK_D=BLOCK_D, DC=DC,
+        TOPK=topk, M=M, MP=_next_pow2(M), RP=RP, LOG_BLOCK=_LOG_BLOCK, QB=QB, GP=GP,
+        BLOCK_D=max(16, _next_pow2(D)),
+        DOT_F32=qs.dtype == torch.float32 or dev.type != "cuda", NO_KEY=_NO_KEY,
         num_warps=num_warps,
     )
     return anchors, scores
