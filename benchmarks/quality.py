@@ -78,8 +78,8 @@ ROUTED = "+r"  # suffix of a variant that uses calibrated routers (--routers)
 
 
 def variant_config(name: str) -> Optional[SuperlinearConfig]:
-    """A named variant, or an inline spec ``key=value,key=value`` (fields of SuperlinearConfig);
-    a trailing ``+r`` (same config, searched with the calibrated routers of --routers) is ignored
+    """A named variant, or an inline spec ``key=value,key=value`` (fields of SuperlinearConfig,
+    over BASE, or over the preset when it starts with ``pretrained,``); a trailing ``+r`` (same config, searched with the calibrated routers of --routers) is ignored
     here."""
     if name.endswith(ROUTED):
         name = name[:-len(ROUTED)]
@@ -88,6 +88,10 @@ def variant_config(name: str) -> Optional[SuperlinearConfig]:
     if name in VARIANTS:
         v = VARIANTS[name]
         return None if v is None else SuperlinearConfig(**{**BASE, **v})
+    base = dict(BASE)
+    if name.startswith("pretrained,"):  # the preset with some fields changed
+        base = SuperlinearConfig.for_pretrained(dense_below=0).to_dict()
+        name = name[len("pretrained,"):]
     fields = {}
     for kv in name.split(","):
         k, _, val = kv.partition("=")
@@ -98,7 +102,7 @@ def variant_config(name: str) -> Optional[SuperlinearConfig]:
                 fields[k] = float(val)
             except ValueError:
                 fields[k] = val
-    return SuperlinearConfig(**{**BASE, **fields})
+    return SuperlinearConfig(**{**base, **fields})
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,11 +177,193 @@ def load_texts():
 # Exact fraction of keys attended (a probe attention function)
 # --------------------------------------------------------------------------------------------
 
+# --------------------------------------------------------------------------------------------
+# Selection rules evaluated by masking dense attention (diagnosis; O(L^2), not a kernel)
+# --------------------------------------------------------------------------------------------
+# A variant named "flat:score=S,window=W,blocks=N,bs=B[,share=1][,sinks=K]" attends the sinks, the
+# window and the N aligned B-key blocks before the window (keys <= t - W) that score best for the
+# query, where S is
+#   mass  - the block's true dense attention mass (the ORACLE: the best any router could pick),
+#   max   - the block's largest logit q.k (what the Quest bound bounds: a perfect bound),
+#   bound - the Quest bound sum_d max(q_d kmin_d, q_d kmax_d) (the block search's score, scored
+#           flat over every block instead of coarse to fine),
+#   mean  - q . (the block's mean key);
+# share=1 gives the query heads of a GQA group one selection (ranked by their summed softmax-
+# normalised scores), so they read the same blocks. Union mode computes exactly dense attention
+# restricted to the attended set, so this is what such a search + span-attention would output.
+# "mask:<config>" runs a SuperlinearConfig through the same masking path (a check of the path).
+
+FLAT = "flat:"
+MASKED = "mask:"
+FLAT_DEFAULTS = dict(score="bound", window=768, blocks=16, bs=16, share=0, sinks=4)
+
+
+def flat_spec(name: str) -> dict:
+    spec = dict(FLAT_DEFAULTS)
+    for kv in name[len(FLAT):].split(","):
+        if not kv:
+            continue
+        key, _, val = kv.partition("=")
+        if key not in spec:
+            raise SystemExit(f"{name}: unknown field {key!r} (known: {sorted(spec)})")
+        spec[key] = val if key == "score" else int(val)
+    if spec["score"] not in ("mass", "max", "bound", "mean"):
+        raise SystemExit(f"{name}: score must be mass, max, bound or mean")
+    return spec
+
+
+def is_masked(name: str) -> bool:
+    return name.startswith(FLAT) or name.startswith(MASKED)
+
+
+@torch.no_grad()
+def flat_mask(spec: dict, q, k, t, logits):
+    """bool [Hq, c, T] for one batch row: q [Hq, c, D], k [Hkv, T, D] float32, positions t [c],
+    logits [Hq, c, T] (scaled, causal entries finite)."""
+    Hq, c, D = q.shape
+    Hkv, T, _ = k.shape
+    g = Hq // Hkv
+    W, S, bs = min(spec["window"], T), spec["sinks"], spec["bs"]
+    j = torch.arange(T, device=k.device)
+    tt = t[None, :, None]
+    A = (j <= tt) & ((j < S) | (j > tt - W))
+    A = A.expand(Hq, c, T).clone()
+    e = t - W  # last key before the window
+    nb = -(-T // bs)
+    Tp = nb * bs
+    blk_ok = (torch.arange(nb, device=k.device)[None, :] * bs <= e[:, None])  # [c, nb]: holds keys <= e
+    before = (j[None, :] <= e[:, None]) & (j[None, :] >= S)  # [c, T]
+    if spec["score"] == "mass":
+        p = torch.softmax(logits.masked_fill(j > tt, float("-inf")), -1) * before
+        sc = torch.nn.functional.pad(p, (0, Tp - T)).view(Hq, c, nb, bs).sum(-1)
+    elif spec["score"] == "max":
+        lg = logits.masked_fill(~before[None], float("-inf"))
+        sc = torch.nn.functional.pad(lg, (0, Tp - T), value=float("-inf")).view(Hq, c, nb, bs).amax(-1)
+    else:
+        kp = torch.nn.functional.pad(k, (0, 0, 0, Tp - T))
+        if spec["score"] == "bound":
+            kb = kp.view(Hkv, nb, bs, D)
+            # per-block min/max over the keys of the block (the last, partial one cut at the end)
+            valid = (torch.arange(Tp, device=k.device) < T).view(1, nb, bs, 1)
+            kmax = kb.masked_fill(~valid, float("-inf")).amax(2)
+            kmin = kb.masked_fill(~valid, float("inf")).amin(2)
+            q4 = q.reshape(Hkv, g * c, D)
+            sc = (q4.clamp(min=0) @ kmax.transpose(1, 2) + q4.clamp(max=0) @ kmin.transpose(1, 2))
+        else:
+            kmean = kp.view(Hkv, nb, bs, D).mean(2)
+            sc = q.reshape(Hkv, g * c, D) @ kmean.transpose(1, 2)
+        sc = sc.view(Hq, c, nb)
+    sc = sc.masked_fill(~blk_ok[None], float("-inf"))
+    if spec["share"]:
+        z = sc if spec["score"] == "mass" else torch.softmax(sc, -1).nan_to_num(0.0)
+        sc = z.view(Hkv, g, c, nb).sum(1, keepdim=True).expand(Hkv, g, c, nb).reshape(Hq, c, nb)
+        sc = sc.masked_fill(~blk_ok[None], float("-inf"))
+    n = min(spec["blocks"], nb)
+    top = sc.topk(n, dim=-1)
+    keep = torch.zeros(Hq, c, nb, dtype=torch.bool, device=k.device)
+    keep.scatter_(-1, top.indices, top.values > float("-inf"))
+    A |= keep.repeat_interleave(bs, -1)[..., :T] & before[None]
+    return A
+
+
+class MaskedAttention:
+    """Attention ``superlinear_masked``: dense attention restricted to the set a selection rule
+    picks per query and head (``flat:...`` above, or ``mask:<config>``: the config's own search);
+    also counts the exact fraction of keys attended, like KeyCounter. O(L^2): for evaluation."""
+
+    NAME = "superlinear_masked"
+
+    def __init__(self, chunk: int = 1024):
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        AttentionInterface.register(self.NAME, self._forward)
+        AttentionMaskInterface.register(self.NAME, sdpa_mask)
+        self.chunk = chunk
+        self.name = None
+        self.tail = 512
+        self.reset()
+
+    def reset(self):
+        KeyCounter.reset(self)
+
+    def result(self):
+        return KeyCounter.result(self)
+
+    def _forward(self, module, query, key, value, attention_mask, scaling=None, **kw):
+        B, Hq, Lq, D = query.shape
+        Hkv, T = key.shape[1], key.shape[2]
+        if attention_mask is not None and attention_mask.dim() == 4 and not bool(
+                attention_mask[..., -Lq:, :].any(-1).all()):
+            raise NotImplementedError("the masked path assumes unpadded prompts")
+        scale = D ** -0.5 if scaling is None else scaling
+        g = Hq // Hkv
+        kf, vf = key.float(), value.float()
+        out = torch.empty(B, Hq, Lq, value.shape[-1], device=query.device, dtype=torch.float32)
+        frac = torch.empty(B, Hq, Lq, dtype=torch.float64, device=query.device)
+        pos = torch.arange(T - Lq, T, device=query.device)
+        cfg = None if self.name.startswith(FLAT) else variant_config(self.name[len(MASKED):])
+        spec = flat_spec(self.name) if cfg is None else None
+        for b in range(B):
+            kr, vr = kf[b].repeat_interleave(g, 0), vf[b].repeat_interleave(g, 0)
+            for s in range(0, Lq, self.chunk):
+                t = pos[s:s + self.chunk]
+                q = query[b, :, s:s + self.chunk].float()
+                logits = (q @ kr.transpose(1, 2)) * scale
+                if cfg is None:
+                    A = flat_mask(spec, q, kf[b], t, logits)
+                else:
+                    A = attended_mask(cfg, q[None], kf[b:b + 1], t[None])[0]
+                A &= torch.arange(T, device=query.device) <= t[None, :, None]
+                p = torch.softmax(logits.masked_fill(~A, float("-inf")), -1)
+                out[b, :, s:s + self.chunk] = p @ vr
+                frac[b, :, s:s + self.chunk] = A.sum(-1).double() / (t + 1).double()
+        if Lq > 1:
+            self.sum_all += float(frac.sum())
+            self.n_all += frac.numel()
+            q0 = Lq - Lq // 4
+            self.sum_end += float(frac[..., q0:].sum())
+            self.n_end += frac[..., q0:].numel()
+            self.sum_tail += float(frac[..., -self.tail:].sum())
+            self.n_tail += frac[..., -self.tail:].numel()
+        return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def search_anchors(cfg: SuperlinearConfig, qs, k, qpos, ops: bool = False):
+    """The spans cfg keeps for the queries qs at qpos ([B, nQ], None: the last nQ of T): anchors
+    int64 [B, Hq, nQ, topk] (-1 empty) and the span reach tables (back, fwd) by position, with the
+    span power attention runs with (1/steps for the N-step search). ops=True: through the custom
+    ops (Triton on CUDA), else the reference."""
+    from slcompile.kernels import nstep, reference
+    from slcompile.kernels.geometry import span_extents
+
+    args = (qs, k, None, qpos, cfg.window, cfg.topk)
+    if cfg.steps == 2:
+        rest = (cfg.search_power, cfg.span_power, cfg.backward_factor, cfg.forward_factor,
+                cfg.search_key, 0)
+        fn = torch.ops.superlinear.span_search if ops else reference.span_search
+    else:
+        rest = (cfg.steps, cfg.backward_factor, cfg.forward_factor, cfg.search_key, 0)
+        fn = torch.ops.superlinear.nstep_search if ops else nstep.nstep_search
+    anchors, _ = fn(*args, *rest)
+    back, fwd = span_extents(k.shape[2], cfg.attention_span_power, cfg.backward_factor,
+                             cfg.forward_factor, k.device)
+    return anchors.long(), back, fwd
+
+
 class KeyCounter:
     """Registers attention ``superlinear_probe``: identical to ``superlinear`` (same ops, same mask
     function) but it also counts |A| per query from the anchors span_search returned."""
 
     NAME = "superlinear_probe"
+    _one = []
+
+    @classmethod
+    def instance(cls) -> "KeyCounter":
+        """The one registered KeyCounter (created on first use)."""
+        if not cls._one:
+            cls._one.append(cls())
+        return cls._one[0]
 
     def __init__(self):
         self.reset()
@@ -209,8 +395,6 @@ class KeyCounter:
 
     @torch.no_grad()
     def _count(self, cfg: SuperlinearConfig, query, key, mask):
-        from slcompile.kernels.geometry import span_extents
-
         B, Hq, Lq, D = query.shape
         T = key.shape[2]
         if mask is not None and getattr(mask, "key_padding_mask", None) is not None:
@@ -219,14 +403,9 @@ class KeyCounter:
         t = pos.to(query.device)
         frac = torch.ones(B, Hq, Lq, dtype=torch.float64, device=query.device)
         if not (T <= cfg.dense_below or cfg.window >= T):
-            anchors, _ = torch.ops.superlinear.span_search(
-                query, key, None, None, cfg.window, cfg.topk, cfg.search_power, cfg.span_power,
-                cfg.backward_factor, cfg.forward_factor, cfg.search_key, cfg.dense_below)
-            back, fwd = span_extents(T, cfg.span_power, cfg.backward_factor, cfg.forward_factor,
-                                     query.device)
+            a, back, fwd = search_anchors(cfg, query, key, None, ops=True)
             W = min(cfg.window, T)
             S = min(cfg.sinks, T)
-            a = anchors.long()
             ok = a >= 0
             lo = (a - back[t][:, None]).clamp(min=0)
             hi = torch.minimum(a + fwd[t][:, None], (t - W)[:, None])
@@ -267,10 +446,31 @@ class KeyCounter:
                 self.sum_tail / max(1, self.n_tail))
 
 
-def use_variant(model, cfg: Optional[SuperlinearConfig], routers=None):
-    """Switch the model to a variant: dense sdpa, or superlinear through the key counter; with
-    ``routers`` attached (search query = query @ router), else with every router removed."""
+_MASKED = []
+
+
+def masked_attention() -> MaskedAttention:
+    """The one registered MaskedAttention (created on first use)."""
+    if not _MASKED:
+        _MASKED.append(MaskedAttention())
+    return _MASKED[0]
+
+
+def use_variant(model, cfg: Optional[SuperlinearConfig], routers=None, name: str = ""):
+    """Switch the model to a variant: dense sdpa, a masked selection rule (``name`` flat:/mask:),
+    or superlinear through the key counter; with ``routers`` attached (search query = query @
+    router), else with every router removed. Returns the key counter the variant reports to."""
     from slcompile.calibrate import attach_routers, attention_modules
+
+    if is_masked(name):
+        if routers is not None:
+            raise SystemExit(f"{name}: the masked path does not use routers")
+        m = masked_attention()
+        m.name = name
+        for mod in attention_modules(model).values():
+            mod._buffers.pop(BUFFER, None)
+        model.set_attn_implementation(m.NAME)
+        return m
 
     if routers is not None:
         attach_routers(model, routers)
@@ -279,9 +479,11 @@ def use_variant(model, cfg: Optional[SuperlinearConfig], routers=None):
             m._buffers.pop(BUFFER, None)
     if cfg is None:
         model.set_attn_implementation("sdpa")
-    else:
-        H.configure(model, cfg, enable=False)
-        model.set_attn_implementation(KeyCounter.NAME)
+        return None
+    counter = KeyCounter.instance()  # registers the attention function
+    H.configure(model, cfg, enable=False)
+    model.set_attn_implementation(KeyCounter.NAME)
+    return counter
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,20 +548,23 @@ def make_needle_cases(tok, hay_ids: List[int], lengths, depths, seeds, prompt: s
 
 
 @torch.no_grad()
-def run_needle(model, tok, case: NeedleCase, device) -> bool:
-    """Teacher-forced cases: one prefill; found iff greedy decoding would emit exactly the answer's
-    tokens (each is the argmax after the ones before it). Otherwise: greedy generation of 10 tokens,
-    found iff the digits before the first period are the answer."""
+def run_needle(model, tok, case: NeedleCase, device):
+    """(found, answer log-probability). Teacher-forced cases: one prefill; found iff greedy
+    decoding would emit exactly the answer's tokens (each is the argmax after the ones before it);
+    the log-probability is the sum over the answer's tokens of log p(token | everything before it),
+    a continuous measure of retrieval. Otherwise: greedy generation of 10 tokens, found iff the
+    digits before the first period are the answer (log-probability None)."""
     ids = case.ids.to(device)
     if case.answer_ids:
         n = len(case.answer_ids)
-        logits = model(input_ids=ids).logits[0, -n - 1:-1]
-        return bool((logits.argmax(-1) == ids[0, -n:]).all())
+        logits = model(input_ids=ids).logits[0, -n - 1:-1].float()
+        lp = torch.log_softmax(logits, -1).gather(-1, ids[0, -n:, None]).sum()
+        return bool((logits.argmax(-1) == ids[0, -n:]).all()), float(lp)
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
                          do_sample=False, pad_token_id=tok.eos_token_id or 0)
     text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     digits = "".join(ch for ch in text.strip().split(".")[0] if ch.isdigit())
-    return digits == case.answer
+    return digits == case.answer, None
 
 
 @torch.no_grad()
@@ -426,22 +631,17 @@ class QKCapture:
 
 @torch.no_grad()
 def attended_mask(cfg: SuperlinearConfig, qs, k, qpos):
-    """bool [B, Hq, nQ, T]: the keys SPEC.md's union attends for the queries at qpos [B, nQ]."""
-    from slcompile.kernels.geometry import span_extents
-    from slcompile.kernels import reference
-
+    """bool [B, Hq, nQ, T]: the keys SPEC.md's union attends for the queries at qpos [B, nQ]
+    (the search of cfg.steps: the stripe/block search for 2, docs/nstep.md's for N >= 3)."""
     B, Hq, nQ, D = qs.shape
     T = k.shape[2]
     j = torch.arange(T, device=k.device)
     t = qpos[:, None, :, None]
     W, S = min(cfg.window, T), min(cfg.sinks, T)
     A = ((j <= t) & ((j < S) | (j > t - W))).expand(B, Hq, nQ, T).clone()
-    anchors, _ = reference.span_search(qs, k, None, qpos, cfg.window, cfg.topk, cfg.search_power,
-                                       cfg.span_power, cfg.backward_factor, cfg.forward_factor,
-                                       cfg.search_key, 0)
-    back, fwd = span_extents(T, cfg.span_power, cfg.backward_factor, cfg.forward_factor, k.device)
+    anchors, back, fwd = search_anchors(cfg, qs, k, qpos)
     for s in range(anchors.shape[-1]):
-        a = anchors[..., s].long()[..., None]
+        a = anchors[..., s][..., None]
         lo = (a - back[qpos][:, None, :, None]).clamp(min=0)
         hi = torch.minimum(a + fwd[qpos][:, None, :, None], t - W)
         A |= (a >= 0) & (j >= lo) & (j <= hi)
@@ -451,21 +651,26 @@ def attended_mask(cfg: SuperlinearConfig, qs, k, qpos):
 @torch.no_grad()
 def run_routing(model, cases, variants, n_queries: int, device, on_case=None):
     """For each case: one dense prefill capturing q/k; then per variant and layer, on the last
-    n_queries queries (the question): dense attention mass inside the attended set (recall),
-    fraction of the needle's tokens attended, and fraction of keys attended."""
+    n_queries queries (teacher-forced cases: the last n_queries positions before the final answer
+    token, i.e. the question's end and the positions that predict the answer): dense attention mass
+    inside the attended set (recall), fraction of the needle's tokens attended, keys attended, and
+    the dense attention mass on the needle that the attended set keeps (needle mass recall, pooled
+    over layers, heads and queries), plus that per layer and head (``heads``)."""
     cap = QKCapture()
     model.set_attn_implementation(cap.NAME)
-    acc = {v: {"recall": [], "needle": [], "keys": []} for v in variants}
+    acc = {v: {"recall": [], "needle": [], "keys": [], "nmass": [], "nmass_kept": []} for v in variants}
     by_len = {v: {} for v in variants}
+    heads = {}  # (layer, head) -> [dense needle mass, kept per variant...] summed over cases
     for c in cases:
         cap.store.clear()
         ids = c.ids.to(device)
         model(input_ids=ids)
         T = ids.shape[1]
-        qpos = torch.arange(T - n_queries, T, device=device)[None]
+        end = T - 1 if c.answer_ids else T
+        qpos = torch.arange(end - n_queries, end, device=device)[None]
         lo, hi = c.needle
         for layer, (q, k, router) in sorted(cap.store.items()):
-            qs = q[:, :, -n_queries:].float()
+            qs = q[:, :, end - n_queries:end].float()
             qr = None if router is None else search_query(qs, router)
             kf = k.float()
             g = qs.shape[1] // kf.shape[1]
@@ -473,54 +678,99 @@ def run_routing(model, cases, variants, n_queries: int, device, on_case=None):
             logits = torch.einsum("bhqd,bhtd->bhqt", qs, kr) / math.sqrt(qs.shape[-1])
             causal = torch.arange(T, device=device) <= qpos[:, None, :, None]
             p = torch.softmax(logits.masked_fill(~causal, float("-inf")), -1)
+            nm = p[..., lo:hi].sum(-1)  # [B, Hq, nQ]
             for v in variants:
                 if v.endswith(ROUTED) and qr is None:
                     raise SystemExit(f"variant {v} needs --routers")
-                A = attended_mask(variant_config(v), qr if v.endswith(ROUTED) else qs, kf, qpos)
+                if v.startswith(FLAT):
+                    A = torch.stack([flat_mask(flat_spec(v), qs[b], kf[b], qpos[b], logits[b])
+                                     for b in range(qs.shape[0])])
+                else:
+                    cfg = variant_config(v[len(MASKED):] if v.startswith(MASKED) else v)
+                    A = attended_mask(cfg, qr if v.endswith(ROUTED) else qs, kf, qpos)
+                A &= causal
+                kept = (p * A)[..., lo:hi].sum(-1)
                 rec = float((p * A).sum(-1).mean())
                 nd = float(A[..., lo:hi].float().mean())
                 ks = float((A.sum(-1).double() / (qpos[:, None, :] + 1)).mean())
-                for key, val in (("recall", rec), ("needle", nd), ("keys", ks)):
+                for key, val in (("recall", rec), ("needle", nd), ("keys", ks),
+                                 ("nmass", float(nm.sum())), ("nmass_kept", float(kept.sum()))):
                     acc[v][key].append(val)
                 by_len[v].setdefault(c.length, []).append(rec)
+                for h in range(nm.shape[1]):
+                    e = heads.setdefault(f"{layer}.{h}", {"dense": 0.0, "n": 0})
+                    e[v] = e.get(v, 0.0) + float(kept[:, h].mean())
+                    if v == variants[0]:
+                        e["dense"] += float(nm[:, h].mean())
+                        e["n"] += 1
         print(f"  routing probe: case L={c.length} depth={c.depth} seed={c.seed} done", flush=True)
         if on_case is not None:  # partial results survive an interrupted run
-            on_case(_routing_summary(acc, by_len, variants))
-    return _routing_summary(acc, by_len, variants)
+            on_case(_routing_summary(acc, by_len, variants, heads))
+    return _routing_summary(acc, by_len, variants, heads)
 
 
-def _routing_summary(acc, by_len, variants):
+def _routing_summary(acc, by_len, variants, heads=None):
     out = {}
     for v in variants:
-        out[v] = {k: sum(x) / max(1, len(x)) for k, x in acc[v].items()}
+        a = acc[v]
+        out[v] = {k: sum(x) / max(1, len(x)) for k, x in a.items() if k not in ("nmass", "nmass_kept")}
+        out[v]["needle_mass_recall"] = sum(a["nmass_kept"]) / max(1e-30, sum(a["nmass"]))
         out[v]["recall_by_length"] = {L: sum(x) / len(x) for L, x in by_len[v].items()}
+    if heads:  # the retrieval heads: most dense mass on the needle, averaged over cases
+        top = sorted(heads.items(), key=lambda kv: -kv[1]["dense"])[:12]
+        out["_heads"] = {lh: {k: (x / e["n"] if k != "n" else x) for k, x in e.items()} for lh, e in top}
     return out
 
 
 def routing_table(res, lengths) -> str:
-    hdr = ("| variant | keys attended (question queries) | dense attention mass attended | " +
-           " | ".join(f"mass @ {L}" for L in lengths) + " | needle tokens attended |")
+    hdr = ("| variant | keys attended (probe queries) | dense attention mass attended | " +
+           " | ".join(f"mass @ {L}" for L in lengths) + " | needle tokens attended | needle mass kept |")
     lines = [hdr, "|" + "---|" * (hdr.count("|") - 1)]
     for v, r in res.items():
+        if v.startswith("_"):
+            continue
         lines.append(f"| {v} | {r['keys']:.1%} | {r['recall']:.3f} | " + " | ".join(
-            f"{r['recall_by_length'].get(L, float('nan')):.3f}" for L in lengths) + f" | {r['needle']:.3f} |")
+            f"{r['recall_by_length'].get(L, float('nan')):.3f}" for L in lengths) + f" | {r['needle']:.3f} | "
+            f"{r.get('needle_mass_recall', float('nan')):.3f} |")
+    if "_heads" in res:
+        vs = [v for v in res if not v.startswith("_")]
+        lines += ["", "| layer.head | dense mass on needle | " + " | ".join(f"kept: {v}" for v in vs) + " |",
+                  "|" + "---|" * (len(vs) + 2)]
+        for lh, e in res["_heads"].items():
+            lines.append(f"| {lh} | {e['dense']:.3f} | " + " | ".join(f"{e.get(v, 0.0):.3f}" for v in vs) + " |")
     return "\n".join(lines)
 
 
 def make_table(results, lengths, ppl_tail, ppl_len) -> str:
+    """Keys attended, needle accuracy by length, needles found / of those dense finds, mean
+    teacher-forced answer log-probability (and its difference to dense, paired by case), ppl."""
     dense = results.get("dense")
     hdr = (f"| variant | keys attended (mean / last quarter / last {ppl_tail}) | " + " | ".join(
-        f"needle {L}" for L in lengths) + f" | needle all | ppl (last {ppl_tail} of {ppl_len}) |")
+        f"needle {L}" for L in lengths) + " | needle all | found (of dense's) | answer log-prob (vs dense) "
+        f"| ppl (last {ppl_tail} of {ppl_len}) |")
     lines = [hdr, "|" + "---|" * (hdr.count("|") - 1)]
+    dcases = {} if dense is None else {(c["length"], c["depth"], c["seed"]): c for c in dense.get("cases", [])}
     for name, r in results.items():
         ppl = r.get("ppl")
         rel = "" if (dense is None or ppl is None or "ppl" not in dense) else f" ({ppl / dense['ppl'] - 1:+.1%})"
         nbl = {int(k): v for k, v in r.get("needle_by_length", {}).items()}
         kt = r.get("keys_tail")
+        cases = r.get("cases", [])
+        found, of_dense, diffs = "", "", []
+        if cases:
+            pairs = [(c, dcases.get((c["length"], c["depth"], c["seed"]))) for c in cases]
+            both = sum(1 for c, d in pairs if d is not None and d["found"] and c["found"])
+            nd = sum(1 for c, d in pairs if d is not None and d["found"])
+            found = f"{sum(c['found'] for c in cases)}/{len(cases)} ({both}/{nd})"
+            diffs = [c["logprob"] - d["logprob"] for c, d in pairs
+                     if d is not None and c["logprob"] is not None and d["logprob"] is not None]
+        lp = r.get("answer_logprob")
+        lps = "" if lp is None else f"{lp:.2f}" + ("" if not diffs or name == "dense" else
+                                                   f" ({sum(diffs) / len(diffs):+.2f})")
         lines.append(f"| {name} | {r['keys']:.1%} / {r['keys_end']:.1%}"
                      + ("" if kt is None else f" / {kt:.1%}") + " | " + " | ".join(
             f"{nbl.get(L, float('nan')):.2f}" for L in lengths)
-            + f" | {r['needle']:.2f} | {'' if ppl is None else f'{ppl:.3f}'}{rel} |")
+            + f" | {r['needle']:.2f} | {found} | {lps} | {'' if ppl is None else f'{ppl:.3f}'}{rel} |")
     return "\n".join(lines)
 
 
@@ -553,31 +803,40 @@ def load_bundle(path):
     return d["hay"].tolist(), d["hay_src"], d["held"].tolist(), d["held_src"], d.get("calib")
 
 
-def evaluate(model, tok, args, variants, cases, ppl_ids, counter, out_meta, t0, results=None,
-             routers=None):
-    """Every variant: perplexity (with exact keys attended) and needles; JSON after each (with the
-    entries already in ``results``, which is updated in place)."""
+def evaluate(model, tok, args, variants, cases, ppl_ids, out_meta, t0, results=None, routers=None):
+    """Every variant: perplexity (with exact keys attended) and needles (per case: found, and the
+    teacher-forced log-probability of the answer); JSON after each (with the entries already in
+    ``results``, which is updated in place)."""
     results = {} if results is None else results
     for name in variants:
-        cfg = variant_config(name)
+        masked = is_masked(name)
+        cfg = None if name.startswith(FLAT) else variant_config(name[len(MASKED):] if masked else name)
         routed = name.endswith(ROUTED)
-        r = {"config": None if cfg is None else cfg.to_dict(), "routers": routed}
+        r = {"config": flat_spec(name) if name.startswith(FLAT) else None if cfg is None else cfg.to_dict(),
+             "routers": routed}
         tv = time.time()
         if routed and routers is None:
             raise SystemExit(f"variant {name} needs --routers")
-        use_variant(model, cfg, routers if routed else None)
-        counter.reset()
+        counter = use_variant(model, cfg, routers if routed else None, name)
+        if counter is not None:
+            counter.tail = args.ppl_tail
+            counter.reset()
         if ppl_ids is not None:
             r["ppl"] = run_ppl(model, ppl_ids, args.ppl_tail, args.device)
-        grid, hits = {}, 0
+        grid, hits, per_case = {}, 0, []
         for c in cases:
-            ok = run_needle(model, tok, c, args.device)
+            ok, lp = run_needle(model, tok, c, args.device)
             hits += ok
             k = f"{c.length}/{c.depth}"
             grid[k] = grid.get(k, 0.0) + ok / args.seeds
-        r["keys"], r["keys_end"], r["keys_tail"] = (1.0, 1.0, 1.0) if cfg is None else counter.result()
+            per_case.append({"length": c.length, "depth": c.depth, "seed": c.seed, "found": ok,
+                             "logprob": lp})
+        r["keys"], r["keys_end"], r["keys_tail"] = (1.0, 1.0, 1.0) if counter is None else counter.result()
         r["needle_grid"] = grid
         r["needle"] = hits / max(1, len(cases))
+        r["cases"] = per_case
+        lps = [x["logprob"] for x in per_case if x["logprob"] is not None]
+        r["answer_logprob"] = sum(lps) / len(lps) if lps else None
         r["needle_by_length"] = {
             L: sum(grid[f"{L}/{d}"] for d in args.depths) / len(args.depths) for L in args.lengths
         } if cases else {}
@@ -587,9 +846,10 @@ def evaluate(model, tok, args, variants, cases, ppl_ids, counter, out_meta, t0, 
         with open(args.out + ".json", "w") as fh:  # partial results survive an interrupted run
             json.dump({"meta": dict(out_meta, seconds=time.time() - t0, partial=True),
                        "results": results}, fh, indent=1)
-        print(f"  {name:<24} needle {r['needle']:.2f}  ppl {r.get('ppl', float('nan')):.3f}  "
-              f"keys {r['keys']:.3f} (end {r['keys_end']:.3f}, tail {r['keys_tail']:.3f})  "
-              f"[{r['seconds']:.0f}s]", flush=True)
+        lp = r["answer_logprob"]
+        print(f"  {name:<24} needle {hits}/{len(cases)}  logp {float('nan') if lp is None else lp:.2f}  "
+              f"ppl {r.get('ppl', float('nan')):.3f}  keys {r['keys']:.3f} (end {r['keys_end']:.3f}, "
+              f"tail {r['keys_tail']:.3f})  [{r['seconds']:.0f}s]", flush=True)
     return results
 
 
@@ -660,9 +920,9 @@ def main(argv=None):
             attach_routers(model, routers)  # the probe reads them from the modules
     tf = args.needle_check == "teacher-forced"
     cases = [] if args.no_needle else make_needle_cases(tok, hay_ids, args.lengths, args.depths,
-                                                        args.seeds, args.prompt, tf and not args.routing)
+                                                        args.seeds, args.prompt, tf)
     if args.routing:
-        variants = [v for v in args.variants if variant_config(v) is not None]
+        variants = [v for v in args.variants if is_masked(v) or variant_config(v) is not None]
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
 
         def save(res):
@@ -677,8 +937,6 @@ def main(argv=None):
         res = run_routing(model, cases, variants, args.routing_queries, args.device, on_case=save)
         print(save(res))
         return res
-    counter = KeyCounter()
-    counter.tail = args.ppl_tail
     ppl_ids = None
     if not args.no_ppl:
         if len(held_ids) < args.ppl_len:
@@ -689,7 +947,7 @@ def main(argv=None):
                 ppl_len=args.ppl_len, ppl_tail=args.ppl_tail, prompt=args.prompt,
                 needle_check=args.needle_check, routers=args.routers,
                 gpu=torch.cuda.get_device_name() if args.device.startswith("cuda") else None)
-    results = evaluate(model, tok, args, args.variants, cases, ppl_ids, counter, meta, t0,
+    results = evaluate(model, tok, args, args.variants, cases, ppl_ids, meta, t0,
                        routers=routers)
     table = make_table(results, args.lengths, args.ppl_tail, args.ppl_len)
     print()

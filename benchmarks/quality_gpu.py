@@ -49,6 +49,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     t0 = time.time()
     dev = args.device
+    if dev.startswith("cuda"):  # bigger query chunks for the reference searches: fewer launches,
+        from slcompile.kernels import reference  # same results (queries are independent)
+
+        reference._CHUNK_ELEMS = 1 << 28
     tok, model, gguf = Q.load_model(dev, args.gguf)
     hay, hay_src, held, held_src, calib = Q.load_bundle(args.bundle)
     log = {"gpu": torch.cuda.get_device_name() if dev.startswith("cuda") else "cpu", "torch": torch.__version__, "load_s": time.time() - t0}
@@ -70,8 +74,6 @@ def main(argv=None):
 
     cases = Q.make_needle_cases(tok, hay, [args.length], args.depths, args.seeds, "chat", True)
     ppl_ids = torch.tensor([held[:args.ppl_len]])
-    counter = Q.KeyCounter()
-    counter.tail = args.ppl_tail
     ns = argparse.Namespace(ppl_tail=args.ppl_tail, device=dev, seeds=args.seeds, depths=args.depths,
                             lengths=[args.length], out=args.out)
     meta = dict(model=gguf, device=dev, gpu=log["gpu"], lengths=[args.length], depths=args.depths,
@@ -82,16 +84,16 @@ def main(argv=None):
         if time.time() - t0 > args.budget_s:
             skipped.append(v)
             continue
-        Q.evaluate(model, tok, ns, [v], cs, ppl_ids, counter, meta, t0, results, routers=routers)
+        Q.evaluate(model, tok, ns, [v], cs, ppl_ids, meta, t0, results, routers=routers)
         if not cs:
             results[v].update(needle=float("nan"), needle_grid={}, needle_by_length={})
     routing = {}
-    rv = [v for v in results if Q.variant_config(v) is not None]
+    rv = [v for v in results if Q.is_masked(v) or Q.variant_config(v) is not None]
     if routers is None:
         rv = [v for v in rv if not v.endswith(Q.ROUTED)]
     if args.routing_cases and rv and time.time() - t0 < args.budget_s:
         tr = time.time()
-        rcases = Q.make_needle_cases(tok, hay, [args.length], [0.5], args.routing_cases, "chat", False)
+        rcases = Q.make_needle_cases(tok, hay, [args.length], [0.5], args.routing_cases, "chat", True)
         if routers is not None:
             attach_routers(model, routers)  # the probe reads them from the modules
         routing = Q.run_routing(model, rcases, rv, 16, dev)

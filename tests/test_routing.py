@@ -213,3 +213,70 @@ def test_for_pretrained_preset():
     assert float(worst.max()) <= 0.15
     # fine blocks are the largest power of two <= back + 1 keys: 16 over most of 2K..8K
     assert int(back[t].min()) + 1 >= 16
+
+
+def _quality_module():
+    """benchmarks/quality.py (the needle/perplexity evaluation), imported from its path."""
+    pytest.importorskip("transformers")
+    import importlib.util
+    import os
+    import sys
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "quality.py")
+    if "quality_bench" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("quality_bench", path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["quality_bench"] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules["quality_bench"]
+
+
+@pytest.mark.parametrize("spec", ["window=8,sinks=2,topk=2,backward_factor=0.5,search_key=block_rerank",
+                                  "window=8,sinks=2,topk=2,search_key=block",
+                                  "window=6,sinks=1,topk=2,steps=3,search_key=mean"])
+def test_quality_masked_path_and_key_count_match_the_kernels(spec):
+    """The evaluation's masked path ("mask:<config>": dense attention restricted to the attended
+    set) equals superlinear attention (union), and both key counters (the masked one and the
+    probe's, which must use the N-step search for steps >= 3) give the same exact fraction."""
+    Q = _quality_module()
+    gen = torch.Generator().manual_seed(hash(spec) % 2**31)
+    B, Hq, Hkv, T, D = 1, 4, 2, 96, 8
+    q = torch.randn(B, Hq, T, D, generator=gen)
+    k = torch.randn(B, Hkv, T, D, generator=gen)
+    v = torch.randn(B, Hkv, T, D, generator=gen)
+    cfg = Q.variant_config(spec)
+    want = superlinear_attention(q, k, v, config=cfg, enable_gqa=True)
+    m = Q.masked_attention()
+    m.name, m.chunk = Q.MASKED + spec, 40  # several query chunks
+    m.reset()
+    out, _ = m._forward(None, q, k, v, None)
+    torch.testing.assert_close(out.transpose(1, 2), want, atol=1e-5, rtol=1e-5)
+    kc = Q.KeyCounter.instance()
+    kc.reset()
+    kc._count(cfg, q, k, None)
+    for a, b in zip(m.result(), kc.result()):
+        assert abs(a - b) < 1e-9 and 0 < a < 1
+
+
+def test_quality_flat_oracle_with_every_block_is_dense():
+    """A flat selection that keeps every block before the window is dense attention; keeping fewer
+    blocks by true mass keeps the needle key a query attends to (the oracle of the evaluation)."""
+    Q = _quality_module()
+    gen = torch.Generator().manual_seed(3)
+    B, Hq, Hkv, T, D = 1, 2, 1, 64, 8
+    q = torch.randn(B, Hq, T, D, generator=gen)
+    k = torch.randn(B, Hkv, T, D, generator=gen)
+    v = torch.randn(B, Hkv, T, D, generator=gen)
+    m = Q.masked_attention()
+    m.name, m.chunk = Q.FLAT + "score=mass,window=8,blocks=100,bs=4", 1024
+    out, _ = m._forward(None, q, k, v, None)
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(out.transpose(1, 2), dense, atol=1e-5, rtol=1e-5)
+    k2 = k.clone()
+    k2[0, 0, 13] = q[0, 1, T - 1] * 6.0  # key 13 dominates the last query of head 1
+    t = torch.tensor([T - 1])
+    logits = (q[0, :, -1:] @ k2[0].repeat_interleave(2, 0).transpose(1, 2)) * D ** -0.5
+    for score in ("mass", "max", "bound"):
+        A = Q.flat_mask(Q.flat_spec(f"{Q.FLAT}score={score},window=8,blocks=1,bs=4"), q[0, :, -1:],
+                        k2[0], t, logits)
+        assert bool(A[1, 0, 13]) and int(A[1, 0].sum()) == 8 + 4 + 4, score
