@@ -247,8 +247,8 @@ def main(argv=None):
         with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
             for _ in range(n_batches):
                 tok, qpos, ans, vpos = make_batch(egen, args.batch, *batch_args)
-                pred = answer_logits(model, tok, qpos, args.filler, args.keys, args.values).argmax(-1)
-                correct.append((pred == ans).flatten())
+                logits = answer_logits(model, tok, qpos, args.filler, args.keys, args.values)
+                correct.append((logits.argmax(-1) == ans).flatten())
                 hit.append(routing_hits(last_attn.record.pop(), qpos, vpos, config, args.seq_len)
                            .transpose(0, 1).flatten(1))  # [Hq, B*Q]
         last_attn.record = None

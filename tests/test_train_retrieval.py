@@ -75,8 +75,8 @@ def test_lr_factor_warms_up_then_decays_to_the_floor():
 
 def test_tiny_run_writes_curve_with_chance_and_recall(tmp_path):
     res = tr.main(["--device", "cpu", "--steps", "2", "--seq-len", "72", "--window", "8",
-                   "--pairs", "3", "--queries", "2", "--d-model", "16", "--batch", "2",
-                   "--eval-every", "1", "--eval-batches", "1", "--out", str(tmp_path)])
+                   "--pairs", "3", "--queries", "2", "--d-model", "16", "--layers", "1",
+                   "--batch", "2", "--eval-every", "1", "--eval-batches", "1", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "train_retrieval.json").read_text())
     assert saved["chance"] == pytest.approx(1 / 32)
     assert [c["step"] for c in saved["curve"]] == [0, 1, 2] and saved["steps"] == 2
