@@ -1,21 +1,22 @@
 #!/usr/bin/env python3
 """The block span-search (search_key="block", kernels/triton_block.py) on a GPU: equality with the
-reference and timing against the reference and the Triton anchor search.
+reference and timing against the kernel's previous version, the Triton anchor search and dense SDPA.
 
-    python benchmarks/block_search.py [--out DIR] [--lengths 8192,32768,131072]
+    python benchmarks/block_search.py [--out DIR] [--lengths 131072,32768,8192] [--budget-s 60]
+    TRITON_INTERPRET=1 python benchmarks/block_search.py --tiny   # dry run on a CPU
 
 1. Equality (bf16, SuperlinearConfig.for_pretrained() geometry, dense_below=0, fresh random inputs,
-   allocator poisoned with NaN): the kernel against ``reference.span_search`` on the same GPU.
+   allocator poisoned with NaN): the kernel against ``reference.span_search`` on the same device.
    Integer-valued inputs (every bound exact in any summation order, many equal bounds): anchors and
    scores must be identical. Gaussian inputs: scores to fp32 rounding; anchors may differ only where
    two bounds are within rounding of each other, so rows that differ are counted and their sorted
-   scores compared.
+   scores compared. Each timed shape is also checked on its last ``--ref-queries`` queries.
 2. Timing (CUDA events, median): the kernel over a whole prefill, the Triton anchor search with the
-   same config, and the reference. The reference is slow (a Python loop per chunk of queries), so
-   past 8K it is timed on the last ``--ref-queries`` queries (bottom-right) and the kernel on the
-   same slice too; "x ref" compares those two.
+   same config and causal SDPA (flash) on q/k/v of the same shape, in this one run; "before" is the
+   previous kernel's prefill from ``block_search_h200_2026-11-28.json`` (commit f03b88b).
+   Past ``--budget-s`` seconds the remaining optional parts (the launch-shape sweep) are skipped.
 
-Results: JSON and a Markdown table under --out.
+Results: JSON (written after every row) and a Markdown table under --out.
 """
 
 from __future__ import annotations
@@ -23,12 +24,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
 from attention import cuda_time  # noqa: E402
 from gpu_check import boot  # noqa: E402
 
@@ -38,7 +42,21 @@ from slcompile.kernels import reference as R  # noqa: E402
 from slcompile.kernels import triton_block as TB  # noqa: E402
 from slcompile.kernels import triton_impl as TI  # noqa: E402
 
-HEADS = [(9, 3, 64), (32, 8, 128)]  # SmolLM2-135M-like, Llama-8B-like
+HEADS = [(32, 8, 128), (9, 3, 64)]  # Llama-8B-like, SmolLM2-135M-like
+BEFORE = os.path.join(HERE, "block_search_h200_2026-11-28.json")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def clock(fn, budget_s, max_iters):
+    """Median seconds of fn(): CUDA events on a GPU, wall clock under the interpreter."""
+    if DEV == "cuda":
+        return cuda_time(fn, budget_s=budget_s, max_iters=max_iters)[0]
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def search_args(cfg, kpm=None, pos=None, key="block"):
@@ -47,31 +65,21 @@ def search_args(cfg, kpm=None, pos=None, key="block"):
 
 
 def data(Hq, Hkv, Lq, T, D, integer, seed):
-    g = torch.Generator(device="cuda").manual_seed(seed)
+    g = torch.Generator(device=DEV).manual_seed(seed)
     if integer:
-        q = torch.randint(-4, 5, (1, Hq, Lq, D), generator=g, device="cuda")
-        k = torch.randint(-4, 5, (1, Hkv, T, D), generator=g, device="cuda")
+        q = torch.randint(-4, 5, (1, Hq, Lq, D), generator=g, device=DEV)
+        k = torch.randint(-4, 5, (1, Hkv, T, D), generator=g, device=DEV)
     else:
-        q = torch.randn(1, Hq, Lq, D, generator=g, device="cuda")
-        k = torch.randn(1, Hkv, T, D, generator=g, device="cuda")
+        q = torch.randn(1, Hq, Lq, D, generator=g, device=DEV)
+        k = torch.randn(1, Hkv, T, D, generator=g, device=DEV)
     return q.bfloat16(), k.bfloat16()
 
 
-def check(cfg, Hq, Hkv, Lq, T, D, integer, pad, seed):
-    q, k = data(Hq, Hkv, Lq, T, D, integer, seed)
-    kpm = None
-    if pad:
-        kpm = torch.rand(1, T, device="cuda") > 0.2
-        kpm[:, :T // 16] = False
-    args = search_args(cfg, kpm)
-    ra, rs = R.span_search(q, k, *args)
-    torch.full((1 << 28,), float("nan"), device="cuda")  # poison the allocator
-    a, s = TB.span_search(q, k, *args)
-    torch.cuda.synchronize()
+def compare(a, s, ra, rs, integer):
+    """Kernel (a, s) against the reference (ra, rs): rows (query, head) with other anchors etc."""
     rows = (a != ra).any(-1)
     fin = torch.isfinite(rs)
-    res = dict(T=T, Lq=Lq, heads=[Hq, Hkv, D], integer=integer, pad=pad,
-               rows=int(rows.numel()), rows_kept=int((ra[..., 0] >= 0).sum()),
+    res = dict(rows=int(rows.numel()), rows_kept=int((ra[..., 0] >= 0).sum()),
                rows_differ=int(rows.sum()), scores_equal=bool(torch.equal(s, rs)),
                same_empty=bool(torch.equal(fin, torch.isfinite(s))),
                max_score_err=float((s[fin] - rs[fin]).abs().max()) if fin.any() else 0.0)
@@ -79,29 +87,58 @@ def check(cfg, Hq, Hkv, Lq, T, D, integer, pad, seed):
         d = (s[rows].sort(-1).values - rs[rows].sort(-1).values).nan_to_num(0, 0, 0).abs()
         res["differ_sorted_score_err"] = float(d.max())
     res["ok"] = (res["rows_differ"] == 0 and res["scores_equal"]) if integer else \
-        (res["same_empty"] and res["max_score_err"] < 1e-3 and res["rows_differ"] <= 1e-4 * res["rows"])
+        (res["same_empty"] and res["max_score_err"] < 1e-3 and res["rows_differ"] <= 1e-4 * res["rows"]
+         and res.get("differ_sorted_score_err", 0.0) < 1e-3)
+    return res
+
+
+def check(cfg, Hq, Hkv, Lq, T, D, integer, pad, seed):
+    q, k = data(Hq, Hkv, Lq, T, D, integer, seed)
+    kpm = None
+    if pad:
+        kpm = torch.rand(1, T, device=DEV) > 0.2
+        kpm[:, :T // 16] = False
+    args = search_args(cfg, kpm)
+    ra, rs = R.span_search(q, k, *args)
+    torch.full((1 << (28 if DEV == "cuda" else 16),), float("nan"), device=DEV)  # poison
+    a, s = TB.span_search(q, k, *args)
+    res = dict(T=T, Lq=Lq, heads=[Hq, Hkv, D], integer=integer, pad=pad,
+               **compare(a, s, ra, rs, integer))
     print("check", json.dumps(res), flush=True)
     return res
 
 
-def timing(cfg, Hq, Hkv, D, T, ref_q):
+def sdpa(q, k, v):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    backends = [SDPBackend.FLASH_ATTENTION] if DEV == "cuda" else [SDPBackend.MATH]
+    with sdpa_kernel(backends):
+        try:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        except RuntimeError:  # no GQA in this build's flash kernel: repeat the kv heads
+            g = q.shape[1] // k.shape[1]
+            return F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1),
+                                                  v.repeat_interleave(g, 1), is_causal=True)
+
+
+def timing(cfg, Hq, Hkv, D, T, ref_q, before):
     q, k = data(Hq, Hkv, T, T, D, False, T + Hq)
     blk = search_args(cfg)
     row = dict(T=T, heads=[Hq, Hkv, D])
-    row["block_s"] = cuda_time(lambda: TB.span_search(q, k, *blk), budget_s=1.0, max_iters=10)[0]
-    row["anchor_s"] = cuda_time(lambda: TI.span_search(q, k, *search_args(cfg, key="anchor")),
-                                budget_s=1.0, max_iters=10)[0]
-    n = T if T <= 8192 else min(T, ref_q)
-    qs = q[:, :, T - n:]
-    row["slice_queries"] = n
-    row["block_slice_s"] = cuda_time(lambda: TB.span_search(qs, k, *blk), budget_s=0.5, max_iters=5)[0]
-    t0 = time.time()
-    R.span_search(qs, k, *blk)  # warm-up / first run
-    torch.cuda.synchronize()
-    row["ref_slice_s"] = cuda_time(lambda: R.span_search(qs, k, *blk), budget_s=2.0, max_iters=3,
-                                   warmup=False)[0] if time.time() - t0 < 5 else time.time() - t0
-    row["x_ref"] = row["ref_slice_s"] / row["block_slice_s"]
+    row["block_s"] = clock(lambda: TB.span_search(q, k, *blk), 1.0, 10)
+    row["anchor_s"] = clock(lambda: TI.span_search(q, k, *search_args(cfg, key="anchor")), 1.0, 10)
+    v = torch.randn_like(k)
+    row["sdpa_s"] = clock(lambda: sdpa(q, k, v), 1.0, 3)
+    del v
+    row["before_s"] = before.get((T, Hq, Hkv, D))
+    # equality on the prefill's last ref_q queries (the same kernel specialisation as timed)
+    qs = q[:, :, T - min(T, ref_q):]
+    ra, rs = R.span_search(qs, k, *blk)
+    a, s = TB.span_search(qs, k, *blk)
+    row["check_last_queries"] = dict(Lq=qs.shape[2], **compare(a, s, ra, rs, False))
+    row["x_sdpa"] = row["sdpa_s"] / row["block_s"]
     row["x_anchor"] = row["block_s"] / row["anchor_s"]
+    if row["before_s"]:
+        row["x_before"] = row["before_s"] / row["block_s"]
     print("time", json.dumps(row), flush=True)
     return row
 
@@ -109,52 +146,76 @@ def timing(cfg, Hq, Hkv, D, T, ref_q):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
-    ap.add_argument("--lengths", default="8192,32768,131072")
+    ap.add_argument("--lengths", default="131072,32768,8192")
     ap.add_argument("--ref-queries", type=int, default=2048)
-    ap.add_argument("--skip-checks", action="store_true")
-    ap.add_argument("--sweep", action="store_true", help="time a few launch shapes at 32K")
+    ap.add_argument("--budget-s", type=float, default=60.0, help="skip the sweep past this")
+    ap.add_argument("--tiny", action="store_true", help="CPU dry run: tiny shapes")
     a = ap.parse_args()
+    t_start = time.time()
     cfg = SuperlinearConfig.for_pretrained()
-    out = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, config=cfg.to_dict(),
-               checks=[], timings=[])
-    if not a.skip_checks:
-        for (Hq, Hkv, D), Lq, T, integer, pad in [((9, 3, 64), 8192, 8192, True, False),
-                                                  ((9, 3, 64), 8192, 8192, False, True),
-                                                  ((32, 8, 128), 2048, 32768, False, True),
-                                                  ((32, 8, 128), 1, 32768, True, True)]:
-            out["checks"].append(check(cfg, Hq, Hkv, Lq, T, D, integer, pad, seed=T + Lq))
+    heads = HEADS
+    checks = [((9, 3, 64), 8192, 8192, True, False), ((32, 8, 128), 2048, 32768, False, True),
+              ((32, 8, 128), 1, 32768, True, True)]
+    lengths = [int(x) for x in a.lengths.split(",")]
+    if a.tiny:  # the same code paths on shapes the interpreter runs in seconds
+        cfg = cfg.replace(window=48)
+        heads = [(4, 2, 16), (3, 1, 8)]
+        checks = [((3, 1, 8), 64, 160, True, False), ((4, 2, 16), 1, 300, True, True)]
+        lengths = [192]
+        a.ref_queries = 32
+    out = dict(device=torch.cuda.get_device_name() if DEV == "cuda" else "cpu (interpreter)",
+               torch=torch.__version__, config=cfg.to_dict(), checks=[], timings=[])
     os.makedirs(a.out, exist_ok=True)
 
     def save():
         with open(os.path.join(a.out, "block_search.json"), "w") as f:
             json.dump(out, f, indent=1)
 
-    save()
-    for T in [int(x) for x in a.lengths.split(",")]:
-        for Hq, Hkv, D in HEADS:
-            out["timings"].append(timing(cfg, Hq, Hkv, D, T, a.ref_queries))
-            save()
-    if a.sweep:  # launch shapes of the kernel at 32K, Hq=32/Hkv=8/D=128
-        q, k = data(32, 8, 32768, 32768, 128, False, 1)
+    with open(BEFORE) as f:
+        before = {(r["T"], *r["heads"]): r["block_s"] for r in json.load(f)["timings"]}
+    # most informative first (a run cut short keeps what it saved): the integer check (exactness
+    # and tie rules on tensor cores), the first heads' timings, the other checks, the other heads
+    todo = [("check", checks[0])] + [("time", (T, heads[0])) for T in lengths] + \
+        [("check", c) for c in checks[1:]] + [("time", (T, hd)) for hd in heads[1:] for T in lengths]
+    for kind, job in todo:
+        if kind == "check":
+            (Hq, Hkv, D), Lq, T, integer, pad = job
+            out["checks"].append(check(cfg, Hq, Hkv, Lq, T, D, integer, pad, seed=T + Lq))
+        else:
+            T, (Hq, Hkv, D) = job
+            out["timings"].append(timing(cfg, Hq, Hkv, D, T, a.ref_queries, before))
+        save()
+    if time.time() - t_start < a.budget_s:  # launch shapes at the longest length, first heads
+        (Hq, Hkv, D), T = heads[0], lengths[0]
+        q, k = data(Hq, Hkv, T, T, D, False, 1)
         out["sweep"] = {}
-        for bq, nw in [(1, 4), (1, 8), (2, 4), (4, 8)]:
-            ms = cuda_time(lambda: TB.span_search(q, k, *search_args(cfg), block_q=bq, num_warps=nw),
-                           budget_s=0.5, max_iters=5)[0] * 1e3
+        for bq, nw in [(8, 4), (16, 4), (8, 8)]:
+            if time.time() - t_start > a.budget_s:
+                break
+            ms = clock(lambda: TB.span_search(q, k, *search_args(cfg), block_q=bq, num_warps=nw),
+                       0.5, 5) * 1e3
             out["sweep"][f"block_q={bq},num_warps={nw}"] = ms
             print("sweep", bq, nw, f"{ms:.2f} ms", flush=True)
-        save()
-    lines = ["| T | Hq/Hkv/D | block kernel (prefill) | anchor search | block / anchor "
-             "| queries timed vs ref | kernel | reference | speed-up |",
-             "|---|---|---|---|---|---|---|---|---|"]
+            save()
+    lines = ["| T | Hq/Hkv/D | block search (new) | before (f03b88b) | speed-up | anchor search "
+             "| block / anchor | SDPA flash | SDPA / block | last-queries check |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in out["timings"]:
+        c = r["check_last_queries"]
+        before_ms = f"{r['before_s'] * 1e3:.1f} ms" if r["before_s"] else "-"
         lines.append(f"| {r['T']} | {'/'.join(map(str, r['heads']))} | {r['block_s'] * 1e3:.2f} ms | "
-                     f"{r['anchor_s'] * 1e3:.2f} ms | {r['x_anchor']:.1f}x | {r['slice_queries']} | "
-                     f"{r['block_slice_s'] * 1e3:.2f} ms | {r['ref_slice_s'] * 1e3:.1f} ms | "
-                     f"{r['x_ref']:.0f}x |")
+                     f"{before_ms} | {r.get('x_before', float('nan')):.1f}x | "
+                     f"{r['anchor_s'] * 1e3:.2f} ms | {r['x_anchor']:.1f}x | "
+                     f"{r['sdpa_s'] * 1e3:.1f} ms | {r['x_sdpa']:.1f}x | "
+                     f"{c['rows_differ']}/{c['rows']} rows differ, ok={c['ok']} |")
     with open(os.path.join(a.out, "block_search.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
-    print("all checks ok:", all(c["ok"] for c in out["checks"]))
+    out["all_checks_ok"] = all(c["ok"] for c in out["checks"]) and \
+        all(r["check_last_queries"]["ok"] for r in out["timings"])
+    out["wall_s"] = time.time() - t_start
+    save()
+    print("all checks ok:", out["all_checks_ok"], f"wall {out['wall_s']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -345,7 +345,7 @@ def _max_fine_per_coarse(T: int, W: int, t0: int, r: float, bf: float) -> int:
 
 def span_search(qs, k, key_padding_mask, query_positions, window, topk, search_power,
                 span_power, backward_factor, forward_factor, search_key, dense_below,
-                block_q=None, num_warps=4):
+                block_q=None, num_warps=8):
     """Same contract as ``reference.span_search`` for ``search_key="block"``. ``block_q``: queries
     per work item (default: 64 rows of queries x heads, at least 16 rows)."""
     B, Hq, Lq, D = qs.shape

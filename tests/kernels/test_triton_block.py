@@ -5,7 +5,9 @@ Tiny shapes, fresh random inputs, a NaN-poisoned allocator. Anchors must equal t
 exactly. Integer-valued inputs make every bound exact in any summation order, so scores must be
 equal too and equal bounds are common: the tie rules (coarse: the later block; fine: the nearer
 anchor) are checked there. On Gaussian inputs scores agree to fp32 rounding (the kernel sums in
-another order than the reference's matrix products).
+another order than the reference's matrix products). The interpreter computes the bounds' products
+in fp32 (its bf16 products are wrong): exact, like the GPU's bf16/fp16 tensor-core products, whose
+equality benchmarks/block_search.py checks on the GPU.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ triton = pytest.importorskip("triton")
 
 from slcompile.kernels import ops  # noqa: E402
 from slcompile.kernels import reference as R  # noqa: E402
+from slcompile.kernels.config import SuperlinearConfig  # noqa: E402
+from slcompile.kernels.geometry import span_extents  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("Triton kernels need TRITON_INTERPRET=1 on a machine without CUDA",
@@ -69,6 +73,8 @@ CASES = [
     # one-key fine blocks, topk 1: more coarse blocks than the 2 refined, so coarse ties matter
     ("one-key-blocks-top1", 1, 2, 1, 120, 120, 4, 4, 1, 0.0, 0.0, False, None, True, torch.float32, 128),
     ("decode-gqa", 2, 4, 1, 1, 333, 8, 12, 3, 2.0, 0.0, True, None, False, torch.float32, 1),
+    # spans of ~240 keys over coarse blocks of 128: one kept span covers up to 3 coarse blocks' slots
+    ("long-spans", 1, 2, 1, 32, 400, 8, 16, 3, 8.0, 4.0, False, None, True, torch.float32, 16),
 ]
 
 
@@ -149,3 +155,30 @@ def test_bad_inputs_raise():
         TB.span_search(q, k, None, None, 4, 2, 0.5, 0.5, 2.0, 0.0, "anchor", 0)
     with pytest.raises(ValueError, match="dtype|bf16"):
         TB.span_search(q.double(), k.double(), None, None, 4, 2, 0.5, 0.5, 2.0, 0.0, "block", 0)
+
+
+@pytest.mark.parametrize("W,bf", [(5, 0.0), (8, 0.35), (24, 2.0), (64, 8.0)])
+def test_tile_columns_cover_every_query(W, bf):
+    """The host's tile width (no device synchronisation) is >= R = 2^c of every query it serves
+    (brute force over t with the reference's block levels), and not above 2 R."""
+    T = 5000
+    back, _ = span_extents(T, 0.5, bf, 0.0)
+    for t0 in (W, T // 2, T - 1):
+        t = torch.arange(max(t0, W), T)
+        jf, jc = R._block_levels(t - W, back[t])
+        r_max = int((1 << (jc - jf)).max())
+        rp = TB._max_fine_per_coarse(T, W, t0, 0.5, bf)
+        assert r_max <= rp <= 2 * r_max, (t0, r_max, rp)
+
+
+def test_tile_columns_for_pretrained_128k():
+    """for_pretrained at 128K: R = 64 (fine blocks of 32 keys), so 64 tile columns, not the 128
+    that the finest level (8 keys at t = W) would give."""
+    cfg = SuperlinearConfig.for_pretrained()
+    T = 131072
+    back, _ = span_extents(T, cfg.span_power, cfg.backward_factor, cfg.forward_factor)
+    t = torch.arange(cfg.window, T)
+    jf, jc = R._block_levels(t - cfg.window, back[t])
+    assert int((1 << (jc - jf)).max()) == 64
+    assert TB._max_fine_per_coarse(T, cfg.window, cfg.window, cfg.span_power,
+                                   cfg.backward_factor) == 64
