@@ -93,6 +93,9 @@ def main():
     ap.add_argument("--tune", default="", help="JSON list of attn kwargs to compare at --tune-L")
     ap.add_argument("--tune-search", default="", help="JSON list of search kwargs to compare")
     ap.add_argument("--tune-L", type=int, default=65536)
+    ap.add_argument("--check-L", type=int, default=0,
+                    help="first compare the attention (default and each --tune variant, union and "
+                         "gated) at this length with the CPU reference; 0: no check")
     ap.add_argument("--flex-max-L", type=int, default=262144,
                     help="above this, FlexAttention is estimated (quadratic) instead of run")
     args = ap.parse_args()
@@ -156,6 +159,25 @@ def main():
         except Exception:
             traceback.print_exc()
             flex = None
+
+    if args.check_L:
+        # the Triton attention against the reference (CPU, fp32) on small random inputs
+        from slcompile.kernels import reference as R
+        L, Hc = args.check_L, 4
+        q = torch.randn(B, Hc, L, D, device=dev, dtype=torch.bfloat16)
+        k = torch.randn(B, 1, L, D, device=dev, dtype=torch.bfloat16)
+        v = torch.randn(B, 1, L, D, device=dev, dtype=torch.bfloat16)
+        a, s = search(q, k)
+        for comb in ("union", "gated"):
+            geo = (CFG["window"], CFG["sinks"], CFG["span_power"], CFG["backward_factor"],
+                   CFG["forward_factor"], comb, scale, 0)
+            ref = R.span_attention(*(x.cpu().float() for x in (q, k, v)), a.cpu(), s.cpu(), None,
+                                   None, *geo)
+            for kw in [{}] + json.loads(args.tune or "[]"):
+                o = TA.span_attention(q, k, v, a, s, None, None, *geo, **{**akw, **kw}).cpu()
+                err = ((o.float() - ref).norm() / ref.norm()).item()
+                print(f"check L={L} {comb} {kw}: rel. error to the reference {err:.1e}"
+                      f"{'' if err < 1e-2 and not o.isnan().any() else '  FAILED'}", flush=True)
 
     rows = []
     tuned = {}
@@ -231,9 +253,11 @@ def main():
                                   CFG["forward_factor"], dev)
 
             def prep():  # what the pairs path does before its kernels: pieces, keys, sort
-                _, _, key = TA.pieces_and_keys(a, None, L, CFG["window"], CFG["sinks"], bk, fw,
-                                               True, akw.get("lo_bucket", 16),
-                                               akw.get("sort_key", "lo_hi"))
+                lo, hi = TA.span_pieces_triton(a, None, L, CFG["window"], CFG["sinks"], bk, fw,
+                                               True)
+                key = TA.sort_keys(lo, hi, L, sinks=False,
+                                   bucket=akw.get("lo_bucket", TA.BUCKET),
+                                   snake=akw.get("snake", True))
                 return torch.argsort(key.view(B * Hkv, -1), dim=-1)
             r["prep_s"], _ = cuda_time(prep)
         r["super_s"], r["super_n"] = cuda_time(lambda: attend(q, k, v, *search(q, k)))

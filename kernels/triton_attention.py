@@ -6,11 +6,14 @@ Two paths (``impl``), both exact against the reference:
 (``_pieces_kernel``): in ``union`` mode the spans of a query made disjoint (sorted by start, each
 minus the ones before it), so a position counts once; in ``gated`` mode span j as is; positions
 below the sinks are left to the sinks. The pieces of one kv head are sorted by key footprint
-((lo // bucket, hi)), so 64 consecutive pieces, from any queries and any of the G query heads,
+(``sort_keys``, shared with the backward: lo // 64, then hi, ascending and descending in
+alternate lo buckets), so 64 consecutive pieces, from any queries and any of the G query heads,
 share one contiguous key range: ``_span_pairs_kernel`` runs an online softmax over that range on
 the tensor cores, each row masked to its own piece, and writes per-piece partial results (log2
-sum of exponentials and normalised output, fp32). ``_span_attention_kernel`` (MERGE) then does the
-window and the sinks per query block and merges the partials: one softmax over the union, or,
+sum of exponentials and normalised output, fp32). Its key-tile loop is a for loop with runtime
+bounds (Triton can software-pipeline it, ``pair_stages``; the interpreter cannot take such
+bounds, so there the same body runs in a while loop). ``_span_attention_kernel`` (MERGE) then
+does the window and the sinks per query block and merges the partials: one softmax over the union, or,
 for ``gated``, one softmax per span over span_j ∪ window ∪ sinks mixed by softmax(search scores)
 (a query with no kept span gets window ∪ sinks). This is what makes data-dependent routing cheap:
 neighbouring queries rarely pick the same spans, but across a kv head about G*k pieces start at
@@ -310,6 +313,32 @@ def _span_attention_kernel(
 
 
 @triton.jit
+def _piece_keep(offn, offn64, nmask, lo, hi, KPM, b, skpb, skpn, HAS_KPM: tl.constexpr):
+    """Which (piece, key) pairs of a key tile a piece attends."""
+    keep = (offn[None, :] >= lo[:, None]) & (offn[None, :] <= hi[:, None])
+    if HAS_KPM:
+        kp = tl.load(KPM + b * skpb + offn64 * skpn, mask=nmask, other=0)
+        keep = keep & (kp != 0)[None, :]
+    return keep
+
+
+@triton.jit
+def _pairs_tile(ks, acc, l_i, m_i, q, lo, hi, hi_max, kbase, vbase, KPM, b, skpb, skpn, skn, skd,
+                svn, svd, qk_scale, D: tl.constexpr, DV: tl.constexpr, HAS_KPM: tl.constexpr,
+                IEEE: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """One key tile [ks, ks + BLOCK_N) of ``_span_pairs_kernel``, each row masked to its piece."""
+    offn = ks + tl.arange(0, BLOCK_N)
+    offn64 = offn.to(tl.int64)
+    nmask = offn <= hi_max
+    s = _tile_scores(q, kbase, offn64, nmask, tl.arange(0, BLOCK_D), skn, skd, qk_scale, D, IEEE,
+                     DOT_F32)
+    keep = _piece_keep(offn, offn64, nmask, lo, hi, KPM, b, skpb, skpn, HAS_KPM)
+    return _tile_update(s, keep, m_i, l_i, acc, vbase, offn64, nmask, tl.arange(0, BLOCK_DV), svn,
+                        svd, DV, IEEE, DOT_F32)
+
+
+@triton.jit
 def _span_pairs_kernel(
     Q, K, V, KPM, IDX, PLO, PHI, PLSE, POUT,
     sqb, sqh, sqm, sqd,
@@ -318,8 +347,8 @@ def _span_pairs_kernel(
     skpb, skpn,
     Hkv, G, Lq, NPAIR, qk_scale,
     TOPK: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, HAS_KPM: tl.constexpr,
-    IEEE: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IEEE: tl.constexpr, DOT_F32: tl.constexpr, PIPE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """BLOCK_M (query, head, span piece) rows of one kv head, consecutive in key-footprint order:
     the rows share one contiguous key range, read once per tile for all of them. Writes each
@@ -350,19 +379,19 @@ def _span_pairs_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    ks = (lo_min // BLOCK_N) * BLOCK_N
-    while ks <= hi_max:
-        offn = ks + tl.arange(0, BLOCK_N)
-        offn64 = offn.to(tl.int64)
-        nmask = offn <= hi_max
-        s = _tile_scores(q, kbase, offn64, nmask, offd, skn, skd, qk_scale, D, IEEE, DOT_F32)
-        keep = (offn[None, :] >= lo[:, None]) & (offn[None, :] <= hi[:, None])
-        if HAS_KPM:
-            kp = tl.load(KPM + b * skpb + offn64 * skpn, mask=nmask, other=0)
-            keep = keep & (kp != 0)[None, :]
-        acc, l_i, m_i = _tile_update(s, keep, m_i, l_i, acc, vbase, offn64, nmask, offdv, svn, svd,
-                                     DV, IEEE, DOT_F32)
-        ks += BLOCK_N
+    ks0 = (lo_min // BLOCK_N) * BLOCK_N
+    if PIPE:  # a pipelined for loop; the interpreter: a while loop (module docstring)
+        for ks in range(ks0, hi_max + 1, BLOCK_N):
+            acc, l_i, m_i = _pairs_tile(ks, acc, l_i, m_i, q, lo, hi, hi_max, kbase, vbase, KPM, b,
+                                        skpb, skpn, skn, skd, svn, svd, qk_scale, D, DV, HAS_KPM,
+                                        IEEE, DOT_F32, BLOCK_N, BLOCK_D, BLOCK_DV)
+    else:
+        ks = ks0
+        while ks <= hi_max:
+            acc, l_i, m_i = _pairs_tile(ks, acc, l_i, m_i, q, lo, hi, hi_max, kbase, vbase, KPM, b,
+                                        skpb, skpn, skn, skd, svn, svd, qk_scale, D, DV, HAS_KPM,
+                                        IEEE, DOT_F32, BLOCK_N, BLOCK_D, BLOCK_DV)
+            ks += BLOCK_N
     lpos = l_i > 0
     lse = tl.where(lpos, m_i + tl.log2(tl.where(lpos, l_i, 1.0)), float("-inf"))
     o = acc / tl.where(lpos, l_i, 1.0)[:, None]
@@ -373,13 +402,13 @@ def _span_pairs_kernel(
 
 @triton.jit
 def _pieces_kernel(
-    ANCH, POS, BACK, FWD, PLO, PHI, KEY,
+    ANCH, POS, BACK, FWD, PLO, PHI,
     sab, sah, sam, sak, spb, spm,
-    Hq, Lq, T, W, S, BUCKET, NROWS,
-    HAS_POS: tl.constexpr, UNION: tl.constexpr, KEY32: tl.constexpr, TOPK: tl.constexpr,
-    KP: tl.constexpr, BLOCK_R: tl.constexpr,
+    Hq, Lq, T, W, S, NROWS,
+    HAS_POS: tl.constexpr, UNION: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
-    """Span pieces of BLOCK_R (batch, head, query) rows, and their sort keys (see span_pieces)."""
+    """Span pieces of BLOCK_R (batch, head, query) rows (see span_pieces)."""
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     rm = r < NROWS
     b = r // (Hq * Lq)
@@ -412,11 +441,6 @@ def _pieces_kernel(
     off = r[:, None] * TOPK + cols[None, :]
     tl.store(PLO + off, lo, mask=cm)
     tl.store(PHI + off, hi, mask=cm)
-    if KEY32:
-        tl.store(KEY + off, tl.where(ok, lo, 2147483647), mask=cm)
-    else:
-        key = (lo // BUCKET).to(tl.int64) * (T + 1) + hi.to(tl.int64)
-        tl.store(KEY + off, tl.where(ok, key, 9223372036854775807), mask=cm)
 
 
 def _interpreted() -> bool:
@@ -502,40 +526,88 @@ def span_pieces(anchors, query_positions, T, W, S, back, fwd, union):
     return lo, hi, ok
 
 
-def pieces_and_keys(anchors, query_positions, T, W, S, back, fwd, union, lo_bucket=16,
-                    sort_key="lo_hi"):
-    """The Triton version of ``span_pieces`` (same pieces as a set per query) plus the sort key
-    of every piece: (lo // lo_bucket, hi) as int64 (``lo_hi``) or lo as int32 (``lo``); empty
-    pieces sort last."""
+def span_pieces_triton(anchors, query_positions, T, W, S, back, fwd, union):
+    """The Triton version of ``span_pieces`` (the same pieces as a set per query): lo, hi."""
     B, Hq, Lq, topk = anchors.shape
     pos = query_positions.long() if query_positions is not None else None
     nrows = B * Hq * Lq
     plo = torch.empty((B, Hq, Lq, topk), dtype=torch.int32, device=anchors.device)
     phi = torch.empty_like(plo)
-    key32 = sort_key == "lo"
-    key = torch.empty((B, Hq, Lq, topk), dtype=torch.int32 if key32 else torch.int64,
-                      device=anchors.device)
     if nrows == 0:
-        return plo, phi, key
+        return plo, phi
     _pieces_kernel[(triton.cdiv(nrows, 128),)](
-        anchors, pos if pos is not None else back, back, fwd, plo, phi, key,
+        anchors, pos if pos is not None else back, back, fwd, plo, phi,
         *anchors.stride(), *(pos.stride() if pos is not None else (0, 0)),
-        Hq, Lq, T, W, S, lo_bucket, nrows,
-        HAS_POS=pos is not None, UNION=bool(union), KEY32=key32, TOPK=topk,
-        KP=max(2, _next_pow2(topk)), BLOCK_R=128, num_warps=4,
+        Hq, Lq, T, W, S, nrows,
+        HAS_POS=pos is not None, UNION=bool(union), TOPK=topk, KP=max(2, _next_pow2(topk)),
+        BLOCK_R=128, num_warps=4,
     )
-    return plo, phi, key
+    return plo, phi
+
+
+BUCKET = 64  # lo // BUCKET orders the pieces (sort_keys)
+
+
+def sort_keys(lo, hi, T, sinks=True, bucket=BUCKET, snake=True):
+    """int64 sort keys of pieces (lo, hi [..., n]), the one piece order of the forward's pairs
+    kernel and of every backward pass: by lo // bucket, within a bucket by hi, ascending in even
+    buckets and descending in odd ones with ``snake`` (a block of consecutive pieces that
+    straddles two buckets then holds pieces of similar extent, not the longest of one bucket
+    with the shortest of the next), else always ascending; with ``sinks`` the last slot (the
+    sinks piece) sorts before all others, by hi; empty pieces (hi < lo) last. Pieces of lo
+    bucket c have keys in [c * (T + 1), c * (T + 1) + T]."""
+    lo64, hi64 = lo.long(), hi.long()
+    bkt = lo64 // bucket
+    key = bkt * (T + 1) + (torch.where(bkt % 2 == 1, T - hi64, hi64) if snake else hi64)
+    if sinks:
+        key[..., -1] = hi64[..., -1] - (T + 1)
+    return torch.where(hi64 >= lo64, key, torch.iinfo(torch.int64).max)
+
+
+def pair_partials(q, k, v, kpm, plo, phi, T, qk_scale, lo_bucket=BUCKET, snake=True,
+                  block_m=None, block_n=None, num_warps=4, num_stages=1):
+    """The partial softmax of every span piece (plo, phi int32 [B, Hq, Lq, topk]) over its
+    keys: log2-sum-exp [B, Hq, Lq, topk] and normalised output [B, Hq, Lq, topk, DV], fp32
+    (written for non-empty pieces only). The pieces of each kv head are sorted by ``sort_keys``,
+    then ``_span_pairs_kernel`` runs over blocks of consecutive ones. kpm: uint8 [B, T] or None."""
+    B, Hq, Lq, topk = plo.shape
+    Hkv, D, DV = k.shape[1], q.shape[3], v.shape[3]
+    G = Hq // Hkv
+    npair = G * Lq * topk
+    key = sort_keys(plo, phi, T, sinks=False, bucket=lo_bucket, snake=snake)
+    idx = torch.argsort(key.view(B * Hkv, npair), dim=-1).to(torch.int32)
+    del key
+    plse = torch.empty((B, Hq, Lq, topk), dtype=torch.float32, device=q.device)
+    pout = torch.empty((B, Hq, Lq, topk, DV), dtype=torch.float32, device=q.device)
+    BLOCK_D = max(16, _next_pow2(D))
+    BLOCK_DV = max(16, _next_pow2(DV))
+    bm, bn = _pair_blocks(q, max(BLOCK_D, BLOCK_DV))
+    bm = block_m or bm
+    bn = block_n or bn
+    _span_pairs_kernel[(triton.cdiv(npair, bm), B * Hkv)](
+        q, k, v, kpm if kpm is not None else plo, idx, plo, phi, plse, pout,
+        *q.stride(), *k.stride(), *v.stride(),
+        *(kpm.stride() if kpm is not None else (0, 0)),
+        Hkv, G, Lq, npair, qk_scale,
+        TOPK=topk, D=D, DV=DV, HAS_KPM=kpm is not None, IEEE=q.dtype == torch.float32,
+        DOT_F32=_interpreted() and q.dtype == torch.bfloat16, PIPE=not _interpreted(),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return plse, pout
 
 
 def launch(q, k, v, anchors, scores, key_padding_mask, query_positions, W, S, back, fwd,
            gated, scale, block_m=None, block_n=None, num_warps=4, num_stages=None,
-           impl="pairs", pair_block_m=None, pair_block_n=None, pair_warps=4, pair_stages=None,
-           lo_bucket=16, sort_key="lo_hi", spans=True):
-    """Run the kernels; ``W``/``S`` already clipped to T; ``back``/``fwd`` int64 [T] tables."""
+           impl="pairs", pair_block_m=None, pair_block_n=None, pair_warps=4, pair_stages=1,
+           lo_bucket=BUCKET, snake=True, spans=True):
+    """Run the kernels; ``W``/``S`` already clipped to T; ``back``/``fwd`` int64 [T] tables.
+    ``lo_bucket``, ``snake``: the pairs path's piece order (``sort_keys``); ``pair_stages``: the
+    software-pipelining depth of its key-tile loop."""
     if impl not in IMPLS:
         raise ValueError(f"span_attention: impl={impl!r} is not one of {IMPLS}")
-    if sort_key not in ("lo_hi", "lo"):
-        raise ValueError(f"span_attention: sort_key={sort_key!r} is not 'lo_hi' or 'lo'")
+    if not (isinstance(lo_bucket, int) and lo_bucket >= 1):
+        raise ValueError(f"span_attention: lo_bucket={lo_bucket!r} is not an integer >= 1")
     B, Hq, Lq, D = q.shape
     Hkv, T, DV = k.shape[1], k.shape[2], v.shape[3]
     out = torch.empty((B, Hq, Lq, DV), dtype=q.dtype, device=q.device)
@@ -551,26 +623,9 @@ def launch(q, k, v, anchors, scores, key_padding_mask, query_positions, W, S, ba
     qk_scale = float(scale) * math.log2(math.e)
     merge = spans and impl == "pairs"
     if merge:
-        G = Hq // Hkv
-        npair = G * Lq * topk
-        plo, phi, key = pieces_and_keys(anchors, pos, T, W, S, back, fwd, not gated, lo_bucket,
-                                        sort_key)
-        idx = torch.argsort(key.view(B * Hkv, npair), dim=-1).to(torch.int32)
-        plse = torch.empty((B, Hq, Lq, topk), dtype=torch.float32, device=q.device)
-        pout = torch.empty((B, Hq, Lq, topk, DV), dtype=torch.float32, device=q.device)
-        pbm, pbn = _pair_blocks(q, max(BLOCK_D, BLOCK_DV))
-        pbm = pair_block_m or pbm
-        pbn = pair_block_n or pbn
-        extra = {} if pair_stages is None else {"num_stages": pair_stages}
-        _span_pairs_kernel[(triton.cdiv(npair, pbm), B * Hkv)](
-            q, k, v, kpm if kpm is not None else plo, idx, plo, phi, plse, pout,
-            *q.stride(), *k.stride(), *v.stride(),
-            *(kpm.stride() if kpm is not None else (0, 0)),
-            Hkv, G, Lq, npair, qk_scale,
-            TOPK=topk, D=D, DV=DV, HAS_KPM=kpm is not None, IEEE=ieee, DOT_F32=dot_f32,
-            BLOCK_M=pbm, BLOCK_N=pbn, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, num_warps=pair_warps,
-            **extra,
-        )
+        plo, phi = span_pieces_triton(anchors, pos, T, W, S, back, fwd, not gated)
+        plse, pout = pair_partials(q, k, v, kpm, plo, phi, T, qk_scale, lo_bucket, snake,
+                                   pair_block_m, pair_block_n, pair_warps, pair_stages)
     else:
         plo = phi = plse = pout = back
     bm, bn = _block_sizes(q, max(BLOCK_D, BLOCK_DV))

@@ -1,8 +1,8 @@
 """Triton kernels for the backward pass of span-attention (dq, dk, dv and, gated, d scores).
 
 Every (query, head) attends disjoint key *pieces*: its span pieces (``triton_attention``'s
-``pieces_and_keys``: union pieces made disjoint, gated pieces one per slot, all above the sinks and
-below the window), its window [max(S, t-W+1), t] and its sinks [0, min(S, t+1)). Within a piece
+``span_pieces_triton``: union pieces made disjoint, gated pieces one per slot, all above the sinks
+and below the window), its window [max(S, t-W+1), t] and its sinks [0, min(S, t+1)). Within a piece
 every key's softmax weight is p = exp2(s - lse) and its logit gradient p * (dO.v - delta) for one
 per-piece pair (lse, delta):
 
@@ -15,17 +15,18 @@ per-piece pair (lse, delta):
 
 Passes (no host synchronisation except one count of the key-major work list):
 
-1. Sort the pieces of each kv head by ``sort_keys`` (sinks first; then by lo // BUCKET, and within
-   a bucket by hi, ascending in even buckets and descending in odd ones, so that a block of
-   consecutive pieces straddling two buckets still holds pieces of similar extent).
+1. Sort the pieces of each kv head by ``sort_keys`` (``triton_attention``'s, the forward's order:
+   sinks first; then by lo // BUCKET, and within a bucket by hi, ascending in even buckets and
+   descending in odd ones, so that a block of consecutive pieces straddling two buckets still
+   holds pieces of similar extent).
 2. (lse, delta) per piece.
    * union: ``_stats_kernel`` runs over the sorted pieces (64 share one key range) computing only
      each piece's log-sum-exp (q.k, no P.V); ``_union_rows_kernel`` merges a row's pieces and
      takes delta = dO . out from the forward's output (recomputed by the forward kernels when
      the caller does not pass it).
-   * gated: ``_prep_kernel`` recomputes the forward's span partials (``_span_pairs_kernel`` of
-     ``triton_attention``, over the span pieces in the same order), window and sinks per query
-     block (its ``_attend``), and from them the per-piece (lse, delta) and d scores.
+   * gated: ``_prep_kernel`` recomputes the forward's span partials (``pair_partials`` of
+     ``triton_attention``), window and sinks per query block (its ``_attend``), and from them
+     the per-piece (lse, delta) and d scores.
 3. ``_dq_kernel``: 64 consecutive pieces share one key range; dq per piece, atomically added to
    its query row (a row has up to topk + 2 pieces).
 4. ``_dkdv_kernel``: key-major. For a key tile, the pieces that can touch it lie in one contiguous
@@ -56,7 +57,10 @@ _gate_weights = TA._gate_weights
 _span_partials = TA._span_partials
 _with_span_partial = TA._with_span_partial
 _tile_scores = TA._tile_scores
+_piece_keep = TA._piece_keep
 _BIGI = TA._BIGI
+BUCKET = TA.BUCKET
+sort_keys = TA.sort_keys
 
 
 @triton.jit
@@ -222,16 +226,6 @@ def _piece_block(Q, IDX, PLO, PHI, sqb, sqh, sqm, sqd, Hkv, G, Lq, NPAIR, NP,
     lo_min = tl.min(tl.where(ok, lo, _BIGI), axis=0)
     hi_max = tl.max(tl.where(ok, hi, -1), axis=0)
     return b, kvh, gidx, lo, hi, ok, h64, qi, q, lo_min, hi_max
-
-
-@triton.jit
-def _piece_keep(offn, offn64, nmask, lo, hi, KPM, b, skpb, skpn, HAS_KPM: tl.constexpr):
-    """Which (piece, key) pairs of a key tile a piece attends."""
-    keep = (offn[None, :] >= lo[:, None]) & (offn[None, :] <= hi[:, None])
-    if HAS_KPM:
-        kp = tl.load(KPM + b * skpb + offn64 * skpn, mask=nmask, other=0)
-        keep = keep & (kp != 0)[None, :]
-    return keep
 
 
 @triton.jit
@@ -509,29 +503,13 @@ TUNING: dict = {}
 dq_warps, dq_stages, kv_block_m, kv_block_n, kv_warps, kv_stages, chunk (pieces per dk/dv
 work item at most), st_block_m, st_block_n, st_warps, st_stages (union statistics pass);
 *_stages: the software-pipelining depth of the kernel's main loop."""
-BUCKET = 64  # lo // BUCKET orders the pieces (sort_keys)
-
-
-def sort_keys(lo, hi, T, sinks=True):
-    """int64 sort keys of pieces (lo, hi [..., n]): by lo // BUCKET, within a bucket by hi,
-    ascending in even buckets and descending in odd ones (a block of consecutive pieces that
-    straddles two buckets then holds pieces of similar extent, not the longest of one bucket
-    with the shortest of the next); with ``sinks`` the last slot (the sinks piece) sorts before
-    all others, by hi; empty pieces (hi < lo) last. Pieces of lo bucket c have keys in
-    [c * (T + 1), c * (T + 1) + T]."""
-    lo64, hi64 = lo.long(), hi.long()
-    bkt = lo64 // BUCKET
-    key = bkt * (T + 1) + torch.where(bkt % 2 == 1, T - hi64, hi64)
-    if sinks:
-        key[..., -1] = hi64[..., -1] - (T + 1)
-    return torch.where(hi64 >= lo64, key, torch.iinfo(torch.int64).max)
 
 
 def piece_tables(anchors, pos, T, W, S, back, fwd, union, spans, B, Hq, Lq, device):
     """lo, hi int32 [B, Hq, Lq, topk + 2]: span pieces (slots < topk), window, sinks."""
     topk = anchors.shape[-1]
     if spans:
-        plo, phi, _ = TA.pieces_and_keys(anchors, pos, T, W, S, back, fwd, union)
+        plo, phi = TA.span_pieces_triton(anchors, pos, T, W, S, back, fwd, union)
     else:
         plo = torch.ones((B, Hq, Lq, topk), dtype=torch.int32, device=device)
         phi = torch.zeros_like(plo)
@@ -652,19 +630,7 @@ def span_attention_backward(grad_out, q, k, v, anchors, scores, key_padding_mask
     delta = torch.empty((B, Hq, Lq, NP), dtype=torch.float32, device=dev)
     if gated:
         # the forward's span partials (its pairs kernel), then _prep_kernel
-        npair_f = G * Lq * topk
-        idx_f = torch.argsort(sort_keys(plo, phi, T, sinks=False).view(B * Hkv, npair_f),
-                              dim=-1).to(torch.int32)
-        plse = torch.empty((B, Hq, Lq, topk), dtype=torch.float32, device=dev)
-        pout = torch.empty((B, Hq, Lq, topk, DV), dtype=torch.float32, device=dev)
-        pbm, pbn = TA._pair_blocks(q, max(BLOCK_D, BLOCK_DV))
-        TA._span_pairs_kernel[(triton.cdiv(npair_f, pbm), B * Hkv)](
-            q, k, v, kpm_arg, idx_f, plo, phi, plse, pout,
-            *q.stride(), *k.stride(), *v.stride(), *kpm_st,
-            Hkv, G, Lq, npair_f, qk_scale,
-            TOPK=topk, D=D, DV=DV, HAS_KPM=kpm is not None, IEEE=ieee, DOT_F32=dot_f32,
-            BLOCK_M=pbm, BLOCK_N=pbn, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, num_warps=4)
-        del idx_f
+        plse, pout = TA.pair_partials(q, k, v, kpm, plo, phi, T, qk_scale)
         bm = min(32, max(16, TA._next_pow2(Lq)))
         _prep_kernel[(triton.cdiv(Lq, bm) * B * Hq,)](
             q, k, v, do, anchors, scores, kpm_arg, pos if pos is not None else back, back, fwd,

@@ -222,14 +222,11 @@ def test_union_pieces_are_disjoint_and_cover_the_spans():
     anchors = torch.minimum(anchors, pos[:, None, :, None].to(torch.int32))
     back, fwd = span_extents(T, 0.5, 2.0, 1.0)
     lo_t, hi_t, ok_t = TA.span_pieces(anchors, pos, T, W, S, back, fwd, union=True)
-    lo_k, hi_k, key = TA.pieces_and_keys(anchors, pos, T, W, S, back, fwd, True, 16)
-    assert torch.equal(hi_k >= lo_k, key != torch.iinfo(torch.int64).max)
-    fin = hi_k >= lo_k
-    assert torch.equal(key[fin], (lo_k[fin].long() // 16) * (T + 1) + hi_k[fin].long())
+    lo_k, hi_k = TA.span_pieces_triton(anchors, pos, T, W, S, back, fwd, True)
     for lo, hi in ((lo_t, hi_t), (lo_k, hi_k)):
         _check_pieces(lo, hi, anchors, pos, back, fwd, B, Hq, Lq, k, W, S)
     # gated: span j as is (minus sinks), slot by slot
-    lo_g, hi_g, _ = TA.pieces_and_keys(anchors, pos, T, W, S, back, fwd, False, 16)
+    lo_g, hi_g = TA.span_pieces_triton(anchors, pos, T, W, S, back, fwd, False)
     a = anchors.long()
     t = pos[:, None, :, None]
     lo_w = torch.maximum(a - back[t], torch.tensor(S))
@@ -254,7 +251,7 @@ def _check_pieces(lo, hi, anchors, pos, back, fwd, B, Hq, Lq, k, W, S):
                 assert len(got) == len(set(got)) and set(got) == want
 
 
-@pytest.mark.parametrize("kw", [dict(sort_key="lo", pair_block_m=16, pair_block_n=16),
+@pytest.mark.parametrize("kw", [dict(lo_bucket=16, snake=False, pair_block_m=16, pair_block_n=16),
                                 dict(lo_bucket=1, block_m=16, block_n=16)])
 def test_pairs_path_options_give_the_same_result(kw):
     """Sort keys and block shapes only change which rows share a tile, never the result."""
@@ -403,3 +400,29 @@ def test_unsupported_inputs_fall_back_to_the_reference():
         out = TI.span_attention(q, k, v, a, s, None, None, *_attn_args(cfg, 0.1))
         ref = R.span_attention(q, k, v, a, s, None, None, *_attn_args(cfg, 0.1))
         assert out.dtype == dtype and torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("bucket,snake,sinks", [(64, True, True), (16, False, False),
+                                                (4, True, False)])
+def test_sort_keys_order_pieces_as_described(bucket, snake, sinks):
+    """sort_keys against Python's sorted on the documented tuple: sinks slot first (by hi),
+    then lo // bucket, then hi (descending in odd buckets with snake), empty pieces last."""
+    gen = torch.Generator().manual_seed(5)
+    T, n = 300, 7
+    lo = torch.randint(0, T, (40, n), generator=gen)
+    hi = torch.minimum(lo + torch.randint(-5, 60, (40, n), generator=gen), torch.tensor(T - 1))
+    key = TA.sort_keys(lo.int(), hi.int(), T, sinks=sinks, bucket=bucket, snake=snake)
+
+    def want(i, j):
+        lo_, hi_ = int(lo.flatten()[i * n + j]), int(hi.flatten()[i * n + j])
+        if hi_ < lo_:
+            return (3, 0, 0)
+        if sinks and j == n - 1:
+            return (0, hi_, 0)
+        c = lo_ // bucket
+        return (1, c, -hi_ if snake and c % 2 else hi_)
+
+    for i in range(lo.shape[0]):
+        ranks = sorted(range(n), key=lambda j: want(i, j))
+        got = sorted(range(n), key=lambda j: int(key[i, j]))
+        assert [want(i, j) for j in got] == [want(i, j) for j in ranks]
