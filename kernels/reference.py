@@ -249,27 +249,26 @@ def _block_search(qs, k, key_padding_mask, pos, W, topk, back, fwd, anchors, sco
 def _rerank_exact(q, kb, kpm, fsc, e, jf, M):
     """search_key="block_rerank" (docs/routing.md): the M best fine candidates of fsc [Hq, c, nF]
     by bound (ties: the nearer block) get the exact largest logit q.k over the block's present keys
-    <= e; every other block drops to -inf. O(M * bs * D) per query."""
+    <= e; every other block drops to -inf. A kernel needs O(M * bs * D) per query; for speed on CPU
+    this computes the logits of all keys of the nF blocks with one matrix product and then keeps the
+    candidates' block maxima (the same values)."""
     Hq, c, nF = fsc.shape
     Hkv, T, D = kb.shape
     g = Hq // Hkv
+    bs = 1 << jf
     ninf = float("-inf")
     M = min(M, nF)
     order = (nF - 1) - torch.sort(fsc.flip(-1), dim=-1, descending=True, stable=True).indices[..., :M]
-    ok = torch.gather(fsc, -1, order) > ninf  # [Hq, c, M]
-    head = (torch.arange(Hq, device=q.device) // g)[:, None, None] * T
-    flat = kb.reshape(Hkv * T, D).float()
-    best = torch.full((Hq, c, M), ninf, dtype=torch.float32, device=q.device)
-    for i in range(1 << jf):  # the i-th key of every candidate block
-        p = (order << jf) + i
-        valid = ok & (p <= e[None, :, None])
-        pc = p.clamp(max=T - 1)
-        if kpm is not None:
-            valid &= kpm[pc]
-        key = flat.index_select(0, (head + pc).reshape(-1)).view(Hq, c, M, D)
-        lg = (key * q[:, :, None, :]).sum(-1)
-        best = torch.maximum(best, lg.masked_fill(~valid, ninf))
-    return torch.full_like(fsc, ninf).scatter_(-1, order, best)
+    cand = torch.zeros_like(fsc, dtype=torch.bool).scatter_(-1, order, torch.gather(fsc, -1, order) > ninf)
+    n = min(T, nF * bs)
+    lg = torch.matmul(q.reshape(Hkv, g * c, D), kb[:, :n].float().transpose(1, 2)).view(Hq, c, n)
+    j = torch.arange(n, device=q.device)
+    ok = j[None, :] <= e[:, None]  # [c, n]
+    if kpm is not None:
+        ok = ok & kpm[:n][None, :]
+    lg = torch.nn.functional.pad(lg.masked_fill(~ok[None], ninf), (0, nF * bs - n), value=ninf)
+    exact = lg.view(Hq, c, nF, bs).amax(-1)
+    return exact.masked_fill(~cand, ninf)
 
 
 def _sorted_by_score_then_nearer(sc: torch.Tensor, a: torch.Tensor):
