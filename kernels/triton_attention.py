@@ -323,17 +323,29 @@ def _piece_keep(offn, offn64, nmask, lo, hi, KPM, b, skpb, skpn, HAS_KPM: tl.con
 
 
 @triton.jit
-def _pairs_tile(ks, acc, l_i, m_i, q, lo, hi, hi_max, kbase, vbase, KPM, b, skpb, skpn, skn, skd,
-                svn, svd, qk_scale, D: tl.constexpr, DV: tl.constexpr, HAS_KPM: tl.constexpr,
-                IEEE: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """One key tile [ks, ks + BLOCK_N) of ``_span_pairs_kernel``, each row masked to its piece."""
+def _piece_tile(ks, q, kbase, lo, hi, hi_max, KPM, b, skpb, skpn, skn, skd, qk_scale,
+                D: tl.constexpr, HAS_KPM: tl.constexpr, IEEE: tl.constexpr,
+                DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Key tile [ks, ks + BLOCK_N) of a block of pieces (none past hi_max): the logits, which
+    (piece, key) pairs count, the key rows (int64) and which of them exist."""
     offn = ks + tl.arange(0, BLOCK_N)
     offn64 = offn.to(tl.int64)
     nmask = offn <= hi_max
     s = _tile_scores(q, kbase, offn64, nmask, tl.arange(0, BLOCK_D), skn, skd, qk_scale, D, IEEE,
                      DOT_F32)
     keep = _piece_keep(offn, offn64, nmask, lo, hi, KPM, b, skpb, skpn, HAS_KPM)
+    return s, keep, offn64, nmask
+
+
+@triton.jit
+def _pairs_tile(ks, acc, l_i, m_i, q, lo, hi, hi_max, kbase, vbase, KPM, b, skpb, skpn, skn, skd,
+                svn, svd, qk_scale, D: tl.constexpr, DV: tl.constexpr, HAS_KPM: tl.constexpr,
+                IEEE: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """One key tile [ks, ks + BLOCK_N) of ``_span_pairs_kernel``, each row masked to its piece."""
+    s, keep, offn64, nmask = _piece_tile(ks, q, kbase, lo, hi, hi_max, KPM, b, skpb, skpn, skn,
+                                         skd, qk_scale, D, HAS_KPM, IEEE, DOT_F32, BLOCK_N,
+                                         BLOCK_D)
     return _tile_update(s, keep, m_i, l_i, acc, vbase, offn64, nmask, tl.arange(0, BLOCK_DV), svn,
                         svd, DV, IEEE, DOT_F32)
 
@@ -491,9 +503,12 @@ def _block_sizes(q, Dmax):
 
 
 def _pair_blocks(q, Dmax):
+    """Rows, key tile and pipelining depth of ``_span_pairs_kernel``. H200, bf16, d=128, 128K
+    (benchmarks/RESULTS.md): 3 stages 23.6 ms, 2 stages 23.9 ms, 1 stage 26.1 ms; the other
+    shapes are not measured and stay unpipelined, as before the loop could be pipelined."""
     if q.dtype == torch.float32:
-        return (32, 32) if Dmax > 64 else (64, 32)
-    return (64, 32) if Dmax > 128 else (64, 64)
+        return (32, 32, 1) if Dmax > 64 else (64, 32, 1)
+    return (64, 32, 1) if Dmax > 128 else (64, 64, 3)
 
 
 def span_pieces(anchors, query_positions, T, W, S, back, fwd, union):
@@ -565,7 +580,7 @@ def sort_keys(lo, hi, T, sinks=True, bucket=BUCKET, snake=True):
 
 
 def pair_partials(q, k, v, kpm, plo, phi, T, qk_scale, lo_bucket=BUCKET, snake=True,
-                  block_m=None, block_n=None, num_warps=4, num_stages=1):
+                  block_m=None, block_n=None, num_warps=4, num_stages=None):
     """The partial softmax of every span piece (plo, phi int32 [B, Hq, Lq, topk]) over its
     keys: log2-sum-exp [B, Hq, Lq, topk] and normalised output [B, Hq, Lq, topk, DV], fp32
     (written for non-empty pieces only). The pieces of each kv head are sorted by ``sort_keys``,
@@ -581,7 +596,7 @@ def pair_partials(q, k, v, kpm, plo, phi, T, qk_scale, lo_bucket=BUCKET, snake=T
     pout = torch.empty((B, Hq, Lq, topk, DV), dtype=torch.float32, device=q.device)
     BLOCK_D = max(16, _next_pow2(D))
     BLOCK_DV = max(16, _next_pow2(DV))
-    bm, bn = _pair_blocks(q, max(BLOCK_D, BLOCK_DV))
+    bm, bn, stages = _pair_blocks(q, max(BLOCK_D, BLOCK_DV))
     bm = block_m or bm
     bn = block_n or bn
     _span_pairs_kernel[(triton.cdiv(npair, bm), B * Hkv)](
@@ -592,14 +607,14 @@ def pair_partials(q, k, v, kpm, plo, phi, T, qk_scale, lo_bucket=BUCKET, snake=T
         TOPK=topk, D=D, DV=DV, HAS_KPM=kpm is not None, IEEE=q.dtype == torch.float32,
         DOT_F32=_interpreted() and q.dtype == torch.bfloat16, PIPE=not _interpreted(),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, num_warps=num_warps,
-        num_stages=num_stages,
+        num_stages=num_stages or stages,
     )
     return plse, pout
 
 
 def launch(q, k, v, anchors, scores, key_padding_mask, query_positions, W, S, back, fwd,
            gated, scale, block_m=None, block_n=None, num_warps=4, num_stages=None,
-           impl="pairs", pair_block_m=None, pair_block_n=None, pair_warps=4, pair_stages=1,
+           impl="pairs", pair_block_m=None, pair_block_n=None, pair_warps=4, pair_stages=None,
            lo_bucket=BUCKET, snake=True, spans=True):
     """Run the kernels; ``W``/``S`` already clipped to T; ``back``/``fwd`` int64 [T] tables.
     ``lo_bucket``, ``snake``: the pairs path's piece order (``sort_keys``); ``pair_stages``: the

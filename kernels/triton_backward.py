@@ -56,7 +56,7 @@ _attend = TA._attend
 _gate_weights = TA._gate_weights
 _span_partials = TA._span_partials
 _with_span_partial = TA._with_span_partial
-_tile_scores = TA._tile_scores
+_piece_tile = TA._piece_tile
 _piece_keep = TA._piece_keep
 _BIGI = TA._BIGI
 BUCKET = TA.BUCKET
@@ -233,12 +233,8 @@ def _stats_tile(ks, m_i, l_i, q, kbase, lo, hi, hi_max, KPM, b, skpb, skpn, skn,
                 D: tl.constexpr, HAS_KPM: tl.constexpr, IEEE: tl.constexpr,
                 DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One key tile of ``_stats_kernel``: the running (max, sum) of 2^s per piece."""
-    offn = ks + tl.arange(0, BLOCK_N)
-    offn64 = offn.to(tl.int64)
-    nmask = offn <= hi_max
-    s = _tile_scores(q, kbase, offn64, nmask, tl.arange(0, BLOCK_D), skn, skd, qk_scale, D, IEEE,
-                     DOT_F32)
-    keep = _piece_keep(offn, offn64, nmask, lo, hi, KPM, b, skpb, skpn, HAS_KPM)
+    s, keep, _, _ = _piece_tile(ks, q, kbase, lo, hi, hi_max, KPM, b, skpb, skpn, skn, skd,
+                                qk_scale, D, HAS_KPM, IEEE, DOT_F32, BLOCK_N, BLOCK_D)
     s = tl.where(keep, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
