@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -44,6 +45,7 @@ from slcompile.kernels import triton_impl as TI  # noqa: E402
 
 HEADS = [(32, 8, 128), (9, 3, 64)]  # Llama-8B-like, SmolLM2-135M-like
 BEFORE = os.path.join(HERE, "block_search_h200_2026-11-28.json")
+SWEEP = [(8, 4), (16, 4), (8, 8)]  # launch shapes (block_q, num_warps) tried after the table
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -143,6 +145,27 @@ def timing(cfg, Hq, Hkv, D, T, ref_q, before):
     return row
 
 
+def warm(cfg, job):
+    """Run (and so compile into Triton's on-disk cache) the kernels one job of main() launches,
+    with the same shapes: --precompile runs these in parallel processes, one per job."""
+    kind, spec = job
+    if kind == "check":
+        (Hq, Hkv, D), Lq, T, integer, pad = spec
+        q, k = data(Hq, Hkv, Lq, T, D, integer, 0)
+        kpm = torch.rand(1, T, device=DEV) > 0.2 if pad else None
+        TB.span_search(q, k, *search_args(cfg, kpm))
+    elif kind == "time":
+        T, (Hq, Hkv, D) = spec
+        q, k = data(Hq, Hkv, T, T, D, False, 0)
+        TB.span_search(q, k, *search_args(cfg))
+        TI.span_search(q, k, *search_args(cfg, key="anchor"))
+    else:
+        T, (Hq, Hkv, D), bq, nw = spec
+        q, k = data(Hq, Hkv, T, T, D, False, 0)
+        TB.span_search(q, k, *search_args(cfg), block_q=bq, num_warps=nw)
+    torch.cuda.synchronize() if DEV == "cuda" else None
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
@@ -150,6 +173,9 @@ def main():
     ap.add_argument("--ref-queries", type=int, default=2048)
     ap.add_argument("--budget-s", type=float, default=60.0, help="skip the sweep past this")
     ap.add_argument("--tiny", action="store_true", help="CPU dry run: tiny shapes")
+    ap.add_argument("--precompile", action="store_true",
+                    help="first compile every kernel of the run in parallel processes")
+    ap.add_argument("--warm-job", type=int, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     t_start = time.time()
     cfg = SuperlinearConfig.for_pretrained()
@@ -177,6 +203,17 @@ def main():
     # and tie rules on tensor cores), the first heads' timings, the other checks, the other heads
     todo = [("check", checks[0])] + [("time", (T, heads[0])) for T in lengths] + \
         [("check", c) for c in checks[1:]] + [("time", (T, hd)) for hd in heads[1:] for T in lengths]
+    sweep = [("sweep", (lengths[0], heads[0], bq, nw)) for bq, nw in SWEEP]
+    if a.warm_job is not None:
+        warm(cfg, (todo + sweep)[a.warm_job])
+        return
+    if a.precompile:
+        args = [sys.executable, os.path.abspath(__file__)] + sys.argv[1:]
+        procs = [subprocess.Popen(args + ["--warm-job", str(i)]) for i in range(len(todo + sweep))]
+        out["precompile_failed"] = [i for i, p in enumerate(procs) if p.wait() != 0]
+        out["precompile_s"] = time.time() - t_start
+        print(f"precompiled in {out['precompile_s']:.0f} s, failed jobs {out['precompile_failed']}",
+              flush=True)
     for kind, job in todo:
         if kind == "check":
             (Hq, Hkv, D), Lq, T, integer, pad = job
@@ -189,7 +226,7 @@ def main():
         (Hq, Hkv, D), T = heads[0], lengths[0]
         q, k = data(Hq, Hkv, T, T, D, False, 1)
         out["sweep"] = {}
-        for bq, nw in [(8, 4), (16, 4), (8, 8)]:
+        for bq, nw in SWEEP:
             if time.time() - t_start > a.budget_s:
                 break
             ms = clock(lambda: TB.span_search(q, k, *search_args(cfg), block_q=bq, num_warps=nw),

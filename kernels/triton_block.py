@@ -105,7 +105,7 @@ def _key_score(key):
 def _tile_bounds(qp, qn, PMIN, PMAX, rows, ok, spn, spd, od, dm, DOT_F32: tl.constexpr):
     """Bounds [rows of q, len(rows)] of the queries (q+ and q- tiles [ROWS, BLOCK_D]) against the
     pyramid rows ``rows`` (masked by ok, not loaded where not ok): q+ . kmax + q- . kmin."""
-    off = rows[:, None] * spn + od[None, :] * spd
+    off = rows.to(tl.int32)[:, None] * spn + od[None, :] * spd  # int32: within one (b, kv head)
     m = ok[:, None] & dm[None, :]
     mx = tl.load(PMAX + off, mask=m, other=0.0)
     mn = tl.load(PMIN + off, mask=m, other=0.0)
@@ -118,7 +118,10 @@ def _tile_bounds(qp, qn, PMIN, PMAX, rows, ok, spn, spd, od, dm, DOT_F32: tl.con
     return sp + sn
 
 
-@triton.jit(do_not_specialize=["JLO"])  # a runtime loop counter starts at JLO (may be 1)
+# sizes and counts are not specialised (a runtime loop counter starts at JLO, which may be 1; one
+# compiled kernel serves every length and query slice of a head geometry)
+@triton.jit(do_not_specialize=["Hkv", "G", "Lq", "T", "W", "JLO", "JTOP", "NQB", "NITEMS", "NPROG",
+                               "NPER"])
 def _block_search_kernel(
     QS, K, KPM, KMIN, KMAX, LP, POS, BACK, FWD, A_OUT, S_OUT, SCR,
     sqb, sqh, sqm, sqd,
@@ -131,8 +134,8 @@ def _block_search_kernel(
     Hkv, G, Lq, T, W, JLO, JTOP, NQB, NITEMS, NPROG, NPER,
     D: tl.constexpr, HAS_KPM: tl.constexpr, HAS_POS: tl.constexpr, TOPK: tl.constexpr,
     M: tl.constexpr, MP: tl.constexpr, RP: tl.constexpr, LOG_BLOCK: tl.constexpr,
-    QB: tl.constexpr, GP: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
-    NO_KEY: tl.constexpr,
+    QB: tl.constexpr, GP: tl.constexpr, BLOCK_D: tl.constexpr, DC: tl.constexpr,
+    DOT_F32: tl.constexpr, NO_KEY: tl.constexpr,
 ):
     ROWS: tl.constexpr = QB * GP
     pid = tl.program_id(0)
@@ -151,7 +154,7 @@ def _block_search_kernel(
         bh = w % nbh
         b = (bh // Hkv).to(tl.int64)
         kvh = (bh % Hkv).to(tl.int64)
-        qi = ((NQB - 1 - w // nbh) * QB + rr // GP).to(tl.int64)
+        qi = (NQB - 1 - w // nbh) * QB + rr // GP
         rok = (qi < Lq) & (g < G) & (w < NITEMS)
         h = kvh * G + g
         if HAS_POS:
@@ -174,7 +177,8 @@ def _block_search_kernel(
             c = tl.where((1 << (2 * c)) < nf, c + 1, c)
         n_full = tl.where(live, (e + 1) >> (jf + c), 0)
 
-        q = tl.load((QS + b * sqb + h * sqh + qi * sqm)[:, None] + od[None, :] * sqd,
+        qrow = QS + b * sqb + h.to(tl.int64) * sqh + qi * sqm
+        q = tl.load(qrow[:, None] + od[None, :] * sqd,
                     mask=rok[:, None] & dm[None, :], other=0.0)
         if DOT_F32:
             q = q.to(tl.float32)
@@ -185,19 +189,18 @@ def _block_search_kernel(
         kbase = K + b * skb + kvh * skh
         lpb = b * slpb
 
-        rank = tl.full([ROWS, RP], -1, tl.int32)  # slot of each kept coarse block, per row
+        slot_ci = tl.full([ROWS, MP], -1, tl.int32)  # coarse block held by each slot, per row
         smax = tl.full([ROWS, MP], NO_KEY, tl.int64)  # best remaining key per slot
         tmax = tl.full([ROWS], NO_KEY, tl.int64)  # ... of the tail
-        gkey = tl.where(live, (jf.to(tl.int64) << 40) | ((jf + c).to(tl.int64) << 32)
-                        | n_full.to(tl.int64), -1)
+        gkey = tl.where(live, (jf << 27) | (c << 22) | n_full, -1)  # n_full < 2^22
         todo = live
         while tl.max(todo.to(tl.int32), axis=0) > 0:
             gk = tl.max(tl.where(todo, gkey, -1), axis=0)
             grp = todo & (gkey == gk)
             todo = todo & ~grp
-            gjf = (gk >> 40).to(tl.int32)
-            gjc = ((gk >> 32) & 0xFF).to(tl.int32)
-            gn = (gk & 0xFFFFFFFF).to(tl.int32)
+            gjf = gk >> 27
+            gjc = gjf + ((gk >> 22) & 0x1F)
+            gn = gk & 0x3FFFFF
             gR = 1 << (gjc - gjf)
             gbs = 1 << gjf
             row_f = _level_row(gjf, JLO, JTOP, T)
@@ -214,13 +217,13 @@ def _block_search_kernel(
                 for sl in range(M):
                     best = tl.max(csc, axis=1)
                     ci = tl.max(tl.where(csc == best[:, None], col[None, :], -1), axis=1)
-                    hit = col[None, :] == ci[:, None]
-                    rank = tl.where(hit & (best > float("-inf"))[:, None], sl, rank)
-                    csc = tl.where(hit, float("-inf"), csc)
+                    slot_ci = tl.where((scol[None, :] == sl) & (best > float("-inf"))[:, None],
+                                       ci[:, None], slot_ci)
+                    csc = tl.where(col[None, :] == ci[:, None], float("-inf"), csc)
                 # refinement: the fine blocks of every coarse block some row kept
                 ci = gn * 0
                 while ci < gn:
-                    cr = tl.max(tl.where(grp[:, None] & (col[None, :] == ci), rank, -1), axis=1)
+                    cr = tl.max(tl.where(grp[:, None] & (slot_ci == ci), scol[None, :], -1), axis=1)
                     if tl.max(cr, axis=0) >= 0:
                         b0 = (ci * gR + col) << gjf
                         fok = col < gR
@@ -250,25 +253,30 @@ def _block_search_kernel(
             pb = (e >> gjf) << gjf  # first key of each row's last fine block
             part = grp & (pb + gbs - 1 > e)
             if tl.max(part.to(tl.int32), axis=0) > 0:
-                mx = tl.full([ROWS, BLOCK_D], float("-inf"), tl.float32)
-                mn = tl.full([ROWS, BLOCK_D], float("inf"), tl.float32)
-                j = gbs * 0
-                while j < gbs:
-                    p = pb + j
-                    pm = part & (p <= e)
-                    if HAS_KPM:
-                        pm = pm & (tl.load(KPM + b * skpb + p.to(tl.int64) * skpn, mask=pm,
-                                           other=0) != 0)
-                    kk = tl.load(kbase + p.to(tl.int64)[:, None] * skn + od[None, :] * skd,
-                                 mask=pm[:, None] & dm[None, :], other=0.0).to(tl.float32)
-                    mx = tl.maximum(mx, tl.where(pm[:, None], kk, float("-inf")))
-                    mn = tl.minimum(mn, tl.where(pm[:, None], kk, float("inf")))
-                    j += 1
-                qf = q.to(tl.float32)  # no present key: unused (anchor check), keep finite
-                mx = tl.where(mx == float("-inf"), 0.0, mx)
-                mn = tl.where(mn == float("inf"), 0.0, mn)
-                psc = tl.sum(tl.maximum(qf, 0.0) * mx, axis=1) + tl.sum(tl.minimum(qf, 0.0) * mn,
-                                                                        axis=1)
+                psc = tl.zeros([ROWS], tl.float32)
+                for d0 in tl.static_range(0, BLOCK_D, DC):  # DC dims at a time: few registers
+                    odc = d0 + tl.arange(0, DC)
+                    dmc = odc < D
+                    mx = tl.full([ROWS, DC], float("-inf"), tl.float32)
+                    mn = tl.full([ROWS, DC], float("inf"), tl.float32)
+                    j = gbs * 0
+                    while j < gbs:
+                        p = pb + j
+                        pm = part & (p <= e)
+                        if HAS_KPM:
+                            pm = pm & (tl.load(KPM + b * skpb + p.to(tl.int64) * skpn, mask=pm,
+                                               other=0) != 0)
+                        kk = tl.load(kbase + p[:, None] * skn + odc[None, :] * skd,
+                                     mask=pm[:, None] & dmc[None, :], other=0.0).to(tl.float32)
+                        mx = tl.maximum(mx, tl.where(pm[:, None], kk, float("-inf")))
+                        mn = tl.minimum(mn, tl.where(pm[:, None], kk, float("inf")))
+                        j += 1
+                    qc = tl.load(qrow[:, None] + odc[None, :] * sqd, mask=rok[:, None] & dmc[None, :],
+                                 other=0.0).to(tl.float32)
+                    mx = tl.where(mx == float("-inf"), 0.0, mx)  # no present key: unused (anchor
+                    mn = tl.where(mn == float("inf"), 0.0, mn)  # check), keep finite
+                    psc += tl.sum(tl.maximum(qc, 0.0) * mx, axis=1) + \
+                        tl.sum(tl.minimum(qc, 0.0) * mn, axis=1)
                 ts = tl.where((tb[None, :] == pb[:, None]) & part[:, None], psc[:, None], ts)
             key = _key(ts, ta, tin, NO_KEY)
             tl.store(scr + M * RP + col[None, :], key, mask=grp[:, None])
@@ -293,7 +301,7 @@ def _block_search_kernel(
             ci = clo
             while tl.max(tl.where(found, chi - ci, -1), axis=0) >= 0:
                 slot = tl.where(ci == n_full, M,
-                                tl.max(tl.where(col[None, :] == ci[:, None], rank, -1), axis=1))
+                                tl.max(tl.where(slot_ci == ci[:, None], scol[None, :], -1), axis=1))
                 act = found & (ci <= chi) & (slot >= 0)
                 ptr = scr + slot[:, None] * RP + col[None, :]
                 key = tl.load(ptr, mask=act[:, None], other=NO_KEY)
@@ -399,7 +407,7 @@ def span_search(qs, k, key_padding_mask, query_positions, window, topk, search_p
         Hkv, G, Lq, T, W, jlo, T.bit_length(), nqb, items, progs, triton.cdiv(items, progs),
         D=D, HAS_KPM=key_padding_mask is not None, HAS_POS=query_positions is not None,
         TOPK=topk, M=M, MP=_next_pow2(M), RP=RP, LOG_BLOCK=_LOG_BLOCK, QB=QB, GP=GP,
-        BLOCK_D=max(16, _next_pow2(D)),
+        BLOCK_D=max(16, _next_pow2(D)), DC=min(32, max(16, _next_pow2(D))),
         DOT_F32=qs.dtype == torch.float32 or dev.type != "cuda", NO_KEY=_NO_KEY,
         num_warps=num_warps,
     )
