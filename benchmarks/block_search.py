@@ -45,7 +45,7 @@ from slcompile.kernels import triton_impl as TI  # noqa: E402
 
 HEADS = [(32, 8, 128), (9, 3, 64)]  # Llama-8B-like, SmolLM2-135M-like
 BEFORE = os.path.join(HERE, "block_search_h200_2026-11-28.json")
-SWEEP = [(8, 4), (16, 4), (8, 8)]  # launch shapes (block_q, num_warps) tried after the table
+SWEEP = [(16, 8), (4, 4), (8, 4)]  # launch shapes (block_q, num_warps) tried after the table
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 

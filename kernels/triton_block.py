@@ -102,19 +102,31 @@ def _key_score(key):
 
 
 @triton.jit
-def _tile_bounds(qp, qn, PMIN, PMAX, rows, ok, spn, spd, od, dm, DOT_F32: tl.constexpr):
-    """Bounds [rows of q, len(rows)] of the queries (q+ and q- tiles [ROWS, BLOCK_D]) against the
-    pyramid rows ``rows`` (masked by ok, not loaded where not ok): q+ . kmax + q- . kmin."""
-    off = rows.to(tl.int32)[:, None] * spn + od[None, :] * spd  # int32: within one (b, kv head)
-    m = ok[:, None] & dm[None, :]
-    mx = tl.load(PMAX + off, mask=m, other=0.0)
-    mn = tl.load(PMIN + off, mask=m, other=0.0)
-    if DOT_F32:
-        sp = tl.dot(qp, tl.trans(mx.to(tl.float32)), input_precision="ieee")
-        sn = tl.dot(qn, tl.trans(mn.to(tl.float32)), input_precision="ieee")
-    else:
-        sp = tl.dot(qp, tl.trans(mx))
-        sn = tl.dot(qn, tl.trans(mn))
+def _tile_bounds(qrow, rok, sqd, PMIN, PMAX, rows, ok, spn, spd, ROWS: tl.constexpr,
+                 RP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, KC: tl.constexpr,
+                 DOT_F32: tl.constexpr):
+    """Bounds [ROWS, RP] of the query rows (row pointers qrow, masked by rok) against the pyramid
+    rows ``rows`` [RP] (masked by ok, not loaded where not ok): q+ . kmax + q- . kmin, as
+    tensor-core products accumulated over chunks of KC dimensions (small address tiles: few
+    registers); the query chunks are reloaded (cache hits) rather than held across the item."""
+    sp = tl.zeros([ROWS, RP], tl.float32)
+    sn = tl.zeros([ROWS, RP], tl.float32)
+    roff = rows.to(tl.int32) * spn  # int32: within one (batch row, kv head)
+    for d0 in tl.static_range(0, BLOCK_D, KC):
+        od = d0 + tl.arange(0, KC)
+        dm = od < D
+        q = tl.load(qrow[:, None] + od[None, :] * sqd, mask=rok[:, None] & dm[None, :], other=0.0)
+        off = roff[:, None] + od[None, :] * spd
+        m = ok[:, None] & dm[None, :]
+        mx = tl.load(PMAX + off, mask=m, other=0.0)
+        mn = tl.load(PMIN + off, mask=m, other=0.0)
+        if DOT_F32:
+            q = q.to(tl.float32)
+            sp = tl.dot(tl.maximum(q, 0.0), tl.trans(mx.to(tl.float32)), sp, input_precision="ieee")
+            sn = tl.dot(tl.minimum(q, 0.0), tl.trans(mn.to(tl.float32)), sn, input_precision="ieee")
+        else:
+            sp = tl.dot(tl.maximum(q, 0.0).to(q.dtype), tl.trans(mx), sp)
+            sn = tl.dot(tl.minimum(q, 0.0).to(q.dtype), tl.trans(mn), sn)
     return sp + sn
 
 
@@ -135,15 +147,13 @@ def _block_search_kernel(
     D: tl.constexpr, HAS_KPM: tl.constexpr, HAS_POS: tl.constexpr, TOPK: tl.constexpr,
     M: tl.constexpr, MP: tl.constexpr, RP: tl.constexpr, LOG_BLOCK: tl.constexpr,
     QB: tl.constexpr, GP: tl.constexpr, BLOCK_D: tl.constexpr, DC: tl.constexpr,
-    DOT_F32: tl.constexpr, NO_KEY: tl.constexpr,
+    KC: tl.constexpr, DOT_F32: tl.constexpr, NO_KEY: tl.constexpr,
 ):
     ROWS: tl.constexpr = QB * GP
     pid = tl.program_id(0)
     rr = tl.arange(0, ROWS)
     col = tl.arange(0, RP)
     scol = tl.arange(0, MP)
-    od = tl.arange(0, BLOCK_D)
-    dm = od < D
     g = rr % GP
     nbh = NITEMS // NQB  # batch rows x kv heads
     # this program's scratch: [ROWS, M + 1 slots, RP] int64 keys (slot M: the tail)
@@ -178,12 +188,6 @@ def _block_search_kernel(
         n_full = tl.where(live, (e + 1) >> (jf + c), 0)
 
         qrow = QS + b * sqb + h.to(tl.int64) * sqh + qi * sqm
-        q = tl.load(qrow[:, None] + od[None, :] * sqd,
-                    mask=rok[:, None] & dm[None, :], other=0.0)
-        if DOT_F32:
-            q = q.to(tl.float32)
-        qp = tl.maximum(q, 0.0).to(q.dtype)
-        qn = tl.minimum(q, 0.0).to(q.dtype)
         PMIN = KMIN + b * spb_ + kvh * sph
         PMAX = KMAX + b * spb_ + kvh * sph
         kbase = K + b * skb + kvh * skh
@@ -211,8 +215,8 @@ def _block_search_kernel(
                 if HAS_KPM:
                     cok = cok & (_anchors(LP, lpb, slpn, ((col + 1) << gjc) - 1, cok, HAS_KPM)
                                  >= (col << gjc))
-                csc = _tile_bounds(qp, qn, PMIN, PMAX, _level_row(gjc, JLO, JTOP, T) + col, cok,
-                                   spn, spd, od, dm, DOT_F32)
+                csc = _tile_bounds(qrow, rok, sqd, PMIN, PMAX, _level_row(gjc, JLO, JTOP, T) + col,
+                                   cok, spn, spd, ROWS, RP, D, BLOCK_D, KC, DOT_F32)
                 csc = tl.where(grp[:, None] & cok[None, :], csc, float("-inf"))
                 for sl in range(M):
                     best = tl.max(csc, axis=1)
@@ -229,8 +233,8 @@ def _block_search_kernel(
                         fok = col < gR
                         a = _anchors(LP, lpb, slpn, b0 + gbs - 1, fok, HAS_KPM)
                         fok = fok & (a >= b0)
-                        s = _tile_bounds(qp, qn, PMIN, PMAX, row_f + ci * gR + col, fok,
-                                         spn, spd, od, dm, DOT_F32)
+                        s = _tile_bounds(qrow, rok, sqd, PMIN, PMAX, row_f + ci * gR + col, fok,
+                                         spn, spd, ROWS, RP, D, BLOCK_D, KC, DOT_F32)
                         key = _key(s, a[None, :], (cr >= 0)[:, None] & fok[None, :], NO_KEY)
                         tl.store(scr + cr[:, None] * RP + col[None, :], key, mask=(cr >= 0)[:, None])
                         smax = tl.where(scol[None, :] == cr[:, None], tl.max(key, axis=1)[:, None],
@@ -245,8 +249,8 @@ def _block_search_kernel(
             wok = (col < gR) & (tb + gbs - 1 <= emax)
             if HAS_KPM:
                 wok = wok & (_anchors(LP, lpb, slpn, tb + gbs - 1, wok, HAS_KPM) >= tb)
-            ts = _tile_bounds(qp, qn, PMIN, PMAX, row_f + gn * gR + col, wok, spn, spd, od, dm,
-                              DOT_F32)
+            ts = _tile_bounds(qrow, rok, sqd, PMIN, PMAX, row_f + gn * gR + col, wok, spn, spd, ROWS,
+                              RP, D, BLOCK_D, KC, DOT_F32)
             tin = grp[:, None] & (col < gR)[None, :] & (tb[None, :] <= e2)
             ta = _anchors(LP, lpb, slpn, tl.minimum(tb[None, :] + gbs - 1, e2), tin, HAS_KPM)
             tin = tin & (ta >= tb[None, :])
@@ -355,7 +359,7 @@ def span_search(qs, k, key_padding_mask, query_positions, window, topk, search_p
                 span_power, backward_factor, forward_factor, search_key, dense_below,
                 block_q=None, num_warps=8):
     """Same contract as ``reference.span_search`` for ``search_key="block"``. ``block_q``: queries
-    per work item (default: 64 rows of queries x heads, at least 16 rows)."""
+    per work item (default: 32 rows of queries x heads, at least 16 rows)."""
     B, Hq, Lq, D = qs.shape
     Hkv, T = k.shape[1], k.shape[2]
     dev = qs.device
@@ -385,7 +389,7 @@ def span_search(qs, k, key_padding_mask, query_positions, window, topk, search_p
     scores = torch.empty((B, Hq, Lq, topk), dtype=torch.float32, device=dev)
     G = Hq // Hkv
     GP = _next_pow2(G)
-    QB = _next_pow2(max(block_q or 64 // GP, -(-16 // GP), 1))  # tensor-core tiles: >= 16 rows
+    QB = _next_pow2(max(block_q or 32 // GP, -(-16 // GP), 1))  # tensor-core tiles: >= 16 rows
     QB = min(QB, max(_next_pow2(Lq), -(-16 // GP)))
     M = COARSE_FANOUT * topk
     nqb = triton.cdiv(Lq, QB)
@@ -408,6 +412,7 @@ def span_search(qs, k, key_padding_mask, query_positions, window, topk, search_p
         D=D, HAS_KPM=key_padding_mask is not None, HAS_POS=query_positions is not None,
         TOPK=topk, M=M, MP=_next_pow2(M), RP=RP, LOG_BLOCK=_LOG_BLOCK, QB=QB, GP=GP,
         BLOCK_D=max(16, _next_pow2(D)), DC=min(32, max(16, _next_pow2(D))),
+        KC=min(32, max(16, _next_pow2(D))),
         DOT_F32=qs.dtype == torch.float32 or dev.type != "cuda", NO_KEY=_NO_KEY,
         num_warps=num_warps,
     )
