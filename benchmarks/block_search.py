@@ -126,10 +126,10 @@ def timing(cfg, Hq, Hkv, D, T, ref_q, before):
     q, k = data(Hq, Hkv, T, T, D, False, T + Hq)
     blk = search_args(cfg)
     row = dict(T=T, heads=[Hq, Hkv, D])
-    row["block_s"] = clock(lambda: TB.span_search(q, k, *blk), 1.0, 10)
-    row["anchor_s"] = clock(lambda: TI.span_search(q, k, *search_args(cfg, key="anchor")), 1.0, 10)
+    row["block_s"] = clock(lambda: TB.span_search(q, k, *blk), 0.5, 5)
+    row["anchor_s"] = clock(lambda: TI.span_search(q, k, *search_args(cfg, key="anchor")), 0.3, 5)
     v = torch.randn_like(k)
-    row["sdpa_s"] = clock(lambda: sdpa(q, k, v), 1.0, 3)
+    row["sdpa_s"] = clock(lambda: sdpa(q, k, v), 0.5, 3)
     del v
     row["before_s"] = before.get((T, Hq, Hkv, D))
     # equality on the prefill's last ref_q queries (the same kernel specialisation as timed)
