@@ -14,9 +14,7 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # CPU CI: the Triton kernels run under the interpreter
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
+from triton_env import DEV, poison, require_triton
 from oracle import oracle_attention  # noqa: E402
 
 from slcompile.kernels import autograd as AG  # noqa: E402
@@ -207,15 +205,10 @@ def test_what_gets_no_gradient():
 # --------------------------------------------------------------------------------------------
 
 def _triton():
-    pytest.importorskip("triton")
-    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-        pytest.skip("Triton kernels need TRITON_INTERPRET=1 on a machine without CUDA")
+    require_triton()
     from slcompile.kernels import triton_backward
 
     return triton_backward
-
-
-DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
 
 @pytest.mark.parametrize("combine,pad,pos,dtype,dense_below,Hq,Hkv,T,give_out", [
@@ -240,7 +233,7 @@ def test_triton_backward_matches_cpu_backward(combine, pad, pos, dtype, dense_be
     go = torch.randn(q.shape).to(dtype)
     args = (q, k, v, a, s, kpm, qp, *_attn_args(c, 0.35))
     out, *ref = AG.gathered_attention(*args, grad_out=go)
-    torch.full((1 << 16,), float("nan"), device=DEV)  # leave NaN in freed memory
+    poison()
     got = TB.span_attention_backward(*(x.to(DEV) if torch.is_tensor(x) else x
                                        for x in (go, *args)),
                                      out=out.to(dtype).to(DEV) if give_out else None)

@@ -8,15 +8,11 @@ TRITON_INTERPRET=1 (SLCOMPILE_FORCE_TRITON routes the op through it) with poison
 
 from __future__ import annotations
 
-import math
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # CPU CI: the Triton kernel runs under Triton's interpreter
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
+from triton_env import DEV, poison, require_triton
 from slcompile.kernels import nstep as NS
 from slcompile.kernels import reference as R
 from slcompile.kernels.config import SuperlinearConfig
@@ -402,16 +398,9 @@ def test_export_refuses_steps_3():
 # ------------------------------------------------------------------------------------------------
 
 def _triton_ready():
-    pytest.importorskip("triton")
-    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-        pytest.skip("Triton kernels need TRITON_INTERPRET=1 on a machine without CUDA")
+    require_triton()
     from slcompile.kernels import triton_nstep
-    return triton_nstep, ("cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu")
-
-
-def _poison_allocator(dev):
-    x = torch.full((1 << 16,), float("nan"), device=dev)  # freed memory left full of NaN
-    del x
+    return triton_nstep, DEV
 
 
 @pytest.mark.parametrize("N,search_key,pad,explicit_pos", [
@@ -429,7 +418,7 @@ def test_triton_search_matches_reference(N, search_key, pad, explicit_pos):
     args = (kpm, pos, 4, 3, N, 2.0, 0.0, search_key, 0)
     ra, rs = NS.nstep_search(q, k, *args)
     to = (lambda x: None if x is None else x.to(dev))
-    _poison_allocator(dev)
+    poison(dev)
     a, s = TN.nstep_search(q.to(dev), k.to(dev), to(kpm), to(pos), *args[2:])
     assert torch.equal(a.cpu(), ra)
     assert torch.allclose(s.cpu(), rs, rtol=1e-5, atol=1e-5)
@@ -457,7 +446,7 @@ def test_triton_route_of_the_ops_with_span_power_one_third():
         real = TN.nstep_search
         TN.nstep_search = lambda *a, **kw: calls.append(1) or real(*a, **kw)
         try:
-            _poison_allocator(dev)
+            poison(dev)
             out = slcompile.superlinear_attention(q.to(dev), k.to(dev), v.to(dev), config=cfg,
                                                   enable_gqa=True)
         finally:

@@ -9,31 +9,16 @@ too) and on Gaussian inputs. Span-attention is given the reference's anchors.
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
+from triton_env import DEV, poison, require_triton
 
-if not torch.cuda.is_available():  # CPU CI: run the kernels under Triton's interpreter
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-triton = pytest.importorskip("triton")
+triton = require_triton()
 
 from slcompile.kernels import reference as R  # noqa: E402
-
-if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-    pytest.skip("Triton kernels need TRITON_INTERPRET=1 on a machine without CUDA",
-                allow_module_level=True)
-
 from slcompile.kernels import triton_decode as TD  # noqa: E402
 from slcompile.kernels import triton_impl as TI  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
-
-
-def _poison():
-    x = torch.full((1 << 16,), float("nan"), device=DEV)
-    del x
 
 
 def _cfg(**ch):
@@ -88,7 +73,7 @@ def test_decode_search_matches_reference(case):
     args = (kpm, pos, cfg["window"], cfg["topk"], cfg["search_power"], cfg["span_power"],
             cfg["backward_factor"], cfg["forward_factor"], "anchor", 0)
     ra, rs = R.span_search(qs.cpu(), k.cpu(), *[x.cpu() if torch.is_tensor(x) else x for x in args])
-    _poison()
+    poison()
     a, s = TD.span_search(qs, k, *args, block_stripes=4)  # several stripe chunks per query
     assert torch.equal(a.cpu(), ra), name
     if integer:
@@ -129,7 +114,7 @@ def test_decode_attention_matches_reference(case):
             cfg["forward_factor"], cfg["combine"], scale)
     ref = R.span_attention(q.cpu(), k.cpu(), v.cpu(), a, s, cpu(kpm), cpu(pos), *rest, 0)
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
-    _poison()
+    poison()
     out = TD.span_attention(q, k, v, a.to(DEV), s.to(DEV), kpm, pos, *rest, 0, block_n=16)
     assert not out.isnan().any()
     torch.testing.assert_close(out.cpu().float(), ref.float(), **tol)

@@ -11,28 +11,18 @@ from __future__ import annotations
 
 import math
 import zlib
-import os
 
 import pytest
 import torch
+from triton_env import DEV, poison, require_triton
 
-if not torch.cuda.is_available():  # CPU CI: run the kernels under Triton's interpreter
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-triton = pytest.importorskip("triton")
+triton = require_triton()
 
 from slcompile.kernels import reference as R  # noqa: E402
 from slcompile.kernels.geometry import num_stripes, stripe_deltas  # noqa: E402
-
-if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-    pytest.skip("Triton kernels need TRITON_INTERPRET=1 on a machine without CUDA",
-                allow_module_level=True)
-
 from slcompile.kernels import triton_attention as TA  # noqa: E402
 from slcompile.kernels import triton_impl as TI  # noqa: E402
 from slcompile.kernels import triton_search as TS  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
 DEFAULT = dict(window=64, sinks=4, topk=3, search_power=0.5, span_power=0.5,
                backward_factor=2.0, forward_factor=0.0, combine="union", search_key="anchor")
@@ -44,12 +34,6 @@ def _inputs(gen, B, Hq, Hkv, Lq, T, D, Dv=None, dtype=torch.float32):
     k = torch.randn(B, Hkv, T, D, generator=gen).to(dtype)
     v = torch.randn(B, Hkv, T, Dv, generator=gen).to(dtype)
     return q.to(DEV), k.to(DEV), v.to(DEV)
-
-
-def _poison_allocator():
-    # leaves NaN behind in freshly freed memory so that torch.empty outputs start poisoned
-    x = torch.full((1 << 16,), float("nan"), device=DEV)
-    del x
 
 
 def _search_args(cfg, dense_below=0):
@@ -152,7 +136,7 @@ def test_span_search_matches_reference(case):
         qpos = torch.stack([torch.randperm(T, generator=gen)[:Lq] for _ in range(B)]).to(DEV)
     elif posmode == "cache":
         qpos = (torch.arange(Lq) + T - Lq).expand(B, Lq).contiguous().to(DEV)
-    _poison_allocator()
+    poison()
     a, s = TS.span_search(qs, k, kpm, qpos, *_search_args(cfg))
     _check_search(qs, k, kpm, qpos, cfg, a, s)
 
@@ -197,7 +181,7 @@ def test_span_attention_matches_reference(case, impl):
     scale = 1.0 / math.sqrt(D)
     a, s = R.span_search(q, k, kpm, qpos, *_search_args(cfg))
     assert (a >= 0).any()
-    _poison_allocator()
+    poison()
     out = TA.span_attention(q, k, v, a, s, kpm, qpos, *_attn_args(cfg, scale), impl=impl)
     ref = R.span_attention(q.float(), k.float(), v.float(), a, s, kpm, qpos,
                            *_attn_args(cfg, scale))
@@ -282,7 +266,7 @@ def test_query_chunks_bound_memory_and_keep_the_result(monkeypatch, combine, pos
     real_launch = TA.launch
     monkeypatch.setattr(TA, "launch", lambda q_, *a_, **k_: calls.append(q_.shape[2]) or
                         real_launch(q_, *a_, **k_))
-    _poison_allocator()
+    poison()
     out = TA.span_attention(q, k, v, a, s, kpm, qpos, *_attn_args(cfg, 0.25))
     ref = R.span_attention(q, k, v, a, s, kpm, qpos, *_attn_args(cfg, 0.25))
     assert calls == [16, 16, 16, 16, 6]
@@ -298,7 +282,7 @@ def test_dense_path_and_empty_rows():
     kpm[0, :60] = False  # the first queries see nothing -> zeros
     qpos = torch.randint(0, 70, (1, 20), generator=gen)
     scale = 0.3
-    _poison_allocator()
+    poison()
     out = TI.span_attention(q, k, v, torch.empty(1, 2, 20, 3, dtype=torch.int32),
                             torch.empty(1, 2, 20, 3), kpm, qpos, 64, 4, 0.5, 2.0, 0.0, "union",
                             scale, 100)
@@ -383,7 +367,7 @@ def test_search_on_tensor_cores_matches_reference(dtype):
     kpm = (torch.rand(1, 100, generator=gen) > 0.2).to(DEV)
     qpos = torch.randperm(100, generator=gen)[:60][None].to(DEV)
     cfg = {**DEFAULT, "window": 8}
-    _poison_allocator()
+    poison()
     a, s = TS.span_search(qs, k, kpm, qpos, *_search_args(cfg), use_dot=True)
     _check_search(qs, k, kpm, qpos, cfg, a, s)
 
