@@ -821,9 +821,18 @@ def evaluate(model, tok, args, variants, cases, ppl_ids, out_meta, t0, results=N
         if counter is not None:
             counter.tail = args.ppl_tail
             counter.reset()
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+
+        def save(partial=True):  # partial results survive an interrupted run
+            with open(args.out + ".json", "w") as fh:
+                json.dump({"meta": dict(out_meta, seconds=time.time() - t0, partial=partial),
+                           "results": results}, fh, indent=1)
+
         if ppl_ids is not None:
             r["ppl"] = run_ppl(model, ppl_ids, args.ppl_tail, args.device)
         grid, hits, per_case = {}, 0, []
+        r["cases"] = per_case
+        results[name] = r
         for c in cases:
             ok, lp = run_needle(model, tok, c, args.device)
             hits += ok
@@ -831,21 +840,17 @@ def evaluate(model, tok, args, variants, cases, ppl_ids, out_meta, t0, results=N
             grid[k] = grid.get(k, 0.0) + ok / args.seeds
             per_case.append({"length": c.length, "depth": c.depth, "seed": c.seed, "found": ok,
                              "logprob": lp})
+            save()
         r["keys"], r["keys_end"], r["keys_tail"] = (1.0, 1.0, 1.0) if counter is None else counter.result()
         r["needle_grid"] = grid
         r["needle"] = hits / max(1, len(cases))
-        r["cases"] = per_case
         lps = [x["logprob"] for x in per_case if x["logprob"] is not None]
         r["answer_logprob"] = sum(lps) / len(lps) if lps else None
         r["needle_by_length"] = {
             L: sum(grid[f"{L}/{d}"] for d in args.depths) / len(args.depths) for L in args.lengths
         } if cases else {}
         r["seconds"] = time.time() - tv
-        results[name] = r
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out + ".json", "w") as fh:  # partial results survive an interrupted run
-            json.dump({"meta": dict(out_meta, seconds=time.time() - t0, partial=True),
-                       "results": results}, fh, indent=1)
+        save()
         lp = r["answer_logprob"]
         print(f"  {name:<24} needle {hits}/{len(cases)}  logp {float('nan') if lp is None else lp:.2f}  "
               f"ppl {r.get('ppl', float('nan')):.3f}  keys {r['keys']:.3f} (end {r['keys_end']:.3f}, "

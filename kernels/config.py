@@ -14,9 +14,10 @@ from typing import Any, Optional
 COMBINE_MODES = ("union", "gated")
 SEARCH_KEYS = ("anchor", "mean", "block", "block_rerank")
 # SuperlinearConfig.for_pretrained(): see its docstring. Measured on SmolLM2-135M at 8K (H200,
-# benchmarks/RESULTS.md "Quality at 8K"): perplexity +2.8% at 13.3% of keys per query; a large
-# window carries perplexity, eight ~0.35 sqrt(t)-key spans on the best fine blocks the rest.
-PRETRAINED = dict(search_key="block", window=768, sinks=4, topk=8, backward_factor=0.35,
+# benchmarks/RESULTS.md "Needle retrieval at 8K"): perplexity +1.1% at 13.3% of keys per query
+# (+2.8% with search_key="block"), 1 of 12 needles (block 0, dense 4); a large window carries
+# perplexity, eight ~0.35 sqrt(t)-key spans on the fine blocks with the largest exact q.k the rest.
+PRETRAINED = dict(search_key="block_rerank", window=768, sinks=4, topk=8, backward_factor=0.35,
                   forward_factor=0.0, combine="union")
 NSTEP_SEARCH_KEYS = ("anchor", "mean")  # search keys of the N-step search (steps >= 3)
 
@@ -56,7 +57,9 @@ class SuperlinearConfig:
         search_key: "anchor" (the anchor's key), "mean" (mean key over the anchor's span) or
             "block" (training-free routing: anchors placed on the 32-key blocks with the highest
             Quest bound max_k q.k <= sum_d max(q_d*kmin_d, q_d*kmax_d), found coarse-to-fine in
-            O(sqrt(t)) per query; see docs/routing.md).
+            O(sqrt(t)) per query; see docs/routing.md) or "block_rerank" (the same, then the
+            4 topk best candidate blocks by bound rescored by their exact largest q.k; retrieves
+            far better on converted models; no Triton kernel yet, it runs the reference).
         dense_below: if the number of keys T <= dense_below, exact dense causal attention.
         scale: softmax scale; None means 1/sqrt(head_dim) (or the scale of the matched graph).
         steps: N, the number of search-and-attend steps (2..8). 2 is SPEC.md's stripe search;
@@ -132,9 +135,11 @@ class SuperlinearConfig:
     @classmethod
     def for_pretrained(cls, **overrides: Any) -> "SuperlinearConfig":
         """The preset for dense pretrained models converted without training (issue 7): block
-        search, window 768, 4 sinks, 8 spans of ~0.35 sqrt(t) keys (each covers its fine block: 16
-        keys for 2K <= t < 8K), union. Chosen from the 8K measurements in benchmarks/RESULTS.md
-        ("Quality at 8K"); the trade-off table is in README.md. ``dense_below`` keeps its default,
+        search with exact rescoring (``"block_rerank"``), window 768, 4 sinks, 8 spans of ~0.35
+        sqrt(t) keys (each covers its fine block: 16 keys for 2K <= t < 8K), union. Chosen from
+        the 8K measurements in benchmarks/RESULTS.md ("Quality at 8K", "Needle retrieval at 8K");
+        the trade-off table is in README.md. ``search_key="block"`` (a Triton kernel on CUDA) is
+        the faster, weaker choice. ``dense_below`` keeps its default,
         so short inputs stay exact. The field defaults stay those of SPEC.md."""
         return cls(**{**PRETRAINED, **overrides})
 

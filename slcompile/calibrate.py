@@ -57,6 +57,9 @@ BUFFER = "superlinear_router"
 _FORMAT = "slcompile-routers/1"
 _CAPTURE = "slcompile_calibrate_capture"
 FINE = 32  # the finest block of the "block" search (kernels/reference.py BLOCK)
+# search keys ranked by block summaries: "block_rerank" ranks by the same bound before its exact
+# rescoring (which also uses the search query), so its routers are trained like "block"'s
+BLOCK_KEYS = ("block", "block_rerank")
 
 
 @dataclass
@@ -274,7 +277,7 @@ class _Capture:
             p = torch.softmax(logits, -1)
             e = t - cfg.window  # last key a span may reach
             s = {"t": t.cpu(), "q": q.cpu()}
-            if cfg.search_key == "block":
+            if cfg.search_key in BLOCK_KEYS:
                 nfine = T // FINE
                 levels = max(1, int(math.floor(math.log2(max(1, nfine)))) + 1)
                 mn, mx = _regions_block(key[b], levels)
@@ -306,7 +309,7 @@ def _scores(s: dict, qs: Tensor, cfg: SuperlinearConfig, g: int) -> List[tuple]:
     Hq, n, D = qs.shape
     Hkv = Hq // g
     out = []
-    if cfg.search_key == "block":
+    if cfg.search_key in BLOCK_KEYS:
         e = s["e"].to(qs.device)
         mass = s["mass"].to(qs.device)
         for lvl, (mn, mx) in enumerate(zip(s["kmin"], s["kmax"])):
@@ -518,7 +521,7 @@ def calibrate(model, texts_or_token_ids, *, config: Optional[SuperlinearConfig] 
         if not samples:
             raise ValueError(f"calibrate: layer {name!r} saw no sequence (is it an attention layer of "
                              "this model's forward?)")
-        hkv = samples[0]["kmin"][0].shape[0] if config.search_key == "block" else samples[0]["keys"].shape[0]
+        hkv = samples[0]["kmin"][0].shape[0] if config.search_key in BLOCK_KEYS else samples[0]["keys"].shape[0]
         g = hq // hkv
         train, held = [], []
         for s in samples:

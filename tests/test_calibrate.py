@@ -276,7 +276,7 @@ def test_cli_calibrate(tmp_path):
     assert res["ok"] and res["modules"] == 1 and res["config"]["window"] == 16
     assert res["layers_trained"] == 1 and res["seconds"] < 60
     r = load_routers(str(out))
-    assert r.config.window == 16 and r.config.search_key == "block"
+    assert r.config.window == 16 and r.config.search_key == SuperlinearConfig.for_pretrained().search_key
     attach_routers(model, r)
     assert getattr(model.model.layers[0].self_attn, BUFFER).shape == (4, 16, 16)
     # existing output without --overwrite: one-line error, exit 6; missing text: exit 3

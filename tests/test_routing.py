@@ -196,11 +196,12 @@ def test_block_config_through_the_public_function():
 
 
 def test_for_pretrained_preset():
-    """The preset of issue 7 (README "Quality"): block search, window 768, 8 spans of ~0.35 sqrt(t)
-    keys; SPEC.md's field defaults are untouched; at 8K every query attends at most 15% of keys."""
+    """The preset of issue 7 (README "Quality"): block search with exact rescoring, window 768, 8
+    spans of ~0.35 sqrt(t) keys; SPEC.md's field defaults are untouched; at 8K every query attends
+    at most 15% of keys."""
     p = SuperlinearConfig.for_pretrained()
     assert (p.search_key, p.window, p.sinks, p.topk, p.backward_factor, p.forward_factor, p.combine) \
-        == ("block", 768, 4, 8, 0.35, 0.0, "union")
+        == ("block_rerank", 768, 4, 8, 0.35, 0.0, "union")
     d = SuperlinearConfig()
     assert p.dense_below == d.dense_below and p.span_power == d.span_power == 0.5
     assert (d.window, d.sinks, d.topk, d.backward_factor, d.search_key) == (64, 4, 3, 2.0, "anchor")
