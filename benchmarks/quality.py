@@ -287,6 +287,9 @@ class MaskedAttention:
     def reset(self):
         KeyCounter.reset(self)
 
+    def _add(self, frac):
+        KeyCounter._add(self, frac)
+
     def result(self):
         return KeyCounter.result(self)
 
@@ -318,14 +321,8 @@ class MaskedAttention:
                 p = torch.softmax(logits.masked_fill(~A, float("-inf")), -1)
                 out[b, :, s:s + self.chunk] = p @ vr
                 frac[b, :, s:s + self.chunk] = A.sum(-1).double() / (t + 1).double()
-        if Lq > 1:
-            self.sum_all += float(frac.sum())
-            self.n_all += frac.numel()
-            q0 = Lq - Lq // 4
-            self.sum_end += float(frac[..., q0:].sum())
-            self.n_end += frac[..., q0:].numel()
-            self.sum_tail += float(frac[..., -self.tail:].sum())
-            self.n_tail += frac[..., -self.tail:].numel()
+        if Lq > 1:  # prefill only
+            self._add(frac)
         return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
@@ -432,6 +429,11 @@ class KeyCounter:
                 covered = covered + (rj - start + 1).clamp(min=0)
                 reach = torch.maximum(reach, rj)
             frac = covered.double() / (tt[..., 0] + 1).double()
+        self._add(frac)
+
+    def _add(self, frac):
+        """Tally the fractions of keys attended frac [B, Hq, Lq] of one prefill."""
+        Lq = frac.shape[-1]
         self.sum_all += float(frac.sum())
         self.n_all += frac.numel()
         q0 = Lq - Lq // 4
