@@ -12,34 +12,18 @@ equality benchmarks/block_search.py checks on the GPU.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from triton_env import DEV, poison, require_triton
 
-if not torch.cuda.is_available():  # CPU CI: run the kernels under Triton's interpreter
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-triton = pytest.importorskip("triton")
+triton = require_triton()
 
 from slcompile.kernels import ops  # noqa: E402
 from slcompile.kernels import reference as R  # noqa: E402
-from slcompile.kernels.config import SuperlinearConfig  # noqa: E402
-from slcompile.kernels.geometry import span_extents  # noqa: E402
-
-if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-    pytest.skip("Triton kernels need TRITON_INTERPRET=1 on a machine without CUDA",
-                allow_module_level=True)
-
 from slcompile.kernels import triton_block as TB  # noqa: E402
 from slcompile.kernels import triton_impl as TI  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
-
-
-def _poison():
-    x = torch.full((1 << 16,), float("nan"), device=DEV)
-    del x
+from slcompile.kernels.config import SuperlinearConfig  # noqa: E402
+from slcompile.kernels.geometry import span_extents  # noqa: E402
 
 
 def _data(gen, B, Hq, Hkv, Lq, T, D, integer, dtype):
@@ -87,7 +71,7 @@ def test_block_search_matches_reference(case):
     args = (kpm, pos, W, topk, 0.5, 0.5, bf, ff, "block", 0)
     ra, rs = R.span_search(qs, k, *args)
     dev = lambda x: x.to(DEV) if torch.is_tensor(x) else x  # noqa: E731
-    _poison()
+    poison()
     a, s = TB.span_search(dev(qs), dev(k), *map(dev, args), block_q=bq)
     a, s = a.cpu(), s.cpu()
     assert (ra >= 0).sum() > ra.numel() // 3, "the case must keep spans"
@@ -110,7 +94,7 @@ def test_short_sequences_and_empty_rows():
     for args in [(None, None, 6, 3, 0.5, 0.5, 30.0, 0.0, "block", 0),  # blocks of 32 keys > T
                  (kpm, None, 3, 2, 0.5, 0.5, 2.0, 0.0, "block", 0)]:
         ra, rs = R.span_search(qs, k, *args)
-        _poison()
+        poison()
         a, s = TB.span_search(qs.to(DEV), k.to(DEV), *[x.to(DEV) if torch.is_tensor(x) else x
                                                        for x in args], block_q=32)
         assert torch.equal(a.cpu(), ra)
