@@ -35,13 +35,17 @@ greedy O(topk (R + slots)). U R <= rows 2 topk R = O(sqrt(t)) per row: O(L^1.5) 
 rows times the constant of scoring one row's candidates alone; at today's lengths U is most of the
 n <= 64 coarse blocks (rows of different heads and queries keep different ones), i.e. tensor cores
 score nearly every fine block before the window, which costs less than gathering each row's own.
-No O(L^2) tensor and no host synchronisation.
+No O(L^2) tensor and no host synchronisation. Default launch: 32 rows, 4 warps (the fastest shape
+measured at 128K on an H200: benchmarks/RESULTS.md, which also gives the roofline; the kernel is
+latency-bound, far from both the tensor-core and the memory floor).
 
 Bounds are sum_d q+_d kmax_d + sum_d q-_d kmin_d with fp32 accumulation (q+ = max(q, 0),
 q- = min(q, 0)); products of bf16/fp16 values are exact in fp32 (fp32 inputs use IEEE fp32
 products), so only the order (and the tensor cores' internal rounding) of the sums differs from the
 reference: scores agree to fp32 rounding and anchors are identical unless two bounds differ by less
-than that rounding. On integer-valued inputs every bound is exact, so scores are bitwise equal and
+than that rounding (two fine bounds: the order or choice of two spans; two coarse bounds at the
+2 topk-th place: which coarse block is refined, and so possibly a span of another score; see
+docs/routing.md). On integer-valued inputs every bound is exact, so scores are bitwise equal and
 the tie rules decide; the tests check that. Under the Triton interpreter (whose bf16 products are
 wrong) the products run in fp32, which gives the same exact values.
 """
