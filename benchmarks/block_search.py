@@ -78,19 +78,25 @@ def data(Hq, Hkv, Lq, T, D, integer, seed):
 
 
 def compare(a, s, ra, rs, integer):
-    """Kernel (a, s) against the reference (ra, rs): rows (query, head) with other anchors etc."""
+    """Kernel (a, s) against the reference (ra, rs). Integer-valued inputs: identical. Gaussian
+    (docs/routing.md, tolerance): the rows (query, head) with the same anchors have scores within
+    1e-3; a row with other anchors is a fine near-tie (sorted scores within 1e-3) or a coarse
+    near-tie (another coarse block refined: a span of another score, "rows_other_span"); together
+    at most 1e-3 of the rows."""
     rows = (a != ra).any(-1)
     fin = torch.isfinite(rs)
+    same = fin & ~rows[..., None]
     res = dict(rows=int(rows.numel()), rows_kept=int((ra[..., 0] >= 0).sum()),
                rows_differ=int(rows.sum()), scores_equal=bool(torch.equal(s, rs)),
                same_empty=bool(torch.equal(fin, torch.isfinite(s))),
-               max_score_err=float((s[fin] - rs[fin]).abs().max()) if fin.any() else 0.0)
-    if res["rows_differ"]:  # near-ties: the sorted scores of differing rows still agree
+               max_score_err=float((s[same] - rs[same]).abs().max()) if same.any() else 0.0)
+    if res["rows_differ"]:
         d = (s[rows].sort(-1).values - rs[rows].sort(-1).values).nan_to_num(0, 0, 0).abs()
+        d = d.amax(-1)
         res["differ_sorted_score_err"] = float(d.max())
+        res["rows_other_span"] = int((d > 1e-3).sum())
     res["ok"] = (res["rows_differ"] == 0 and res["scores_equal"]) if integer else \
-        (res["same_empty"] and res["max_score_err"] < 1e-3 and res["rows_differ"] <= 1e-4 * res["rows"]
-         and res.get("differ_sorted_score_err", 0.0) < 1e-3)
+        (res["same_empty"] and res["max_score_err"] < 1e-3 and res["rows_differ"] <= 1e-3 * res["rows"])
     return res
 
 
