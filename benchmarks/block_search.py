@@ -136,7 +136,6 @@ def timing(cfg, Hq, Hkv, D, T, ref_q, before):
     row["anchor_s"] = clock(lambda: TI.span_search(q, k, *search_args(cfg, key="anchor")), 0.3, 5)
     v = torch.randn_like(k)
     row["sdpa_s"] = clock(lambda: sdpa(q, k, v), 0.5, 3)
-    del v
     row["before_s"] = before.get((T, Hq, Hkv, D))
     # equality on the prefill's last ref_q queries (the same kernel specialisation as timed)
     qs = q[:, :, T - min(T, ref_q):]
