@@ -18,7 +18,8 @@ How:
    ``query @ router`` (plus a learned per-head temperature that is folded into the router).
    Regions follow ``config.search_key``:
 
-   * ``"block"`` (docs/routing.md): aligned blocks of 32, 64, ... keys, scored by the Quest bound
+   * ``"block"``/``"block_rerank"`` (docs/routing.md): aligned blocks of bs, 2 bs, 4 bs, ... keys
+     (bs = the search's fine block for the sequence length, `fine_block`), scored by the Quest bound
      sum_d max(qs_d kmin_d, qs_d kmax_d); every level of the coarse-to-fine search is trained.
    * ``"anchor"`` / ``"mean"`` (SPEC.md): the stripe spans of the query, scored by qs . k[anchor]
      or qs . mean(k over the span).
@@ -56,7 +57,7 @@ __all__ = ["Routers", "calibrate", "save_routers", "load_routers", "attach_route
 BUFFER = "superlinear_router"
 _FORMAT = "slcompile-routers/1"
 _CAPTURE = "slcompile_calibrate_capture"
-FINE = 32  # the finest block of the "block" search (kernels/reference.py BLOCK)
+FINE = 32  # the largest fine block of the "block" search (kernels/reference.py BLOCK)
 # search keys ranked by block summaries: "block_rerank" ranks by the same bound before its exact
 # rescoring (which also uses the search query), so its routers are trained like "block"'s
 BLOCK_KEYS = ("block", "block_rerank")
@@ -206,12 +207,23 @@ def _heads(m) -> tuple:
 # Step 1: capture what the search sees, from dense attention
 # --------------------------------------------------------------------------------------------
 
-def _regions_block(k: Tensor, levels: int):
-    """Key summaries of aligned blocks of FINE * 2^j keys, j = 0..levels-1: lists of kmin/kmax
+def fine_block(cfg: SuperlinearConfig, T: int) -> int:
+    """The fine block size of the block search (kernels/reference.py `_block_levels`) at the middle
+    of the sampled query positions of a T-key sequence, t = (W + T) // 2: the largest power of two
+    <= min(FINE, back(t) + 1). 16 for the preset on 4K-9K sequences: the routers are trained on the
+    blocks the search ranks for most of the sampled queries."""
+    t = min(T - 1, (cfg.window + T) // 2)
+    back, _ = span_extents(T, cfg.span_power, cfg.backward_factor, cfg.forward_factor)
+    b = max(1, min(FINE, int(back[t]) + 1))
+    return 1 << (b.bit_length() - 1)
+
+
+def _regions_block(k: Tensor, levels: int, fine: int):
+    """Key summaries of aligned blocks of fine * 2^j keys, j = 0..levels-1: lists of kmin/kmax
     [Hkv, T // size, D] (only whole blocks)."""
     Hkv, T, D = k.shape
-    n = T // FINE
-    kb = k[:, :n * FINE].float().view(Hkv, n, FINE, D)
+    n = T // fine
+    kb = k[:, :n * fine].float().view(Hkv, n, fine, D)
     mn, mx = [kb.amin(2)], [kb.amax(2)]
     for _ in range(1, levels):
         m = mn[-1].shape[1] // 2
@@ -262,7 +274,8 @@ class _Capture:
             raise ValueError("calibration runs plain prefills (no cache)")
         scale = scaling if scaling is not None else 1.0 / math.sqrt(D)
         g = Hq // Hkv
-        t_min = cfg.window + 2 * FINE  # at least two whole blocks before the window
+        fine = fine_block(cfg, T)
+        t_min = cfg.window + 2 * fine  # at least two whole blocks before the window
         if T <= t_min:
             return
         for b in range(B):
@@ -278,11 +291,12 @@ class _Capture:
             e = t - cfg.window  # last key a span may reach
             s = {"t": t.cpu(), "q": q.cpu()}
             if cfg.search_key in BLOCK_KEYS:
-                nfine = T // FINE
+                nfine = T // fine
                 levels = max(1, int(math.floor(math.log2(max(1, nfine)))) + 1)
-                mn, mx = _regions_block(key[b], levels)
+                mn, mx = _regions_block(key[b], levels, fine)
+                s["fine"] = fine
                 s["kmin"], s["kmax"] = [x.cpu() for x in mn], [x.cpu() for x in mx]
-                s["mass"] = p[..., :nfine * FINE].view(Hq, -1, nfine, FINE).sum(-1).cpu()  # [Hq, n, nfine]
+                s["mass"] = p[..., :nfine * fine].view(Hq, -1, nfine, fine).sum(-1).cpu()  # [Hq, n, nfine]
             else:
                 a, lo, hi, valid = _stripe_candidates(t, cfg, T)
                 cs = torch.cat([torch.zeros_like(p[..., :1]), p.cumsum(-1)], -1)  # [Hq, n, T+1]
@@ -313,7 +327,7 @@ def _scores(s: dict, qs: Tensor, cfg: SuperlinearConfig, g: int) -> List[tuple]:
         e = s["e"].to(qs.device)
         mass = s["mass"].to(qs.device)
         for lvl, (mn, mx) in enumerate(zip(s["kmin"], s["kmax"])):
-            size = FINE << lvl
+            size = s["fine"] << lvl
             nb = mn.shape[1]
             if nb < 2:
                 break

@@ -285,3 +285,20 @@ def test_cli_calibrate(tmp_path):
     cmd2 = [c if c != str(text) else str(tmp_path / "nope.txt") for c in cmd]
     p = subprocess.run(cmd2 + ["--overwrite"], capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 3 and "not found" in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("T,bf", [(8192, 0.35), (2048, 0.35), (9000, 0.35), (4096, 2.0), (300, 0.1)])
+def test_calibration_trains_the_search_fine_block(T, bf):
+    """Routers are trained on the fine blocks the block search ranks for the middle of the sampled
+    queries (kernels/reference.py _block_levels): 16 keys for the preset on 4K-9K sequences."""
+    from slcompile.calibrate import fine_block
+    from slcompile.kernels import reference as ref
+    from slcompile.kernels.geometry import span_extents
+
+    cfg = SuperlinearConfig.for_pretrained(backward_factor=bf)
+    back, _ = span_extents(T, cfg.span_power, cfg.backward_factor, cfg.forward_factor)
+    t = torch.tensor([min(T - 1, (cfg.window + T) // 2)])
+    jf, _ = ref._block_levels((t - cfg.window).clamp(min=0), back[t])
+    assert fine_block(cfg, T) == 1 << int(jf[0])
+    if bf == 0.35 and 4096 <= T <= 9000:
+        assert fine_block(cfg, T) == 16
