@@ -4,6 +4,7 @@ reference and timing against the kernel's previous version, the Triton anchor se
 
     python benchmarks/block_search.py [--out DIR] [--lengths 131072,32768,8192] [--budget-s 60]
     TRITON_INTERPRET=1 python benchmarks/block_search.py --tiny   # dry run on a CPU
+    python benchmarks/block_search.py --rerank --precompile   # search_key="block_rerank"
 
 1. Equality (bf16, SuperlinearConfig.for_pretrained() geometry, dense_below=0, fresh random inputs,
    allocator poisoned with NaN): the kernel against ``reference.span_search`` on the same device.
@@ -15,6 +16,11 @@ reference and timing against the kernel's previous version, the Triton anchor se
    same config and causal SDPA (flash) on q/k/v of the same shape, in this one run; "before" is the
    previous kernel's prefill from ``block_search_h200_2026-11-28.json`` (commit f03b88b).
    Past ``--budget-s`` seconds the remaining optional parts (the launch-shape sweep) are skipped.
+
+--rerank: the same for search_key="block_rerank" (the block kernel's candidate selection plus
+_rerank_kernel): equality checks at 8K against the reference (whose rerank is quadratic, so the
+last-queries check runs up to 32K only), and the timing of "block_rerank" against "block" and SDPA
+(no anchor search, no "before", no sweep).
 
 Results: JSON (written after every row) and a Markdown table under --out.
 """
@@ -47,6 +53,8 @@ HEADS = [(32, 8, 128), (9, 3, 64)]  # Llama-8B-like, SmolLM2-135M-like
 BEFORE = os.path.join(HERE, "block_search_h200_2026-11-28.json")
 SWEEP = [(16, 8), (4, 4), (8, 4)]  # launch shapes (block_q, num_warps) tried after the table
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+KEY = "block"  # the search key checked and timed (--rerank: "block_rerank")
+RERANK_REF_MAX_T = 32768  # the reference's rerank is quadratic: last-queries checks up to here
 
 
 def clock(fn, budget_s, max_iters):
@@ -61,7 +69,8 @@ def clock(fn, budget_s, max_iters):
     return statistics.median(times)
 
 
-def search_args(cfg, kpm=None, pos=None, key="block"):
+def search_args(cfg, kpm=None, pos=None, key=None):
+    key = key or KEY
     return (kpm, pos, cfg.window, cfg.topk, cfg.search_power, cfg.span_power, cfg.backward_factor,
             cfg.forward_factor, key, 0)
 
@@ -132,10 +141,24 @@ def timing(cfg, Hq, Hkv, D, T, ref_q, before):
     q, k = data(Hq, Hkv, T, T, D, False, T + Hq)
     blk = search_args(cfg)
     row = dict(T=T, heads=[Hq, Hkv, D])
+    if KEY == "block_rerank":
+        row["rerank_s"] = clock(lambda: TB.span_search(q, k, *blk), 0.5, 5)
+        blk = search_args(cfg, key="block")
     row["block_s"] = clock(lambda: TB.span_search(q, k, *blk), 0.5, 5)
-    row["anchor_s"] = clock(lambda: TI.span_search(q, k, *search_args(cfg, key="anchor")), 0.3, 5)
     v = torch.randn_like(k)
     row["sdpa_s"] = clock(lambda: sdpa(q, k, v), 0.5, 3)
+    if KEY == "block_rerank":
+        row["x_sdpa"] = row["sdpa_s"] / row["rerank_s"]
+        row["x_block"] = row["rerank_s"] / row["block_s"]
+        if T <= RERANK_REF_MAX_T:
+            qs = q[:, :, T - min(T, ref_q):]
+            rr = search_args(cfg)
+            ra, rs = R.span_search(qs, k, *rr)
+            a, s = TB.span_search(qs, k, *rr)
+            row["check_last_queries"] = dict(Lq=qs.shape[2], **compare(a, s, ra, rs, False))
+        print("time", json.dumps(row), flush=True)
+        return row
+    row["anchor_s"] = clock(lambda: TI.span_search(q, k, *search_args(cfg, key="anchor")), 0.3, 5)
     row["before_s"] = before.get((T, Hq, Hkv, D))
     # equality on the prefill's last ref_q queries (the same kernel specialisation as timed)
     qs = q[:, :, T - min(T, ref_q):]
@@ -163,7 +186,10 @@ def warm(cfg, job):
         T, (Hq, Hkv, D) = spec
         q, k = data(Hq, Hkv, T, T, D, False, 0)
         TB.span_search(q, k, *search_args(cfg))
-        TI.span_search(q, k, *search_args(cfg, key="anchor"))
+        if KEY == "block_rerank":
+            TB.span_search(q, k, *search_args(cfg, key="block"))
+        else:
+            TI.span_search(q, k, *search_args(cfg, key="anchor"))
     else:
         T, (Hq, Hkv, D), bq, nw = spec
         q, k = data(Hq, Hkv, T, T, D, False, 0)
@@ -180,26 +206,32 @@ def main():
     ap.add_argument("--tiny", action="store_true", help="CPU dry run: tiny shapes")
     ap.add_argument("--precompile", action="store_true",
                     help="first compile every kernel of the run in parallel processes")
+    ap.add_argument("--rerank", action="store_true", help='search_key="block_rerank"')
     ap.add_argument("--warm-job", type=int, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    global KEY
+    KEY = "block_rerank" if a.rerank else "block"
     t_start = time.time()
     cfg = SuperlinearConfig.for_pretrained()
     heads = HEADS
     checks = [((9, 3, 64), 8192, 8192, True, False), ((32, 8, 128), 2048, 32768, False, True),
               ((32, 8, 128), 1, 32768, True, True)]
     lengths = [int(x) for x in a.lengths.split(",")]
+    if a.rerank:  # 8K prefill (integer-valued), 2048 queries of 8K with padding (Gaussian)
+        checks = [((9, 3, 64), 8192, 8192, True, False), ((32, 8, 128), 2048, 8192, False, True)]
     if a.tiny:  # the same code paths on shapes the interpreter runs in seconds
         cfg = cfg.replace(window=48)
         heads = [(4, 2, 16), (3, 1, 8)]
-        checks = [((3, 1, 8), 64, 160, True, False), ((4, 2, 16), 1, 300, True, True)]
-        lengths = [192]
+        checks = [((3, 1, 8), 64 >> 2 * a.rerank, 160, True, False),
+                  ((4, 2, 16), 1, 300, True, True)]
+        lengths = [64 if a.rerank else 192]
         a.ref_queries = 32
-    out = dict(device=torch.cuda.get_device_name() if DEV == "cuda" else "cpu (interpreter)",
+    out = dict(search_key=KEY, device=torch.cuda.get_device_name() if DEV == "cuda" else "cpu (interpreter)",
                torch=torch.__version__, config=cfg.to_dict(), checks=[], timings=[])
     os.makedirs(a.out, exist_ok=True)
 
     def save():
-        with open(os.path.join(a.out, "block_search.json"), "w") as f:
+        with open(os.path.join(a.out, f"{KEY}_search.json"), "w") as f:
             json.dump(out, f, indent=1)
 
     with open(BEFORE) as f:
@@ -208,7 +240,7 @@ def main():
     # and tie rules on tensor cores), the first heads' timings, the other checks, the other heads
     todo = [("check", checks[0])] + [("time", (T, heads[0])) for T in lengths] + \
         [("check", c) for c in checks[1:]] + [("time", (T, hd)) for hd in heads[1:] for T in lengths]
-    sweep = [("sweep", (lengths[0], heads[0], bq, nw)) for bq, nw in SWEEP]
+    sweep = [] if a.rerank else [("sweep", (lengths[0], heads[0], bq, nw)) for bq, nw in SWEEP]
     if a.warm_job is not None:
         warm(cfg, (todo + sweep)[a.warm_job])
         return
@@ -227,7 +259,7 @@ def main():
             T, (Hq, Hkv, D) = job
             out["timings"].append(timing(cfg, Hq, Hkv, D, T, a.ref_queries, before))
         save()
-    if time.time() - t_start < a.budget_s:  # launch shapes at the longest length, first heads
+    if sweep and time.time() - t_start < a.budget_s:  # launch shapes at the longest length, first heads
         (Hq, Hkv, D), T = heads[0], lengths[0]
         q, k = data(Hq, Hkv, T, T, D, False, 1)
         out["sweep"] = {}
@@ -239,22 +271,33 @@ def main():
             out["sweep"][f"block_q={bq},num_warps={nw}"] = ms
             print("sweep", bq, nw, f"{ms:.2f} ms", flush=True)
             save()
-    lines = ["| T | Hq/Hkv/D | block search (new) | before (f03b88b) | speed-up | anchor search "
-             "| block / anchor | SDPA flash | SDPA / block | last-queries check |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in out["timings"]:
-        c = r["check_last_queries"]
-        before_ms = f"{r['before_s'] * 1e3:.1f} ms" if r["before_s"] else "-"
-        lines.append(f"| {r['T']} | {'/'.join(map(str, r['heads']))} | {r['block_s'] * 1e3:.2f} ms | "
-                     f"{before_ms} | {r.get('x_before', float('nan')):.1f}x | "
-                     f"{r['anchor_s'] * 1e3:.2f} ms | {r['x_anchor']:.1f}x | "
-                     f"{r['sdpa_s'] * 1e3:.1f} ms | {r['x_sdpa']:.1f}x | "
-                     f"{c['rows_differ']}/{c['rows']} rows differ, ok={c['ok']} |")
-    with open(os.path.join(a.out, "block_search.md"), "w") as f:
+    if a.rerank:
+        lines = ["| T | Hq/Hkv/D | block_rerank | block | rerank / block | SDPA flash "
+                 "| SDPA / rerank | last-queries check |", "|---|---|---|---|---|---|---|---|"]
+        for r in out["timings"]:
+            c = r.get("check_last_queries")
+            chk = f"{c['rows_differ']}/{c['rows']} rows differ, ok={c['ok']}" if c else "-"
+            lines.append(f"| {r['T']} | {'/'.join(map(str, r['heads']))} | "
+                         f"{r['rerank_s'] * 1e3:.2f} ms | {r['block_s'] * 1e3:.2f} ms | "
+                         f"{r['x_block']:.2f}x | {r['sdpa_s'] * 1e3:.1f} ms | {r['x_sdpa']:.2f}x | "
+                         f"{chk} |")
+    else:
+        lines = ["| T | Hq/Hkv/D | block search (new) | before (f03b88b) | speed-up | anchor search "
+                 "| block / anchor | SDPA flash | SDPA / block | last-queries check |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in out["timings"]:
+            c = r["check_last_queries"]
+            before_ms = f"{r['before_s'] * 1e3:.1f} ms" if r["before_s"] else "-"
+            lines.append(f"| {r['T']} | {'/'.join(map(str, r['heads']))} | "
+                         f"{r['block_s'] * 1e3:.2f} ms | {before_ms} | {r.get('x_before', float('nan')):.1f}x | "
+                         f"{r['anchor_s'] * 1e3:.2f} ms | {r['x_anchor']:.1f}x | "
+                         f"{r['sdpa_s'] * 1e3:.1f} ms | {r['x_sdpa']:.1f}x | "
+                         f"{c['rows_differ']}/{c['rows']} rows differ, ok={c['ok']} |")
+    with open(os.path.join(a.out, f"{KEY}_search.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
     out["all_checks_ok"] = all(c["ok"] for c in out["checks"]) and \
-        all(r["check_last_queries"]["ok"] for r in out["timings"])
+        all(r["check_last_queries"]["ok"] for r in out["timings"] if "check_last_queries" in r)
     out["wall_s"] = time.time() - t_start
     save()
     print("all checks ok:", out["all_checks_ok"], f"wall {out['wall_s']:.0f} s")

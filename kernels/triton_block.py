@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 
 from .geometry import check_search_inputs, keeps_no_span, no_span_outputs, span_extents
-from .reference import BLOCK, COARSE_FANOUT
+from .reference import BLOCK, COARSE_FANOUT, RERANK
 from .triton_search import _next_pow2
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -134,6 +134,15 @@ def _tile_bounds(qrow, rok, sqd, PMIN, PMAX, rows, ok, spn, spd, ROWS: tl.conste
     return sp + sn
 
 
+@triton.jit
+def _fine_level(back_t, LOG_BLOCK: tl.constexpr):
+    """jf of docs/routing.md step 1: fine blocks of 2^jf = min(BLOCK, 2^floor(log2(back + 1)))."""
+    jf = back_t * 0
+    for _ in tl.static_range(LOG_BLOCK):
+        jf = tl.where((2 << jf) <= back_t + 1, jf + 1, jf)
+    return jf
+
+
 # sizes and counts are not specialised (a runtime loop counter starts at JLO, which may be 1; one
 # compiled kernel serves every length and query slice of a head geometry)
 @triton.jit(do_not_specialize=["Hkv", "G", "Lq", "T", "W", "JLO", "JTOP", "NQB", "NITEMS", "NPROG",
@@ -151,7 +160,7 @@ def _block_search_kernel(
     D: tl.constexpr, HAS_KPM: tl.constexpr, HAS_POS: tl.constexpr, TOPK: tl.constexpr,
     M: tl.constexpr, MP: tl.constexpr, RP: tl.constexpr, LOG_BLOCK: tl.constexpr,
     QB: tl.constexpr, GP: tl.constexpr, BLOCK_D: tl.constexpr, DC: tl.constexpr,
-    KC: tl.constexpr, DOT_F32: tl.constexpr, NO_KEY: tl.constexpr,
+    KC: tl.constexpr, DOT_F32: tl.constexpr, NO_KEY: tl.constexpr, NR: tl.constexpr,
 ):
     ROWS: tl.constexpr = QB * GP
     pid = tl.program_id(0)
@@ -182,9 +191,7 @@ def _block_search_kernel(
         back_t = tl.load(BACK + t).to(tl.int32)
         fwd_t = tl.load(FWD + t).to(tl.int32)
         # block sizes (docs/routing.md, step 1): bs = 2^jf, coarse blocks of R = 2^c fine blocks
-        jf = back_t * 0
-        for _ in tl.static_range(LOG_BLOCK):
-            jf = tl.where((2 << jf) <= back_t + 1, jf + 1, jf)
+        jf = _fine_level(back_t, LOG_BLOCK)
         nf = tl.maximum((e + 1) >> jf, 1)
         c = jf * 0
         while tl.max(((1 << (2 * c)) < nf).to(tl.int32), axis=0) > 0:
@@ -291,37 +298,124 @@ def _block_search_kernel(
             tmax = tl.where(grp, tl.max(key, axis=1), tmax)
 
         tl.debug_barrier()  # scratch written by other threads' layouts above
-        # greedy keep: topk rounds of best remaining (ties: nearer anchor), then drop every
-        # candidate whose [first slot, anchor] the kept span covers: fine blocks [flo, fhi], in
-        # the slots of coarse blocks flo >> c .. fhi >> c (coarse index n_full: the tail)
         obase = b * sab + h * sah + qi * sam
-        for j in range(TOPK):
-            best = tl.maximum(tl.max(smax, axis=1), tmax)
-            found = best > NO_KEY
-            a = tl.where(found, (best & 0xFFFFFFFF).to(tl.int32), -1)
-            tl.store(A_OUT + obase + j * sak, a, mask=rok)
-            tl.store(S_OUT + obase + j * sak, tl.where(found, _key_score(best), float("-inf")),
-                     mask=rok)
-            lo = tl.maximum(a - back_t, 0)
-            hi = tl.minimum(a + fwd_t, e)
-            clo = ((lo + (1 << jf) - 1) >> jf) >> c
-            chi = (hi >> jf) >> c
-            ci = clo
-            while tl.max(tl.where(found, chi - ci, -1), axis=0) >= 0:
-                slot = tl.where(ci == n_full, M,
-                                tl.max(tl.where(slot_ci == ci[:, None], scol[None, :], -1), axis=1))
-                act = found & (ci <= chi) & (slot >= 0)
+        if NR > 0:
+            # "block_rerank": the NR best candidates by key (bound, ties: the nearer block) in
+            # order, their anchors to A_OUT (-1 past the last candidate); nothing is dropped
+            for j in range(NR):
+                best = tl.maximum(tl.max(smax, axis=1), tmax)
+                found = best > NO_KEY
+                tl.store(A_OUT + obase + j * sak,
+                         tl.where(found, (best & 0xFFFFFFFF).to(tl.int32), -1), mask=rok)
+                slot = tl.where(tmax == best, M,
+                                tl.max(tl.where(smax == best[:, None], scol[None, :], -1), axis=1))
                 ptr = scr + slot[:, None] * RP + col[None, :]
-                key = tl.load(ptr, mask=act[:, None], other=NO_KEY)
-                ka = (key & 0xFFFFFFFF).to(tl.int32)
-                cov = (((ka >> jf[:, None]) << jf[:, None]) >= lo[:, None]) & (ka <= hi[:, None])
-                key = tl.where(cov | (ka == a[:, None]), NO_KEY, key)
-                tl.store(ptr, key, mask=act[:, None])
+                key = tl.load(ptr, mask=found[:, None], other=NO_KEY)
+                key = tl.where(key == best[:, None], NO_KEY, key)
+                tl.store(ptr, key, mask=found[:, None])
                 km = tl.max(key, axis=1)
-                smax = tl.where(act[:, None] & (scol[None, :] == slot[:, None]), km[:, None], smax)
-                tmax = tl.where(act & (slot == M), km, tmax)
-                ci += 1
+                smax = tl.where(found[:, None] & (scol[None, :] == slot[:, None]), km[:, None],
+                                smax)
+                tmax = tl.where(found & (slot == M), km, tmax)
+        else:
+            # greedy keep: topk rounds of best remaining (ties: nearer anchor), then drop every
+            # candidate whose [first slot, anchor] the kept span covers: fine blocks [flo, fhi],
+            # in the slots of coarse blocks flo >> c .. fhi >> c (coarse index n_full: the tail)
+            for j in range(TOPK):
+                best = tl.maximum(tl.max(smax, axis=1), tmax)
+                found = best > NO_KEY
+                a = tl.where(found, (best & 0xFFFFFFFF).to(tl.int32), -1)
+                tl.store(A_OUT + obase + j * sak, a, mask=rok)
+                tl.store(S_OUT + obase + j * sak, tl.where(found, _key_score(best), float("-inf")),
+                         mask=rok)
+                lo = tl.maximum(a - back_t, 0)
+                hi = tl.minimum(a + fwd_t, e)
+                clo = ((lo + (1 << jf) - 1) >> jf) >> c
+                chi = (hi >> jf) >> c
+                ci = clo
+                while tl.max(tl.where(found, chi - ci, -1), axis=0) >= 0:
+                    slot = tl.where(ci == n_full, M,
+                                    tl.max(tl.where(slot_ci == ci[:, None], scol[None, :], -1),
+                                           axis=1))
+                    act = found & (ci <= chi) & (slot >= 0)
+                    ptr = scr + slot[:, None] * RP + col[None, :]
+                    key = tl.load(ptr, mask=act[:, None], other=NO_KEY)
+                    ka = (key & 0xFFFFFFFF).to(tl.int32)
+                    cov = (((ka >> jf[:, None]) << jf[:, None]) >= lo[:, None]) & \
+                        (ka <= hi[:, None])
+                    key = tl.where(cov | (ka == a[:, None]), NO_KEY, key)
+                    tl.store(ptr, key, mask=act[:, None])
+                    km = tl.max(key, axis=1)
+                    smax = tl.where(act[:, None] & (scol[None, :] == slot[:, None]), km[:, None],
+                                    smax)
+                    tmax = tl.where(act & (slot == M), km, tmax)
+                    ci += 1
         w += NPROG
+
+
+@triton.jit(do_not_specialize=["Hq", "G", "Lq", "T", "W"])
+def _rerank_kernel(
+    QS, K, KPM, CAND, POS, BACK, FWD, A_OUT, S_OUT,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    skpb, skpn,
+    sposb, sposm,
+    scb, sch, scm, sck,
+    sab, sah, sam, sak,
+    Hq, G, Lq, T, W,
+    D: tl.constexpr, HAS_KPM: tl.constexpr, HAS_POS: tl.constexpr, TOPK: tl.constexpr,
+    NR: tl.constexpr, NRP: tl.constexpr, BS: tl.constexpr, LOG_BLOCK: tl.constexpr,
+    BLOCK_D: tl.constexpr, NO_KEY: tl.constexpr,
+):
+    """search_key="block_rerank", steps 3b and 4 for one (query, head) row: the exact largest
+    q.k over the present keys <= e of each of its NR candidate blocks (CAND: their anchors, best
+    bound first, -1 = none), then the greedy keep on these scores (ties: the nearer anchor)."""
+    qi = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    kvh = h // G
+    if HAS_POS:
+        t = tl.load(POS + b * sposb + qi.to(tl.int64) * sposm).to(tl.int32)
+    else:
+        t = T - Lq + qi
+    e = tl.maximum(t - W, 0)
+    back_t = tl.load(BACK + t).to(tl.int32)
+    fwd_t = tl.load(FWD + t).to(tl.int32)
+    jf = _fine_level(back_t, LOG_BLOCK)
+    od = tl.arange(0, BLOCK_D)
+    dm = od < D
+    q = tl.load(QS + b * sqb + h * sqh + qi.to(tl.int64) * sqm + od * sqd, mask=dm,
+                other=0.0).to(tl.float32)
+    crow = CAND + b * scb + h * sch + qi.to(tl.int64) * scm
+    ms = tl.arange(0, NRP)
+    ca = tl.load(crow + ms * sck, mask=ms < NR, other=-1)
+    kbase = K + b * skb + kvh * skh
+    jb = tl.arange(0, BS)
+    ex = tl.full([NRP], float("-inf"), tl.float32)
+    for m in range(NR):
+        a = tl.load(crow + m * sck)
+        if a >= 0:
+            p = ((a >> jf) << jf) + jb  # the candidate's block, cut at e
+            pm = (jb < (1 << jf)) & (p <= e)
+            if HAS_KPM:
+                pm = pm & (tl.load(KPM + b * skpb + p.to(tl.int64) * skpn, mask=pm, other=0) != 0)
+            kk = tl.load(kbase + p[:, None].to(tl.int64) * skn + od[None, :] * skd,
+                         mask=pm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+            lg = tl.where(pm, tl.sum(kk * q[None, :], axis=1), float("-inf"))
+            ex = tl.where(ms == m, tl.max(lg, axis=0), ex)
+    key = _key(ex, ca, ca >= 0, NO_KEY)
+    b0 = (ca >> jf) << jf
+    obase = b * sab + h * sah + qi.to(tl.int64) * sam
+    for j in range(TOPK):
+        best = tl.max(key, axis=0)
+        found = best > NO_KEY
+        a = tl.where(found, (best & 0xFFFFFFFF).to(tl.int32), -1)
+        tl.store(A_OUT + obase + j * sak, a)
+        tl.store(S_OUT + obase + j * sak, tl.where(found, _key_score(best), float("-inf")))
+        lo = tl.maximum(a - back_t, 0)
+        hi = tl.minimum(a + fwd_t, e)
+        key = tl.where(found & (((b0 >= lo) & (ca <= hi)) | (ca == a)), NO_KEY, key)
 
 
 def _pyramid(k: torch.Tensor, key_padding_mask, jlo: int):
@@ -361,14 +455,17 @@ def _max_fine_per_coarse(T: int, W: int, t0: int, r: float, bf: float) -> int:
 
 def span_search(qs, k, key_padding_mask, query_positions, window, topk, search_power,
                 span_power, backward_factor, forward_factor, search_key, dense_below,
-                block_q=None, num_warps=4):
-    """Same contract as ``reference.span_search`` for ``search_key="block"``. ``block_q``: queries
+                block_q=None, num_warps=4, rerank_warps=4):
+    """Same contract as ``reference.span_search`` for ``search_key="block"`` and
+    ``"block_rerank"`` (the block kernel selects the RERANK topk best candidates, then
+    ``_rerank_kernel`` rescores them and keeps the spans). ``block_q``: queries
     per work item (default: 32 rows of queries x heads, at least 16 rows); the default launch shape
     (32 rows, 4 warps) was the fastest of those measured at 128K on an H200 (RESULTS.md)."""
     B, Hq, Lq, D = qs.shape
     Hkv, T = k.shape[1], k.shape[2]
     dev = qs.device
-    check_search_inputs("span_search (block)", Hq, Hkv, topk, search_key, ("block",), max_topk=8)
+    check_search_inputs("span_search (block)", Hq, Hkv, topk, search_key, ("block", "block_rerank"),
+                        max_topk=8)
     if qs.dtype not in _DTYPES or k.dtype != qs.dtype or D > 256:
         raise ValueError(f"span_search (block): the Triton kernel takes fp32/bf16/fp16 query and key "
                          f"of one dtype and head dim <= 256, got {qs.dtype}/{k.dtype}, D={D}")
@@ -392,6 +489,8 @@ def span_search(qs, k, key_padding_mask, query_positions, window, topk, search_p
     pos = query_positions if query_positions is not None else back
     anchors = torch.empty((B, Hq, Lq, topk), dtype=torch.int32, device=dev)
     scores = torch.empty((B, Hq, Lq, topk), dtype=torch.float32, device=dev)
+    nr = RERANK * topk if search_key == "block_rerank" else 0
+    cand = torch.empty((B, Hq, Lq, nr), dtype=torch.int32, device=dev) if nr else anchors
     G = Hq // Hkv
     GP = _next_pow2(G)
     QB = _next_pow2(max(block_q or 32 // GP, -(-16 // GP), 1))  # tensor-core tiles: >= 16 rows
@@ -406,19 +505,31 @@ def span_search(qs, k, key_padding_mask, query_positions, window, topk, search_p
         progs = min(items, 4)
     scratch = torch.empty((progs, QB * GP, M + 1, RP), dtype=torch.int64, device=dev)
     _block_search_kernel[(progs,)](
-        qs, k, kpm, kmin, kmax, lp, pos, back, fwd, anchors, scores, scratch,
+        qs, k, kpm, kmin, kmax, lp, pos, back, fwd, cand, scores, scratch,
         *qs.stride(), *k.stride(),
         *(kpm.stride() if key_padding_mask is not None else (0, 0)),
         kmin.stride(0), kmin.stride(1), kmin.stride(2), kmin.stride(3),
         *(lp.stride() if key_padding_mask is not None else (0, 0)),
         *(pos.stride() if query_positions is not None else (0, 0)),
-        *anchors.stride(),
+        *cand.stride(),
         Hkv, G, Lq, T, W, jlo, T.bit_length(), nqb, items, progs, triton.cdiv(items, progs),
         D=D, HAS_KPM=key_padding_mask is not None, HAS_POS=query_positions is not None,
         TOPK=topk, M=M, MP=_next_pow2(M), RP=RP, LOG_BLOCK=_LOG_BLOCK, QB=QB, GP=GP,
         BLOCK_D=max(16, _next_pow2(D)), DC=min(32, max(16, _next_pow2(D))),
         KC=min(32, max(16, _next_pow2(D))),
-        DOT_F32=qs.dtype == torch.float32 or dev.type != "cuda", NO_KEY=_NO_KEY,
+        DOT_F32=qs.dtype == torch.float32 or dev.type != "cuda", NO_KEY=_NO_KEY, NR=nr,
         num_warps=num_warps,
     )
+    if nr:
+        _rerank_kernel[(Lq, B * Hq)](
+            qs, k, kpm, cand, pos, back, fwd, anchors, scores,
+            *qs.stride(), *k.stride(),
+            *(kpm.stride() if key_padding_mask is not None else (0, 0)),
+            *(pos.stride() if query_positions is not None else (0, 0)),
+            *cand.stride(), *anchors.stride(),
+            Hq, G, Lq, T, W,
+            D=D, HAS_KPM=key_padding_mask is not None, HAS_POS=query_positions is not None,
+            TOPK=topk, NR=nr, NRP=_next_pow2(nr), BS=BLOCK, LOG_BLOCK=_LOG_BLOCK,
+            BLOCK_D=max(16, _next_pow2(D)), NO_KEY=_NO_KEY, num_warps=rerank_warps,
+        )
     return anchors, scores

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from . import reference, triton_attention, triton_block, triton_decode, triton_search
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_SEARCH_KEYS = ("anchor", "mean", "block")  # search keys with a Triton kernel; others: the reference
+_SEARCH_KEYS = ("anchor", "mean", "block", "block_rerank")  # with a Triton kernel; others: reference
 
 
 def _supported(*tensors) -> bool:
@@ -47,7 +47,7 @@ def span_search(search_query, key, key_padding_mask, query_positions, window, to
         return reference.span_search(search_query, key, key_padding_mask, query_positions, window,
                                      topk, search_power, span_power, backward_factor,
                                      forward_factor, search_key, dense_below)
-    if search_key == "block":  # docs/routing.md; prefill and decode alike
+    if search_key in ("block", "block_rerank"):  # docs/routing.md; prefill and decode alike
         return triton_block.span_search(search_query, key, key_padding_mask, query_positions,
                                         window, topk, search_power, span_power, backward_factor,
                                         forward_factor, search_key, dense_below)

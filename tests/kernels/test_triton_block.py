@@ -1,5 +1,5 @@
-"""The block-search kernel (kernels/triton_block.py, search_key="block") against the reference,
-under TRITON_INTERPRET=1.
+"""The block-search kernels (kernels/triton_block.py, search_key="block" and "block_rerank")
+against the reference, under TRITON_INTERPRET=1.
 
 Tiny shapes, fresh random inputs, a NaN-poisoned allocator. Anchors must equal the reference's
 exactly. Integer-valued inputs make every bound exact in any summation order, so scores must be
@@ -7,7 +7,8 @@ equal too and equal bounds are common: the tie rules (coarse: the later block; f
 anchor) are checked there. On Gaussian inputs scores agree to fp32 rounding (the kernel sums in
 another order than the reference's matrix products). The interpreter computes the bounds' products
 in fp32 (its bf16 products are wrong): exact, like the GPU's bf16/fp16 tensor-core products, whose
-equality benchmarks/block_search.py checks on the GPU.
+equality benchmarks/block_search.py checks on the GPU. "block_rerank": the exact scores are sums of
+products of integers too, so the same holds, and its tie rule (the nearer anchor) is checked.
 """
 
 from __future__ import annotations
@@ -62,13 +63,38 @@ CASES = [
 ]
 
 
+# search_key="block_rerank": few queries (the interpreter runs one program per (query, head) row)
+RERANK_CASES = [
+    ("rr-int-ties-pad-pos", 2, 2, 1, 8, 300, 8, 5, 2, 2.0, 0.0, True, "random", True, torch.float16, 8),
+    ("rr-gauss-bf16-gqa-ff", 1, 4, 2, 6, 230, 8, 16, 3, 2.0, 1.0, False, None, False, torch.bfloat16,
+     8),
+    ("rr-int-long-spans", 1, 2, 1, 8, 400, 8, 16, 3, 8.0, 4.0, False, None, True, torch.float32, 8),
+]
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_block_search_matches_reference(case):
+    _check_against_reference(case, "block")
+
+
+@pytest.mark.parametrize("case", RERANK_CASES, ids=[c[0] for c in RERANK_CASES])
+def test_block_rerank_matches_reference(case):
+    """The block kernel's RERANK topk best candidates, rescored exactly by _rerank_kernel, then the
+    greedy: anchors identical to the reference's; the case must make the rerank matter (other
+    anchors than "block" in some rows)."""
+    a, qs, k, args = _check_against_reference(case, "block_rerank")
+    rb, _ = R.span_search(qs, k, *args[:-2], "block", 0)
+    assert (rb != a).any(-1).sum() >= a[..., 0].numel() // 4
+
+
+def _check_against_reference(case, search_key):
+    """The kernel against reference.span_search on the case's fresh inputs; returns the kernel's
+    anchors and the inputs."""
     name, B, Hq, Hkv, Lq, T, D, W, topk, bf, ff, pad, posmode, integer, dtype, bq = case
     gen = torch.Generator().manual_seed(sum(map(ord, name)))
     qs, k = _data(gen, B, Hq, Hkv, Lq, T, D, integer, dtype)
     kpm, pos = _extras(gen, B, Lq, T, pad, posmode)
-    args = (kpm, pos, W, topk, 0.5, 0.5, bf, ff, "block", 0)
+    args = (kpm, pos, W, topk, 0.5, 0.5, bf, ff, search_key, 0)
     ra, rs = R.span_search(qs, k, *args)
     dev = lambda x: x.to(DEV) if torch.is_tensor(x) else x  # noqa: E731
     poison()
@@ -83,6 +109,7 @@ def test_block_search_matches_reference(case):
     if integer and topk > 1:  # equal bounds occur among the kept spans: the tie rules are exercised
         kept = s[..., 1:][a[..., 1:] >= 0]
         assert (kept == s[..., :-1][a[..., 1:] >= 0]).any()
+    return a, qs, k, args
 
 
 def test_short_sequences_and_empty_rows():
@@ -102,12 +129,13 @@ def test_short_sequences_and_empty_rows():
         assert (ra[:, :, :args[2]] == -1).all() and (ra >= 0).any()
 
 
-def test_dispatch_runs_the_kernel():
-    """torch.ops.superlinear.span_search (forced onto Triton) routes "block" to this kernel; a
-    window covering every key, or T <= dense_below, keeps no span."""
+@pytest.mark.parametrize("search_key", ["block", "block_rerank"])
+def test_dispatch_runs_the_kernel(search_key):
+    """torch.ops.superlinear.span_search (forced onto Triton) routes "block" and "block_rerank" to
+    this kernel; a window covering every key, or T <= dense_below, keeps no span."""
     gen = torch.Generator().manual_seed(4)
     qs, k = _data(gen, 1, 2, 1, 3, 70, 8, False, torch.float32)
-    args = (None, None, 8, 2, 0.5, 0.5, 2.0, 0.0, "block", 0)
+    args = (None, None, 8, 2, 0.5, 0.5, 2.0, 0.0, search_key, 0)
     ra, rs = R.span_search(qs, k, *args)
     was = ops._FORCE_TRITON
     ops.force_triton(True)
@@ -124,7 +152,7 @@ def test_dispatch_runs_the_kernel():
     assert calls and torch.equal(a.cpu(), ra)
     torch.testing.assert_close(s.cpu(), rs, rtol=1e-5, atol=1e-4)
     for w, below in [(70, 0), (8, 70)]:
-        a, s = TI.span_search(qs, k, None, None, w, 2, 0.5, 0.5, 2.0, 0.0, "block", below)
+        a, s = TI.span_search(qs, k, None, None, w, 2, 0.5, 0.5, 2.0, 0.0, search_key, below)
         assert (a == -1).all() and (s == float("-inf")).all()
 
 
