@@ -19,9 +19,8 @@ reference and timing against the kernel's previous version, the Triton anchor se
 
 --rerank: the same for search_key="block_rerank" (the block kernel's candidate selection plus
 _rerank_kernel): equality checks at 8K against the reference (whose rerank is quadratic, so the
-last-queries check runs up to 32K only), the timing of "block_rerank" against "block", SDPA and
-"before" (the first _rerank_kernel, ``block_rerank_search_h200_2026-11-28.json``, commit 6086e02), and
-a sweep of _rerank_kernel's launch shape (candidates per step, warps); no anchor search.
+last-queries check runs up to 32K only), and the timing of "block_rerank" against "block" and SDPA
+(no anchor search, no "before", no sweep).
 
 Results: JSON (written after every row) and a Markdown table under --out.
 """
@@ -52,10 +51,7 @@ from slcompile.kernels import triton_impl as TI  # noqa: E402
 
 HEADS = [(32, 8, 128), (9, 3, 64)]  # Llama-8B-like, SmolLM2-135M-like
 BEFORE = os.path.join(HERE, "block_search_h200_2026-11-28.json")
-SWEEP = [dict(block_q=16, num_warps=8), dict(block_q=4, num_warps=4),  # launch shapes tried after
-         dict(block_q=8, num_warps=4)]  # the table
-RERANK_BEFORE = os.path.join(HERE, "block_rerank_search_h200_2026-11-28.json")
-RERANK_SWEEP = [dict(rerank_chunk=c, rerank_warps=w) for c, w in [(2, 4), (4, 4), (8, 8), (2, 8)]]
+SWEEP = [(16, 8), (4, 4), (8, 4)]  # launch shapes (block_q, num_warps) tried after the table
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 KEY = "block"  # the search key checked and timed (--rerank: "block_rerank")
 RERANK_REF_MAX_T = 32768  # the reference's rerank is quadratic: last-queries checks up to here
@@ -154,9 +150,6 @@ def timing(cfg, Hq, Hkv, D, T, ref_q, before):
     if KEY == "block_rerank":
         row["x_sdpa"] = row["sdpa_s"] / row["rerank_s"]
         row["x_block"] = row["rerank_s"] / row["block_s"]
-        row["before_s"] = before.get((T, Hq, Hkv, D))
-        if row["before_s"]:
-            row["x_before"] = row["before_s"] / row["rerank_s"]
         if T <= RERANK_REF_MAX_T:
             qs = q[:, :, T - min(T, ref_q):]
             rr = search_args(cfg)
@@ -198,9 +191,9 @@ def warm(cfg, job):
         else:
             TI.span_search(q, k, *search_args(cfg, key="anchor"))
     else:
-        T, (Hq, Hkv, D), launch = spec
+        T, (Hq, Hkv, D), bq, nw = spec
         q, k = data(Hq, Hkv, T, T, D, False, 0)
-        TB.span_search(q, k, *search_args(cfg), **launch)
+        TB.span_search(q, k, *search_args(cfg), block_q=bq, num_warps=nw)
     torch.cuda.synchronize() if DEV == "cuda" else None
 
 
@@ -241,14 +234,13 @@ def main():
         with open(os.path.join(a.out, f"{KEY}_search.json"), "w") as f:
             json.dump(out, f, indent=1)
 
-    with open(RERANK_BEFORE if a.rerank else BEFORE) as f:
-        before = {(r["T"], *r["heads"]): r["rerank_s" if a.rerank else "block_s"]
-                  for r in json.load(f)["timings"]}
+    with open(BEFORE) as f:
+        before = {(r["T"], *r["heads"]): r["block_s"] for r in json.load(f)["timings"]}
     # most informative first (a run cut short keeps what it saved): the integer check (exactness
     # and tie rules on tensor cores), the first heads' timings, the other checks, the other heads
     todo = [("check", checks[0])] + [("time", (T, heads[0])) for T in lengths] + \
         [("check", c) for c in checks[1:]] + [("time", (T, hd)) for hd in heads[1:] for T in lengths]
-    sweep = [("sweep", (max(lengths), heads[0], launch)) for launch in (RERANK_SWEEP if a.rerank else SWEEP)]
+    sweep = [] if a.rerank else [("sweep", (lengths[0], heads[0], bq, nw)) for bq, nw in SWEEP]
     if a.warm_job is not None:
         warm(cfg, (todo + sweep)[a.warm_job])
         return
@@ -268,28 +260,25 @@ def main():
             out["timings"].append(timing(cfg, Hq, Hkv, D, T, a.ref_queries, before))
         save()
     if sweep and time.time() - t_start < a.budget_s:  # launch shapes at the longest length, first heads
-        (Hq, Hkv, D), T = heads[0], max(lengths)
+        (Hq, Hkv, D), T = heads[0], lengths[0]
         q, k = data(Hq, Hkv, T, T, D, False, 1)
         out["sweep"] = {}
-        for _, (_, _, launch) in sweep:
+        for bq, nw in SWEEP:
             if time.time() - t_start > a.budget_s:
                 break
-            ms = clock(lambda: TB.span_search(q, k, *search_args(cfg), **launch), 0.5, 5) * 1e3
-            name = ",".join(f"{n}={v}" for n, v in launch.items())
-            out["sweep"][name] = ms
-            print("sweep", name, f"{ms:.2f} ms", flush=True)
+            ms = clock(lambda: TB.span_search(q, k, *search_args(cfg), block_q=bq, num_warps=nw),
+                       0.5, 5) * 1e3
+            out["sweep"][f"block_q={bq},num_warps={nw}"] = ms
+            print("sweep", bq, nw, f"{ms:.2f} ms", flush=True)
             save()
     if a.rerank:
-        lines = ["| T | Hq/Hkv/D | block_rerank | before (6086e02) | speed-up | block | rerank / block "
-                 "| SDPA flash | SDPA / rerank | last-queries check |",
-                 "|---|---|---|---|---|---|---|---|---|---|"]
+        lines = ["| T | Hq/Hkv/D | block_rerank | block | rerank / block | SDPA flash "
+                 "| SDPA / rerank | last-queries check |", "|---|---|---|---|---|---|---|---|"]
         for r in out["timings"]:
             c = r.get("check_last_queries")
             chk = f"{c['rows_differ']}/{c['rows']} rows differ, ok={c['ok']}" if c else "-"
             lines.append(f"| {r['T']} | {'/'.join(map(str, r['heads']))} | "
-                         f"{r['rerank_s'] * 1e3:.2f} ms | "
-                         f"{r['before_s'] * 1e3 if r['before_s'] else float('nan'):.2f} ms | "
-                         f"{r.get('x_before', float('nan')):.2f}x | {r['block_s'] * 1e3:.2f} ms | "
+                         f"{r['rerank_s'] * 1e3:.2f} ms | {r['block_s'] * 1e3:.2f} ms | "
                          f"{r['x_block']:.2f}x | {r['sdpa_s'] * 1e3:.1f} ms | {r['x_sdpa']:.2f}x | "
                          f"{chk} |")
     else:

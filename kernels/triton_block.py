@@ -365,14 +365,11 @@ def _rerank_kernel(
     Hq, G, Lq, T, W,
     D: tl.constexpr, HAS_KPM: tl.constexpr, HAS_POS: tl.constexpr, TOPK: tl.constexpr,
     NR: tl.constexpr, NRP: tl.constexpr, BS: tl.constexpr, LOG_BLOCK: tl.constexpr,
-    BLOCK_D: tl.constexpr, CH: tl.constexpr, DOT_F32: tl.constexpr, NO_KEY: tl.constexpr,
+    BLOCK_D: tl.constexpr, NO_KEY: tl.constexpr,
 ):
     """search_key="block_rerank", steps 3b and 4 for one (query, head) row: the exact largest
     q.k over the present keys <= e of each of its NR candidate blocks (CAND: their anchors, best
-    bound first, -1 = none), then the greedy keep on these scores (ties: the nearer anchor).
-    CH candidates per step: their key tiles load as one [CH * BS, D] gather and meet q in one
-    tensor-core product (q in column 0 of a [D, 16] operand, the other columns zero, so the row
-    sums are the exact dot products of integer-valued inputs)."""
+    bound first, -1 = none), then the greedy keep on these scores (ties: the nearer anchor)."""
     qi = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // Hq).to(tl.int64)
@@ -388,34 +385,25 @@ def _rerank_kernel(
     jf = _fine_level(back_t, LOG_BLOCK)
     od = tl.arange(0, BLOCK_D)
     dm = od < D
-    q = tl.load(QS + b * sqb + h * sqh + qi.to(tl.int64) * sqm + od * sqd, mask=dm, other=0.0)
-    qm = tl.where(tl.arange(0, 16)[None, :] == 0, q[:, None], 0.0)  # [BLOCK_D, 16]
-    qm = qm.to(tl.float32) if DOT_F32 else qm.to(q.dtype)
+    q = tl.load(QS + b * sqb + h * sqh + qi.to(tl.int64) * sqm + od * sqd, mask=dm,
+                other=0.0).to(tl.float32)
     crow = CAND + b * scb + h * sch + qi.to(tl.int64) * scm
     ms = tl.arange(0, NRP)
     ca = tl.load(crow + ms * sck, mask=ms < NR, other=-1)
     kbase = K + b * skb + kvh * skh
-    r = tl.arange(0, CH * BS)
-    jb = r % BS
-    cs = tl.arange(0, CH)
+    jb = tl.arange(0, BS)
     ex = tl.full([NRP], float("-inf"), tl.float32)
-    for c in range(0, NR, CH):
-        m = c + r // BS
-        a = tl.load(crow + m * sck, mask=m < NR, other=-1)
-        p = ((a >> jf) << jf) + jb  # the candidates' blocks, cut at e
-        pm = (a >= 0) & (jb < (1 << jf)) & (p <= e)
-        if HAS_KPM:
-            pm = pm & (tl.load(KPM + b * skpb + p.to(tl.int64) * skpn, mask=pm, other=0) != 0)
-        kk = tl.load(kbase + p[:, None].to(tl.int64) * skn + od[None, :] * skd,
-                     mask=pm[:, None] & dm[None, :], other=0.0)
-        if DOT_F32:
-            lg = tl.dot(kk.to(tl.float32), qm, input_precision="ieee")
-        else:
-            lg = tl.dot(kk, qm)
-        lg = tl.where(pm, tl.sum(lg, axis=1), float("-inf"))
-        cm = tl.max(tl.reshape(lg, (CH, BS)), axis=1)
-        ex = tl.maximum(ex, tl.max(tl.where(ms[:, None] == c + cs[None, :], cm[None, :],
-                                            float("-inf")), axis=1))
+    for m in range(NR):
+        a = tl.load(crow + m * sck)
+        if a >= 0:
+            p = ((a >> jf) << jf) + jb  # the candidate's block, cut at e
+            pm = (jb < (1 << jf)) & (p <= e)
+            if HAS_KPM:
+                pm = pm & (tl.load(KPM + b * skpb + p.to(tl.int64) * skpn, mask=pm, other=0) != 0)
+            kk = tl.load(kbase + p[:, None].to(tl.int64) * skn + od[None, :] * skd,
+                         mask=pm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+            lg = tl.where(pm, tl.sum(kk * q[None, :], axis=1), float("-inf"))
+            ex = tl.where(ms == m, tl.max(lg, axis=0), ex)
     key = _key(ex, ca, ca >= 0, NO_KEY)
     b0 = (ca >> jf) << jf
     obase = b * sab + h * sah + qi.to(tl.int64) * sam
@@ -467,14 +455,12 @@ def _max_fine_per_coarse(T: int, W: int, t0: int, r: float, bf: float) -> int:
 
 def span_search(qs, k, key_padding_mask, query_positions, window, topk, search_power,
                 span_power, backward_factor, forward_factor, search_key, dense_below,
-                block_q=None, num_warps=4, rerank_warps=4, rerank_chunk=4):
+                block_q=None, num_warps=4, rerank_warps=4):
     """Same contract as ``reference.span_search`` for ``search_key="block"`` and
     ``"block_rerank"`` (the block kernel selects the RERANK topk best candidates, then
     ``_rerank_kernel`` rescores them and keeps the spans). ``block_q``: queries
     per work item (default: 32 rows of queries x heads, at least 16 rows); the default launch shape
-    (32 rows, 4 warps) was the fastest of those measured at 128K on an H200 (RESULTS.md).
-    ``rerank_warps``, ``rerank_chunk``: the launch shape of ``_rerank_kernel`` (warps, candidate
-    blocks per step)."""
+    (32 rows, 4 warps) was the fastest of those measured at 128K on an H200 (RESULTS.md)."""
     B, Hq, Lq, D = qs.shape
     Hkv, T = k.shape[1], k.shape[2]
     dev = qs.device
@@ -544,8 +530,6 @@ def span_search(qs, k, key_padding_mask, query_positions, window, topk, search_p
             Hq, G, Lq, T, W,
             D=D, HAS_KPM=key_padding_mask is not None, HAS_POS=query_positions is not None,
             TOPK=topk, NR=nr, NRP=_next_pow2(nr), BS=BLOCK, LOG_BLOCK=_LOG_BLOCK,
-            BLOCK_D=max(16, _next_pow2(D)), CH=min(rerank_chunk, _next_pow2(nr)),
-            DOT_F32=qs.dtype == torch.float32 or dev.type != "cuda", NO_KEY=_NO_KEY,
-            num_warps=rerank_warps,
+            BLOCK_D=max(16, _next_pow2(D)), NO_KEY=_NO_KEY, num_warps=rerank_warps,
         )
     return anchors, scores

@@ -63,15 +63,12 @@ CASES = [
 ]
 
 
-# search_key="block_rerank": few queries (the interpreter runs one program per (query, head) row);
-# after each case, _rerank_kernel's candidates per step (1; the default 4; 8 of 12, masked)
+# search_key="block_rerank": few queries (the interpreter runs one program per (query, head) row)
 RERANK_CASES = [
-    (("rr-int-ties-pad-pos", 2, 2, 1, 8, 300, 8, 5, 2, 2.0, 0.0, True, "random", True, torch.float16,
-      8), 1),
-    (("rr-gauss-bf16-gqa-ff", 1, 4, 2, 6, 230, 8, 16, 3, 2.0, 1.0, False, None, False, torch.bfloat16,
-      8), 4),
-    (("rr-int-long-spans", 1, 2, 1, 8, 400, 8, 16, 3, 8.0, 4.0, False, None, True, torch.float32, 8),
+    ("rr-int-ties-pad-pos", 2, 2, 1, 8, 300, 8, 5, 2, 2.0, 0.0, True, "random", True, torch.float16, 8),
+    ("rr-gauss-bf16-gqa-ff", 1, 4, 2, 6, 230, 8, 16, 3, 2.0, 1.0, False, None, False, torch.bfloat16,
      8),
+    ("rr-int-long-spans", 1, 2, 1, 8, 400, 8, 16, 3, 8.0, 4.0, False, None, True, torch.float32, 8),
 ]
 
 
@@ -80,19 +77,19 @@ def test_block_search_matches_reference(case):
     _check_against_reference(case, "block")
 
 
-@pytest.mark.parametrize("case,chunk", RERANK_CASES, ids=[c[0][0] for c in RERANK_CASES])
-def test_block_rerank_matches_reference(case, chunk):
-    """The block kernel's RERANK topk best candidates, rescored exactly by _rerank_kernel (chunk
-    candidate blocks per step), then the greedy: anchors identical to the reference's; the case must
-    make the rerank matter (other anchors than "block" in some rows)."""
-    a, qs, k, args = _check_against_reference(case, "block_rerank", rerank_chunk=chunk)
+@pytest.mark.parametrize("case", RERANK_CASES, ids=[c[0] for c in RERANK_CASES])
+def test_block_rerank_matches_reference(case):
+    """The block kernel's RERANK topk best candidates, rescored exactly by _rerank_kernel, then the
+    greedy: anchors identical to the reference's; the case must make the rerank matter (other
+    anchors than "block" in some rows)."""
+    a, qs, k, args = _check_against_reference(case, "block_rerank")
     rb, _ = R.span_search(qs, k, *args[:-2], "block", 0)
     assert (rb != a).any(-1).sum() >= a[..., 0].numel() // 4
 
 
-def _check_against_reference(case, search_key, **launch):
-    """The kernel (launch: extra launch-shape arguments) against reference.span_search on the
-    case's fresh inputs; returns the kernel's anchors and the inputs."""
+def _check_against_reference(case, search_key):
+    """The kernel against reference.span_search on the case's fresh inputs; returns the kernel's
+    anchors and the inputs."""
     name, B, Hq, Hkv, Lq, T, D, W, topk, bf, ff, pad, posmode, integer, dtype, bq = case
     gen = torch.Generator().manual_seed(sum(map(ord, name)))
     qs, k = _data(gen, B, Hq, Hkv, Lq, T, D, integer, dtype)
@@ -101,7 +98,7 @@ def _check_against_reference(case, search_key, **launch):
     ra, rs = R.span_search(qs, k, *args)
     dev = lambda x: x.to(DEV) if torch.is_tensor(x) else x  # noqa: E731
     poison()
-    a, s = TB.span_search(dev(qs), dev(k), *map(dev, args), block_q=bq, **launch)
+    a, s = TB.span_search(dev(qs), dev(k), *map(dev, args), block_q=bq)
     a, s = a.cpu(), s.cpu()
     assert (ra >= 0).sum() > ra.numel() // 3, "the case must keep spans"
     assert torch.equal(a, ra), (name, (a != ra).nonzero()[:4].tolist())
