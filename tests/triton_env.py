@@ -31,3 +31,18 @@ def poison(dev=DEV):
     """Leave NaN in freshly freed memory, so that outputs made with torch.empty start poisoned."""
     x = torch.full((1 << 16,), float("nan"), device=dev)
     del x
+
+
+def through_triton(monkeypatch, *entry_points):
+    """Send the custom ops through the Triton kernels for the rest of the test (ops.force_triton,
+    undone at teardown) and count calls of the given (module, function name) entry points: the
+    returned list gets the name at each call, so a test can show the kernel really ran."""
+    from slcompile.kernels import ops
+
+    calls = []
+    for module, name in entry_points:
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name,
+                            lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
+    monkeypatch.setattr(ops, "_FORCE_TRITON", True)
+    return calls

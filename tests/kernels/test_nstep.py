@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from triton_env import DEV, poison, require_triton
+from triton_env import DEV, poison, require_triton, through_triton
 from slcompile.kernels import nstep as NS
 from slcompile.kernels import reference as R
 from slcompile.kernels.config import SuperlinearConfig
@@ -425,12 +425,11 @@ def test_triton_search_matches_reference(N, search_key, pad, explicit_pos):
     assert (ra >= 0).sum() > Lq  # kept cells were compared, not only empty slots
 
 
-def test_triton_route_of_the_ops_with_span_power_one_third():
+def test_triton_route_of_the_ops_with_span_power_one_third(monkeypatch):
     """The op dispatches to the Triton search (force_triton) and the unchanged Triton
     span-attention takes span_power = 1/3: the functional form equals the reference."""
     TN, dev = _triton_ready()
     import slcompile
-    from slcompile.kernels import ops
     gen = torch.Generator().manual_seed(31)
     B, Hq, Hkv, T, D = 1, 2, 1, 90, 8
     q, k, _ = _int_inputs(gen, B, Hq, Hkv, T, T, D)
@@ -439,21 +438,11 @@ def test_triton_route_of_the_ops_with_span_power_one_third():
     ref = NS.superlinear_attention(q, k, v, window=4, sinks=2, topk=2, steps=3, backward_factor=2.0,
                                    forward_factor=0.0, combine="union", search_key="anchor",
                                    dense_below=0, scale=D ** -0.5)
-    was = ops._FORCE_TRITON
-    ops.force_triton(True)
-    try:
-        calls = []
-        real = TN.nstep_search
-        TN.nstep_search = lambda *a, **kw: calls.append(1) or real(*a, **kw)
-        try:
-            poison(dev)
-            out = slcompile.superlinear_attention(q.to(dev), k.to(dev), v.to(dev), config=cfg,
-                                                  enable_gqa=True)
-        finally:
-            TN.nstep_search = real
-    finally:
-        ops.force_triton(was)
-    assert calls == [1]
+    calls = through_triton(monkeypatch, (TN, "nstep_search"))
+    poison(dev)
+    out = slcompile.superlinear_attention(q.to(dev), k.to(dev), v.to(dev), config=cfg,
+                                          enable_gqa=True)
+    assert calls == ["nstep_search"]
     assert torch.allclose(out.cpu(), ref, atol=2e-5), (out.cpu() - ref).abs().max()
 
 

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from triton_env import DEV, poison, require_triton
+from triton_env import DEV, poison, require_triton, through_triton
 
 triton = require_triton()
 
-from slcompile.kernels import ops  # noqa: E402
 from slcompile.kernels import reference as R  # noqa: E402
 from slcompile.kernels import triton_block as TB  # noqa: E402
 from slcompile.kernels import triton_impl as TI  # noqa: E402
@@ -130,25 +129,15 @@ def test_short_sequences_and_empty_rows():
 
 
 @pytest.mark.parametrize("search_key", ["block", "block_rerank"])
-def test_dispatch_runs_the_kernel(search_key):
+def test_dispatch_runs_the_kernel(search_key, monkeypatch):
     """torch.ops.superlinear.span_search (forced onto Triton) routes "block" and "block_rerank" to
     this kernel; a window covering every key, or T <= dense_below, keeps no span."""
     gen = torch.Generator().manual_seed(4)
     qs, k = _data(gen, 1, 2, 1, 3, 70, 8, False, torch.float32)
     args = (None, None, 8, 2, 0.5, 0.5, 2.0, 0.0, search_key, 0)
     ra, rs = R.span_search(qs, k, *args)
-    was = ops._FORCE_TRITON
-    ops.force_triton(True)
-    try:
-        calls = []
-        orig = TB.span_search
-        TB.span_search = lambda *a, **kw: calls.append(1) or orig(*a, **kw)
-        try:
-            a, s = torch.ops.superlinear.span_search(qs.to(DEV), k.to(DEV), *args)
-        finally:
-            TB.span_search = orig
-    finally:
-        ops.force_triton(was)
+    calls = through_triton(monkeypatch, (TB, "span_search"))
+    a, s = torch.ops.superlinear.span_search(qs.to(DEV), k.to(DEV), *args)
     assert calls and torch.equal(a.cpu(), ra)
     torch.testing.assert_close(s.cpu(), rs, rtol=1e-5, atol=1e-4)
     for w, below in [(70, 0), (8, 70)]:

@@ -14,7 +14,7 @@ import zlib
 
 import pytest
 import torch
-from triton_env import DEV, poison, require_triton
+from triton_env import DEV, poison, require_triton, through_triton
 
 triton = require_triton()
 
@@ -296,22 +296,13 @@ def test_dense_path_and_empty_rows():
 def test_custom_ops_route_through_triton(monkeypatch):
     """ops.force_triton(True) sends the CPU ops through these kernels; the result equals the
     reference end to end (search + attention), and the Triton module was really called."""
-    from slcompile.kernels import ops
-    calls = []
-    real_s, real_a = TI.span_search, TI.span_attention
-    monkeypatch.setattr(TI, "span_search", lambda *x: calls.append("s") or real_s(*x))
-    monkeypatch.setattr(TI, "span_attention", lambda *x: calls.append("a") or real_a(*x))
+    calls = through_triton(monkeypatch, (TI, "span_search"), (TI, "span_attention"))
     gen = torch.Generator().manual_seed(11)
     q, k, v = _inputs(gen, 1, 2, 1, 70, 70, 16)
     cfg = {**DEFAULT, "window": 8}
-    ops.force_triton(True)
-    try:
-        a, s = torch.ops.superlinear.span_search(q, k, None, None, *_search_args(cfg))
-        out = torch.ops.superlinear.span_attention(q, k, v, a, s, None, None,
-                                                   *_attn_args(cfg, 0.25))
-    finally:
-        ops.force_triton(False)
-    assert calls == ["s", "a"]
+    a, s = torch.ops.superlinear.span_search(q, k, None, None, *_search_args(cfg))
+    out = torch.ops.superlinear.span_attention(q, k, v, a, s, None, None, *_attn_args(cfg, 0.25))
+    assert calls == ["span_search", "span_attention"]
     ref = R.superlinear_attention(q, k, v, dense_below=0, scale=0.25,
                                   **{n: cfg[n] for n in DEFAULT})
     assert ((out - ref).norm() / ref.norm()).item() < 1e-5
