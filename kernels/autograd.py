@@ -19,8 +19,9 @@ every graph the pass rewrites):
       d q_s = sum_j ds_j key(a_j) and key(a_j) receives ds_j q_s; for ``search_key="anchor"``
       key(a_j) = k[a_j], for ``"mean"`` the mean of the present keys of the anchor's search span
       [max(0, a - back), min(a + fwd, t - W)], so each of those keys receives ds_j q_s / count.
-    * ``search_key="block"``: none. Its scores are Quest upper bounds over key blocks, not dot
-      products with one key; ``search_query`` and ``key`` get no gradient through them.
+    * ``search_key="block"`` and ``"block_rerank"``: none. Their scores are Quest upper bounds
+      over key blocks (or, reranked, a block's largest logit), not the dot product with one key of
+      the formula above; ``search_query`` and ``key`` get no gradient through them.
 
 So in ``gated`` mode the search query (a learned projection in a trained model, the attention
 query after a training-free rewrite) learns where to look through the gate, end to end; in
@@ -45,6 +46,8 @@ from .reference import default_positions
 
 # elements of the largest gathered tensor per chunk of rows ([rows, slots, D])
 _CHUNK_ELEMS = 1 << 22
+# search keys whose scores are not q_s . key(a_j): no gradient to the search query and keys
+NO_SEARCH_GRADIENT = ("block", "block_rerank")
 
 
 def _compute_dtype(*ts) -> torch.dtype:
@@ -225,14 +228,14 @@ def gathered_attention(q, k, v, anchors, scores, key_padding_mask, query_positio
 def search_backward(grad_scores, search_query, key, key_padding_mask, query_positions, anchors,
                     window, span_power, backward_factor, forward_factor, search_key, dense_below):
     """(d search_query, d key) of s_j = q_s . key(a_j) (see the module docstring), in the
-    inputs' dtypes. ``"block"``, the dense case and empty slots contribute nothing."""
+    inputs' dtypes. Block search keys, the dense case and empty slots contribute nothing."""
     B, Hq, Lq, D = search_query.shape
     Hkv, T = key.shape[1], key.shape[2]
     dev = search_query.device
     cd = _compute_dtype(search_query, key, grad_scores)
     dqs = torch.zeros(B, Hq, Lq, D, dtype=cd, device=dev)
     dk = torch.zeros(B * Hkv * T, D, dtype=cd, device=dev)
-    if search_key == "block" or keeps_no_span(T, window, dense_below, Lq):
+    if search_key in NO_SEARCH_GRADIENT or keeps_no_span(T, window, dense_below, Lq):
         return dqs.to(search_query.dtype), dk.view(B, Hkv, T, D).to(key.dtype)
     W = min(window, T)
     g = Hq // Hkv
@@ -349,7 +352,7 @@ def _setup_search(ctx, inputs, output):
 def _backward_search(ctx, grad_anchors, grad_scores):
     qs, k, kpm, pos, anchors = ctx.saved_tensors
     window, rp, bf, ff, search_key, dense_below = ctx.params
-    if search_key == "block" or grad_scores is None:
+    if search_key in NO_SEARCH_GRADIENT or grad_scores is None:
         dqs = dk = None
     else:
         dqs, dk = torch.ops.superlinear.span_search_backward(

@@ -189,7 +189,7 @@ def test_gradcheck_whole_chain_search_query(search_key):
 
 def test_what_gets_no_gradient():
     q, qs, k, v, kpm, qp = _inputs(2, 1, 2, 1, 10, 30, 4)
-    for combine, search_key in (("union", "anchor"), ("gated", "block")):
+    for combine, search_key in (("union", "anchor"), ("gated", "block"), ("gated", "block_rerank")):
         c = _cfg(combine=combine, search_key=search_key)
         qs_ = qs.clone().requires_grad_()
         q_ = q.clone().requires_grad_()
