@@ -59,7 +59,7 @@ class SuperlinearConfig:
             Quest bound max_k q.k <= sum_d max(q_d*kmin_d, q_d*kmax_d), found coarse-to-fine in
             O(sqrt(t)) per query; see docs/routing.md) or "block_rerank" (the same, then the
             4 topk best candidate blocks by bound rescored by their exact largest q.k; retrieves
-            far better on converted models; no Triton kernel yet, it runs the reference).
+            far better on converted models; both have Triton kernels, docs/routing.md).
         dense_below: if the number of keys T <= dense_below, exact dense causal attention.
         scale: softmax scale; None means 1/sqrt(head_dim) (or the scale of the matched graph).
         steps: N, the number of search-and-attend steps (2..8). 2 is SPEC.md's stripe search;
