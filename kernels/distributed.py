@@ -281,7 +281,6 @@ def _attention_need(anchors: Tensor, B: int, Hkv: int, rank: int, C: int, T: int
     dev = anchors.device
     L = rank * C
     W, S = min(cfg.window, T), min(cfg.sinks, T)
-    k = anchors.shape[-1]
     g = anchors.shape[1] // Hkv
     back, fwd = span_extents(L + C, cfg.span_power, cfg.backward_factor, cfg.forward_factor, dev)
     t = torch.arange(L, L + C, device=dev)

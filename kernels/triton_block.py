@@ -178,7 +178,8 @@ def _block_search_kernel(
         b = (bh // Hkv).to(tl.int64)
         kvh = (bh % Hkv).to(tl.int64)
         qi = (NQB - 1 - w // nbh) * QB + rr // GP
-        rok = (qi < Lq) & (g < G) & (w < NITEMS)
+        # != 0: a bool mask also where w is a Python int (Triton 3.9's interpreter makes it int32)
+        rok = ((qi < Lq) & (g < G) & (w < NITEMS)) != 0
         h = kvh * G + g
         if HAS_POS:
             t = tl.load(POS + b * sposb + qi * sposm, mask=rok, other=0).to(tl.int32)

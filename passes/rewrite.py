@@ -836,9 +836,8 @@ def _rewrite(gm, graph, config, ev, meta_key, dry_run, t0) -> RewriteReport:
             if c.op == "softmax":
                 try:
                     site = _parse_softmax(node, c)
-                except Skip as e:
+                except Skip:
                     rep.form = "matmul-softmax"
-                    q = None
                     raise
                 if site is None:
                     continue
