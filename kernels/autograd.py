@@ -41,13 +41,12 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .config import BLOCK_SEARCH_KEYS
 from .geometry import keeps_no_span, span_extents
 from .reference import default_positions
 
 # elements of the largest gathered tensor per chunk of rows ([rows, slots, D])
 _CHUNK_ELEMS = 1 << 22
-# search keys whose scores are not q_s . key(a_j): no gradient to the search query and keys
-NO_SEARCH_GRADIENT = ("block", "block_rerank")
 
 
 def _compute_dtype(*ts) -> torch.dtype:
@@ -235,7 +234,7 @@ def search_backward(grad_scores, search_query, key, key_padding_mask, query_posi
     cd = _compute_dtype(search_query, key, grad_scores)
     dqs = torch.zeros(B, Hq, Lq, D, dtype=cd, device=dev)
     dk = torch.zeros(B * Hkv * T, D, dtype=cd, device=dev)
-    if search_key in NO_SEARCH_GRADIENT or keeps_no_span(T, window, dense_below, Lq):
+    if search_key in BLOCK_SEARCH_KEYS or keeps_no_span(T, window, dense_below, Lq):
         return dqs.to(search_query.dtype), dk.view(B, Hkv, T, D).to(key.dtype)
     W = min(window, T)
     g = Hq // Hkv
@@ -352,7 +351,7 @@ def _setup_search(ctx, inputs, output):
 def _backward_search(ctx, grad_anchors, grad_scores):
     qs, k, kpm, pos, anchors = ctx.saved_tensors
     window, rp, bf, ff, search_key, dense_below = ctx.params
-    if search_key in NO_SEARCH_GRADIENT or grad_scores is None:
+    if search_key in BLOCK_SEARCH_KEYS or grad_scores is None:
         dqs = dk = None
     else:
         dqs, dk = torch.ops.superlinear.span_search_backward(

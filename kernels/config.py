@@ -13,6 +13,9 @@ from typing import Any, Optional
 
 COMBINE_MODES = ("union", "gated")
 SEARCH_KEYS = ("anchor", "mean", "block", "block_rerank")
+# the keys that rank coarse-to-fine key blocks by bounds (docs/routing.md): one search, one kernel,
+# no search gradient, routers calibrated on block summaries
+BLOCK_SEARCH_KEYS = ("block", "block_rerank")
 # SuperlinearConfig.for_pretrained(): see its docstring. Measured on SmolLM2-135M at 8K (H200,
 # benchmarks/RESULTS.md "Needle retrieval at 8K"): perplexity +1.1% at 13.3% of keys per query
 # (+2.8% with search_key="block"), 1 of 12 needles (block 0, dense 4); a large window carries

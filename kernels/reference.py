@@ -23,6 +23,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .config import BLOCK_SEARCH_KEYS
 from .geometry import keeps_no_span, no_span_outputs, num_stripes, span_extents, stripe_deltas
 
 # Elements of the largest gathered tensor per chunk of span-search ([Hq, chunk, stripes, D]).
@@ -74,7 +75,7 @@ def span_search(
     n = num_stripes(T, search_power)
     deltas = stripe_deltas(n, search_power, dev)  # ascending: nearest anchor first
     back, fwd = span_extents(T, span_power, backward_factor, forward_factor, dev)
-    if search_key in ("block", "block_rerank"):  # coarse-to-fine block bounds, docs/routing.md
+    if search_key in BLOCK_SEARCH_KEYS:  # coarse-to-fine block bounds, docs/routing.md
         rerank = RERANK * topk if search_key == "block_rerank" else 0
         return _block_search(qs, k, key_padding_mask, pos, W, topk, back, fwd, anchors, scores,
                              rerank)

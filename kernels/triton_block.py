@@ -57,6 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .config import BLOCK_SEARCH_KEYS
 from .geometry import check_search_inputs, keeps_no_span, no_span_outputs, span_extents
 from .reference import BLOCK, COARSE_FANOUT, RERANK
 from .triton_search import _next_pow2
@@ -465,7 +466,7 @@ def span_search(qs, k, key_padding_mask, query_positions, window, topk, search_p
     B, Hq, Lq, D = qs.shape
     Hkv, T = k.shape[1], k.shape[2]
     dev = qs.device
-    check_search_inputs("span_search (block)", Hq, Hkv, topk, search_key, ("block", "block_rerank"),
+    check_search_inputs("span_search (block)", Hq, Hkv, topk, search_key, BLOCK_SEARCH_KEYS,
                         max_topk=8)
     if qs.dtype not in _DTYPES or k.dtype != qs.dtype or D > 256:
         raise ValueError(f"span_search (block): the Triton kernel takes fp32/bf16/fp16 query and key "

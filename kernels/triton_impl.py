@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference, triton_attention, triton_block, triton_decode, triton_search
+from .config import BLOCK_SEARCH_KEYS
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _SEARCH_KEYS = ("anchor", "mean", "block", "block_rerank")  # with a Triton kernel; others: reference
@@ -47,7 +48,7 @@ def span_search(search_query, key, key_padding_mask, query_positions, window, to
         return reference.span_search(search_query, key, key_padding_mask, query_positions, window,
                                      topk, search_power, span_power, backward_factor,
                                      forward_factor, search_key, dense_below)
-    if search_key in ("block", "block_rerank"):  # docs/routing.md; prefill and decode alike
+    if search_key in BLOCK_SEARCH_KEYS:  # docs/routing.md; prefill and decode alike
         return triton_block.span_search(search_query, key, key_padding_mask, query_positions,
                                         window, topk, search_power, span_power, backward_factor,
                                         forward_factor, search_key, dense_below)

@@ -48,7 +48,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import torch
 from torch import Tensor
 
-from slcompile.kernels.config import SuperlinearConfig
+from slcompile.kernels.config import BLOCK_SEARCH_KEYS, SuperlinearConfig
 from slcompile.kernels.geometry import span_extents, stripe_deltas
 
 __all__ = ["Routers", "calibrate", "save_routers", "load_routers", "attach_routers", "search_query",
@@ -58,9 +58,6 @@ BUFFER = "superlinear_router"
 _FORMAT = "slcompile-routers/1"
 _CAPTURE = "slcompile_calibrate_capture"
 FINE = 32  # the largest fine block of the "block" search (kernels/reference.py BLOCK)
-# search keys ranked by block summaries: "block_rerank" ranks by the same bound before its exact
-# rescoring (which also uses the search query), so its routers are trained like "block"'s
-BLOCK_KEYS = ("block", "block_rerank")
 
 
 @dataclass
@@ -290,7 +287,7 @@ class _Capture:
             p = torch.softmax(logits, -1)
             e = t - cfg.window  # last key a span may reach
             s = {"t": t.cpu(), "q": q.cpu()}
-            if cfg.search_key in BLOCK_KEYS:
+            if cfg.search_key in BLOCK_SEARCH_KEYS:
                 nfine = T // fine
                 levels = max(1, int(math.floor(math.log2(max(1, nfine)))) + 1)
                 mn, mx = _regions_block(key[b], levels, fine)
@@ -323,7 +320,7 @@ def _scores(s: dict, qs: Tensor, cfg: SuperlinearConfig, g: int) -> List[tuple]:
     Hq, n, D = qs.shape
     Hkv = Hq // g
     out = []
-    if cfg.search_key in BLOCK_KEYS:
+    if cfg.search_key in BLOCK_SEARCH_KEYS:
         e = s["e"].to(qs.device)
         mass = s["mass"].to(qs.device)
         for lvl, (mn, mx) in enumerate(zip(s["kmin"], s["kmax"])):
@@ -535,7 +532,7 @@ def calibrate(model, texts_or_token_ids, *, config: Optional[SuperlinearConfig] 
         if not samples:
             raise ValueError(f"calibrate: layer {name!r} saw no sequence (is it an attention layer of "
                              "this model's forward?)")
-        hkv = samples[0]["kmin"][0].shape[0] if config.search_key in BLOCK_KEYS else samples[0]["keys"].shape[0]
+        hkv = samples[0]["kmin"][0].shape[0] if config.search_key in BLOCK_SEARCH_KEYS else samples[0]["keys"].shape[0]
         g = hq // hkv
         train, held = [], []
         for s in samples:
