@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from .geometry import span_extents
+from .reference import default_positions
 
 _BIGI = tl.constexpr(2 ** 30)
 
@@ -704,7 +705,7 @@ def span_attention(q, k, v, anchors, scores, key_padding_mask, query_positions, 
                       gated, scale, **kw)
     # Query chunks with explicit positions: every query's result is computed as in one launch.
     pos = (query_positions.long() if query_positions is not None else
-           (torch.arange(Lq, device=q.device) + (T - Lq)).expand(B, Lq))
+           default_positions(B, Lq, T, q.device))
     out = torch.empty((B, Hq, Lq, v.shape[3]), dtype=q.dtype, device=q.device)
     for s in range(0, Lq, rows):
         e = min(Lq, s + rows)
