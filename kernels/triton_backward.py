@@ -59,8 +59,6 @@ _with_span_partial = TA._with_span_partial
 _piece_tile = TA._piece_tile
 _piece_keep = TA._piece_keep
 _BIGI = TA._BIGI
-BUCKET = TA.BUCKET
-sort_keys = TA.sort_keys
 
 
 @triton.jit
@@ -548,13 +546,13 @@ def _key_major_work(lo, hi, idx, skey, T, S, NG, npair, cfg):
     hi_b = torch.nn.functional.pad(torch.where(real, hi_s, -1), (0, pad), value=-1)
     lo_b = lo_b.view(NG, nblk, bm).amin(-1)
     hi_b = hi_b.view(NG, nblk, bm).amax(-1)
-    # candidate range per (group, tile), see sort_keys
+    # candidate range per (group, tile), see TA.sort_keys
     maxlen = (hi.long() - lo.long() + 1).clamp(min=0).amax()  # device scalar
     n0 = torch.arange(ntile, device=dev, dtype=torch.int64) * bn
     n1 = torch.clamp(n0 + bn - 1, max=T - 1)
     lower = torch.where(n0 < S, n0 - (T + 1),
-                        torch.clamp(n0 - maxlen + 1, min=0) // BUCKET * (T + 1))
-    upper = (n1 // BUCKET + 1) * (T + 1)
+                        torch.clamp(n0 - maxlen + 1, min=0) // TA.BUCKET * (T + 1))
+    upper = (n1 // TA.BUCKET + 1) * (T + 1)
     c0 = torch.searchsorted(skey, lower.expand(NG, ntile).contiguous()).reshape(-1)
     c1 = torch.searchsorted(skey, upper.expand(NG, ntile).contiguous()).reshape(-1)
     j0 = c0 // bm
@@ -619,7 +617,7 @@ def span_attention_backward(grad_out, q, k, v, anchors, scores, key_padding_mask
                                     Lq, dev)
     # 1. sort every kv head's pieces
     npair = G * Lq * NP
-    skey, idx = torch.sort(sort_keys(lo, hi, T).view(B * Hkv, npair), dim=-1)
+    skey, idx = torch.sort(TA.sort_keys(lo, hi, T).view(B * Hkv, npair), dim=-1)
     idx = idx.to(torch.int32)
     # 2. (lse, delta) per piece
     lse = torch.empty((B, Hq, Lq, NP), dtype=torch.float32, device=dev)

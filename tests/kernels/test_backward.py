@@ -225,11 +225,12 @@ def test_triton_backward_matches_cpu_backward(combine, pad, pos, dtype, dense_be
     (its key-major candidate ranges); give_out: union's delta from the forward's output, else
     the backward recomputes the forward."""
     TB = _triton()
+    from slcompile.kernels import triton_attention as TA
     c = _cfg(window=8, combine=combine, dense_below=dense_below)
     q, qs, k, v, kpm, qp = _inputs(23, 1, Hq, Hkv, 24, T, 16, dtype=dtype, pad=pad, pos=pos)
     a, s = R.span_search(qs, k, kpm, qp, 8, 3, 0.5, 0.5, 2.0, 0.0, "anchor", dense_below)
     if T > 100:
-        assert (a[a >= 0] // TB.BUCKET).unique().numel() >= 3  # spans in several lo buckets
+        assert (a[a >= 0] // TA.BUCKET).unique().numel() >= 3  # spans in several lo buckets
     go = torch.randn(q.shape).to(dtype)
     args = (q, k, v, a, s, kpm, qp, *_attn_args(c, 0.35))
     out, *ref = AG.gathered_attention(*args, grad_out=go)
@@ -252,6 +253,7 @@ def test_key_major_work_covers_each_touching_piece_once(combine):
     key tile, the pieces of its listed blocks include every piece that reaches the tile, and no
     block is listed twice for a tile (that would add its dk, dv twice)."""
     TB = _triton()
+    from slcompile.kernels import triton_attention as TA
     B, Hq, Hkv, L, W, S, topk = 1, 4, 2, 2000, 16, 4, 3
     g = torch.Generator().manual_seed(7)
     t = torch.arange(L)
@@ -262,7 +264,7 @@ def test_key_major_work_covers_each_touching_piece_once(combine):
     lo, hi, _, _ = TB.piece_tables(a, None, L, W, S, back, fwd, combine == "union", True, B, Hq,
                                    L, "cpu")
     NG, npair = B * Hkv, (Hq // Hkv) * L * (topk + 2)
-    skey, idx = torch.sort(TB.sort_keys(lo, hi, L).view(NG, npair), dim=-1)
+    skey, idx = torch.sort(TA.sort_keys(lo, hi, L).view(NG, npair), dim=-1)
     cfg = dict(TB._settings(torch.bfloat16, 128), kv_block_m=64, kv_block_n=64, chunk=256)
     items, blist = TB._key_major_work(lo, hi, idx.int(), skey, L, S, NG, npair, cfg)
     ntile = -(-L // 64)
