@@ -54,6 +54,7 @@ BEFORE = os.path.join(HERE, "block_search_h200_2026-11-28.json")
 SWEEP = [(16, 8), (4, 4), (8, 4)]  # launch shapes (block_q, num_warps) tried after the table
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 KEY = "block"  # the search key checked and timed (--rerank: "block_rerank")
+OLD = dict(block=32, rerank=4)  # --rerank also times block_rerank with the constants before 2026-12-01
 RERANK_REF_MAX_T = 32768  # the reference's rerank is quadratic: last-queries checks up to here
 
 
@@ -143,6 +144,8 @@ def timing(cfg, Hq, Hkv, D, T, ref_q, before):
     row = dict(T=T, heads=[Hq, Hkv, D])
     if KEY == "block_rerank":
         row["rerank_s"] = clock(lambda: TB.span_search(q, k, *blk), 0.5, 5)
+        with R.block_search_constants(**OLD):  # the constants before 2026-12-01
+            row["rerank_old_s"] = clock(lambda: TB.span_search(q, k, *blk), 0.5, 5)
         blk = search_args(cfg, key="block")
     row["block_s"] = clock(lambda: TB.span_search(q, k, *blk), 0.5, 5)
     v = torch.randn_like(k)
@@ -188,6 +191,8 @@ def warm(cfg, job):
         TB.span_search(q, k, *search_args(cfg))
         if KEY == "block_rerank":
             TB.span_search(q, k, *search_args(cfg, key="block"))
+            with R.block_search_constants(**OLD):
+                TB.span_search(q, k, *search_args(cfg))
         else:
             TI.span_search(q, k, *search_args(cfg, key="anchor"))
     else:
@@ -272,13 +277,15 @@ def main():
             print("sweep", bq, nw, f"{ms:.2f} ms", flush=True)
             save()
     if a.rerank:
-        lines = ["| T | Hq/Hkv/D | block_rerank | block | rerank / block | SDPA flash "
-                 "| SDPA / rerank | last-queries check |", "|---|---|---|---|---|---|---|---|"]
+        lines = ["| T | Hq/Hkv/D | block_rerank | block_rerank, block 32 / rerank 4 (before) | block "
+                 "| rerank / block | SDPA flash | SDPA / rerank | last-queries check |",
+                 "|---|---|---|---|---|---|---|---|---|"]
         for r in out["timings"]:
             c = r.get("check_last_queries")
             chk = f"{c['rows_differ']}/{c['rows']} rows differ, ok={c['ok']}" if c else "-"
             lines.append(f"| {r['T']} | {'/'.join(map(str, r['heads']))} | "
-                         f"{r['rerank_s'] * 1e3:.2f} ms | {r['block_s'] * 1e3:.2f} ms | "
+                         f"{r['rerank_s'] * 1e3:.2f} ms | {r['rerank_old_s'] * 1e3:.2f} ms | "
+                         f"{r['block_s'] * 1e3:.2f} ms | "
                          f"{r['x_block']:.2f}x | {r['sdpa_s'] * 1e3:.1f} ms | {r['x_sdpa']:.2f}x | "
                          f"{chk} |")
     else:

@@ -77,6 +77,30 @@ VARIANTS: Dict[str, Optional[dict]] = {
 ROUTED = "+r"  # suffix of a variant that uses calibrated routers (--routers)
 
 
+# inline fields that are not SuperlinearConfig fields but the block searches' module constants
+# (kernels/reference.py BLOCK, RERANK), set while the variant runs: "pretrained,fine_block=32,rerank=4"
+# is the preset as it was before 2026-12-01
+CONSTANTS = {"fine_block": "block", "rerank": "rerank"}
+
+
+def variant_constants(name: str) -> dict:
+    """The block-search constants an inline variant sets (keyword arguments of
+    reference.block_search_constants), {} for none."""
+    out = {}
+    for kv in name[:-len(ROUTED)].split(",") if name.endswith(ROUTED) else name.split(","):
+        k, _, val = kv.partition("=")
+        if k in CONSTANTS:
+            out[CONSTANTS[k]] = int(val)
+    return out
+
+
+def variant_scope(name: str):
+    """A context manager that sets the variant's block-search constants while it runs."""
+    from slcompile.kernels import reference
+
+    return reference.block_search_constants(**variant_constants(name))
+
+
 def variant_config(name: str) -> Optional[SuperlinearConfig]:
     """A named variant, or an inline spec ``key=value,key=value`` (fields of SuperlinearConfig,
     over BASE, or over the preset when it starts with ``pretrained,``); a trailing ``+r`` (same config, searched with the calibrated routers of --routers) is ignored
@@ -95,6 +119,8 @@ def variant_config(name: str) -> Optional[SuperlinearConfig]:
     fields = {}
     for kv in name.split(","):
         k, _, val = kv.partition("=")
+        if k in CONSTANTS:
+            continue
         try:
             fields[k] = int(val)
         except ValueError:
@@ -689,7 +715,8 @@ def run_routing(model, cases, variants, n_queries: int, device, on_case=None):
                                      for b in range(qs.shape[0])])
                 else:
                     cfg = variant_config(v[len(MASKED):] if v.startswith(MASKED) else v)
-                    A = attended_mask(cfg, qr if v.endswith(ROUTED) else qs, kf, qpos)
+                    with variant_scope(v[len(MASKED):] if v.startswith(MASKED) else v):
+                        A = attended_mask(cfg, qr if v.endswith(ROUTED) else qs, kf, qpos)
                 A &= causal
                 kept = (p * A)[..., lo:hi].sum(-1)
                 rec = float((p * A).sum(-1).mean())
@@ -830,13 +857,16 @@ def evaluate(model, tok, args, variants, cases, ppl_ids, out_meta, t0, results=N
                 json.dump({"meta": dict(out_meta, seconds=time.time() - t0, partial=partial),
                            "results": results}, fh, indent=1)
 
-        if ppl_ids is not None:
-            r["ppl"] = run_ppl(model, ppl_ids, args.ppl_tail, args.device)
+        r["constants"] = variant_constants(name)
+        with variant_scope(name):
+            if ppl_ids is not None:
+                r["ppl"] = run_ppl(model, ppl_ids, args.ppl_tail, args.device)
         grid, hits, per_case = {}, 0, []
         r["cases"] = per_case
         results[name] = r
         for c in cases:
-            ok, lp = run_needle(model, tok, c, args.device)
+            with variant_scope(name):
+                ok, lp = run_needle(model, tok, c, args.device)
             hits += ok
             k = f"{c.length}/{c.depth}"
             grid[k] = grid.get(k, 0.0) + ok / args.seeds

@@ -18,6 +18,7 @@ Conventions (shared with `ops.py` and the kernels):
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional, Tuple
 
@@ -133,9 +134,27 @@ def span_search(
 # search_key="block": coarse-to-fine Quest-style block bounds (docs/routing.md)
 # --------------------------------------------------------------------------------------------
 
-BLOCK = 32  # finest block size in keys (smaller when spans are shorter, see _block_levels)
+BLOCK = 16  # finest block size in keys (smaller when spans are shorter, see _block_levels)
 COARSE_FANOUT = 2  # coarse blocks refined per kept span
-RERANK = 4  # search_key="block_rerank": fine blocks rescored exactly per kept span
+RERANK = 16  # search_key="block_rerank": fine blocks rescored exactly per kept span
+
+
+@contextlib.contextmanager
+def block_search_constants(block: Optional[int] = None, rerank: Optional[int] = None):
+    """Temporarily other BLOCK / RERANK (docs/routing.md, "Knobs") for the reference and the Triton
+    block kernels, which read them per call: for benchmarks that compare settings in one run."""
+    global BLOCK, RERANK
+    if block is not None and (block < 1 or block & (block - 1)):
+        raise ValueError(f"block_search_constants: block={block} is not a power of two")
+    if rerank is not None and rerank < 1:
+        raise ValueError(f"block_search_constants: rerank={rerank} must be >= 1")
+    saved = BLOCK, RERANK
+    BLOCK = saved[0] if block is None else int(block)
+    RERANK = saved[1] if rerank is None else int(rerank)
+    try:
+        yield
+    finally:
+        BLOCK, RERANK = saved
 
 
 def _key_pyramid(k: torch.Tensor, key_padding_mask: Optional[torch.Tensor], levels: int):

@@ -59,11 +59,11 @@ import triton.language as tl
 
 from .config import BLOCK_SEARCH_KEYS
 from .geometry import check_search_inputs, keeps_no_span, no_span_outputs, span_extents
-from .reference import BLOCK, COARSE_FANOUT, RERANK
+from . import reference as _ref
+from .reference import COARSE_FANOUT
 from .triton_search import _next_pow2
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_LOG_BLOCK = BLOCK.bit_length() - 1
 # int64 key of a -inf score: below every finite score's key, so "no candidate"
 _NO_KEY = ((0xFF800000 ^ 0x7FFFFFFF) - (1 << 32)) << 32
 PROGRAMS_PER_SM = 4  # persistent grid: programs per multiprocessor (each owns a scratch area)
@@ -443,14 +443,14 @@ def _pyramid(k: torch.Tensor, key_padding_mask, jlo: int):
     return torch.cat(mins, 2), torch.cat(maxs, 2)
 
 
-def _max_fine_per_coarse(T: int, W: int, t0: int, r: float, bf: float) -> int:
+def _max_fine_per_coarse(T: int, W: int, t0: int, r: float, bf: float, log_block: int) -> int:
     """A power of two >= R = 2^c (fine blocks per coarse block, also >= the number of whole coarse
     blocks) of every query at t in [t0, T), on the host without a synchronisation: from a lower
     bound of back(t) (the float64 formula less 1e-6 relative), so it is never below the kernel's."""
     t = np.arange(max(t0, W), T, dtype=np.float64)
     x = bf * (t + 1) ** r
     back_low = np.maximum(np.ceil(x - 1e-6 * np.maximum(x, 1.0)), 0.0)
-    jf = np.minimum(np.frexp(back_low + 1)[1] - 1, _LOG_BLOCK).astype(np.int64)
+    jf = np.minimum(np.frexp(back_low + 1)[1] - 1, log_block).astype(np.int64)
     nf = int(np.max(np.maximum((t.astype(np.int64) - W + 1) >> jf, 1)))
     return 1 << (((nf - 1).bit_length() + 1) // 2)
 
@@ -459,7 +459,7 @@ def span_search(qs, k, key_padding_mask, query_positions, window, topk, search_p
                 span_power, backward_factor, forward_factor, search_key, dense_below,
                 block_q=None, num_warps=4, rerank_warps=4):
     """Same contract as ``reference.span_search`` for ``search_key="block"`` and
-    ``"block_rerank"`` (the block kernel selects the RERANK topk best candidates, then
+    ``"block_rerank"`` (the block kernel selects the reference.RERANK topk best candidates, then
     ``_rerank_kernel`` rescores them and keeps the spans). ``block_q``: queries
     per work item (default: 32 rows of queries x heads, at least 16 rows); the default launch shape
     (32 rows, 4 warps) was the fastest of those measured at 128K on an H200 (RESULTS.md)."""
@@ -478,9 +478,11 @@ def span_search(qs, k, key_padding_mask, query_positions, window, topk, search_p
     # the finest level any query uses: that of the first query past the window (back grows with t);
     # the same float64 table, evaluated on the host for t = W only
     back_w = int(span_extents(W + 1, span_power, backward_factor, forward_factor)[0][W])
-    jlo = min(_LOG_BLOCK, (back_w + 1).bit_length() - 1)
+    # reference.BLOCK / RERANK are read per call (a benchmark may set them; docs/routing.md)
+    log_block = _ref.BLOCK.bit_length() - 1
+    jlo = min(log_block, (back_w + 1).bit_length() - 1)
     t0 = W if query_positions is not None else T - Lq
-    RP = max(16, _max_fine_per_coarse(T, W, t0, span_power, backward_factor))
+    RP = max(16, _max_fine_per_coarse(T, W, t0, span_power, backward_factor, log_block))
     kmin, kmax = _pyramid(k, key_padding_mask, jlo)
     if key_padding_mask is not None:
         idx = torch.arange(T, device=dev)
@@ -491,7 +493,7 @@ def span_search(qs, k, key_padding_mask, query_positions, window, topk, search_p
     pos = query_positions if query_positions is not None else back
     anchors = torch.empty((B, Hq, Lq, topk), dtype=torch.int32, device=dev)
     scores = torch.empty((B, Hq, Lq, topk), dtype=torch.float32, device=dev)
-    nr = RERANK * topk if search_key == "block_rerank" else 0
+    nr = _ref.RERANK * topk if search_key == "block_rerank" else 0
     cand = torch.empty((B, Hq, Lq, nr), dtype=torch.int32, device=dev) if nr else anchors
     G = Hq // Hkv
     GP = _next_pow2(G)
@@ -516,7 +518,7 @@ def span_search(qs, k, key_padding_mask, query_positions, window, topk, search_p
         *cand.stride(),
         Hkv, G, Lq, T, W, jlo, T.bit_length(), nqb, items, progs, triton.cdiv(items, progs),
         D=D, HAS_KPM=key_padding_mask is not None, HAS_POS=query_positions is not None,
-        TOPK=topk, M=M, MP=_next_pow2(M), RP=RP, LOG_BLOCK=_LOG_BLOCK, QB=QB, GP=GP,
+        TOPK=topk, M=M, MP=_next_pow2(M), RP=RP, LOG_BLOCK=log_block, QB=QB, GP=GP,
         BLOCK_D=max(16, _next_pow2(D)), DC=min(32, max(16, _next_pow2(D))),
         KC=min(32, max(16, _next_pow2(D))),
         DOT_F32=qs.dtype == torch.float32 or dev.type != "cuda", NO_KEY=_NO_KEY, NR=nr,
@@ -531,7 +533,7 @@ def span_search(qs, k, key_padding_mask, query_positions, window, topk, search_p
             *cand.stride(), *anchors.stride(),
             Hq, G, Lq, T, W,
             D=D, HAS_KPM=key_padding_mask is not None, HAS_POS=query_positions is not None,
-            TOPK=topk, NR=nr, NRP=_next_pow2(nr), BS=BLOCK, LOG_BLOCK=_LOG_BLOCK,
+            TOPK=topk, NR=nr, NRP=_next_pow2(nr), BS=_ref.BLOCK, LOG_BLOCK=log_block,
             BLOCK_D=max(16, _next_pow2(D)), NO_KEY=_NO_KEY, num_warps=rerank_warps,
         )
     return anchors, scores

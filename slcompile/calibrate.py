@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 
 from slcompile.kernels.config import BLOCK_SEARCH_KEYS, SuperlinearConfig
+from slcompile.kernels import reference
 from slcompile.kernels.geometry import span_extents, stripe_deltas
 
 __all__ = ["Routers", "calibrate", "save_routers", "load_routers", "attach_routers", "search_query",
@@ -57,7 +58,6 @@ __all__ = ["Routers", "calibrate", "save_routers", "load_routers", "attach_route
 BUFFER = "superlinear_router"
 _FORMAT = "slcompile-routers/1"
 _CAPTURE = "slcompile_calibrate_capture"
-FINE = 32  # the largest fine block of the "block" search (kernels/reference.py BLOCK)
 
 
 @dataclass
@@ -207,11 +207,11 @@ def _heads(m) -> tuple:
 def fine_block(cfg: SuperlinearConfig, T: int) -> int:
     """The fine block size of the block search (kernels/reference.py `_block_levels`) at the middle
     of the sampled query positions of a T-key sequence, t = (W + T) // 2: the largest power of two
-    <= min(FINE, back(t) + 1). 16 for the preset on 4K-9K sequences: the routers are trained on the
+    <= min(reference.BLOCK, back(t) + 1). 16 for the preset on 4K-9K sequences: the routers are trained on the
     blocks the search ranks for most of the sampled queries."""
     t = min(T - 1, (cfg.window + T) // 2)
     back, _ = span_extents(T, cfg.span_power, cfg.backward_factor, cfg.forward_factor)
-    b = max(1, min(FINE, int(back[t]) + 1))
+    b = max(1, min(reference.BLOCK, int(back[t]) + 1))
     return 1 << (b.bit_length() - 1)
 
 
@@ -495,11 +495,11 @@ def calibrate(model, texts_or_token_ids, *, config: Optional[SuperlinearConfig] 
     deadline = t0 + 60.0 * minutes
     mods = attention_modules(model)
     seqs = _token_ids(texts_or_token_ids, tokenizer, max_length)
-    need = config.window + 2 * FINE + 2
+    need = config.window + 2 * reference.BLOCK + 2
     seqs = [s for s in seqs if s.numel() > need]
     if not seqs:
         raise ValueError(f"calibrate: every sequence is too short: routing needs more than {need} "
-                         f"tokens (window {config.window} + two {FINE}-key blocks)")
+                         f"tokens (window {config.window} + two {reference.BLOCK}-key blocks)")
     dev = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     cap = _Capture(config, queries, gen)

@@ -1052,7 +1052,8 @@ def calibrate(model, texts, output, minutes, steps, seq_len, max_sequences, quer
     try:
         import torch
         import transformers  # noqa: F401
-        from slcompile.calibrate import FINE, calibrate as run_calibration, save_routers
+        from slcompile.calibrate import calibrate as run_calibration, save_routers
+        from slcompile.kernels import reference
     except ImportError as e:
         raise NotAvailableError(f"not available: calibrate needs transformers and safetensors "
                                 f"({first_line(e)}; pip install 'slcompile[hf]')")
@@ -1071,7 +1072,7 @@ def calibrate(model, texts, output, minutes, steps, seq_len, max_sequences, quer
                 raise InputFormatError(f"text file {t} is not readable UTF-8 text: {first_line(e)}")
             ids += tok.encode(text, add_special_tokens=False)
         seqs = [ids[i:i + seq_len] for i in range(0, len(ids), seq_len)][:max_sequences]
-        need = config.window + 2 * FINE + 2
+        need = config.window + 2 * reference.BLOCK + 2
         seqs = [s for s in seqs if len(s) > need]
         if not seqs:
             raise InputFormatError(f"the texts hold {len(ids)} tokens: calibration needs sequences of "

@@ -45,7 +45,7 @@ def oracle_block_search(qs, k, kpm, pos, W, topk, span_power, bf, ff, triples, r
         if e >= 0:
             bt, ft = int(back[t]), int(fwd[t])
             bs = 1
-            while bs * 2 <= min(32, bt + 1):
+            while bs * 2 <= min(16, bt + 1):  # docs/routing.md step 1: fine blocks of <= 16 keys
                 bs *= 2
             nf = max(1, (e + 1) // bs)
             c = 0

@@ -117,7 +117,7 @@ def test_short_sequences_and_empty_rows():
     qs, k = _data(gen, 2, 2, 1, 20, 20, 8, False, torch.float32)
     kpm = torch.ones(2, 20, dtype=torch.bool)
     kpm[1] = False
-    for args in [(None, None, 6, 3, 0.5, 0.5, 30.0, 0.0, "block", 0),  # blocks of 32 keys > T
+    for args in [(None, None, 6, 3, 0.5, 0.5, 30.0, 0.0, "block", 0),  # e <= 13 < 16: only a partial fine block
                  (kpm, None, 3, 2, 0.5, 0.5, 2.0, 0.0, "block", 0)]:
         ra, rs = R.span_search(qs, k, *args)
         poison()
@@ -168,18 +168,18 @@ def test_tile_columns_cover_every_query(W, bf):
         t = torch.arange(max(t0, W), T)
         jf, jc = R._block_levels(t - W, back[t])
         r_max = int((1 << (jc - jf)).max())
-        rp = TB._max_fine_per_coarse(T, W, t0, 0.5, bf)
+        rp = TB._max_fine_per_coarse(T, W, t0, 0.5, bf, R.BLOCK.bit_length() - 1)
         assert r_max <= rp <= 2 * r_max, (t0, r_max, rp)
 
 
 def test_tile_columns_for_pretrained_128k():
-    """for_pretrained at 128K: R = 64 (fine blocks of 32 keys), so 64 tile columns, not the 128
-    that the finest level (8 keys at t = W) would give."""
+    """for_pretrained at 128K: fine blocks of BLOCK = 16 keys, nf = 8192, so R = 128 tile
+    columns, not the 256 that the finest level (8 keys at t = W) would give."""
     cfg = SuperlinearConfig.for_pretrained()
     T = 131072
     back, _ = span_extents(T, cfg.span_power, cfg.backward_factor, cfg.forward_factor)
     t = torch.arange(cfg.window, T)
     jf, jc = R._block_levels(t - cfg.window, back[t])
-    assert int((1 << (jc - jf)).max()) == 64
+    assert R.BLOCK == 16 and int((1 << (jc - jf)).max()) == 128
     assert TB._max_fine_per_coarse(T, cfg.window, cfg.window, cfg.span_power,
-                                   cfg.backward_factor) == 64
+                                   cfg.backward_factor, 4) == 128
