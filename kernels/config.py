@@ -61,7 +61,7 @@ class SuperlinearConfig:
             "block" (training-free routing: anchors placed on the 16-key blocks with the highest
             Quest bound max_k q.k <= sum_d max(q_d*kmin_d, q_d*kmax_d), found coarse-to-fine in
             O(sqrt(t)) per query; see docs/routing.md) or "block_rerank" (the same, then the
-            16 topk best candidate blocks by bound rescored by their exact largest q.k; retrieves
+            32 topk best candidate blocks by bound rescored by their exact largest q.k; retrieves
             far better on converted models; both have Triton kernels, docs/routing.md).
         dense_below: if the number of keys T <= dense_below, exact dense causal attention.
         scale: softmax scale; None means 1/sqrt(head_dim) (or the scale of the matched graph).

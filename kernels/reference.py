@@ -136,7 +136,7 @@ def span_search(
 
 BLOCK = 16  # finest block size in keys (smaller when spans are shorter, see _block_levels)
 COARSE_FANOUT = 2  # coarse blocks refined per kept span
-RERANK = 16  # search_key="block_rerank": fine blocks rescored exactly per kept span
+RERANK = 32  # search_key="block_rerank": fine blocks rescored exactly per kept span
 
 
 @contextlib.contextmanager

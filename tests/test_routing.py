@@ -108,9 +108,17 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("search_key", ["block", "block_rerank"])
+@pytest.mark.parametrize("search_key", ["block", "block_rerank", "block_rerank@1"])
 @pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
 def test_block_search_matches_oracle(case, search_key):
+    """@1: a rerank pool of topk candidates (the default RERANK rescores every candidate of these
+    small cases, so the cut at the pool is only exercised with a smaller one)."""
+    search_key, _, pool = search_key.partition("@")
+    with ref.block_search_constants(rerank=int(pool) if pool else None):
+        _block_search_matches_oracle(case, search_key)
+
+
+def _block_search_matches_oracle(case, search_key):
     B, Hq, Hkv, T, D, W, topk, r, bf, ff, padded = case
     gen = torch.Generator().manual_seed(hash(case) % 2**31)
     qs = torch.randn(B, Hq, T, D, generator=gen)

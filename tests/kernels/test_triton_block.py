@@ -86,6 +86,15 @@ def test_block_rerank_matches_reference(case):
     assert (rb != a).any(-1).sum() >= a[..., 0].numel() // 4
 
 
+@pytest.mark.parametrize("rerank", [1, 2])
+def test_block_rerank_small_pool_matches_reference(rerank):
+    """A pool smaller than the candidates (RERANK = 32 rescores every candidate of these small
+    cases): the block kernel's cut at the rerank topk best by bound (ties: the nearer block)
+    must drop the same candidates as the reference."""
+    with R.block_search_constants(rerank=rerank):
+        _check_against_reference(RERANK_CASES[rerank - 1], "block_rerank")
+
+
 def _check_against_reference(case, search_key):
     """The kernel against reference.span_search on the case's fresh inputs; returns the kernel's
     anchors and the inputs."""
