@@ -20,7 +20,8 @@ reference and timing against the kernel's previous version, the Triton anchor se
 --rerank: the same for search_key="block_rerank" (the block kernel's candidate selection plus
 _rerank_kernel): equality checks at 8K against the reference (whose rerank is quadratic, so the
 last-queries check runs up to 32K only), and the timing of "block_rerank" against "block" and SDPA
-(no anchor search, no "before", no sweep).
+(no anchor search and no "before"; the old constants timed beside it, then a sweep of
+`rerank_chunk` x `rerank_warps` at the longest length).
 
 Results: JSON (written after every row) and a Markdown table under --out.
 """
@@ -52,6 +53,7 @@ from slcompile.kernels import triton_impl as TI  # noqa: E402
 HEADS = [(32, 8, 128), (9, 3, 64)]  # Llama-8B-like, SmolLM2-135M-like
 BEFORE = os.path.join(HERE, "block_search_h200_2026-11-28.json")
 SWEEP = [(16, 8), (4, 4), (8, 4)]  # launch shapes (block_q, num_warps) tried after the table
+RERANK_SWEEP = [(1, 4), (2, 4), (8, 4), (4, 8), (8, 8)]  # --rerank: (rerank_chunk, rerank_warps)
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 KEY = "block"  # the search key checked and timed (--rerank: "block_rerank")
 OLD = dict(block=32, rerank=4)  # --rerank also times block_rerank with the constants before 2026-12-01
@@ -176,6 +178,27 @@ def timing(cfg, Hq, Hkv, D, T, ref_q, before):
     return row
 
 
+def kernel_breakdown(cfg, heads, T):
+    """CUDA milliseconds per kernel name of one block_rerank search (torch.profiler; the second
+    of two calls, so nothing compiles inside)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    Hq, Hkv, D = heads
+    q, k = data(Hq, Hkv, T, T, D, False, 2)
+    TB.span_search(q, k, *search_args(cfg))
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        TB.span_search(q, k, *search_args(cfg))
+        torch.cuda.synchronize()
+    ms = {}
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None)
+        t = getattr(e, "cuda_time_total", 0.0) if t is None else t
+        if t:
+            ms[e.key[:60]] = round(t / 1e3, 3)
+    return dict(sorted(ms.items(), key=lambda kv: -kv[1])[:8], T=T, heads=list(heads))
+
+
 def warm(cfg, job):
     """Run (and so compile into Triton's on-disk cache) the kernels one job of main() launches,
     with the same shapes: --precompile runs these in parallel processes, one per job."""
@@ -195,6 +218,10 @@ def warm(cfg, job):
                 TB.span_search(q, k, *search_args(cfg))
         else:
             TI.span_search(q, k, *search_args(cfg, key="anchor"))
+    elif kind == "rsweep":
+        T, (Hq, Hkv, D), ch, nw = spec
+        q, k = data(Hq, Hkv, T, T, D, False, 0)
+        TB.span_search(q, k, *search_args(cfg), rerank_chunk=ch, rerank_warps=nw)
     else:
         T, (Hq, Hkv, D), bq, nw = spec
         q, k = data(Hq, Hkv, T, T, D, False, 0)
@@ -245,7 +272,8 @@ def main():
     # and tie rules on tensor cores), the first heads' timings, the other checks, the other heads
     todo = [("check", checks[0])] + [("time", (T, heads[0])) for T in lengths] + \
         [("check", c) for c in checks[1:]] + [("time", (T, hd)) for hd in heads[1:] for T in lengths]
-    sweep = [] if a.rerank else [("sweep", (lengths[0], heads[0], bq, nw)) for bq, nw in SWEEP]
+    sweep = [("rsweep", (lengths[0], heads[0], ch, nw)) for ch, nw in RERANK_SWEEP] if a.rerank else \
+        [("sweep", (lengths[0], heads[0], bq, nw)) for bq, nw in SWEEP]
     if a.warm_job is not None:
         warm(cfg, (todo + sweep)[a.warm_job])
         return
@@ -268,14 +296,20 @@ def main():
         (Hq, Hkv, D), T = heads[0], lengths[0]
         q, k = data(Hq, Hkv, T, T, D, False, 1)
         out["sweep"] = {}
-        for bq, nw in SWEEP:
+        for kind, (_, _, x, nw) in sweep:
             if time.time() - t_start > a.budget_s:
                 break
-            ms = clock(lambda: TB.span_search(q, k, *search_args(cfg), block_q=bq, num_warps=nw),
-                       0.5, 5) * 1e3
-            out["sweep"][f"block_q={bq},num_warps={nw}"] = ms
-            print("sweep", bq, nw, f"{ms:.2f} ms", flush=True)
+            launch = dict(rerank_chunk=x, rerank_warps=nw) if kind == "rsweep" else \
+                dict(block_q=x, num_warps=nw)
+            ms = clock(lambda: TB.span_search(q, k, *search_args(cfg), **launch), 0.5, 5) * 1e3
+            bq = ",".join(f"{n}={v}" for n, v in launch.items())
+            out["sweep"][bq] = ms
+            print("sweep", bq, f"{ms:.2f} ms", flush=True)
             save()
+    if a.rerank and DEV == "cuda":  # where the time goes: CUDA time per kernel, longest length
+        out["kernels_ms"] = kernel_breakdown(cfg, heads[0], lengths[0])
+        print("kernels", json.dumps(out["kernels_ms"]), flush=True)
+        save()
     if a.rerank:
         lines = ["| T | Hq/Hkv/D | block_rerank | block_rerank, block 32 / rerank 4 (before) | block "
                  "| rerank / block | SDPA flash | SDPA / rerank | last-queries check |",

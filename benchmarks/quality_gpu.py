@@ -8,6 +8,11 @@ the token ids here, and the GGUF file travels as it is (the ``gguf`` wheel is in
 
     python benchmarks/quality_gpu.py --gguf /tmp/smol.gguf --bundle bundle.pt --out $OUT/q \\
         --calibrate-minutes 1 --variants dense pretrained pretrained+r ... --budget-s 200
+
+The GPU machine has no install of this checkout: ``python3 -m pip install --no-index --no-deps
+--no-build-isolation --target /tmp/site .`` there, then run this script with
+``PYTHONPATH=/tmp/site`` from outside the checkout (its ``slcompile/`` folder would shadow the
+installed package). The GGUF (98 MB) is larger than one call may carry: it travels in two parts.
 """
 
 from __future__ import annotations

@@ -17,9 +17,10 @@ SEARCH_KEYS = ("anchor", "mean", "block", "block_rerank")
 # no search gradient, routers calibrated on block summaries
 BLOCK_SEARCH_KEYS = ("block", "block_rerank")
 # SuperlinearConfig.for_pretrained(): see its docstring. Measured on SmolLM2-135M at 8K (H200,
-# benchmarks/RESULTS.md "Needle retrieval at 8K"): perplexity +1.1% at 13.3% of keys per query
-# (+2.8% with search_key="block"), 1 of 12 needles (block 0, dense 4); a large window carries
-# perplexity, eight ~0.35 sqrt(t)-key spans on the fine blocks with the largest exact q.k the rest.
+# benchmarks/RESULTS.md "Needle retrieval at 8K, second session"): perplexity -0.1% at 13.1% of keys
+# per query, 10 of 27 needles (dense 7, all of them among the 10); a large window carries
+# perplexity, eight ~0.35 sqrt(t)-key spans on the 16-key blocks with the largest exact q.k among
+# the 32 topk best by bound (reference.BLOCK, RERANK) the rest.
 PRETRAINED = dict(search_key="block_rerank", window=768, sinks=4, topk=8, backward_factor=0.35,
                   forward_factor=0.0, combine="union")
 NSTEP_SEARCH_KEYS = ("anchor", "mean")  # search keys of the N-step search (steps >= 3)
@@ -138,11 +139,13 @@ class SuperlinearConfig:
     @classmethod
     def for_pretrained(cls, **overrides: Any) -> "SuperlinearConfig":
         """The preset for dense pretrained models converted without training (issue 7): block
-        search with exact rescoring (``"block_rerank"``), window 768, 4 sinks, 8 spans of ~0.35
-        sqrt(t) keys (each covers its fine block: 16 keys for 2K <= t < 8K), union. Chosen from
-        the 8K measurements in benchmarks/RESULTS.md ("Quality at 8K", "Needle retrieval at 8K");
-        the trade-off table is in README.md. ``search_key="block"`` (a Triton kernel on CUDA) is
-        the faster, weaker choice. ``dense_below`` keeps its default,
+        search with exact rescoring (``"block_rerank"``: 16-key blocks, the 32 topk best by bound
+        rescored by their exact largest q.k), window 768, 4 sinks, 8 spans of ~0.35 sqrt(t) keys
+        (each covers its 16-key fine block from t ~ 1.8K on), union. Chosen from the 8K
+        measurements in benchmarks/RESULTS.md ("Quality at 8K", "Needle retrieval at 8K" and its
+        second session); the trade-off table is in README.md. Its search is slow (7-27x SDPA's
+        whole attention on an H200, README.md); ``search_key="block"`` is the faster, weaker
+        choice. ``dense_below`` keeps its default,
         so short inputs stay exact. The field defaults stay those of SPEC.md."""
         return cls(**{**PRETRAINED, **overrides})
 

@@ -357,7 +357,7 @@ def _block_search_kernel(
 
 @triton.jit(do_not_specialize=["Hq", "G", "Lq", "T", "W"])
 def _rerank_kernel(
-    QS, K, KPM, CAND, POS, BACK, FWD, A_OUT, S_OUT,
+    QS, K, KPM, CAND, EX, POS, BACK, FWD, A_OUT, S_OUT,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     skpb, skpn,
@@ -367,11 +367,14 @@ def _rerank_kernel(
     Hq, G, Lq, T, W,
     D: tl.constexpr, HAS_KPM: tl.constexpr, HAS_POS: tl.constexpr, TOPK: tl.constexpr,
     NR: tl.constexpr, NRP: tl.constexpr, BS: tl.constexpr, LOG_BLOCK: tl.constexpr,
-    BLOCK_D: tl.constexpr, NO_KEY: tl.constexpr,
+    BLOCK_D: tl.constexpr, NO_KEY: tl.constexpr, CH: tl.constexpr,
 ):
     """search_key="block_rerank", steps 3b and 4 for one (query, head) row: the exact largest
     q.k over the present keys <= e of each of its NR candidate blocks (CAND: their anchors, best
-    bound first, -1 = none), then the greedy keep on these scores (ties: the nearer anchor)."""
+    bound first, -1 = none), then the greedy keep on these scores (ties: the nearer anchor).
+    CH candidate blocks are gathered per step (one [CH * BS, D] load: more bytes in flight); their
+    scores go to EX (CAND's memory seen as float32: each step overwrites only the anchors it has
+    read, and every anchor was read into registers first)."""
     qi = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // Hq).to(tl.int64)
@@ -390,22 +393,29 @@ def _rerank_kernel(
     q = tl.load(QS + b * sqb + h * sqh + qi.to(tl.int64) * sqm + od * sqd, mask=dm,
                 other=0.0).to(tl.float32)
     crow = CAND + b * scb + h * sch + qi.to(tl.int64) * scm
+    erow = EX + b * scb + h * sch + qi.to(tl.int64) * scm
     ms = tl.arange(0, NRP)
     ca = tl.load(crow + ms * sck, mask=ms < NR, other=-1)
+    tl.debug_barrier()  # every anchor is in registers before EX (the same memory) is written
     kbase = K + b * skb + kvh * skh
-    jb = tl.arange(0, BS)
-    ex = tl.full([NRP], float("-inf"), tl.float32)
-    for m in range(NR):
-        a = tl.load(crow + m * sck)
-        if a >= 0:
-            p = ((a >> jf) << jf) + jb  # the candidate's block, cut at e
-            pm = (jb < (1 << jf)) & (p <= e)
-            if HAS_KPM:
-                pm = pm & (tl.load(KPM + b * skpb + p.to(tl.int64) * skpn, mask=pm, other=0) != 0)
-            kk = tl.load(kbase + p[:, None].to(tl.int64) * skn + od[None, :] * skd,
-                         mask=pm[:, None] & dm[None, :], other=0.0).to(tl.float32)
-            lg = tl.where(pm, tl.sum(kk * q[None, :], axis=1), float("-inf"))
-            ex = tl.where(ms == m, tl.max(lg, axis=0), ex)
+    r = tl.arange(0, CH * BS)  # row r: slot r % BS of the step's candidate r // BS
+    jb = r % BS
+    for m0 in range(0, NR, CH):
+        mi = m0 + r // BS
+        a = tl.load(crow + mi * sck, mask=mi < NR, other=-1)
+        p = ((a >> jf) << jf) + jb  # the candidate's block, cut at e
+        pm = (a >= 0) & (jb < (1 << jf)) & (p <= e)
+        if HAS_KPM:
+            pm = pm & (tl.load(KPM + b * skpb + p.to(tl.int64) * skpn, mask=pm, other=0) != 0)
+        kk = tl.load(kbase + p[:, None].to(tl.int64) * skn + od[None, :] * skd,
+                     mask=pm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+        lg = tl.where(pm, tl.sum(kk * q[None, :], axis=1), float("-inf"))
+        mx = tl.max(tl.reshape(lg, [CH, BS]), axis=1)
+        mc = m0 + tl.arange(0, CH)
+        tl.store(erow + mc * sck, mx, mask=mc < NR)
+    tl.debug_barrier()  # EX written by other threads' layouts above
+    ex = tl.load(erow + ms * sck, mask=ms < NR, other=float("-inf"))
+    ex = tl.where(ca >= 0, ex, float("-inf"))
     key = _key(ex, ca, ca >= 0, NO_KEY)
     b0 = (ca >> jf) << jf
     obase = b * sab + h * sah + qi.to(tl.int64) * sam
@@ -457,12 +467,15 @@ def _max_fine_per_coarse(T: int, W: int, t0: int, r: float, bf: float, log_block
 
 def span_search(qs, k, key_padding_mask, query_positions, window, topk, search_power,
                 span_power, backward_factor, forward_factor, search_key, dense_below,
-                block_q=None, num_warps=4, rerank_warps=4):
+                block_q=None, num_warps=4, rerank_warps=4, rerank_chunk=4):
     """Same contract as ``reference.span_search`` for ``search_key="block"`` and
     ``"block_rerank"`` (the block kernel selects the reference.RERANK topk best candidates, then
     ``_rerank_kernel`` rescores them and keeps the spans). ``block_q``: queries
     per work item (default: 32 rows of queries x heads, at least 16 rows); the default launch shape
-    (32 rows, 4 warps) was the fastest of those measured at 128K on an H200 (RESULTS.md)."""
+    (32 rows, 4 warps) was the fastest of those measured at 128K on an H200 (RESULTS.md).
+    ``rerank_chunk``: candidate blocks ``_rerank_kernel`` gathers per step (a power of two)."""
+    if rerank_chunk < 1 or rerank_chunk & (rerank_chunk - 1):
+        raise ValueError(f"span_search (block): rerank_chunk={rerank_chunk} is not a power of two")
     B, Hq, Lq, D = qs.shape
     Hkv, T = k.shape[1], k.shape[2]
     dev = qs.device
@@ -526,7 +539,7 @@ def span_search(qs, k, key_padding_mask, query_positions, window, topk, search_p
     )
     if nr:
         _rerank_kernel[(Lq, B * Hq)](
-            qs, k, kpm, cand, pos, back, fwd, anchors, scores,
+            qs, k, kpm, cand, cand.view(torch.float32), pos, back, fwd, anchors, scores,
             *qs.stride(), *k.stride(),
             *(kpm.stride() if key_padding_mask is not None else (0, 0)),
             *(pos.stride() if query_positions is not None else (0, 0)),
@@ -534,6 +547,7 @@ def span_search(qs, k, key_padding_mask, query_positions, window, topk, search_p
             Hq, G, Lq, T, W,
             D=D, HAS_KPM=key_padding_mask is not None, HAS_POS=query_positions is not None,
             TOPK=topk, NR=nr, NRP=_next_pow2(nr), BS=_ref.BLOCK, LOG_BLOCK=log_block,
-            BLOCK_D=max(16, _next_pow2(D)), NO_KEY=_NO_KEY, num_warps=rerank_warps,
+            BLOCK_D=max(16, _next_pow2(D)), NO_KEY=_NO_KEY, CH=min(rerank_chunk, _next_pow2(nr)),
+            num_warps=rerank_warps,
         )
     return anchors, scores

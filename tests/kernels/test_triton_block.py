@@ -95,7 +95,13 @@ def test_block_rerank_small_pool_matches_reference(rerank):
         _check_against_reference(RERANK_CASES[rerank - 1], "block_rerank")
 
 
-def _check_against_reference(case, search_key):
+@pytest.mark.parametrize("chunk", [1, 8])
+def test_block_rerank_chunks_match_reference(chunk):
+    """_rerank_kernel gathering 1 or 8 candidate blocks per step (the default is 4)."""
+    _check_against_reference(RERANK_CASES[0], "block_rerank", rerank_chunk=chunk)
+
+
+def _check_against_reference(case, search_key, **launch):
     """The kernel against reference.span_search on the case's fresh inputs; returns the kernel's
     anchors and the inputs."""
     name, B, Hq, Hkv, Lq, T, D, W, topk, bf, ff, pad, posmode, integer, dtype, bq = case
@@ -106,7 +112,7 @@ def _check_against_reference(case, search_key):
     ra, rs = R.span_search(qs, k, *args)
     dev = lambda x: x.to(DEV) if torch.is_tensor(x) else x  # noqa: E731
     poison()
-    a, s = TB.span_search(dev(qs), dev(k), *map(dev, args), block_q=bq)
+    a, s = TB.span_search(dev(qs), dev(k), *map(dev, args), block_q=bq, **launch)
     a, s = a.cpu(), s.cpu()
     assert (ra >= 0).sum() > ra.numel() // 3, "the case must keep spans"
     assert torch.equal(a, ra), (name, (a != ra).nonzero()[:4].tolist())
