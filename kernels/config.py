@@ -143,7 +143,7 @@ class SuperlinearConfig:
         rescored by their exact largest q.k), window 768, 4 sinks, 8 spans of ~0.35 sqrt(t) keys
         (each covers its 16-key fine block from t ~ 1.8K on), union. Chosen from the 8K
         measurements in benchmarks/RESULTS.md ("Quality at 8K", "Needle retrieval at 8K" and its
-        second session); the trade-off table is in README.md. Its search is slow (7-27x SDPA's
+        second session); the trade-off table is in README.md. Its search is slow (3-26x SDPA's
         whole attention on an H200, README.md); ``search_key="block"`` is the faster, weaker
         choice. ``dense_below`` keeps its default,
         so short inputs stay exact. The field defaults stay those of SPEC.md."""

@@ -303,22 +303,33 @@ def _block_search_kernel(
         obase = b * sab + h * sah + qi * sam
         if NR > 0:
             # "block_rerank": the NR best candidates by key (bound, ties: the nearer block) in
-            # order, their anchors to A_OUT (-1 past the last candidate); nothing is dropped
+            # order, their anchors to A_OUT (-1 past the last candidate); nothing is dropped.
+            # Each slot's keys are sorted once (best first), then an NR-round merge of the slots'
+            # heads reads one key per round and row (a slot's head is its smax / tmax). Slots no
+            # row holds (smax = NO_KEY) may hold an earlier item's keys: they are never merged.
+            for sl in tl.static_range(M + 1):
+                ptr = scr + sl * RP + col[None, :]
+                tl.store(ptr, tl.sort(tl.load(ptr), dim=1, descending=True))
+            tl.debug_barrier()  # sorted rows written by other threads' layouts
+            head = tl.zeros([ROWS, MP], tl.int32)  # index of each slot's head in its sorted row
+            thead = tl.zeros([ROWS], tl.int32)
             for j in range(NR):
                 best = tl.maximum(tl.max(smax, axis=1), tmax)
                 found = best > NO_KEY
                 tl.store(A_OUT + obase + j * sak,
                          tl.where(found, (best & 0xFFFFFFFF).to(tl.int32), -1), mask=rok)
-                slot = tl.where(tmax == best, M,
+                in_t = tmax == best
+                slot = tl.where(in_t, M,
                                 tl.max(tl.where(smax == best[:, None], scol[None, :], -1), axis=1))
-                ptr = scr + slot[:, None] * RP + col[None, :]
-                key = tl.load(ptr, mask=found[:, None], other=NO_KEY)
-                key = tl.where(key == best[:, None], NO_KEY, key)
-                tl.store(ptr, key, mask=found[:, None])
-                km = tl.max(key, axis=1)
-                smax = tl.where(found[:, None] & (scol[None, :] == slot[:, None]), km[:, None],
-                                smax)
-                tmax = tl.where(found & (slot == M), km, tmax)
+                here = found[:, None] & (scol[None, :] == slot[:, None])
+                nxt = tl.where(in_t, thead, tl.max(tl.where(here, head, 0), axis=1)) + 1
+                key = tl.load(scr + (slot * RP + nxt)[:, None], mask=(found & (nxt < RP))[:, None],
+                              other=NO_KEY)
+                key = tl.max(key, axis=1)  # [ROWS, 1] -> [ROWS]
+                smax = tl.where(here, key[:, None], smax)
+                head = tl.where(here, nxt[:, None], head)
+                tmax = tl.where(found & in_t, key, tmax)
+                thead = tl.where(found & in_t, nxt, thead)
         else:
             # greedy keep: topk rounds of best remaining (ties: nearer anchor), then drop every
             # candidate whose [first slot, anchor] the kept span covers: fine blocks [flo, fhi],
