@@ -221,7 +221,9 @@ def load_texts():
 
 FLAT = "flat:"
 MASKED = "mask:"
-FLAT_DEFAULTS = dict(score="bound", window=768, blocks=16, bs=16, share=0, sinks=4)
+# pool=N (keys, 0: off): only the N // bs blocks best by the bound compete, ranked by S (with
+# score=max: the block_rerank rule, flat)
+FLAT_DEFAULTS = dict(score="bound", window=768, blocks=16, bs=16, share=0, sinks=4, pool=0)
 
 
 def flat_spec(name: str) -> dict:
@@ -247,13 +249,31 @@ def flat_mask(spec: dict, q, k, t, logits):
     """bool [Hq, c, T] for one batch row: q [Hq, c, D], k [Hkv, T, D] float32, positions t [c],
     logits [Hq, c, T] (scaled, causal entries finite)."""
     Hq, c, D = q.shape
-    Hkv, T, _ = k.shape
-    g = Hq // Hkv
+    T = k.shape[1]
     W, S, bs = min(spec["window"], T), spec["sinks"], spec["bs"]
     j = torch.arange(T, device=k.device)
     tt = t[None, :, None]
     A = (j <= tt) & ((j < S) | (j > tt - W))
     A = A.expand(Hq, c, T).clone()
+    before = (j[None, :] <= (t - W)[:, None]) & (j[None, :] >= S)  # [c, T]
+    sc = flat_scores(spec, q, k, t, logits)
+    nb = sc.shape[-1]
+    n = min(spec["blocks"], nb)
+    top = sc.topk(n, dim=-1)
+    keep = torch.zeros(Hq, c, nb, dtype=torch.bool, device=k.device)
+    keep.scatter_(-1, top.indices, top.values > float("-inf"))
+    A |= keep.repeat_interleave(bs, -1)[..., :T] & before[None]
+    return A
+
+
+def flat_scores(spec: dict, q, k, t, logits):
+    """The flat rule's block scores [Hq, c, nb] (-inf: a block holding no key <= t - W)."""
+    Hq, c, D = q.shape
+    Hkv, T, _ = k.shape
+    g = Hq // Hkv
+    W, S, bs = min(spec["window"], T), spec["sinks"], spec["bs"]
+    j = torch.arange(T, device=k.device)
+    tt = t[None, :, None]
     e = t - W  # last key before the window
     nb = -(-T // bs)
     Tp = nb * bs
@@ -280,16 +300,15 @@ def flat_mask(spec: dict, q, k, t, logits):
             sc = q.reshape(Hkv, g * c, D) @ kmean.transpose(1, 2)
         sc = sc.view(Hq, c, nb)
     sc = sc.masked_fill(~blk_ok[None], float("-inf"))
+    if spec["pool"]:
+        bd = flat_scores(dict(spec, score="bound", pool=0, share=0), q, k, t, logits)
+        idx = bd.topk(min(nb, max(1, spec["pool"] // bs)), dim=-1).indices
+        sc = torch.full_like(sc, float("-inf")).scatter_(-1, idx, torch.gather(sc, -1, idx))
     if spec["share"]:
         z = sc if spec["score"] == "mass" else torch.softmax(sc, -1).nan_to_num(0.0)
         sc = z.view(Hkv, g, c, nb).sum(1, keepdim=True).expand(Hkv, g, c, nb).reshape(Hq, c, nb)
         sc = sc.masked_fill(~blk_ok[None], float("-inf"))
-    n = min(spec["blocks"], nb)
-    top = sc.topk(n, dim=-1)
-    keep = torch.zeros(Hq, c, nb, dtype=torch.bool, device=k.device)
-    keep.scatter_(-1, top.indices, top.values > float("-inf"))
-    A |= keep.repeat_interleave(bs, -1)[..., :T] & before[None]
-    return A
+    return sc
 
 
 class MaskedAttention:

@@ -289,3 +289,32 @@ def test_quality_flat_oracle_with_every_block_is_dense():
         A = Q.flat_mask(Q.flat_spec(f"{Q.FLAT}score={score},window=8,blocks=1,bs=4"), q[0, :, -1:],
                         k2[0], t, logits)
         assert bool(A[1, 0, 13]) and int(A[1, 0].sum()) == 8 + 4 + 4, score
+
+
+def test_quality_flat_pool_is_block_rerank_flat():
+    """flat ``pool=N``: only the N // bs blocks best by bound compete, each scored by its exact
+    largest logit (block_rerank's rule over every block): checked against a brute force."""
+    Q = _quality_module()
+    gen = torch.Generator().manual_seed(5)
+    Hq, Hkv, T, D, bs, W, pool = 4, 2, 200, 8, 4, 16, 24
+    q = torch.randn(Hq, 3, D, generator=gen)
+    k = torch.randn(Hkv, T, D, generator=gen)
+    t = torch.tensor([T - 1, T - 30, 120])
+    logits = (q @ k.repeat_interleave(2, 0).transpose(1, 2)) * D ** -0.5
+    sc = Q.flat_scores(Q.flat_spec(f"{Q.FLAT}score=max,window={W},bs={bs},pool={pool}"), q, k, t,
+                       logits)
+    for h in range(Hq):
+        for i in range(3):
+            e, kv = int(t[i]) - W, h // 2
+            blocks = [b for b in range(-(-T // bs)) if b * bs <= e]
+            bound = {b: float(sum(max(float(q[h, i, d]) * float(k[kv, b * bs:b * bs + bs, d].min()),
+                                      float(q[h, i, d]) * float(k[kv, b * bs:b * bs + bs, d].max()))
+                                  for d in range(D))) for b in blocks}
+            kept = sorted(blocks, key=lambda b: -bound[b])[:pool // bs]
+            for b in blocks:
+                if b in kept:
+                    keys = [j for j in range(b * bs, min(b * bs + bs, e + 1)) if j >= 4]
+                    want = max(float(logits[h, i, j]) for j in keys) if keys else float("-inf")
+                    assert abs(float(sc[h, i, b]) - want) < 1e-4 or want == float(sc[h, i, b])
+                else:
+                    assert sc[h, i, b] == float("-inf")
