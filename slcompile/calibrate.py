@@ -294,6 +294,8 @@ class _Capture:
                 s["fine"] = fine
                 s["kmin"], s["kmax"] = [x.cpu() for x in mn], [x.cpu() for x in mx]
                 s["mass"] = p[..., :nfine * fine].view(Hq, -1, nfine, fine).sum(-1).cpu()  # [Hq, n, nfine]
+                if cfg.search_key == "block_rerank":  # the keys themselves, for the exact rescoring
+                    s["kfine"] = kf[:, :nfine * fine].cpu()
             else:
                 a, lo, hi, valid = _stripe_candidates(t, cfg, T)
                 cs = torch.cat([torch.zeros_like(p[..., :1]), p.cumsum(-1)], -1)  # [Hq, n, T+1]
@@ -334,6 +336,13 @@ def _scores(s: dict, qs: Tensor, cfg: SuperlinearConfig, g: int) -> List[tuple]:
             tm = mass[..., :nb << lvl].reshape(Hq, n, nb, 1 << lvl).sum(-1) if lvl else mass[..., :nb]
             valid = (torch.arange(nb, device=qs.device)[None, :] + 1) * size - 1 <= e[:, None]  # whole block <= e
             out.append((sc, tm, valid))
+        if "kfine" in s:  # "block_rerank": the fine blocks' exact largest logit, a set of its own
+            kf = s["kfine"].to(qs.device)
+            fine = s["fine"]
+            nb = kf.shape[1] // fine
+            lg = torch.einsum("hgnd,htd->hgnt", qs.view(Hkv, g, n, D), kf).reshape(Hq, n, nb, fine)
+            valid = (torch.arange(nb, device=qs.device)[None, :] + 1) * fine - 1 <= e[:, None]
+            out.append((lg.amax(-1), mass[..., :nb], valid))
     else:
         keys = s["keys"].to(qs.device)  # [Hkv, n, S, D]
         sc = torch.einsum("hgnd,hnsd->hgns", qs.view(Hkv, g, n, D), keys).reshape(Hq, n, -1)
@@ -363,12 +372,21 @@ def _loss(samples: List[dict], R: Tensor, logtau: Tensor, cfg: SuperlinearConfig
 
 def _topk_mass(samples: List[dict], R: Tensor, cfg: SuperlinearConfig, g: int) -> float:
     """What the search keeps: the dense mass share of the top-k candidate regions by score (finest
-    level for "block"), averaged over queries and heads. The selection criterion."""
+    level for "block"; for "block_rerank" the reference's rule: the RERANK topk best fine blocks by
+    bound, ranked by their exact largest logit), averaged over queries and heads. The selection
+    criterion."""
     tot, n = 0.0, 0
     with torch.no_grad():
         for s in samples:
             qs = torch.einsum("hnd,hde->hne", s["q"].to(R.device), R)
-            sc, tm, valid = _scores(s, qs, cfg, g)[0]
+            sets = _scores(s, qs, cfg, g)
+            sc, tm, valid = sets[0]
+            if cfg.search_key == "block_rerank":
+                v = valid[None].expand_as(sc)
+                pool = sc.masked_fill(~v, float("-inf")).topk(
+                    min(reference.RERANK * cfg.topk, sc.shape[-1]), -1).indices
+                ex = sets[-1][0]
+                sc = torch.full_like(ex, float("-inf")).scatter_(-1, pool, torch.gather(ex, -1, pool))
             v = valid if valid.dim() == 3 else valid[None].expand_as(sc)
             tm = tm.masked_fill(~v, 0.0)
             share = tm / tm.sum(-1, keepdim=True).clamp(min=1e-12)

@@ -293,7 +293,7 @@ _CONFIG_OPTIONS = [
     ("--backward-factor", float, "bf: span reach before its anchor, in units of (t+1)^r."),
     ("--forward-factor", float, "ff: span reach after its anchor."),
     ("--combine", str, "'union' (converted pretrained models) or 'gated' (trained)."),
-    ("--search-key", str, "'anchor', 'mean' or 'block' (docs/routing.md)."),
+    ("--search-key", str, "'anchor', 'mean', 'block' or 'block_rerank' (docs/routing.md)."),
     ("--dense-below", int, "Exact dense attention when the number of keys T <= this."),
     ("--scale", float, "Softmax scale (default: the matched graph's, else 1/sqrt(d))."),
     ("--steps", int, "Search steps N: 2 (SPEC.md) or 3..8 (docs/nstep.md); cost O(L^(1+1/N))."),
@@ -1008,7 +1008,8 @@ def _export_function(fmt: str):
               help="Ordinary text to calibrate on (UTF-8). Repeatable.")
 @click.option("-o", "--out", "output", type=str, required=True, help="Output routers file (.safetensors).")
 @click.option("--minutes", type=float, default=10.0, show_default=True, help="Time budget.")
-@click.option("--steps", type=int, default=200, show_default=True, help="Optimiser steps per layer (at most).")
+@click.option("--opt-steps", "opt_steps", type=int, default=200, show_default=True,
+              help="Optimiser steps per layer (at most). (--steps is the config's search steps N.)")
 @click.option("--seq-len", type=int, default=2048, show_default=True,
               help="The texts are cut into sequences of this many tokens (use your run length).")
 @click.option("--max-sequences", type=int, default=8, show_default=True)
@@ -1019,7 +1020,7 @@ def _export_function(fmt: str):
 @config_options
 @common_options
 @_guard
-def calibrate(model, texts, output, minutes, steps, seq_len, max_sequences, queries, device,
+def calibrate(model, texts, output, minutes, opt_steps, seq_len, max_sequences, queries, device,
               overwrite, json_mode, debug, quiet, **kwargs):
     """Learn the search projections (routers) of a transformers model from its own dense attention.
 
@@ -1033,7 +1034,7 @@ def calibrate(model, texts, output, minutes, steps, seq_len, max_sequences, quer
 
     out = Out(json_mode, quiet, debug)
     for name, v, lo in (("--minutes", minutes, 0.0), ("--seq-len", seq_len, 1),
-                        ("--max-sequences", max_sequences, 1), ("--steps", steps, 1),
+                        ("--max-sequences", max_sequences, 1), ("--opt-steps", opt_steps, 1),
                         ("--queries", queries, 4)):
         if not (v > lo if name == "--minutes" else v >= lo) or not math.isfinite(v):
             raise UsageError(f"{name} must be {'>' if name == '--minutes' else '>='} {lo}, got {v}")
@@ -1078,7 +1079,7 @@ def calibrate(model, texts, output, minutes, steps, seq_len, max_sequences, quer
             raise InputFormatError(f"the texts hold {len(ids)} tokens: calibration needs sequences of "
                                    f"more than {need} tokens (window {config.window})")
         try:
-            routers = run_calibration(hf, seqs, config=config, minutes=minutes, steps=steps,
+            routers = run_calibration(hf, seqs, config=config, minutes=minutes, steps=opt_steps,
                                     queries=queries, progress=(lambda m: st.step(m)) if not quiet else False)
         except (TypeError, ValueError) as e:
             raise ModelError(f"calibration failed: {first_line(e)}")

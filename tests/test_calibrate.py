@@ -268,7 +268,7 @@ def test_cli_calibrate(tmp_path):
     out = tmp_path / "r.safetensors"
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     cmd = [sys.executable, "-m", "slcompile", "calibrate", str(d), "--text", str(text), "--out", str(out),
-           "--minutes", "0.5", "--steps", "5", "--seq-len", "512", "--window", "16", "--topk", "2",
+           "--minutes", "0.5", "--opt-steps", "5", "--seq-len", "512", "--window", "16", "--topk", "2",
            "--device", "cpu", "--json"]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -302,3 +302,38 @@ def test_calibration_trains_the_search_fine_block(T, bf):
     assert fine_block(cfg, T) == 1 << int(jf[0])
     if bf == 0.35 and 4096 <= T <= 9000:
         assert fine_block(cfg, T) == 16
+
+
+def test_block_rerank_routers_are_judged_by_the_rerank_rule():
+    """For "block_rerank" a router is kept only if the search's own rule keeps more held-back dense
+    mass: the RERANK topk best fine blocks by bound, ranked by their exact largest logit (the
+    identity's figure against a brute force, with a pool small enough to matter)."""
+    from slcompile.calibrate import _regions_block, _topk_mass
+
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 1000, ()).item()))
+    Hq, Hkv, T, D, fine, n = 4, 2, 256, 8, 8, 5
+    cfg = SuperlinearConfig.for_pretrained(window=32, topk=2, dense_below=0)
+    k = torch.randn(Hkv, T, D, generator=gen)
+    q = torch.randn(Hq, n, D, generator=gen) * 2
+    t = torch.tensor([250, 200, 180, 120, 255])
+    e = t - cfg.window
+    mass = torch.rand(Hq, n, T // fine, generator=gen)
+    mn, mx = _regions_block(k, 3, fine)
+    s = {"t": t, "e": e, "q": q, "fine": fine, "kmin": mn, "kmax": mx, "mass": mass,
+         "kfine": k[:, :T // fine * fine]}
+    with reference.block_search_constants(rerank=2):
+        got = _topk_mass([s], torch.eye(D).repeat(Hq, 1, 1), cfg, Hq // Hkv)
+        pool_n = reference.RERANK * cfg.topk
+    want = []
+    for h in range(Hq):
+        kv = h // (Hq // Hkv)
+        for i in range(n):
+            blocks = [b for b in range(T // fine) if (b + 1) * fine - 1 <= int(e[i])]
+            kb = {b: k[kv, b * fine:(b + 1) * fine] for b in blocks}
+            bound = {b: float((q[h, i].clamp(min=0) * kb[b].amax(0) + q[h, i].clamp(max=0) * kb[b].amin(0)).sum())
+                     for b in blocks}
+            pool = sorted(blocks, key=lambda b: -bound[b])[:pool_n]
+            top = sorted(pool, key=lambda b: -float((kb[b] @ q[h, i]).max()))[:cfg.topk]
+            tot = float(mass[h, i, blocks].sum())
+            want.append(sum(float(mass[h, i, b]) for b in top) / tot)
+    assert abs(got - sum(want) / len(want)) < 1e-5, (got, sum(want) / len(want))
