@@ -28,7 +28,9 @@ Options: ``--prompt chat`` puts the needle prompt in the model's chat template; 
 teacher-forced`` decides a needle with one prefill (greedy decoding would emit exactly the answer's
 tokens) instead of generating; ``--routers FILE`` (from ``slcompile calibrate``) runs the variants
 named with a trailing ``+r`` with those routers as search projections (the others without);
-``pretrained`` is ``SuperlinearConfig.for_pretrained()``. ``--make-bundle`` writes the tokenised texts
+``pretrained`` is ``SuperlinearConfig.for_pretrained()``; inline variants may also set the block
+searches' module constants (``fine_block=``, ``rerank=``: reference.BLOCK / RERANK) for that variant,
+e.g. ``pretrained,fine_block=32,rerank=4`` is the preset before 2026-12-01. ``--make-bundle`` writes the tokenised texts
 for a machine without them; ``benchmarks/quality_gpu.py`` runs everything in one GPU call.
 
 """
