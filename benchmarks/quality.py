@@ -85,15 +85,18 @@ ROUTED = "+r"  # suffix of a variant that uses calibrated routers (--routers)
 CONSTANTS = {"fine_block": "block", "rerank": "rerank"}
 
 
+def _inline_items(name: str) -> List[tuple]:
+    """(key, value) strings of the comma-separated items of a variant name, a trailing ``+r``
+    dropped (an item without "=" gives value "")."""
+    if name.endswith(ROUTED):
+        name = name[:-len(ROUTED)]
+    return [tuple(kv.partition("=")[::2]) for kv in name.split(",")]
+
+
 def variant_constants(name: str) -> dict:
     """The block-search constants an inline variant sets (keyword arguments of
     reference.block_search_constants), {} for none."""
-    out = {}
-    for kv in name[:-len(ROUTED)].split(",") if name.endswith(ROUTED) else name.split(","):
-        k, _, val = kv.partition("=")
-        if k in CONSTANTS:
-            out[CONSTANTS[k]] = int(val)
-    return out
+    return {CONSTANTS[k]: int(val) for k, val in _inline_items(name) if k in CONSTANTS}
 
 
 def variant_scope(name: str):
@@ -119,8 +122,7 @@ def variant_config(name: str) -> Optional[SuperlinearConfig]:
         base = SuperlinearConfig.for_pretrained(dense_below=0).to_dict()
         name = name[len("pretrained,"):]
     fields = {}
-    for kv in name.split(","):
-        k, _, val = kv.partition("=")
+    for k, val in _inline_items(name):
         if k in CONSTANTS:
             continue
         try:
