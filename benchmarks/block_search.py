@@ -52,8 +52,10 @@ from slcompile.kernels import triton_impl as TI  # noqa: E402
 
 HEADS = [(32, 8, 128), (9, 3, 64)]  # Llama-8B-like, SmolLM2-135M-like
 BEFORE = os.path.join(HERE, "block_search_h200_2026-11-28.json")
-SWEEP = [(16, 8), (4, 4), (8, 4)]  # launch shapes (block_q, num_warps) tried after the table
-RERANK_SWEEP = [(1, 4), (2, 4), (8, 4), (4, 8), (8, 8)]  # --rerank: (rerank_chunk, rerank_warps)
+# launch shapes tried after the table (keyword arguments of triton_block.span_search)
+SWEEP = [dict(block_q=bq, num_warps=nw) for bq, nw in [(16, 8), (4, 4), (8, 4)]]
+RERANK_SWEEP = [dict(rerank_chunk=ch, rerank_warps=nw)  # --rerank
+                for ch, nw in [(1, 4), (2, 4), (8, 4), (4, 8), (8, 8)]]
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 KEY = "block"  # the search key checked and timed (--rerank: "block_rerank")
 OLD = dict(block=32, rerank=4)  # --rerank also times block_rerank with the constants before 2026-12-01
@@ -218,14 +220,10 @@ def warm(cfg, job):
                 TB.span_search(q, k, *search_args(cfg))
         else:
             TI.span_search(q, k, *search_args(cfg, key="anchor"))
-    elif kind == "rsweep":
-        T, (Hq, Hkv, D), ch, nw = spec
-        q, k = data(Hq, Hkv, T, T, D, False, 0)
-        TB.span_search(q, k, *search_args(cfg), rerank_chunk=ch, rerank_warps=nw)
     else:
-        T, (Hq, Hkv, D), bq, nw = spec
+        T, (Hq, Hkv, D), launch = spec
         q, k = data(Hq, Hkv, T, T, D, False, 0)
-        TB.span_search(q, k, *search_args(cfg), block_q=bq, num_warps=nw)
+        TB.span_search(q, k, *search_args(cfg), **launch)
     torch.cuda.synchronize() if DEV == "cuda" else None
 
 
@@ -272,8 +270,7 @@ def main():
     # and tie rules on tensor cores), the first heads' timings, the other checks, the other heads
     todo = [("check", checks[0])] + [("time", (T, heads[0])) for T in lengths] + \
         [("check", c) for c in checks[1:]] + [("time", (T, hd)) for hd in heads[1:] for T in lengths]
-    sweep = [("rsweep", (lengths[0], heads[0], ch, nw)) for ch, nw in RERANK_SWEEP] if a.rerank else \
-        [("sweep", (lengths[0], heads[0], bq, nw)) for bq, nw in SWEEP]
+    sweep = [("sweep", (lengths[0], heads[0], launch)) for launch in (RERANK_SWEEP if a.rerank else SWEEP)]
     if a.warm_job is not None:
         warm(cfg, (todo + sweep)[a.warm_job])
         return
@@ -296,11 +293,9 @@ def main():
         (Hq, Hkv, D), T = heads[0], lengths[0]
         q, k = data(Hq, Hkv, T, T, D, False, 1)
         out["sweep"] = {}
-        for kind, (_, _, x, nw) in sweep:
+        for _, (_, _, launch) in sweep:
             if time.time() - t_start > a.budget_s:
                 break
-            launch = dict(rerank_chunk=x, rerank_warps=nw) if kind == "rsweep" else \
-                dict(block_q=x, num_warps=nw)
             ms = clock(lambda: TB.span_search(q, k, *search_args(cfg), **launch), 0.5, 5) * 1e3
             bq = ",".join(f"{n}={v}" for n, v in launch.items())
             out["sweep"][bq] = ms

@@ -425,8 +425,7 @@ def _rerank_kernel(
         mc = m0 + tl.arange(0, CH)
         tl.store(erow + mc * sck, mx, mask=mc < NR)
     tl.debug_barrier()  # EX written by other threads' layouts above
-    ex = tl.load(erow + ms * sck, mask=ms < NR, other=float("-inf"))
-    ex = tl.where(ca >= 0, ex, float("-inf"))
+    ex = tl.load(erow + ms * sck, mask=ms < NR, other=float("-inf"))  # -inf where ca < 0
     key = _key(ex, ca, ca >= 0, NO_KEY)
     b0 = (ca >> jf) << jf
     obase = b * sab + h * sah + qi.to(tl.int64) * sam
