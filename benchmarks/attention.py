@@ -4,11 +4,11 @@
 One run prints a table at L = 4K .. 1M (B=1, Hq=32, Hkv=8, d=128, bf16, default config with
 dense_below=0) against ``F.scaled_dot_product_attention`` (flash backend) and FlexAttention (causal
 block mask, compiled): time (median of CUDA-event timings), ratio to SDPA, achieved TFLOP/s and
-GB/s against the FLOPs and bytes that SPEC's cost model says superlinear attention must do, and the
+GB/s against the FLOPs and bytes that the spec's cost model says superlinear attention must do, and the
 fitted scaling exponent between 128K and 1M. It writes ``attention.json``, ``attention.md`` and a
 log-log PNG (if matplotlib is there) to ``--out``.
 
-Cost model (SPEC.md, per query head, query at t): span-search scores n(t) stripes (the exact count
+Cost model (docs/spec.md, per query head, query at t): span-search scores n(t) stripes (the exact count
 from ``geometry.stripe_deltas``), 2*d FLOPs each; span-attention attends
 |A_t| = min(t+1, S + W + k*(bf+ff)*(t+1)^r) keys, 4*d FLOPs each (q.k and p.v). Bytes: q, k, v read
 once, the output written once, anchors and scores written and read once. Dense attention: 4*d*(t+1)
@@ -60,7 +60,7 @@ def cuda_time(fn, budget_s=1.5, max_iters=20, warmup=True, predicted=None):
 
 
 def cost_model(L, Hq, D, cfg, B=1):
-    """FLOPs and bytes superlinear attention must do (SPEC cost model), and dense FLOPs."""
+    """FLOPs and bytes superlinear attention must do (the spec cost model), and dense FLOPs."""
     kernels = boot()
     from slcompile.kernels.geometry import num_stripes, stripe_deltas
     t = torch.arange(L, dtype=torch.float64)

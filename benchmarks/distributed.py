@@ -8,7 +8,7 @@ all-gather baseline. Reports time (median over ``--repeats`` of the slowest rank
 `CommStats`) and the error of the split result against the single-device one on sampled query rows
 (the first and last 128 queries of every chunk, all heads). Writes distributed.json / .md to --out.
 
-Defaults: B=1, Hq=32, Hkv=8, d=128, SPEC's default config with dense_below=0, bf16 and NCCL on
+Defaults: B=1, Hq=32, Hkv=8, d=128, the spec's default config with dense_below=0, bf16 and NCCL on
 CUDA (one process per GPU, mp.spawn), fp32 and gloo on CPU (one thread per process).
 
     python benchmarks/distributed.py                                   # 2 GPUs, 1M / 2M / 4M tokens

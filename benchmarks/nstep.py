@@ -1,4 +1,4 @@
-"""N = 2 (SPEC.md) against N = 3 (docs/nstep.md): keys attended per query and prefill time.
+"""N = 2 (docs/spec.md) against N = 3 (docs/nstep.md): keys attended per query and prefill time.
 
     python benchmarks/nstep.py --keys-only                  # CPU: exact key budgets, no timing
     python benchmarks/nstep.py --out nstep.json             # GPU: budgets, measured keys, times
@@ -6,7 +6,7 @@
 Per length L (a prefill: queries 0..L-1 over L keys) and N:
 
 * budget: the most keys a query may attend, exact from the integer geometry tables (CPU):
-  min(t+1, S + W + topk * span) with span = back + fwd + 1 (N = 2: the SPEC span of
+  min(t+1, S + W + topk * span) with span = back + fwd + 1 (N = 2: the the spec span of
   ceil(bf (t+1)^(1/2)) keys back; N = 3: the cell size of docs/nstep.md); the mean over t, and the
   total over the prefill, whose fitted exponent is the cost exponent;
 * scored: candidates scored per query (N = 2: the stripes past the window; N = 3: an upper bound,

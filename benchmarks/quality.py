@@ -682,7 +682,7 @@ class QKCapture:
 
 @torch.no_grad()
 def attended_mask(cfg: SuperlinearConfig, qs, k, qpos):
-    """bool [B, Hq, nQ, T]: the keys SPEC.md's union attends for the queries at qpos [B, nQ]
+    """bool [B, Hq, nQ, T]: the keys docs/spec.md's union attends for the queries at qpos [B, nQ]
     (the search of cfg.steps: the stripe/block search for 2, docs/nstep.md's for N >= 3)."""
     B, Hq, nQ, D = qs.shape
     T = k.shape[2]

@@ -12,7 +12,7 @@ Median of CUDA-event timings; writes ``train.json`` and ``train.md`` to ``--out`
 
 FLOP model (for the achieved-throughput column): dense causal attention does 4*d*L^2/2 FLOPs per
 head forward and 2.5x that backward (recompute q.k, dO.v, dS.k, dS^T.q, P^T.dO); superlinear
-attention attends |A_t| = min(t+1, S + W + k*(bf+ff)*(t+1)^r) keys per query (SPEC's cost model),
+attention attends |A_t| = min(t+1, S + W + k*(bf+ff)*(t+1)^r) keys per query (the spec's cost model),
 so 4*d*|A_t| forward and 10*d*|A_t| backward, plus (union) the q.k-only statistics pass
 (2*d*|A_t|).
 

@@ -153,7 +153,7 @@ def routing_hits(anchors, qpos, vpos, config, seq_len):
     """bool [B, Hq, Q]: does a span that head h keeps for answer query q hold its value position?
 
     anchors [B, Hq, L, topk] (-1 empty) from the search; a kept anchor a of the query at t owns
-    [max(0, a - back[t]), min(a + fwd[t], t - window)] (SPEC.md)."""
+    [max(0, a - back[t]), min(a + fwd[t], t - window)] (docs/spec.md)."""
     back, fwd = span_extents(seq_len, config.attention_span_power, config.backward_factor,
                              config.forward_factor, anchors.device)
     H, k = anchors.shape[1], anchors.shape[3]

@@ -4,7 +4,7 @@ What gets a gradient (``torch.ops.superlinear.*``, hence ``slcompile.superlinear
 every graph the pass rewrites):
 
 ``span_attention(query, key, value, anchors, scores, ...)``
-    * ``query``, ``key``, ``value``: the exact gradient of the output SPEC.md defines for the
+    * ``query``, ``key``, ``value``: the exact gradient of the output docs/spec.md defines for the
       chosen ``combine`` (sinks, window and kept spans; GQA: a kv head sums the gradients of its
       query heads; padded keys get zero). Dense case (T <= dense_below) likewise.
     * ``scores``, ``combine="gated"``: the gradient through the gate g = softmax(scores of the
@@ -104,7 +104,7 @@ def _softmax_masked(logits, ok, dim=-1):
 def gathered_attention(q, k, v, anchors, scores, key_padding_mask, query_positions, window, sinks,
                        span_power, backward_factor, forward_factor, combine, scale, dense_below,
                        grad_out: Optional[Tensor] = None):
-    """SPEC.md's span-attention over each query's gathered keys, in float64 for float64 inputs
+    """docs/spec.md's span-attention over each query's gathered keys, in float64 for float64 inputs
     (float32 otherwise), with its explicit backward when ``grad_out`` is given.
 
     Returns ``out`` (compute dtype) and, with ``grad_out``, also (dq, dk, dv, dscores) in the

@@ -1,4 +1,4 @@
-"""`SuperlinearConfig`: every parameter of SPEC.md, validated on construction.
+"""`SuperlinearConfig`: every parameter of docs/spec.md, validated on construction.
 
 Lives in the kernel layer because kernels and the reference take its fields as plain scalars;
 `slcompile.SuperlinearConfig` re-exports it.
@@ -46,7 +46,7 @@ def _check_float(name: str, value: Any, lo: float, hi: float, lo_open: bool = Fa
 
 @dataclass(frozen=True)
 class SuperlinearConfig:
-    """Parameters of superlinear attention (see SPEC.md).
+    """Parameters of superlinear attention (see docs/spec.md).
 
     Args:
         window: local window W; keys [t-W+1, t] are always attended.
@@ -66,7 +66,7 @@ class SuperlinearConfig:
             far better on converted models; both have Triton kernels, docs/routing.md).
         dense_below: if the number of keys T <= dense_below, exact dense causal attention.
         scale: softmax scale; None means 1/sqrt(head_dim) (or the scale of the matched graph).
-        steps: N, the number of search-and-attend steps (2..8). 2 is SPEC.md's stripe search;
+        steps: N, the number of search-and-attend steps (2..8). 2 is docs/spec.md's stripe search;
             N >= 3 is the hierarchical search of docs/nstep.md (cells of about t^(1/N) keys, a
             beam search over N-1 levels, O(L^(1+1/N)) per prefill). With N >= 3,
             search_power/span_power keep their defaults (the powers are 1/N) and search_key is
@@ -146,7 +146,7 @@ class SuperlinearConfig:
         second session); the trade-off table is in README.md. Its search is slow (3-26x SDPA's
         whole attention on an H200, README.md); ``search_key="block"`` is the faster, weaker
         choice. ``dense_below`` keeps its default,
-        so short inputs stay exact. The field defaults stay those of SPEC.md."""
+        so short inputs stay exact. The field defaults stay those of docs/spec.md."""
         return cls(**{**PRETRAINED, **overrides})
 
     @classmethod

@@ -317,7 +317,7 @@ def sequence_parallel_superlinear_attention(
     block: int = 64,
     return_stats: bool = False,
 ):
-    """Superlinear causal attention (SPEC.md) of a sequence split across the ranks of ``group``.
+    """Superlinear causal attention (docs/spec.md) of a sequence split across the ranks of ``group``.
 
     Group rank r holds positions [r*C, (r+1)*C) of the sequence; every rank holds C positions (an
     equal chunk), so the sequence has T = world_size * C tokens. Collective: every rank calls it
@@ -347,7 +347,7 @@ def sequence_parallel_superlinear_attention(
         raise TypeError(f"{_NAME}: config must be a SuperlinearConfig, got {type(config).__name__}")
     if config.steps != 2:
         raise ValueError(f"{_NAME}: config.steps={config.steps} (the N-step search of docs/nstep.md) is "
-                         f"not supported across ranks yet; only steps=2 (SPEC.md's stripe search)")
+                         f"not supported across ranks yet; only steps=2 (docs/spec.md's stripe search)")
     if comm not in COMM_MODES:
         raise ValueError(f"{_NAME}: comm={comm!r} is invalid: expected one of {COMM_MODES}")
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:

@@ -1,6 +1,6 @@
 """Integer geometry of superlinear attention, shared by the reference and every kernel.
 
-Two tables fix every rounding decision of SPEC.md once, in float64, so that the reference and the
+Two tables fix every rounding decision of docs/spec.md once, in float64, so that the reference and the
 Triton kernels see exactly the same stripes and spans:
 
 * ``stripe_deltas(n, p)``: delta_i = floor(i^(1/p)) - 1 for i = 1..n (stripe i's anchor sits at
@@ -49,7 +49,7 @@ def span_extents(T: int, r: float, bf: float, ff: float, device=None):
 
 
 def keeps_no_span(T: int, window: int, dense_below: int, Lq: int) -> bool:
-    """SPEC.md: no query keeps a span when T <= dense_below (dense attention), when the window
+    """docs/spec.md: no query keeps a span when T <= dense_below (dense attention), when the window
     covers all T keys, or when there is no query."""
     return T <= dense_below or window >= T or Lq == 0
 

@@ -223,7 +223,7 @@ def nstep_search_backward(grad_scores, qs, k, key_padding_mask, query_positions,
 def superlinear_attention(q, k, v, *, window, sinks, topk, steps, backward_factor, forward_factor,
                           combine, search_key, dense_below, scale, key_padding_mask=None,
                           query_positions=None, search_query=None):
-    """The N-step search plus SPEC.md's span-attention (span_power = 1/N), no validation."""
+    """The N-step search plus docs/spec.md's span-attention (span_power = 1/N), no validation."""
     qs = q if search_query is None else search_query
     anchors, sc = nstep_search(qs, k, key_padding_mask, query_positions, window, topk, steps,
                                backward_factor, forward_factor, search_key, dense_below)

@@ -63,7 +63,7 @@ def span_search(
     search_key: str,
     dense_below: int,
 ) -> Tuple[Tensor, Tensor]:
-    """Step 1 of SPEC.md: anchors int32 [B, Hq, Lq, topk] and scores float32 [B, Hq, Lq, topk]."""
+    """Step 1 of docs/spec.md: anchors int32 [B, Hq, Lq, topk] and scores float32 [B, Hq, Lq, topk]."""
     args = (search_query, key, key_padding_mask, query_positions, window, topk, search_power,
             span_power, backward_factor, forward_factor, search_key, dense_below)
     if _use_triton(search_query.device):
@@ -106,7 +106,7 @@ def span_attention(
     scale: float,
     dense_below: int,
 ) -> Tensor:
-    """Step 2 of SPEC.md: attention over sinks, window and the kept spans; [B, Hq, Lq, Dv]."""
+    """Step 2 of docs/spec.md: attention over sinks, window and the kept spans; [B, Hq, Lq, Dv]."""
     args = (query, key, value, anchors, scores, key_padding_mask, query_positions, window, sinks,
             span_power, backward_factor, forward_factor, combine, scale, dense_below)
     if _use_triton(query.device):

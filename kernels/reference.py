@@ -1,7 +1,7 @@
-"""SPEC.md, executable: the reference implementation of superlinear attention.
+"""docs/spec.md, executable: the reference implementation of superlinear attention.
 
 Every kernel is tested against this module. It is written for clarity first and for scale second:
-it gathers, per query, only the keys that SPEC.md says the query attends (sinks, window, the kept
+it gathers, per query, only the keys that docs/spec.md says the query attends (sinks, window, the kept
 spans), chunked over queries so that memory stays O(chunk * budget) and a 32K-token prefill runs on
 a laptop CPU. Nothing here knows about graphs.
 
@@ -532,7 +532,7 @@ def span_attention(
     scale: float,
     dense_below: int,
 ) -> torch.Tensor:
-    """Step 2 of SPEC.md. Every query attends three kinds of disjoint segments: the sinks
+    """Step 2 of docs/spec.md. Every query attends three kinds of disjoint segments: the sinks
     [0, min(S, t+1)), the window [max(S, t-W+1), t] and its kept spans [lo_j, hi_j] minus the sinks
     (union mode: also minus earlier kept spans, so a position counts once). Each segment's softmax
     partial is computed separately (see _segment_partials) and the partials are merged exactly."""
@@ -633,7 +633,7 @@ def span_attention(
 def superlinear_attention(q, k, v, *, window, sinks, topk, search_power, span_power,
                           backward_factor, forward_factor, combine, search_key, dense_below,
                           scale, key_padding_mask=None, query_positions=None, search_query=None):
-    """Both steps, no validation: the whole of SPEC.md in one call (for tests and tools)."""
+    """Both steps, no validation: the whole of docs/spec.md in one call (for tests and tools)."""
     qs = q if search_query is None else search_query
     anchors, sc = span_search(qs, k, key_padding_mask, query_positions, window, topk, search_power,
                               span_power, backward_factor, forward_factor, search_key, dense_below)

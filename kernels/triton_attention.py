@@ -1,4 +1,4 @@
-"""Triton kernels for step 2 of SPEC.md: span-attention (sinks, window and kept spans).
+"""Triton kernels for step 2 of docs/spec.md: span-attention (sinks, window and kept spans).
 
 Two paths (``impl``), both exact against the reference:
 

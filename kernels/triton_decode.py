@@ -9,7 +9,7 @@ Here the work of every (query, head) is split into many programs and merged exac
   scoring its stripes for the G query heads of that kv head (each key row read once) and keeping a
   local top-k; ``_search_merge_kernel`` takes the top-k of all chunks' candidates per (query,
   head). A top-k of local top-k's is the global top-k; ties go to the nearer (larger) anchor at
-  both levels, as in SPEC.md.
+  both levels, as in docs/spec.md.
 * attention (``_attend_part_kernel``): the keys a (query, head) attends are cut into segments
   (sinks, window, then one per kept span: in ``union`` mode the spans made disjoint, each minus
   the ones that start before it), and every segment into chunks of ``BN`` keys; one program per

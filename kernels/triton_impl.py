@@ -7,7 +7,7 @@ the reference. The functions take exactly the argument lists of ``reference.span
 decoding (a few query rows per kv head, ``triton_decode.use_decode``) runs ``triton_decode``, which
 splits each (query, head) over many programs. Other search keys run the reference. On CUDA, the
 dense case (T <= dense_below) goes to
-``F.scaled_dot_product_attention`` (flash) when its causal alignment matches SPEC (Lq == T, no
+``F.scaled_dot_product_attention`` (flash) when its causal alignment matches docs/spec.md (Lq == T, no
 explicit positions, no key padding, same q/v head dim; or a single bottom-right query); otherwise it runs the Triton kernel with
 a window over every key. Dtypes other than fp32/bf16/fp16 and head dims above 256 run the
 reference.

@@ -1,11 +1,11 @@
-"""Triton kernels for step 1 of SPEC.md: span-search (stripe scores and an in-register top-k).
+"""Triton kernels for step 1 of docs/spec.md: span-search (stripe scores and an in-register top-k).
 
 One program owns a block of queries and all G query heads of one kv head, so each key row is read
 once for the G heads. It walks the stripes in ascending order (nearest anchor first): for stripe i
 every query t of the block reads the key row at its anchor a = t - delta_i; with bottom-right
 positions these rows are contiguous, so the loads of a block are coalesced. Each (head, query)
 keeps its best ``topk`` (score, anchor) pairs in registers; because stripes arrive nearest-first,
-a candidate replaces the current worst only if its score is strictly greater, which gives SPEC's
+a candidate replaces the current worst only if its score is strictly greater, which gives the spec's
 tie rule (the nearer anchor wins). The slots are sorted (descending score, nearer anchor first)
 when written.
 

@@ -21,7 +21,7 @@ How:
    * ``"block"``/``"block_rerank"`` (docs/routing.md): aligned blocks of bs, 2 bs, 4 bs, ... keys
      (bs = the search's fine block for the sequence length, `fine_block`), scored by the Quest bound
      sum_d max(qs_d kmin_d, qs_d kmax_d); every level of the coarse-to-fine search is trained.
-   * ``"anchor"`` / ``"mean"`` (SPEC.md): the stripe spans of the query, scored by qs . k[anchor]
+   * ``"anchor"`` / ``"mean"`` (docs/spec.md): the stripe spans of the query, scored by qs . k[anchor]
      or qs . mean(k over the span).
 
 The routers start at the identity (the training-free search) and the loss is measured on held-back

@@ -54,7 +54,7 @@ MAIN_EPILOG = "\b\nExamples:\n" \
     "\n" + _exit_code_table() + "\n\n" \
     "Every command takes --json (result as JSON on stdout), --debug (traceback on failure) and\n" \
     "--quiet (no progress). Config options (--window, --sinks, --topk, ...) are the fields of\n" \
-    "slcompile.SuperlinearConfig; see SPEC.md for their meaning."
+    "slcompile.SuperlinearConfig; see docs/spec.md for their meaning."
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,7 +296,7 @@ _CONFIG_OPTIONS = [
     ("--search-key", str, "'anchor', 'mean', 'block' or 'block_rerank' (docs/routing.md)."),
     ("--dense-below", int, "Exact dense attention when the number of keys T <= this."),
     ("--scale", float, "Softmax scale (default: the matched graph's, else 1/sqrt(d))."),
-    ("--steps", int, "Search steps N: 2 (SPEC.md) or 3..8 (docs/nstep.md); cost O(L^(1+1/N))."),
+    ("--steps", int, "Search steps N: 2 (docs/spec.md) or 3..8 (docs/nstep.md); cost O(L^(1+1/N))."),
 ]
 
 

@@ -105,7 +105,7 @@ def superlinear_attention(
     query_positions: Union[None, int, Tensor] = None,
     search_query: Optional[Tensor] = None,
 ) -> Tensor:
-    """Superlinear causal attention (SPEC.md), shaped like ``F.scaled_dot_product_attention``.
+    """Superlinear causal attention (docs/spec.md), shaped like ``F.scaled_dot_product_attention``.
 
     Args:
         query: [B, Hq, Lq, D].

@@ -8,7 +8,7 @@ through its ``custom_translation_table`` (see ``slcompile.export``).
 Every shape is read from the tensors at run time (``Shape``), so the sequence axis stays dynamic;
 the config fields arrive as Python scalars and become attributes/constants.
 
-The semantics are SPEC.md's, following ``kernels/reference.py`` decision for decision:
+The semantics are docs/spec.md's, following ``kernels/reference.py`` decision for decision:
 
 * stripe offsets delta_i = floor(i^(1/p)) - 1 (an exact integer power when 1/p is an integer, e.g.
   i*i - 1 for p = 1/2; otherwise float64 ``Pow`` with the same snapping to integers as
@@ -22,7 +22,7 @@ The semantics are SPEC.md's, following ``kernels/reference.py`` decision for dec
   positions already in an earlier kept span), and merges exact softmax partials;
 * ``T <= dense_below``: the effective window becomes T, which makes both steps compute exact dense
   causal attention (no stripe lies beyond the window, the window covers every key); this is
-  SPEC.md's exactness property, selected at run time without an ``If`` node.
+  docs/spec.md's exactness property, selected at run time without an ``If`` node.
 
 Cost: O(Lq * budget * D) per head, i.e. O(L^1.5) for a prefill at the default powers (the gathered
 K/V rows are materialised per query).
@@ -177,7 +177,7 @@ def _clamp(x, lo, hi):
 def span_search(search_query, key, key_padding_mask=None, query_positions=None, window=64, topk=3,
                 search_power=0.5, span_power=0.5, backward_factor=2.0, forward_factor=0.0,
                 search_key="anchor", dense_below=0):
-    """Step 1 of SPEC.md in ONNX: anchors int32 [B, Hq, Lq, topk], scores float32."""
+    """Step 1 of docs/spec.md in ONNX: anchors int32 [B, Hq, Lq, topk], scores float32."""
     if search_key not in ("anchor", "mean"):
         raise OnnxTranslationError(
             f"span_search with search_key={search_key!r} has no ONNX translation (supported: "
@@ -287,7 +287,7 @@ def _merge(parts):
 def span_attention(query, key, value, anchors, scores, key_padding_mask=None, query_positions=None,
                    window=64, sinks=4, span_power=0.5, backward_factor=2.0, forward_factor=0.0,
                    combine="union", scale=1.0, dense_below=0):
-    """Step 2 of SPEC.md in ONNX: [B, Hq, Lq, Dv] in query's dtype."""
+    """Step 2 of docs/spec.md in ONNX: [B, Hq, Lq, Dv] in query's dtype."""
     if combine not in ("union", "gated"):
         raise OnnxTranslationError(f"span_attention with combine={combine!r} has no ONNX translation")
     q = op.Cast(query, to=_F32)

@@ -1,4 +1,4 @@
-"""Brute-force oracle of SPEC.md for tests only: Python loops over queries, explicit position sets,
+"""Brute-force oracle of docs/spec.md for tests only: Python loops over queries, explicit position sets,
 float64. Independent of kernels/reference.py except for the geometry tables (which only fix how
 i^(1/p) and (t+1)^r are rounded)."""
 

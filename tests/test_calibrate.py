@@ -104,7 +104,7 @@ def capture_qk(model, ids):
 
 def kept_mass(q, k, qs, cfg):
     """Dense causal softmax mass (brute force) inside the keys the union attends when span-search
-    ranks with search queries qs: window, sinks and the kept spans (SPEC.md), over the queries that
+    ranks with search queries qs: window, sinks and the kept spans (docs/spec.md), over the queries that
     have spans, averaged over heads and queries."""
     B, Hq, T, D = q.shape
     g = Hq // k.shape[1]

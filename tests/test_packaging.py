@@ -1,5 +1,6 @@
 """Packaging contract: passes/ and kernels/ install as slcompile.passes / slcompile.kernels only."""
 
+import json
 import os
 import subprocess
 import sys
@@ -13,10 +14,53 @@ def _py(code, cwd):
 
 
 def test_no_top_level_import_names(tmp_path):
-    r = _py("import importlib.util as u, slcompile.kernels, slcompile.passes;"
-            "print(u.find_spec('kernels') is None, u.find_spec('passes') is None)", cwd=tmp_path)
+    # ``kernels`` may exist (Hugging Face's package, which transformers depends on), never as ours
+    r = _py("import importlib.util as u, os, slcompile.kernels, slcompile.passes;"
+            "s = u.find_spec('kernels');"
+            "print(s is None or not os.path.realpath(s.origin or '').startswith(%r),"
+            " u.find_spec('passes') is None)" % os.path.realpath(ROOT), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["True", "True"]
+
+
+def _hf_kernels_version():
+    # the real package must be installed for the tests below to mean anything: the ``hf`` extra
+    # requires it, so its absence is a broken environment, not a reason to skip
+    import importlib.metadata
+    return importlib.metadata.version("kernels")
+
+
+def test_checkout_root_does_not_shadow_hugging_face_kernels():
+    # From the checkout root (sys.path[0] = cwd) our top-level ``kernels/`` folder must hand its
+    # name to the installed package: transformers imports ``from kernels import ...`` on import.
+    _hf_kernels_version()
+    code = ("import os, slcompile, kernels;"
+            "from transformers import LlamaConfig, LlamaForCausalLM;"
+            "import transformers.integrations.hub_kernels;"
+            "print(os.path.realpath(kernels.__file__));"
+            "print(hasattr(torch_ops := __import__('torch').ops.superlinear, 'span_search'))")
+    r = _py(code, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    origin, registered = r.stdout.split()
+    assert not origin.startswith(os.path.realpath(ROOT) + os.sep), origin
+    assert registered == "True"
+    # python -m pytest puts the root first too; and transformers first, slcompile after
+    r = _py("from transformers import LlamaConfig; import slcompile, kernels;"
+            "print(kernels.__name__, slcompile.SuperlinearConfig().window)", cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["kernels", "64"]
+
+
+def test_cli_from_checkout_root_with_transformers():
+    # ``python -m slcompile`` from the checkout root, on the real pretrained model (transformers,
+    # gguf): it failed at import with "cannot import name 'CUDAProperties' from 'kernels'"
+    _hf_kernels_version()
+    r = subprocess.run([sys.executable, "-m", "slcompile", "demo", "--model", "smollm2",
+                        "--seq-len", "48", "--repeat", "1", "--json", "-q"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    assert out["ok"] is True, out
 
 
 def test_top_level_kernels_from_a_checkout_is_inert():

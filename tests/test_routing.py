@@ -205,7 +205,7 @@ def test_block_config_through_the_public_function():
 
 def test_for_pretrained_preset():
     """The preset of issue 7 (README "Quality"): block search with exact rescoring, window 768, 8
-    spans of ~0.35 sqrt(t) keys; SPEC.md's field defaults are untouched; at 8K every query attends
+    spans of ~0.35 sqrt(t) keys; docs/spec.md's field defaults are untouched; at 8K every query attends
     at most 15% of keys."""
     p = SuperlinearConfig.for_pretrained()
     assert (p.search_key, p.window, p.sinks, p.topk, p.backward_factor, p.forward_factor, p.combine) \

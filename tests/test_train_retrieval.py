@@ -1,6 +1,6 @@
 """examples/train_retrieval.py: the task is honest (every answer lies farther back than the window,
 the tokens say what the targets say), its routing diagnostic agrees with a brute-force reading of
-SPEC.md's span rule, and a tiny run writes the curve with chance level and routing recall."""
+docs/spec.md's span rule, and a tiny run writes the curve with chance level and routing recall."""
 
 import importlib.util
 import json

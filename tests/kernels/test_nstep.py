@@ -88,7 +88,7 @@ def oracle_search(qs, k, kpm, pos, cfg):
 
 
 def oracle_attention(q, k, v, cfg, scale, kpm, pos, anchors, scores):
-    """SPEC.md step 2 over explicit sets, given the oracle's anchors (span power 1/N)."""
+    """docs/spec.md step 2 over explicit sets, given the oracle's anchors (span power 1/N)."""
     B, Hq, Lq, D = q.shape
     Hkv, T, Dv = k.shape[1], k.shape[2], v.shape[3]
     W, S = min(cfg["window"], T), cfg["sinks"]

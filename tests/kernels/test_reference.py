@@ -1,4 +1,4 @@
-"""The reference against the brute-force oracle, dense attention and SPEC.md's properties."""
+"""The reference against the brute-force oracle, dense attention and docs/spec.md's properties."""
 
 import math
 
@@ -120,7 +120,7 @@ def test_coverage_of_candidate_spans():
     cfg = SuperlinearConfig(window=63).to_dict()
     for t in ts:
         assert _uncovered(t, T, cfg, back, fwd, deltas) == set(), t
-    # SPEC.md's default W = 64 is not a stripe offset: the first anchor sits at t - 80, and
+    # docs/spec.md's default W = 64 is not a stripe offset: the first anchor sits at t - 80, and
     # with forward_factor 0 the 16 keys (t-80, t-64] between it and the window lie in no
     # candidate span (before t = 80 the keys [0, t-64] are reachable only through sinks).
     cfg = SuperlinearConfig().to_dict()
