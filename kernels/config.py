@@ -26,19 +26,45 @@ PRETRAINED = dict(search_key="block_rerank", window=768, sinks=4, topk=8, backwa
 NSTEP_SEARCH_KEYS = ("anchor", "mean")  # search keys of the N-step search (steps >= 3)
 
 
+def _short_repr(value: Any, limit: int = 60) -> str:
+    """repr() kept to one short line (an int of 5000 digits has no repr in Python 3.11)."""
+    try:
+        text = repr(value)
+    except Exception:
+        text = f"<{type(value).__name__}>"
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _fail(name: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"SuperlinearConfig.{name}={value!r} is invalid: expected {allowed}")
+    raise ValueError(f"SuperlinearConfig.{name}={_short_repr(value)} is invalid: expected {allowed}")
 
 
-def _check_int(name: str, value: Any, lo: int, hi: Optional[int] = None) -> None:
+# The ops take these fields as the schema's `int`, a C++ int64: a larger Python int would pass
+# here and fail inside the op call ("Expected a value of type 'int' ... found type 'int'").
+INT64_MAX = 2**63 - 1
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int = INT64_MAX) -> None:
+    expected = f"an int in [{lo}, {hi}]" + (" (the ops take int64)" if hi == INT64_MAX else "")
     if isinstance(value, bool) or not isinstance(value, int):
-        _fail(name, value, f"an int in [{lo}, {'inf' if hi is None else hi}]")
-    if value < lo or (hi is not None and value > hi):
-        _fail(name, value, f"an int in [{lo}, {'inf' if hi is None else hi}]")
+        _fail(name, value, expected)
+    if value < lo or value > hi:
+        _fail(name, value, expected)
+
+
+def _finite_number(value: Any) -> bool:
+    """A real number (not a bool) that converts to a finite float (10**400 does not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def _check_float(name: str, value: Any, lo: float, hi: float, lo_open: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not _finite_number(value):
         _fail(name, value, f"a finite number in {'(' if lo_open else '['}{lo}, {hi}]")
     if value < lo or value > hi or (lo_open and value == lo):
         _fail(name, value, f"a number in {'(' if lo_open else '['}{lo}, {hi}]")
@@ -94,14 +120,13 @@ class SuperlinearConfig:
         _check_float("span_power", self.span_power, 0.0, 1.0)
         _check_float("backward_factor", self.backward_factor, 0.0, 1e6)
         _check_float("forward_factor", self.forward_factor, 0.0, 1e6)
-        if self.combine not in COMBINE_MODES:
+        if not isinstance(self.combine, str) or self.combine not in COMBINE_MODES:
             _fail("combine", self.combine, f"one of {COMBINE_MODES}")
-        if self.search_key not in SEARCH_KEYS:
+        if not isinstance(self.search_key, str) or self.search_key not in SEARCH_KEYS:
             _fail("search_key", self.search_key, f"one of {SEARCH_KEYS}")
         _check_int("dense_below", self.dense_below, 0)
         if self.scale is not None:
-            if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) \
-                    or not math.isfinite(self.scale) or self.scale <= 0:
+            if not _finite_number(self.scale) or self.scale <= 0:
                 _fail("scale", self.scale, "None or a finite number > 0")
         _check_int("steps", self.steps, 2, 8)
         if self.steps != 2:

@@ -80,3 +80,40 @@ def test_mask_and_position_errors():
         superlinear_attention(q, k, v, scale=-1.0)
     with pytest.raises(TypeError, match="config"):
         superlinear_attention(q, k, v, config={"window": 3})
+
+
+# --- issue 22: bounds are checked where the config is made, against what the ops take ---------
+
+@pytest.mark.parametrize("field", ["window", "sinks", "dense_below"])
+@pytest.mark.parametrize("value", [2**63, 2**70, 10**20])
+def test_int_fields_beyond_int64_are_refused_where_the_config_is_made(field, value):
+    # They used to pass and fail inside the op call: "Expected a value of type 'int' for argument
+    # 'window' but instead found type 'int'".
+    with pytest.raises(ValueError, match=rf"SuperlinearConfig\.{field}=\d+ is invalid: .*int64"):
+        SuperlinearConfig(**{field: value})
+
+
+def test_int64_max_is_accepted_and_runs():
+    q, k, v = qkv(L=40)
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    for cfg in (SuperlinearConfig(window=2**63 - 1, dense_below=0),
+                SuperlinearConfig(dense_below=2**63 - 1)):
+        torch.testing.assert_close(superlinear_attention(q, k, v, config=cfg), dense,
+                                   atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("field", ["backward_factor", "forward_factor", "scale", "search_power"])
+def test_huge_ints_for_float_fields_are_a_value_error(field):
+    # math.isfinite(10**400) raises OverflowError: it must be the config's ValueError instead.
+    with pytest.raises(ValueError, match=rf"SuperlinearConfig\.{field}=1000.*\.\.\. is invalid"):
+        SuperlinearConfig(**{field: 10**400})
+
+
+def test_error_message_is_one_short_line_for_any_value():
+    for value in (10**5000, "x" * 10_000, "a\nb", [1] * 1000):
+        with pytest.raises(ValueError) as info:
+            SuperlinearConfig(window=value)
+        msg = str(info.value)
+        assert "\n" not in msg and len(msg) < 200, msg
+    with pytest.raises(ValueError, match="combine"):
+        SuperlinearConfig(combine=["union"])  # unhashable / non-str: still the config's error
