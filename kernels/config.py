@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 COMBINE_MODES = ("union", "gated")
-SEARCH_KEYS = ("anchor", "mean", "block", "block_rerank")
+SEARCH_KEYS = ("anchor", "mean", "block", "block_rerank", "blocksparse")
 # the keys that rank coarse-to-fine key blocks by bounds (docs/routing.md): one search, one kernel,
 # no search gradient, routers calibrated on block summaries
 BLOCK_SEARCH_KEYS = ("block", "block_rerank")
@@ -124,6 +124,10 @@ class SuperlinearConfig:
             _fail("combine", self.combine, f"one of {COMBINE_MODES}")
         if not isinstance(self.search_key, str) or self.search_key not in SEARCH_KEYS:
             _fail("search_key", self.search_key, f"one of {SEARCH_KEYS}")
+        if self.search_key == "blocksparse" and self.combine != "union":
+            raise ValueError("SuperlinearConfig.combine='gated' is invalid with search_key="
+                             "'blocksparse': block-sparse attention is one softmax over the "
+                             "attended blocks (docs/blocksparse.md); use combine='union'")
         _check_int("dense_below", self.dense_below, 0)
         if self.scale is not None:
             if not _finite_number(self.scale) or self.scale <= 0:

@@ -208,3 +208,49 @@ def _nstep_backward(ctx, grad_anchors, grad_scores):
 
 
 nstep_search.register_autograd(_nstep_backward, setup_context=_nstep_setup)
+
+
+# --------------------------------------------------------------------------------------------
+# block_sparse_attention: search and attention of docs/blocksparse.md in one op
+# --------------------------------------------------------------------------------------------
+
+def _first_position(query_positions: Optional[Tensor], Lq: int, T: int) -> int:
+    """The block-sparse layout needs the queries at p0..p0+Lq-1, one p0 for the whole batch."""
+    if query_positions is None:
+        return T - Lq
+    qp = query_positions.reshape(-1, Lq)
+    p0 = int(qp[0, 0])
+    want = torch.arange(Lq, device=qp.device, dtype=qp.dtype) + p0
+    if not bool((qp == want).all()):
+        raise ValueError("superlinear block_sparse_attention: query positions must be p0..p0+Lq-1, "
+                         "the same for every batch row (search_key='blocksparse')")
+    return p0
+
+
+@torch.library.custom_op("superlinear::block_sparse_attention", mutates_args=())
+def block_sparse_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_padding_mask: Optional[Tensor],
+    query_positions: Optional[Tensor],
+    window: int,
+    sinks: int,
+    topk: int,
+    scale: float,
+    dense_below: int,
+) -> Tensor:
+    """docs/blocksparse.md: [B, Hq, Lq, Dv]. The search is torch code on every device; the
+    attention runs FlexAttention for a CUDA prefill, the gather-based reference otherwise."""
+    from . import blocksparse as bs
+
+    p0 = _first_position(query_positions, query.shape[2], key.shape[2])
+    return bs.superlinear_block_attention(
+        query, key, value, key_padding_mask, p0, window=window, sinks=sinks, topk=topk,
+        q_block=bs.Q_BLOCK, k_block=bs.K_BLOCK, scale=scale, dense_below=dense_below)
+
+
+@block_sparse_attention.register_fake
+def _(query, key, value, *rest):
+    B, Hq, Lq, _ = query.shape
+    return query.new_empty((B, Hq, Lq, value.shape[3]))

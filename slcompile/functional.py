@@ -138,6 +138,13 @@ def superlinear_attention(
     qpos = normalize_positions(query_positions, B, Lq, T, query.device)
     c = config
     qs = query if search_query is None else search_query
+    if c.search_key == "blocksparse":  # docs/blocksparse.md: search and attention in one op
+        if search_query is not None:
+            raise ValueError("superlinear_attention: search_key='blocksparse' selects with the "
+                             "attention query; search_query is not supported")
+        return torch.ops.superlinear.block_sparse_attention(
+            query, key, value, key_padding_mask, qpos, c.window, c.sinks, c.topk, float(scale),
+            c.dense_below)
     if c.steps == 2:
         anchors, scores = torch.ops.superlinear.span_search(
             qs, key, key_padding_mask, qpos, c.window, c.topk, c.search_power, c.span_power,

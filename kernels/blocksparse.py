@@ -1,0 +1,283 @@
+"""Block-sparse superlinear attention (``search_key="blocksparse"``), docs/blocksparse.md executable.
+
+A block of ``q_block`` consecutive queries shares, per kv head, its choice of ``topk`` key blocks of
+``k_block`` keys; it attends them, the sink blocks, the window blocks and (causally) its own
+diagonal. Scores are matrix products in the inputs' dtype (float32 accumulation), compared in
+float32. Selection is two-staged: a bound of every earlier key block's largest logit against the
+mean of the block's last ``REP_ROWS`` queries (two tensor-core matmuls against per-block key maxima
+and minima) keeps ``POOL * topk`` candidates; the exact largest logit of those rows against each
+candidate's keys ranks them. Every earlier key block is a candidate, so every position stays
+reachable.
+
+`block_select` is the search (torch ops only: it is also the search of the CUDA path);
+`block_attention` the attention (gather-based, O(Lq * kept keys) memory) and
+`block_attention_flex` its lowering onto FlexAttention for a prefill on CUDA. Nothing here knows
+graphs; the functional form and the custom op call these.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+Q_BLOCK = 64   # queries per query block (the contract's granularity of choice)
+K_BLOCK = 64   # keys per key block
+REP_ROWS = 8   # the last REP_ROWS queries of a query block (in the call) represent it
+POOL = 4       # stage 1 keeps POOL * topk candidates for exact rescoring
+_IDX_BITS = 24  # block indices below 2^24 (2^30 keys at 64-key blocks)
+_CHUNK_ELEMS = 1 << 26  # elements of the largest temporary per chunk (x4 on CUDA)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def geometry(T: int, window: int, sinks: int, q_block: int, k_block: int):
+    """(number of key blocks, sink blocks, window blocks, key blocks per query block)."""
+    return (_ceil_div(T, k_block), _ceil_div(sinks, k_block), _ceil_div(min(window, T), k_block),
+            q_block // k_block)
+
+
+def _order_key(score: Tensor, idx: Tensor) -> Tensor:
+    """int64 keys ordering (score descending, then block index descending): exact ties go to the
+    later block whatever the top-k implementation does."""
+    bits = score.float().contiguous().view(torch.int32).to(torch.int64)
+    mono = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # float order as signed int order
+    return (mono << _IDX_BITS) | idx.to(torch.int64)
+
+
+def _top(score: Tensor, idx: Tensor, n: int) -> Tuple[Tensor, Tensor]:
+    """The n best (score, idx) along the last dim, best first; -inf scores give idx -1."""
+    n = min(n, score.shape[-1])
+    key = _order_key(score, idx)
+    _, pos = key.topk(n, dim=-1)
+    s, i = score.gather(-1, pos), idx.gather(-1, pos)
+    return s, torch.where(torch.isneginf(s), torch.full_like(i, -1), i)
+
+
+def _key_blocks(k: Tensor, kpm: Optional[Tensor], k_block: int):
+    """k [B, H, T, D] -> blocks [B, H, nK, k_block, D] (zero-padded) and present [B, nK, k_block]."""
+    B, H, T, D = k.shape
+    nK = _ceil_div(T, k_block)
+    pad = nK * k_block - T
+    kb = torch.nn.functional.pad(k, (0, 0, 0, pad)).view(B, H, nK, k_block, D)
+    present = torch.arange(nK * k_block, device=k.device) < T
+    present = present.expand(B, -1)
+    if kpm is not None:
+        present = present & torch.nn.functional.pad(kpm, (0, pad), value=False)
+    return kb, present.reshape(B, nK, k_block)
+
+
+def _query_blocks(q: Tensor, p0: int, q_block: int):
+    """Queries at p0..p0+Lq-1 -> padded [B, H, nQ*q_block, D], first block j0, and the
+    representative rows [nQ, REP_ROWS] (local row indices) with their validity."""
+    B, H, Lq, D = q.shape
+    j0 = p0 // q_block
+    front = p0 - j0 * q_block
+    nQ = _ceil_div(front + Lq, q_block)
+    qp = torch.nn.functional.pad(q, (0, 0, front, nQ * q_block - front - Lq))
+    n = torch.arange(nQ, device=q.device)
+    last = torch.clamp(front + Lq - 1 - n * q_block, max=q_block - 1)  # last row of the call
+    first = torch.clamp(front - n * q_block, min=0)
+    rows = last[:, None] - torch.arange(REP_ROWS, device=q.device)[None, :]
+    valid = rows >= first[:, None]
+    return qp.view(B, H, nQ, q_block, D), j0, rows.clamp(min=0), valid
+
+
+def block_select(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *, window: int, sinks: int,
+                 topk: int, q_block: int, k_block: int) -> Tensor:
+    """Kept key blocks int32 [B, Hkv, nQ, topk] of the query blocks j0..j0+nQ-1 that hold the
+    queries at p0..p0+Lq-1 (best first, -1 where fewer candidates exist)."""
+    B, Hq, Lq, D = q.shape
+    Hkv, T = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    nK, sb, wb, _ = geometry(T, window, sinks, q_block, k_block)
+    dev = q.device
+    qb, j0, rows, rvalid = _query_blocks(q, p0, q_block)
+    nQ = qb.shape[2]
+    # representative rows [B, Hkv, G, nQ, R, D] and their per-head mean (stage 1)
+    ridx = rows.view(1, 1, nQ, REP_ROWS, 1).expand(B, Hq, nQ, REP_ROWS, D)
+    rep = qb.gather(3, ridx)
+    w = rvalid.to(torch.float32)[None, None, :, :, None]
+    qbar = ((rep.float() * w).sum(3) / w.sum(3).clamp(min=1)).to(q.dtype)  # [B, Hq, nQ, D]
+    rep = rep.view(B, Hkv, G, nQ, REP_ROWS, D)
+    qbar = qbar.view(B, Hkv, G, nQ, D)
+    kb, present = _key_blocks(k, kpm, k_block)
+    pm = present[:, None, :, :, None]
+    kmax = torch.where(pm, kb, float("-inf")).amax(3)
+    kmin = torch.where(pm, kb, float("inf")).amin(3)
+    has = present.any(-1)  # [B, nK]
+    kmax = torch.where(has[:, None, :, None], kmax, 0.0)
+    kmin = torch.where(has[:, None, :, None], kmin, 0.0)
+    before = (j0 + torch.arange(nQ, device=dev)) * (q_block // k_block)  # key blocks before [nQ]
+    blk = torch.arange(nK, device=dev)
+    cand = (blk[None, :] >= sb) & (blk[None, :] < (before - wb)[:, None])  # [nQ, nK]
+    M = min(POOL * topk, nK)
+    out = torch.full((B, Hkv, nQ, topk), -1, dtype=torch.int32, device=dev)
+    budget = _CHUNK_ELEMS * (4 if q.is_cuda else 1)
+    chunk = max(1, budget // max(1, B * Hkv * max(G * nK, M * k_block * max(D, G * REP_ROWS))))
+    for s in range(0, nQ, chunk):
+        e = min(nQ, s + chunk)
+        qc = qbar[:, :, :, s:e]
+        bound = (torch.einsum("bhgnd,bhkd->bhgnk", qc.clamp(min=0), kmax)
+                 + torch.einsum("bhgnd,bhkd->bhgnk", qc.clamp(max=0), kmin)).amax(2).float()
+        ok = cand[None, None, s:e] & has[:, None, None, :]
+        bound = bound.masked_fill(~ok, float("-inf"))  # [B, Hkv, n, nK]
+        _, ci = _top(bound, blk.expand_as(bound), M)  # [B, Hkv, n, M]
+        # stage 2: exact largest logit of the representative rows in each candidate
+        safe = ci.clamp(min=0).long()
+        gk = kb.gather(2, safe.reshape(B, Hkv, -1, 1, 1).expand(B, Hkv, safe.shape[2] * M,
+                                                                  k_block, D))
+        gk = gk.view(B, Hkv, e - s, M, k_block, D)
+        lg = torch.einsum("bhgnrd,bhnmkd->bhnmgrk", rep[:, :, :, s:e], gk).float()
+        kp = present[:, None].expand(B, Hkv, nK, k_block).gather(
+            2, safe.reshape(B, Hkv, -1, 1).expand(B, Hkv, safe.shape[2] * M, k_block))
+        kp = kp.view(B, Hkv, e - s, M, 1, 1, k_block)
+        rv = rvalid[s:e].view(1, 1, e - s, 1, 1, REP_ROWS, 1)
+        lg = lg.masked_fill(~(kp & rv), float("-inf"))
+        exact = lg.flatten(4).amax(-1)  # [B, Hkv, n, M]
+        exact = exact.masked_fill(ci < 0, float("-inf"))
+        _, kept = _top(exact, ci, topk)
+        if kept.shape[-1] < topk:
+            kept = torch.nn.functional.pad(kept, (0, topk - kept.shape[-1]), value=-1)
+        out[:, :, s:e] = kept.to(torch.int32)
+    return out
+
+
+def attended_blocks(kept: Tensor, j0: int, nK: int, sb: int, wb: int, per_q: int):
+    """Per query block, the key blocks attended in full (sinks, window, kept) [B, Hkv, nQ, F] and
+    the diagonal ones [nQ, per_q]; -1 marks an empty slot. The lists never repeat a block."""
+    B, Hkv, nQ, _ = kept.shape
+    dev = kept.device
+    before = (j0 + torch.arange(nQ, device=dev)) * per_q
+    sink = torch.arange(sb, device=dev)[None, :].expand(nQ, sb)
+    sink = torch.where(sink < before[:, None], sink, -1)
+    win = before[:, None] - wb + torch.arange(wb, device=dev)[None, :]
+    win = torch.where((win >= sb) & (win >= 0), win, -1)  # sink blocks are listed once, as sinks
+    diag = before[:, None] + torch.arange(per_q, device=dev)[None, :]
+    diag = torch.where(diag < nK, diag, -1)
+    fixed = torch.cat([sink, win], 1)[None, None].expand(B, Hkv, nQ, sb + wb)
+    return torch.cat([fixed, kept.long()], -1), diag
+
+
+def block_attention(q: Tensor, k: Tensor, v: Tensor, kept: Tensor, kpm: Optional[Tensor], p0: int,
+                    *, window: int, sinks: int, q_block: int, k_block: int, scale: float) -> Tensor:
+    """Union softmax over each query's attended keys (docs/blocksparse.md), float32 inside;
+    [B, Hq, Lq, Dv] in q's dtype. A query with no present key outputs zeros."""
+    B, Hq, Lq, D = q.shape
+    Hkv, T, Dv = k.shape[1], k.shape[2], v.shape[3]
+    G = Hq // Hkv
+    nK, sb, wb, per_q = geometry(T, window, sinks, q_block, k_block)
+    qb, j0, _, _ = _query_blocks(q, p0, q_block)
+    nQ = qb.shape[2]
+    full, diag = attended_blocks(kept, j0, nK, sb, wb, per_q)
+    kb, present = _key_blocks(k, kpm, k_block)
+    vb, _ = _key_blocks(v, None, k_block)
+    F_ = full.shape[-1] + per_q
+    lists = torch.cat([full, diag[None, None].expand(B, Hkv, nQ, per_q)], -1)  # [B, Hkv, nQ, F_]
+    out = torch.empty(B, Hkv, G, nQ, q_block, Dv, dtype=torch.float32, device=q.device)
+    qpos = (j0 + torch.arange(nQ, device=q.device))[:, None] * q_block \
+        + torch.arange(q_block, device=q.device)[None, :]  # [nQ, q_block]
+    chunk = max(1, _CHUNK_ELEMS // max(1, Hq * q_block * F_ * k_block))
+    for s in range(0, nQ, chunk):
+        e = min(nQ, s + chunk)
+        li = lists[:, :, s:e]
+        safe = li.clamp(min=0)
+        n = e - s
+        ix = safe.reshape(B, Hkv, n * F_, 1, 1)
+        gk = kb.gather(2, ix.expand(B, Hkv, n * F_, k_block, D)).view(B, Hkv, n, F_ * k_block, D)
+        gv = vb.gather(2, ix.expand(B, Hkv, n * F_, k_block, Dv)).view(B, Hkv, n, F_ * k_block, Dv)
+        kpos = (safe[..., None] * k_block + torch.arange(k_block, device=q.device)).view(
+            B, Hkv, n, F_ * k_block)
+        kp = present.view(B, 1, -1).expand(B, Hkv, -1).gather(2, kpos.view(B, Hkv, -1)).view(
+            B, Hkv, n, F_ * k_block)
+        ok = kp & (li >= 0)[..., None].expand(B, Hkv, n, F_, k_block).reshape(B, Hkv, n, -1)
+        allowed = ok[:, :, :, None, :] & (kpos[:, :, :, None, :] <= qpos[None, None, s:e, :, None])
+        qc = qb[:, :, s:e].view(B, Hkv, G, n, q_block, D).float()
+        lg = torch.einsum("bhgnqd,bhnkd->bhgnqk", qc, gk.float()) * scale
+        lg = lg.masked_fill(~allowed[:, :, None], float("-inf"))
+        p = torch.softmax(lg, -1).nan_to_num(0.0)
+        out[:, :, :, s:e] = torch.einsum("bhgnqk,bhnkd->bhgnqd", p, gv.float())
+    front = p0 - j0 * q_block
+    out = out.view(B, Hq, nQ * q_block, Dv)[:, :, front:front + Lq]
+    return out.to(q.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# FlexAttention lowering (a prefill: queries 0..L-1 over keys 0..L-1, no padding)
+# --------------------------------------------------------------------------------------------
+
+_FLEX = {}
+
+
+def _flex_fn(compiled: bool):
+    if compiled not in _FLEX:
+        from torch.nn.attention.flex_attention import flex_attention
+        _FLEX[compiled] = torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+    return _FLEX[compiled]
+
+
+def flex_block_mask(kept: Tensor, L: int, *, window: int, sinks: int, q_block: int, k_block: int,
+                    Hq: int):
+    """The FlexAttention BlockMask of a prefill of L tokens: sinks, window and kept blocks as full
+    blocks, the diagonal as partial (causal) blocks. Heads expanded from kv heads to Hq."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    B, Hkv, nQ, _ = kept.shape
+    nK, sb, wb, per_q = geometry(L, window, sinks, q_block, k_block)
+    full, diag = attended_blocks(kept, 0, nK, sb, wb, per_q)
+    big = torch.iinfo(torch.int32).max
+    srt, _ = torch.where(full >= 0, full, big).sort(-1)
+    full_num = (full >= 0).sum(-1).to(torch.int32)
+    full_idx = torch.where(srt == big, 0, srt).to(torch.int32)
+    d = diag[None, None].expand(B, Hkv, nQ, per_q)
+    part_num = (d >= 0).sum(-1).to(torch.int32)
+    part_idx = d.clamp(min=0).to(torch.int32)
+    if not kept.is_cuda:  # Inductor's CPU lowering wants index rows as wide as the key blocks
+        full_idx = torch.nn.functional.pad(full_idx, (0, max(0, nK - full_idx.shape[-1])))
+        part_idx = torch.nn.functional.pad(part_idx, (0, max(0, nK - part_idx.shape[-1])))
+    G = Hq // Hkv
+
+    def heads(x):
+        return x.repeat_interleave(G, dim=1).contiguous()
+
+    def causal(b, h, qi, ki):
+        return qi >= ki
+
+    return BlockMask.from_kv_blocks(heads(part_num), heads(part_idx), heads(full_num),
+                                    heads(full_idx), BLOCK_SIZE=(q_block, k_block),
+                                    mask_mod=causal, seq_lengths=(L, L), compute_q_blocks=False)
+
+
+def block_attention_flex(q: Tensor, k: Tensor, v: Tensor, kept: Tensor, *, window: int,
+                         sinks: int, q_block: int, k_block: int, scale: float,
+                         compiled: bool = True) -> Tensor:
+    """`block_attention` of a prefill (Lq == T, no padding) through FlexAttention."""
+    L = q.shape[2]
+    mask = flex_block_mask(kept, L, window=window, sinks=sinks, q_block=q_block, k_block=k_block,
+                           Hq=q.shape[1])
+    enable_gqa = q.shape[1] != k.shape[1]
+    return _flex_fn(compiled)(q, k, v, block_mask=mask, scale=scale, enable_gqa=enable_gqa)
+
+
+def superlinear_block_attention(q, k, v, kpm, p0: int, *, window: int, sinks: int, topk: int,
+                                q_block: int, k_block: int, scale: float,
+                                dense_below: int) -> Tensor:
+    """Search and attention (docs/blocksparse.md): dense causal attention when T <= dense_below,
+    FlexAttention for a CUDA prefill, the gather-based attention otherwise."""
+    from .reference import dense_attention
+    B, Hq, Lq, D = q.shape
+    T = k.shape[2]
+    if T <= dense_below:
+        pos = (torch.arange(Lq, device=q.device) + p0).expand(B, Lq)
+        return dense_attention(q, k, v, kpm, pos, scale)
+    kept = block_select(q, k, kpm, p0, window=window, sinks=sinks, topk=topk, q_block=q_block,
+                        k_block=k_block)
+    if q.is_cuda and p0 == 0 and Lq == T and kpm is None:
+        return block_attention_flex(q, k, v, kept, window=window, sinks=sinks, q_block=q_block,
+                                    k_block=k_block, scale=scale)
+    return block_attention(q, k, v, kept, kpm, p0, window=window, sinks=sinks, q_block=q_block,
+                           k_block=k_block, scale=scale)
