@@ -232,7 +232,7 @@ class Site:
         self.scale: Optional[float] = None  # None: 1/sqrt(D)
         self.factor = 1.0
         self.runtime: List[Tuple[Any, str]] = []
-        self.terms: List[Tuple[Any, str]] = []  # (mask node, kind)
+        self.terms: List[Tuple[Any, str, Any]] = []  # (mask node, kind, _Post or None: as is)
         self.causal_flag = False  # SDPA is_causal=True (top-left alignment)
         self.kpm_node = None  # an emitted bool [B, T] key-padding mask (True = key present)
         self.check_kv_len = False
@@ -278,7 +278,7 @@ def _parse_sdpa(node: fx.Node, c) -> Site:
     if mask is not None:
         mt = tensor_meta(mask)
         kind = "keep" if mt is not None and mt.dtype == torch.bool else "add"
-        s.terms.append((mask, kind))
+        s.terms.append((mask, kind, None))
     return s
 
 
@@ -357,7 +357,7 @@ def _parse_mha(node: fx.Node, c) -> Site:
         mt = tensor_meta(mask)
         if mt is None or mt.dim() != 2:
             raise Skip("MultiheadAttention attn_mask is not 2-D [L, S]")
-        s.terms.append((mask, "drop" if mt.dtype == torch.bool else "add"))
+        s.terms.append((mask, "drop" if mt.dtype == torch.bool else "add", None))
     if kpm is not None:
         kt = tensor_meta(kpm)
         if kt is None or kt.dtype != torch.bool or kt.dim() != 2:
@@ -397,10 +397,32 @@ def _parse_mha(node: fx.Node, c) -> Site:
     return s
 
 
-def _parse_logits(node, terms: list, depth=0):
-    """Walk from the softmax input down to q @ k^T, collecting masks and scales."""
+class _Post:
+    """What happens to a mask's fill value between the mask and the softmax: multiplied by the
+    constant `factor` and by the runtime scalars `runtime` ((node, "mul"/"div"), ...). Added
+    constants and other additive masks shift masked and kept logits alike, which the softmax
+    ignores (an additive mask's kept value is its largest one)."""
+
+    __slots__ = ("factor", "runtime", "fill")
+
+    def __init__(self, factor: float = 1.0, runtime: tuple = (), fill: Any = None):
+        self.factor, self.runtime, self.fill = factor, runtime, fill
+
+    def times(self, y, op) -> "_Post":
+        if isinstance(y, (int, float)):
+            return _Post(self.factor * y if op == "mul" else self.factor / y, self.runtime, self.fill)
+        return _Post(self.factor, self.runtime + ((y, op),), self.fill)
+
+    def with_fill(self, fill) -> "_Post":
+        return _Post(self.factor, self.runtime, fill)
+
+
+def _parse_logits(node, terms: list, depth=0, post: Optional[_Post] = None):
+    """Walk from the softmax input down to q @ k^T, collecting masks and scales. Each mask term is
+    recorded as (node, kind, post): `post` says how its fill value reaches the softmax."""
     factor = 1.0
     runtime: list = []
+    post = post or _Post()
     cur = node
     for _ in range(64):
         if not isinstance(cur, fx.Node):
@@ -425,22 +447,23 @@ def _parse_logits(node, terms: list, depth=0):
                 factor = factor * y if op == "mul" else factor / y
             else:
                 runtime.append((y, op))
+            post = post.times(y, op)
             cur = x
             continue
         if op == "masked_fill":
             x, m, val = c.args
             if not _very_neg_value(val):
                 raise Skip("masked_fill with a value that does not remove keys")
-            terms.append((m, "drop"))
+            terms.append((m, "drop", post.with_fill(_fill_value(val))))
             cur = x
             continue
         if op == "where":
             cond, x, y = c.args
             if _very_neg_value(y):
-                terms.append((cond, "keep"))
+                terms.append((cond, "keep", post.with_fill(_fill_value(y))))
                 cur = x
             elif _very_neg_value(x):
-                terms.append((cond, "drop"))
+                terms.append((cond, "drop", post.with_fill(_fill_value(x))))
                 cur = y
             else:
                 raise Skip("where() on logits that is not a mask")
@@ -461,17 +484,83 @@ def _parse_logits(node, terms: list, depth=0):
             for main, other in ((x, y), (y, x)):
                 sub_terms: list = []
                 try:
-                    q, k, f, rt = _parse_logits(main, sub_terms, depth + 1)
+                    q, k, f, rt = _parse_logits(main, sub_terms, depth + 1, post)
                 except Skip:
                     continue
                 terms.extend(sub_terms)
-                terms.append((other, "add"))
+                terms.append((other, "add", post))
                 return q, k, factor * f, runtime + rt
             raise Skip("additive term on logits not understood")
         if op == "tanh":
             raise Skip("logit soft-capping (tanh) before softmax")
         raise Skip(f"unsupported op before softmax: {op}")
     raise Skip("logits expression too deep")
+
+
+def _fill_value(x) -> Optional[float]:
+    """The number a fill argument holds (a python number, or a constant tensor node)."""
+    if isinstance(x, fx.Node) and _EV:
+        from .maskproof import Const
+        v = _EV[-1].eval(x)
+        x = v.v if isinstance(v, Const) else None
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return float(x)
+    return None
+
+
+def _positive_scalar(y, ev: MaskEvaluator) -> Optional[bool]:
+    """Whether a runtime scalar operand is provably > 0 (a size expression such as sqrt(D), or a
+    constant 0-d tensor); None when unknown."""
+    v = meta_val(y)
+    if isinstance(v, (torch.SymFloat, torch.SymInt)):
+        e = v.node.expr
+        return True if e.is_positive else None
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return v > 0
+    from .maskproof import Const
+    r = ev.eval(y) if isinstance(y, fx.Node) else None
+    if isinstance(r, Const) and isinstance(r.v, (int, float)) and not isinstance(r.v, bool):
+        return r.v > 0
+    return None
+
+
+def _removal_value(val, kind: str, post: _Post) -> Optional[float]:
+    """The value a mask term leaves at the keys it removes."""
+    if kind != "add":
+        return post.fill
+    from .maskproof import Sel
+    if isinstance(val, Sel):
+        for x in (val.b, val.a):
+            if isinstance(x, (int, float)) and not isinstance(x, bool) and float(x) <= VERY_NEGATIVE:
+                return float(x)
+    return None
+
+
+def _check_fill_reaches_softmax(post: Optional[_Post], fill: Optional[float], ev: MaskEvaluator):
+    """A fill value removes keys only if it reaches the softmax still effectively -inf: -inf
+    scaled by positive factors, or a finite value that arrives at or below VERY_NEGATIVE (the
+    same bound a fill applied last must meet). Raises Skip naming what was not followed."""
+    if post is None or (post.factor == 1.0 and not post.runtime):
+        return
+    if fill is None:
+        raise Skip("mask fill value is not a known constant, and the logits are scaled after it")
+    f = post.factor
+    if not (f > 0) or math.isinf(f):
+        raise Skip(f"mask fill value {fill:g} is scaled by {f:g} after the mask: the masked logits "
+                   "do not stay at -inf")
+    for y, op in post.runtime:
+        if _positive_scalar(y, ev) is not True:
+            raise Skip(f"mask fill value {fill:g} is scaled after the mask by a runtime scalar "
+                       f"({getattr(y, 'name', y)}) whose sign is not known")
+    if math.isinf(fill) and fill < 0:
+        return
+    if post.runtime:
+        raise Skip(f"mask fill value {fill:g} is scaled after the mask by a runtime scalar "
+                   f"({getattr(post.runtime[0][0], 'name', post.runtime[0][0])}): the masked logits "
+                   "are not provably still effectively -inf at the softmax")
+    if fill * f > VERY_NEGATIVE:
+        raise Skip(f"mask fill value {fill:g} reaches the softmax as {fill * f:g} (scaled by {f:g} "
+                   "after the mask): it does not remove the masked keys")
 
 
 def _parse_softmax(node: fx.Node, c) -> Optional[Site]:
@@ -694,6 +783,16 @@ def _emit(graph: fx.Graph, site: Site, proof: CausalProof, qpos_offset: Optional
         B = 1 if site.three_d else _size(em, site.q, 0)
         p = em.call(aten.reshape.default, (qpos_offset, [1, Lq]))
         p = em.call(aten.to.dtype, (p, torch.int64))
+        # the proof holds for any offset, but the mask is causal self-attention over these keys
+        # only while every query position names one of them (0 <= pos < T): checked at run time,
+        # with a clear error, before the ops (which index keys by these positions) run
+        T = _size(em, site.k, 2)
+        lo = em.call(aten.ge.Scalar, (p, 0))
+        hi = em.call(aten.lt.Scalar, (p, T))
+        ok = em.call(aten.all.default, (em.call(aten.logical_and.default, (lo, hi)),))
+        em.call(aten._assert_async.msg, (ok, "superlinear: a query position read from the graph "
+                                             "lies outside the keys (the mask would see keys after "
+                                             "the query or none): not causal self-attention"))
         qpos = em.call(aten.expand.default, (p, [B, Lq]))
     elif qpos_offset is not None:
         import operator
@@ -870,10 +969,13 @@ def _rewrite(gm, graph, config, ev, meta_key, dry_run, t0) -> RewriteReport:
                 atoms = set()
                 if not site.terms:
                     atoms.add(("lin", ((-1, 1),), sympy.expand(-(T - Lq))))  # j <= T - 1
-                for mnode, kind in site.terms:
-                    cons, err = constraints_of(ev.eval(mnode), kind)
+                for mnode, kind, post in site.terms:
+                    val = ev.eval(mnode)
+                    cons, err = constraints_of(val, kind)
                     if cons is None:
                         raise Skip(err)
+                    if post is not None and cons:
+                        _check_fill_reaches_softmax(post, _removal_value(val, kind, post), ev)
                     atoms |= set(cons)
                 proof = prove_causal(atoms, Lq, T, tensor_meta(site.out).dim() if not site.three_d else 3)
                 if not proof.ok:
@@ -996,8 +1098,11 @@ def _positions(offset, Lq, T, ev: MaskEvaluator):
         if 0 <= o and o + lq <= t:
             return o
         raise Skip(f"causal offset {o} puts queries outside the {t} keys")
-    if o is not None and o >= 0:  # a constant offset, symbolic lengths: checked at run time
-        return o
+    if o is not None:  # a constant offset, symbolic lengths: decided as for static ones
+        slack = sympy.expand(T - Lq - o)  # >= 0 iff the last query still has its key
+        if o < 0 or slack.is_negative or (static_int(slack) is not None and static_int(slack) < 0):
+            raise Skip(f"causal offset {o} puts queries outside the {T} keys")
+        return o  # not provable either way: checked at run time
     raise Skip("cannot prove the query/key alignment for symbolic lengths")
 
 
