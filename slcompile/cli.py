@@ -328,15 +328,103 @@ def input_options(fn: Callable) -> Callable:
                      help="Import MODULE first (classes of a pickled model, custom ops). Repeatable."),
         click.option("--seq-len", type=int, default=None,
                      help="Example input: token ids of this length (int64 [batch, seq-len])."),
-        click.option("--batch", type=int, default=1, show_default=True, help="Batch of the token ids."),
+        click.option("--batch", type=int, default=None,
+                     help="Batch of the token ids made with --seq-len (default: 1)."),
         click.option("--vocab", type=int, default=None,
-                     help="Token ids are drawn from [0, vocab) (default: the model's embedding size)."),
+                     help="Token ids made with --seq-len are drawn from [0, vocab) (default: the "
+                          "model's embedding size)."),
         click.option("--inputs", "inputs_file", type=str, default=None, metavar="FILE",
                      help="Example inputs from a file: torch.save(tensor | tuple | dict of tensors)."),
     ]
     for o in reversed(opts):
         fn = o(fn)
     return fn
+
+
+INT64_MAX = 2**63 - 1
+
+
+def _check_input_options(seq_len: Optional[int], batch: Optional[int], vocab: Optional[int],
+                         inputs_file: Optional[str], *, ids_made: Optional[bool] = None,
+                         vocab_used: Optional[bool] = None) -> None:
+    """Front-door checks of --seq-len/--batch/--vocab/--inputs: ranges, and no option that would
+    be silently ignored. ``ids_made``: token ids are made from --seq-len (default: it is given);
+    ``vocab_used``: --vocab is used (default: ``ids_made``; check's --lengths makes ids too)."""
+    for name, v in (("--seq-len", seq_len), ("--batch", batch), ("--vocab", vocab)):
+        if v is not None and not 1 <= v <= INT64_MAX:
+            raise UsageError(f"{name} must be an integer in [1, {INT64_MAX}], got {v}")
+    if seq_len is not None and inputs_file is not None:
+        raise UsageError("give either --seq-len or --inputs, not both")
+    ids_made = (seq_len is not None) if ids_made is None else ids_made
+    vocab_used = ids_made if vocab_used is None else vocab_used
+    if batch is not None and not ids_made:
+        raise UsageError(f"--batch {batch} applies only to the token ids made with --seq-len; "
+                         + ("the batch of --inputs is that of its tensors" if inputs_file else
+                            "pass --seq-len N too (without it the archive's own sample inputs "
+                            "are used as they are)"))
+    if vocab is not None and not vocab_used:
+        raise UsageError(f"--vocab {vocab} applies only to the token ids made with --seq-len; "
+                         + ("--inputs gives the inputs as they are" if inputs_file else
+                            "pass --seq-len N too"))
+
+
+def _resolve_device(device: Optional[str]):
+    """--device as a torch.device (default: cuda if available, else cpu); a one-line usage error
+    for a device that is not cpu/cuda or not present."""
+    import torch
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise UsageError(f"--device {device!r} is not a device: use cpu or cuda (cuda:N)")
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device}: slcompile runs on cpu or cuda")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device} but CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} "
+                             f"CUDA device(s)")
+    return dev
+
+
+def _static_reason(prep) -> str:
+    """Why a prepared model has a static sequence length (for the --lengths refusal)."""
+    for n in prep.notes:
+        if "static" in n:
+            return n
+    if prep.loaded.program is not None:
+        return "the archive was exported with static shapes"
+    return "its example inputs are not token ids with a sequence axis"
+
+
+def _check_lengths_runnable(prep, lens: Optional[List[int]]) -> None:
+    """A static model runs at its example length only: refuse other --lengths up front."""
+    if not lens or prep.dynamic:
+        return
+    L0 = _seq_len_of(prep.inputs)
+    other = [L for L in lens if L != L0]
+    if other:
+        raise UsageError(f"--lengths {','.join(map(str, other))}: the model has a static sequence "
+                         f"length ({L0}; {_static_reason(prep)}), so it runs at {L0} only")
+
+
+def _already_converted(prep, model: str, what: str) -> None:
+    from slcompile import convert as cv
+
+    n = len(cv.superlinear_nodes(prep.program.graph))
+    if n:
+        raise NothingRewrittenError(f"{model} is already converted ({n} superlinear attention "
+                                    f"site(s), no dense attention to compare with); {what} the "
+                                    f"original (dense) model instead")
+
+
+def _nothing_rewritten(rep: Dict[str, Any], tail: str) -> NothingRewrittenError:
+    reasons = sorted({s.get("reason") or "?" for s in rep["sites"]})
+    detail = f"{rep['found']} site(s) found" + (f", skipped: {'; '.join(reasons)}" if reasons else "")
+    return NothingRewrittenError(f"no attention site was rewritten ({detail}); {tail}")
 
 
 def _parse_lengths(text: Optional[str]) -> Optional[List[int]]:
@@ -346,7 +434,7 @@ def _parse_lengths(text: Optional[str]) -> Optional[List[int]]:
         values = [int(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError:
         raise UsageError(f"--lengths must be comma-separated integers, got {text!r}")
-    if not values or any(v < 1 for v in values):
+    if not values or any(not 1 <= v <= INT64_MAX for v in values):
         raise UsageError(f"--lengths must be positive integers, got {text!r}")
     return values
 
@@ -357,10 +445,16 @@ def _load_and_prepare(out: Out, steps, model: str, opts: Dict[str, Any], dynamic
     cv.import_modules(opts.get("imports") or ())
     steps.step("loading model")
     loaded = cv.load_model(model, trust_pickle=opts.get("trust_pickle", False))
-    ex = cv.make_example_inputs(loaded, seq_len=opts.get("seq_len"), batch=opts.get("batch") or 1,
-                                vocab=opts.get("vocab"), inputs_file=opts.get("inputs_file"))
+    batch = opts.get("batch")
+    seq_len = opts.get("seq_len")
+    # (--vocab without --seq-len draws the ids of check's/bench's other --lengths, not these)
+    ex = cv.make_example_inputs(loaded, seq_len=seq_len, batch=1 if batch is None else batch,
+                                vocab=opts.get("vocab") if seq_len is not None else None,
+                                inputs_file=opts.get("inputs_file"))
     steps.step("exporting" if loaded.module is not None else "reading program")
     prep = cv.prepare(loaded, ex, dynamic=dynamic)
+    for n in prep.notes:
+        out.note(f"note: {n}")
     return prep
 
 
@@ -427,14 +521,18 @@ def demo(model_name, seq_len, batch, repeat, seed, compiler, device, json_mode, 
     config = _config_from(kwargs)
     if not dense_below_given:
         config = config.replace(dense_below=0)
-    if seq_len < 1 or batch < 1 or repeat < 1:
-        raise UsageError("--seq-len, --batch and --repeat must be >= 1")
+    for name, v in (("--seq-len", seq_len), ("--batch", batch), ("--repeat", repeat)):
+        if not 1 <= v <= INT64_MAX:
+            raise UsageError(f"{name} must be an integer in [1, {INT64_MAX}], got {v}")
+    if not 0 <= seed < 2**64:
+        raise UsageError(f"--seed must be in [0, 2**64), got {seed}")
+    dev = _resolve_device(device)
     from slcompile import demo as demo_mod
 
     with out.steps(label="demo") as steps:
         result = demo_mod.run_demo(model_name=model_name, seq_len=seq_len, batch=batch,
                                    config=config, repeat=repeat, seed=seed, step=steps.step,
-                                   compiler=compiler, device=device)
+                                   compiler=compiler, device=str(dev))
     if json_mode:
         out.emit_json({"ok": result["exact"]["passed"], **result})
     else:
@@ -513,12 +611,13 @@ def convert(model, output, trust_pickle, imports, seq_len, batch, vocab, inputs_
 
     out = Out(json_mode, quiet, debug)
     config = _config_from(kwargs)
+    _check_input_options(seq_len, batch, vocab, inputs_file)
     cv.check_input_path(model)
     cv.check_output_path(output, [model] + ([inputs_file] if inputs_file else []), overwrite)
     cv.import_modules(imports)
     with out.steps(label="convert") as steps:
         res = cv.convert_file(model, output, config, trust_pickle=trust_pickle, seq_len=seq_len,
-                              batch=batch, vocab=vocab, inputs_file=inputs_file, dynamic=not static,
+                              batch=1 if batch is None else batch, vocab=vocab, inputs_file=inputs_file, dynamic=not static,
                               overwrite=overwrite, allow_unchanged=allow_unchanged,
                               verify=not no_verify, progress=steps.step)
     d = res.to_dict()
@@ -570,6 +669,7 @@ def inspect(model, trust_pickle, imports, seq_len, batch, vocab, inputs_file, js
 
     out = Out(json_mode, quiet, debug)
     config = _config_from(kwargs)
+    _check_input_options(seq_len, batch, vocab, inputs_file)
     opts = dict(trust_pickle=trust_pickle, imports=imports, seq_len=seq_len, batch=batch,
                 vocab=vocab, inputs_file=inputs_file)
     with out.steps(label="inspect") as steps:
@@ -636,21 +736,23 @@ def check(model, trust_pickle, imports, seq_len, batch, vocab, inputs_file, leng
     out = Out(json_mode, quiet, debug)
     config = _config_from(kwargs)
     lens = _parse_lengths(lengths)
+    _check_input_options(seq_len, batch, vocab, inputs_file, vocab_used=seq_len is not None or bool(lens))
+    if not (atol >= 0 and rtol >= 0 and math.isfinite(atol) and math.isfinite(rtol)):
+        raise UsageError(f"--atol and --rtol must be finite and >= 0, got {atol}, {rtol}")
+    cv.check_input_path(model)
     opts = dict(trust_pickle=trust_pickle, imports=imports, seq_len=seq_len, batch=batch,
                 vocab=vocab, inputs_file=inputs_file)
     n_lens = len(lens) if lens else 1
     with out.steps(total=2 + n_lens, label="check") as steps:
         prep = _load_and_prepare(out, steps, model, opts)
-        if cv.superlinear_nodes(prep.program.graph):
-            raise NothingRewrittenError(f"{model} is already converted (holds superlinear attention); "
-                                        f"check the original model instead")
+        _already_converted(prep, model, "check")
+        _check_lengths_runnable(prep, lens)
         steps.advance("exactness: rewriting under the exact config")
         exact_cfg = cv.exact_config(config)
         gm_exact, rep_exact = cv.rewrite_module(prep, exact_cfg)
         rep = cv.report_to_dict(rep_exact)
         if rep["rewritten"] == 0:
-            raise NothingRewrittenError(f"no attention site was rewritten ({rep['found']} found); "
-                                        f"nothing to check")
+            raise _nothing_rewritten(rep, "nothing to check")
         dense_mod = prep.dense_module()
         ref = cv.run_module(dense_mod, prep.inputs, "the original model")
         got = cv.run_module(gm_exact, prep.inputs, "the rewritten model (exact config)")
@@ -676,6 +778,7 @@ def check(model, trust_pickle, imports, seq_len, batch, vocab, inputs_file, leng
                          "dense_path": (_seq_len_of(ex) or 0) <= config.dense_below})
             steps.advance(f"compared at {ex.describe()}")
     result = {"ok": exact["passed"], "model": model, "inputs": prep.inputs.describe(),
+              "dynamic": prep.dynamic, "notes": list(prep.notes),
               "config": config.to_dict(), "exact": exact, "lengths": rows, "report": rep}
     if json_mode:
         out.emit_json(result)
@@ -747,22 +850,43 @@ def bench(model, trust_pickle, imports, seq_len, batch, vocab, inputs_file, leng
     if not dense_below_given:
         config = config.replace(dense_below=0)
     lens = _parse_lengths(lengths)
-    if repeat < 1 or warmup < 0:
+    if not 1 <= repeat <= INT64_MAX or not 0 <= warmup <= INT64_MAX:
         raise UsageError("--repeat must be >= 1 and --warmup >= 0")
+    if model is None:
+        unused = [n for n, v in (("--seq-len", seq_len), ("--vocab", vocab), ("--inputs", inputs_file),
+                                 ("--trust-pickle", trust_pickle or None), ("--import", imports or None))
+                  if v is not None]
+        if unused:
+            raise UsageError(f"{', '.join(unused)} appl{'ies' if len(unused) == 1 else 'y'} only "
+                             f"with a MODEL (without one, bench times the attention op alone)")
+        kvh = kv_heads or heads
+        b = 1 if batch is None else batch
+        if heads < 1 or kvh < 1 or heads % kvh or head_dim < 1 or b < 1:
+            raise UsageError("--heads must be a positive multiple of --kv-heads; --head-dim, --batch >= 1")
+    else:
+        unused = [n for n, v in (("--heads", heads != 8 or None), ("--kv-heads", kv_heads),
+                                 ("--head-dim", head_dim != 64 or None), ("--dtype", dtype != "float32" or None))
+                  if v is not None]
+        if unused:
+            raise UsageError(f"{', '.join(unused)} appl{'ies' if len(unused) == 1 else 'y'} only to "
+                             f"the op bench (without MODEL); a model runs in its own shapes and dtype")
+        # without --seq-len/--inputs the token ids are made at each of --lengths
+        # (--vocab also draws the ids of other --lengths when --inputs holds token ids)
+        _check_input_options(seq_len, batch, vocab, inputs_file, ids_made=inputs_file is None,
+                             vocab_used=True)
     if plot is not None:
         cv.check_output_path(plot, [model] if model else [], overwrite=True)
         _need_matplotlib()
     import torch
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda but CUDA is not available")
+    dev = _resolve_device(device)
+    if model is not None and device is not None and dev.type != "cpu":
+        raise UsageError(f"--device {device}: bench of a MODEL runs on cpu only (the op bench, "
+                         f"without MODEL, runs on cuda)")
     rows: List[Dict[str, Any]] = []
     with out.steps(total=len(lens), label="bench") as steps:
         if model is None:
-            kvh = kv_heads or heads
-            if heads < 1 or kvh < 1 or heads % kvh or head_dim < 1 or batch < 1:
-                raise UsageError("--heads must be a positive multiple of --kv-heads; --head-dim, --batch >= 1")
+            batch = b
             dt = getattr(torch, dtype)
             what = f"attention op: B={batch}, Hq={heads}, Hkv={kvh}, D={head_dim}, {dtype}, {dev}"
             steps.step(f"L={lens[0]}")
@@ -775,12 +899,13 @@ def bench(model, trust_pickle, imports, seq_len, batch, vocab, inputs_file, leng
             opts = dict(trust_pickle=trust_pickle, imports=imports, seq_len=seq_len, batch=batch,
                         vocab=vocab, inputs_file=inputs_file)
             prep = _load_and_prepare(out, steps, model, opts)
+            _already_converted(prep, model, "bench")
+            _check_lengths_runnable(prep, lens)
             steps.step("rewriting")
             gm, report = cv.rewrite_module(prep, config)
             rep = cv.report_to_dict(report)
             if rep["rewritten"] == 0:
-                raise NothingRewrittenError(f"no attention site was rewritten ({rep['found']} found); "
-                                            f"nothing to benchmark")
+                raise _nothing_rewritten(rep, "nothing to benchmark")
             dense_mod = prep.dense_module()
             what = f"model {model}: {rep['rewritten']} attention site(s) rewritten, cpu"
             for L in lens:
@@ -923,15 +1048,33 @@ def export(model, fmt, output, trust_pickle, imports, seq_len, batch, vocab, inp
     from slcompile import convert as cv
 
     out = Out(json_mode, quiet, debug)
+    config_given = any(kwargs.get(f) is not None for f in CONFIG_FIELDS) or \
+        kwargs.get("config_file") is not None
     config = _config_from(kwargs)
+    _check_input_options(seq_len, batch, vocab, inputs_file)
     cv.check_input_path(model)
-    cv.check_output_path(output, [model], overwrite)
+    cv.check_output_path(output, [model] + ([inputs_file] if inputs_file else []), overwrite)
     fn = _export_function(fmt)
+    import slcompile.export as ex_mod
+
+    # The ONNX form (also behind a TensorRT .engine) has no block search and no N-step search:
+    # refuse here, before loading, rather than after torch's exporter fails.
+    onnx_route = fmt == "onnx" or output.lower().endswith(ex_mod.ENGINE_SUFFIXES)
+    refusal = ex_mod.onnx_refusal_for_config(config) if onnx_route else None
+    if refusal is not None:
+        raise NotAvailableError(f"not available: {refusal}")
     with out.steps(label="export") as steps:
         opts = dict(trust_pickle=trust_pickle, imports=imports, seq_len=seq_len, batch=batch,
                     vocab=vocab, inputs_file=inputs_file)
         prep = _load_and_prepare(out, steps, model, opts)
         if cv.superlinear_nodes(prep.program.graph):
+            if config_given:
+                raise UsageError(f"{model} is already converted: config options apply only to a "
+                                 f"model that export rewrites first (convert the original with "
+                                 f"them, or drop them)")
+            refusal = ex_mod.onnx_refusal(prep.program) if onnx_route else None
+            if refusal is not None:
+                raise NotAvailableError(f"not available: {refusal}")
             program = prep.program
             rep = None
         else:
@@ -939,7 +1082,7 @@ def export(model, fmt, output, trust_pickle, imports, seq_len, batch, vocab, inp
             gm, report = cv.rewrite_module(prep, config)
             rep = cv.report_to_dict(report)
             if rep["rewritten"] == 0:
-                raise NothingRewrittenError(f"no attention site was rewritten ({rep['found']} found)")
+                raise _nothing_rewritten(rep, "nothing to export")
             steps.step("re-exporting")
             program = cv.reexport(prep, gm)
         steps.step(f"exporting to {fmt}")
@@ -954,6 +1097,8 @@ def export(model, fmt, output, trust_pickle, imports, seq_len, batch, vocab, inp
             except NotImplementedError as e:
                 raise NotAvailableError(f"not available yet: --format {fmt} is not implemented in "
                                         f"slcompile.export ({first_line(e) or 'NotImplementedError'})")
+            except ex_mod.ExportRefusedError as e:
+                raise NotAvailableError(f"not available: {first_line(e)}")
             except Exception as e:
                 if type(e).__name__ == "ExportDependencyError":
                     raise NotAvailableError(f"not available: {first_line(e)}")
@@ -1039,6 +1184,20 @@ def calibrate(model, texts, output, minutes, opt_steps, seq_len, max_sequences, 
         if not (v > lo if name == "--minutes" else v >= lo) or not math.isfinite(v):
             raise UsageError(f"{name} must be {'>' if name == '--minutes' else '>='} {lo}, got {v}")
     config = _config_from(kwargs, base=SuperlinearConfig.for_pretrained())
+    for name, v in (("--seq-len", seq_len), ("--max-sequences", max_sequences),
+                    ("--opt-steps", opt_steps), ("--queries", queries)):
+        if v > INT64_MAX:
+            raise UsageError(f"{name} must be <= {INT64_MAX}, got {v}")
+    # A sequence must reach past the window and two search blocks (slcompile.calibrate): when
+    # --seq-len cannot, say so here, not after reading the texts (whose length is not the problem).
+    from slcompile.kernels import reference as _ref
+
+    need = config.window + 2 * _ref.BLOCK + 2
+    if seq_len <= need:
+        raise UsageError(f"--seq-len {seq_len} is too short for window {config.window}: calibration "
+                         f"needs sequences of more than {need} tokens (window + 2 x "
+                         f"{_ref.BLOCK}-key blocks + 2); pass --seq-len {need + 1} or more, "
+                         f"or a smaller --window")
     for t in texts:
         if not os.path.isfile(t):
             raise InputNotFoundError(f"text file not found: {t}")
@@ -1058,7 +1217,7 @@ def calibrate(model, texts, output, minutes, opt_steps, seq_len, max_sequences, 
     except ImportError as e:
         raise NotAvailableError(f"not available: calibrate needs transformers and safetensors "
                                 f"({first_line(e)}; pip install 'slcompile[hf]')")
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = str(_resolve_device(device))
     with out.steps(label="calibrate") as st:
         st.step("loading model")
         hf, tok = _load_hf(model)
@@ -1076,8 +1235,9 @@ def calibrate(model, texts, output, minutes, opt_steps, seq_len, max_sequences, 
         need = config.window + 2 * reference.BLOCK + 2
         seqs = [s for s in seqs if len(s) > need]
         if not seqs:
-            raise InputFormatError(f"the texts hold {len(ids)} tokens: calibration needs sequences of "
-                                   f"more than {need} tokens (window {config.window})")
+            raise InputFormatError(f"the texts hold {len(ids)} tokens: calibration needs at least one "
+                                   f"sequence of more than {need} tokens (window {config.window}); "
+                                   f"give longer texts")
         try:
             routers = run_calibration(hf, seqs, config=config, minutes=minutes, steps=opt_steps,
                                     queries=queries, progress=(lambda m: st.step(m)) if not quiet else False)

@@ -28,7 +28,9 @@ import inspect
 import json
 import logging
 import os
+import importlib.util
 import pickle
+import re
 import sys
 import tempfile
 import time
@@ -218,6 +220,12 @@ def check_output_path(output: str, inputs: Sequence[str] = (), overwrite: bool =
         raise OutputPathError(f"output {output} exists; pass --overwrite to replace it")
     folder = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(folder):
+        # name the real obstacle: a regular file where a folder should be, or the missing folder
+        part = folder
+        while part and not os.path.lexists(part) and os.path.dirname(part) != part:
+            part = os.path.dirname(part)
+        if os.path.lexists(part) and not os.path.isdir(part):
+            raise OutputPathError(f"cannot write {output}: {part} is a file, not a folder")
         raise OutputPathError(f"cannot write {output}: folder {folder} does not exist")
     try:
         fd, probe = tempfile.mkstemp(prefix=".slcompile-probe-", dir=folder)
@@ -344,13 +352,7 @@ def load_model(path: str, trust_pickle: bool = False) -> LoadedModel:
     import slcompile  # noqa: F401  (registers torch.ops.superlinear for archives that use them)
 
     if fmt == "pt2":
-        try:
-            with _quiet_torch_logs():
-                ep = torch.export.load(path)
-        except Exception as e:
-            raise InputFormatError(f"{path} is a corrupt or unsupported torch.export archive: "
-                                   f"{type(e).__name__}: {first_line(e)}")
-        return LoadedModel(path=path, fmt=fmt, program=ep)
+        return LoadedModel(path=path, fmt=fmt, program=load_archive(path))
 
     # A pickle: first try the safe loader, which accepts tensors and containers only.
     try:
@@ -390,6 +392,84 @@ def load_model(path: str, trust_pickle: bool = False) -> LoadedModel:
 
 
 _UNSAFE = object()
+
+# Modules that an archive's pytree types may be imported from without being asked: importing them
+# registers their output classes (transformers' ModelOutput subclasses register themselves).
+AUTO_IMPORT_PREFIXES = ("transformers.",)
+_PYTREE_UNREGISTERED = re.compile(r"Deserializing ([A-Za-z_][\w.]*) in pytree is not registered")
+
+
+@contextlib.contextmanager
+def _capture_export_load_log():
+    """torch.export.load logs the real cause of a failed load (at WARNING, with the traceback) and
+    raises a RuntimeError that only says "check the warnings above". Keep those records (and
+    print nothing): the caller reports the cause in one line."""
+    records: List[logging.LogRecord] = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    lg = logging.getLogger("torch.export")
+    saved = (lg.level, lg.propagate, list(lg.handlers))
+    lg.setLevel(logging.WARNING)
+    lg.propagate = False
+    lg.handlers = [_Keep()]
+    try:
+        with _quiet_torch_logs():
+            lg.setLevel(logging.WARNING)  # (_quiet_torch_logs raised it)
+            yield records
+    finally:
+        lg.setLevel(saved[0])
+        lg.propagate = saved[1]
+        lg.handlers = saved[2]
+
+
+def _load_failure_cause(exc: BaseException, records) -> str:
+    """The real reason of a failed torch.export.load: the logged exception, else the raised one."""
+    for r in records:
+        if r.exc_info and r.exc_info[1] is not None:
+            inner = r.exc_info[1]
+            return f"{type(inner).__name__}: {first_line(inner)}"
+    for r in records:
+        msg = r.getMessage().strip()
+        if msg and "Ran into the following error" not in msg:
+            return first_line(Exception(msg))
+    return f"{type(exc).__name__}: {first_line(exc)}"
+
+
+def load_archive(path: str):
+    """``torch.export.load(path)``, made to work for archives whose outputs are Hugging Face
+    ``ModelOutput`` classes (their pytree types are registered when transformers.modeling_outputs
+    is imported: it is imported and the load retried), and reporting the real cause when it fails
+    (torch's own error only points at warnings it printed)."""
+    import torch
+
+    imported: List[str] = []
+    while True:
+        with _capture_export_load_log() as records:
+            try:
+                return torch.export.load(path)
+            except Exception as e:
+                cause = _load_failure_cause(e, records)
+        m = _PYTREE_UNREGISTERED.search(cause)
+        module = m.group(1).rsplit(".", 1)[0] if m else None
+        if module and module not in imported and module.startswith(AUTO_IMPORT_PREFIXES) \
+                and importlib.util.find_spec(module.split(".", 1)[0]) is not None:
+            imported.append(module)
+            try:
+                importlib.import_module(module)
+                continue
+            except Exception as e:
+                cause += f" (importing {module} failed: {type(e).__name__}: {first_line(e)})"
+        if m:
+            typ = m.group(1)
+            hint = (f"; {module} is not installed" if module and module.startswith(AUTO_IMPORT_PREFIXES)
+                    and importlib.util.find_spec(module.split(".", 1)[0]) is None
+                    else f"; import the module that registers it: --import {module}")
+            raise InputFormatError(f"{path} cannot be loaded: its inputs or outputs use the class "
+                                   f"{typ}, which is not registered as a pytree type{hint}")
+        raise InputFormatError(f"{path} is a corrupt or unsupported torch.export archive: {cause}")
 
 
 def _load_plain_or_legacy_pickle(path: str):
@@ -468,14 +548,24 @@ def load_inputs_file(path: str) -> Tuple[tuple, dict]:
     import torch
 
     check_input_path(path)
+    expected = "torch.save(tensor | tuple of tensors | dict of tensors)"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise InputNotFoundError(f"cannot read inputs file {path}: {e.strerror or first_line(e)}")
+    if not (zipfile.is_zipfile(path) or head[:1] == b"\x80"):
+        # torch.load of text fails with "KeyError: 101" (the byte 'e' read as a pickle opcode)
+        raise InputFormatError(f"inputs file {path} is not a torch.save file"
+                               f"{' (it is empty)' if not head else ''}; it must be {expected}")
     try:
         with _quiet_torch_logs():
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise InputFormatError(f"inputs file {path} holds more than tensors; it must be "
-                               f"torch.save(tensor | tuple of tensors | dict of tensors)")
+        raise InputFormatError(f"inputs file {path} holds more than tensors; it must be {expected}")
     except Exception as e:
-        raise InputFormatError(f"inputs file {path} is unreadable: {type(e).__name__}: {first_line(e)}")
+        raise InputFormatError(f"inputs file {path} is not a readable torch.save file "
+                               f"({type(e).__name__}: {first_line(e)}); it must be {expected}")
     if isinstance(obj, torch.Tensor):
         return (obj,), {}
     if isinstance(obj, (tuple, list)):
@@ -498,6 +588,10 @@ def make_example_inputs(loaded: LoadedModel, seq_len: Optional[int] = None, batc
 
     if seq_len is not None and inputs_file is not None:
         raise UsageError("give either --seq-len or --inputs, not both")
+    if seq_len is None and (batch != 1 or vocab is not None):
+        # they shape the token ids made from seq_len only: never ignore them silently
+        raise UsageError(f"{'--batch' if batch != 1 else '--vocab'} applies only to the token ids made "
+                         f"with --seq-len; pass --seq-len N too")
     if inputs_file is not None:
         args, kwargs = load_inputs_file(inputs_file)
         return ExampleInputs(args, kwargs, f"file {inputs_file}")
@@ -511,7 +605,11 @@ def make_example_inputs(loaded: LoadedModel, seq_len: Optional[int] = None, batc
         if vocab < 1:
             raise UsageError(f"--vocab must be >= 1 (got {vocab})")
         g = torch.Generator().manual_seed(seed)
-        ids = torch.randint(0, vocab, (batch, seq_len), generator=g, dtype=torch.int64)
+        try:
+            ids = torch.randint(0, vocab, (batch, seq_len), generator=g, dtype=torch.int64)
+        except (RuntimeError, MemoryError, OverflowError) as e:
+            raise UsageError(f"cannot make token ids [{batch}, {seq_len}] < {vocab}: "
+                             f"{type(e).__name__}: {first_line(e)}")
         return ExampleInputs((ids,), {}, f"token ids [{batch}, {seq_len}] < {vocab}", seq_dim_dynamic=True)
     if loaded.program is not None:
         ex = getattr(loaded.program, "example_inputs", None)

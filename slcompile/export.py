@@ -29,6 +29,71 @@ class ExportDependencyError(RuntimeError):
     """An optional package needed for this export is not installed."""
 
 
+class ExportRefusedError(ValueError):
+    """The program (or config) uses something the ONNX form does not have: raised before
+    torch's exporter runs, with a one-line message saying what and what to do instead."""
+
+
+# What slcompile.onnx_ops translates: the two ops of docs/spec.md's search (steps=2) with these keys.
+ONNX_SEARCH_KEYS = ("anchor", "mean")
+ONNX_OPS = ("span_search", "span_attention")
+
+
+def _search_key_refusal(search_key: str) -> str:
+    return (f"ONNX export supports search_key 'anchor' and 'mean' only: search_key={search_key!r} "
+            f"has no ONNX form (convert the model with --search-key anchor or mean, or export to "
+            f"TensorRT through torch-tensorrt: -o model.ep, which runs the ops themselves)")
+
+
+def _nstep_refusal(steps) -> str:
+    return (f"ONNX export has no form of the N-step search (superlinear::nstep_search, "
+            f"SuperlinearConfig(steps={steps}), docs/nstep.md): convert the model with steps=2 "
+            f"to export it")
+
+
+def onnx_refusal_for_config(config) -> Optional[str]:
+    """Why a model rewritten under ``config`` could not be exported to ONNX (None: it can)."""
+    if getattr(config, "steps", 2) != 2:
+        return _nstep_refusal(config.steps)
+    if config.search_key not in ONNX_SEARCH_KEYS:
+        return _search_key_refusal(config.search_key)
+    return None
+
+
+def _node_argument(node, name: str, default=None):
+    schema = getattr(node.target, "_schema", None)
+    for i, a in enumerate(getattr(schema, "arguments", ())):
+        if a.name == name:
+            if i < len(node.args):
+                return node.args[i]
+            return node.kwargs.get(name, a.default_value if a.has_default_value() else default)
+    return node.kwargs.get(name, default)
+
+
+def onnx_refusal(program) -> Optional[str]:
+    """Why ``program`` could not be exported to ONNX (None: it can): a superlinear op without an
+    ONNX translation, or ``span_search`` with a search key other than 'anchor'/'mean'."""
+    graph = getattr(getattr(program, "graph_module", None), "graph", None)
+    for n in (graph.nodes if graph is not None else ()):
+        if n.op != "call_function":
+            continue
+        schema = getattr(n.target, "_schema", None)
+        qual = getattr(schema, "name", "")
+        if not qual.startswith("superlinear::"):
+            continue
+        op = qual.split("::", 1)[1]
+        if op.startswith("nstep_search"):
+            return _nstep_refusal(_node_argument(n, "steps", ">=3"))
+        if op not in ONNX_OPS:
+            return (f"ONNX export: the program uses superlinear::{op}, which has no ONNX form "
+                    f"(translated: {', '.join('superlinear::' + o for o in ONNX_OPS)})")
+        if op == "span_search":
+            key = _node_argument(n, "search_key", "anchor")
+            if key not in ONNX_SEARCH_KEYS:
+                return _search_key_refusal(key)
+    return None
+
+
 def _require(module: str, package: str, what: str):
     try:
         return importlib.import_module(module)
@@ -112,7 +177,9 @@ def export_onnx(program: "torch.export.ExportedProgram", path: str, example_inpu
 
     if not isinstance(program, torch.export.ExportedProgram):
         raise TypeError(f"export_onnx needs a torch.export.ExportedProgram, got {type(program).__name__}")
-    _refuse_nstep(program, "ONNX export")
+    refusal = onnx_refusal(program)  # before torch's exporter, whose error would bury ours
+    if refusal is not None:
+        raise ExportRefusedError(refusal)
     args, kwargs = _split_inputs(program, example_inputs)
     program = _with_dynamic_sequence(program, args, kwargs)
     with warnings.catch_warnings():
