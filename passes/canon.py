@@ -72,8 +72,33 @@ _IDENTITY = {"clone", "contiguous", "alias", "detach", "lift_fresh_copy", "lift_
 _FULL_LIKE = {"ones_like": 1, "zeros_like": 0, "new_ones": 1, "new_zeros": 0, "ones": 1, "zeros": 0}
 
 
-def _canon_aten(node: fx.Node) -> Optional[COp]:
-    t = node.target
+def _resolve_overload(packet, args, kwargs):
+    """The overload a call of an OpOverloadPacket binds to: the only one, or the one whose schema
+    takes these arguments (tensor arguments where it expects tensors), ``default`` first."""
+    names = list(packet.overloads())
+    names.sort(key=lambda n: n != "default")
+    fits = []
+    for name in names:
+        ov = getattr(packet, name)
+        sch = ov._schema
+        pos = [a for a in sch.arguments if not a.kwarg_only]
+        if len(args) > len(pos) or any(k not in {a.name for a in sch.arguments} for k in kwargs):
+            continue
+        ok = True
+        for a, v in zip(pos, args):
+            is_t = isinstance(tensor_meta(v), torch.Tensor)
+            wants_t = isinstance(a.type, torch.TensorType) or "Tensor" in str(a.type)
+            if is_t != wants_t and not (wants_t and str(a.type).endswith("?") and v is None):
+                ok = False
+                break
+        given = {a.name for a in pos[:len(args)]} | set(kwargs)
+        if ok and all(a.name in given or a.has_default_value() for a in sch.arguments):
+            fits.append(ov)
+    return fits[0] if fits else None
+
+
+def _canon_aten(node: fx.Node, target=None) -> Optional[COp]:
+    t = target if target is not None else node.target
     name = t.overloadpacket.__name__
     a = _bind_schema(t, node.args, node.kwargs)
     first = next(iter(a.values()), None)
@@ -149,6 +174,10 @@ def _canon_aten(node: fx.Node) -> Optional[COp]:
         return COp("full", (_FULL_LIKE[name],))
     if name in ("tril", "triu"):
         return COp(name, (a["self"], a.get("diagonal", 0)))
+    if name == "repeat" and "repeats" in a:
+        return COp("repeat", (a["self"], tuple(a["repeats"])))
+    if name in ("t", "numpy_T") and tensor_meta(a["self"]) is not None and tensor_meta(a["self"]).dim() == 2:
+        return COp("transpose", (a["self"], 0, 1))
     if name == "repeat_interleave" and "repeats" in a and "self" in a:
         return COp("repeat_interleave", (a["self"], a["repeats"], a.get("dim")))
     if name == "sym_size":
@@ -335,6 +364,13 @@ def _canon_torch(node: fx.Node, name: str, args, kwargs, is_method: bool) -> Opt
         return COp(name, (arg(0, "input"), arg(1, "diagonal", 0)))
     if name == "repeat_interleave":
         return COp("repeat_interleave", (arg(0, "input"), arg(1, "repeats"), arg(2, "dim")))
+    if name == "repeat" and is_method:
+        return COp("repeat", (args[0], _varargs(args[1:]) if len(args) > 1 else tuple(kwargs.get("repeats", ()))))
+    if name == "t":  # x.t() / torch.t(x): a 2-D transpose (0-D/1-D: unchanged)
+        m = tensor_meta(args[0])
+        if m is None:
+            return None
+        return COp("transpose", (args[0], 0, 1)) if m.dim() == 2 else COp("to", (args[0], None))
     if name == "cumsum":
         return COp("cumsum", (arg(0, "input"), arg(1, "dim")))
     if name == "diff":
@@ -371,6 +407,21 @@ def _canon(node: fx.Node) -> Optional[COp]:
             return _canon_aten(node)
         if t is operator.getitem:
             return COp("getitem", (node.args[0], node.args[1]))
+        if t is getattr and len(node.args) == 2 and node.args[1] in ("T", "mT", "H", "mH"):
+            # x.T reverses every dim (a 2-D transpose), x.mT swaps the last two (real tensors:
+            # .H / .mH are the same)
+            m = tensor_meta(node.args[0])
+            if m is None or m.is_complex():
+                return None
+            n = m.dim()
+            if node.args[1] in ("T", "H"):
+                return COp("permute", (node.args[0], tuple(range(n - 1, -1, -1))))
+            return COp("transpose", (node.args[0], -2, -1)) if n >= 2 else None
+        if isinstance(t, torch._ops.OpOverloadPacket):  # torch.ops.aten.x(...) without an overload
+            ov = _resolve_overload(t, node.args, node.kwargs)
+            if ov is None:
+                return None
+            return _canon_aten(node, ov)
         if t in _OPERATORS:
             return COp(_OPERATORS[t], tuple(node.args))
         if t is operator.invert:

@@ -214,6 +214,7 @@ class MaskEvaluator:
         self._pattern_cache: Dict[int, Any] = {}
         # symbols standing for runtime integer scalars (a static cache's fill level): symbol -> node
         self.runtime: Dict[sympy.Symbol, fx.Node] = {}
+        self.unfollowed: List[fx.Node] = []  # ops on position structure the evaluator cannot read
 
     # -- entry ------------------------------------------------------------------------------
     def eval(self, x):
@@ -232,6 +233,27 @@ class MaskEvaluator:
             return Aff((), sym(x))
         return None
 
+    def not_followed(self, root: fx.Node) -> str:
+        """The ops under `root` that the evaluator met on position structure and could not read,
+        as text for a reason (empty when none)."""
+        seen, stack, names = set(), [root], []
+        while stack:
+            n = stack.pop()
+            if not isinstance(n, fx.Node) or n in seen:
+                continue
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+        for n in self.unfollowed:
+            if n in seen:
+                t = n.target
+                nm = t if isinstance(t, str) else getattr(t, "__name__", str(t))
+                if t is getattr and len(n.args) > 1:
+                    nm = f"getattr .{n.args[1]}"
+                nm = f"{nm} ({n.name})"
+                if nm not in names:
+                    names.append(nm)
+        return ", ".join(names)
+
     # -- helpers ----------------------------------------------------------------------------
     def _fallback(self, node: fx.Node, structured: bool = False):
         """Opaque. `structured`: an op on position structure the evaluator cannot follow
@@ -246,6 +268,7 @@ class MaskEvaluator:
         sup = frozenset(d - n for d in range(n) if not _is_one(sym(t.shape[d])))
         if structured and any(isinstance(v, (Sel, Aff)) and not _opq_only(v)
                               for v in (self.memo.get(a) for a in node.all_input_nodes)):
+            self.unfollowed.append(node)
             return None
         if not sup and not t.dtype.is_floating_point and t.dtype != torch.bool and not t.is_complex():
             # one runtime integer (e.g. StaticCache's fill level, the first query's position): a
@@ -331,6 +354,11 @@ class MaskEvaluator:
             return self._fallback(node)
         c = canon(node)
         if c is None:
+            if node.op in ("call_function", "call_method") and any(
+                    isinstance(v, (Sel, Aff)) and not _opq_only(v) and _support(v) & {-1, -2}
+                    for v in (self.eval(x) for x in node.all_input_nodes)):
+                self.unfollowed.append(node)  # an op on position structure that is not read
+                return None
             return self._fallback(node)
         r = self._eval_op(node, c)
         if r is None:
@@ -407,6 +435,16 @@ class MaskEvaluator:
             return self._layout(node, E(a[0]), fn)
         if op == "expand":
             return E(a[0])  # right-aligned dims keep their meaning
+        if op == "repeat":  # like expand where each repeated dim has size 1 (Whisper's .repeat(B, 1))
+            t = tensor_meta(a[0])
+            reps = a[1]
+            if t is None or len(reps) < t.dim():
+                return None
+            n = t.dim()
+            for p, r in enumerate(reps[len(reps) - n:]):
+                if not _is_one(sym(r)) and not _is_one(sym(t.shape[p])):
+                    return None  # tiles a varying dim: index mod size, not followed
+            return E(a[0])
         if op == "slice":
             t = tensor_meta(a[0])
             if t is None:
@@ -511,8 +549,8 @@ class MaskEvaluator:
             return None
         if op in ("tril", "triu"):
             v = E(a[0])
-            k = a[1]
-            if not isinstance(k, int):
+            k = a[1] if isinstance(a[1], int) and not isinstance(a[1], bool) else sym(a[1])
+            if k is None:  # a diagonal from sizes (dynamic=True) is a sympy expression
                 return None
             atom = lin_atom({-1: 1, -2: -1}, -k) if op == "tril" else lin_atom({-1: -1, -2: 1}, k)
             if isinstance(v, Const):
@@ -719,6 +757,10 @@ class MaskEvaluator:
                     return q if pv else Const(False)
                 return Const(True) if pv else q
         if isinstance(x, Sel) and isinstance(y, Sel):
+            # "and" needs both as True-iff-all-atoms-hold, "or" as False-iff-all-atoms-hold; a
+            # one-atom value the other way round is rewritten through its negated atom
+            want = (True, False) if op == "and" else (False, True)
+            x, y = _polarise(x, want), _polarise(y, want)
             if op == "and" and x.a is True and y.a is True and x.b is False and y.b is False:
                 return Sel(x.atoms | y.atoms, True, False)
             if op == "or" and x.a is False and y.a is False and x.b is True and y.b is True:
@@ -749,6 +791,23 @@ class MaskEvaluator:
         if _opq_only(c) and all(isinstance(v, (Const, Opq)) or _opq_only(v) for v in (vt, vf)):
             return self._fallback_union(node, c, x, y)
         return None
+
+
+def negate_atom(at) -> Optional[tuple]:
+    """The atom that holds exactly where `at` does not (None when not expressible)."""
+    if at[0] == "lin":  # not(e <= 0)  <=>  -e + 1 <= 0 (integers)
+        return lin_atom({d: -c for d, c in at[1]}, -at[2] + 1)
+    neg = {"truthy": "not", "not": "truthy"}.get(at[3]) if isinstance(at[3], str) else None
+    return (at[0], at[1], at[2], neg) if neg is not None else None
+
+
+def _polarise(v: "Sel", want) -> "Sel":
+    """A one-atom boolean Sel with (a, b) the other way round from `want`: the same value written
+    with the negated atom. Anything else is returned unchanged."""
+    if (v.a, v.b) == want or (v.b, v.a) != want or len(v.atoms) != 1:
+        return v
+    neg = negate_atom(next(iter(v.atoms)))
+    return Sel(frozenset([neg]), want[0], want[1]) if neg is not None else v
 
 
 def _finite(v) -> bool:
@@ -806,6 +865,9 @@ def constraints_of(v, kind: str):
         return v.atoms, ""
     if kind == "add":
         return None, "additive bias is not a 0/-inf mask (position bias such as ALiBi?)"
+    if len(v.atoms) > 1 and _flipped(kind, a, b):
+        return None, ("mask is not provably causal: it keeps a key where any one of several "
+                      "conditions holds (prefix-LM / union of masks)")
     return None, "mask polarity is not causal"
 
 

@@ -973,7 +973,8 @@ def _rewrite(gm, graph, config, ev, meta_key, dry_run, t0) -> RewriteReport:
                     val = ev.eval(mnode)
                     cons, err = constraints_of(val, kind)
                     if cons is None:
-                        raise Skip(err)
+                        nf = ev.not_followed(mnode) if isinstance(mnode, fx.Node) else ""
+                        raise Skip(f"{err}; not followed: {nf}" if nf else err)
                     if post is not None and cons:
                         _check_fill_reaches_softmax(post, _removal_value(val, kind, post), ev)
                     atoms |= set(cons)

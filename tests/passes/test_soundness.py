@@ -177,3 +177,75 @@ def test_tril_diagonal_one_same_decision_static_and_symbolic(dynamic):
     assert_left_alone(Fn(tril_diag(1)), qkv(), "causal offset 1 puts queries outside", dynamic=dynamic)
     assert_left_alone(Fn(tril_diag(-1)), qkv(), "causal offset -1 puts queries outside", dynamic=dynamic)
     assert_rewrite_equivalent(Fn(tril_diag(0)), qkv(), expected=1, compiler="eager", dynamic=dynamic)
+
+
+# ---------------------------------------------------------------------------------------------
+# missed forms
+# ---------------------------------------------------------------------------------------------
+
+def safe_softmax_packet(q, k, v):
+    n = q.shape[-2]
+    w = (q @ k.transpose(-2, -1) / 3.0).masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.ops.aten._safe_softmax(w, -1) @ v  # no overload named
+
+
+def triu_transposed(q, k, v):
+    n = q.shape[-2]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(n, n, dtype=torch.bool).triu().T)
+
+
+def triu_mT(q, k, v):
+    n = q.shape[-2]
+    keep = torch.ones(1, n, n, dtype=torch.bool).triu().mT
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+
+
+def triu_size_diagonal(q, k, v):
+    i, j = q.shape[-2], k.shape[-2]
+    mask = torch.ones(i, j, dtype=torch.bool).triu(j - i + 1)  # symbolic under dynamic=True
+    w = (q @ k.transpose(-2, -1) / 3.0).masked_fill(mask, float("-inf"))
+    return w.softmax(-1) @ v
+
+
+def repeat_position_ids(q, k, v):
+    b, n = q.shape[0], q.shape[-2]
+    pos = torch.arange(n).unsqueeze(0).repeat(b, 1)  # Whisper's decoder
+    mask = pos[:, None, None, :] <= pos[:, None, :, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+MISSED = [safe_softmax_packet, triu_transposed, triu_mT, triu_size_diagonal, repeat_position_ids]
+
+
+@pytest.mark.parametrize("dynamic", [None, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("fn", MISSED, ids=lambda f: f.__name__)
+def test_missed_form_rewritten_exactly(fn, dynamic):
+    assert_rewrite_equivalent(Fn(fn), qkv(), expected=1, compiler="eager", dynamic=dynamic)
+
+
+def padding_or_triu(q, k, v, pad):
+    n = q.shape[-2]
+    mask = (pad == 0).view(q.shape[0], 1, 1, n) | torch.ones(n, n, dtype=torch.bool).triu(1)
+    w = (q @ k.transpose(-2, -1) / 3.0).masked_fill(mask, float("-inf"))
+    return w.softmax(-1) @ v
+
+
+def test_padding_or_triu_carries_padding():
+    q, k, v = qkv()
+    pad = torch.ones(B, L, dtype=torch.long)
+    pad[0, :3] = 0
+    pad[1, 7] = 0
+    keep = pad.bool()
+    keep[0, :3] = False  # rows whose keys are all padded are NaN in eager
+    rep = assert_rewrite_equivalent(Fn(padding_or_triu), (q, k, v, pad), expected=1, compiler="eager",
+                                    output_fn=lambda o: o.transpose(1, 2)[keep])
+    assert rep.sites[0].padding
+
+
+def test_unfollowed_op_on_positions_is_named():
+    def fn(q, k, v):
+        n = q.shape[-2]
+        mask = torch.flip(torch.ones(n, n, dtype=torch.bool).triu(), [0, 1])  # tril, but not read
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    assert_left_alone(Fn(fn), qkv(), "not followed: flip")
