@@ -42,13 +42,9 @@ def timed(fn, reps: int, warm: int = 1) -> float:
 
 
 def attended_pairs(kept, L, window, sinks, q_block, k_block):
-    """(query, key) pairs attended, summed over kv heads' lists (x G for query heads)."""
-    nK, sb, wb, per_q = bs.geometry(L, window, sinks, q_block, k_block)
-    full, diag = bs.attended_blocks(kept, 0, nK, sb, wb, per_q)
-    n_full = (full >= 0).sum().item() * q_block * k_block
-    q = torch.arange(L, device=kept.device)
-    diag_pairs = (q - (q // q_block) * q_block + 1).sum().item()  # keys jQB..t per query
-    return n_full + diag_pairs * kept.shape[0] * kept.shape[1]
+    """(query, key) pairs attended, summed over kv heads (x G for query heads)."""
+    return bs.keys_attended(kept, 0, L, L, window=window, sinks=sinks, q_block=q_block,
+                            k_block=k_block).sum().item()
 
 
 def main():

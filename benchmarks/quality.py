@@ -448,7 +448,13 @@ class KeyCounter:
         pos = torch.arange(T - Lq, T, dtype=torch.int64)
         t = pos.to(query.device)
         frac = torch.ones(B, Hq, Lq, dtype=torch.float64, device=query.device)
-        if not (T <= cfg.dense_below or cfg.window >= T):
+        if cfg.search_key == "blocksparse" and not T <= cfg.dense_below:
+            from slcompile.kernels import blocksparse as bsp
+            kw = dict(window=cfg.window, sinks=cfg.sinks, q_block=bsp.Q_BLOCK, k_block=bsp.K_BLOCK)
+            kept = bsp.block_select(query, key, None, T - Lq, topk=cfg.topk, **kw)
+            n = bsp.keys_attended(kept, T - Lq, Lq, T, **kw)
+            frac = (n.double() / (t + 1).double()).repeat_interleave(Hq // key.shape[1], dim=1)
+        elif not (T <= cfg.dense_below or cfg.window >= T):
             a, back, fwd = search_anchors(cfg, query, key, None, ops=True)
             W = min(cfg.window, T)
             S = min(cfg.sinks, T)

@@ -163,6 +163,19 @@ def attended_blocks(kept: Tensor, j0: int, nK: int, sb: int, wb: int, per_q: int
     return torch.cat([fixed, kept.long()], -1), diag
 
 
+def keys_attended(kept: Tensor, p0: int, Lq: int, T: int, *, window: int, sinks: int,
+                  q_block: int, k_block: int) -> Tensor:
+    """Keys each query attends (padding not subtracted), int64 [B, Hkv, Lq]."""
+    nK, sb, wb, per_q = geometry(T, window, sinks, q_block, k_block)
+    j0 = p0 // q_block
+    full, _ = attended_blocks(kept, j0, nK, sb, wb, per_q)
+    size = (torch.clamp((full + 1) * k_block, max=T) - full * k_block) * (full >= 0)
+    per_block = size.sum(-1)  # [B, Hkv, nQ]
+    t = torch.arange(p0, p0 + Lq, device=kept.device)
+    n = t // q_block - j0
+    return per_block[..., n] + (t - (t // q_block) * q_block + 1)
+
+
 def block_attention(q: Tensor, k: Tensor, v: Tensor, kept: Tensor, kpm: Optional[Tensor], p0: int,
                     *, window: int, sinks: int, q_block: int, k_block: int, scale: float) -> Tensor:
     """Union softmax over each query's attended keys (docs/blocksparse.md), float32 inside;

@@ -213,3 +213,22 @@ def test_ranking_orders_negative_scores_and_breaks_ties_to_the_later_block():
         want = sorted(range(40), key=lambda x: (score[r, x].item(), x), reverse=True)[:36]
         want = [x if score[r, x] > NEG else -1 for x in want]
         assert i[r].tolist() == want
+
+
+def test_keys_attended_counts_the_attention_set():
+    q, k, v, _ = _inputs(1, 2, 2, 333, 8, seed=7)
+    kw = dict(window=40, sinks=4, q_block=32, k_block=16)
+    for p0 in (0, 300):
+        kept = bs.block_select(q[:, :, p0:], k, None, p0, topk=2, **kw)
+        n = bs.keys_attended(kept, p0, 333 - p0, 333, **kw)
+        # count the attended keys directly from the contract's sets
+        nK, sb, wb, per_q = bs.geometry(333, 40, 4, 32, 16)
+        for h in range(2):
+            for i, t in enumerate(range(p0, 333, 37)):
+                j = t // 32
+                before = j * 2
+                blocks = set(range(min(sb, before))) | set(range(max(sb, before - wb), before))
+                blocks |= {int(x) for x in kept[0, h, j - p0 // 32] if x >= 0}
+                keys = {x for b in blocks for x in range(b * 16, min(333, b * 16 + 16))}
+                keys |= set(range(j * 32, t + 1))
+                assert n[0, h, t - p0].item() == len(keys)
