@@ -174,6 +174,12 @@ def _canon_aten(node: fx.Node, target=None) -> Optional[COp]:
         return COp("full", (_FULL_LIKE[name],))
     if name in ("tril", "triu"):
         return COp(name, (a["self"], a.get("diagonal", 0)))
+    if name == "maximum" and "other" in a:
+        return COp("maximum", (a["self"], a["other"]))
+    if name in ("clamp", "clamp_min") and a.get("min") is not None and a.get("max") is None:
+        return COp("maximum", (a["self"], a["min"]))
+    if name == "baddbmm":
+        return COp("baddbmm", (a["self"], a["batch1"], a["batch2"], a.get("beta", 1), a.get("alpha", 1)))
     if name == "repeat" and "repeats" in a:
         return COp("repeat", (a["self"], tuple(a["repeats"])))
     if name in ("t", "numpy_T") and tensor_meta(a["self"]) is not None and tensor_meta(a["self"]).dim() == 2:
@@ -364,6 +370,16 @@ def _canon_torch(node: fx.Node, name: str, args, kwargs, is_method: bool) -> Opt
         return COp(name, (arg(0, "input"), arg(1, "diagonal", 0)))
     if name == "repeat_interleave":
         return COp("repeat_interleave", (arg(0, "input"), arg(1, "repeats"), arg(2, "dim")))
+    if name == "maximum" or (name == "max" and len(args) == 2 and not kwargs
+                             and isinstance(tensor_meta(args[1]), torch.Tensor)):
+        return COp("maximum", (args[0], arg(1, "other")))  # torch.max(x, y): elementwise
+    if name in ("clamp", "clamp_min"):
+        lo = arg(1, "min")
+        hi = None if name == "clamp_min" else arg(2, "max")
+        return COp("maximum", (args[0], lo)) if lo is not None and hi is None else None
+    if name == "baddbmm":
+        return COp("baddbmm", (arg(0, "input"), arg(1, "batch1"), arg(2, "batch2"), kwargs.get("beta", 1),
+                               kwargs.get("alpha", 1)))
     if name == "repeat" and is_method:
         return COp("repeat", (args[0], _varargs(args[1:]) if len(args) > 1 else tuple(kwargs.get("repeats", ()))))
     if name == "t":  # x.t() / torch.t(x): a 2-D transpose (0-D/1-D: unchanged)

@@ -240,6 +240,7 @@ class Site:
         self.q_meta = None  # stands in for q's example value when q is built by the rewrite
         self.pre_emit = None  # callable(emitter): builds q/k/v nodes (nn.MultiheadAttention)
         self.post_emit = None  # callable(emitter, out): maps the attention output back
+        self.flat_out = False  # the site's output is [B*H, L, D]: the 4-D result is viewed so
 
 
 def _parse_sdpa(node: fx.Node, c) -> Site:
@@ -286,14 +287,35 @@ def _parse_qk(node) -> Tuple[Any, Any, float, list]:
     """node is `q @ k^T` (possibly scaled on either side): (q, k, factor, runtime scalars)."""
     c = canon(node)
     runtime: list = []
-    if c.op == "matmul":
-        a, b = c.args
-        q, f = _strip_scalars(a, 1.0, runtime)
+    if c.op in ("matmul", "baddbmm"):
+        f = 1.0
+        if c.op == "baddbmm":  # beta * input + alpha * (a @ b): beta = 0 ignores input
+            _, a, b, beta, alpha = c.args
+            if not (isinstance(beta, (int, float)) and beta == 0):
+                raise Skip("baddbmm with beta != 0 (logits plus a tensor)")
+            if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
+                f = float(alpha)
+            elif _is_scalar_operand(alpha):
+                runtime.append((alpha, "mul"))
+            else:
+                raise Skip("baddbmm alpha not understood")
+        else:
+            a, b = c.args
+        q, f = _strip_scalars(a, f, runtime)
         bt, f = _strip_scalars(b, f, runtime)
+        bt = _peel_same_dtype_casts(bt)
+        inner = _lead_view_input(bt)  # GPT-2's key.transpose(-1, -2).reshape(-1, dk, T)
+        if inner is not None:
+            bt = _peel_same_dtype_casts(inner)
         cb = canon(bt) if isinstance(bt, fx.Node) else None
         if cb is None or cb.op not in ("transpose", "permute") or not _is_last_two_transpose(cb, cb.args[0]):
             raise Skip("matmul operand is not k transposed (not attention logits)")
         k, f = _strip_scalars(cb.args[0], f, runtime)
+        if inner is not None:  # k was merged after the transpose: the 3-D keys are a view of it
+            kt = tensor_meta(k)
+            if kt is None or kt.dim() != 4:
+                raise Skip("keys reshaped after the transpose in a way not understood")
+            k = _Flat(k)
         return q, k, f, runtime
     if c.op == "einsum":
         eq, ops = c.args
@@ -321,6 +343,26 @@ def _parse_qk(node) -> Tuple[Any, Any, float, list]:
         k, f = _strip_scalars(ops[1], f, runtime)
         return q, k, f, runtime
     raise Skip("not attention logits")
+
+
+class _Flat:
+    """Keys known only as a 4-D [B, H, T, D] tensor whose [B*H, T, D] view the logits read."""
+
+    def __init__(self, node):
+        self.node = node
+
+
+def _peel_same_dtype_casts(node):
+    """See through casts that keep the dtype (``.float()`` of a float32 tensor)."""
+    while isinstance(node, fx.Node):
+        c = canon(node)
+        if c is None or c.op != "to":
+            return node
+        ti, to = tensor_meta(c.args[0]), tensor_meta(node)
+        if ti is None or to is None or ti.dtype != to.dtype or list(ti.shape) != list(to.shape):
+            return node
+        node = c.args[0]
+    return node
 
 
 def _parse_mha(node: fx.Node, c) -> Site:
@@ -398,23 +440,29 @@ def _parse_mha(node: fx.Node, c) -> Site:
 
 
 class _Post:
-    """What happens to a mask's fill value between the mask and the softmax: multiplied by the
-    constant `factor` and by the runtime scalars `runtime` ((node, "mul"/"div"), ...). Added
-    constants and other additive masks shift masked and kept logits alike, which the softmax
-    ignores (an additive mask's kept value is its largest one)."""
+    """What happens to a mask's fill value between the mask and the softmax: `chain` lists the
+    steps from the softmax inwards: ("scale", constant), ("rt", runtime scalar node, "mul"/"div"),
+    ("floor", c) (a max() with a constant). Added constants and other additive masks shift masked
+    and kept logits alike, which the softmax ignores (an additive mask's kept value is its largest
+    one). `space`: the logits node the mask is applied to (its shape is the mask's index space)."""
 
-    __slots__ = ("factor", "runtime", "fill")
+    __slots__ = ("chain", "fill", "space")
 
-    def __init__(self, factor: float = 1.0, runtime: tuple = (), fill: Any = None):
-        self.factor, self.runtime, self.fill = factor, runtime, fill
+    def __init__(self, chain: tuple = (), fill: Any = None, space: Any = None):
+        self.chain, self.fill, self.space = chain, fill, space
 
     def times(self, y, op) -> "_Post":
         if isinstance(y, (int, float)):
-            return _Post(self.factor * y if op == "mul" else self.factor / y, self.runtime, self.fill)
-        return _Post(self.factor, self.runtime + ((y, op),), self.fill)
+            step = ("scale", float(y) if op == "mul" else 1.0 / y)
+        else:
+            step = ("rt", y, op)
+        return _Post(self.chain + (step,), self.fill, self.space)
 
-    def with_fill(self, fill) -> "_Post":
-        return _Post(self.factor, self.runtime, fill)
+    def floor(self, c: float) -> "_Post":
+        return _Post(self.chain + (("floor", c),), self.fill, self.space)
+
+    def at(self, fill, space) -> "_Post":
+        return _Post(self.chain, fill, space)
 
 
 def _parse_logits(node, terms: list, depth=0, post: Optional[_Post] = None):
@@ -431,7 +479,7 @@ def _parse_logits(node, terms: list, depth=0, post: Optional[_Post] = None):
         if c is None:
             raise Skip(f"unsupported op before softmax: {cur.target}")
         op = c.op
-        if op in ("matmul", "einsum"):
+        if op in ("matmul", "einsum", "baddbmm"):
             q, k, f, rt = _parse_qk(cur)
             return q, k, factor * f, runtime + rt
         if op == "to":
@@ -450,20 +498,39 @@ def _parse_logits(node, terms: list, depth=0, post: Optional[_Post] = None):
             post = post.times(y, op)
             cur = x
             continue
+        if op == "view":  # [B*H, L, T] <-> [B, H, L, T]: the query and key dims stay last
+            inner = _lead_view_input(cur)
+            if inner is None:
+                raise Skip("logits viewed to a shape that moves the query/key dims")
+            cur = inner
+            continue
+        if op == "maximum":  # a floor (XGLM's max(w, finfo.min)): it keeps a mask very negative
+            x, y = c.args
+            for main, other in ((x, y), (y, x)):
+                fv = _fill_value(other)
+                if isinstance(main, fx.Node) and fv is not None:
+                    break
+            else:
+                raise Skip("max() of logits and a tensor")
+            if not fv <= VERY_NEGATIVE:
+                raise Skip(f"max() of logits and {fv:g} (a clamp that changes logits)")
+            post = post.floor(fv)
+            cur = main
+            continue
         if op == "masked_fill":
             x, m, val = c.args
             if not _very_neg_value(val):
                 raise Skip("masked_fill with a value that does not remove keys")
-            terms.append((m, "drop", post.with_fill(_fill_value(val))))
+            terms.append((m, "drop", post.at(_fill_value(val), cur)))
             cur = x
             continue
         if op == "where":
             cond, x, y = c.args
             if _very_neg_value(y):
-                terms.append((cond, "keep", post.with_fill(_fill_value(y))))
+                terms.append((cond, "keep", post.at(_fill_value(y), cur)))
                 cur = x
             elif _very_neg_value(x):
-                terms.append((cond, "drop", post.with_fill(_fill_value(x))))
+                terms.append((cond, "drop", post.at(_fill_value(x), cur)))
                 cur = y
             else:
                 raise Skip("where() on logits that is not a mask")
@@ -488,7 +555,7 @@ def _parse_logits(node, terms: list, depth=0, post: Optional[_Post] = None):
                 except Skip:
                     continue
                 terms.extend(sub_terms)
-                terms.append((other, "add", post))
+                terms.append((other, "add", post.at(None, cur)))
                 return q, k, factor * f, runtime + rt
             raise Skip("additive term on logits not understood")
         if op == "tanh":
@@ -524,6 +591,26 @@ def _positive_scalar(y, ev: MaskEvaluator) -> Optional[bool]:
     return None
 
 
+def _check_space(site: Site, space, cons):
+    """A mask applied to the logits in another view than the site's ([B*H, L, T] vs [B, H, L, T])
+    shares only the query and key dims with it: a runtime factor along the others cannot be read."""
+    st = tensor_meta(space)
+    qt = site.q_meta if site.q_meta is not None else tensor_meta(site.q)
+    if st is None or qt is None:
+        return
+    lead = [sym(x) for x in st.shape[:-2]]
+    want = [sym(qt.shape[0]), sym(qt.shape[1])] if not site.three_d else [sym(qt.shape[1])]
+    while lead and _one(lead[0]):
+        lead = lead[1:]
+    same = len(lead) <= len(want) and all(_one(a) or sym_eq(a, b) for a, b in zip(lead[::-1], want[::-1]))
+    if same:
+        return
+    for at in cons:
+        if at[0] == "opq" and set(at[2]) - {-1}:
+            raise Skip(f"runtime mask factor on the logits viewed as {tuple(str(x) for x in st.shape)}, "
+                       "not as the attention's [B, H, L, T]")
+
+
 def _removal_value(val, kind: str, post: _Post) -> Optional[float]:
     """The value a mask term leaves at the keys it removes."""
     if kind != "add":
@@ -540,27 +627,62 @@ def _check_fill_reaches_softmax(post: Optional[_Post], fill: Optional[float], ev
     """A fill value removes keys only if it reaches the softmax still effectively -inf: -inf
     scaled by positive factors, or a finite value that arrives at or below VERY_NEGATIVE (the
     same bound a fill applied last must meet). Raises Skip naming what was not followed."""
-    if post is None or (post.factor == 1.0 and not post.runtime):
+    if post is None or not post.chain:
         return
     if fill is None:
-        raise Skip("mask fill value is not a known constant, and the logits are scaled after it")
-    f = post.factor
-    if not (f > 0) or math.isinf(f):
-        raise Skip(f"mask fill value {fill:g} is scaled by {f:g} after the mask: the masked logits "
-                   "do not stay at -inf")
-    for y, op in post.runtime:
-        if _positive_scalar(y, ev) is not True:
-            raise Skip(f"mask fill value {fill:g} is scaled after the mask by a runtime scalar "
-                       f"({getattr(y, 'name', y)}) whose sign is not known")
-    if math.isinf(fill) and fill < 0:
-        return
-    if post.runtime:
-        raise Skip(f"mask fill value {fill:g} is scaled after the mask by a runtime scalar "
-                   f"({getattr(post.runtime[0][0], 'name', post.runtime[0][0])}): the masked logits "
-                   "are not provably still effectively -inf at the softmax")
-    if fill * f > VERY_NEGATIVE:
-        raise Skip(f"mask fill value {fill:g} reaches the softmax as {fill * f:g} (scaled by {f:g} "
-                   "after the mask): it does not remove the masked keys")
+        raise Skip("mask fill value is not a known constant, and the logits change after the mask")
+    v, total = fill, 1.0
+    for step in reversed(post.chain):  # from the mask out to the softmax
+        if step[0] == "scale":
+            f = step[1]
+            if not (f > 0) or math.isinf(f):
+                raise Skip(f"mask fill value {fill:g} is scaled by {f:g} after the mask: the masked "
+                           "logits do not stay at -inf")
+            v, total = v * f, total * f
+        elif step[0] == "rt":
+            y = step[1]
+            name = getattr(y, "name", y)
+            if _positive_scalar(y, ev) is not True:
+                raise Skip(f"mask fill value {fill:g} is scaled after the mask by a runtime scalar "
+                           f"({name}) whose sign is not known")
+            if not (math.isinf(v) and v < 0):
+                raise Skip(f"mask fill value {fill:g} is scaled after the mask by a runtime scalar "
+                           f"({name}): the masked logits are not provably still effectively -inf at "
+                           "the softmax")
+        else:  # floor
+            v = max(v, step[1])
+    if v > VERY_NEGATIVE:
+        raise Skip(f"mask fill value {fill:g} reaches the softmax as {v:g} (scaled by {total:g} after "
+                   "the mask): it does not remove the masked keys")
+
+
+def _lead_view_input(node) -> Optional[fx.Node]:
+    """For a view that only splits or merges leading dims (the last two unchanged): its input."""
+    c = canon(node) if isinstance(node, fx.Node) else None
+    if c is None or c.op != "view":
+        return None
+    ti, to = tensor_meta(c.args[0]), tensor_meta(node)
+    if ti is None or to is None or ti.dim() < 2 or to.dim() < 2:
+        return None
+    si, so = [sym(x) for x in ti.shape], [sym(x) for x in to.shape]
+    if not (sym_eq(si[-1], so[-1]) and sym_eq(si[-2], so[-2])):
+        return None
+    if not sym_eq(sympy.Mul(*si[:-2]), sympy.Mul(*so[:-2])):
+        return None
+    return c.args[0]
+
+
+def _unflatten(node) -> Optional[fx.Node]:
+    """A 3-D [B*H, L, D] operand reshaped from a 4-D [B, H, L, D] tensor: that tensor."""
+    t = tensor_meta(node)
+    if t is None or t.dim() != 3:
+        return None
+    n = _peel_same_dtype_casts(_strip_trivial(node))
+    inner = _lead_view_input(n)
+    ti = tensor_meta(inner) if inner is not None else None
+    if ti is None or ti.dim() != 4:
+        return None
+    return inner
 
 
 def _parse_softmax(node: fx.Node, c) -> Optional[Site]:
@@ -623,6 +745,7 @@ def _parse_softmax(node: fx.Node, c) -> Optional[Site]:
     else:
         raise Skip("probability chain too long")
     s = Site(out, form)
+    q, k, v = _layout_4d(q, k, v, out, terms, s)
     s.q = q
     kb, gk = _unrepeat(k)
     vb, gv = _unrepeat(v)
@@ -637,13 +760,39 @@ def _parse_softmax(node: fx.Node, c) -> Optional[Site]:
     return s
 
 
+def _layout_4d(q, k, v, out, terms, s: Site):
+    """[B*H, L, D] attention whose operands are views of [B, H, L, D] tensors is read as 4-D
+    attention on those tensors when that is needed: keys merged after their transpose (GPT-2's
+    baddbmm), operands of mixed rank, or masks applied to the logits viewed as [B, H, L, T]
+    (XGLM), whose runtime padding can then be carried. A 3-D output is viewed back."""
+    nd = lambda x: tensor_meta(x).dim() if tensor_meta(x) is not None else None  # noqa: E731
+    flat_k = isinstance(k, _Flat)
+    spaces4 = any(p is not None and p.space is not None and nd(p.space) == 4 for _, _, p in terms)
+    if not (flat_k or len({nd(q), nd(v), nd(k) if not flat_k else 3}) > 1 or spaces4):
+        return q, k, v
+    q4 = q if nd(q) == 4 else _unflatten(q)
+    k4 = k.node if flat_k else (k if nd(k) == 4 else _unflatten(k))
+    v4 = v if nd(v) == 4 else _unflatten(v)
+    if q4 is None or k4 is None or v4 is None:
+        if flat_k or len({nd(q), nd(v), nd(k) if not flat_k else 3}) > 1:
+            raise Skip("[B*H, L, D] attention whose q/k/v are not all views of [B, H, L, D] tensors")
+        return q, k, v  # plain 3-D attention (run as B*H heads)
+    qt, kt = tensor_meta(q4), tensor_meta(k4)
+    if not (sym_eq(sym(qt.shape[1]), sym(kt.shape[1])) and sym_eq(sym(qt.shape[0]), sym(kt.shape[0]))):
+        raise Skip("[B*H, L, D] attention over q/k views with different head counts")
+    ot = tensor_meta(out)
+    if ot is not None and ot.dim() == 3:
+        s.flat_out = True
+    return q4, k4, v4
+
+
 def _has_qk_below(x, depth=0) -> bool:
     if depth > 12 or not isinstance(x, fx.Node):
         return False
     c = canon(x)
     if c is None:
         return False
-    if c.op in ("matmul", "einsum"):
+    if c.op in ("matmul", "einsum", "baddbmm"):
         try:
             _parse_qk(x)
             return True
@@ -828,6 +977,8 @@ def _emit(graph: fx.Graph, site: Site, proof: CausalProof, qpos_offset: Optional
         return site.post_emit(em, out)
     if site.three_d:
         out = em.call(aten.squeeze.dim, (out, 0))
+    if site.flat_out:
+        out = em.call(aten.reshape.default, (out, [-1, _size(em, site.q, 2), _size(em, site.v, 3)]))
     ot = tensor_meta(site.out)
     if ot is not None and qt is not None and ot.dtype != qt.dtype:
         out = em.call(aten.to.dtype, (out, ot.dtype))
@@ -977,8 +1128,11 @@ def _rewrite(gm, graph, config, ev, meta_key, dry_run, t0) -> RewriteReport:
                         raise Skip(f"{err}; not followed: {nf}" if nf else err)
                     if post is not None and cons:
                         _check_fill_reaches_softmax(post, _removal_value(val, kind, post), ev)
+                    if post is not None and post.space is not None:
+                        _check_space(site, post.space, cons)
                     atoms |= set(cons)
-                proof = prove_causal(atoms, Lq, T, tensor_meta(site.out).dim() if not site.three_d else 3)
+                proof = prove_causal(atoms, Lq, T, 3 if site.three_d else (
+                    tensor_meta(site.out).dim() if site.pre_emit is not None else 4))
                 if not proof.ok:
                     raise Skip(proof.reason)
             rep.causal_proven = True

@@ -249,3 +249,52 @@ def test_unfollowed_op_on_positions_is_named():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
     assert_left_alone(Fn(fn), qkv(), "not followed: flip")
+
+
+def xglm_style(q, k, v, pad):
+    """XGLM: 3-D bmm logits viewed to 4-D to add the (causal + padding) mask, floored with
+    max(w, finfo.min), viewed back, softmax, 3-D bmm with the values."""
+    b, h, n, d = q.shape
+    q3, k3, v3 = (t.reshape(b * h, n, d) for t in (q, k, v))
+    neg = torch.finfo(q.dtype).min
+    keep = torch.ones(n, n, dtype=torch.bool).tril()[None, None] & pad.bool()[:, None, None, :]
+    bias = torch.zeros(b, 1, n, n).masked_fill(~keep, neg)
+    w = torch.bmm(q3, k3.transpose(1, 2)) * d ** -0.5
+    w = w.view(b, h, n, n) + bias
+    w = torch.max(w, torch.full((), neg))
+    w = w.view(b * h, n, n)
+    return torch.bmm(F.softmax(w, dim=-1), v3).view(b, h, n, d)
+
+
+def gpt2_reorder_upcast(q, k, v, pad):
+    """GPT-2 with reorder_and_upcast_attn: baddbmm(empty, q3, k^T merged, beta=0, alpha)."""
+    b, h, n, d = q.shape
+    w = torch.empty(b * h, n, n, dtype=torch.float32)
+    q3, kt3 = q.reshape(-1, n, d), k.transpose(-1, -2).reshape(-1, d, n)
+    w = torch.baddbmm(w, q3.float(), kt3.float(), beta=0, alpha=d ** -0.5)
+    w = w.reshape(b, h, n, n)
+    w = torch.where(torch.ones(n, n, dtype=torch.bool).tril(), w, torch.tensor(torch.finfo(w.dtype).min))
+    w = w.masked_fill(pad[:, None, None, :] == 0, torch.finfo(w.dtype).min)
+    return torch.matmul(F.softmax(w, dim=-1), v)
+
+
+@pytest.mark.parametrize("fn", [xglm_style, gpt2_reorder_upcast], ids=lambda f: f.__name__)
+def test_bmm_views_and_baddbmm_with_padding(fn):
+    q, k, v = qkv()
+    pad = torch.ones(B, L, dtype=torch.long)
+    pad[1, :4] = 0
+    keep = pad.bool()
+    rep = assert_rewrite_equivalent(Fn(fn), (q, k, v, pad), expected=1, compiler="eager",
+                                    output_fn=lambda o: o.transpose(1, 2)[keep])
+    assert rep.sites[0].padding
+
+
+def test_bmm_logits_floor_that_changes_logits_is_left_alone():
+    def fn(q, k, v):
+        b, h, n, d = q.shape
+        q3, k3, v3 = (t.reshape(b * h, n, d) for t in (q, k, v))
+        w = torch.bmm(q3, k3.transpose(1, 2)).view(b, h, n, n) + torch.full((n, n), -1e9).triu(1)
+        w = torch.max(w, torch.full((), -1.0)).view(b * h, n, n)  # raises masked logits to -1
+        return torch.bmm(F.softmax(w, dim=-1), v3).view(b, h, n, d)
+
+    assert_left_alone(Fn(fn), qkv(), "max() of logits and -1")
