@@ -635,10 +635,7 @@ def _check_fill_reaches_softmax(post: Optional[_Post], fill: Optional[float], ev
     for step in reversed(post.chain):  # from the mask out to the softmax
         if step[0] == "scale":
             f = step[1]
-            if not (f > 0) or math.isinf(f):
-                raise Skip(f"mask fill value {fill:g} is scaled by {f:g} after the mask: the masked "
-                           "logits do not stay at -inf")
-            v, total = v * f, total * f
+            v, total = v * f, total * f  # a negative factor may be undone by a later one
         elif step[0] == "rt":
             y = step[1]
             name = getattr(y, "name", y)
@@ -651,7 +648,7 @@ def _check_fill_reaches_softmax(post: Optional[_Post], fill: Optional[float], ev
                            "the softmax")
         else:  # floor
             v = max(v, step[1])
-    if v > VERY_NEGATIVE:
+    if not v <= VERY_NEGATIVE:  # (NaN too: -inf times 0)
         raise Skip(f"mask fill value {fill:g} reaches the softmax as {v:g} (scaled by {total:g} after "
                    "the mask): it does not remove the masked keys")
 

@@ -298,3 +298,12 @@ def test_bmm_logits_floor_that_changes_logits_is_left_alone():
         return torch.bmm(F.softmax(w, dim=-1), v3).view(b, h, n, d)
 
     assert_left_alone(Fn(fn), qkv(), "max() of logits and -1")
+
+
+def test_fill_negated_once_is_left_alone():
+    def fn(q, k, v):
+        n = q.shape[-2]
+        w = (q @ k.transpose(-2, -1)).masked_fill(~causal_bool(n), float("-inf"))
+        return (w * -1.0).softmax(-1) @ v  # masked logits become +inf
+
+    assert_left_alone(Fn(fn), qkv(), "reaches the softmax as inf")
