@@ -241,6 +241,8 @@ class Site:
         self.pre_emit = None  # callable(emitter): builds q/k/v nodes (nn.MultiheadAttention)
         self.post_emit = None  # callable(emitter, out): maps the attention output back
         self.flat_out = False  # the site's output is [B*H, L, D]: the 4-D result is viewed so
+        self.perm: Dict[str, tuple] = {}  # "q"/"k"/"v": read as node.permute(perm) (emitted)
+        self.out_perm: Optional[list] = None  # the [B, H, L, D] result permuted to the site's layout
 
 
 def _parse_sdpa(node: fx.Node, c) -> Site:
@@ -308,6 +310,10 @@ def _parse_qk(node) -> Tuple[Any, Any, float, list]:
         if inner is not None:
             bt = _peel_same_dtype_casts(inner)
         cb = canon(bt) if isinstance(bt, fx.Node) else None
+        kperm = _key_permutation(cb) if inner is None else None
+        if kperm is not None:  # keys laid out [B, T, H, D] and permuted to [B, H, D, T] (OpenAI-GPT)
+            k, f = _strip_scalars(cb.args[0], f, runtime)
+            return q, _Perm.of(k, kperm), f, runtime
         if cb is None or cb.op not in ("transpose", "permute") or not _is_last_two_transpose(cb, cb.args[0]):
             raise Skip("matmul operand is not k transposed (not attention logits)")
         k, f = _strip_scalars(cb.args[0], f, runtime)
@@ -322,10 +328,24 @@ def _parse_qk(node) -> Tuple[Any, Any, float, list]:
         if len(ops) != 2 or not isinstance(eq, str):
             raise Skip("einsum form not understood")
         eq = eq.replace(" ", "").replace("...", "@")
+        if "->" not in eq or eq.count(",") != 1:
+            raise Skip("einsum form not understood")
         lhs, rhs = eq.split("->")
         s0, s1 = lhs.split(",")
         if not (len(s0) >= 2 and len(s1) >= 2 and s0[:-2] == s1[:-2] == rhs[:-2]):
-            raise Skip("einsum form not understood")
+            # explicit 4-D subscripts in any order ('bqhd,bkhd->bhqk'): q and k are permutations
+            # of [B, H, L, D] / [B, H, T, D], read through a permute emitted at the rewrite
+            if not (len(s0) == len(s1) == len(rhs) == 4 and "@" not in eq and len(set(rhs)) == 4):
+                raise Skip("einsum form not understood")
+            b_, h_, i, j = rhs
+            ds = set(s0) - set(rhs)
+            if len(ds) != 1 or set(s0) != {b_, h_, i} | ds or set(s1) != {b_, h_, j} | ds:
+                raise Skip("einsum form not understood")
+            d = ds.pop()
+            q, f = _strip_scalars(ops[0], 1.0, runtime)
+            k, f = _strip_scalars(ops[1], f, runtime)
+            return (_Perm.of(q, [s0.index(x) for x in (b_, h_, i, d)]),
+                    _Perm.of(k, [s1.index(x) for x in (b_, h_, j, d)]), f, runtime)
         i, d = s0[-2], s0[-1]
         if s1[-1] == d:
             j = s1[-2]
@@ -343,6 +363,33 @@ def _parse_qk(node) -> Tuple[Any, Any, float, list]:
         k, f = _strip_scalars(ops[1], f, runtime)
         return q, k, f, runtime
     raise Skip("not attention logits")
+
+
+class _Perm:
+    """An operand read as ``node.permute(perm)`` (emitted with the rewrite)."""
+
+    def __init__(self, node, perm):
+        self.node, self.perm = node, tuple(perm)
+
+    @staticmethod
+    def of(node, perm):
+        return node if list(perm) == list(range(len(perm))) else _Perm(node, perm)
+
+
+def _key_permutation(cb) -> Optional[List[int]]:
+    """For a 4-D permute that is not a plain swap of the last two dims but still puts the head dim
+    second to last ([B, T, H, D].permute(0, 2, 3, 1) = [B, H, D, T]): the permutation that gives
+    the keys as [B, H, T, D] from its input."""
+    if cb is None or cb.op != "permute":
+        return None
+    t = tensor_meta(cb.args[0])
+    if t is None or t.dim() != 4:
+        return None
+    p = [(d + 4) % 4 for d in cb.args[1]]
+    if sorted(p) != [0, 1, 2, 3] or p == [0, 1, 3, 2]:
+        return None
+    kp = p[:2] + [p[3], p[2]]
+    return kp if kp != [0, 1, 2, 3] else None
 
 
 class _Flat:
@@ -490,7 +537,17 @@ def _parse_logits(node, terms: list, depth=0, post: Optional[_Post] = None):
             if op == "mul" and _is_scalar_operand(x) and not _is_scalar_operand(y):
                 x, y = y, x
             if not _is_scalar_operand(y) or not isinstance(x, fx.Node):
-                raise Skip("logits multiplied by a tensor (position bias / gating)")
+                if op == "mul":  # w * b with b a 0/1 mask (OpenAI-GPT: w * b + -1e4 * (1 - b))
+                    for main, other in ((x, y), (y, x)):
+                        if isinstance(main, fx.Node) and isinstance(other, fx.Node) \
+                                and _unit_mask(other) and _has_qk_below(main):
+                            terms.append((other, "mulkeep", post.at(None, cur)))
+                            cur = main
+                            break
+                    else:
+                        raise Skip("logits multiplied by a tensor (position bias / gating)")
+                    continue
+                raise Skip("logits divided by a tensor (position bias / gating)")
             if isinstance(y, (int, float)):
                 factor = factor * y if op == "mul" else factor / y
             else:
@@ -589,6 +646,49 @@ def _positive_scalar(y, ev: MaskEvaluator) -> Optional[bool]:
     if isinstance(r, Const) and isinstance(r.v, (int, float)) and not isinstance(r.v, bool):
         return r.v > 0
     return None
+
+
+def _unit_mask(node) -> bool:
+    """A tensor that is 1 where a mask keeps and 0 elsewhere (a float tril buffer, b.float())."""
+    if not _EV:
+        return False
+    from .maskproof import Const, Sel
+    v = _EV[-1].eval(node)
+    if isinstance(v, Const):
+        return not isinstance(v.v, bool) and v.v == 1
+    return isinstance(v, Sel) and v.a == 1 and v.b == 0 and not isinstance(v.a, bool)
+
+
+def _depends_on(node, anc, limit=4096) -> bool:
+    """Whether `node` is computed from `anc` (or is it)."""
+    seen, stack = set(), [node]
+    while stack and len(seen) < limit:
+        n = stack.pop()
+        if n is anc:
+            return True
+        if not isinstance(n, fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return False
+
+
+def _check_mulkeep(site: Site, cons, post, removals):
+    """Logits multiplied by a 0/1 mask are 0 where it is 0: exact only if a mask applied after the
+    product removes every such key (its kept keys all lie where the product keeps), and no -inf
+    fill applied before it meets a 0 (NaN)."""
+    space = post.space if post is not None else None
+    after, before = set(), []
+    for rc, rp, fill in removals:
+        rs = rp.space if rp is not None else None
+        if space is not None and rs is not None and rs is not space and _depends_on(rs, space):
+            after |= set(rc)
+        elif rc:
+            before.append(fill)
+    if not set(cons) <= after:
+        raise Skip("logits multiplied by a 0/1 mask whose zeros no later mask removes")
+    if any(f is None or math.isinf(f) for f in before):
+        raise Skip("logits multiplied by a 0/1 mask after a -inf fill (NaN where both apply)")
 
 
 def _check_space(site: Site, space, cons):
@@ -699,6 +799,7 @@ def _parse_softmax(node: fx.Node, c) -> Optional[Site]:
             raise Skip(str(e)) from None
         return None
     # forward: probs -> (cast, inactive dropout)* -> probs @ v
+    out_perm = [0, 1, 2, 3]
     cur = node
     walk = node  # walks past the expand/view/bmm of a decomposed (AOTAutograd) matmul
     for _ in range(16):
@@ -731,21 +832,38 @@ def _parse_softmax(node: fx.Node, c) -> Optional[Site]:
             eq = cu.args[0].replace(" ", "").replace("...", "@")
             lhs, rhs = eq.split("->")
             s0, s1 = lhs.split(",")
+            v = cu.args[1][1]
             if not (s0[:-2] == s1[:-2] == rhs[:-2] and s1[-2] == s0[-1] and rhs[-2] == s0[-2]
                     and rhs[-1] == s1[-1]):
-                raise Skip("einsum form of probs @ v not understood")
+                # explicit 4-D subscripts in another order ('bhqk,bkhd->bqhd'): v read permuted to
+                # [B, H, T, D], the [B, H, L, D] result permuted to the einsum's output order
+                e = set(s1) - set(s0)
+                if not (len(s0) == len(s1) == len(rhs) == 4 and "@" not in eq and len(set(s0)) == 4
+                        and len(e) == 1 and set(s1) == {s0[0], s0[1], s0[3]} | e
+                        and set(rhs) == {s0[0], s0[1], s0[2]} | e):
+                    raise Skip("einsum form of probs @ v not understood")
+                e = e.pop()
+                res = (s0[0], s0[1], s0[2], e)
+                v = _Perm.of(v, [s1.index(x) for x in (s0[0], s0[1], s0[3], e)])
+                out_perm = [res.index(x) for x in rhs]
             form = "einsum-softmax"
-            v = cu.args[1][1]
             out = u
             break
         raise Skip("attention probabilities feed an unsupported op")
     else:
         raise Skip("probability chain too long")
     s = Site(out, form)
-    q, k, v = _layout_4d(q, k, v, out, terms, s)
+    if out_perm != [0, 1, 2, 3]:
+        s.out_perm = out_perm
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if isinstance(x, _Perm):
+            s.perm[name] = x.perm
+    q, k, v = (x.node if isinstance(x, _Perm) else x for x in (q, k, v))
+    if not s.perm:
+        q, k, v = _layout_4d(q, k, v, out, terms, s)
     s.q = q
-    kb, gk = _unrepeat(k)
-    vb, gv = _unrepeat(v)
+    kb, gk = _unrepeat(k) if not s.perm else (k, 1)
+    vb, gv = _unrepeat(v) if not s.perm else (v, 1)
     if gk == gv:
         s.k, s.v, s.group = kb, vb, gk
     else:
@@ -891,6 +1009,15 @@ def _emit(graph: fx.Graph, site: Site, proof: CausalProof, qpos_offset: Optional
     em = _Emitter(graph, site.out, meta_key)
     if site.pre_emit is not None:
         site.pre_emit(em)
+    for name, p in site.perm.items():  # operands read permuted (einsum / pre-permuted keys)
+        src = getattr(site, name)
+        n = em.call(aten.permute.default, (src, list(p)))
+        if "val" not in n.meta and "example_value" not in n.meta and tensor_meta(src) is not None:
+            try:  # dynamo graphs: later size reads of this node need an example value
+                n.meta["example_value"] = tensor_meta(src).permute(*p)
+            except Exception:  # noqa: BLE001
+                pass
+        setattr(site, name, n)
     if site.three_d:
         site.q, site.k, site.v = (em.call(aten.unsqueeze.default, (x, 0)) for x in (site.q, site.k, site.v))
     q = site.q
@@ -976,6 +1103,8 @@ def _emit(graph: fx.Graph, site: Site, proof: CausalProof, qpos_offset: Optional
         out = em.call(aten.squeeze.dim, (out, 0))
     if site.flat_out:
         out = em.call(aten.reshape.default, (out, [-1, _size(em, site.q, 2), _size(em, site.v, 3)]))
+    if site.out_perm is not None:
+        out = em.call(aten.permute.default, (out, list(site.out_perm)))
     ot = tensor_meta(site.out)
     if ot is not None and qt is not None and ot.dtype != qt.dtype:
         out = em.call(aten.to.dtype, (out, ot.dtype))
@@ -1098,7 +1227,9 @@ def _rewrite(gm, graph, config, ev, meta_key, dry_run, t0) -> RewriteReport:
             if any("MultiheadAttention" in t for t in _module_types(node)):
                 rep.form = "mha"
             if site.pre_emit is None:
-                qt, kt, vt = tensor_meta(site.q), tensor_meta(site.k), tensor_meta(site.v)
+                qt, kt, vt = (_operand_meta(site, n) for n in ("q", "k", "v"))
+                if "q" in site.perm:
+                    site.q_meta = qt
                 rep.q_shape, rep.kv_shape = _shape_str(qt), _shape_str(kt)
                 qt, kt, vt = _check_layout(site, qt, kt, vt)
                 Lq, T = sym(qt.shape[2]), sym(kt.shape[2])
@@ -1117,8 +1248,15 @@ def _rewrite(gm, graph, config, ev, meta_key, dry_run, t0) -> RewriteReport:
                 atoms = set()
                 if not site.terms:
                     atoms.add(("lin", ((-1, 1),), sympy.expand(-(T - Lq))))  # j <= T - 1
+                removals, mulkeeps = [], []
                 for mnode, kind, post in site.terms:
                     val = ev.eval(mnode)
+                    if kind == "mulkeep":  # zeroes logits: checked below against the removals
+                        cons, err = constraints_of(val, "keep")
+                        if cons is None:
+                            raise Skip(f"logits multiplied by a mask: {err}")
+                        mulkeeps.append((cons, post))
+                        continue
                     cons, err = constraints_of(val, kind)
                     if cons is None:
                         nf = ev.not_followed(mnode) if isinstance(mnode, fx.Node) else ""
@@ -1128,6 +1266,9 @@ def _rewrite(gm, graph, config, ev, meta_key, dry_run, t0) -> RewriteReport:
                     if post is not None and post.space is not None:
                         _check_space(site, post.space, cons)
                     atoms |= set(cons)
+                    removals.append((cons, post, _removal_value(val, kind, post) if post is not None else None))
+                for cons, post in mulkeeps:
+                    _check_mulkeep(site, cons, post, removals)
                 proof = prove_causal(atoms, Lq, T, 3 if site.three_d else (
                     tensor_meta(site.out).dim() if site.pre_emit is not None else 4))
                 if not proof.ok:
@@ -1191,6 +1332,17 @@ def exported_constants(ep) -> Dict[str, torch.Tensor]:
         if isinstance(t, torch.Tensor):
             out[spec.arg.name] = t
     return out
+
+
+def _operand_meta(site: Site, name: str):
+    """The example value of q/k/v as the rewrite reads it (permuted where `site.perm` says)."""
+    t = tensor_meta(getattr(site, name))
+    p = site.perm.get(name)
+    if p is None or t is None:
+        return t
+    import types
+    shape = tuple(t.shape[i] for i in p)
+    return types.SimpleNamespace(shape=shape, dtype=t.dtype, device=t.device, dim=lambda: len(shape))
 
 
 def _check_layout(site: Site, qt, kt, vt):

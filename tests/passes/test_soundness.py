@@ -307,3 +307,38 @@ def test_fill_negated_once_is_left_alone():
         return (w * -1.0).softmax(-1) @ v  # masked logits become +inf
 
     assert_left_alone(Fn(fn), qkv(), "reaches the softmax as inf")
+
+
+def einsum_sequence_major(q, k, v):
+    n = q.shape[-2]
+    qs, ks, vs = (t.transpose(1, 2) for t in (q, k, v))  # [B, L, H, D]
+    w = torch.einsum("bqhd,bkhd->bhqk", qs, ks) / 3.0
+    w = w.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", w.softmax(-1), vs)
+
+
+class OpenAIGPT(torch.nn.Module):
+    """OpenAI-GPT: keys split with permute(0, 2, 3, 1) and the mask w * b + -1e4 * (1 - b)."""
+
+    def __init__(self, multiply_only=False):
+        super().__init__()
+        self.register_buffer("bias", torch.tril(torch.ones(32, 32)).view(1, 1, 32, 32))
+        self.multiply_only = multiply_only
+
+    def forward(self, q, k, v):
+        kx = k.transpose(1, 2).contiguous().permute(0, 2, 3, 1)  # [B, T, H, D] -> [B, H, D, T]
+        w = torch.matmul(q, kx) / (q.size(-1) ** 0.5)
+        b = self.bias[:, :, : w.size(-2), : w.size(-1)]
+        w = w * b if self.multiply_only else w * b + -1e4 * (1 - b)
+        return torch.matmul(F.softmax(w, dim=-1), v)
+
+
+@pytest.mark.parametrize("dynamic", [None, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("make", [lambda: Fn(einsum_sequence_major), lambda: OpenAIGPT()],
+                         ids=["einsum_bqhd", "openai_gpt"])
+def test_permuted_operands_rewritten_exactly(make, dynamic):
+    assert_rewrite_equivalent(make(), qkv(), expected=1, compiler="eager", dynamic=dynamic)
+
+
+def test_logits_times_mask_without_removal_is_left_alone():
+    assert_left_alone(OpenAIGPT(multiply_only=True), qkv(), "no later mask removes")
