@@ -15,7 +15,7 @@ def explain(model, *example_inputs, config: Optional[SuperlinearConfig] = None,
 
     The model runs once under ``torch.no_grad()`` (through the analysed, unmodified graphs). Graph
     breaks give several graphs; the report merges them. Nothing is compiled and the model is not
-    changed.
+    changed; what the user has already compiled is left in place (no ``torch._dynamo.reset()``).
 
     Args:
         model: an ``nn.Module`` or callable.
@@ -34,17 +34,20 @@ def explain(model, *example_inputs, config: Optional[SuperlinearConfig] = None,
         raise TypeError(f"explain: config must be a SuperlinearConfig, got {type(config).__name__}")
     reports: List[RewriteReport] = []
 
-    def backend(gm, inputs):
+    def backend(gm, inputs):  # a new function per call: dynamo's backend guard traces afresh
         reports.append(rewrite_graph(gm, config, dry_run=True))
         return gm.forward
 
-    torch._dynamo.reset()
-    try:
+    # No torch._dynamo.reset(): that would drop what the user has compiled (their next call would
+    # recompile). Dynamo's cache entries are guarded by their backend, so this trace neither reuses
+    # nor replaces the user's entries; the recompile limits are lifted for it, so a model already
+    # compiled several times (or explained before) is still traced rather than run eagerly.
+    big = 1 << 20
+    with torch._dynamo.config.patch(recompile_limit=big, accumulated_recompile_limit=big,
+                                    error_on_recompile=False):
         compiled = torch.compile(model, backend=backend)
         with torch.no_grad():
             compiled(*example_inputs, **(kwargs or {}))
-    finally:
-        torch._dynamo.reset()
     out = RewriteReport(sites=[], graphs=0)
     for r in reports:
         out = out.merge(r)

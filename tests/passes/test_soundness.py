@@ -342,3 +342,27 @@ def test_permuted_operands_rewritten_exactly(make, dynamic):
 
 def test_logits_times_mask_without_removal_is_left_alone():
     assert_left_alone(OpenAIGPT(multiply_only=True), qkv(), "no later mask removes")
+
+
+# ---------------------------------------------------------------------------------------------
+# explain leaves the user's compiled state alone
+# ---------------------------------------------------------------------------------------------
+
+def test_explain_does_not_reset_the_users_compiled_model():
+    m = Fn(triu_transposed)
+    args = qkv()
+    calls = []
+
+    def user_backend(gm, ex):
+        calls.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    c = torch.compile(m, backend=user_backend)
+    c(*args)
+    assert len(calls) == 1
+    for _ in range(2):  # explain still traces (a fresh report) each time
+        rep = slcompile.explain(m, *args)
+        assert rep.found == 1 and rep.rewritten == 1, rep.sites
+    c(*args)
+    assert len(calls) == 1  # no recompile of the user's model
