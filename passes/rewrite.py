@@ -447,10 +447,24 @@ def _parse_mha(node: fx.Node, c) -> Site:
         if mt is None or mt.dim() != 2:
             raise Skip("MultiheadAttention attn_mask is not 2-D [L, S]")
         s.terms.append((mask, "drop" if mt.dtype == torch.bool else "add", None))
+    kpm_atom = None
     if kpm is not None:
         kt = tensor_meta(kpm)
-        if kt is None or kt.dtype != torch.bool or kt.dim() != 2:
-            raise Skip("MultiheadAttention key_padding_mask is not a bool [B, S] tensor")
+        if kt is None or kt.dim() != 2:
+            raise Skip("MultiheadAttention key_padding_mask is not a [B, S] tensor")
+        if kt.dtype != torch.bool:
+            # nn.MultiheadAttention hands it on as a float mask (F._canonical_mask: 0 / -inf):
+            # followed back to the runtime [B, S] factor it was built from
+            from .maskproof import constraints_of as _cons
+            cons, err = _cons(_EV[-1].eval(kpm), "add") if _EV else (None, "")
+            ats = list(cons or ())
+            at = ats[0] if len(ats) == 1 else None
+            at_t = tensor_meta(at[1]) if at is not None and at[0] == "opq" else None
+            if at_t is None or at_t.dim() != 2 or not all(sym_eq(sym(a), sym(b)) for a, b in zip(at_t.shape, kt.shape)) \
+                    or not isinstance(at[3], str):
+                raise Skip("MultiheadAttention float key_padding_mask is not a 0/-inf mask of a runtime "
+                           f"[B, S] factor ({err or 'not followed'})")
+            kpm_atom = at
 
     def pre(em):
         L, B = _size(em, x, 0), _size(em, x, 1)
@@ -469,7 +483,13 @@ def _parse_mha(node: fx.Node, c) -> Site:
             p = em.call(aten.reshape.default, (p, [L, B, H, Dh]))
             heads.append(em.call(aten.permute.default, (p, [1, 2, 0, 3])))
         s.q, s.k, s.v = heads
-        if kpm is not None:
+        if kpm_atom is not None:  # key present where the atom holds
+            node, mode = kpm_atom[1], kpm_atom[3]
+            if tensor_meta(node).dtype == torch.bool:
+                s.kpm_node = node if mode == "truthy" else em.call(aten.logical_not.default, (node,))
+            else:
+                s.kpm_node = em.call(aten.ne.Scalar if mode == "truthy" else aten.eq.Scalar, (node, 0))
+        elif kpm is not None:
             s.kpm_node = em.call(aten.logical_not.default, (kpm,))
 
     def post(em, out):

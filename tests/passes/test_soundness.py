@@ -366,3 +366,28 @@ def test_explain_does_not_reset_the_users_compiled_model():
         assert rep.found == 1 and rep.rewritten == 1, rep.sites
     c(*args)
     assert len(calls) == 1  # no recompile of the user's model
+
+
+# ---------------------------------------------------------------------------------------------
+# nn.MultiheadAttention with a key_padding_mask
+# ---------------------------------------------------------------------------------------------
+
+class MHAPadded(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mha = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+
+    def forward(self, x, kpm):
+        n = x.shape[1]
+        causal = torch.ones(n, n, dtype=torch.bool).triu(1)  # True = not allowed
+        return self.mha(x, x, x, attn_mask=causal, key_padding_mask=kpm, need_weights=False)[0]
+
+
+def test_multihead_attention_key_padding_mask_carried():
+    x = torch.randn(2, 10, 32)
+    kpm = torch.zeros(2, 10, dtype=torch.bool)
+    kpm[1, :3] = True  # the first keys of row 1 are padding
+    keep = ~kpm
+    rep = assert_rewrite_equivalent(MHAPadded().eval(), (x, kpm), expected=1, compiler="eager",
+                                    output_fn=lambda o: o[keep])
+    assert rep.sites[0].form == "mha"
