@@ -102,6 +102,8 @@ def _canon_aten(node: fx.Node, target=None) -> Optional[COp]:
     name = t.overloadpacket.__name__
     a = _bind_schema(t, node.args, node.kwargs)
     first = next(iter(a.values()), None)
+    if name == "_transformer_encoder_layer_fwd":
+        return COp("encoder_layer", (dict(a),))
     if name == "scaled_dot_product_attention":
         return COp("sdpa", (a["query"], a["key"], a["value"], a.get("attn_mask"), a.get("dropout_p", 0.0),
                             a.get("is_causal", False), a.get("scale"), a.get("enable_gqa", False)))
@@ -284,6 +286,16 @@ def _canon_torch(node: fx.Node, name: str, args, kwargs, is_method: bool) -> Opt
         b = sig.bind(*args, **kwargs)
         b.apply_defaults()
         return COp("mha", (dict(b.arguments),))
+    if name == "_transformer_encoder_layer_fwd":  # nn.TransformerEncoderLayer's fused fast path
+        names = ("src", "embed_dim", "num_heads", "qkv_weight", "qkv_bias", "proj_weight", "proj_bias",
+                 "use_gelu", "norm_first", "eps", "norm_weight_1", "norm_bias_1", "norm_weight_2",
+                 "norm_bias_2", "ffn_weight_1", "ffn_bias_1", "ffn_weight_2", "ffn_bias_2", "mask",
+                 "mask_type")
+        d = dict(zip(names, args))
+        d.update({k: v for k, v in kwargs.items() if k in names})
+        d.setdefault("mask", None)
+        d.setdefault("mask_type", None)
+        return COp("encoder_layer", (d,)) if len(d) == len(names) else None
     if name == "scaled_dot_product_attention":
         return COp("sdpa", (arg(0, "query"), arg(1, "key"), arg(2, "value"), arg(3, "attn_mask"),
                             arg(4, "dropout_p", 0.0), arg(5, "is_causal", False), arg(6, "scale"),

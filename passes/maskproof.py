@@ -685,6 +685,8 @@ class MaskEvaluator:
                 return None
             return _mk_sel(s.atoms, fa, fb)
         if isinstance(x, Sel) and isinstance(y, Sel):
+            if op == "add":  # 0/-inf biases: one-atom ones written -inf-where-true are turned round
+                x, y = _polarise_bias(x), _polarise_bias(y)
             if op == "add" and _finite(x.a) and _finite(y.a) and _very_neg(x.b) and _very_neg(y.b):
                 return _mk_sel(x.atoms | y.atoms, x.a + y.a, float("-inf"))
             if op == "mul" and x.b in (0, False) and y.b in (0, False):
@@ -797,7 +799,11 @@ def negate_atom(at) -> Optional[tuple]:
     """The atom that holds exactly where `at` does not (None when not expressible)."""
     if at[0] == "lin":  # not(e <= 0)  <=>  -e + 1 <= 0 (integers)
         return lin_atom({d: -c for d, c in at[1]}, -at[2] + 1)
-    neg = {"truthy": "not", "not": "truthy"}.get(at[3]) if isinstance(at[3], str) else None
+    m = at[3]
+    if isinstance(m, str):
+        neg = {"truthy": "not", "not": "truthy"}.get(m)
+    else:  # ("eq", c) <-> ("ne", c): the node equals / differs from c
+        neg = ({"eq": "ne", "ne": "eq"}[m[0]], m[1]) if m[0] in ("eq", "ne") else None
     return (at[0], at[1], at[2], neg) if neg is not None else None
 
 
@@ -808,6 +814,16 @@ def _polarise(v: "Sel", want) -> "Sel":
         return v
     neg = negate_atom(next(iter(v.atoms)))
     return Sel(frozenset([neg]), want[0], want[1]) if neg is not None else v
+
+
+def _polarise_bias(v: "Sel") -> "Sel":
+    """A one-atom additive bias that is very negative where its atom holds, written with the
+    negated atom so that it is finite where the atom holds."""
+    if len(v.atoms) == 1 and _very_neg(v.a) and _finite(v.b):
+        neg = negate_atom(next(iter(v.atoms)))
+        if neg is not None:
+            return Sel(frozenset([neg]), v.b, v.a)
+    return v
 
 
 def _finite(v) -> bool:
@@ -849,10 +865,9 @@ def constraints_of(v, kind: str):
     lins = [at for at in v.atoms if at[0] == "lin"]
     if not lins and _flipped(kind, a, b):
         if len(v.atoms) == 1:  # one runtime factor, the other way round: negate it
-            at = next(iter(v.atoms))
-            neg = {"truthy": "not", "not": "truthy"}.get(at[3]) if isinstance(at[3], str) else None
+            neg = negate_atom(next(iter(v.atoms)))
             if neg is not None:
-                return frozenset([(at[0], at[1], at[2], neg)]), ""
+                return frozenset([neg]), ""
         return None, "mask is runtime data, not provably a function of positions"
     if len(v.atoms) == 1 and lins and _flipped(kind, a, b):
         coef, const = dict(lins[0][1]), lins[0][2]  # not(e <= 0)  <=>  -e + 1 <= 0

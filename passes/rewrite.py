@@ -243,6 +243,8 @@ class Site:
         self.flat_out = False  # the site's output is [B*H, L, D]: the 4-D result is viewed so
         self.perm: Dict[str, tuple] = {}  # "q"/"k"/"v": read as node.permute(perm) (emitted)
         self.out_perm: Optional[list] = None  # the [B, H, L, D] result permuted to the site's layout
+        self.batch_first = False  # mha_shapes' input is [B, L, E] (else [L, B, E])
+        self.logits_ndim: Optional[int] = None  # the rank of the logits its masks index (None: from out)
 
 
 def _parse_sdpa(node: fx.Node, c) -> Site:
@@ -461,7 +463,7 @@ def _parse_mha(node: fx.Node, c) -> Site:
             at = ats[0] if len(ats) == 1 else None
             at_t = tensor_meta(at[1]) if at is not None and at[0] == "opq" else None
             if at_t is None or at_t.dim() != 2 or not all(sym_eq(sym(a), sym(b)) for a, b in zip(at_t.shape, kt.shape)) \
-                    or not isinstance(at[3], str):
+                    or at[3] == "unknown":
                 raise Skip("MultiheadAttention float key_padding_mask is not a 0/-inf mask of a runtime "
                            f"[B, S] factor ({err or 'not followed'})")
             kpm_atom = at
@@ -485,7 +487,9 @@ def _parse_mha(node: fx.Node, c) -> Site:
         s.q, s.k, s.v = heads
         if kpm_atom is not None:  # key present where the atom holds
             node, mode = kpm_atom[1], kpm_atom[3]
-            if tensor_meta(node).dtype == torch.bool:
+            if not isinstance(mode, str):
+                s.kpm_node = em.call(aten.eq.Scalar if mode[0] == "eq" else aten.ne.Scalar, (node, mode[1]))
+            elif tensor_meta(node).dtype == torch.bool:
                 s.kpm_node = node if mode == "truthy" else em.call(aten.logical_not.default, (node,))
             else:
                 s.kpm_node = em.call(aten.ne.Scalar if mode == "truthy" else aten.eq.Scalar, (node, 0))
@@ -530,6 +534,79 @@ class _Post:
 
     def at(self, fill, space) -> "_Post":
         return _Post(self.chain, fill, space)
+
+
+def _fake_like(em: "_Emitter", n: fx.Node, val) -> fx.Node:
+    """Give an emitted node of a dynamo graph an example value (later size reads need it)."""
+    if val is not None and "val" not in n.meta and "example_value" not in n.meta:
+        n.meta["example_value"] = val
+    return n
+
+
+def _parse_encoder_layer(node: fx.Node, c) -> Site:
+    """``torch._transformer_encoder_layer_fwd`` (nn.TransformerEncoderLayer's fast path in eval
+    mode): the whole layer is emitted again around the rewritten attention (layer norms, residuals,
+    feed-forward), batch-first [B, L, E]."""
+    a = c.args[0]
+    x = a["src"]
+    xt = tensor_meta(x)
+    E, H = a["embed_dim"], a["num_heads"]
+    if xt is None or xt.dim() != 3 or not isinstance(E, int) or not isinstance(H, int) or E % H:
+        raise Skip("TransformerEncoderLayer input not [B, L, E]")
+    if not isinstance(a["use_gelu"], bool) or not isinstance(a["norm_first"], bool) \
+            or not isinstance(a["eps"], float):
+        raise Skip("TransformerEncoderLayer fast path with non-constant settings")
+    Dh = E // H
+    s = Site(node, "encoder-layer")
+    s.scale = 1.0 / math.sqrt(Dh)
+    s.batch_first = True
+    s.logits_ndim = 4
+    mask, mtype = a["mask"], a["mask_type"]
+    if mask is not None:
+        mt = tensor_meta(mask)
+        if mt is None or mt.dtype == torch.bool or mtype not in (0, 2) or mt.dim() != (2 if mtype == 0 else 4):
+            raise Skip("TransformerEncoderLayer fast-path mask not understood (key padding only, or bool)")
+        s.terms.append((mask, "add", None))
+
+    def ln(em, y, w, b):
+        return em.call(aten.layer_norm.default, (y, [E], w, b, a["eps"]))
+
+    def pre(em):
+        B, L = _size(em, x, 0), _size(em, x, 1)
+        y = ln(em, x, a["norm_weight_1"], a["norm_bias_1"]) if a["norm_first"] else x
+        qkv = em.call(aten.linear.default, (y, a["qkv_weight"], a["qkv_bias"]))
+        heads = []
+        hv = xt.new_empty((xt.shape[0], H, xt.shape[1], Dh)) if isinstance(xt, torch.Tensor) else None
+        for i in range(3):
+            p = em.call(aten.slice.Tensor, (qkv, 2, i * E, (i + 1) * E))
+            p = em.call(aten.reshape.default, (p, [B, L, H, Dh]))
+            heads.append(_fake_like(em, em.call(aten.permute.default, (p, [0, 2, 1, 3])), hv))
+        s.q, s.k, s.v = heads
+        s.sa_in = y
+
+    def post(em, out):
+        B, L = _size(em, x, 0), _size(em, x, 1)
+        o = em.call(aten.permute.default, (out, [0, 2, 1, 3]))
+        o = em.call(aten.reshape.default, (o, [B, L, E]))
+        sa = em.call(aten.linear.default, (o, a["proj_weight"], a["proj_bias"]))
+
+        def ff(y):
+            h = em.call(aten.linear.default, (y, a["ffn_weight_1"], a["ffn_bias_1"]))
+            h = em.call(aten.gelu.default if a["use_gelu"] else aten.relu.default, (h,))
+            return em.call(aten.linear.default, (h, a["ffn_weight_2"], a["ffn_bias_2"]))
+
+        if a["norm_first"]:
+            x1 = em.call(aten.add.Tensor, (x, sa))
+            return em.call(aten.add.Tensor, (x1, ff(ln(em, x1, a["norm_weight_2"], a["norm_bias_2"]))))
+        x1 = ln(em, em.call(aten.add.Tensor, (x, sa)), a["norm_weight_1"], a["norm_bias_1"])
+        return ln(em, em.call(aten.add.Tensor, (x1, ff(x1))), a["norm_weight_2"], a["norm_bias_2"])
+
+    s.pre_emit, s.post_emit = pre, post
+    import types
+    s.q_meta = types.SimpleNamespace(shape=(xt.shape[0], H, xt.shape[1], Dh), dtype=xt.dtype,
+                                     device=xt.device)
+    s.mha_shapes = (xt, H, Dh)
+    return s
 
 
 def _parse_logits(node, terms: list, depth=0, post: Optional[_Post] = None):
@@ -1020,7 +1097,7 @@ def _emit_padding(em: _Emitter, atom, q, k) -> fx.Node:
     elif mode == "not":
         x = em.call(aten.eq.Scalar, (x, 0)) if t.dtype != torch.bool else em.call(aten.logical_not.default, (x,))
     else:
-        x = em.call(aten.eq.Scalar, (x, mode[1]))
+        x = em.call(aten.eq.Scalar if mode[0] == "eq" else aten.ne.Scalar, (x, mode[1]))
     return em.call(aten.expand.default, (x, [B, T]))
 
 
@@ -1223,7 +1300,7 @@ def _rewrite(gm, graph, config, ev, meta_key, dry_run, t0) -> RewriteReport:
         if node.op not in ("call_function", "call_method"):
             continue
         c = canon(node)
-        if c is None or c.op not in ("sdpa", "sdpa_fused", "softmax", "mha"):
+        if c is None or c.op not in ("sdpa", "sdpa_fused", "softmax", "mha", "encoder_layer"):
             continue
         rep = SiteReport(name=node.name)
         rep.module_path, mtype = _module_path(node)
@@ -1240,11 +1317,14 @@ def _rewrite(gm, graph, config, ev, meta_key, dry_run, t0) -> RewriteReport:
             elif c.op == "mha":
                 rep.form = "mha"
                 site = _parse_mha(node, c)
+            elif c.op == "encoder_layer":
+                rep.form = "encoder-layer"
+                site = _parse_encoder_layer(node, c)
             else:
                 site = _parse_sdpa(node, c)
-            rep.name = site.out.name if c.op not in ("sdpa_fused", "mha") else node.name
+            rep.name = site.out.name if c.op not in ("sdpa_fused", "mha", "encoder_layer") else node.name
             rep.form = site.form
-            if any("MultiheadAttention" in t for t in _module_types(node)):
+            if any("MultiheadAttention" in t for t in _module_types(node)) and c.op != "encoder_layer":
                 rep.form = "mha"
             if site.pre_emit is None:
                 qt, kt, vt = (_operand_meta(site, n) for n in ("q", "k", "v"))
@@ -1255,8 +1335,9 @@ def _rewrite(gm, graph, config, ev, meta_key, dry_run, t0) -> RewriteReport:
                 Lq, T = sym(qt.shape[2]), sym(kt.shape[2])
             else:
                 xt, H, Dh = site.mha_shapes
-                rep.q_shape = rep.kv_shape = (str(xt.shape[1]), str(H), str(xt.shape[0]), str(Dh))
-                Lq = T = sym(xt.shape[0])
+                bd, ld = (0, 1) if site.batch_first else (1, 0)
+                rep.q_shape = rep.kv_shape = (str(xt.shape[bd]), str(H), str(xt.shape[ld]), str(Dh))
+                Lq = T = sym(xt.shape[ld])
             rep.kv_groups = site.group
             if site.causal_flag:
                 proof = CausalProof(True, "", sympy.Integer(0), ())
@@ -1290,7 +1371,7 @@ def _rewrite(gm, graph, config, ev, meta_key, dry_run, t0) -> RewriteReport:
                 for cons, post in mulkeeps:
                     _check_mulkeep(site, cons, post, removals)
                 proof = prove_causal(atoms, Lq, T, 3 if site.three_d else (
-                    tensor_meta(site.out).dim() if site.pre_emit is not None else 4))
+                    site.logits_ndim or (tensor_meta(site.out).dim() if site.pre_emit is not None else 4)))
                 if not proof.ok:
                     raise Skip(proof.reason)
             rep.causal_proven = True
@@ -1298,6 +1379,9 @@ def _rewrite(gm, graph, config, ev, meta_key, dry_run, t0) -> RewriteReport:
             qpos_offset = _positions(proof.offset, Lq, T, ev)
             if not dry_run:
                 new = _emit(graph, site, proof, qpos_offset, config, meta_key)
+                for key in ("val", "example_value"):  # a later site may read its example value
+                    if key in site.out.meta and "val" not in new.meta and "example_value" not in new.meta:
+                        new.meta[key] = site.out.meta[key]
                 site.out.replace_all_uses_with(new)
                 if c.op == "mha":  # the original call and its [0] are dead now
                     for u in list(node.users):

@@ -43,8 +43,9 @@ def explain(model, *example_inputs, config: Optional[SuperlinearConfig] = None,
     # nor replaces the user's entries; the recompile limits are lifted for it, so a model already
     # compiled several times (or explained before) is still traced rather than run eagerly.
     big = 1 << 20
+    # Static shapes (the example inputs' own), whatever shapes earlier compiles of the same code saw.
     with torch._dynamo.config.patch(recompile_limit=big, accumulated_recompile_limit=big,
-                                    error_on_recompile=False):
+                                    error_on_recompile=False, automatic_dynamic_shapes=False):
         compiled = torch.compile(model, backend=backend)
         with torch.no_grad():
             compiled(*example_inputs, **(kwargs or {}))

@@ -391,3 +391,44 @@ def test_multihead_attention_key_padding_mask_carried():
     rep = assert_rewrite_equivalent(MHAPadded().eval(), (x, kpm), expected=1, compiler="eager",
                                     output_fn=lambda o: o[keep])
     assert rep.sites[0].form == "mha"
+
+
+# ---------------------------------------------------------------------------------------------
+# nn.TransformerEncoder in eval mode (its fused fast path)
+# ---------------------------------------------------------------------------------------------
+
+class Encoder(torch.nn.Module):
+    def __init__(self, norm_first, activation, causal=True):
+        super().__init__()
+        layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True,
+                                                 norm_first=norm_first, activation=activation)
+        self.enc = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.causal = causal
+
+    def forward(self, x, pad=None):
+        n = x.shape[1]
+        if not self.causal:
+            return self.enc(x, src_key_padding_mask=pad)
+        if pad is None:
+            mask = torch.nn.Transformer.generate_square_subsequent_mask(n)
+        else:  # same dtype as the padding mask (torch warns, and dynamo breaks the graph, otherwise)
+            mask = torch.ones(n, n, dtype=torch.bool).triu(1)
+        return self.enc(x, mask=mask, is_causal=True, src_key_padding_mask=pad)
+
+
+@pytest.mark.parametrize("norm_first,activation", [(False, "relu"), (True, "gelu")])
+def test_transformer_encoder_fast_path_rewritten_exactly(norm_first, activation):
+    m = Encoder(norm_first, activation).eval()
+    x = torch.randn(2, 10, 32)
+    rep = assert_rewrite_equivalent(m, (x,), expected=2, compiler="eager")
+    assert all(s.form == "encoder-layer" for s in rep.sites)
+    pad = torch.zeros(2, 10, dtype=torch.bool)
+    pad[1, 4] = True  # True = padding (every query keeps a key: no NaN rows)
+    keep = ~pad
+    rep = assert_rewrite_equivalent(m, (x, pad), expected=2, compiler="eager", output_fn=lambda o: o[keep])
+    assert all(s.padding for s in rep.sites)
+
+
+def test_transformer_encoder_without_causal_mask_left_alone():
+    m = Encoder(False, "relu", causal=False).eval()
+    assert_left_alone(m, (torch.randn(2, 10, 32),), "bidirectional", found=2)
