@@ -354,12 +354,15 @@ class MaskEvaluator:
             return self._fallback(node)
         c = canon(node)
         if c is None:
-            if node.op in ("call_function", "call_method") and any(
+            fb = self._fallback(node)
+            if node.op in ("call_function", "call_method") and _support(fb) - {-4, -1} and any(
                     isinstance(v, (Sel, Aff)) and not _opq_only(v) and _support(v) & {-1, -2}
                     for v in (self.eval(x) for x in node.all_input_nodes)):
-                self.unfollowed.append(node)  # an op on position structure that is not read
+                # an op on position structure that is not read: as runtime data it could only be
+                # refused (it varies along queries), so say what was not followed instead
+                self.unfollowed.append(node)
                 return None
-            return self._fallback(node)
+            return fb
         r = self._eval_op(node, c)
         if r is None:
             return self._fallback(node, structured=True)
