@@ -400,15 +400,30 @@ def _static_reason(prep) -> str:
     return "its example inputs are not token ids with a sequence axis"
 
 
-def _check_lengths_runnable(prep, lens: Optional[List[int]]) -> None:
-    """A static model runs at its example length only: refuse other --lengths up front."""
-    if not lens or prep.dynamic:
-        return
+def _check_lengths_runnable(prep, lens: Optional[List[int]], seq_len: Optional[int] = None) -> None:
+    """Refuse up front the lengths the model cannot run at: a static model runs at its example
+    length only, a dynamic one within its program's range (an archive may cap it, e.g. 4096)."""
+    from slcompile import convert as cv
+
     L0 = _seq_len_of(prep.inputs)
-    other = [L for L in lens if L != L0]
-    if other:
-        raise UsageError(f"--lengths {','.join(map(str, other))}: the model has a static sequence "
-                         f"length ({L0}; {_static_reason(prep)}), so it runs at {L0} only")
+    if lens and not prep.dynamic:
+        other = [L for L in lens if L != L0]
+        if other:
+            raise UsageError(f"--lengths {','.join(map(str, other))}: the model has a static sequence "
+                             f"length ({L0}; {_static_reason(prep)}), so it runs at {L0} only")
+        return
+    rng = cv.seq_len_range(prep.program)
+    if rng is None:
+        return
+    lo, hi = rng
+    if hi is None:
+        return
+    # (only the top is enforced: a program exported with min=2 still runs at length 1)
+    for flag, values in (("--seq-len", [seq_len] if seq_len is not None else []), ("--lengths", lens or [])):
+        bad = [L for L in values if L > hi]
+        if bad:
+            raise UsageError(f"{flag} {','.join(map(str, bad))}: the model runs at sequence lengths "
+                             f"up to {hi} (the range it was exported with: [{lo}, {hi}])")
 
 
 def _already_converted(prep, model: str, what: str) -> None:
@@ -746,7 +761,7 @@ def check(model, trust_pickle, imports, seq_len, batch, vocab, inputs_file, leng
     with out.steps(total=2 + n_lens, label="check") as steps:
         prep = _load_and_prepare(out, steps, model, opts)
         _already_converted(prep, model, "check")
-        _check_lengths_runnable(prep, lens)
+        _check_lengths_runnable(prep, lens, seq_len)
         steps.advance("exactness: rewriting under the exact config")
         exact_cfg = cv.exact_config(config)
         gm_exact, rep_exact = cv.rewrite_module(prep, exact_cfg)
@@ -900,7 +915,7 @@ def bench(model, trust_pickle, imports, seq_len, batch, vocab, inputs_file, leng
                         vocab=vocab, inputs_file=inputs_file)
             prep = _load_and_prepare(out, steps, model, opts)
             _already_converted(prep, model, "bench")
-            _check_lengths_runnable(prep, lens)
+            _check_lengths_runnable(prep, lens, seq_len)
             steps.step("rewriting")
             gm, report = cv.rewrite_module(prep, config)
             rep = cv.report_to_dict(report)

@@ -719,6 +719,59 @@ def _structure_specs(module, args, kwargs, leaf_specs):
     return out
 
 
+def input_mismatch(program, args, kwargs) -> Optional[str]:
+    """Why the example inputs cannot run ``program`` (None: they fit): a different number of
+    tensors, a rank, or a size where the program's dimension is static or capped."""
+    import torch
+    from torch.export.graph_signature import InputKind
+    from torch.utils import _pytree as pytree
+
+    users = [s.arg.name for s in program.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    vals = [placeholders[n].meta.get("val") if n in placeholders else None for n in users]
+    flat = pytree.tree_leaves((tuple(args), dict(kwargs or {})))
+    if len(flat) != len(vals):
+        return f"the program takes {len(vals)} input(s), the example gives {len(flat)}"
+    for i, (want, got) in enumerate(zip(vals, flat)):
+        if not isinstance(want, torch.Tensor) or not isinstance(got, torch.Tensor):
+            continue
+        if want.dim() != got.dim():
+            return f"input {i} has {got.dim()} dimensions, the program's has {want.dim()}"
+        for d, (w, g) in enumerate(zip(want.shape, got.shape)):
+            if isinstance(w, torch.SymInt):
+                rng = program.range_constraints.get(w.node.expr)
+                if rng is not None and rng.upper.is_Integer and g > int(rng.upper):
+                    return f"input {i} dim {d} is {g}, the program takes at most {int(rng.upper)}"
+            elif int(w) != int(g):
+                what = "batch" if d == 0 else ("sequence length" if d == 1 else f"dim {d}")
+                return (f"input {i} has {what} {g}, the program was exported with {what} {int(w)} "
+                        f"fixed (a static dimension)")
+    return None
+
+
+def seq_len_range(program) -> Optional[Tuple[int, Optional[int]]]:
+    """(min, max) of the sequence length (dim 1 of the first 2-D+ user input) that ``program``
+    accepts; max None when unbounded; None when that dimension is static or there is none."""
+    import torch
+    from torch.export.graph_signature import InputKind
+
+    users = [s.arg.name for s in program.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    for name in users:
+        v = placeholders[name].meta.get("val") if name in placeholders else None
+        if isinstance(v, torch.Tensor) and v.dim() >= 2:
+            s = v.shape[1]
+            if not isinstance(s, torch.SymInt):
+                return None
+            rng = program.range_constraints.get(s.node.expr)
+            if rng is None:
+                return None
+            lo = int(rng.lower) if rng.lower.is_Integer else 0
+            hi = int(rng.upper) if rng.upper.is_Integer else None
+            return lo, hi
+    return None
+
+
 def _seq_dynamic_shapes(module, ex: ExampleInputs):
     """Mark dim 1 (sequence) of the token-id input dynamic."""
     from torch.export import Dim
@@ -776,6 +829,9 @@ def prepare(loaded: LoadedModel, inputs: ExampleInputs, dynamic: bool = True) ->
     notes: List[str] = []
     if loaded.program is not None:
         ep = loaded.program
+        why = input_mismatch(ep, inputs.args, inputs.kwargs)
+        if why is not None:  # say so here: running it would fail on one of torch's guards
+            raise UsageError(f"the example inputs ({inputs.source}) do not fit {loaded.path}: {why}")
         ds = _program_dynamic_shapes(ep, ep.module(), inputs.args, inputs.kwargs) if dynamic else None
         if dynamic and ds is None and inputs.seq_dim_dynamic:
             notes.append("the archive was exported with static shapes: the result is static too")

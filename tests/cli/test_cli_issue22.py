@@ -72,10 +72,21 @@ def test_batch_and_vocab_are_never_silently_ignored(files):
     assert_one_line_error(res, 2, "--seq-len applies only with a MODEL")
     res = run_cli("bench", files["tiny"], "--heads", 4, "--lengths", 16)
     assert_one_line_error(res, 2, "--heads applies only to the op bench")
-    # given with --seq-len they are used: batch 2 of ids < 5
-    res = run_cli("inspect", files["tiny"], "--seq-len", 16, "--batch", 2, "--vocab", 5, "--json")
+    # given with --seq-len they are used: batch 2 of ids < 5 (a pickled module is exported with them)
+    res = run_cli("inspect", files["tiny"].with_suffix(".pt"), "--trust-pickle", "--seq-len", 16,
+                  "--batch", 2, "--vocab", 5, "--json")
     assert res.rc == 0, res
     assert res.json()["inputs"] == "int64[2, 16]"
+
+
+def test_inputs_that_do_not_fit_an_archive_are_refused_before_running(files):
+    # tiny.pt2: batch 1 static, sequence 2..4096. Running them failed on torch's guards (exit 8).
+    res = run_cli("check", files["tiny"], "--seq-len", 16, "--batch", 2)
+    assert_one_line_error(res, 2, "do not fit", "batch 2", "exported with batch 1 fixed")
+    res = run_cli("check", files["tiny"], "--seq-len", 5000)
+    assert_one_line_error(res, 2, "do not fit", "at most 4096")
+    res = run_cli("check", files["tiny"], "--lengths", "40,4097")
+    assert_one_line_error(res, 2, "--lengths 4097", "up to 4096")
 
 
 def test_make_example_inputs_api_refuses_ignored_batch(tiny_files):
