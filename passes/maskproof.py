@@ -691,7 +691,9 @@ class MaskEvaluator:
             if op == "add":  # 0/-inf biases: one-atom ones written -inf-where-true are turned round
                 x, y = _polarise_bias(x), _polarise_bias(y)
             if op == "add" and _finite(x.a) and _finite(y.a) and _very_neg(x.b) and _very_neg(y.b):
-                return _mk_sel(x.atoms | y.atoms, x.a + y.a, float("-inf"))
+                # where some atom fails the sum is at most the larger of the one-sided sums (an
+                # upper bound, so that a later scale is judged on the least negative value)
+                return _mk_sel(x.atoms | y.atoms, x.a + y.a, max(x.b + y.a, x.a + y.b))
             if op == "mul" and x.b in (0, False) and y.b in (0, False):
                 return _mk_sel(x.atoms | y.atoms, x.a * y.a, 0)
             return None

@@ -359,10 +359,13 @@ def _parse_qk(node) -> Tuple[Any, Any, float, list]:
             raise Skip("einsum form not understood")
         if rhs[-2:] != i + j or len({i, j, d}) != 3:
             raise Skip("einsum form not understood")
-        if transposed:
-            raise Skip("einsum with k already transposed")
         q, f = _strip_scalars(ops[0], 1.0, runtime)
         k, f = _strip_scalars(ops[1], f, runtime)
+        if transposed:  # keys given as [.., D, T]: read through a permute of the last two dims
+            n = len(s1)
+            if "@" in eq or n != 4:
+                raise Skip("einsum with k already transposed")
+            k = _Perm(k, [0, 1, 3, 2])
         return q, k, f, runtime
     raise Skip("not attention logits")
 

@@ -93,15 +93,20 @@ def superlinear_backend(gm, example_inputs, options: Optional[Dict[str, Any]] = 
     _graph_counter[0] += 1
     log.info("superlinear: graph %d: %s (%.1f ms)", _graph_counter[0], report.summary(),
              report.seconds * 1e3)
-    _publish(report)
+    # published once the graph has compiled: a compile that fails (and that dynamo may retry,
+    # e.g. with some dims static) must not leave its sites counted twice
     if compiler == "eager":
-        return gm.forward
-    if compiler == "aot_eager":
+        fn = gm.forward
+    elif compiler == "aot_eager":
         from torch._dynamo.backends.registry import lookup_backend
 
-        return lookup_backend("aot_eager")(gm, example_inputs)
-    from torch._inductor.compile_fx import compile_fx
+        fn = lookup_backend("aot_eager")(gm, example_inputs)
+    else:
+        from torch._inductor.compile_fx import compile_fx
 
-    if inductor_options:
-        return compile_fx(gm, example_inputs, config_patches=inductor_options)
-    return compile_fx(gm, example_inputs)
+        if inductor_options:
+            fn = compile_fx(gm, example_inputs, config_patches=inductor_options)
+        else:
+            fn = compile_fx(gm, example_inputs)
+    _publish(report)
+    return fn

@@ -432,3 +432,25 @@ def test_transformer_encoder_fast_path_rewritten_exactly(norm_first, activation)
 def test_transformer_encoder_without_causal_mask_left_alone():
     m = Encoder(False, "relu", causal=False).eval()
     assert_left_alone(m, (torch.randn(2, 10, 32),), "bidirectional", found=2)
+
+
+def einsum_keys_transposed(q, k, v):
+    n = q.shape[-2]
+    w = torch.einsum("bhqd,bhdk->bhqk", q, k.transpose(-1, -2).contiguous()) * 0.3
+    w = w.masked_fill(~causal_bool(n), float("-inf"))
+    return torch.einsum("bhqk,bhkd->bhqd", w.softmax(-1), v)
+
+
+def test_einsum_keys_transposed_rewritten_exactly():
+    assert_rewrite_equivalent(Fn(einsum_keys_transposed), qkv(), expected=1, compiler="eager")
+
+
+def test_sum_of_finite_biases_then_scaled_is_left_alone():
+    def fn(q, k, v):
+        n = q.shape[-2]
+        causal = torch.full((n, n), -1e4).triu(1)
+        far = torch.full((n, n), -1e4).triu(50)  # a second 0/-1e4 bias (removes nothing here)
+        w = (q @ k.transpose(-2, -1) + (causal + far)) / 2000  # masked logits: about -5
+        return w.softmax(-1) @ v
+
+    assert_left_alone(Fn(fn), qkv(), "reaches the softmax as")
