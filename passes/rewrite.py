@@ -557,7 +557,7 @@ def _parse_encoder_layer(node: fx.Node, c) -> Site:
     if xt is None or xt.dim() != 3 or not isinstance(E, int) or not isinstance(H, int) or E % H:
         raise Skip("TransformerEncoderLayer input not [B, L, E]")
     if not isinstance(a["use_gelu"], bool) or not isinstance(a["norm_first"], bool) \
-            or not isinstance(a["eps"], float):
+            or not _is_scalar_operand(a["eps"]):  # eps: a float, or a SymFloat under dynamic=True
         raise Skip("TransformerEncoderLayer fast path with non-constant settings")
     Dh = E // H
     s = Site(node, "encoder-layer")

@@ -416,16 +416,18 @@ class Encoder(torch.nn.Module):
         return self.enc(x, mask=mask, is_causal=True, src_key_padding_mask=pad)
 
 
-@pytest.mark.parametrize("norm_first,activation", [(False, "relu"), (True, "gelu")])
-def test_transformer_encoder_fast_path_rewritten_exactly(norm_first, activation):
+@pytest.mark.parametrize("norm_first,activation,dynamic", [(False, "relu", None), (True, "gelu", None),
+                                                            (False, "gelu", True)])
+def test_transformer_encoder_fast_path_rewritten_exactly(norm_first, activation, dynamic):
     m = Encoder(norm_first, activation).eval()
     x = torch.randn(2, 10, 32)
-    rep = assert_rewrite_equivalent(m, (x,), expected=2, compiler="eager")
+    rep = assert_rewrite_equivalent(m, (x,), expected=2, compiler="eager", dynamic=dynamic)
     assert all(s.form == "encoder-layer" for s in rep.sites)
     pad = torch.zeros(2, 10, dtype=torch.bool)
     pad[1, 4] = True  # True = padding (every query keeps a key: no NaN rows)
     keep = ~pad
-    rep = assert_rewrite_equivalent(m, (x, pad), expected=2, compiler="eager", output_fn=lambda o: o[keep])
+    rep = assert_rewrite_equivalent(m, (x, pad), expected=2, compiler="eager", output_fn=lambda o: o[keep],
+                                    dynamic=dynamic)
     assert all(s.padding for s in rep.sites)
 
 
