@@ -983,7 +983,8 @@ def _layout_4d(q, k, v, out, terms, s: Site):
     nd = lambda x: tensor_meta(x).dim() if tensor_meta(x) is not None else None  # noqa: E731
     flat_k = isinstance(k, _Flat)
     spaces4 = any(p is not None and p.space is not None and nd(p.space) == 4 for _, _, p in terms)
-    if not (flat_k or len({nd(q), nd(v), nd(k) if not flat_k else 3}) > 1 or spaces4):
+    if not (flat_k or len({nd(q), nd(v), nd(k) if not flat_k else 3}) > 1 or spaces4) \
+            or (not flat_k and nd(q) == nd(k) == nd(v) == 4):
         return q, k, v
     q4 = q if nd(q) == 4 else _unflatten(q)
     k4 = k.node if flat_k else (k if nd(k) == 4 else _unflatten(k))

@@ -456,3 +456,15 @@ def test_sum_of_finite_biases_then_scaled_is_left_alone():
         return w.softmax(-1) @ v
 
     assert_left_alone(Fn(fn), qkv(), "reaches the softmax as")
+
+
+def test_multi_query_broadcast_keys_with_mask_still_rewritten():
+    def fn(q, k, v):
+        n = q.shape[-2]
+        w = (q @ k.transpose(-2, -1) * 0.3).masked_fill(~causal_bool(n), float("-inf"))
+        return w.softmax(-1) @ v  # one key/value head broadcast over the query heads
+
+    q = torch.randn(B, H, L, D)
+    k, v = torch.randn(B, 1, L, D), torch.randn(B, 1, L, D)
+    rep = assert_rewrite_equivalent(Fn(fn), (q, k, v), expected=1, compiler="eager")
+    assert rep.sites[0].kv_groups == H
