@@ -289,3 +289,36 @@ def test_smollm2_generate_dense_then_superlinear(monkeypatch):
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(ref.scores, out.scores):
         assert (a - b).abs().max() <= 1e-3
+
+
+def _issue20_model(name):
+    T = transformers
+    torch.manual_seed(0)
+    if name == "xglm":
+        cfg = T.XGLMConfig(vocab_size=V, d_model=32, num_layers=2, attention_heads=4, ffn_dim=64,
+                           max_position_embeddings=64)
+        cfg._attn_implementation = "eager"
+        return T.XGLMForCausalLM(cfg).eval()
+    if name == "gpt2-reorder":
+        cfg = T.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=V, n_positions=64,
+                           reorder_and_upcast_attn=True)
+        cfg._attn_implementation = "eager"
+        return T.AutoModelForCausalLM.from_config(cfg).eval()
+    cfg = T.OpenAIGPTConfig(n_layer=2, n_embd=32, n_head=4, vocab_size=V, n_positions=64)
+    return T.OpenAIGPTLMHeadModel(cfg).eval()
+
+
+@pytest.mark.parametrize("name", ["xglm", "gpt2-reorder", "openai-gpt"])
+def test_hf_forms_of_issue_20(name):
+    """XGLM (3-D bmm logits viewed to 4-D for the mask), GPT-2 with reorder_and_upcast_attn
+    (baddbmm), OpenAI-GPT (keys permuted (0, 2, 3, 1), mask w * b + -1e4 * (1 - b))."""
+    m = _issue20_model(name)
+    if name == "openai-gpt":  # no attention_mask input of its own here
+        rep = assert_rewrite_equivalent(m, {"input_ids": torch.randint(0, V, (2, 10))}, expected=2,
+                                        compiler="eager")
+    else:
+        inputs, keep = padded_inputs()
+        rep = assert_rewrite_equivalent(m, inputs, expected=2, compiler="eager",
+                                        output_fn=lambda o: o.logits[keep])
+        assert all(s.padding for s in rep.sites)
+    assert all(s.causal_proven for s in rep.sites)
