@@ -322,3 +322,24 @@ def test_hf_forms_of_issue_20(name):
                                         output_fn=lambda o: o.logits[keep])
         assert all(s.padding for s in rep.sites)
     assert all(s.causal_proven for s in rep.sites)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_hf_whisper_decoder_self_attention(impl):
+    """Whisper's decoder builds position ids with .repeat(B, 1) before the causal mask: its
+    self-attention is rewritten; the encoder and cross-attention are left alone."""
+    T = transformers
+    torch.manual_seed(0)
+    cfg = T.WhisperConfig(vocab_size=V, num_mel_bins=8, encoder_layers=1, decoder_layers=1, d_model=32,
+                          encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                          decoder_ffn_dim=64, max_source_positions=16, max_target_positions=32,
+                          pad_token_id=1, bos_token_id=2, eos_token_id=3, decoder_start_token_id=2)
+    cfg._attn_implementation = impl
+    m = T.WhisperForConditionalGeneration(cfg).eval()
+    inputs = {"input_features": torch.randn(2, 8, 32), "decoder_input_ids": torch.randint(0, V, (2, 10)),
+              "use_cache": False}
+    rep = assert_rewrite_equivalent(m, inputs, expected=1, compiler="eager")
+    by_path = {s.module_path: s for s in rep.sites}
+    assert by_path["model.decoder.layers.0.self_attn"].rewritten
+    for p in ("model.encoder.layers.0.self_attn", "model.decoder.layers.0.encoder_attn"):
+        assert "bidirectional" in by_path[p].reason
