@@ -772,8 +772,8 @@ def seq_len_range(program) -> Optional[Tuple[int, Optional[int]]]:
     return None
 
 
-def _seq_dynamic_shapes(module, ex: ExampleInputs):
-    """Mark dim 1 (sequence) of the token-id input dynamic."""
+def _seq_dynamic_shapes(module, ex: ExampleInputs, batch: bool = False):
+    """Mark dim 1 (sequence) of the token-id input dynamic (and dim 0, the batch, with ``batch``)."""
     from torch.export import Dim
 
     if not ex.seq_dim_dynamic or len(ex.args) != 1 or ex.kwargs:
@@ -781,7 +781,8 @@ def _seq_dynamic_shapes(module, ex: ExampleInputs):
     if ex.args[0].shape[1] < 2:
         return None
     seq = Dim("seq", min=2)
-    return _structure_specs(module, ex.args, ex.kwargs, [{1: seq}])
+    spec = {0: Dim("batch", min=1), 1: seq} if batch else {1: seq}
+    return _structure_specs(module, ex.args, ex.kwargs, [spec])
 
 
 def export_module(module, ex: ExampleInputs, dynamic_shapes=None):
@@ -814,6 +815,17 @@ class Prepared:
     inputs: ExampleInputs
     dynamic_shapes: Any              # spec used to re-export (None = static)
     notes: List[str] = field(default_factory=list)
+    # inputs to re-export with when they differ from ``inputs``: a dynamic batch axis needs an
+    # example batch of 2 (torch.export specializes a dimension of size 1 to the constant 1)
+    export_inputs: Optional[ExampleInputs] = None
+
+    @property
+    def dynamic_batch(self) -> bool:
+        """Dim 0 of the first input is dynamic in the program (one file serves every batch)."""
+        import torch
+
+        v = _first_user_input_val(self.program)
+        return isinstance(v, torch.Tensor) and v.dim() >= 1 and isinstance(v.shape[0], torch.SymInt)
 
     @property
     def dynamic(self) -> bool:
@@ -824,8 +836,55 @@ class Prepared:
         return self.program.module()
 
 
+def _first_user_input_val(program):
+    from torch.export.graph_signature import InputKind
+
+    users = [s.arg.name for s in program.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+    for n in program.graph.nodes:
+        if n.op == "placeholder" and users and n.name == users[0]:
+            return n.meta.get("val")
+    return None
+
+
+def _batch_of_two(inputs: ExampleInputs, which: Callable[[int, Any], bool]) -> Optional[ExampleInputs]:
+    """``inputs`` with the tensors chosen by ``which(flat index, tensor)`` that have batch 1
+    repeated to batch 2 (None when nothing changes)."""
+    import torch
+    from torch.utils import _pytree as pytree
+
+    flat, spec = pytree.tree_flatten((tuple(inputs.args), dict(inputs.kwargs)))
+    changed = False
+    for i, t in enumerate(flat):
+        if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == 1 and which(i, t):
+            flat[i] = torch.cat([t, t], 0)
+            changed = True
+    if not changed:
+        return None
+    args, kwargs = pytree.tree_unflatten(flat, spec)
+    return ExampleInputs(tuple(args), dict(kwargs), inputs.source + " (batch 2 for export)",
+                         inputs.seq_dim_dynamic)
+
+
+def _archive_export_inputs(ep, inputs: ExampleInputs) -> Optional[ExampleInputs]:
+    """For an archive with a dynamic batch: example inputs of batch 2 for the re-export."""
+    import torch
+    from torch.export.graph_signature import InputKind
+
+    users = [s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+    placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    vals = [placeholders[n].meta.get("val") if n in placeholders else None for n in users]
+
+    def dyn_batch(i, t):
+        v = vals[i] if i < len(vals) else None
+        return isinstance(v, torch.Tensor) and v.dim() >= 1 and isinstance(v.shape[0], torch.SymInt)
+
+    return _batch_of_two(inputs, dyn_batch)
+
+
 def prepare(loaded: LoadedModel, inputs: ExampleInputs, dynamic: bool = True) -> Prepared:
-    """Export ``loaded`` (if it is a module) with ``inputs``; work out the dynamic-shape spec."""
+    """Export ``loaded`` (if it is a module) with ``inputs``; work out the dynamic-shape spec.
+    Token ids made from a length (``inputs.seq_dim_dynamic``) are exported with the batch and the
+    sequence axes dynamic (with an example batch of 2; the sequence axis alone if that fails)."""
     notes: List[str] = []
     if loaded.program is not None:
         ep = loaded.program
@@ -835,7 +894,8 @@ def prepare(loaded: LoadedModel, inputs: ExampleInputs, dynamic: bool = True) ->
         ds = _program_dynamic_shapes(ep, ep.module(), inputs.args, inputs.kwargs) if dynamic else None
         if dynamic and ds is None and inputs.seq_dim_dynamic:
             notes.append("the archive was exported with static shapes: the result is static too")
-        return Prepared(loaded, ep, inputs, ds, notes)
+        export_inputs = _archive_export_inputs(ep, inputs) if ds is not None else None
+        return Prepared(loaded, ep, inputs, ds, notes, export_inputs)
     module = loaded.module
     hf_config = getattr(module, "config", None)
     if getattr(hf_config, "use_cache", False) is True:
@@ -846,6 +906,14 @@ def prepare(loaded: LoadedModel, inputs: ExampleInputs, dynamic: bool = True) ->
                      "no KV cache in the outputs)")
     ds = _seq_dynamic_shapes(module, inputs) if dynamic else None
     if ds is not None:
+        ds_b = _seq_dynamic_shapes(module, inputs, batch=True)
+        two = _batch_of_two(inputs, lambda i, t: True)
+        if ds_b is not None:
+            try:
+                ep = export_module(module, two or inputs, ds_b)
+                return Prepared(loaded, ep, inputs, ds_b, notes, two)
+            except ModelError:
+                pass  # e.g. a model that fixes its batch: keep the sequence axis dynamic alone
         try:
             ep = export_module(module, inputs, ds)
         except ModelError as e:
@@ -897,10 +965,11 @@ def _drop_dead_nodes(gm) -> None:
 def reexport(prepared: Prepared, gm):
     import torch
 
+    ex = prepared.export_inputs or prepared.inputs
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return torch.export.export(gm, prepared.inputs.args, prepared.inputs.kwargs,
+            return torch.export.export(gm, ex.args, ex.kwargs,
                                        dynamic_shapes=prepared.dynamic_shapes, strict=False)
     except Exception as e:
         raise ModelError(f"re-exporting the rewritten graph failed: {type(e).__name__}: {first_line(e)}")

@@ -226,11 +226,13 @@ def register_tensorrt_plugins() -> None:
 _PLUGINS_REGISTERED = False
 
 
-def tensorrt_profile(onnx_model, feeds, max_seq_len: Optional[int] = None, min_seq_len: int = 2):
-    """Optimisation profile for TensorRT: {input name: (min, opt, max) shapes}. Dimensions that are
-    symbolic in the ONNX graph (the sequence axis) range over [min_seq_len, max_seq_len] with the
-    example's size as the optimum (max default: 8x the example, at least 4096); static ones are
-    fixed. ``feeds``: {input name: example array}."""
+def tensorrt_profile(onnx_model, feeds, max_seq_len: Optional[int] = None, min_seq_len: int = 2,
+                     max_batch: Optional[int] = None):
+    """Optimisation profile for TensorRT: {input name: (min, opt, max) shapes}. A symbolic first
+    dimension of an input of rank >= 2 is the batch: [1, max_batch] (default: the example's batch)
+    with the example's as the optimum; other symbolic dimensions (the sequence axis) range over
+    [min_seq_len, max_seq_len] with the example's size as the optimum (max default: 8x the
+    example, at least 4096); static ones are fixed. ``feeds``: {input name: example array}."""
     prof = {}
     for inp in onnx_model.graph.input:
         if inp.name not in feeds:
@@ -240,9 +242,14 @@ def tensorrt_profile(onnx_model, feeds, max_seq_len: Optional[int] = None, min_s
         if len(dims) != len(ex):
             raise ValueError(f"ONNX input {inp.name!r} has rank {len(dims)}, example has shape {ex}")
         lo, opt, hi = [], [], []
-        for d, n in zip(dims, ex):
+        for i, (d, n) in enumerate(zip(dims, ex)):
             if d.HasField("dim_value"):
                 lo.append(n), opt.append(n), hi.append(n)
+            elif i == 0 and len(ex) >= 2:  # the batch
+                top = max_batch if max_batch is not None else n
+                if top < n:
+                    raise ValueError(f"max_batch={top} is below the example's batch {n} of {inp.name!r}")
+                lo.append(1), opt.append(n), hi.append(top)
             else:
                 top = max_seq_len if max_seq_len is not None else max(4096, 8 * n)
                 if top < n:

@@ -285,3 +285,33 @@ def test_readme_use_section_says_nothing_changes_below_dense_below():
     default = SuperlinearConfig().dense_below
     assert "Nothing changes below `dense_below`" in use
     assert f"dense_below={default}" in use and f"{default:,}" in use
+
+
+# --- the exported ONNX serves any batch ---------------------------------------------------------
+
+def test_converted_model_and_its_onnx_have_a_dynamic_batch(files, workdir):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    import numpy as np
+
+    import slcompile  # noqa: F401  (the ops, for torch.export.load)
+
+    sl, onnx_path = workdir / "tiny.sl.pt2", workdir / "tiny.onnx"
+    res = run_cli("convert", files["tiny"].with_suffix(".pt"), "--trust-pickle", "--seq-len", 40,
+                  "-o", sl, "--window", 8, "--dense-below", 0, "--json")
+    assert res.rc == 0, res
+    res = run_cli("export", sl, "--format", "onnx", "-o", onnx_path)
+    assert res.rc == 0, res
+    program = torch.export.load(sl).module()
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    assert [isinstance(d, str) for d in sess.get_inputs()[0].shape] == [True, True]  # [batch, seq]
+    g = torch.Generator().manual_seed(4)
+    for B, L in ((1, 40), (3, 57)):
+        ids = torch.randint(0, TINY["vocab_size"], (B, L), generator=g)
+        with torch.no_grad():
+            want = program(ids)
+        got = sess.run(None, {name: ids.numpy()})[0]
+        assert got.shape == tuple(want.shape)
+        assert np.abs(got - want.numpy()).max() <= 2e-4
