@@ -539,8 +539,8 @@ def demo(model_name, seq_len, batch, repeat, seed, compiler, device, json_mode, 
     for name, v in (("--seq-len", seq_len), ("--batch", batch), ("--repeat", repeat)):
         if not 1 <= v <= INT64_MAX:
             raise UsageError(f"{name} must be an integer in [1, {INT64_MAX}], got {v}")
-    if not 0 <= seed < 2**64:
-        raise UsageError(f"--seed must be in [0, 2**64), got {seed}")
+    if not -2**63 <= seed < 2**64:  # what torch.Generator.manual_seed takes
+        raise UsageError(f"--seed must be in [-2**63, 2**64), got {seed}")
     dev = _resolve_device(device)
     from slcompile import demo as demo_mod
 
