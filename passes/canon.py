@@ -67,7 +67,7 @@ _BINARY = {
     "__or__": "or", "bitwise_or": "or", "logical_or": "or",
 }
 _UNARY = {"logical_not": "not", "bitwise_not": "not", "neg": "neg", "tanh": "tanh"}
-_IDENTITY = {"clone", "contiguous", "alias", "detach", "lift_fresh_copy", "lift_fresh",
+_IDENTITY = {"clone", "contiguous", "alias", "detach", "detach_", "lift_fresh_copy", "lift_fresh",
              "_assert_tensor_metadata"}
 _FULL_LIKE = {"ones_like": 1, "zeros_like": 0, "new_ones": 1, "new_zeros": 0, "ones": 1, "zeros": 0}
 
@@ -176,7 +176,7 @@ def _canon_aten(node: fx.Node, target=None) -> Optional[COp]:
         return COp("full", (_FULL_LIKE[name],))
     if name in ("tril", "triu"):
         return COp(name, (a["self"], a.get("diagonal", 0)))
-    if name == "maximum" and "other" in a:
+    if name in ("maximum", "max") and "other" in a:  # aten.max.other: elementwise
         return COp("maximum", (a["self"], a["other"]))
     if name in ("clamp", "clamp_min") and a.get("min") is not None and a.get("max") is None:
         return COp("maximum", (a["self"], a["min"]))

@@ -910,8 +910,9 @@ def _parse_softmax(node: fx.Node, c) -> Optional[Site]:
         cu = canon(u)
         if cu is None:
             raise Skip("attention probabilities feed an unsupported op")
-        if cu.op in ("expand", "view") or (cu.op == "matmul" and u.target is aten.bmm.default):
-            walk = u
+        if cu.op in ("expand", "view") or (cu.op == "matmul" and u.target is aten.bmm.default
+                                           and cu.args[0] is not cur):
+            walk = u  # part of AOTAutograd's view(bmm(view(expand(probs)), ...))
             continue
         walk = u
         if cu.op == "to":

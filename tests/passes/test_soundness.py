@@ -468,3 +468,51 @@ def test_multi_query_broadcast_keys_with_mask_still_rewritten():
     k, v = torch.randn(B, 1, L, D), torch.randn(B, 1, L, D)
     rep = assert_rewrite_equivalent(Fn(fn), (q, k, v), expected=1, compiler="eager")
     assert rep.sites[0].kv_groups == H
+
+
+# ---------------------------------------------------------------------------------------------
+# the same decisions on ATen graphs (torch.export)
+# ---------------------------------------------------------------------------------------------
+
+EXPORTED = [
+    ("fill_then_divide", lambda: Fn(fill_then_divide), (), "reaches the softmax as"),
+    ("bias_then_scale", lambda: Fn(bias_then_scale), (), "reaches the softmax as"),
+    ("tril_diag_1", lambda: Fn(tril_diag(1)), (), "causal offset 1 puts queries outside"),
+    ("fill_inf_then_divide", lambda: Fn(fill_inf_then_divide), (), None),
+    ("openai_gpt", lambda: OpenAIGPT(), (), None),
+    ("einsum_bqhd", lambda: Fn(einsum_sequence_major), (), None),
+    ("xglm_style", lambda: Fn(xglm_style), (torch.ones(B, L, dtype=torch.long),), None),
+    ("gpt2_reorder", lambda: Fn(gpt2_reorder_upcast), (torch.ones(B, L, dtype=torch.long),), None),
+    ("triu_T", lambda: Fn(triu_transposed), (), None),
+]
+
+
+@pytest.mark.parametrize("name,make,extra,reason", EXPORTED, ids=[e[0] for e in EXPORTED])
+def test_exported_graph_same_decision(name, make, extra, reason):
+    from slcompile.passes import exported_constants, rewrite_graph
+
+    m = make()
+    args = (*qkv(), *extra)
+    ep = torch.export.export(m, args)
+    rep = rewrite_graph(ep.graph_module, slcompile.SuperlinearConfig.exact(), constants=exported_constants(ep))
+    assert rep.found == 1, rep.sites
+    if reason is None:
+        assert rep.rewritten == 1, rep.sites
+    else:
+        assert rep.rewritten == 0 and reason in rep.sites[0].reason, rep.sites
+    args2 = (*qkv(), *extra)
+    torch.testing.assert_close(ep.module()(*args2), m(*args2), atol=1e-5, rtol=0)
+
+
+def test_exported_runtime_offset_that_looks_ahead_fails_clearly():
+    from slcompile.passes import rewrite_graph
+
+    m = Fn(shifted)
+    ep = torch.export.export(m, (*qkv(), torch.tensor(0)))
+    rep = rewrite_graph(ep.graph_module, slcompile.SuperlinearConfig.exact())
+    assert rep.rewritten == 1, rep.sites
+    q, k, v = qkv()
+    torch.testing.assert_close(ep.module()(q, k, v, torch.tensor(0)), m(q, k, v, torch.tensor(0)),
+                               atol=1e-5, rtol=0)
+    with pytest.raises(RuntimeError, match="superlinear: a query position"):
+        ep.module()(q, k, v, torch.tensor(1))
