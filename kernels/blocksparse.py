@@ -87,6 +87,13 @@ def _query_blocks(q: Tensor, p0: int, q_block: int):
     return qp.view(B, H, nQ, q_block, D), j0, rows.clamp(min=0), valid
 
 
+def _stage1(qbar, rep, rvalid, kmax, kmin, kb, present):
+    """Stage-1 scores [B, Hkv, n, nK] (float32): the bound of qbar's largest logit per block,
+    the largest over the group's heads."""
+    return (torch.einsum("bhgnd,bhkd->bhgnk", qbar.clamp(min=0), kmax)
+            + torch.einsum("bhgnd,bhkd->bhgnk", qbar.clamp(max=0), kmin)).amax(2).float()
+
+
 def block_select(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *, window: int, sinks: int,
                  topk: int, q_block: int, k_block: int) -> Tensor:
     """Kept key blocks int32 [B, Hkv, nQ, topk] of the query blocks j0..j0+nQ-1 that hold the
@@ -121,9 +128,8 @@ def block_select(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *, window
     chunk = max(1, budget // max(1, B * Hkv * max(G * nK, M * k_block * max(D, G * REP_ROWS))))
     for s in range(0, nQ, chunk):
         e = min(nQ, s + chunk)
-        qc = qbar[:, :, :, s:e]
-        bound = (torch.einsum("bhgnd,bhkd->bhgnk", qc.clamp(min=0), kmax)
-                 + torch.einsum("bhgnd,bhkd->bhgnk", qc.clamp(max=0), kmin)).amax(2).float()
+        bound = _stage1(qbar[:, :, :, s:e], rep[:, :, :, s:e], rvalid[s:e], kmax, kmin, kb,
+                        present)
         ok = cand[None, None, s:e] & has[:, None, None, :]
         bound = bound.masked_fill(~ok, float("-inf"))  # [B, Hkv, n, nK]
         _, ci = _top(bound, blk.expand_as(bound), M)  # [B, Hkv, n, M]
