@@ -1184,7 +1184,11 @@ def _emit(graph: fx.Graph, site: Site, proof: CausalProof, qpos_offset: Optional
         ar = em.call(aten.arange.start, (qpos_offset, end), {"dtype": torch.int64, "device": dev})
         qpos = em.call(aten.expand.default, (ar, [B, Lq]))
     c = config
-    if c.steps == 2:
+    if c.search_key == "blocksparse":  # docs/blocksparse.md: search and attention in one op
+        out = em.call(torch.ops.superlinear.block_sparse_attention.default,
+                      (q, site.k, site.v, kpm, qpos, c.window, c.sinks, c.topk, float(scale),
+                       c.dense_below))
+    elif c.steps == 2:
         ss = em.call(torch.ops.superlinear.span_search.default,
                      (q, site.k, kpm, qpos, c.window, c.topk, c.search_power, c.span_power,
                       c.backward_factor, c.forward_factor, c.search_key, c.dense_below))
@@ -1192,13 +1196,14 @@ def _emit(graph: fx.Graph, site: Site, proof: CausalProof, qpos_offset: Optional
         ss = em.call(torch.ops.superlinear.nstep_search.default,
                      (q, site.k, kpm, qpos, c.window, c.topk, c.steps, c.backward_factor,
                       c.forward_factor, c.search_key, c.dense_below))
-    import operator
-    anchors = em.call(operator.getitem, (ss, 0))
-    scores = em.call(operator.getitem, (ss, 1))
-    out = em.call(torch.ops.superlinear.span_attention.default,
-                  (q, site.k, site.v, anchors, scores, kpm, qpos, c.window, c.sinks,
-                   c.attention_span_power, c.backward_factor, c.forward_factor, c.combine,
-                   float(scale), c.dense_below))
+    if c.search_key != "blocksparse":
+        import operator
+        anchors = em.call(operator.getitem, (ss, 0))
+        scores = em.call(operator.getitem, (ss, 1))
+        out = em.call(torch.ops.superlinear.span_attention.default,
+                      (q, site.k, site.v, anchors, scores, kpm, qpos, c.window, c.sinks,
+                       c.attention_span_power, c.backward_factor, c.forward_factor, c.combine,
+                       float(scale), c.dense_below))
     if site.post_emit is not None:
         return site.post_emit(em, out)
     if site.three_d:

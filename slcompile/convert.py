@@ -1074,11 +1074,13 @@ def _jsonable(v):
 
 
 def superlinear_nodes(graph) -> List[Any]:
-    """``span_attention`` nodes already present in a graph (an archive converted before)."""
+    """Attention nodes of ours already present in a graph (an archive converted before):
+    ``span_attention``, or ``block_sparse_attention`` (search_key="blocksparse")."""
     import torch
 
-    target = torch.ops.superlinear.span_attention.default
-    return [n for n in graph.nodes if n.op == "call_function" and n.target is target]
+    targets = (torch.ops.superlinear.span_attention.default,
+               torch.ops.superlinear.block_sparse_attention.default)
+    return [n for n in graph.nodes if n.op == "call_function" and n.target in targets]
 
 
 # --------------------------------------------------------------------------------------------

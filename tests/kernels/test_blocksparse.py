@@ -232,3 +232,32 @@ def test_keys_attended_counts_the_attention_set():
                 keys = {x for b in blocks for x in range(b * 16, min(333, b * 16 + 16))}
                 keys |= set(range(j * 32, t + 1))
                 assert n[0, h, t - p0].item() == len(keys)
+
+
+def test_backend_rewrites_a_model_into_the_block_sparse_op():
+    from slcompile.convert import superlinear_nodes
+
+    class Attn(torch.nn.Module):
+        def forward(self, q, k, v):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                    enable_gqa=True)
+
+    q, k, v, _ = _inputs(2, 4, 2, 300, 16, seed=8)
+    opts = dict(search_key="blocksparse", window=64, sinks=4, topk=1, dense_below=0)
+    graphs = []
+
+    def spy(gm, example_inputs):
+        from slcompile.backend import superlinear_backend
+        out = superlinear_backend(gm, example_inputs, options={**opts, "compiler": "eager"})
+        graphs.append(gm)
+        return out
+
+    torch._dynamo.reset()
+    got = torch.compile(Attn(), backend=spy)(q, k, v)
+    want = slcompile.superlinear_attention(q, k, v, enable_gqa=True,
+                                           config=SuperlinearConfig(**opts))
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                             enable_gqa=True)
+    assert (got - dense).abs().max() > 1e-2
+    assert sum(len(superlinear_nodes(g.graph)) for g in graphs) == 1
