@@ -3,9 +3,9 @@
 A block of ``q_block`` consecutive queries shares, per kv head, its choice of ``topk`` key blocks of
 ``k_block`` keys; it attends them, the sink blocks, the window blocks and (causally) its own
 diagonal. Scores are matrix products in the inputs' dtype (float32 accumulation), compared in
-float32. Selection is two-staged: a bound of every earlier key block's largest logit against the
-mean of the block's last ``REP_ROWS`` queries (two tensor-core matmuls against per-block key maxima
-and minima) keeps ``POOL * topk`` candidates; the exact largest logit of those rows against each
+float32. Selection is two-staged: a bound of every earlier key block's largest logit against each of
+the block's last ``REP_ROWS`` queries (two tensor-core matmuls against per-block key maxima and
+minima) keeps ``POOL * topk`` candidates; the exact largest logit of those rows against each
 candidate's keys ranks them. Every earlier key block is a candidate, so every position stays
 reachable.
 
@@ -26,7 +26,7 @@ from torch import Tensor
 Q_BLOCK = 64   # queries per query block (the contract's granularity of choice)
 K_BLOCK = 64   # keys per key block
 REP_ROWS = 8   # the last REP_ROWS queries of a query block (in the call) represent it
-POOL = 4       # stage 1 keeps POOL * topk candidates for exact rescoring
+POOL = 8       # stage 1 keeps POOL * topk candidates for exact rescoring
 _IDX_BITS = 24  # block indices below 2^24 (2^30 keys at 64-key blocks)
 _CHUNK_ELEMS = 1 << 26  # elements of the largest temporary per chunk (x4 on CUDA)
 
@@ -87,11 +87,14 @@ def _query_blocks(q: Tensor, p0: int, q_block: int):
     return qp.view(B, H, nQ, q_block, D), j0, rows.clamp(min=0), valid
 
 
-def _stage1(qbar, rep, rvalid, kmax, kmin, kb, present):
-    """Stage-1 scores [B, Hkv, n, nK] (float32): the bound of qbar's largest logit per block,
-    the largest over the group's heads."""
-    return (torch.einsum("bhgnd,bhkd->bhgnk", qbar.clamp(min=0), kmax)
-            + torch.einsum("bhgnd,bhkd->bhgnk", qbar.clamp(max=0), kmin)).amax(2).float()
+def _stage1(rep, rvalid, kmax, kmin):
+    """Stage-1 scores [B, Hkv, n, nK] (float32): for each representative row (of every head of
+    the group), the bound sum_d max(q_d kmax_d, q_d kmin_d) of its largest logit in the block, as
+    two matrix products; the largest over the rows."""
+    r = (torch.einsum("bhgnrd,bhkd->bhgnrk", rep.clamp(min=0), kmax)
+         + torch.einsum("bhgnrd,bhkd->bhgnrk", rep.clamp(max=0), kmin)).float()
+    r = r.masked_fill(~rvalid[None, None, None, :, :, None], float("-inf"))
+    return r.amax(4).amax(2)
 
 
 def block_select(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *, window: int, sinks: int,
@@ -105,13 +108,9 @@ def block_select(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *, window
     dev = q.device
     qb, j0, rows, rvalid = _query_blocks(q, p0, q_block)
     nQ = qb.shape[2]
-    # representative rows [B, Hkv, G, nQ, R, D] and their per-head mean (stage 1)
+    # representative rows [B, Hkv, G, nQ, R, D]
     ridx = rows.view(1, 1, nQ, REP_ROWS, 1).expand(B, Hq, nQ, REP_ROWS, D)
-    rep = qb.gather(3, ridx)
-    w = rvalid.to(torch.float32)[None, None, :, :, None]
-    qbar = ((rep.float() * w).sum(3) / w.sum(3).clamp(min=1)).to(q.dtype)  # [B, Hq, nQ, D]
-    rep = rep.view(B, Hkv, G, nQ, REP_ROWS, D)
-    qbar = qbar.view(B, Hkv, G, nQ, D)
+    rep = qb.gather(3, ridx).view(B, Hkv, G, nQ, REP_ROWS, D)
     kb, present = _key_blocks(k, kpm, k_block)
     pm = present[:, None, :, :, None]
     kmax = torch.where(pm, kb, float("-inf")).amax(3)
@@ -125,11 +124,10 @@ def block_select(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *, window
     M = min(POOL * topk, nK)
     out = torch.full((B, Hkv, nQ, topk), -1, dtype=torch.int32, device=dev)
     budget = _CHUNK_ELEMS * (4 if q.is_cuda else 1)
-    chunk = max(1, budget // max(1, B * Hkv * max(G * nK, M * k_block * max(D, G * REP_ROWS))))
+    chunk = max(1, budget // max(1, B * Hkv * G * REP_ROWS * max(nK, M * k_block)))
     for s in range(0, nQ, chunk):
         e = min(nQ, s + chunk)
-        bound = _stage1(qbar[:, :, :, s:e], rep[:, :, :, s:e], rvalid[s:e], kmax, kmin, kb,
-                        present)
+        bound = _stage1(rep[:, :, :, s:e], rvalid[s:e], kmax, kmin)
         ok = cand[None, None, s:e] & has[:, None, None, :]
         bound = bound.masked_fill(~ok, float("-inf"))  # [B, Hkv, n, nK]
         _, ci = _top(bound, blk.expand_as(bound), M)  # [B, Hkv, n, M]
