@@ -41,9 +41,8 @@ def oracle(q, k, v, kpm, p0, *, window, sinks, topk, qb, kb, scale):
                         continue
                     kk = k64[b, h, keys]
                     kmax, kmin = kk.max(0).values, kk.min(0).values
-                    bound = max(float(torch.maximum(qbar * kmax, qbar * kmin).sum())
-                                for qbar in (q[b, hh, ri].double().mean(0).to(q.dtype).double()
-                                             for hh in heads))
+                    bound = max(float(torch.maximum(qr * kmax, qr * kmin).sum())
+                                for hh in heads for qr in q64[b, hh, ri])
                     exact = max(float((q64[b, hh, ri] @ kk.T).max()) for hh in heads)
                     cands.append((bound, i, exact))
                 cands.sort(key=lambda c: (c[0], c[1]), reverse=True)
