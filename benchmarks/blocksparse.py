@@ -85,7 +85,9 @@ def main():
             mask = lambda: bs.flex_block_mask(kept, L, Hq=a.hq, **kw)  # noqa: E731
             bm = mask()
             flex = bs._flex_fn(True)
-            att = lambda: flex(q, k, v, block_mask=bm, scale=scale, enable_gqa=True)  # noqa: E731
+            ko = bs.flex_kernel_options(qb, bs.K_BLOCK)
+            att = lambda: flex(q, k, v, block_mask=bm, scale=scale, enable_gqa=True,  # noqa: E731
+                               kernel_options=ko)
 
             def total():
                 kp = bs.block_select(q, k, None, 0, topk=a.topk, **kw)

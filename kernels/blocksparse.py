@@ -277,7 +277,13 @@ def block_attention_flex(q: Tensor, k: Tensor, v: Tensor, kept: Tensor, *, windo
     mask = flex_block_mask(kept, L, window=window, sinks=sinks, q_block=q_block, k_block=k_block,
                            Hq=q.shape[1])
     enable_gqa = q.shape[1] != k.shape[1]
-    return _flex_fn(compiled)(q, k, v, block_mask=mask, scale=scale, enable_gqa=enable_gqa)
+    return _flex_fn(compiled)(q, k, v, block_mask=mask, scale=scale, enable_gqa=enable_gqa,
+                              kernel_options=flex_kernel_options(q_block, k_block))
+
+
+def flex_kernel_options(q_block: int, k_block: int) -> dict:
+    """Tiles that divide the sparse blocks (the kernel's defaults may be larger than 64)."""
+    return {"BLOCK_M": min(q_block, 128), "BLOCK_N": min(k_block, 64)}
 
 
 def superlinear_block_attention(q, k, v, kpm, p0: int, *, window: int, sinks: int, topk: int,
