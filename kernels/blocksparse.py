@@ -83,18 +83,18 @@ def _query_blocks(q: Tensor, p0: int, q_block: int):
     last = torch.clamp(front + Lq - 1 - n * q_block, max=q_block - 1)  # last row of the call
     first = torch.clamp(front - n * q_block, min=0)
     rows = last[:, None] - torch.arange(REP_ROWS, device=q.device)[None, :]
-    valid = rows >= first[:, None]
-    return qp.view(B, H, nQ, q_block, D), j0, rows.clamp(min=0), valid
+    # fewer than REP_ROWS rows in the call: repeat the last one (a maximum over rows is unchanged)
+    rows = torch.where(rows >= first[:, None], rows, last[:, None])
+    return qp.view(B, H, nQ, q_block, D), j0, rows
 
 
-def _stage1(rep, rvalid, kmax, kmin):
-    """Stage-1 scores [B, Hkv, n, nK] (float32): for each representative row (of every head of
-    the group), the bound sum_d max(q_d kmax_d, q_d kmin_d) of its largest logit in the block, as
-    two matrix products; the largest over the rows."""
-    r = (torch.einsum("bhgnrd,bhkd->bhgnrk", rep.clamp(min=0), kmax)
-         + torch.einsum("bhgnrd,bhkd->bhgnrk", rep.clamp(max=0), kmin)).float()
-    r = r.masked_fill(~rvalid[None, None, None, :, :, None], float("-inf"))
-    return r.amax(4).amax(2)
+def _stage1(rep, kk):
+    """Stage-1 scores [B, Hkv, n, nK] (float32): for each representative row q (of every head of
+    the group), the bound sum_d max(q_d kmax_d, q_d kmin_d) = q+ . kmax + q- . kmin of its largest
+    logit in the block, as one matrix product against kk = [kmax, kmin]; the largest over rows.
+    rep [B, Hkv, n, G*R, D]."""
+    qq = torch.cat([rep.clamp(min=0), rep.clamp(max=0)], -1)
+    return torch.matmul(qq, kk.transpose(-1, -2).unsqueeze(2)).amax(3).float()
 
 
 def block_select(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *, window: int, sinks: int,
@@ -106,18 +106,18 @@ def block_select(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *, window
     G = Hq // Hkv
     nK, sb, wb, _ = geometry(T, window, sinks, q_block, k_block)
     dev = q.device
-    qb, j0, rows, rvalid = _query_blocks(q, p0, q_block)
+    qb, j0, rows = _query_blocks(q, p0, q_block)
     nQ = qb.shape[2]
-    # representative rows [B, Hkv, G, nQ, R, D]
+    # representative rows [B, Hkv, nQ, G*R, D]
     ridx = rows.view(1, 1, nQ, REP_ROWS, 1).expand(B, Hq, nQ, REP_ROWS, D)
-    rep = qb.gather(3, ridx).view(B, Hkv, G, nQ, REP_ROWS, D)
+    rep = qb.gather(3, ridx).view(B, Hkv, G, nQ, REP_ROWS, D).transpose(2, 3)
+    rep = rep.reshape(B, Hkv, nQ, G * REP_ROWS, D)
     kb, present = _key_blocks(k, kpm, k_block)
     pm = present[:, None, :, :, None]
     kmax = torch.where(pm, kb, float("-inf")).amax(3)
     kmin = torch.where(pm, kb, float("inf")).amin(3)
     has = present.any(-1)  # [B, nK]
-    kmax = torch.where(has[:, None, :, None], kmax, 0.0)
-    kmin = torch.where(has[:, None, :, None], kmin, 0.0)
+    kk = torch.where(has[:, None, :, None], torch.cat([kmax, kmin], -1), 0.0)  # [B, Hkv, nK, 2D]
     before = (j0 + torch.arange(nQ, device=dev)) * (q_block // k_block)  # key blocks before [nQ]
     blk = torch.arange(nK, device=dev)
     cand = (blk[None, :] >= sb) & (blk[None, :] < (before - wb)[:, None])  # [nQ, nK]
@@ -127,22 +127,19 @@ def block_select(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *, window
     chunk = max(1, budget // max(1, B * Hkv * G * REP_ROWS * max(nK, M * k_block)))
     for s in range(0, nQ, chunk):
         e = min(nQ, s + chunk)
-        bound = _stage1(rep[:, :, :, s:e], rvalid[s:e], kmax, kmin)
+        n = e - s
+        bound = _stage1(rep[:, :, s:e], kk)
         ok = cand[None, None, s:e] & has[:, None, None, :]
         bound = bound.masked_fill(~ok, float("-inf"))  # [B, Hkv, n, nK]
         _, ci = _top(bound, blk.expand_as(bound), M)  # [B, Hkv, n, M]
         # stage 2: exact largest logit of the representative rows in each candidate
-        safe = ci.clamp(min=0).long()
-        gk = kb.gather(2, safe.reshape(B, Hkv, -1, 1, 1).expand(B, Hkv, safe.shape[2] * M,
-                                                                  k_block, D))
-        gk = gk.view(B, Hkv, e - s, M, k_block, D)
-        lg = torch.einsum("bhgnrd,bhnmkd->bhnmgrk", rep[:, :, :, s:e], gk).float()
+        safe = ci.clamp(min=0).long().reshape(B, Hkv, n * M)
+        gk = kb.gather(2, safe[..., None, None].expand(B, Hkv, n * M, k_block, D))
+        gk = gk.view(B, Hkv, n, M * k_block, D)
+        lg = torch.matmul(rep[:, :, s:e], gk.transpose(-1, -2)).amax(3)  # [B, Hkv, n, M*KB]
         kp = present[:, None].expand(B, Hkv, nK, k_block).gather(
-            2, safe.reshape(B, Hkv, -1, 1).expand(B, Hkv, safe.shape[2] * M, k_block))
-        kp = kp.view(B, Hkv, e - s, M, 1, 1, k_block)
-        rv = rvalid[s:e].view(1, 1, e - s, 1, 1, REP_ROWS, 1)
-        lg = lg.masked_fill(~(kp & rv), float("-inf"))
-        exact = lg.flatten(4).amax(-1)  # [B, Hkv, n, M]
+            2, safe[..., None].expand(B, Hkv, n * M, k_block)).view(B, Hkv, n, M * k_block)
+        exact = lg.float().masked_fill(~kp, float("-inf")).view(B, Hkv, n, M, k_block).amax(-1)
         exact = exact.masked_fill(ci < 0, float("-inf"))
         _, kept = _top(exact, ci, topk)
         if kept.shape[-1] < topk:
@@ -188,7 +185,7 @@ def block_attention(q: Tensor, k: Tensor, v: Tensor, kept: Tensor, kpm: Optional
     Hkv, T, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = Hq // Hkv
     nK, sb, wb, per_q = geometry(T, window, sinks, q_block, k_block)
-    qb, j0, _, _ = _query_blocks(q, p0, q_block)
+    qb, j0, _ = _query_blocks(q, p0, q_block)
     nQ = qb.shape[2]
     full, diag = attended_blocks(kept, j0, nK, sb, wb, per_q)
     kb, present = _key_blocks(k, kpm, k_block)
