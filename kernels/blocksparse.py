@@ -72,8 +72,8 @@ def _key_blocks(k: Tensor, kpm: Optional[Tensor], k_block: int):
 
 
 def _query_blocks(q: Tensor, p0: int, q_block: int):
-    """Queries at p0..p0+Lq-1 -> padded [B, H, nQ*q_block, D], first block j0, and the
-    representative rows [nQ, REP_ROWS] (local row indices) with their validity."""
+    """Queries at p0..p0+Lq-1 -> padded [B, H, nQ, q_block, D], first block j0, and the
+    representative rows [nQ, REP_ROWS] (local row indices, all in the call)."""
     B, H, Lq, D = q.shape
     j0 = p0 // q_block
     front = p0 - j0 * q_block
@@ -93,8 +93,10 @@ def _stage1(rep, kk):
     the group), the bound sum_d max(q_d kmax_d, q_d kmin_d) = q+ . kmax + q- . kmin of its largest
     logit in the block, as one matrix product against kk = [kmax, kmin]; the largest over rows.
     rep [B, Hkv, n, G*R, D]."""
-    qq = torch.cat([rep.clamp(min=0), rep.clamp(max=0)], -1)
-    return torch.matmul(qq, kk.transpose(-1, -2).unsqueeze(2)).amax(3).float()
+    B, H, n, GR, D = rep.shape
+    qq = torch.cat([rep.clamp(min=0), rep.clamp(max=0)], -1).view(B, H, n * GR, 2 * D)
+    # one product per kv head (a broadcast over n would copy kk for every query block)
+    return torch.matmul(qq, kk.transpose(-1, -2)).view(B, H, n, GR, -1).amax(3).float()
 
 
 def block_select(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *, window: int, sinks: int,
@@ -250,9 +252,11 @@ def flex_block_mask(kept: Tensor, L: int, *, window: int, sinks: int, q_block: i
     d = diag[None, None].expand(B, Hkv, nQ, per_q)
     part_num = (d >= 0).sum(-1).to(torch.int32)
     part_idx = d.clamp(min=0).to(torch.int32)
-    if not kept.is_cuda:  # Inductor's CPU lowering wants index rows as wide as the key blocks
-        full_idx = torch.nn.functional.pad(full_idx, (0, max(0, nK - full_idx.shape[-1])))
-        part_idx = torch.nn.functional.pad(part_idx, (0, max(0, nK - part_idx.shape[-1])))
+    # FlexAttention's kernels (Triton on CUDA, Inductor's CPU template) read index rows as wide as
+    # the number of key blocks: narrower rows gave wrong outputs on an H100 (measured). Entries
+    # past each row's count are never used. Cost: 2 x B*Hq*nQ*nK int32 (268 MB each at 128K).
+    full_idx = torch.nn.functional.pad(full_idx, (0, max(0, nK - full_idx.shape[-1])))
+    part_idx = torch.nn.functional.pad(part_idx, (0, max(0, nK - part_idx.shape[-1])))
     G = Hq // Hkv
 
     def heads(x):
