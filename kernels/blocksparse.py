@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-Q_BLOCK = 64   # queries per query block (the contract's granularity of choice)
+Q_BLOCK = 128  # queries per query block (the contract's granularity of choice)
 K_BLOCK = 64   # keys per key block
 REP_ROWS = 8   # the last REP_ROWS queries of a query block (in the call) represent it
 POOL = 8       # stage 1 keeps POOL * topk candidates for exact rescoring
