@@ -293,7 +293,7 @@ _CONFIG_OPTIONS = [
     ("--backward-factor", float, "bf: span reach before its anchor, in units of (t+1)^r."),
     ("--forward-factor", float, "ff: span reach after its anchor."),
     ("--combine", str, "'union' (converted pretrained models) or 'gated' (trained)."),
-    ("--search-key", str, "'anchor', 'mean', 'block' or 'block_rerank' (docs/routing.md)."),
+    ("--search-key", str, "'anchor', 'mean', 'block', 'block_rerank' (docs/routing.md) or 'blocksparse' (docs/blocksparse.md)."),
     ("--dense-below", int, "Exact dense attention when the number of keys T <= this."),
     ("--scale", float, "Softmax scale (default: the matched graph's, else 1/sqrt(d))."),
     ("--steps", int, "Search steps N: 2 (docs/spec.md) or 3..8 (docs/nstep.md); cost O(L^(1+1/N))."),
