@@ -37,7 +37,8 @@ def _ceil_div(a: int, b: int) -> int:
 
 def geometry(T: int, window: int, sinks: int, q_block: int, k_block: int):
     """(number of key blocks, sink blocks, window blocks, key blocks per query block)."""
-    return (_ceil_div(T, k_block), _ceil_div(sinks, k_block), _ceil_div(min(window, T), k_block),
+    nK = _ceil_div(T, k_block)
+    return (nK, min(_ceil_div(sinks, k_block), nK), _ceil_div(min(window, T), k_block),
             q_block // k_block)
 
 

@@ -446,7 +446,8 @@ def _segment_partials(q2, k2, v2, seg_q, seg_h, lo, hi, valid_fn, scale, maxlen,
     # windows starting at every row (overlapping strided views; nothing is copied here)
     kwin = kp.as_strided((H * R - width + 1, width, D), (D, D, 1))
     vwin = vp.as_strided((H * R - width + 1, width, Dv), (Dv, Dv, 1))
-    key = seg_h * nbk + torch.div(lo, bucket, rounding_mode="floor")
+    # an empty segment may start past the keys (lo > hi, e.g. sinks >= T): keep its bucket in range
+    key = seg_h * nbk + torch.div(lo, bucket, rounding_mode="floor").clamp(0, nbk - 1)
     order = torch.argsort(key, stable=True)
     key_s = key[order]
     counts = torch.bincount(key_s, minlength=H * nbk)
