@@ -450,8 +450,9 @@ class KeyCounter:
         frac = torch.ones(B, Hq, Lq, dtype=torch.float64, device=query.device)
         if cfg.search_key == "blocksparse" and not T <= cfg.dense_below:
             from slcompile.kernels import blocksparse as bsp
-            kw = dict(window=cfg.window, sinks=cfg.sinks, q_block=bsp.Q_BLOCK, k_block=bsp.K_BLOCK)
-            kept = bsp.block_select(query, key, None, T - Lq, topk=cfg.topk, **kw)
+            kw = dict(window=cfg.window, sinks=cfg.sinks, q_block=cfg.q_block, k_block=cfg.k_block)
+            kept = bsp.block_select(query, key, None, T - Lq, topk=cfg.topk, rows=cfg.block_rows,
+                                    pool=cfg.block_pool, **kw)
             n = bsp.keys_attended(kept, T - Lq, Lq, T, **kw)
             frac = (n.double() / (t + 1).double()).repeat_interleave(Hq // key.shape[1], dim=1)
         elif not (T <= cfg.dense_below or cfg.window >= T):

@@ -4,15 +4,16 @@ A block of ``q_block`` consecutive queries shares, per kv head, its choice of ``
 ``k_block`` keys; it attends them, the sink blocks, the window blocks and (causally) its own
 diagonal. Scores are matrix products in the inputs' dtype (float32 accumulation), compared in
 float32. Selection is two-staged: a bound of every earlier key block's largest logit against each of
-the block's last ``REP_ROWS`` queries (two tensor-core matmuls against per-block key maxima and
-minima) keeps ``POOL * topk`` candidates; the exact largest logit of those rows against each
+the block's last ``rows`` queries (two tensor-core matmuls against per-block key maxima and
+minima) keeps ``pool * topk`` candidates; the exact largest logit of those rows against each
 candidate's keys ranks them. Every earlier key block is a candidate, so every position stays
 reachable.
 
-`block_select` is the search (torch ops only: it is also the search of the CUDA path);
-`block_attention` the attention (gather-based, O(Lq * kept keys) memory) and
-`block_attention_flex` its lowering onto FlexAttention for a prefill on CUDA. Nothing here knows
-graphs; the functional form and the custom op call these.
+`block_select` is the search, `block_attention` the attention (gather-based, O(Lq * kept keys)
+memory), both torch ops only: the executable contract that the Triton kernels
+(triton_blocksparse_search.py, triton_blocksparse.py) are tested against; `block_attention_flex`
+lowers the attention of a prefill onto FlexAttention (measured beside the Triton kernel). Nothing
+here knows graphs; the custom op in ops.py calls these.
 """
 
 from __future__ import annotations
@@ -23,12 +24,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-Q_BLOCK = 128  # queries per query block (the contract's granularity of choice)
-K_BLOCK = 64   # keys per key block
-REP_ROWS = 8   # the last REP_ROWS queries of a query block (in the call) represent it
-POOL = 8       # stage 1 keeps POOL * topk candidates for exact rescoring
 _IDX_BITS = 24  # block indices below 2^24 (2^30 keys at 64-key blocks)
-_CHUNK_ELEMS = 1 << 26  # elements of the largest temporary per chunk (x4 on CUDA)
+_CHUNK_ELEMS = 1 << 26  # elements of the largest temporary per chunk
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -77,9 +74,9 @@ def _blocks_before(j0: int, nQ: int, per_q: int, device) -> Tensor:
     return (j0 + torch.arange(nQ, device=device)) * per_q
 
 
-def _query_blocks(q: Tensor, p0: int, q_block: int):
+def _query_blocks(q: Tensor, p0: int, q_block: int, n_rows: int = 1):
     """Queries at p0..p0+Lq-1 -> padded [B, H, nQ, q_block, D], first block j0, and the
-    representative rows [nQ, REP_ROWS] (local row indices, all in the call)."""
+    representative rows [nQ, n_rows] (local row indices, all in the call)."""
     B, H, Lq, D = q.shape
     j0 = p0 // q_block
     front = p0 - j0 * q_block
@@ -88,51 +85,86 @@ def _query_blocks(q: Tensor, p0: int, q_block: int):
     n = torch.arange(nQ, device=q.device)
     last = torch.clamp(front + Lq - 1 - n * q_block, max=q_block - 1)  # last row of the call
     first = torch.clamp(front - n * q_block, min=0)
-    rows = last[:, None] - torch.arange(REP_ROWS, device=q.device)[None, :]
-    # fewer than REP_ROWS rows in the call: repeat the last one (a maximum over rows is unchanged)
+    rows = last[:, None] - torch.arange(n_rows, device=q.device)[None, :]
+    # fewer than n_rows rows in the call: repeat the last one (a maximum over rows is unchanged)
     rows = torch.where(rows >= first[:, None], rows, last[:, None])
     return qp.view(B, H, nQ, q_block, D), j0, rows
+
+
+def representatives(q: Tensor, p0: int, q_block: int, rows: int, Hkv: int):
+    """The representative rows of every query block, grouped by kv head: [B, Hkv, nQ, G*rows, D]
+    (head-major within the group), and the first query block j0."""
+    B, Hq, Lq, D = q.shape
+    G = Hq // Hkv
+    qb, j0, ri = _query_blocks(q, p0, q_block, rows)
+    nQ = qb.shape[2]
+    ridx = ri.view(1, 1, nQ, rows, 1).expand(B, Hq, nQ, rows, D)
+    rep = qb.gather(3, ridx).view(B, Hkv, G, nQ, rows, D).transpose(2, 3)
+    return rep.reshape(B, Hkv, nQ, G * rows, D), j0
+
+
+def block_summaries(k: Tensor, kpm: Optional[Tensor], k_block: int) -> Tuple[Tensor, Tensor]:
+    """Per key block, [kmax, kmin] of its present keys, [B, Hkv, nK, 2D] in k's dtype (zeros for
+    a block without present keys), and which blocks have present keys, bool [B, nK]."""
+    B, H, T, D = k.shape
+    nK = _ceil_div(T, k_block)
+    if kpm is None:  # whole blocks by a view, the partial last block apart (no padded copy of k)
+        whole = T // k_block
+        body = k[:, :, :whole * k_block].reshape(B, H, whole, k_block, D)
+        hi, lo = [body.amax(3)], [body.amin(3)]
+        if whole < nK:
+            tail = k[:, :, whole * k_block:]
+            hi.append(tail.amax(2, keepdim=True))
+            lo.append(tail.amin(2, keepdim=True))
+        kk = torch.cat([torch.cat(hi, 2), torch.cat(lo, 2)], -1)
+        return kk, torch.ones(B, nK, dtype=torch.bool, device=k.device)
+    kb, present = _key_blocks(k, kpm, k_block)
+    pm = present[:, None, :, :, None]
+    kmax = torch.where(pm, kb, float("-inf")).amax(3)
+    kmin = torch.where(pm, kb, float("inf")).amin(3)
+    has = present.any(-1)  # [B, nK]
+    return torch.where(has[:, None, :, None], torch.cat([kmax, kmin], -1), 0.0), has
+
+
+def candidate_limits(j0: int, nQ: int, T: int, window: int, sinks: int, q_block: int,
+                     k_block: int, device) -> Tuple[int, Tensor]:
+    """Candidates of query block j0+n are the key blocks sb <= i < lim[n]: (sb, lim int64 [nQ])."""
+    _, sb, wb, per_q = geometry(T, window, sinks, q_block, k_block)
+    return sb, _blocks_before(j0, nQ, per_q, device) - wb
 
 
 def _stage1(rep, kk):
     """Stage-1 scores [B, Hkv, n, nK] (float32): for each representative row q (of every head of
     the group), the bound sum_d max(q_d kmax_d, q_d kmin_d) = q+ . kmax + q- . kmin of its largest
     logit in the block, as one matrix product against kk = [kmax, kmin]; the largest over rows.
-    rep [B, Hkv, n, G*R, D]."""
+    rep [B, Hkv, n, G*R, D]. Products of the inputs' dtype are exact in float32, so the product
+    runs in float32 (no rounding of the scores to a 16-bit dtype)."""
     B, H, n, GR, D = rep.shape
+    rep = rep.float()
     qq = torch.cat([rep.clamp(min=0), rep.clamp(max=0)], -1).view(B, H, n * GR, 2 * D)
     # one product per kv head (a broadcast over n would copy kk for every query block)
-    return torch.matmul(qq, kk.transpose(-1, -2)).view(B, H, n, GR, -1).amax(3).float()
+    return torch.matmul(qq, kk.float().transpose(-1, -2)).view(B, H, n, GR, -1).amax(3)
 
 
 def block_select(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *, window: int, sinks: int,
-                 topk: int, q_block: int, k_block: int) -> Tensor:
+                 topk: int, q_block: int, k_block: int, rows: int, pool: int) -> Tensor:
     """Kept key blocks int32 [B, Hkv, nQ, topk] of the query blocks j0..j0+nQ-1 that hold the
     queries at p0..p0+Lq-1 (best first, -1 where fewer candidates exist)."""
     B, Hq, Lq, D = q.shape
     Hkv, T = k.shape[1], k.shape[2]
     G = Hq // Hkv
-    nK, sb, wb, _ = geometry(T, window, sinks, q_block, k_block)
+    nK = _ceil_div(T, k_block)
     dev = q.device
-    qb, j0, rows = _query_blocks(q, p0, q_block)
-    nQ = qb.shape[2]
-    # representative rows [B, Hkv, nQ, G*R, D]
-    ridx = rows.view(1, 1, nQ, REP_ROWS, 1).expand(B, Hq, nQ, REP_ROWS, D)
-    rep = qb.gather(3, ridx).view(B, Hkv, G, nQ, REP_ROWS, D).transpose(2, 3)
-    rep = rep.reshape(B, Hkv, nQ, G * REP_ROWS, D)
+    rep, j0 = representatives(q, p0, q_block, rows, Hkv)
+    nQ = rep.shape[2]
+    kk, has = block_summaries(k, kpm, k_block)
     kb, present = _key_blocks(k, kpm, k_block)
-    pm = present[:, None, :, :, None]
-    kmax = torch.where(pm, kb, float("-inf")).amax(3)
-    kmin = torch.where(pm, kb, float("inf")).amin(3)
-    has = present.any(-1)  # [B, nK]
-    kk = torch.where(has[:, None, :, None], torch.cat([kmax, kmin], -1), 0.0)  # [B, Hkv, nK, 2D]
-    before = _blocks_before(j0, nQ, q_block // k_block, dev)
+    sb, lim = candidate_limits(j0, nQ, T, window, sinks, q_block, k_block, dev)
     blk = torch.arange(nK, device=dev)
-    cand = (blk[None, :] >= sb) & (blk[None, :] < (before - wb)[:, None])  # [nQ, nK]
-    M = min(POOL * topk, nK)
+    cand = (blk[None, :] >= sb) & (blk[None, :] < lim[:, None])  # [nQ, nK]
+    M = min(pool * topk, nK)
     out = torch.full((B, Hkv, nQ, topk), -1, dtype=torch.int32, device=dev)
-    budget = _CHUNK_ELEMS * (4 if q.is_cuda else 1)
-    chunk = max(1, budget // max(1, B * Hkv * G * REP_ROWS * max(nK, M * k_block)))
+    chunk = max(1, _CHUNK_ELEMS // max(1, B * Hkv * G * rows * max(nK, M * k_block)))
     for s in range(0, nQ, chunk):
         e = min(nQ, s + chunk)
         n = e - s
@@ -144,10 +176,10 @@ def block_select(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *, window
         safe = ci.clamp(min=0).long().reshape(B, Hkv, n * M)
         gk = kb.gather(2, safe[..., None, None].expand(B, Hkv, n * M, k_block, D))
         gk = gk.view(B, Hkv, n, M * k_block, D)
-        lg = torch.matmul(rep[:, :, s:e], gk.transpose(-1, -2)).amax(3)  # [B, Hkv, n, M*KB]
+        lg = torch.matmul(rep[:, :, s:e].float(), gk.float().transpose(-1, -2)).amax(3)
         kp = present[:, None].expand(B, Hkv, nK, k_block).gather(
             2, safe[..., None].expand(B, Hkv, n * M, k_block)).view(B, Hkv, n, M * k_block)
-        exact = lg.float().masked_fill(~kp, float("-inf")).view(B, Hkv, n, M, k_block).amax(-1)
+        exact = lg.masked_fill(~kp, float("-inf")).view(B, Hkv, n, M, k_block).amax(-1)
         exact = exact.masked_fill(ci < 0, float("-inf"))
         _, kept = _top(exact, ci, topk)
         if kept.shape[-1] < topk:
@@ -294,10 +326,10 @@ def flex_kernel_options(q_block: int, k_block: int) -> dict:
 
 
 def superlinear_block_attention(q, k, v, kpm, p0: int, *, window: int, sinks: int, topk: int,
-                                q_block: int, k_block: int, scale: float,
+                                q_block: int, k_block: int, rows: int, pool: int, scale: float,
                                 dense_below: int) -> Tensor:
-    """Search and attention (docs/blocksparse.md): dense causal attention when T <= dense_below,
-    FlexAttention for a CUDA prefill, the gather-based attention otherwise."""
+    """Search and attention of docs/blocksparse.md, the reference: dense causal attention when
+    T <= dense_below, else `block_select` and `block_attention`."""
     from .reference import dense_attention
     B, Hq, Lq, D = q.shape
     T = k.shape[2]
@@ -305,9 +337,6 @@ def superlinear_block_attention(q, k, v, kpm, p0: int, *, window: int, sinks: in
         pos = (torch.arange(Lq, device=q.device) + p0).expand(B, Lq)
         return dense_attention(q, k, v, kpm, pos, scale)
     kept = block_select(q, k, kpm, p0, window=window, sinks=sinks, topk=topk, q_block=q_block,
-                        k_block=k_block)
-    if q.is_cuda and p0 == 0 and Lq == T and kpm is None:
-        return block_attention_flex(q, k, v, kept, window=window, sinks=sinks, q_block=q_block,
-                                    k_block=k_block, scale=scale)
+                        k_block=k_block, rows=rows, pool=pool)
     return block_attention(q, k, v, kept, kpm, p0, window=window, sinks=sinks, q_block=q_block,
                            k_block=k_block, scale=scale)

@@ -24,6 +24,7 @@ BLOCK_SEARCH_KEYS = ("block", "block_rerank")
 PRETRAINED = dict(search_key="block_rerank", window=768, sinks=4, topk=8, backward_factor=0.35,
                   forward_factor=0.0, combine="union")
 NSTEP_SEARCH_KEYS = ("anchor", "mean")  # search keys of the N-step search (steps >= 3)
+TOPK_BLOCKS_MAX = 256  # topk's bound with search_key="blocksparse" (key blocks, not spans)
 
 
 def _short_repr(value: Any, limit: int = 60) -> str:
@@ -92,6 +93,10 @@ class SuperlinearConfig:
             far better on converted models; both have Triton kernels, docs/routing.md).
         dense_below: if the number of keys T <= dense_below, exact dense causal attention.
         scale: softmax scale; None means 1/sqrt(head_dim) (or the scale of the matched graph).
+        q_block, k_block, block_rows, block_pool: search_key="blocksparse" only
+            (docs/blocksparse.md): queries per query block (the granularity of choice), keys per
+            key block, representative rows per query block, and the stage-1 pool (block_pool *
+            topk candidates rescored exactly). Powers of two, q_block a multiple of k_block.
         steps: N, the number of search-and-attend steps (2..8). 2 is docs/spec.md's stripe search;
             N >= 3 is the hierarchical search of docs/nstep.md (cells of about t^(1/N) keys, a
             beam search over N-1 levels, O(L^(1+1/N)) per prefill). With N >= 3,
@@ -111,11 +116,16 @@ class SuperlinearConfig:
     dense_below: int = 12288
     scale: Optional[float] = None
     steps: int = 2
+    q_block: int = 128
+    k_block: int = 64
+    block_rows: int = 8
+    block_pool: int = 8
 
     def __post_init__(self) -> None:
         _check_int("window", self.window, 0)
         _check_int("sinks", self.sinks, 0)
-        _check_int("topk", self.topk, 1, 8)
+        # blocksparse keeps topk key blocks; the span searches keep topk spans
+        _check_int("topk", self.topk, 1, TOPK_BLOCKS_MAX if self.search_key == "blocksparse" else 8)
         _check_float("search_power", self.search_power, 0.0, 1.0, lo_open=True)
         _check_float("span_power", self.span_power, 0.0, 1.0)
         _check_float("backward_factor", self.backward_factor, 0.0, 1e6)
@@ -129,6 +139,16 @@ class SuperlinearConfig:
                              "'blocksparse': block-sparse attention is one softmax over the "
                              "attended blocks (docs/blocksparse.md); use combine='union'")
         _check_int("dense_below", self.dense_below, 0)
+        for name, lo, hi in (("q_block", 16, 1024), ("k_block", 16, 1024)):
+            v = getattr(self, name)
+            _check_int(name, v, lo, hi)
+            if v & (v - 1):
+                _fail(name, v, f"a power of two in [{lo}, {hi}]")
+        if self.q_block % self.k_block:
+            raise ValueError(f"SuperlinearConfig.q_block={self.q_block} is invalid: expected a "
+                             f"multiple of k_block={self.k_block} (docs/blocksparse.md)")
+        _check_int("block_rows", self.block_rows, 1, self.q_block)
+        _check_int("block_pool", self.block_pool, 1, 64)
         if self.scale is not None:
             if not _finite_number(self.scale) or self.scale <= 0:
                 _fail("scale", self.scale, "None or a finite number > 0")

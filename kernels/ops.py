@@ -239,15 +239,31 @@ def block_sparse_attention(
     topk: int,
     scale: float,
     dense_below: int,
+    q_block: int,
+    k_block: int,
+    block_rows: int,
+    block_pool: int,
 ) -> Tensor:
-    """docs/blocksparse.md: [B, Hq, Lq, Dv]. The search is torch code on every device; the
-    attention runs FlexAttention for a CUDA prefill, the gather-based reference otherwise."""
+    """docs/blocksparse.md: [B, Hq, Lq, Dv]. The Triton search and attention where Triton runs
+    (CUDA, or forced), the torch reference (kernels/blocksparse.py) otherwise."""
     from . import blocksparse as bs
 
     p0 = _first_position(query_positions, query.shape[2], key.shape[2])
-    return bs.superlinear_block_attention(
-        query, key, value, key_padding_mask, p0, window=window, sinks=sinks, topk=topk,
-        q_block=bs.Q_BLOCK, k_block=bs.K_BLOCK, scale=scale, dense_below=dense_below)
+    kw = dict(window=window, sinks=sinks, q_block=q_block, k_block=k_block)
+    if key.shape[2] <= dense_below or not _use_triton(query.device):
+        return bs.superlinear_block_attention(
+            query, key, value, key_padding_mask, p0, topk=topk, rows=block_rows, pool=block_pool,
+            scale=scale, dense_below=dense_below, **kw)
+    from . import triton_blocksparse_search as tss
+    kept = tss.block_select_triton(query, key, key_padding_mask, p0, topk=topk, rows=block_rows,
+                                   pool=block_pool, **kw)
+    if key_padding_mask is not None:  # the Triton attention has no key-padding mask
+        return bs.block_attention(query, key, value, kept, key_padding_mask, p0, scale=scale, **kw)
+    from . import triton_blocksparse as tba
+    nK, sb, wb, per_q = bs.geometry(key.shape[2], window, sinks, q_block, k_block)
+    full, _ = bs.attended_blocks(kept, p0 // q_block, nK, sb, wb, per_q)
+    return tba.block_attention_triton(query, key, value, full, p0, q_block=q_block,
+                                      k_block=k_block, scale=scale)
 
 
 @block_sparse_attention.register_fake

@@ -287,7 +287,7 @@ def common_options(fn: Callable) -> Callable:
 _CONFIG_OPTIONS = [
     ("--window", int, "Local window W: keys [t-W+1, t] are always attended."),
     ("--sinks", int, "Sink tokens S: keys [0, S) are always attended."),
-    ("--topk", int, "Spans kept per query (1..8)."),
+    ("--topk", int, "Spans kept per query (1..8); key blocks per query block with blocksparse (1..256)."),
     ("--search-power", float, "p: stripes per query grow as (t+1)^p; (0, 1]."),
     ("--span-power", float, "r: span length grows as (t+1)^r; [0, 1]."),
     ("--backward-factor", float, "bf: span reach before its anchor, in units of (t+1)^r."),
@@ -297,6 +297,10 @@ _CONFIG_OPTIONS = [
     ("--dense-below", int, "Exact dense attention when the number of keys T <= this."),
     ("--scale", float, "Softmax scale (default: the matched graph's, else 1/sqrt(d))."),
     ("--steps", int, "Search steps N: 2 (docs/spec.md) or 3..8 (docs/nstep.md); cost O(L^(1+1/N))."),
+    ("--q-block", int, "blocksparse: queries per query block (power of two, a multiple of --k-block)."),
+    ("--k-block", int, "blocksparse: keys per key block (power of two, 16..1024)."),
+    ("--block-rows", int, "blocksparse: representative rows per query block."),
+    ("--block-pool", int, "blocksparse: stage-1 pool, in units of topk, rescored exactly."),
 ]
 
 

@@ -142,7 +142,8 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
 # --------------------------------------------------------------------------------------------
 
 CONFIG_FIELDS = ("window", "sinks", "topk", "search_power", "span_power", "backward_factor",
-                 "forward_factor", "combine", "search_key", "dense_below", "scale", "steps")
+                 "forward_factor", "combine", "search_key", "dense_below", "scale", "steps",
+                 "q_block", "k_block", "block_rows", "block_pool")
 
 
 def build_config(overrides: Optional[Dict[str, Any]] = None, config_file: Optional[str] = None,

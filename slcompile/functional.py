@@ -144,7 +144,7 @@ def superlinear_attention(
                              "attention query; search_query is not supported")
         return torch.ops.superlinear.block_sparse_attention(
             query, key, value, key_padding_mask, qpos, c.window, c.sinks, c.topk, float(scale),
-            c.dense_below)
+            c.dense_below, c.q_block, c.k_block, c.block_rows, c.block_pool)
     if c.steps == 2:
         anchors, scores = torch.ops.superlinear.span_search(
             qs, key, key_padding_mask, qpos, c.window, c.topk, c.search_power, c.span_power,

@@ -13,6 +13,7 @@ from slcompile.kernels import blocksparse as bs
 from slcompile.kernels.reference import dense_attention
 
 NEG = float("-inf")
+R, P = 8, 8  # representative rows and pool of these tests (the config's defaults)
 
 
 def oracle(q, k, v, kpm, p0, *, window, sinks, topk, qb, kb, scale):
@@ -31,7 +32,7 @@ def oracle(q, k, v, kpm, p0, *, window, sinks, topk, qb, kb, scale):
         for h in range(Hkv):
             heads = list(range(h * G, (h + 1) * G))
             for j in sorted({t // qb for t in pos}):
-                rows = [t for t in pos if t // qb == j][-bs.REP_ROWS:]
+                rows = [t for t in pos if t // qb == j][-R:]
                 ri = [t - p0 for t in rows]
                 before = j * qb // kb
                 cands = []
@@ -46,7 +47,7 @@ def oracle(q, k, v, kpm, p0, *, window, sinks, topk, qb, kb, scale):
                     exact = max(float((q64[b, hh, ri] @ kk.T).max()) for hh in heads)
                     cands.append((bound, i, exact))
                 cands.sort(key=lambda c: (c[0], c[1]), reverse=True)
-                pool = cands[:bs.POOL * topk]
+                pool = cands[:P * topk]
                 pool.sort(key=lambda c: (c[2], c[1]), reverse=True)
                 kept = [c[1] for c in pool[:topk]]
                 kept_all[(b, h, j)] = set(kept)
@@ -94,7 +95,8 @@ def test_reference_against_brute_force_oracle(case):
     q, k, v, kpm = _inputs(B, Hq, Hkv, T, D, seed=T + p0, pad=pad)
     q = q[:, :, p0:]
     scale = D ** -0.5
-    kept = bs.block_select(q, k, kpm, p0, window=W, sinks=S, topk=K, q_block=qb, k_block=kb)
+    kept = bs.block_select(q, k, kpm, p0, window=W, sinks=S, topk=K, q_block=qb, k_block=kb,
+                           rows=R, pool=P)
     j0 = p0 // qb
     want, scores, o_want = oracle(q, k, v, kpm, p0, window=W, sinks=S, topk=K, qb=qb, kb=kb,
                                   scale=scale)
@@ -126,19 +128,20 @@ def test_exact_when_everything_is_attended_and_below_dense_below():
     dense = dense_attention(q, k, v, kpm, None, scale)
     # topk large enough to keep every candidate block: every query sees its whole past
     out = bs.superlinear_block_attention(q, k, v, kpm, 0, window=32, sinks=4, topk=8, q_block=32,
-                                         k_block=32, scale=scale, dense_below=0)
+                                         k_block=32, scale=scale, dense_below=0, rows=R, pool=P)
     torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
     out = bs.superlinear_block_attention(q, k, v, kpm, 0, window=0, sinks=0, topk=1, q_block=32,
-                                         k_block=32, scale=scale, dense_below=300)
+                                         k_block=32, scale=scale, dense_below=300, rows=R, pool=P)
     torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
     sparse = bs.superlinear_block_attention(q, k, v, kpm, 0, window=0, sinks=0, topk=1,
-                                            q_block=32, k_block=32, scale=scale, dense_below=0)
+                                            q_block=32, k_block=32, scale=scale, dense_below=0, rows=R, pool=P)
     assert (sparse - dense).abs().max() > 1e-2  # the sparse path really runs
 
 
 def test_causal_and_every_block_reachable():
     q, k, v, _ = _inputs(1, 2, 1, 512, 16, seed=2)
-    kw = dict(window=32, sinks=0, topk=1, q_block=32, k_block=32, scale=0.25, dense_below=0)
+    kw = dict(window=32, sinks=0, topk=1, q_block=32, k_block=32, scale=0.25, dense_below=0,
+              rows=R, pool=P)
     out = bs.superlinear_block_attention(q, k, v, None, 0, **kw)
     k2, v2 = k.clone(), v.clone()
     k2[:, :, 300:] += 5 * torch.randn_like(k2[:, :, 300:])
@@ -153,13 +156,15 @@ def test_causal_and_every_block_reachable():
     for blk in range(0, 14):
         kp = k.clone()
         kp[0, 0, blk * 32 + 5] = 20 * rep / rep.norm()
-        kept = bs.block_select(q, kp, None, 0, window=32, sinks=0, topk=1, q_block=32, k_block=32)
+        kept = bs.block_select(q, kp, None, 0, window=32, sinks=0, topk=1, q_block=32, k_block=32,
+                               rows=R, pool=P)
         assert kept[0, 0, -1, 0].item() == blk
 
 
 def test_chunked_prefill_on_block_edges_equals_prefill():
     q, k, v, _ = _inputs(1, 4, 2, 640, 16, seed=3)
-    kw = dict(window=64, sinks=4, topk=2, q_block=64, k_block=64, scale=0.25, dense_below=0)
+    kw = dict(window=64, sinks=4, topk=2, q_block=64, k_block=64, scale=0.25, dense_below=0,
+              rows=R, pool=P)
     full = bs.superlinear_block_attention(q, k, v, None, 0, **kw)
     half = bs.superlinear_block_attention(q[:, :, 320:], k, v, None, 320, **kw)
     torch.testing.assert_close(half, full[:, :, 320:], atol=1e-6, rtol=1e-6)
@@ -170,16 +175,16 @@ def test_functional_and_op_match_the_reference():
     cfg = SuperlinearConfig(search_key="blocksparse", window=64, sinks=4, topk=2, dense_below=0)
     got = slcompile.superlinear_attention(q, k, v, config=cfg, enable_gqa=True,
                                           key_padding_mask=kpm)
-    kept = bs.block_select(q, k, kpm, 0, window=64, sinks=4, topk=2, q_block=bs.Q_BLOCK,
-                           k_block=bs.K_BLOCK)
-    want = bs.block_attention(q, k, v, kept, kpm, 0, window=64, sinks=4, q_block=bs.Q_BLOCK,
-                              k_block=bs.K_BLOCK, scale=0.25)
+    kept = bs.block_select(q, k, kpm, 0, window=64, sinks=4, topk=2, q_block=128,
+                           k_block=64, rows=R, pool=P)
+    want = bs.block_attention(q, k, v, kept, kpm, 0, window=64, sinks=4, q_block=128,
+                              k_block=64, scale=0.25)
     torch.testing.assert_close(got, want, atol=0, rtol=0)
     # a decode step at the bottom right, and explicit positions
     got = slcompile.superlinear_attention(q[:, :, -1:], k, v, config=cfg, enable_gqa=True)
     want = bs.superlinear_block_attention(q[:, :, -1:], k, v, None, 399, window=64, sinks=4,
-                                          topk=2, q_block=bs.Q_BLOCK, k_block=bs.K_BLOCK,
-                                          scale=0.25, dense_below=0)
+                                          topk=2, q_block=128, k_block=64,
+                                          scale=0.25, dense_below=0, rows=R, pool=P)
     torch.testing.assert_close(got, want, atol=0, rtol=0)
     with pytest.raises(ValueError, match="p0..p0\\+Lq-1"):
         slcompile.superlinear_attention(q[:, :, :3], k, v, config=cfg, enable_gqa=True,
@@ -192,7 +197,7 @@ def test_flex_lowering_matches_the_reference():
     pytest.importorskip("torch.nn.attention.flex_attention")
     q, k, v, _ = _inputs(1, 4, 2, 700, 16, seed=5)
     kw = dict(window=64, sinks=4, q_block=64, k_block=64)
-    kept = bs.block_select(q, k, None, 0, topk=2, **kw)
+    kept = bs.block_select(q, k, None, 0, topk=2, rows=R, pool=P, **kw)
     want = bs.block_attention(q, k, v, kept, None, 0, scale=0.25, **kw)
     got = torch.full_like(want, float("nan"))
     got.copy_(bs.block_attention_flex(q, k, v, kept, scale=0.25, **kw))
@@ -218,7 +223,7 @@ def test_keys_attended_counts_the_attention_set():
     q, k, v, _ = _inputs(1, 2, 2, 333, 8, seed=7)
     kw = dict(window=40, sinks=4, q_block=32, k_block=16)
     for p0 in (0, 300):
-        kept = bs.block_select(q[:, :, p0:], k, None, p0, topk=2, **kw)
+        kept = bs.block_select(q[:, :, p0:], k, None, p0, topk=2, rows=R, pool=P, **kw)
         n = bs.keys_attended(kept, p0, 333 - p0, 333, **kw)
         # count the attended keys directly from the contract's sets
         nK, sb, wb, per_q = bs.geometry(333, 40, 4, 32, 16)
