@@ -164,6 +164,26 @@ def load_model(device: str, gguf: Optional[str] = None):
     return tok, model, os.path.join(d, f)
 
 
+def apply_yarn(model, factor: float):
+    """Stretch the model's rotary embedding with YaRN by ``factor`` (context past the trained
+    length: SmolLM2's 8K to 8K x factor), in place; returns the model. The trained length stays
+    YaRN's original length."""
+    import copy
+
+    cfg = copy.deepcopy(model.config)
+    orig = int(cfg.max_position_embeddings)
+    old = dict(getattr(cfg, "rope_parameters", None) or {})
+    theta = old.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+    cfg.rope_parameters = {"rope_type": "yarn", "factor": float(factor), "rope_theta": theta,
+                           "original_max_position_embeddings": orig}
+    cfg.max_position_embeddings = int(orig * factor)
+    rot = model.model.rotary_emb
+    dev = rot.inv_freq.device
+    model.model.rotary_emb = type(rot)(config=cfg).to(dev)
+    model.config.max_position_embeddings = cfg.max_position_embeddings
+    return model
+
+
 HAYSTACK_GLOBS = ["/usr/share/common-licenses/*"]
 HELDOUT_GLOBS = ["/usr/share/vim/vim*/doc/usr_[0-9]*.txt"]
 # calibration text: the Vim reference manual (never haystack, never the held-out user manual)

@@ -51,6 +51,8 @@ def main(argv=None):
     ap.add_argument("--routing-cases", type=int, default=2, help="needle cases for the routing probe")
     ap.add_argument("--budget-s", type=float, default=200.0)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--yarn", type=float, default=0.0,
+                    help="stretch the rotary embedding with YaRN by this factor (past 8K)")
     args = ap.parse_args(argv)
     t0 = time.time()
     dev = args.device
@@ -59,6 +61,8 @@ def main(argv=None):
 
         reference._CHUNK_ELEMS = 1 << 28
     tok, model, gguf = Q.load_model(dev, args.gguf)
+    if args.yarn:
+        Q.apply_yarn(model, args.yarn)
     hay, hay_src, held, held_src, calib = Q.load_bundle(args.bundle)
     log = {"gpu": torch.cuda.get_device_name() if dev.startswith("cuda") else "cpu", "torch": torch.__version__, "load_s": time.time() - t0}
     print(f"loaded in {log['load_s']:.1f}s on {log['gpu']}", flush=True)
@@ -83,7 +87,8 @@ def main(argv=None):
                             lengths=[args.length], out=args.out)
     meta = dict(model=gguf, device=dev, gpu=log["gpu"], lengths=[args.length], depths=args.depths,
                 seeds=args.seeds, ppl_len=args.ppl_len, ppl_tail=args.ppl_tail, prompt="chat",
-                needle_check="teacher-forced", haystack=hay_src, heldout=held_src, log=log)
+                needle_check="teacher-forced", haystack=hay_src, heldout=held_src, log=log,
+                yarn=args.yarn)
     results, skipped = {}, []
     for v, cs in [(v, cases) for v in args.variants] + [(v, []) for v in args.ppl_variants]:
         if time.time() - t0 > args.budget_s:

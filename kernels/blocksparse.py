@@ -275,9 +275,10 @@ def _flex_fn(compiled: bool):
 
 
 def flex_block_mask(kept: Tensor, L: int, *, window: int, sinks: int, q_block: int, k_block: int,
-                    Hq: int):
+                    Hq: int, backward: bool = False):
     """The FlexAttention BlockMask of a prefill of L tokens: sinks, window and kept blocks as full
-    blocks, the diagonal as partial (causal) blocks. Heads expanded from kv heads to Hq."""
+    blocks, the diagonal as partial (causal) blocks. Heads expanded from kv heads to Hq. With
+    ``backward``, the query-block indices that FlexAttention's backward needs are computed too."""
     from torch.nn.attention.flex_attention import BlockMask
 
     B, Hkv, nQ, _ = kept.shape
@@ -305,16 +306,18 @@ def flex_block_mask(kept: Tensor, L: int, *, window: int, sinks: int, q_block: i
 
     return BlockMask.from_kv_blocks(heads(part_num), heads(part_idx), heads(full_num),
                                     heads(full_idx), BLOCK_SIZE=(q_block, k_block),
-                                    mask_mod=causal, seq_lengths=(L, L), compute_q_blocks=False)
+                                    mask_mod=causal, seq_lengths=(L, L),
+                                    compute_q_blocks=backward)
 
 
 def block_attention_flex(q: Tensor, k: Tensor, v: Tensor, kept: Tensor, *, window: int,
                          sinks: int, q_block: int, k_block: int, scale: float,
-                         compiled: bool = True) -> Tensor:
-    """`block_attention` of a prefill (Lq == T, no padding) through FlexAttention."""
+                         compiled: bool = True, backward: bool = False) -> Tensor:
+    """`block_attention` of a prefill (Lq == T, no padding) through FlexAttention
+    (differentiable with ``backward``)."""
     L = q.shape[2]
     mask = flex_block_mask(kept, L, window=window, sinks=sinks, q_block=q_block, k_block=k_block,
-                           Hq=q.shape[1])
+                           Hq=q.shape[1], backward=backward)
     enable_gqa = q.shape[1] != k.shape[1]
     return _flex_fn(compiled)(q, k, v, block_mask=mask, scale=scale, enable_gqa=enable_gqa,
                               kernel_options=flex_kernel_options(q_block, k_block))

@@ -254,9 +254,8 @@ def block_sparse_attention(
         return bs.superlinear_block_attention(
             query, key, value, key_padding_mask, p0, topk=topk, rows=block_rows, pool=block_pool,
             scale=scale, dense_below=dense_below, **kw)
-    from . import triton_blocksparse_search as tss
-    kept = tss.block_select_triton(query, key, key_padding_mask, p0, topk=topk, rows=block_rows,
-                                   pool=block_pool, **kw)
+    kept = _block_select(query, key, key_padding_mask, p0, topk=topk, rows=block_rows,
+                         pool=block_pool, **kw)
     if key_padding_mask is not None:  # the Triton attention has no key-padding mask
         return bs.block_attention(query, key, value, kept, key_padding_mask, p0, scale=scale, **kw)
     from . import triton_blocksparse as tba
@@ -270,3 +269,53 @@ def block_sparse_attention(
 def _(query, key, value, *rest):
     B, Hq, Lq, _ = query.shape
     return query.new_empty((B, Hq, Lq, value.shape[3]))
+
+
+def _block_select(query, key, kpm, p0, **kw):
+    """The search of docs/blocksparse.md: the Triton kernels where Triton runs, else the reference."""
+    from . import blocksparse as bs
+    if _use_triton(query.device):
+        from . import triton_blocksparse_search as tss
+        return tss.block_select_triton(query, key, kpm, p0, **kw)
+    return bs.block_select(query, key, kpm, p0, **kw)
+
+
+def _block_sparse_recompute(query, key, value, kpm, qpos, window, sinks, topk, scale,
+                            dense_below, q_block, k_block, block_rows, block_pool):
+    """The op's output as differentiable torch code (the search under no_grad: the selection is
+    discrete, no gradient flows through it, as in the contract; it is deterministic, so it
+    returns the forward's blocks): FlexAttention for a CUDA prefill, the reference otherwise."""
+    from . import blocksparse as bs
+    from .reference import dense_attention
+
+    B, Hq, Lq, _ = query.shape
+    T = key.shape[2]
+    p0 = _first_position(qpos, Lq, T)
+    if T <= dense_below:
+        pos = (torch.arange(Lq, device=query.device) + p0).expand(B, Lq)
+        return dense_attention(query, key, value, kpm, pos, scale)
+    kw = dict(window=window, sinks=sinks, q_block=q_block, k_block=k_block)
+    with torch.no_grad():
+        kept = _block_select(query, key, kpm, p0, topk=topk, rows=block_rows, pool=block_pool,
+                             **kw)
+    if query.is_cuda and p0 == 0 and Lq == T and kpm is None:
+        return bs.block_attention_flex(query, key, value, kept, scale=scale, backward=True, **kw)
+    return bs.block_attention(query, key, value, kept, kpm, p0, scale=scale, **kw)
+
+
+def _bsa_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:5])
+    ctx.params = tuple(inputs[5:])
+
+
+def _bsa_backward(ctx, grad):
+    """Gradients for query, key and value by recomputing the attention under autograd."""
+    query, key, value, kpm, qpos = ctx.saved_tensors
+    with torch.enable_grad():
+        leaves = [x.detach().requires_grad_() for x in (query, key, value)]
+        out = _block_sparse_recompute(*leaves, kpm, qpos, *ctx.params)
+        dq, dk, dv = torch.autograd.grad(out, leaves, grad.to(out.dtype))
+    return (dq, dk, dv) + (None,) * (2 + len(ctx.params))
+
+
+block_sparse_attention.register_autograd(_bsa_backward, setup_context=_bsa_setup)

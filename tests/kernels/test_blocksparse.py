@@ -265,3 +265,51 @@ def test_backend_rewrites_a_model_into_the_block_sparse_op():
                                                              enable_gqa=True)
     assert (got - dense).abs().max() > 1e-2
     assert sum(len(superlinear_nodes(g.graph)) for g in graphs) == 1
+
+
+def _contract_mask(kept, p0, Lq, T, kpm, *, window, sinks, qb, kb, G):
+    """bool [B, Hq, Lq, T]: the keys each query attends, from the contract's sets (loops)."""
+    B, Hkv = kept.shape[:2]
+    sb, wb = -(-sinks // kb), -(-min(window, T) // kb)
+    m = torch.zeros(B, Hkv * G, Lq, T, dtype=torch.bool)
+    for b in range(B):
+        for h in range(Hkv):
+            for t in range(p0, p0 + Lq):
+                j = t // qb
+                before = j * qb // kb
+                blocks = set(range(min(sb, before))) | set(range(max(sb, before - wb), before))
+                blocks |= {int(x) for x in kept[b, h, j - p0 // qb] if x >= 0}
+                keys = {x for blk in blocks for x in range(blk * kb, min(T, blk * kb + kb))}
+                keys |= set(range(j * qb, t + 1))
+                for x in keys:
+                    if kpm is None or kpm[b, x]:
+                        m[b, h * G:(h + 1) * G, t - p0, x] = True
+    return m
+
+
+@pytest.mark.parametrize("p0,pad", [(0, False), (130, True)])
+def test_gradients_match_masked_dense_attention(p0, pad):
+    """The op's backward (search held fixed) equals autograd through dense attention masked to
+    the contract's attended sets, in float64."""
+    q, k, v, kpm = _inputs(2, 4, 2, 300, 16, seed=9 + p0, pad=pad)
+    q = q[:, :, p0:].contiguous()
+    cfg = SuperlinearConfig(search_key="blocksparse", window=40, sinks=4, topk=2, dense_below=0,
+                            q_block=32, k_block=16, block_rows=4, block_pool=2)
+    qpos = torch.arange(p0, 300).expand(2, -1)
+    leaves = [x.double().requires_grad_() for x in (q, k, v)]
+    out = slcompile.superlinear_attention(*leaves, config=cfg, enable_gqa=True,
+                                          key_padding_mask=kpm, query_positions=qpos)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, leaves, g)
+    kept = bs.block_select(q, k, kpm, p0, window=40, sinks=4, topk=2, q_block=32, k_block=16,
+                           rows=4, pool=2)
+    mask = _contract_mask(kept, p0, 300 - p0, 300, kpm, window=40, sinks=4, qb=32, kb=16, G=2)
+    ql, kl, vl = [x.double().requires_grad_() for x in (q, k, v)]
+    lg = torch.einsum("bhqd,bhkd->bhqk", ql, kl.repeat_interleave(2, 1)) * 0.25
+    p = torch.softmax(lg.masked_fill(~mask, float("-inf")), -1)
+    ref = torch.einsum("bhqk,bhkd->bhqd", p, vl.repeat_interleave(2, 1))
+    torch.testing.assert_close(out.detach(), ref.detach(), atol=1e-5, rtol=1e-5)
+    want = torch.autograd.grad(ref, (ql, kl, vl), g)
+    for a, b in zip(got, want):
+        assert a.abs().max() > 0
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
