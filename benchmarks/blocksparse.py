@@ -2,10 +2,11 @@
 user gets by default: F.scaled_dot_product_attention(is_causal=True, enable_gqa=True) with its
 default dispatch, in one run, on one GPU.
 
-Per length: SDPA's time; the block-sparse total (search + BlockMask + FlexAttention, the op a model
-runs) and its parts; the ratio SDPA / total; the attention's useful TFLOP/s (4 * D * attended
-(query, key) pairs * Hq / time). Lengths up to --check-max also check FlexAttention against the
-gather-based reference attention on the same selection.
+Per length: SDPA's time; the block-sparse total (the custom op a model runs: Triton search and
+Triton attention) and its parts (search, attended lists, attention; the torch reference search and
+FlexAttention on the same selection beside them); the ratio SDPA / total; the attention's useful
+TFLOP/s (4 * D * attended (query, key) pairs * Hq / time). Lengths up to --check-max also check the
+kernel and the op against the gather-based reference attention on the same selection.
 
     python benchmarks/blocksparse.py --lengths 8192 32768 131072 --out benchmarks/data/x.json
 """
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import subprocess
 import sys
@@ -47,6 +47,13 @@ def attended_pairs(kept, L, window, sinks, q_block, k_block):
                             k_block=k_block).sum().item()
 
 
+def op_call(q, k, v, cfg, scale):
+    """The custom op as a model's rewritten graph calls it (search + attention)."""
+    return torch.ops.superlinear.block_sparse_attention(
+        q, k, v, None, None, cfg["window"], cfg["sinks"], cfg["topk"], scale, 0, cfg["q_block"],
+        cfg["k_block"], cfg["rows"], cfg["pool"])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 131072])
@@ -56,19 +63,38 @@ def main():
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--sinks", type=int, default=4)
     ap.add_argument("--topk", type=int, default=8)
-    ap.add_argument("--q-blocks", type=int, nargs="+", default=[bs.Q_BLOCK])
+    ap.add_argument("--q-block", type=int, default=128)
+    ap.add_argument("--k-block", type=int, default=64)
+    ap.add_argument("--rows", type=int, default=8)
+    ap.add_argument("--pool", type=int, default=8)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--check-max", type=int, default=16384)
+    ap.add_argument("--reference-max", type=int, default=131072,
+                    help="longest length at which the torch reference search is timed")
+    ap.add_argument("--flex-max", type=int, default=524288,
+                    help="longest length at which FlexAttention is timed (its index rows: 2 x "
+                         "Hq x (L/QB) x (L/KB) x 4 bytes)")
+    ap.add_argument("--tune", default="[]",
+                    help="JSON list of keyword sets for the Triton attention, timed at --tune-L")
+    ap.add_argument("--tune-L", type=int, default=131072)
+    ap.add_argument("--train-lengths", type=int, nargs="*", default=[],
+                    help="also time forward+backward (the op's backward against SDPA's)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    from slcompile.kernels import triton_blocksparse as tba
+    from slcompile.kernels import triton_blocksparse_search as tss
+
     dev = "cuda"
     rows = []
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
+    cfg = dict(window=a.window, sinks=a.sinks, topk=a.topk, q_block=a.q_block, k_block=a.k_block,
+               rows=a.rows, pool=a.pool)
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, commit=commit,
-                date=time.strftime("%Y-%m-%d"), hq=a.hq, hkv=a.hkv, d=a.d, window=a.window,
-                sinks=a.sinks, topk=a.topk, k_block=bs.K_BLOCK, dtype="bfloat16", B=1)
+                date=time.strftime("%Y-%m-%d"), hq=a.hq, hkv=a.hkv, d=a.d, dtype="bfloat16", B=1,
+                **cfg)
     print(json.dumps(meta), flush=True)
+    tune = json.loads(a.tune)
     for L in a.lengths:
         torch.manual_seed(0)
         q = torch.randn(1, a.hq, L, a.d, device=dev, dtype=torch.bfloat16)
@@ -76,44 +102,92 @@ def main():
         v = torch.randn(1, a.hkv, L, a.d, device=dev, dtype=torch.bfloat16)
         scale = a.d ** -0.5
         reps = a.reps if L <= 600_000 else max(1, a.reps - 1)
-        t_sdpa = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                              enable_gqa=True), reps)
-        for qb in a.q_blocks:
-            kw = dict(window=a.window, sinks=a.sinks, q_block=qb, k_block=bs.K_BLOCK)
-            sel = lambda: bs.block_select(q, k, None, 0, topk=a.topk, **kw)  # noqa: E731
-            kept = sel()
-            mask = lambda: bs.flex_block_mask(kept, L, Hq=a.hq, **kw)  # noqa: E731
-            bm = mask()
-            flex = bs._flex_fn(True)
-            ko = bs.flex_kernel_options(qb, bs.K_BLOCK)
-            att = lambda: flex(q, k, v, block_mask=bm, scale=scale, enable_gqa=True,  # noqa: E731
-                               kernel_options=ko)
+        row = dict(L=L)
+        row["sdpa_ms"] = timed(lambda: F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=True), reps)
+        kw = dict(window=a.window, sinks=a.sinks, q_block=a.q_block, k_block=a.k_block)
+        skw = dict(kw, topk=a.topk, rows=a.rows, pool=a.pool)
+        sel = lambda: tss.block_select_triton(q, k, None, 0, **skw)  # noqa: E731
+        kept = sel()
+        row["search_ms"] = timed(sel, reps)
+        if L <= a.reference_max:
+            ref_kept = bs.block_select(q, k, None, 0, **skw)
+            row["search_reference_ms"] = timed(lambda: bs.block_select(q, k, None, 0, **skw), 1)
+            row["kept_agreement"] = (kept == ref_kept).float().mean().item()
+            del ref_kept
+        nK, sb, wb, per_q = bs.geometry(L, a.window, a.sinks, a.q_block, a.k_block)
+        lists = lambda: bs.attended_blocks(kept, 0, nK, sb, wb, per_q)[0]  # noqa: E731
+        full = lists()
+        row["lists_ms"] = timed(lists, reps)
+        att = lambda **t: tba.block_attention_triton(q, k, v, full, 0, q_block=a.q_block,  # noqa
+                                                     k_block=a.k_block, scale=scale, **t)
+        row["attention_ms"] = timed(att, reps, warm=2)
+        if L == a.tune_L:
+            row["tune"] = []
+            for t in tune:
+                try:
+                    row["tune"].append(dict(t, ms=timed(lambda: att(**t), reps, warm=2)))
+                except Exception as e:  # a setting that does not compile or fit
+                    row["tune"].append(dict(t, error=repr(e)[:200]))
+                print(json.dumps(row["tune"][-1]), flush=True)
+        if L <= a.flex_max:
+            try:
+                bm = bs.flex_block_mask(kept, L, Hq=a.hq, **kw)
+                flex = bs._flex_fn(True)
+                ko = bs.flex_kernel_options(a.q_block, a.k_block)
+                row["flex_mask_ms"] = timed(lambda: bs.flex_block_mask(kept, L, Hq=a.hq, **kw),
+                                            reps)
+                row["flex_attention_ms"] = timed(lambda: flex(
+                    q, k, v, block_mask=bm, scale=scale, enable_gqa=True, kernel_options=ko),
+                    reps, warm=2)
+                del bm
+            except torch.OutOfMemoryError as e:
+                row["flex_error"] = repr(e)[:120]
+            torch.cuda.empty_cache()
+        row["total_ms"] = timed(lambda: op_call(q, k, v, cfg, scale), reps)
+        pairs = attended_pairs(kept, L, **kw) * (a.hq // a.hkv)
+        dense_pairs = L * (L + 1) // 2 * a.hq
+        row.update(speedup=row["sdpa_ms"] / row["total_ms"],
+                   attention_speedup=row["sdpa_ms"] / row["attention_ms"],
+                   useful_tflops=4 * a.d * pairs / (row["attention_ms"] * 1e-3) / 1e12,
+                   sdpa_tflops=4 * a.d * dense_pairs / (row["sdpa_ms"] * 1e-3) / 1e12,
+                   keys_per_query=pairs / (L * a.hq), key_fraction=pairs / dense_pairs,
+                   peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+        if L <= a.check_max:
+            ref = bs.block_attention(q, k, v, kept, None, 0, scale=scale, **kw).float()
+            row["max_err_vs_reference"] = (att().float() - ref).abs().max().item()
+            row["op_max_err_vs_reference"] = (op_call(q, k, v, cfg, scale).float()
+                                              - ref).abs().max().item()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del kept, full, q, k, v
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    train = []
+    for L in a.train_lengths:
+        torch.manual_seed(0)
+        leaves = [torch.randn(1, h, L, a.d, device=dev, dtype=torch.bfloat16, requires_grad=True)
+                  for h in (a.hq, a.hkv, a.hkv)]
+        g = torch.randn(1, a.hq, L, a.d, device=dev, dtype=torch.bfloat16)
+        scale = a.d ** -0.5
 
-            def total():
-                kp = bs.block_select(q, k, None, 0, topk=a.topk, **kw)
-                return bs.block_attention_flex(q, k, v, kp, scale=scale, **kw)
+        def step(fn):
+            out = fn(*leaves)
+            torch.autograd.grad(out, leaves, g)
 
-            t_sel, t_mask, t_att = timed(sel, reps), timed(mask, reps), timed(att, reps, warm=2)
-            t_tot = timed(total, reps)
-            pairs = attended_pairs(kept, L, **kw) * (a.hq // a.hkv)
-            dense_pairs = L * (L + 1) // 2 * a.hq
-            row = dict(L=L, q_block=qb, sdpa_ms=t_sdpa, total_ms=t_tot, search_ms=t_sel,
-                       mask_ms=t_mask, attention_ms=t_att, speedup=t_sdpa / t_tot,
-                       attention_speedup=t_sdpa / t_att,
-                       useful_tflops=4 * a.d * pairs / (t_att * 1e-3) / 1e12,
-                       sdpa_tflops=4 * a.d * dense_pairs / (t_sdpa * 1e-3) / 1e12,
-                       keys_per_query=pairs / (L * a.hq), key_fraction=pairs / dense_pairs)
-            if L <= a.check_max:
-                ref = bs.block_attention(q, k, v, kept, None, 0, scale=scale, **kw)
-                row["max_err_vs_reference"] = (att().float() - ref.float()).abs().max().item()
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            del bm, kept
-        del q, k, v
+        row = dict(L=L)
+        row["sdpa_fwd_bwd_ms"] = timed(lambda: step(lambda q, k, v: F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=True)), a.reps)
+        row["fwd_bwd_ms"] = timed(lambda: step(lambda q, k, v: op_call(q, k, v, cfg, scale)),
+                                  a.reps)
+        row["speedup"] = row["sdpa_fwd_bwd_ms"] / row["fwd_bwd_ms"]
+        train.append(row)
+        print(json.dumps(dict(train=row)), flush=True)
+        del leaves, g
         torch.cuda.empty_cache()
     if a.out:
         with open(a.out, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+            json.dump(dict(meta=meta, rows=rows, train=train), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,348 @@
+"""Triton forward kernel of block-sparse attention (``search_key="blocksparse"``).
+
+It computes what `blocksparse.block_attention` computes; docs/blocksparse.md is the contract. The
+queries of a call sit at the absolute positions p0..p0+Lq-1; query block j = t // q_block holds the
+query at t. Each query attends, in one softmax, the key blocks (``k_block`` keys each) that ``full``
+lists for its query block (sinks, window and kept blocks, as `blocksparse.attended_blocks` builds
+them; -1 = empty slot) and, causally, the keys j*q_block..t of its own block (the diagonal). Keys
+>= T never count (the last key block may be partial); the listed blocks are taken as given (no
+causal check: the lists hold blocks before the query block). output = softmax(scale q.k) v in q's
+dtype, float32 accumulation; a query with no key gives zeros. No key-padding mask, no backward.
+
+Launch: two kernels, no host synchronisation.
+
+* ``_compact_kernel`` (one program per 32 list rows) rewrites each row of ``full`` (one per batch
+  row, kv head and query block, F slots) as the blocks lying wholly below T first, in list order,
+  then their count and the partial last block (or -1): O(B Hkv nQ F) int32, read and written once.
+* ``_fwd_kernel``: one program per (tile of BLOCK_M query rows, query head of a kv group) on grid
+  axis 0, the query heads of one group consecutive, so that the programs that read the same key
+  blocks run together and share them in L2; batch row x kv head on axis 1. A tile lies inside one
+  query block (BLOCK_M divides q_block) and reads its block's row. FlashAttention-2 online softmax
+  (running max and sum in float32, exp2 with scale*log2(e) folded in, float32 accumulator, tl.dot on
+  the inputs' dtype; IEEE float32 products for float32 inputs): first the whole listed blocks (no
+  mask), BLOCK_N keys per step (k_block / BLOCK_N steps per block, or BLOCK_N / k_block blocks per
+  step, the last such step masked), the key offset idx * k_block in int64, idx picked out of the
+  list row loaded once into registers (an index loaded inside the loop makes the key loads
+  indirect, which Triton's pipeliner prefetches only one step ahead: 14% slower, measured); then
+  the partial block, keys >= T masked; then the diagonal, the key tiles below the tile's first
+  query without a mask and the rest with key <= query and key < T. Rows outside the call's queries
+  are masked on load and store.
+
+Default launch (`block_attention_triton`'s keyword arguments): BLOCK_M = 128 rows, BLOCK_N = 64
+keys, 8 warps, 3 pipeline stages (the Hopper FlashAttention forward shape); BLOCK_M shrinks to the
+call's rows (16 for one decoded token) and to q_block, the warps to BLOCK_M/16 (at least 4), and
+stages and tiles where a wide head dimension would exceed shared memory. Measured on an H100
+(Triton 3.6, bf16, B=1, Hq=32, Hkv=8, D=128, F=14 blocks listed per query block): 330-350 TFLOP/s
+of attended pairs (4 D pairs Hq / time) at 128K and 1M tokens; BLOCK_N = 128 (two listed blocks
+per step) and one loop masking whole blocks and diagonal alike were slower. Head dims
+up to 256 (padded to a power of two with masks). Under Triton's interpreter, whose bf16 products
+are wrong, bf16 products run in float32.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_LOG2E = 1.4426950408889634
+_SMEM_BUDGET = 226 * 1024  # bytes of shared memory a launch may plan for (Hopper: 227 KB)
+_COMPACT_ROWS = 32  # list rows per program of _compact_kernel
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def _pow2(x: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(int(x)))
+
+
+@triton.jit
+def _compact_kernel(FULL, OUT, s_fr, s_ff, NROWS, F, W, T, NK,
+                    K_BLOCK: tl.constexpr, FP: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Row r of OUT [NROWS, W = F + 2]: the whole blocks (below T) of list row r in list order,
+    their count at column F, the partial block (or -1) at column F + 1."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rm = r < NROWS
+    f = tl.arange(0, FP)
+    m = rm[:, None] & (f[None, :] < F)
+    x = tl.load(FULL + r[:, None] * s_fr + f[None, :] * s_ff, mask=m, other=-1).to(tl.int64)
+    ok = m & (x >= 0) & (x < NK)
+    whole = ok & ((x + 1) * K_BLOCK <= T)
+    part = tl.max(tl.where(ok & ((x + 1) * K_BLOCK > T), x, -1), axis=1)
+    wi = whole.to(tl.int32)
+    pos = tl.cumsum(wi, axis=1) - 1
+    tl.store(OUT + r[:, None] * W + pos, x.to(tl.int32), mask=whole)
+    tl.store(OUT + r * W + F, tl.sum(wi, axis=1), mask=rm)
+    tl.store(OUT + r * W + F + 1, part.to(tl.int32), mask=rm)
+
+
+@triton.jit
+def _load2(ptr, rmask, cmask, HAS_R: tl.constexpr, HAS_C: tl.constexpr):
+    """Load a 2-D tile, masked by rows and/or columns only where asked (zeros outside)."""
+    if HAS_R:
+        if HAS_C:
+            x = tl.load(ptr, mask=rmask[:, None] & cmask[None, :], other=0.0)
+        else:
+            x = tl.load(ptr, mask=rmask[:, None], other=0.0)
+    else:
+        if HAS_C:
+            x = tl.load(ptr, mask=cmask[None, :], other=0.0)
+        else:
+            x = tl.load(ptr)
+    return x
+
+
+@triton.jit
+def _attend(acc, l_i, m_i, q, kbase, vbase, kpos, qpos, T, skn, svn, qk_scale,
+            D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+            BLOCK_DV: tl.constexpr, MASK_T: tl.constexpr, CAUSAL: tl.constexpr,
+            IEEE: tl.constexpr, DOT_F32: tl.constexpr):
+    """One online-softmax step over the BLOCK_N keys at kpos (int64). MASK_T: keys >= T masked;
+    CAUSAL: also keys after each row's query. Unmasked steps need every key present."""
+    MASKED: tl.constexpr = MASK_T or CAUSAL
+    offd = tl.arange(0, BLOCK_D)
+    offdv = tl.arange(0, BLOCK_DV)
+    kmask = kpos < T
+    k = _load2(kbase + kpos[:, None] * skn + offd[None, :], kmask, offd < D, MASKED, D < BLOCK_D)
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    elif DOT_F32:  # the interpreter's bf16 dot is wrong: the same products in float32
+        s = tl.dot(q.to(tl.float32), tl.trans(k).to(tl.float32), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    if MASKED:
+        if CAUSAL:
+            keep = (kpos[None, :] <= qpos[:, None]) & kmask[None, :]
+        else:
+            keep = kmask[None, :]
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key so far
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        m_use = m_new
+    p = tl.math.exp2(s * qk_scale - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    v = _load2(vbase + kpos[:, None] * svn + offdv[None, :], kmask, offdv < DV, MASKED,
+               DV < BLOCK_DV)
+    if IEEE:
+        acc = tl.dot(p, v, acc, input_precision="ieee")
+    elif DOT_F32:
+        acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LST,
+                sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
+                Hkv, Lq, T, nQ, F, W, front, q0, tile0, qk_scale,
+                G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                Q_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SUB: tl.constexpr,
+                NB: tl.constexpr, FP: tl.constexpr, IEEE: tl.constexpr,
+                DOT_F32: tl.constexpr):
+    """SUB steps per listed block (BLOCK_N <= K_BLOCK) or NB listed blocks per step."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)  # batch row x kv head
+    g = pid % G
+    tile = tile0 + pid // G
+    b = bh // Hkv
+    hkv = bh % Hkv
+    hq = hkv * G + g
+    r0 = tile * BLOCK_M  # first row of the tile among the rows from q0 = j0 * Q_BLOCK on
+    n = r0 // Q_BLOCK  # query block (in the call) of the whole tile
+    rows = r0 + tl.arange(0, BLOCK_M)
+    qi = rows - front  # index among the call's queries
+    row_ok = (qi >= 0) & (qi < Lq)
+    qpos = q0 + rows
+    offd = tl.arange(0, BLOCK_D)
+    offdv = tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + b * sqb + hq * sqh + qi.to(tl.int64)[:, None] * sqm + offd[None, :],
+                mask=row_ok[:, None] & (offd[None, :] < D), other=0.0)
+    kbase = K + b * skb + hkv * skh
+    vbase = V + b * svb + hkv * svh
+    lrow = LST + (bh * nQ + n) * W
+    cnt = tl.load(lrow + F)
+    part = tl.load(lrow + F + 1)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    lane = tl.arange(0, BLOCK_N)
+    # whole listed blocks: no mask
+    slot = tl.arange(0, FP)
+    ids = tl.load(lrow + slot, mask=slot < F, other=0)  # slots >= cnt are never picked
+    if NB == 1:
+        for it in range(0, cnt * SUB):
+            idx = tl.sum(tl.where(slot == it // SUB, ids, 0)).to(tl.int64)
+            kpos = idx * K_BLOCK + (it % SUB) * BLOCK_N + lane
+            acc, l_i, m_i = _attend(acc, l_i, m_i, q, kbase, vbase, kpos, qpos, T, skn, svn,
+                                    qk_scale, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, False, False,
+                                    IEEE, DOT_F32)
+    else:  # NB blocks per step: lane l reads slot it * NB + l // K_BLOCK
+        for it in range(0, cnt // NB):
+            j = it * NB + lane // K_BLOCK
+            idx = tl.sum(tl.where(slot[None, :] == j[:, None], ids[None, :], 0), 1)
+            kpos = idx.to(tl.int64) * K_BLOCK + lane % K_BLOCK
+            acc, l_i, m_i = _attend(acc, l_i, m_i, q, kbase, vbase, kpos, qpos, T, skn, svn,
+                                    qk_scale, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, False, False,
+                                    IEEE, DOT_F32)
+        if cnt % NB > 0:  # the last cnt % NB blocks; the other lanes point at T (masked)
+            j = (cnt // NB) * NB + lane // K_BLOCK
+            idx = tl.load(lrow + j, mask=j < cnt, other=0)
+            kpos = tl.where(j < cnt, idx.to(tl.int64) * K_BLOCK + lane % K_BLOCK, T)
+            acc, l_i, m_i = _attend(acc, l_i, m_i, q, kbase, vbase, kpos, qpos, T, skn, svn,
+                                    qk_scale, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, True, False,
+                                    IEEE, DOT_F32)
+    # the partial last block, if listed: keys >= T masked
+    if part >= 0:
+        for s in range(0, SUB):
+            kpos = part.to(tl.int64) * K_BLOCK + s * BLOCK_N + lane
+            acc, l_i, m_i = _attend(acc, l_i, m_i, q, kbase, vbase, kpos, qpos, T, skn, svn,
+                                    qk_scale, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, True, False,
+                                    IEEE, DOT_F32)
+    # the diagonal: keys lo .. the tile's last query; tiles wholly <= the tile's first query
+    # (< T: the tile holds a query of the call) unmasked, then the causal ones
+    lo = (q0 + n * Q_BLOCK).to(tl.int64)
+    first = q0 + r0
+    free_end = lo + ((first + 1 - lo) // BLOCK_N) * BLOCK_N
+    hi = tl.minimum(q0 + r0 + BLOCK_M, T)
+    for start in range(lo, free_end, BLOCK_N):
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, kbase, vbase, start + lane, qpos, T, skn, svn,
+                                qk_scale, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, False, False,
+                                IEEE, DOT_F32)
+    for start in range(free_end, hi, BLOCK_N):
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, kbase, vbase, start + lane, qpos, T, skn, svn,
+                                qk_scale, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, False, True,
+                                IEEE, DOT_F32)
+    has = l_i > 0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    tl.store(O + b * sob + hq * soh + qi.to(tl.int64)[:, None] * som + offdv[None, :],
+             o.to(O.dtype.element_ty), mask=row_ok[:, None] & (offdv[None, :] < DV))
+
+
+def _launch_shape(Lq: int, q_block: int, k_block: int, bd: int, bdv: int, elem: int,
+                  block_m: int, block_n: int, num_warps: int, num_stages: int):
+    """(BLOCK_M, BLOCK_N, warps, stages): the requested shape fitted to the call and to shared
+    memory."""
+    for name, x in (("block_m", block_m), ("block_n", block_n)):
+        if x < 16 or x & (x - 1):
+            raise ValueError(f"block_attention_triton: {name}={x} is not a power of two >= 16")
+    bm = min(block_m, q_block, _pow2(Lq))
+    bn = block_n
+    stages = max(1, num_stages)
+    if bdv > 128:
+        bm = min(bm, 64)  # a [BLOCK_M, 256] float32 accumulator per 4 warps at most
+
+    def smem(bm, bn, st):
+        return elem * (bm * bd + st * bn * (bd + bdv))
+
+    while smem(bm, bn, stages) > _SMEM_BUDGET:
+        if stages > 2:
+            stages -= 1
+        elif bm > 64:
+            bm //= 2
+        elif bn > 32:
+            bn //= 2
+        elif stages > 1:
+            stages -= 1
+        elif bm > 16:
+            bm //= 2
+        elif bn > 16:
+            bn //= 2
+        else:
+            break
+    warps = min(num_warps, max(4, bm // 16))
+    return bm, bn, warps, stages
+
+
+def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, full: Tensor, p0: int, *,
+                           q_block: int = 128, k_block: int = 64, scale: float,
+                           block_m: int = 128, block_n: int = 64, num_warps: int = 8,
+                           num_stages: int = 3, out: Optional[Tensor] = None) -> Tensor:
+    """Block-sparse attention of the queries at p0..p0+Lq-1 (module docstring; docs/blocksparse.md).
+
+    q [B, Hq, Lq, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv] (one dtype: fp32, bf16 or fp16; Hq a
+    multiple of Hkv); full int32/int64 [B, Hkv, nQ, F]: per query block j0+n (j0 = p0 // q_block),
+    the key blocks it attends in full (-1 = empty slot), as `blocksparse.attended_blocks` gives.
+    Returns [B, Hq, Lq, Dv] in q's dtype (written into ``out`` when given). block_m, block_n,
+    num_warps, num_stages: the launch shape for a long call (fitted to short calls)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or full.dim() != 4:
+        raise ValueError("block_attention_triton: q, k, v and full must be 4-D")
+    B, Hq, Lq, D = q.shape
+    Hkv, T, Dv = k.shape[1], k.shape[2], v.shape[3]
+    if k.shape[0] != B or v.shape[:3] != k.shape[:3] or k.shape[3] != D:
+        raise ValueError(f"block_attention_triton: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)} do not fit together")
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"block_attention_triton: Hq={Hq} is not a multiple of Hkv={Hkv}")
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"block_attention_triton: dtypes {q.dtype}, {k.dtype}, {v.dtype}: q, k, v "
+                         "must share one of float32, bfloat16, float16")
+    if D > 256 or Dv > 256:
+        raise ValueError(f"block_attention_triton: head dims {D}, {Dv} above 256")
+    for name, x in (("q_block", q_block), ("k_block", k_block)):
+        if x < 16 or x & (x - 1):
+            raise ValueError(f"block_attention_triton: {name}={x} is not a power of two >= 16")
+    if q_block % k_block:
+        raise ValueError(f"block_attention_triton: q_block={q_block} is not a multiple of "
+                         f"k_block={k_block}")
+    if p0 < 0 or p0 + Lq > T:
+        raise ValueError(f"block_attention_triton: queries p0={p0}..{p0 + Lq - 1} outside the "
+                         f"{T} keys")
+    j0 = p0 // q_block
+    front = p0 - j0 * q_block
+    nQ = -(-(front + Lq) // q_block)
+    if full.dtype not in (torch.int32, torch.int64) or tuple(full.shape[:3]) != (B, Hkv, nQ):
+        raise ValueError(f"block_attention_triton: full must be int32/int64 [B, Hkv, nQ, F] = "
+                         f"[{B}, {Hkv}, {nQ}, F], got {full.dtype} {tuple(full.shape)}")
+    if full.device != q.device:
+        raise ValueError("block_attention_triton: full is on another device than q")
+    if out is None:
+        out = torch.empty(B, Hq, Lq, Dv, dtype=q.dtype, device=q.device)
+    elif out.shape != (B, Hq, Lq, Dv) or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError("block_attention_triton: out must be [B, Hq, Lq, Dv] in q's dtype with "
+                         "unit stride in the last dim")
+    if Lq == 0 or B == 0 or Hq == 0 or Dv == 0:
+        return out
+    if scale < 0:  # the kernel folds the scale into the running maximum: keep it >= 0
+        q, scale = -q, -scale
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    F = full.shape[3]
+    W = F + 2
+    nK = -(-T // k_block)
+    rows = B * Hkv * nQ
+    flat = full.reshape(rows, F)
+    lst = torch.empty(rows, W, dtype=torch.int32, device=q.device)
+    _compact_kernel[(triton.cdiv(rows, _COMPACT_ROWS),)](
+        flat, lst, flat.stride(0) if F else 1, flat.stride(1) if F else 1, rows, F, W, T, nK,
+        K_BLOCK=k_block, FP=_pow2(F, 2), BLOCK_R=_COMPACT_ROWS)
+    BD, BDV = _pow2(D), _pow2(Dv)
+    BM, BN, warps, stages = _launch_shape(Lq, q_block, k_block, BD, BDV, q.element_size(),
+                                          block_m, block_n, num_warps, num_stages)
+    G = Hq // Hkv
+    tile0 = front // BM
+    ntiles = (front + Lq - 1) // BM - tile0 + 1
+    grid = (ntiles * G, B * Hkv)
+    _fwd_kernel[grid](
+        q, k, v, out, lst,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        Hkv, Lq, T, nQ, F, W, front, j0 * q_block, tile0, float(scale) * _LOG2E,
+        G=G, D=D, DV=Dv, Q_BLOCK=q_block, K_BLOCK=k_block, BLOCK_M=BM, BLOCK_N=BN,
+        BLOCK_D=BD, BLOCK_DV=BDV, SUB=max(1, k_block // BN), NB=max(1, BN // k_block),
+        FP=_pow2(F, 2),
+        IEEE=q.dtype == torch.float32, DOT_F32=_interpreted() and q.dtype == torch.bfloat16,
+        num_warps=warps, num_stages=stages)
+    return out

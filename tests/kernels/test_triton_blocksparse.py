@@ -1,0 +1,243 @@
+"""The block-sparse attention kernel (kernels/triton_blocksparse.py) against the reference
+`blocksparse.block_attention` (docs/blocksparse.md), under TRITON_INTERPRET=1 on CPU.
+
+Small blocks (q_block 32/64, k_block 16/32) keep the interpreter quick. Every test draws fresh
+random inputs; the attended lists are built by `attended_blocks` exactly as block_attention builds
+them, from random kept lists (with -1 holes) or from `block_select`. The kernel writes into a
+NaN-filled output buffer after the allocator has been poisoned, and no NaN may survive.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from triton_env import DEV, poison, require_triton
+
+triton = require_triton()
+
+from slcompile.kernels import blocksparse as bs  # noqa: E402
+from slcompile.kernels import triton_blocksparse as TB  # noqa: E402
+
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def _inputs(seed, B, Hq, Hkv, T, Lq, D, Dv, dtype):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Lq, D, generator=g)
+    k = torch.randn(B, Hkv, T, D, generator=g)
+    v = torch.randn(B, Hkv, T, Dv, generator=g)
+    return g, q.to(dtype).to(DEV), k.to(dtype).to(DEV), v.to(dtype).to(DEV)
+
+
+def _nq(p0, Lq, qb):
+    return -(-(p0 % qb + Lq) // qb)
+
+
+def _random_kept(g, B, Hkv, p0, Lq, T, *, window, sinks, topk, qb, kb):
+    """Random kept lists [B, Hkv, nQ, topk]: distinct candidate blocks of each query block
+    (sb <= i < blocks before it - wb) in random slots, -1 in the others."""
+    nK, sb, wb, per_q = bs.geometry(T, window, sinks, qb, kb)
+    j0, nQ = p0 // qb, _nq(p0, Lq, qb)
+    kept = torch.full((B, Hkv, nQ, topk), -1, dtype=torch.int32)
+    for b in range(B):
+        for h in range(Hkv):
+            for n in range(nQ):
+                cand = torch.arange(sb, max(sb, (j0 + n) * per_q - wb))
+                cand = cand[torch.randperm(len(cand), generator=g)][:topk]
+                slots = torch.randperm(topk, generator=g)[:len(cand)]
+                kept[b, h, n, slots] = cand.int()
+    return kept.to(DEV)
+
+
+def _full(kept, p0, T, *, window, sinks, qb, kb):
+    """The attended lists of block_attention (sinks, window, kept)."""
+    nK, sb, wb, per_q = bs.geometry(T, window, sinks, qb, kb)
+    return bs.attended_blocks(kept, p0 // qb, nK, sb, wb, per_q)[0]
+
+
+def _kernel(q, k, v, full, p0, **kw):
+    """The kernel's output, written into a NaN-filled buffer: every element must be written."""
+    poison()
+    out = torch.full((q.shape[0], q.shape[1], q.shape[2], v.shape[3]), float("nan"),
+                     dtype=q.dtype, device=q.device)
+    got = TB.block_attention_triton(q, k, v, full, p0, out=out, **kw)
+    assert got is out
+    assert not torch.isnan(got).any()
+    return got
+
+
+def _against_reference(q, k, v, kept, p0, *, window, sinks, qb, kb, scale, list_dtype=None,
+                       **launch):
+    T = k.shape[2]
+    full = _full(kept, p0, T, window=window, sinks=sinks, qb=qb, kb=kb)
+    if list_dtype is not None:
+        full = full.to(list_dtype)
+    want = bs.block_attention(q, k, v, kept, None, p0, window=window, sinks=sinks, q_block=qb,
+                              k_block=kb, scale=scale)
+    got = _kernel(q, k, v, full, p0, q_block=qb, k_block=kb, scale=scale, **launch)
+    tol = TOL[q.dtype]
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+    return got, want
+
+
+def _dense(q, k, v, p0, scale):
+    """Dense causal attention of the queries at p0.., float64."""
+    G = q.shape[1] // k.shape[1]
+    kk = k.double().repeat_interleave(G, 1)
+    vv = v.double().repeat_interleave(G, 1)
+    lg = torch.einsum("bhqd,bhkd->bhqk", q.double(), kk) * scale
+    t = torch.arange(p0, p0 + q.shape[2])
+    lg = lg.masked_fill(torch.arange(k.shape[2])[None, :] > t[:, None], float("-inf"))
+    return torch.softmax(lg, -1) @ vv
+
+
+def _select(q, k, p0, **kw):
+    """block_select, with the representative rows and pool of the config's defaults where its
+    signature takes them."""
+    params = inspect.signature(bs.block_select).parameters
+    extra = {n: 8 for n in ("rows", "pool") if n in params}
+    return bs.block_select(q, k, None, p0, **kw, **extra)
+
+
+PREFILL = [  # B, Hq, Hkv, T, D, Dv, qb, kb, window, sinks, topk, dtype
+    (1, 4, 2, 200, 32, 32, 32, 16, 32, 16, 3, torch.float32),    # GQA, T not a block multiple
+    (2, 2, 2, 333, 48, 40, 64, 32, 64, 0, 2, torch.float32),     # MHA, D=48, Dv != D
+    (1, 4, 2, 333, 32, 32, 32, 16, 48, 20, 3, torch.bfloat16),
+    (1, 4, 1, 200, 64, 32, 64, 32, 32, 32, 2, torch.float16),    # MQA
+]
+
+
+@pytest.mark.parametrize("case", PREFILL, ids=["gqa-fp32", "mha-d48-dv40", "bf16", "fp16-mqa"])
+def test_prefill_matches_the_reference(case):
+    B, Hq, Hkv, T, D, Dv, qb, kb, W, S, K, dtype = case
+    g, q, k, v = _inputs(T + D + Hq, B, Hq, Hkv, T, T, D, Dv, dtype)
+    kw = dict(window=W, sinks=S, qb=qb, kb=kb)
+    kept = _random_kept(g, B, Hkv, 0, T, T, topk=K, **kw)
+    assert (kept < 0).any() and (kept >= 0).any()  # holes and kept blocks both
+    got, want = _against_reference(q, k, v, kept, 0, scale=D ** -0.5, **kw)
+    # the sparse sets are really sparse: the output differs from dense attention
+    assert (want.double() - _dense(q, k, v, 0, D ** -0.5)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("p0,Lq,dtype,list_dtype", [
+    (150, 37, torch.float32, torch.int64),   # a chunk starting inside a query block
+    (299, 1, torch.float32, torch.int32),    # decoding the last token
+    (101, 1, torch.bfloat16, torch.int64),   # one token in the middle of the cache
+    (70, 90, torch.bfloat16, torch.int32),
+])
+def test_chunks_and_decoding_match_the_reference(p0, Lq, dtype, list_dtype):
+    T = 300
+    g, q, k, v = _inputs(p0 + Lq, 1, 4, 2, T, Lq, 32, 32, dtype)
+    kw = dict(window=32, sinks=16, qb=32, kb=16)
+    kept = _random_kept(g, 1, 2, p0, Lq, T, topk=3, **kw)
+    _against_reference(q, k, v, kept, p0, scale=0.2, list_dtype=list_dtype, **kw)
+
+
+@pytest.mark.parametrize("launch", [
+    dict(block_m=16, block_n=16),                              # tiles inside a query block
+    dict(block_m=32, block_n=32, num_warps=4, num_stages=2),
+])
+def test_smaller_tiles_than_the_blocks(launch):
+    T = 290
+    g, q, k, v = _inputs(11 + launch["block_m"], 1, 2, 1, T, T, 32, 32, torch.float32)
+    kw = dict(window=64, sinks=32, qb=64, kb=32)
+    kept = _random_kept(g, 1, 1, 0, T, T, topk=2, **kw)
+    _against_reference(q, k, v, kept, 0, scale=0.18, **kw, **launch)
+
+
+def test_empty_lists_attend_the_diagonal_only():
+    T, qb, kb = 150, 32, 16
+    g, q, k, v = _inputs(21, 1, 4, 2, T, T, 32, 32, torch.float32)
+    kw = dict(window=0, sinks=0, qb=qb, kb=kb)
+    kept = torch.full((1, 2, _nq(0, T, qb), 3), -1, dtype=torch.int32)
+    kept[:, :, 3, 1] = 2  # one query block with a kept block, the others all -1
+    got, _ = _against_reference(q, k, v, kept, 0, scale=0.25, **kw)
+    # rows of an all -1 list: causal attention inside the query block alone
+    for j in (0, 1, 4):
+        lo, hi = j * qb, min(T, (j + 1) * qb)
+        want = _dense(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], 0, 0.25)
+        torch.testing.assert_close(got[:, :, lo:hi].double(), want, atol=1e-5, rtol=1e-5)
+    # lists without any slot (F = 0)
+    empty = torch.empty(1, 2, _nq(0, T, qb), 0, dtype=torch.int64)
+    none = _kernel(q, k, v, empty, 0, q_block=qb, k_block=kb, scale=0.25)
+    torch.testing.assert_close(none[:, :, :3 * qb], got[:, :, :3 * qb], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("p0,dtype", [(0, torch.float32), (45, torch.float32),
+                                      (0, torch.float16)])
+def test_lists_covering_the_past_give_dense_attention(p0, dtype):
+    T = 230
+    g, q, k, v = _inputs(31 + p0, 1, 4, 2, T, T - p0, 48, 48, dtype)
+    full = _full(torch.full((1, 2, _nq(p0, T - p0, 32), 1), -1, dtype=torch.int32), p0, T,
+                 window=T, sinks=0, qb=32, kb=16)  # the window: every earlier block
+    got = _kernel(q, k, v, full, p0, q_block=32, k_block=16, scale=0.15)
+    tol = 2e-5 if dtype == torch.float32 else 4e-3
+    torch.testing.assert_close(got.double(), _dense(q, k, v, p0, 0.15), atol=tol, rtol=tol)
+
+
+def test_listed_partial_block_and_blocks_past_the_keys():
+    """Blocks are taken as listed (no causal check); keys >= T never count, blocks past T hold
+    none; checked against a float64 loop over the kernel's definition."""
+    T, qb, kb = 200, 32, 16  # key block 12 holds keys 192..199 only, block 13 none
+    g, q, k, v = _inputs(41, 1, 2, 1, T, T, 32, 32, torch.float32)
+    nQ = _nq(0, T, qb)
+    full = torch.full((1, 1, nQ, 4), -1, dtype=torch.int64)
+    for n in range(nQ - 1):
+        full[0, 0, n, 0] = 12
+        full[0, 0, n, 2] = 13
+    full[0, 0, 3, 3] = 9  # after the query block: attended in full all the same
+    full[0, 0, 5, 1] = 0
+    got = _kernel(q, k, v, full, 0, q_block=qb, k_block=kb, scale=0.3)
+    want = torch.empty(1, 2, T, 32, dtype=torch.float64)
+    for t in range(T):
+        j = t // qb
+        keys = {x for i in full[0, 0, j].tolist() if i >= 0
+                for x in range(i * kb, min(T, (i + 1) * kb))} | set(range(j * qb, t + 1))
+        keys = sorted(keys)
+        for h in range(2):
+            p = torch.softmax(q[0, h, t].double() @ k[0, 0, keys].double().T * 0.3, 0)
+            want[0, h, t] = p @ v[0, 0, keys].double()
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_kept_blocks_from_block_select_and_strided_inputs():
+    T, qb, kb = 260, 32, 16
+    g, q, k, v = _inputs(51, 1, 4, 2, T, T, 32, 32, torch.float32)
+    # [B, L, H, D] storage seen as [B, H, L, D]
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    kw = dict(window=32, sinks=16, q_block=qb, k_block=kb)
+    kept = _select(q, k, 0, topk=2, **kw)
+    assert (kept >= 0).any()
+    _against_reference(q, k, v, kept, 0, window=32, sinks=16, qb=qb, kb=kb, scale=0.2)
+    # a negative scale, the same lists
+    _against_reference(q, k, v, kept, 0, window=32, sinks=16, qb=qb, kb=kb, scale=-0.2)
+
+
+def test_launch_shape_fits_short_calls_and_wide_heads():
+    assert TB._launch_shape(1 << 20, 128, 64, 128, 128, 2, 128, 64, 8, 3) == (128, 64, 8, 3)
+    assert TB._launch_shape(1, 128, 64, 128, 128, 2, 128, 64, 8, 3) == (16, 64, 4, 3)
+    assert TB._launch_shape(1000, 32, 16, 64, 64, 4, 128, 64, 8, 3) == (32, 64, 4, 3)
+    bm, bn, warps, stages = TB._launch_shape(1 << 20, 128, 64, 256, 256, 2, 128, 64, 8, 3)
+    assert bm <= 64 and 2 * (bm * 256 + stages * bn * 512) <= TB._SMEM_BUDGET
+    bm, bn, warps, stages = TB._launch_shape(1 << 20, 128, 64, 256, 256, 4, 128, 64, 8, 3)
+    assert 4 * (bm * 256 + stages * bn * 512) <= TB._SMEM_BUDGET
+
+
+def test_rejects_bad_arguments():
+    g, q, k, v = _inputs(61, 1, 4, 2, 64, 64, 16, 16, torch.float32)
+    full = torch.full((1, 2, 2, 1), -1, dtype=torch.int32)
+    kw = dict(q_block=32, k_block=16, scale=0.25)
+    with pytest.raises(ValueError, match="multiple of Hkv"):
+        TB.block_attention_triton(q[:, :3], k, v, full, 0, **kw)
+    with pytest.raises(ValueError, match="dtypes"):
+        TB.block_attention_triton(q, k.half(), v, full, 0, **kw)
+    with pytest.raises(ValueError, match="outside"):
+        TB.block_attention_triton(q, k, v, full, 1, **kw)
+    with pytest.raises(ValueError, match="nQ"):
+        TB.block_attention_triton(q, k, v, full[:, :, :1], 0, **kw)
+    with pytest.raises(ValueError, match="multiple of k_block"):
+        TB.block_attention_triton(q, k, v, full, 0, q_block=16, k_block=32, scale=0.25)
+    with pytest.raises(ValueError, match="power of two"):
+        TB.block_attention_triton(q, k, v, full, 0, q_block=48, k_block=16, scale=0.25)
