@@ -47,11 +47,60 @@ def attended_pairs(kept, L, window, sinks, q_block, k_block):
                             k_block=k_block).sum().item()
 
 
-def op_call(q, k, v, cfg, scale):
+def op_call(q, k, v, cfg, scale, summary=None):
     """The custom op as a model's rewritten graph calls it (search + attention)."""
     return torch.ops.superlinear.block_sparse_attention(
         q, k, v, None, None, cfg["window"], cfg["sinks"], cfg["topk"], scale, 0, cfg["q_block"],
-        cfg["k_block"], cfg["rows"], cfg["pool"])
+        cfg["k_block"], cfg["rows"], cfg["pool"], summary)
+
+
+def graphed(fn, reps: int = 20) -> float:
+    """Median ms of fn replayed from a CUDA graph (captured after two eager warm-up calls)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return timed(g.replay, reps, warm=2)
+
+
+def decode_row(T, a, cfg):
+    """One decoded token (the last of T keys): SDPA against the op with the block summaries kept
+    with the cache (updated for the new key first, as the cache does) and without them."""
+    torch.manual_seed(0)
+    dev = "cuda"
+    q = torch.randn(1, a.hq, 1, a.d, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(1, a.hkv, T, a.d, device=dev, dtype=torch.bfloat16)
+    v = torch.randn(1, a.hkv, T, a.d, device=dev, dtype=torch.bfloat16)
+    scale = a.d ** -0.5
+    cache = bs.BlockSummaryCache(a.k_block)
+    cache.update(k, 0)
+
+    def ours():
+        summ = cache.update(k, T - 1)  # the new key's block, as a growing cache would
+        return op_call(q, k, v, cfg, scale, summ)
+
+    def sdpa():
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+    row = dict(T=T, sdpa_eager_ms=timed(sdpa, 20, warm=3), eager_ms=timed(ours, 20, warm=3),
+               rebuild_eager_ms=timed(lambda: op_call(q, k, v, cfg, scale), 10, warm=2),
+               update_ms=timed(lambda: cache.update(k, T - 1), 20, warm=3))
+    row["sdpa_graph_ms"] = graphed(sdpa)
+    row["graph_ms"] = graphed(ours)
+    ref = F.scaled_dot_product_attention(q, k, v, enable_gqa=True).float()
+    row.update(eager_speedup=row["sdpa_eager_ms"] / row["eager_ms"],
+               graph_speedup=row["sdpa_graph_ms"] / row["graph_ms"],
+               rebuild_speedup=row["sdpa_eager_ms"] / row["rebuild_eager_ms"],
+               max_diff_vs_dense=(ours().float() - ref).abs().max().item())
+    print(json.dumps(dict(decode=row)), flush=True)
+    del q, k, v, cache
+    torch.cuda.empty_cache()
+    return row
 
 
 def main():
@@ -79,6 +128,9 @@ def main():
     ap.add_argument("--tune-L", type=int, default=131072)
     ap.add_argument("--train-lengths", type=int, nargs="*", default=[],
                     help="also time forward+backward (the op's backward against SDPA's)")
+    ap.add_argument("--decode-lengths", type=int, nargs="*", default=[],
+                    help="also time one decoded token against a cache of this many keys (eager and "
+                         "CUDA graphs; block summaries kept with the cache)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     from slcompile.kernels import triton_blocksparse as tba
@@ -163,6 +215,7 @@ def main():
         del kept, full, q, k, v
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    decode = [decode_row(T, a, cfg) for T in a.decode_lengths]
     train = []
     for L in a.train_lengths:
         torch.manual_seed(0)
@@ -187,7 +240,7 @@ def main():
         torch.cuda.empty_cache()
     if a.out:
         with open(a.out, "w") as f:
-            json.dump(dict(meta=meta, rows=rows, train=train), f, indent=1)
+            json.dump(dict(meta=meta, rows=rows, train=train, decode=decode), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -126,6 +126,59 @@ def block_summaries(k: Tensor, kpm: Optional[Tensor], k_block: int) -> Tuple[Ten
     return torch.where(has[:, None, :, None], torch.cat([kmax, kmin], -1), 0.0), has
 
 
+def check_summary(summary: Tensor, k: Tensor, kpm: Optional[Tensor], k_block: int) -> Tensor:
+    """The first nK blocks of summaries kept with a cache ([B, Hkv, >= nK, 2D], what
+    `block_summaries(k, None, k_block)` gives for the keys k), checked for shape; a key-padding mask
+    is refused (kept summaries cover every key)."""
+    B, H, T, D = k.shape
+    nK = _ceil_div(T, k_block)
+    if kpm is not None:
+        raise ValueError("blocksparse: block summaries kept with the cache cannot be combined with "
+                         "a key-padding mask")
+    if (summary.dim() != 4 or tuple(summary.shape[:2]) != (B, H) or summary.shape[2] < nK
+            or summary.shape[3] != 2 * D or summary.device != k.device):
+        raise ValueError(f"blocksparse: block summaries of shape {tuple(summary.shape)} on "
+                         f"{summary.device} do not fit keys {tuple(k.shape)} on {k.device} "
+                         f"(want [{B}, {H}, >= {nK}, {2 * D}])")
+    return summary[:, :, :nK]
+
+
+class BlockSummaryCache:
+    """`block_summaries` of a growing key tensor, kept beside a KV cache and updated from the keys
+    that changed only: O((new keys + k_block) D) per update, never a pass over the whole cache.
+
+    ``update(k, start)``: k [B, Hkv, T, D] holds the keys now; those before ``start`` are the same
+    as at the previous update (the caller vouches for it: a cache that only appends passes the old
+    length). The blocks from ``start // k_block`` on are recomputed. Returns the summaries of the
+    nK blocks of k (a view of a buffer grown by doubling)."""
+
+    def __init__(self, k_block: int):
+        self.k_block = k_block
+        self.buf: Optional[Tensor] = None
+        self.length = 0  # keys summarised
+
+    def update(self, k: Tensor, start: int) -> Tensor:
+        B, H, T, D = k.shape
+        kb = self.k_block
+        nK = _ceil_div(T, kb)
+        buf = self.buf
+        if (buf is None or tuple(buf.shape[:2]) != (B, H) or buf.shape[3] != 2 * D
+                or buf.dtype != k.dtype or buf.device != k.device):
+            buf, start = None, 0
+        start = max(0, min(start, self.length, T))
+        if buf is None or buf.shape[2] < nK:
+            grown = k.new_zeros(B, H, max(nK, 2 * (buf.shape[2] if buf is not None else 0), 64),
+                                2 * D)
+            if buf is not None:
+                grown[:, :, :buf.shape[2]] = buf
+            buf = grown
+        i0 = start // kb
+        if i0 < nK:
+            buf[:, :, i0:nK] = block_summaries(k[:, :, i0 * kb:], None, kb)[0]
+        self.buf, self.length = buf, T
+        return buf[:, :, :nK]
+
+
 def candidate_limits(j0: int, nQ: int, T: int, window: int, sinks: int, q_block: int,
                      k_block: int, device) -> Tuple[int, Tensor]:
     """Candidates of query block j0+n are the key blocks sb <= i < lim[n]: (sb, lim int64 [nQ])."""
@@ -147,9 +200,11 @@ def _stage1(rep, kk):
 
 
 def block_select(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *, window: int, sinks: int,
-                 topk: int, q_block: int, k_block: int, rows: int, pool: int) -> Tensor:
+                 topk: int, q_block: int, k_block: int, rows: int, pool: int,
+                 summary: Optional[Tensor] = None) -> Tensor:
     """Kept key blocks int32 [B, Hkv, nQ, topk] of the query blocks j0..j0+nQ-1 that hold the
-    queries at p0..p0+Lq-1 (best first, -1 where fewer candidates exist)."""
+    queries at p0..p0+Lq-1 (best first, -1 where fewer candidates exist). summary: the blocks'
+    summaries kept with the cache (`check_summary`), else computed from k."""
     B, Hq, Lq, D = q.shape
     Hkv, T = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -157,7 +212,11 @@ def block_select(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *, window
     dev = q.device
     rep, j0 = representatives(q, p0, q_block, rows, Hkv)
     nQ = rep.shape[2]
-    kk, has = block_summaries(k, kpm, k_block)
+    if summary is None:
+        kk, has = block_summaries(k, kpm, k_block)
+    else:
+        kk, has = check_summary(summary, k, kpm, k_block), torch.ones(B, nK, dtype=torch.bool,
+                                                                         device=dev)
     kb, present = _key_blocks(k, kpm, k_block)
     sb, lim = candidate_limits(j0, nQ, T, window, sinks, q_block, k_block, dev)
     blk = torch.arange(nK, device=dev)
@@ -330,7 +389,7 @@ def flex_kernel_options(q_block: int, k_block: int) -> dict:
 
 def superlinear_block_attention(q, k, v, kpm, p0: int, *, window: int, sinks: int, topk: int,
                                 q_block: int, k_block: int, rows: int, pool: int, scale: float,
-                                dense_below: int) -> Tensor:
+                                dense_below: int, summary: Optional[Tensor] = None) -> Tensor:
     """Search and attention of docs/blocksparse.md, the reference: dense causal attention when
     T <= dense_below, else `block_select` and `block_attention`."""
     from .reference import dense_attention
@@ -340,6 +399,6 @@ def superlinear_block_attention(q, k, v, kpm, p0: int, *, window: int, sinks: in
         pos = (torch.arange(Lq, device=q.device) + p0).expand(B, Lq)
         return dense_attention(q, k, v, kpm, pos, scale)
     kept = block_select(q, k, kpm, p0, window=window, sinks=sinks, topk=topk, q_block=q_block,
-                        k_block=k_block, rows=rows, pool=pool)
+                        k_block=k_block, rows=rows, pool=pool, summary=summary)
     return block_attention(q, k, v, kept, kpm, p0, window=window, sinks=sinks, q_block=q_block,
                            k_block=k_block, scale=scale)

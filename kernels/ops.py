@@ -243,9 +243,12 @@ def block_sparse_attention(
     k_block: int,
     block_rows: int,
     block_pool: int,
+    block_summary: Optional[Tensor] = None,
 ) -> Tensor:
     """docs/blocksparse.md: [B, Hq, Lq, Dv]. The Triton search and attention where Triton runs
-    (CUDA, or forced), the torch reference (kernels/blocksparse.py) otherwise."""
+    (CUDA, or forced), the torch reference (kernels/blocksparse.py) otherwise. block_summary: the
+    key blocks' summaries kept with the cache (`blocksparse.BlockSummaryCache`), so that a decoded
+    token does not summarise the whole cache again; None computes them from the keys."""
     from . import blocksparse as bs
 
     p0 = _first_position(query_positions, query.shape[2], key.shape[2])
@@ -253,9 +256,9 @@ def block_sparse_attention(
     if key.shape[2] <= dense_below or not _use_triton(query.device):
         return bs.superlinear_block_attention(
             query, key, value, key_padding_mask, p0, topk=topk, rows=block_rows, pool=block_pool,
-            scale=scale, dense_below=dense_below, **kw)
+            scale=scale, dense_below=dense_below, summary=block_summary, **kw)
     kept = _block_select(query, key, key_padding_mask, p0, topk=topk, rows=block_rows,
-                         pool=block_pool, **kw)
+                         pool=block_pool, summary=block_summary, **kw)
     if key_padding_mask is not None:  # the Triton attention has no key-padding mask
         return bs.block_attention(query, key, value, kept, key_padding_mask, p0, scale=scale, **kw)
     from . import triton_blocksparse as tba
@@ -281,7 +284,8 @@ def _block_select(query, key, kpm, p0, **kw):
 
 
 def _block_sparse_recompute(query, key, value, kpm, qpos, window, sinks, topk, scale,
-                            dense_below, q_block, k_block, block_rows, block_pool):
+                            dense_below, q_block, k_block, block_rows, block_pool,
+                            block_summary=None):
     """The op's output as differentiable torch code (the search under no_grad: the selection is
     discrete, no gradient flows through it, as in the contract; it is deterministic, so it
     returns the forward's blocks): FlexAttention for a CUDA prefill, the reference otherwise."""
@@ -297,7 +301,7 @@ def _block_sparse_recompute(query, key, value, kpm, qpos, window, sinks, topk, s
     kw = dict(window=window, sinks=sinks, q_block=q_block, k_block=k_block)
     with torch.no_grad():
         kept = _block_select(query, key, kpm, p0, topk=topk, rows=block_rows, pool=block_pool,
-                             **kw)
+                             summary=block_summary, **kw)
     if query.is_cuda and p0 == 0 and Lq == T and kpm is None:
         return bs.block_attention_flex(query, key, value, kept, scale=scale, backward=True, **kw)
     return bs.block_attention(query, key, value, kept, kpm, p0, scale=scale, **kw)

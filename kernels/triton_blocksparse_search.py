@@ -27,6 +27,7 @@ from . import blocksparse as bs
 _IDX_MASK = (1 << bs._IDX_BITS) - 1
 _NO_KEY = -(1 << 63)  # order key of a non-candidate: below every real key
 _KEY_BUDGET = 1 << 26  # int64 stage-1 keys per chunk of query blocks (512 MiB)
+_PROGRAMS = 512  # stage-1 programs to aim for when few query blocks are searched (decoding)
 
 
 def _pow2(n: int, lo: int = 16) -> int:
@@ -45,21 +46,22 @@ def _bound_kernel(QQ, KK, HAS, LIM, OUT,
                   s_qq_bh, s_qq_n, s_qq_r,
                   s_kk_b, s_kk_h, s_kk_k,
                   s_has_b, s_o_bh, s_o_n,
-                  Hkv, nK, sb, RG, D2,
+                  Hkv, nK, sb, RG, D2, CH,
                   RGP: tl.constexpr, D2P: tl.constexpr, BN: tl.constexpr,
                   IDX_BITS: tl.constexpr, IEEE: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
     bh = tl.program_id(1).to(tl.int64)
+    c = tl.program_id(2)  # the chunk of CH candidate blocks (a multiple of BN) of this program
     b = bh // Hkv
     h = bh % Hkv
-    lim = tl.load(LIM + n)
+    lim = tl.minimum(tl.load(LIM + n), (c + 1) * CH)
     r = tl.arange(0, RGP)
     d = tl.arange(0, D2P)
     qq = tl.load(QQ + bh * s_qq_bh + n * s_qq_n + r[:, None] * s_qq_r + d[None, :],
                  mask=(r[:, None] < RG) & (d[None, :] < D2), other=0.0)
     row_ok = r[:, None] < RG
     kbase = KK + b * s_kk_b + h * s_kk_h
-    for i0 in range((sb // BN) * BN, lim, BN):
+    for i0 in range(tl.maximum((sb // BN) * BN, c * CH), lim, BN):
         i = i0 + tl.arange(0, BN)
         inside = (i < nK)
         kk = tl.load(kbase + i[:, None] * s_kk_k + d[None, :],
@@ -124,8 +126,15 @@ def _top_blocks(keys: Tensor, n: int) -> Tensor:
 
 def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *, window: int,
                         sinks: int, topk: int, q_block: int, k_block: int, rows: int, pool: int,
-                        block_n: int = 64, num_warps: int = 4) -> Tensor:
-    """`blocksparse.block_select` with the two stages in Triton: int32 [B, Hkv, nQ, topk]."""
+                        summary: Optional[Tensor] = None, block_n: int = 64, num_warps: int = 4,
+                        split: Optional[int] = None) -> Tensor:
+    """`blocksparse.block_select` with the two stages in Triton: int32 [B, Hkv, nQ, topk].
+
+    summary: the key blocks' [kmax | kmin] kept with the cache (`blocksparse.block_summaries`
+    of k, at least nK blocks; see `blocksparse.check_summary`), else computed from k here.
+    split: stage-1 programs per (query block, kv head), each scanning a share of the candidate
+    blocks (default: enough programs to fill the GPU when there are few query blocks, as in
+    decoding)."""
     B, Hq, Lq, D = q.shape
     Hkv, T = k.shape[1], k.shape[2]
     nK = bs._ceil_div(T, k_block)
@@ -134,8 +143,12 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
     nQ, RG = rep.shape[2], rep.shape[3]
     rep = rep.reshape(B * Hkv, nQ, RG, D).contiguous()
     qq = torch.cat([rep.clamp(min=0), rep.clamp(max=0)], -1)  # [BH, nQ, RG, 2D]
-    kk, has = bs.block_summaries(k, kpm, k_block)
-    kk = kk.contiguous()
+    if summary is None:
+        kk, has = bs.block_summaries(k, kpm, k_block)
+    else:
+        kk = bs.check_summary(summary, k, kpm, k_block)
+        has = torch.ones(B, nK, dtype=torch.bool, device=dev)
+    kk = kk if kk.stride(-1) == 1 else kk.contiguous()
     has8 = has.to(torch.int8).contiguous()
     sb, lim = bs.candidate_limits(j0, nQ, T, window, sinks, q_block, k_block, dev)
     lim = lim.clamp(min=0, max=nK).contiguous()
@@ -151,12 +164,14 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
         n = e - s
         keys = torch.full((B * Hkv, n, nK), _NO_KEY, dtype=torch.int64, device=dev)
         qs = qq[:, s:e]
-        _bound_kernel[(n, B * Hkv)](
+        parts = split or max(1, min(triton.cdiv(nK, 4 * block_n), triton.cdiv(_PROGRAMS, n * B * Hkv)))
+        CH = triton.cdiv(triton.cdiv(nK, parts), block_n) * block_n
+        _bound_kernel[(n, B * Hkv, triton.cdiv(nK, CH))](
             qs, kk, has8, lim[s:e], keys,
             qs.stride(0), qs.stride(1), qs.stride(2),
             kk.stride(0), kk.stride(1), kk.stride(2),
             has8.stride(0), keys.stride(0), keys.stride(1),
-            Hkv, nK, sb, RG, 2 * D,
+            Hkv, nK, sb, RG, 2 * D, CH,
             RGP=RGP, D2P=_pow2(2 * D), BN=block_n, IDX_BITS=bs._IDX_BITS, IEEE=ieee,
             num_warps=num_warps)
         ci = _top_blocks(keys, M).contiguous()  # [BH, n, M]

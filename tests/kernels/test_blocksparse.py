@@ -313,3 +313,45 @@ def test_gradients_match_masked_dense_attention(p0, pad):
     for a, b in zip(got, want):
         assert a.abs().max() > 0
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_summary_cache_equals_a_rebuild_as_the_keys_grow():
+    """BlockSummaryCache updated from the new keys only (appends of 1..70 keys, a rewrite of the
+    last keys, growth past its buffer) always equals block_summaries over the whole key tensor."""
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(2, 3, 1500, 8, generator=g)
+    cache = bs.BlockSummaryCache(32)
+    T = 0
+    while T < 1500:
+        step = int(torch.randint(1, 71, (1,), generator=g))
+        new = min(1500, T + step)
+        got = cache.update(k[:, :, :new], T)
+        torch.testing.assert_close(got, bs.block_summaries(k[:, :, :new], None, 32)[0],
+                                   rtol=0, atol=0)
+        T = new
+    k2 = k.clone()
+    k2[:, :, 1400:] = torch.randn(2, 3, 100, 8, generator=g)  # rewritten from 1400 on
+    torch.testing.assert_close(cache.update(k2, 1400), bs.block_summaries(k2, None, 32)[0],
+                               rtol=0, atol=0)
+    # another batch shape: rebuilt from scratch whatever start says
+    k3 = torch.randn(1, 3, 300, 8, generator=g)
+    torch.testing.assert_close(cache.update(k3, 299), bs.block_summaries(k3, None, 32)[0],
+                               rtol=0, atol=0)
+
+
+def test_op_with_kept_summaries_equals_the_op_without():
+    torch.manual_seed(5)
+    B, Hq, Hkv, T, D = 1, 4, 2, 700, 16
+    q = torch.randn(B, Hq, 3, D)
+    k, v = torch.randn(B, Hkv, T, D), torch.randn(B, Hkv, T, D)
+    args = (8, 4, 3, D ** -0.5, 0, 32, 16, 4, 2)  # window sinks topk scale dense_below qb kb R P
+    summ = bs.BlockSummaryCache(16).update(k, 0)
+    want = torch.ops.superlinear.block_sparse_attention(q, k, v, None, None, *args)
+    got = torch.ops.superlinear.block_sparse_attention(q, k, v, None, None, *args, summ)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # and it is used: summaries of other keys change the choice
+    other = bs.BlockSummaryCache(16).update(torch.randn(B, Hkv, T, D), 0)
+    moved = torch.ops.superlinear.block_sparse_attention(q, k, v, None, None, *args, other)
+    assert not torch.equal(moved, want)
+    with pytest.raises(ValueError, match="block summaries"):
+        torch.ops.superlinear.block_sparse_attention(q, k, v, None, None, *args, summ[:, :, :5])

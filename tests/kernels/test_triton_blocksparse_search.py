@@ -85,3 +85,25 @@ def test_a_planted_key_is_found_in_every_block():
         kept = tss.block_select_triton(q, kp, None, 0, window=32, sinks=0, topk=1, q_block=32,
                                        k_block=32, rows=8, pool=2)
         assert kept[0, 0, -1, 0].item() == blk
+
+
+@pytest.mark.parametrize("split", [1, 3])
+def test_decoding_with_kept_summaries_and_split_scans(split):
+    """A decoded token and a short chunk searched against summaries kept by BlockSummaryCache (the
+    cache grown token by token), the stage-1 scan split over several programs, pick what the
+    reference picks from the keys."""
+    B, Hq, Hkv, T, D = 1, 4, 2, 900, 16
+    q, k, _ = _inputs(B, Hq, Hkv, T, D, seed=17 + split, pad=False)
+    kw = dict(window=32, sinks=4, topk=3, q_block=32, k_block=16, rows=4, pool=2)
+    cache = bs.BlockSummaryCache(16)
+    cache.update(k[:, :, :850], 0)
+    for t in range(850, T - 3):  # one key at a time, as generate() appends
+        cache.update(k[:, :, :t + 1], t)
+    for p0 in (T - 4, T - 1):  # a chunk of 4 queries (one query block edge inside), one token
+        summ = cache.update(k, p0)
+        want = bs.block_select(q[:, :, p0:], k, None, p0, **kw)
+        poison()
+        got = tss.block_select_triton(q[:, :, p0:], k, None, p0, summary=summ, block_n=16,
+                                      split=split, **kw)
+        assert (want >= 0).sum() > 0
+        assert torch.equal(got, want), (p0, got, want)
