@@ -104,6 +104,7 @@ def superlinear_attention(
     key_padding_mask: Optional[Tensor] = None,
     query_positions: Union[None, int, Tensor] = None,
     search_query: Optional[Tensor] = None,
+    block_summary: Optional[Tensor] = None,
 ) -> Tensor:
     """Superlinear causal attention (docs/spec.md), shaped like ``F.scaled_dot_product_attention``.
 
@@ -119,6 +120,9 @@ def superlinear_attention(
         query_positions: absolute positions of the queries: None (bottom-right: T-Lq..T-1),
             an int offset, or an integer tensor [Lq] or [B, Lq].
         search_query: the query used to score spans (default: ``query``).
+        block_summary: ``search_key="blocksparse"`` only: the key blocks' summaries kept with the
+            cache (`slcompile.kernels.blocksparse.BlockSummaryCache`), so that a decoded token does
+            not summarise the whole cache again (docs/blocksparse.md).
 
     Returns:
         [B, Hq, Lq, Dv] in query's dtype. Causal is implied: query at t sees keys 0..t.
@@ -144,7 +148,9 @@ def superlinear_attention(
                              "attention query; search_query is not supported")
         return torch.ops.superlinear.block_sparse_attention(
             query, key, value, key_padding_mask, qpos, c.window, c.sinks, c.topk, float(scale),
-            c.dense_below, c.q_block, c.k_block, c.block_rows, c.block_pool)
+            c.dense_below, c.q_block, c.k_block, c.block_rows, c.block_pool, block_summary)
+    if block_summary is not None:
+        raise ValueError("superlinear_attention: block_summary is for search_key='blocksparse'")
     if c.steps == 2:
         anchors, scores = torch.ops.superlinear.span_search(
             qs, key, key_padding_mask, qpos, c.window, c.topk, c.search_power, c.span_power,

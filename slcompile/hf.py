@@ -42,6 +42,14 @@ Routers. When an attention module carries a buffer ``superlinear_router`` [Hq, D
 `slcompile.calibrate.attach_routers`), span-search scores with ``query[b, h] @ router[h]`` instead
 of the query itself.
 
+Block summaries (``search_key="blocksparse"``). With a DynamicCache, each layer's key-block
+summaries are kept beside the cache and updated from the new keys only, so a decoded token does not
+read the whole cache to search it. The attention function finds the cache through a forward
+pre-hook it puts on the attention module at its first call, and watches the layer's ``update``: the
+summaries are reused only while the layer's keys grew by ``update`` alone (a crop, a beam reorder or
+any other change of the keys rebuilds them from the keys). A padded batch, other caches, and
+``torch.compile`` summarise the keys at every call instead (same results, O(T) per token).
+
 Cost. A padded batch is packed by a gather of each layer's keys and values (O(T) per layer and
 forward, as much memory traffic as reading the cache once); an unpadded batch is not copied.
 """
@@ -51,6 +59,7 @@ from __future__ import annotations
 import functools
 import sys
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
@@ -58,6 +67,7 @@ import torch
 from torch import Tensor
 
 from slcompile.functional import superlinear_attention
+from slcompile.kernels.blocksparse import BlockSummaryCache
 from slcompile.kernels.config import SuperlinearConfig
 
 NAME = "superlinear"
@@ -292,6 +302,81 @@ def _forced(cfg: SuperlinearConfig, dense: bool) -> SuperlinearConfig:
     return cfg.replace(dense_below=2**62 if dense else 0)
 
 
+class _KeptSummaries:
+    """Block summaries of one cache layer's keys and the key tensor whose first ``length`` keys they
+    describe (weakly held, with its version counter: an in-place write invalidates them)."""
+
+    def __init__(self, k_block: int):
+        self.cache = BlockSummaryCache(k_block)
+        self.keys: Optional[weakref.ref] = None
+        self.version = -1
+        self.length = 0
+
+    def describes(self, key: Tensor) -> bool:
+        return self.keys is not None and self.keys() is key and key._version == self.version
+
+
+_KEPT: "weakref.WeakKeyDictionary[Any, _KeptSummaries]" = weakref.WeakKeyDictionary()
+_HOOK_ATTR = "_superlinear_cache_hook"
+_CACHE_ATTR = "_superlinear_cache"
+
+
+def _capture_cache(module, args, kwargs) -> None:
+    """Forward pre-hook: the cache this call of the attention module updates (None if none)."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    setattr(module, _CACHE_ATTR, None if cache is None else weakref.ref(cache))
+
+
+def _watch(layer, state: _KeptSummaries) -> None:
+    """Wrap one DynamicLayer's ``update``: when it appends to the very keys the summaries
+    describe, they go on describing the new (longer) key tensor; any other history drops them."""
+    orig = layer.update
+
+    def update(key_states, value_states, *args, **kwargs):
+        prev = getattr(layer, "keys", None)
+        k, v = orig(key_states, value_states, *args, **kwargs)
+        st = _KEPT.get(layer)
+        if st is not None:
+            if prev is not None and st.describes(prev):
+                st.keys, st.version = weakref.ref(k), k._version  # k[:len(prev)] is prev
+            else:
+                st.keys = None
+        return k, v
+
+    layer.update = update
+
+
+def _kept_summary(module, key: Tensor, cfg: SuperlinearConfig) -> Optional[Tensor]:
+    """The summaries of ``key`` kept with this module's DynamicCache layer (updated from the keys
+    appended since the last call), or None where they cannot be kept (see the module docstring)."""
+    if torch.compiler.is_compiling():
+        return None
+    if getattr(module, _HOOK_ATTR, None) is None:  # from the next call on
+        setattr(module, _HOOK_ATTR, module.register_forward_pre_hook(_capture_cache,
+                                                                     with_kwargs=True))
+        return None
+    ref = getattr(module, _CACHE_ATTR, None)
+    cache = ref() if ref is not None else None
+    idx = getattr(module, "layer_idx", None)
+    layers = getattr(cache, "layers", None)
+    if layers is None or not isinstance(idx, int) or not 0 <= idx < len(layers):
+        return None
+    layer = layers[idx]
+    from transformers.cache_utils import DynamicLayer
+    if type(layer) is not DynamicLayer or getattr(layer, "keys", None) is not key:
+        return None
+    st = _KEPT.get(layer)
+    if st is None or st.cache.k_block != cfg.k_block:
+        fresh = st is None
+        st = _KEPT[layer] = _KeptSummaries(cfg.k_block)
+        if fresh:
+            _watch(layer, st)
+    start = st.length if st.describes(key) else 0
+    summary = st.cache.update(key, start)
+    st.keys, st.version, st.length = weakref.ref(key), key._version, key.shape[2]
+    return summary
+
+
 def superlinear_attention_forward(
     module: torch.nn.Module,
     query: Tensor,
@@ -354,13 +439,18 @@ def superlinear_attention_forward(
     lengths = m.lengths if m.lengths is not None else (T,) * B
     dense = [n <= cfg.dense_below for n in lengths]
 
+    summary = None
+    if (cfg.search_key == "blocksparse" and kpm is None and m.gather_index is None
+            and not any(dense)):
+        summary = _kept_summary(module, key, cfg)
+
     def attend(rows, as_dense):
         def pick(t):
             return t if t is None or rows is None else t[rows]
         return superlinear_attention(
             pick(query), pick(key), pick(value), config=_forced(cfg, as_dense), scale=scaling,
             enable_gqa=Hq != key.shape[1], key_padding_mask=pick(kpm), query_positions=pick(qpos),
-            search_query=pick(sq))
+            search_query=pick(sq), block_summary=summary)
 
     if all(dense) or not any(dense):
         out = attend(None, dense[0])

@@ -505,3 +505,59 @@ def test_smollm2_sparse_layers_equal_functional_and_generate(smollm2):
         far = _check_layers(calls, cfg, None, atol=2e-5)
         assert far > 1e-3  # really sparse
     assert torch.equal(toks["dynamic"], toks["static"])
+
+
+BLOCKSPARSE = SuperlinearConfig(search_key="blocksparse", window=32, sinks=4, topk=2, q_block=32,
+                                k_block=16, block_rows=4, block_pool=2, dense_below=0)
+
+
+def test_blocksparse_decoding_keeps_block_summaries_with_the_cache(monkeypatch):
+    """Token-by-token decoding with a DynamicCache under search_key='blocksparse' reuses the key
+    blocks' summaries kept with the cache (updated from the new key only) and gives the logits of
+    the same decoding with the summaries rebuilt from the whole cache at every token; beam search
+    (the cache reordered between tokens) gives the same beams either way."""
+    model = tiny_llama(41)
+    H.configure(model, BLOCKSPARSE)
+    model.set_attn_implementation(H.NAME)
+    g = torch.Generator().manual_seed(41)
+    ids = torch.randint(3, VOCAB, (1, 150), generator=g)
+    starts = []
+    real_update = H.BlockSummaryCache.update
+
+    def spy(self, k, start):
+        starts.append((k.shape[2], start))
+        return real_update(self, k, start)
+
+    def decode(keep):
+        if not keep:
+            monkeypatch.setattr(H, "_kept_summary", lambda *a: None)
+        cache = DynamicCache(config=model.config)
+        out = [_fwd(model, ids[:, :110], cache=cache)[:, -1]]
+        for t in range(110, 150):
+            out.append(_fwd(model, ids[:, t:t + 1], cache=cache)[:, -1])
+        monkeypatch.undo()
+        return torch.stack(out)
+
+    monkeypatch.setattr(H.BlockSummaryCache, "update", spy)
+    kept = decode(True)
+    layers = model.config.num_hidden_layers
+    # the first decoded token builds them (start 0), every later one adds its key only
+    assert starts[:layers] == [(111, 0)] * layers
+    assert starts[layers:] == [(t + 1, t) for t in range(111, 150) for _ in range(layers)]
+    rebuilt = decode(False)
+    torch.testing.assert_close(kept, rebuilt, rtol=0, atol=0)
+    # and the summaries matter: stale ones (never updated) would change the choice
+    dense = tiny_llama(41)
+    assert not torch.allclose(_fwd(dense, ids)[:, 109:], kept, atol=1e-3)
+
+    def beams(keep):
+        if not keep:
+            monkeypatch.setattr(H, "_kept_summary", lambda *a: None)
+        with torch.no_grad():
+            out = model.generate(ids[:, :110], attention_mask=torch.ones(1, 110, dtype=torch.long),
+                                 num_beams=3, num_return_sequences=3, do_sample=False,
+                                 max_new_tokens=12, pad_token_id=0)
+        monkeypatch.undo()
+        return out
+
+    torch.testing.assert_close(beams(True), beams(False), rtol=0, atol=0)
