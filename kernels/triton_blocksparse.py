@@ -63,7 +63,8 @@ def _pow2(x: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(int(x)))
 
 
-@triton.jit
+# lengths change with every decoded token: not specialised (no recompilation per length class)
+@triton.jit(do_not_specialize=["NROWS", "T", "NK"])
 def _compact_kernel(FULL, OUT, s_fr, s_ff, NROWS, F, W, T, NK,
                     K_BLOCK: tl.constexpr, FP: tl.constexpr, BLOCK_R: tl.constexpr):
     """Row r of OUT [NROWS, W = F + 2]: the whole blocks (below T) of list row r in list order,
@@ -143,7 +144,7 @@ def _attend(acc, l_i, m_i, q, kbase, vbase, kpos, qpos, T, skn, svn, qk_scale,
     return acc, l_i, m_new
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Lq", "T", "nQ", "front", "q0", "tile0"])
 def _fwd_kernel(Q, K, V, O, LST,
                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
                 Hkv, Lq, T, nQ, F, W, front, q0, tile0, qk_scale,

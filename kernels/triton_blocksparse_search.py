@@ -41,7 +41,8 @@ def _order_key(score, idx, IDX_BITS: tl.constexpr):
     return (mono.to(tl.int64) << IDX_BITS) | idx.to(tl.int64)
 
 
-@triton.jit
+# lengths change with every decoded token: not specialised (no recompilation per length class)
+@triton.jit(do_not_specialize=["nK", "sb", "CH"])
 def _bound_kernel(QQ, KK, HAS, LIM, OUT,
                   s_qq_bh, s_qq_n, s_qq_r,
                   s_kk_b, s_kk_h, s_kk_k,
@@ -78,7 +79,7 @@ def _bound_kernel(QQ, KK, HAS, LIM, OUT,
         tl.store(OUT + bh * s_o_bh + n * s_o_n + i, key, mask=inside)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _exact_kernel(REP, K, KPM, CI, OUT,
                   s_rep_bh, s_rep_n, s_rep_r,
                   s_k_b, s_k_h, s_k_t,

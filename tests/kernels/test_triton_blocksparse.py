@@ -9,8 +9,6 @@ NaN-filled output buffer after the allocator has been poisoned, and no NaN may s
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 from triton_env import DEV, poison, require_triton
@@ -88,17 +86,14 @@ def _dense(q, k, v, p0, scale):
     kk = k.double().repeat_interleave(G, 1)
     vv = v.double().repeat_interleave(G, 1)
     lg = torch.einsum("bhqd,bhkd->bhqk", q.double(), kk) * scale
-    t = torch.arange(p0, p0 + q.shape[2])
-    lg = lg.masked_fill(torch.arange(k.shape[2])[None, :] > t[:, None], float("-inf"))
+    t = torch.arange(p0, p0 + q.shape[2], device=q.device)
+    lg = lg.masked_fill(torch.arange(k.shape[2], device=q.device)[None, :] > t[:, None], float("-inf"))
     return torch.softmax(lg, -1) @ vv
 
 
 def _select(q, k, p0, **kw):
-    """block_select, with the representative rows and pool of the config's defaults where its
-    signature takes them."""
-    params = inspect.signature(bs.block_select).parameters
-    extra = {n: 8 for n in ("rows", "pool") if n in params}
-    return bs.block_select(q, k, None, p0, **kw, **extra)
+    """block_select with the config's default representative rows and pool (8, 8)."""
+    return bs.block_select(q, k, None, p0, rows=8, pool=8, **kw)
 
 
 PREFILL = [  # B, Hq, Hkv, T, D, Dv, qb, kb, window, sinks, topk, dtype
@@ -151,7 +146,7 @@ def test_empty_lists_attend_the_diagonal_only():
     T, qb, kb = 150, 32, 16
     g, q, k, v = _inputs(21, 1, 4, 2, T, T, 32, 32, torch.float32)
     kw = dict(window=0, sinks=0, qb=qb, kb=kb)
-    kept = torch.full((1, 2, _nq(0, T, qb), 3), -1, dtype=torch.int32)
+    kept = torch.full((1, 2, _nq(0, T, qb), 3), -1, dtype=torch.int32, device=DEV)
     kept[:, :, 3, 1] = 2  # one query block with a kept block, the others all -1
     got, _ = _against_reference(q, k, v, kept, 0, scale=0.25, **kw)
     # rows of an all -1 list: causal attention inside the query block alone
@@ -160,7 +155,7 @@ def test_empty_lists_attend_the_diagonal_only():
         want = _dense(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], 0, 0.25)
         torch.testing.assert_close(got[:, :, lo:hi].double(), want, atol=1e-5, rtol=1e-5)
     # lists without any slot (F = 0)
-    empty = torch.empty(1, 2, _nq(0, T, qb), 0, dtype=torch.int64)
+    empty = torch.empty(1, 2, _nq(0, T, qb), 0, dtype=torch.int64, device=DEV)
     none = _kernel(q, k, v, empty, 0, q_block=qb, k_block=kb, scale=0.25)
     torch.testing.assert_close(none[:, :, :3 * qb], got[:, :, :3 * qb], atol=1e-6, rtol=1e-6)
 
@@ -170,7 +165,7 @@ def test_empty_lists_attend_the_diagonal_only():
 def test_lists_covering_the_past_give_dense_attention(p0, dtype):
     T = 230
     g, q, k, v = _inputs(31 + p0, 1, 4, 2, T, T - p0, 48, 48, dtype)
-    full = _full(torch.full((1, 2, _nq(p0, T - p0, 32), 1), -1, dtype=torch.int32), p0, T,
+    full = _full(torch.full((1, 2, _nq(p0, T - p0, 32), 1), -1, dtype=torch.int32, device=DEV), p0, T,
                  window=T, sinks=0, qb=32, kb=16)  # the window: every earlier block
     got = _kernel(q, k, v, full, p0, q_block=32, k_block=16, scale=0.15)
     tol = 2e-5 if dtype == torch.float32 else 4e-3
@@ -183,14 +178,14 @@ def test_listed_partial_block_and_blocks_past_the_keys():
     T, qb, kb = 200, 32, 16  # key block 12 holds keys 192..199 only, block 13 none
     g, q, k, v = _inputs(41, 1, 2, 1, T, T, 32, 32, torch.float32)
     nQ = _nq(0, T, qb)
-    full = torch.full((1, 1, nQ, 4), -1, dtype=torch.int64)
+    full = torch.full((1, 1, nQ, 4), -1, dtype=torch.int64, device=DEV)
     for n in range(nQ - 1):
         full[0, 0, n, 0] = 12
         full[0, 0, n, 2] = 13
     full[0, 0, 3, 3] = 9  # after the query block: attended in full all the same
     full[0, 0, 5, 1] = 0
     got = _kernel(q, k, v, full, 0, q_block=qb, k_block=kb, scale=0.3)
-    want = torch.empty(1, 2, T, 32, dtype=torch.float64)
+    want = torch.empty(1, 2, T, 32, dtype=torch.float64, device=DEV)
     for t in range(T):
         j = t // qb
         keys = {x for i in full[0, 0, j].tolist() if i >= 0
@@ -227,7 +222,7 @@ def test_launch_shape_fits_short_calls_and_wide_heads():
 
 def test_rejects_bad_arguments():
     g, q, k, v = _inputs(61, 1, 4, 2, 64, 64, 16, 16, torch.float32)
-    full = torch.full((1, 2, 2, 1), -1, dtype=torch.int32)
+    full = torch.full((1, 2, 2, 1), -1, dtype=torch.int32, device=DEV)
     kw = dict(q_block=32, k_block=16, scale=0.25)
     with pytest.raises(ValueError, match="multiple of Hkv"):
         TB.block_attention_triton(q[:, :3], k, v, full, 0, **kw)
