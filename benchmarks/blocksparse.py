@@ -92,6 +92,14 @@ def decode_row(T, a, cfg):
                update_ms=timed(lambda: cache.update(k, T - 1), 20, warm=3))
     row["sdpa_graph_ms"] = graphed(sdpa)
     row["graph_ms"] = graphed(ours)
+    if a.profile_decode:  # where a token's GPU time goes (kernel times, eager calls)
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                ours()
+            torch.cuda.synchronize()
+        ev = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:12]
+        row["profile_us_per_token"] = {e.key[:60]: round(e.device_time_total / 10, 1) for e in ev}
     ref = F.scaled_dot_product_attention(q, k, v, enable_gqa=True).float()
     row.update(eager_speedup=row["sdpa_eager_ms"] / row["eager_ms"],
                graph_speedup=row["sdpa_graph_ms"] / row["graph_ms"],
@@ -131,6 +139,8 @@ def main():
     ap.add_argument("--decode-lengths", type=int, nargs="*", default=[],
                     help="also time one decoded token against a cache of this many keys (eager and "
                          "CUDA graphs; block summaries kept with the cache)")
+    ap.add_argument("--profile-decode", action="store_true",
+                    help="kernel times of a decoded token (torch.profiler)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     from slcompile.kernels import triton_blocksparse as tba
