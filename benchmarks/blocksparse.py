@@ -241,9 +241,12 @@ def main():
         row = dict(L=L)
         row["sdpa_fwd_bwd_ms"] = timed(lambda: step(lambda q, k, v: F.scaled_dot_product_attention(
             q, k, v, is_causal=True, enable_gqa=True)), a.reps)
-        row["fwd_bwd_ms"] = timed(lambda: step(lambda q, k, v: op_call(q, k, v, cfg, scale)),
-                                  a.reps)
-        row["speedup"] = row["sdpa_fwd_bwd_ms"] / row["fwd_bwd_ms"]
+        try:
+            row["fwd_bwd_ms"] = timed(lambda: step(lambda q, k, v: op_call(q, k, v, cfg, scale)),
+                                      a.reps)
+            row["speedup"] = row["sdpa_fwd_bwd_ms"] / row["fwd_bwd_ms"]
+        except Exception as e:  # reported, not hidden: the row says what failed
+            row["error"] = repr(e)[-300:]
         train.append(row)
         print(json.dumps(dict(train=row)), flush=True)
         del leaves, g
