@@ -113,7 +113,7 @@ def decode_row(T, a, cfg):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 131072])
+    ap.add_argument("--lengths", type=int, nargs="*", default=[8192, 16384, 32768, 131072])
     ap.add_argument("--hq", type=int, default=32)
     ap.add_argument("--hkv", type=int, default=8)
     ap.add_argument("--d", type=int, default=128)

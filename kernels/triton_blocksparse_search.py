@@ -79,12 +79,12 @@ def _bound_kernel(QQ, KK, HAS, LIM, OUT,
         tl.store(OUT + bh * s_o_bh + n * s_o_n + i, key, mask=inside)
 
 
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["T", "MC"])
 def _exact_kernel(REP, K, KPM, CI, OUT,
                   s_rep_bh, s_rep_n, s_rep_r,
                   s_k_b, s_k_h, s_k_t,
                   s_kpm_b, s_ci_bh, s_ci_n, s_o_bh, s_o_n,
-                  Hkv, T, RG, D, M,
+                  Hkv, T, RG, D, M, MC,
                   KB: tl.constexpr, RGP: tl.constexpr, DP: tl.constexpr, HAS_KPM: tl.constexpr,
                   IDX_BITS: tl.constexpr, IEEE: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
@@ -97,7 +97,8 @@ def _exact_kernel(REP, K, KPM, CI, OUT,
                   mask=(r[:, None] < RG) & (d[None, :] < D), other=0.0)
     kk = tl.arange(0, KB)
     kbase = K + b * s_k_b + h * s_k_h
-    for m in range(0, M):
+    c = tl.program_id(2)  # this program scores candidates c*MC .. (c+1)*MC - 1 of the pool
+    for m in range(c * MC, tl.minimum(M, (c + 1) * MC)):
         idx = tl.load(CI + bh * s_ci_bh + n * s_ci_n + m)
         pos = idx * KB + kk
         ok = (pos >= 0) & (pos < T)  # idx = -1 gives pos < 0
@@ -179,13 +180,15 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
         del keys
         ex = torch.empty((B * Hkv, n, M), dtype=torch.int64, device=dev)
         rs = rep[:, s:e]
-        _exact_kernel[(n, B * Hkv)](
+        parts = max(1, min(M, triton.cdiv(_PROGRAMS, n * B * Hkv)))  # few query blocks: split
+        MC = triton.cdiv(M, parts)
+        _exact_kernel[(n, B * Hkv, triton.cdiv(M, MC))](
             rs, kc, kpm8 if kpm8 is not None else has8, ci, ex,
             rs.stride(0), rs.stride(1), rs.stride(2),
             kc.stride(0), kc.stride(1), kc.stride(2),
             kpm8.stride(0) if kpm8 is not None else 0, ci.stride(0), ci.stride(1),
             ex.stride(0), ex.stride(1),
-            Hkv, T, RG, D, M,
+            Hkv, T, RG, D, M, MC,
             KB=k_block, RGP=RGP, DP=DP, HAS_KPM=kpm8 is not None, IDX_BITS=bs._IDX_BITS,
             IEEE=ieee, num_warps=num_warps)
         kept = _top_blocks(ex, topk)
