@@ -8,7 +8,10 @@ FlexAttention on the same selection beside them); the ratio SDPA / total; the at
 TFLOP/s (4 * D * attended (query, key) pairs * Hq / time). Lengths up to --check-max also check the
 kernel and the op against the gather-based reference attention on the same selection.
 
-    python benchmarks/blocksparse.py --lengths 8192 32768 131072 --out benchmarks/data/x.json
+Defaults: SuperlinearConfig.block_sparse()'s geometry (window 256, 4 sinks, topk 24, 64 x 32 blocks).
+
+    python benchmarks/blocksparse.py --lengths 8192 32768 131072 --decode-lengths 131072 \
+        --train-lengths 131072 --out benchmarks/data/x.json
 """
 
 from __future__ import annotations
@@ -119,9 +122,9 @@ def main():
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--sinks", type=int, default=4)
-    ap.add_argument("--topk", type=int, default=8)
-    ap.add_argument("--q-block", type=int, default=128)
-    ap.add_argument("--k-block", type=int, default=64)
+    ap.add_argument("--topk", type=int, default=24)
+    ap.add_argument("--q-block", type=int, default=64)
+    ap.add_argument("--k-block", type=int, default=32)
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--pool", type=int, default=8)
     ap.add_argument("--reps", type=int, default=3)
