@@ -48,9 +48,11 @@ def _order_key(score: Tensor, idx: Tensor) -> Tensor:
 
 
 def _top(score: Tensor, idx: Tensor, n: int) -> Tuple[Tensor, Tensor]:
-    """The n best (score, idx) along the last dim, best first; -inf scores give idx -1."""
+    """The n best (score, idx) along the last dim, best first; -inf scores give idx -1. An entry
+    with idx -1 (no block) ranks below every block whatever its score."""
     n = min(n, score.shape[-1])
-    key = _order_key(score, idx)
+    score = score.masked_fill(idx < 0, float("-inf"))
+    key = _order_key(score, idx.clamp(min=0))
     _, pos = key.topk(n, dim=-1)
     s, i = score.gather(-1, pos), idx.gather(-1, pos)
     return s, torch.where(torch.isneginf(s), torch.full_like(i, -1), i)

@@ -383,3 +383,21 @@ def test_flex_training_mask_gives_the_reference_and_its_gradients(qb, kb):
         torch.testing.assert_close(x, w, atol=1e-4, rtol=1e-4)
     dense = dense_attention(q, k, v, None, None, 0.3)
     assert (want[0] - dense).abs().max() > 1e-2
+
+
+def test_empty_pool_slots_never_displace_blocks_with_negative_scores():
+    """Query blocks with fewer candidates than the pool hold empty slots (-1); blocks whose exact
+    scores are all negative must still be kept ahead of them (an empty slot's order key once
+    outranked every negative score), as the brute-force oracle keeps them."""
+    torch.manual_seed(8)
+    T, kb, qb = 640, 16, 32
+    q = torch.randn(1, 2, T, 8).abs()
+    k = -torch.randn(1, 1, T, 8).abs()  # every logit negative
+    v = torch.randn(1, 1, T, 8)
+    kw = dict(window=32, sinks=0, q_block=qb, k_block=kb)
+    kept = bs.block_select(q, k, None, 0, topk=3, rows=R, pool=P, **kw)
+    want, _, _ = oracle(q, k, v, None, 0, window=32, sinks=0, topk=3, qb=qb, kb=kb, scale=0.3)
+    assert _kept_sets(kept) == want
+    nK, sb, wb, per_q = bs.geometry(T, 32, 0, qb, kb)
+    for j in range(T // qb):  # every query block keeps min(topk, candidates) blocks
+        assert int((kept[0, 0, j] >= 0).sum()) == min(3, max(0, j * per_q - wb - sb))

@@ -107,3 +107,17 @@ def test_decoding_with_kept_summaries_and_split_scans(split):
                                       split=split, **kw)
         assert (want >= 0).sum() > 0
         assert torch.equal(got, want), (p0, got, want)
+
+
+def test_negative_scores_with_a_pool_past_the_candidates():
+    """All logits negative and a pool larger than most query blocks' candidates: the Triton search
+    keeps what the reference keeps (empty pool slots never outrank a block)."""
+    torch.manual_seed(8)
+    q = torch.randn(1, 2, 640, 8).abs().to(DEV)
+    k = (-torch.randn(1, 1, 640, 8).abs()).to(DEV)
+    kw = dict(window=32, sinks=0, topk=3, q_block=32, k_block=16, rows=8, pool=8)
+    want = bs.block_select(q, k, None, 0, **kw)
+    poison()
+    got = tss.block_select_triton(q, k, None, 0, **kw)
+    assert torch.equal(got, want)
+    assert (want >= 0).sum() > 0
