@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -27,6 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from slcompile.kernels import blocksparse as bs
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from decode import time_graph  # noqa: E402  (the decode benchmark's CUDA-graph timer)
 
 
 def timed(fn, reps: int, warm: int = 1) -> float:
@@ -57,20 +61,6 @@ def op_call(q, k, v, cfg, scale, summary=None):
         cfg["k_block"], cfg["rows"], cfg["pool"], summary)
 
 
-def graphed(fn, reps: int = 20) -> float:
-    """Median ms of fn replayed from a CUDA graph (captured after two eager warm-up calls)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return timed(g.replay, reps, warm=2)
-
-
 def decode_row(T, a, cfg):
     """One decoded token (the last of T keys): SDPA against the op with the block summaries kept
     with the cache (updated for the new key first, as the cache does) and without them."""
@@ -93,8 +83,8 @@ def decode_row(T, a, cfg):
     row = dict(T=T, sdpa_eager_ms=timed(sdpa, 20, warm=3), eager_ms=timed(ours, 20, warm=3),
                rebuild_eager_ms=timed(lambda: op_call(q, k, v, cfg, scale), 10, warm=2),
                update_ms=timed(lambda: cache.update(k, T - 1), 20, warm=3))
-    row["sdpa_graph_ms"] = graphed(sdpa)
-    row["graph_ms"] = graphed(ours)
+    row["sdpa_graph_ms"] = time_graph(sdpa)
+    row["graph_ms"] = time_graph(ours)
     if a.profile_decode:  # where a token's GPU time goes (kernel times, eager calls)
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CUDA]) as prof:

@@ -18,7 +18,6 @@ here knows graphs; the custom op in ops.py calls these.
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -128,10 +127,12 @@ def block_summaries(k: Tensor, kpm: Optional[Tensor], k_block: int) -> Tuple[Ten
     return torch.where(has[:, None, :, None], torch.cat([kmax, kmin], -1), 0.0), has
 
 
-def check_summary(summary: Tensor, k: Tensor, kpm: Optional[Tensor], k_block: int) -> Tensor:
-    """The first nK blocks of summaries kept with a cache ([B, Hkv, >= nK, 2D], what
-    `block_summaries(k, None, k_block)` gives for the keys k), checked for shape; a key-padding mask
-    is refused (kept summaries cover every key)."""
+def check_summary(summary: Tensor, k: Tensor, kpm: Optional[Tensor],
+                  k_block: int) -> Tuple[Tensor, Tensor]:
+    """Summaries kept with a cache ([B, Hkv, >= nK, 2D], what `block_summaries(k, None, k_block)`
+    gives for the keys k), checked for shape, as `block_summaries` returns them: their first nK
+    blocks and which blocks have keys (all). A key-padding mask is refused (kept summaries cover
+    every key)."""
     B, H, T, D = k.shape
     nK = _ceil_div(T, k_block)
     if kpm is not None:
@@ -142,7 +143,7 @@ def check_summary(summary: Tensor, k: Tensor, kpm: Optional[Tensor], k_block: in
         raise ValueError(f"blocksparse: block summaries of shape {tuple(summary.shape)} on "
                          f"{summary.device} do not fit keys {tuple(k.shape)} on {k.device} "
                          f"(want [{B}, {H}, >= {nK}, {2 * D}])")
-    return summary[:, :, :nK]
+    return summary[:, :, :nK], torch.ones(B, nK, dtype=torch.bool, device=k.device)
 
 
 class BlockSummaryCache:
@@ -214,11 +215,8 @@ def block_select(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *, window
     dev = q.device
     rep, j0 = representatives(q, p0, q_block, rows, Hkv)
     nQ = rep.shape[2]
-    if summary is None:
-        kk, has = block_summaries(k, kpm, k_block)
-    else:
-        kk, has = check_summary(summary, k, kpm, k_block), torch.ones(B, nK, dtype=torch.bool,
-                                                                         device=dev)
+    kk, has = (block_summaries(k, kpm, k_block) if summary is None
+               else check_summary(summary, k, kpm, k_block))
     kb, present = _key_blocks(k, kpm, k_block)
     sb, lim = candidate_limits(j0, nQ, T, window, sinks, q_block, k_block, dev)
     blk = torch.arange(nK, device=dev)
@@ -335,6 +333,11 @@ def _flex_fn(compiled: bool):
     return _FLEX[compiled]
 
 
+def _heads(x: Tensor, G: int) -> Tensor:
+    """Per-kv-head BlockMask rows [B, Hkv, ...] repeated for the G query heads of each."""
+    return x.repeat_interleave(G, dim=1).contiguous()
+
+
 def flex_block_mask(kept: Tensor, L: int, *, window: int, sinks: int, q_block: int, k_block: int,
                     Hq: int, backward: bool = False):
     """The FlexAttention BlockMask of a prefill of L tokens: sinks, window and kept blocks as full
@@ -359,14 +362,11 @@ def flex_block_mask(kept: Tensor, L: int, *, window: int, sinks: int, q_block: i
     part_idx = torch.nn.functional.pad(part_idx, (0, max(0, nK - part_idx.shape[-1])))
     G = Hq // Hkv
 
-    def heads(x):
-        return x.repeat_interleave(G, dim=1).contiguous()
-
     def causal(b, h, qi, ki):
         return qi >= ki
 
-    return BlockMask.from_kv_blocks(heads(part_num), heads(part_idx), heads(full_num),
-                                    heads(full_idx), BLOCK_SIZE=(q_block, k_block),
+    return BlockMask.from_kv_blocks(_heads(part_num, G), _heads(part_idx, G), _heads(full_num, G),
+                                    _heads(full_idx, G), BLOCK_SIZE=(q_block, k_block),
                                     mask_mod=causal, seq_lengths=(L, L),
                                     compute_q_blocks=backward)
 
@@ -407,14 +407,11 @@ def flex_train_mask(kept: Tensor, L: int, *, window: int, sinks: int, q_block: i
     idx = torch.where(idx == nCK, 0, idx).to(torch.int32)
     G = Hq // Hkv
 
-    def heads(x):
-        return x.repeat_interleave(G, dim=1).contiguous()
-
     def mask_mod(b, h, qi, ki):
         qb = qi // q_block
         return (ki <= qi) & (table[b, h // G, qb, ki // k_block] | (ki >= qb * q_block))
 
-    return BlockMask.from_kv_blocks(heads(num), heads(idx), BLOCK_SIZE=(CQ, CK),
+    return BlockMask.from_kv_blocks(_heads(num, G), _heads(idx, G), BLOCK_SIZE=(CQ, CK),
                                     mask_mod=mask_mod, seq_lengths=(L, L), compute_q_blocks=True)
 
 

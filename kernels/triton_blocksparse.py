@@ -246,24 +246,17 @@ def _launch_shape(Lq: int, q_block: int, k_block: int, bd: int, bdv: int, elem: 
     if bdv > 128:
         bm = min(bm, 64)  # a [BLOCK_M, 256] float32 accumulator per 4 warps at most
 
-    def smem(bm, bn, st):
-        return elem * (bm * bd + st * bn * (bd + bdv))
+    def smem(bm, bn, stages):
+        return elem * (bm * bd + stages * bn * (bd + bdv))
 
-    while smem(bm, bn, stages) > _SMEM_BUDGET:
-        if stages > 2:
-            stages -= 1
-        elif bm > 64:
-            bm //= 2
-        elif bn > 32:
-            bn //= 2
-        elif stages > 1:
-            stages -= 1
-        elif bm > 16:
-            bm //= 2
-        elif bn > 16:
-            bn //= 2
-        else:
-            break
+    # what to give up, in order, until the launch fits: stages down to 2, rows to 64, keys to 32,
+    # then the last stage, rows to 16, keys to 16 (halving tiles, one stage at a time)
+    shape = dict(bm=bm, bn=bn, stages=stages)
+    for name, floor in (("stages", 2), ("bm", 64), ("bn", 32), ("stages", 1), ("bm", 16),
+                        ("bn", 16)):
+        while smem(**shape) > _SMEM_BUDGET and shape[name] > floor:
+            shape[name] = shape[name] - 1 if name == "stages" else shape[name] // 2
+    bm, bn, stages = shape["bm"], shape["bn"], shape["stages"]
     warps = min(num_warps, max(4, bm // 16))
     return bm, bn, warps, stages
 

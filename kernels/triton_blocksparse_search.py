@@ -145,11 +145,8 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
     nQ, RG = rep.shape[2], rep.shape[3]
     rep = rep.reshape(B * Hkv, nQ, RG, D).contiguous()
     qq = torch.cat([rep.clamp(min=0), rep.clamp(max=0)], -1)  # [BH, nQ, RG, 2D]
-    if summary is None:
-        kk, has = bs.block_summaries(k, kpm, k_block)
-    else:
-        kk = bs.check_summary(summary, k, kpm, k_block)
-        has = torch.ones(B, nK, dtype=torch.bool, device=dev)
+    kk, has = (bs.block_summaries(k, kpm, k_block) if summary is None
+               else bs.check_summary(summary, k, kpm, k_block))
     kk = kk if kk.stride(-1) == 1 else kk.contiguous()
     has8 = has.to(torch.int8).contiguous()
     sb, lim = bs.candidate_limits(j0, nQ, T, window, sinks, q_block, k_block, dev)

@@ -303,14 +303,14 @@ def _forced(cfg: SuperlinearConfig, dense: bool) -> SuperlinearConfig:
 
 
 class _KeptSummaries:
-    """Block summaries of one cache layer's keys and the key tensor whose first ``length`` keys they
-    describe (weakly held, with its version counter: an in-place write invalidates them)."""
+    """Block summaries of one cache layer's keys and the key tensor whose first
+    ``cache.length`` keys they describe (weakly held, with its version counter: an in-place write
+    invalidates them)."""
 
     def __init__(self, k_block: int):
         self.cache = BlockSummaryCache(k_block)
         self.keys: Optional[weakref.ref] = None
         self.version = -1
-        self.length = 0
 
     def describes(self, key: Tensor) -> bool:
         return self.keys is not None and self.keys() is key and key._version == self.version
@@ -327,7 +327,7 @@ def _capture_cache(module, args, kwargs) -> None:
     setattr(module, _CACHE_ATTR, None if cache is None else weakref.ref(cache))
 
 
-def _watch(layer, state: _KeptSummaries) -> None:
+def _watch(layer) -> None:
     """Wrap one DynamicLayer's ``update``: when it appends to the very keys the summaries
     describe, they go on describing the new (longer) key tensor; any other history drops them."""
     orig = layer.update
@@ -366,14 +366,13 @@ def _kept_summary(module, key: Tensor, cfg: SuperlinearConfig) -> Optional[Tenso
     if type(layer) is not DynamicLayer or getattr(layer, "keys", None) is not key:
         return None
     st = _KEPT.get(layer)
-    if st is None or st.cache.k_block != cfg.k_block:
-        fresh = st is None
+    if st is None:
         st = _KEPT[layer] = _KeptSummaries(cfg.k_block)
-        if fresh:
-            _watch(layer, st)
-    start = st.length if st.describes(key) else 0
-    summary = st.cache.update(key, start)
-    st.keys, st.version, st.length = weakref.ref(key), key._version, key.shape[2]
+        _watch(layer)
+    elif st.cache.k_block != cfg.k_block:
+        st.cache, st.keys = BlockSummaryCache(cfg.k_block), None
+    summary = st.cache.update(key, st.cache.length if st.describes(key) else 0)
+    st.keys, st.version = weakref.ref(key), key._version
     return summary
 
 
