@@ -48,6 +48,17 @@ def timed(fn, reps: int, warm: int = 1) -> float:
     return statistics.median(out)
 
 
+def profile_ms(fn, calls: int) -> dict:
+    """GPU time per call of fn's twelve most expensive kernels (torch.profiler), ms."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    ev = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:12]
+    return {e.key[:60]: round(e.device_time_total / 1e3 / calls, 4) for e in ev}
+
+
 def attended_pairs(kept, L, window, sinks, q_block, k_block):
     """(query, key) pairs attended, summed over kv heads (x G for query heads)."""
     return bs.keys_attended(kept, 0, L, L, window=window, sinks=sinks, q_block=q_block,
@@ -86,13 +97,8 @@ def decode_row(T, a, cfg):
     row["sdpa_graph_ms"] = time_graph(sdpa)
     row["graph_ms"] = time_graph(ours)
     if a.profile_decode:  # where a token's GPU time goes (kernel times, eager calls)
-        from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(10):
-                ours()
-            torch.cuda.synchronize()
-        ev = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:12]
-        row["profile_us_per_token"] = {e.key[:60]: round(e.device_time_total / 10, 1) for e in ev}
+        row["profile_us_per_token"] = {n: round(ms * 1e3, 1)
+                                       for n, ms in profile_ms(ours, 10).items()}
     ref = F.scaled_dot_product_attention(q, k, v, enable_gqa=True).float()
     row.update(eager_speedup=row["sdpa_eager_ms"] / row["eager_ms"],
                graph_speedup=row["sdpa_graph_ms"] / row["graph_ms"],
@@ -134,6 +140,8 @@ def main():
                          "CUDA graphs; block summaries kept with the cache)")
     ap.add_argument("--profile-decode", action="store_true",
                     help="kernel times of a decoded token (torch.profiler)")
+    ap.add_argument("--profile-search", action="store_true",
+                    help="kernel times of one prefill search (torch.profiler)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     from slcompile.kernels import triton_blocksparse as tba
@@ -165,6 +173,8 @@ def main():
         sel = lambda: tss.block_select_triton(q, k, None, 0, **skw)  # noqa: E731
         kept = sel()
         row["search_ms"] = timed(sel, reps)
+        if a.profile_search:
+            row["search_profile_ms"] = profile_ms(sel, 1)
         if L <= a.reference_max:
             ref_kept = bs.block_select(q, k, None, 0, **skw)
             row["search_reference_ms"] = timed(lambda: bs.block_select(q, k, None, 0, **skw), 1)

@@ -1,15 +1,17 @@
 """Triton kernels of the block-sparse search (docs/blocksparse.md; `blocksparse.block_select` is
 the reference they are tested against).
 
-Stage 1, `_bound_kernel`: one program per (query block, batch row x kv head) multiplies the block's
-representative rows, split as [q+, q-], by the [kmax, kmin] summaries of tiles of candidate key
-blocks (one tensor-core product per tile), keeps the largest bound over the rows, and writes it as an
-int64 order key (float order of the score, then the block index: exact ties go to the later block);
-non-candidates keep the smallest int64. No [rows, key blocks] tensor is written. Stage 2,
-`_exact_kernel`: one program per (query block, batch row x kv head) reads its pool of candidate
-blocks straight from the key tensor (no gathered copy) and writes the exact largest logit of the
-representative rows in each, again as an order key. `torch.topk` over the keys picks the pool and
-the kept blocks. Scores: products in the inputs' dtype, float32 accumulation (IEEE float32 products
+Stage 1, `_bound_kernel`: one program per (query block, batch row x kv head, share of the
+candidate blocks) multiplies the [kmax, kmin] summaries of a tile of candidate key blocks by the
+block's representative rows, split as [q+, q-] (tensor-core products in slices of the 2D dim), keeps
+the largest bound over the rows as an int64 order key (float order of the score, then the block
+index: exact ties go to the later block) and merges the tile into a running top-MP of keys
+(`tl.topk` of the two, skipped when no key of the tile beats the current last). It writes only its
+MP best keys: no [query blocks, key blocks] tensor exists; where the scan is split over programs,
+`torch.topk` merges their few lists. Stage 2, `_exact_kernel`: one program per (query block, batch
+row x kv head, share of the pool) reads its candidate blocks straight from the key tensor (no
+gathered copy) and writes the exact largest logit of the representative rows in each, again as an
+order key; `torch.topk` picks the kept blocks. Scores: products in the inputs' dtype, float32 accumulation (IEEE float32 products
 for float32 inputs), compared in float32, as the contract says.
 """
 
@@ -46,37 +48,45 @@ def _order_key(score, idx, IDX_BITS: tl.constexpr):
 def _bound_kernel(QQ, KK, HAS, LIM, OUT,
                   s_qq_bh, s_qq_n, s_qq_r,
                   s_kk_b, s_kk_h, s_kk_k,
-                  s_has_b, s_o_bh, s_o_n,
+                  s_has_b, s_o_bh, s_o_n, s_o_c,
                   Hkv, nK, sb, RG, D2, CH,
-                  RGP: tl.constexpr, D2P: tl.constexpr, BN: tl.constexpr,
+                  RGP: tl.constexpr, D2P: tl.constexpr, DK: tl.constexpr, MP: tl.constexpr,
                   IDX_BITS: tl.constexpr, IEEE: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
     bh = tl.program_id(1).to(tl.int64)
-    c = tl.program_id(2)  # the chunk of CH candidate blocks (a multiple of BN) of this program
+    c = tl.program_id(2)  # the chunk of CH candidate blocks (a multiple of MP) of this program
     b = bh // Hkv
     h = bh % Hkv
     lim = tl.minimum(tl.load(LIM + n), (c + 1) * CH)
     r = tl.arange(0, RGP)
-    d = tl.arange(0, D2P)
-    qq = tl.load(QQ + bh * s_qq_bh + n * s_qq_n + r[:, None] * s_qq_r + d[None, :],
-                 mask=(r[:, None] < RG) & (d[None, :] < D2), other=0.0)
-    row_ok = r[:, None] < RG
+    dk = tl.arange(0, DK)
+    row_ok = r[None, :] < RG
+    qbase = QQ + bh * s_qq_bh + n * s_qq_n
     kbase = KK + b * s_kk_b + h * s_kk_h
-    for i0 in range(tl.maximum((sb // BN) * BN, c * CH), lim, BN):
-        i = i0 + tl.arange(0, BN)
+    # the MP best order keys seen so far, best first (a running top-MP: no keys tensor written)
+    top = tl.full([MP], -9223372036854775808, tl.int64)
+    for i0 in range(tl.maximum((sb // MP) * MP, c * CH), lim, MP):
+        i = i0 + tl.arange(0, MP)
         inside = (i < nK)
-        kk = tl.load(kbase + i[:, None] * s_kk_k + d[None, :],
-                     mask=inside[:, None] & (d[None, :] < D2), other=0.0)
-        if IEEE:
-            s = tl.dot(qq, tl.trans(kk), input_precision="ieee")
-        else:
-            s = tl.dot(qq, tl.trans(kk))
-        s = tl.where(row_ok, s, float("-inf"))
-        best = tl.max(s, 0)
+        s = tl.zeros([MP, RGP], dtype=tl.float32)
+        for d0 in tl.static_range(0, D2P, DK):  # [blocks, 2D] x [2D, rows] in slices of DK
+            d = d0 + dk
+            kk = tl.load(kbase + i[:, None] * s_kk_k + d[None, :],
+                         mask=inside[:, None] & (d[None, :] < D2), other=0.0)
+            qt = tl.load(qbase + r[None, :] * s_qq_r + d[:, None],
+                         mask=row_ok & (d[:, None] < D2), other=0.0)
+            if IEEE:
+                s = tl.dot(kk, qt, s, input_precision="ieee")
+            else:
+                s = tl.dot(kk, qt, s)
+        best = tl.max(tl.where(row_ok, s, float("-inf")), 1)
         has = tl.load(HAS + b * s_has_b + i, mask=inside, other=0)
         ok = (i >= sb) & (i < lim) & (has != 0)
         key = tl.where(ok, _order_key(best, i, IDX_BITS), -9223372036854775808)
-        tl.store(OUT + bh * s_o_bh + n * s_o_n + i, key, mask=inside)
+        if tl.max(key, 0) > tl.min(top, 0):  # some block of the tile enters the running top
+            top = tl.topk(tl.reshape(tl.join(top, key), [2 * MP]), MP)
+    o = tl.arange(0, MP)
+    tl.store(OUT + bh * s_o_bh + n * s_o_n + c * s_o_c + o, top)
 
 
 @triton.jit(do_not_specialize=["T", "MC"])
@@ -128,7 +138,7 @@ def _top_blocks(keys: Tensor, n: int) -> Tensor:
 
 def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *, window: int,
                         sinks: int, topk: int, q_block: int, k_block: int, rows: int, pool: int,
-                        summary: Optional[Tensor] = None, block_n: int = 64, num_warps: int = 4,
+                        summary: Optional[Tensor] = None, num_warps: int = 4,
                         split: Optional[int] = None) -> Tensor:
     """`blocksparse.block_select` with the two stages in Triton: int32 [B, Hkv, nQ, topk].
 
@@ -156,29 +166,38 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
     kc = k if k.stride(-1) == 1 else k.contiguous()
     kpm8 = None if kpm is None else kpm.to(torch.int8).contiguous()
     out = torch.full((B, Hkv, nQ, topk), -1, dtype=torch.int32, device=dev)
-    chunk = max(1, _KEY_BUDGET // max(1, B * Hkv * nK))
+    MP = _pow2(M)
+    parts = split or max(1, min(triton.cdiv(nK, 2 * MP), triton.cdiv(_PROGRAMS, nQ * B * Hkv)))
+    CH = triton.cdiv(triton.cdiv(nK, parts), MP) * MP
+    parts = triton.cdiv(nK, CH)
+    chunk = max(1, _KEY_BUDGET // max(1, B * Hkv * parts * MP))
     RGP, DP = _pow2(RG), _pow2(D)
+    D2P = _pow2(2 * D)
     for s in range(0, nQ, chunk):
         e = min(nQ, s + chunk)
         n = e - s
-        keys = torch.full((B * Hkv, n, nK), _NO_KEY, dtype=torch.int64, device=dev)
+        keys = torch.empty((B * Hkv, n, parts, MP), dtype=torch.int64, device=dev)
         qs = qq[:, s:e]
-        parts = split or max(1, min(triton.cdiv(nK, 4 * block_n), triton.cdiv(_PROGRAMS, n * B * Hkv)))
-        CH = triton.cdiv(triton.cdiv(nK, parts), block_n) * block_n
-        _bound_kernel[(n, B * Hkv, triton.cdiv(nK, CH))](
+        _bound_kernel[(n, B * Hkv, parts)](
             qs, kk, has8, lim[s:e], keys,
             qs.stride(0), qs.stride(1), qs.stride(2),
             kk.stride(0), kk.stride(1), kk.stride(2),
-            has8.stride(0), keys.stride(0), keys.stride(1),
+            has8.stride(0), keys.stride(0), keys.stride(1), keys.stride(2),
             Hkv, nK, sb, RG, 2 * D, CH,
-            RGP=RGP, D2P=_pow2(2 * D), BN=block_n, IDX_BITS=bs._IDX_BITS, IEEE=ieee,
+            RGP=RGP, D2P=D2P, DK=min(64, D2P), MP=MP, IDX_BITS=bs._IDX_BITS, IEEE=ieee,
             num_warps=num_warps)
-        ci = _top_blocks(keys, M).contiguous()  # [BH, n, M]
+        # each program's keys are sorted best first: one program needs no second selection
+        keys = keys.view(B * Hkv, n, parts * MP)
+        if parts == 1:
+            keys = keys[..., :M]
+            ci = torch.where(keys == _NO_KEY, -1, keys & _IDX_MASK).contiguous()  # [BH, n, M]
+        else:
+            ci = _top_blocks(keys, M).contiguous()
         del keys
         ex = torch.empty((B * Hkv, n, M), dtype=torch.int64, device=dev)
         rs = rep[:, s:e]
-        parts = max(1, min(M, triton.cdiv(_PROGRAMS, n * B * Hkv)))  # few query blocks: split
-        MC = triton.cdiv(M, parts)
+        mparts = max(1, min(M, triton.cdiv(_PROGRAMS, n * B * Hkv)))  # few query blocks: split
+        MC = triton.cdiv(M, mparts)
         _exact_kernel[(n, B * Hkv, triton.cdiv(M, MC))](
             rs, kc, kpm8 if kpm8 is not None else has8, ci, ex,
             rs.stride(0), rs.stride(1), rs.stride(2),

@@ -103,7 +103,7 @@ def test_decoding_with_kept_summaries_and_split_scans(split):
         summ = cache.update(k, p0)
         want = bs.block_select(q[:, :, p0:], k, None, p0, **kw)
         poison()
-        got = tss.block_select_triton(q[:, :, p0:], k, None, p0, summary=summ, block_n=16,
+        got = tss.block_select_triton(q[:, :, p0:], k, None, p0, summary=summ,
                                       split=split, **kw)
         assert (want >= 0).sum() > 0
         assert torch.equal(got, want), (p0, got, want)
