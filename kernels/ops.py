@@ -262,10 +262,10 @@ def block_sparse_attention(
     if key_padding_mask is not None:  # the Triton attention has no key-padding mask
         return bs.block_attention(query, key, value, kept, key_padding_mask, p0, scale=scale, **kw)
     from . import triton_blocksparse as tba
-    nK, sb, wb, per_q = bs.geometry(key.shape[2], window, sinks, q_block, k_block)
-    full, _ = bs.attended_blocks(kept, p0 // q_block, nK, sb, wb, per_q)
-    return tba.block_attention_triton(query, key, value, full, p0, q_block=q_block,
-                                      k_block=k_block, scale=scale)
+    _, sb, wb, _ = bs.geometry(key.shape[2], window, sinks, q_block, k_block)
+    return tba.block_attention_triton(query, key, value, kept, p0, q_block=q_block,
+                                      k_block=k_block, scale=scale, sink_blocks=sb,
+                                      window_blocks=wb)
 
 
 @block_sparse_attention.register_fake

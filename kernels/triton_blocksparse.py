@@ -12,8 +12,9 @@ dtype, float32 accumulation; a query with no key gives zeros. No key-padding mas
 Launch: two kernels, no host synchronisation.
 
 * ``_compact_kernel`` (one program per 32 list rows) rewrites each row of ``full`` (one per batch
-  row, kv head and query block, F slots) as the blocks lying wholly below T first, in list order,
-  then their count and the partial last block (or -1): O(B Hkv nQ F) int32, read and written once.
+  row, kv head and query block, F slots), after the sink and window blocks it may be asked to put
+  first, as the blocks lying wholly below T first, in list order, then their count and the partial
+  last block (or -1): O(B Hkv nQ F) int32, read and written once.
 * ``_fwd_kernel``: one program per (tile of BLOCK_M query rows, query head of a kv group) on grid
   axis 0, the query heads of one group consecutive, so that the programs that read the same key
   blocks run together and share them in L2; batch row x kv head on axis 1. A tile lies inside one
@@ -64,24 +65,33 @@ def _pow2(x: int, lo: int = 16) -> int:
 
 
 # lengths change with every decoded token: not specialised (no recompilation per length class)
-@triton.jit(do_not_specialize=["NROWS", "T", "NK"])
-def _compact_kernel(FULL, OUT, s_fr, s_ff, NROWS, F, W, T, NK,
+@triton.jit(do_not_specialize=["NROWS", "T", "NK", "J0", "NQ"])
+def _compact_kernel(FULL, OUT, s_fr, s_ff, NROWS, F, W, T, NK, SB, WB, PER_Q, J0, NQ,
                     K_BLOCK: tl.constexpr, FP: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Row r of OUT [NROWS, W = F + 2]: the whole blocks (below T) of list row r in list order,
-    their count at column F, the partial block (or -1) at column F + 1."""
+    """Row r of OUT [NROWS, W = SB + WB + F + 2] (r = batch row x kv head x NQ + query block n):
+    the whole blocks (below T) of [the SB sink blocks, the WB blocks before query block J0 + n,
+    list row r of FULL] in that order, their count at column W - 2, the partial block (or -1) at
+    column W - 1. Sinks and window as `blocksparse.attended_blocks` lists them."""
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     rm = r < NROWS
     f = tl.arange(0, FP)
-    m = rm[:, None] & (f[None, :] < F)
-    x = tl.load(FULL + r[:, None] * s_fr + f[None, :] * s_ff, mask=m, other=-1).to(tl.int64)
-    ok = m & (x >= 0) & (x < NK)
+    before = (J0 + r % NQ) * PER_Q  # key blocks wholly before the row's query block
+    lf = f - SB - WB  # slot in FULL
+    m = rm[:, None] & (lf[None, :] >= 0) & (lf[None, :] < F)
+    x = tl.load(FULL + r[:, None] * s_fr + lf[None, :] * s_ff, mask=m, other=-1).to(tl.int64)
+    sink = f[None, :] + 0 * before[:, None]
+    sink = tl.where(sink < before[:, None], sink, -1)
+    win = before[:, None] - WB + (f[None, :] - SB)
+    win = tl.where((win >= SB) & (win >= 0), win, -1)  # sink blocks are listed once, as sinks
+    x = tl.where(f[None, :] < SB, sink, tl.where(f[None, :] < SB + WB, win, x))
+    ok = rm[:, None] & (f[None, :] < SB + WB + F) & (x >= 0) & (x < NK)
     whole = ok & ((x + 1) * K_BLOCK <= T)
     part = tl.max(tl.where(ok & ((x + 1) * K_BLOCK > T), x, -1), axis=1)
     wi = whole.to(tl.int32)
     pos = tl.cumsum(wi, axis=1) - 1
     tl.store(OUT + r[:, None] * W + pos, x.to(tl.int32), mask=whole)
-    tl.store(OUT + r * W + F, tl.sum(wi, axis=1), mask=rm)
-    tl.store(OUT + r * W + F + 1, part.to(tl.int32), mask=rm)
+    tl.store(OUT + r * W + W - 2, tl.sum(wi, axis=1), mask=rm)
+    tl.store(OUT + r * W + W - 1, part.to(tl.int32), mask=rm)
 
 
 @triton.jit
@@ -264,12 +274,15 @@ def _launch_shape(Lq: int, q_block: int, k_block: int, bd: int, bdv: int, elem: 
 def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, full: Tensor, p0: int, *,
                            q_block: int = 128, k_block: int = 64, scale: float,
                            block_m: int = 128, block_n: int = 64, num_warps: int = 8,
-                           num_stages: int = 3, out: Optional[Tensor] = None) -> Tensor:
+                           num_stages: int = 3, out: Optional[Tensor] = None,
+                           sink_blocks: int = 0, window_blocks: int = 0) -> Tensor:
     """Block-sparse attention of the queries at p0..p0+Lq-1 (module docstring; docs/blocksparse.md).
 
     q [B, Hq, Lq, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv] (one dtype: fp32, bf16 or fp16; Hq a
     multiple of Hkv); full int32/int64 [B, Hkv, nQ, F]: per query block j0+n (j0 = p0 // q_block),
-    the key blocks it attends in full (-1 = empty slot), as `blocksparse.attended_blocks` gives.
+    the key blocks it attends in full (-1 = empty slot), as `blocksparse.attended_blocks` gives;
+    or only the kept blocks, with ``sink_blocks`` and ``window_blocks`` the sinks and window that
+    `blocksparse.attended_blocks` puts before them (built on the GPU: no list written by torch).
     Returns [B, Hq, Lq, Dv] in q's dtype (written into ``out`` when given). block_m, block_n,
     num_warps, num_stages: the launch shape for a long call (fitted to short calls)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or full.dim() != 4:
@@ -303,6 +316,9 @@ def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, full: Tensor, p0: in
                          f"[{B}, {Hkv}, {nQ}, F], got {full.dtype} {tuple(full.shape)}")
     if full.device != q.device:
         raise ValueError("block_attention_triton: full is on another device than q")
+    if sink_blocks < 0 or window_blocks < 0:
+        raise ValueError(f"block_attention_triton: sink_blocks={sink_blocks} and "
+                         f"window_blocks={window_blocks} must be >= 0")
     if out is None:
         out = torch.empty(B, Hq, Lq, Dv, dtype=q.dtype, device=q.device)
     elif out.shape != (B, Hq, Lq, Dv) or out.dtype != q.dtype or out.stride(-1) != 1:
@@ -313,14 +329,15 @@ def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, full: Tensor, p0: in
     if scale < 0:  # the kernel folds the scale into the running maximum: keep it >= 0
         q, scale = -q, -scale
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    F = full.shape[3]
+    F = sink_blocks + window_blocks + full.shape[3]  # list slots per query block
     W = F + 2
     nK = -(-T // k_block)
     rows = B * Hkv * nQ
-    flat = full.reshape(rows, F)
+    flat = full.reshape(rows, full.shape[3])
     lst = torch.empty(rows, W, dtype=torch.int32, device=q.device)
     _compact_kernel[(triton.cdiv(rows, _COMPACT_ROWS),)](
-        flat, lst, flat.stride(0) if F else 1, flat.stride(1) if F else 1, rows, F, W, T, nK,
+        flat, lst, flat.stride(0) if full.shape[3] else 1, flat.stride(1) if full.shape[3] else 1,
+        rows, full.shape[3], W, T, nK, sink_blocks, window_blocks, q_block // k_block, j0, nQ,
         K_BLOCK=k_block, FP=_pow2(F, 2), BLOCK_R=_COMPACT_ROWS)
     BD, BDV = _pow2(D), _pow2(Dv)
     BM, BN, warps, stages = _launch_shape(Lq, q_block, k_block, BD, BDV, q.element_size(),

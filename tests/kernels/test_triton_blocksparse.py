@@ -77,6 +77,11 @@ def _against_reference(q, k, v, kept, p0, *, window, sinks, qb, kb, scale, list_
     got = _kernel(q, k, v, full, p0, q_block=qb, k_block=kb, scale=scale, **launch)
     tol = TOL[q.dtype]
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+    # the kept blocks alone, the kernel putting the sinks and window first: the same lists
+    _, sb, wb, _ = bs.geometry(T, window, sinks, qb, kb)
+    alone = _kernel(q, k, v, kept if list_dtype is None else kept.to(list_dtype), p0, q_block=qb,
+                    k_block=kb, scale=scale, sink_blocks=sb, window_blocks=wb, **launch)
+    assert torch.equal(alone, got)
     return got, want
 
 
