@@ -43,25 +43,39 @@ def _order_key(score, idx, IDX_BITS: tl.constexpr):
     return (mono.to(tl.int64) << IDX_BITS) | idx.to(tl.int64)
 
 
+@triton.jit
+def _rep_rows(n, front, Lq, RG, ROWS, RGP: tl.constexpr, Q_BLOCK: tl.constexpr):
+    """The representative rows of query block n of the call (`blocksparse.representatives`): for
+    lane r < RG, the query head within the kv group (r // ROWS) and the index among the call's
+    queries of the block's (r % ROWS)-th last row in the call (its last row where fewer are)."""
+    r = tl.arange(0, RGP)
+    last = tl.minimum(front + Lq - 1 - n * Q_BLOCK, Q_BLOCK - 1)
+    first = tl.maximum(front - n * Q_BLOCK, 0)
+    row = last - r % ROWS
+    row = tl.where(row >= first, row, last)
+    return r // ROWS, n * Q_BLOCK + row - front, r < RG
+
+
 # lengths change with every decoded token: not specialised (no recompilation per length class)
-@triton.jit(do_not_specialize=["nK", "sb", "CH"])
-def _bound_kernel(QQ, KK, HAS, LIM, OUT,
-                  s_qq_bh, s_qq_n, s_qq_r,
+@triton.jit(do_not_specialize=["nK", "sb", "CH", "Lq", "front", "n0", "before0"])
+def _bound_kernel(Q, KK, HAS, OUT,
+                  s_q_b, s_q_h, s_q_t,
                   s_kk_b, s_kk_h, s_kk_k,
                   s_has_b, s_o_bh, s_o_n, s_o_c,
-                  Hkv, nK, sb, RG, D2, CH,
-                  RGP: tl.constexpr, D2P: tl.constexpr, DK: tl.constexpr, MP: tl.constexpr,
+                  Hkv, nK, sb, CH, Lq, front, n0, before0, per_q, wb, RG, ROWS, D,
+                  G: tl.constexpr, Q_BLOCK: tl.constexpr, RGP: tl.constexpr, DP: tl.constexpr,
+                  DK: tl.constexpr, MP: tl.constexpr, HAS_MASK: tl.constexpr,
                   IDX_BITS: tl.constexpr, IEEE: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64)
+    n = n0 + tl.program_id(0).to(tl.int64)  # query block of the call
     bh = tl.program_id(1).to(tl.int64)
     c = tl.program_id(2)  # the chunk of CH candidate blocks (a multiple of MP) of this program
     b = bh // Hkv
     h = bh % Hkv
-    lim = tl.minimum(tl.load(LIM + n), (c + 1) * CH)
-    r = tl.arange(0, RGP)
+    # candidates: key blocks sb <= i < (blocks before the query block) - window blocks
+    lim = tl.minimum(tl.minimum(tl.maximum(before0 + n * per_q - wb, 0), nK), (c + 1) * CH)
+    g, t, row_ok = _rep_rows(n, front, Lq, RG, ROWS, RGP, Q_BLOCK)
     dk = tl.arange(0, DK)
-    row_ok = r[None, :] < RG
-    qbase = QQ + bh * s_qq_bh + n * s_qq_n
+    qrow = Q + b * s_q_b + (h * G + g)[None, :] * s_q_h + t.to(tl.int64)[None, :] * s_q_t
     kbase = KK + b * s_kk_b + h * s_kk_h
     # the MP best order keys seen so far, best first (a running top-MP: no keys tensor written)
     top = tl.full([MP], -9223372036854775808, tl.int64)
@@ -69,47 +83,51 @@ def _bound_kernel(QQ, KK, HAS, LIM, OUT,
         i = i0 + tl.arange(0, MP)
         inside = (i < nK)
         s = tl.zeros([MP, RGP], dtype=tl.float32)
-        for d0 in tl.static_range(0, D2P, DK):  # [blocks, 2D] x [2D, rows] in slices of DK
+        for d0 in tl.static_range(0, DP, DK):  # bound = kmax . q+ + kmin . q-, DK dims a step
             d = d0 + dk
-            kk = tl.load(kbase + i[:, None] * s_kk_k + d[None, :],
-                         mask=inside[:, None] & (d[None, :] < D2), other=0.0)
-            qt = tl.load(qbase + r[None, :] * s_qq_r + d[:, None],
-                         mask=row_ok & (d[:, None] < D2), other=0.0)
+            qt = tl.load(qrow + d[:, None], mask=row_ok[None, :] & (d[:, None] < D), other=0.0)
+            kmask = inside[:, None] & (d[None, :] < D)
+            kx = tl.load(kbase + i[:, None] * s_kk_k + d[None, :], mask=kmask, other=0.0)
+            kn = tl.load(kbase + i[:, None] * s_kk_k + D + d[None, :], mask=kmask, other=0.0)
             if IEEE:
-                s = tl.dot(kk, qt, s, input_precision="ieee")
+                s = tl.dot(kx, tl.maximum(qt, 0.0), s, input_precision="ieee")
+                s = tl.dot(kn, tl.minimum(qt, 0.0), s, input_precision="ieee")
             else:
-                s = tl.dot(kk, qt, s)
-        best = tl.max(tl.where(row_ok, s, float("-inf")), 1)
-        has = tl.load(HAS + b * s_has_b + i, mask=inside, other=0)
-        ok = (i >= sb) & (i < lim) & (has != 0)
+                s = tl.dot(kx, tl.maximum(qt, 0.0).to(qt.dtype), s)
+                s = tl.dot(kn, tl.minimum(qt, 0.0).to(qt.dtype), s)
+        best = tl.max(tl.where(row_ok[None, :], s, float("-inf")), 1)
+        ok = (i >= sb) & (i < lim)
+        if HAS_MASK:
+            ok = ok & (tl.load(HAS + b * s_has_b + i, mask=inside, other=0) != 0)
         key = tl.where(ok, _order_key(best, i, IDX_BITS), -9223372036854775808)
         if tl.max(key, 0) > tl.min(top, 0):  # some block of the tile enters the running top
             top = tl.topk(tl.reshape(tl.join(top, key), [2 * MP]), MP)
     o = tl.arange(0, MP)
-    tl.store(OUT + bh * s_o_bh + n * s_o_n + c * s_o_c + o, top)
+    tl.store(OUT + bh * s_o_bh + (n - n0) * s_o_n + c * s_o_c + o, top)
 
 
-@triton.jit(do_not_specialize=["T", "MC"])
-def _exact_kernel(REP, K, KPM, CI, OUT,
-                  s_rep_bh, s_rep_n, s_rep_r,
+@triton.jit(do_not_specialize=["T", "MC", "Lq", "front", "n0"])
+def _exact_kernel(Q, K, KPM, CI, OUT,
+                  s_q_b, s_q_h, s_q_t,
                   s_k_b, s_k_h, s_k_t,
                   s_kpm_b, s_ci_bh, s_ci_n, s_o_bh, s_o_n,
-                  Hkv, T, RG, D, M, MC,
-                  KB: tl.constexpr, RGP: tl.constexpr, DP: tl.constexpr, HAS_KPM: tl.constexpr,
-                  IDX_BITS: tl.constexpr, IEEE: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64)
+                  Hkv, T, M, MC, Lq, front, n0, RG, ROWS, D,
+                  G: tl.constexpr, Q_BLOCK: tl.constexpr, KB: tl.constexpr, RGP: tl.constexpr,
+                  DP: tl.constexpr, HAS_KPM: tl.constexpr, IDX_BITS: tl.constexpr,
+                  IEEE: tl.constexpr):
+    n = n0 + tl.program_id(0).to(tl.int64)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // Hkv
     h = bh % Hkv
-    r = tl.arange(0, RGP)
+    g, t, row_ok = _rep_rows(n, front, Lq, RG, ROWS, RGP, Q_BLOCK)
     d = tl.arange(0, DP)
-    rep = tl.load(REP + bh * s_rep_bh + n * s_rep_n + r[:, None] * s_rep_r + d[None, :],
-                  mask=(r[:, None] < RG) & (d[None, :] < D), other=0.0)
+    rep = tl.load(Q + b * s_q_b + (h * G + g)[:, None] * s_q_h + t.to(tl.int64)[:, None] * s_q_t
+                  + d[None, :], mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
     kk = tl.arange(0, KB)
     kbase = K + b * s_k_b + h * s_k_h
     c = tl.program_id(2)  # this program scores candidates c*MC .. (c+1)*MC - 1 of the pool
     for m in range(c * MC, tl.minimum(M, (c + 1) * MC)):
-        idx = tl.load(CI + bh * s_ci_bh + n * s_ci_n + m)
+        idx = tl.load(CI + bh * s_ci_bh + (n - n0) * s_ci_n + m)
         pos = idx * KB + kk
         ok = (pos >= 0) & (pos < T)  # idx = -1 gives pos < 0
         if HAS_KPM:
@@ -121,11 +139,11 @@ def _exact_kernel(REP, K, KPM, CI, OUT,
             s = tl.dot(rep, tl.trans(kt), input_precision="ieee")
         else:
             s = tl.dot(rep, tl.trans(kt))
-        s = tl.where((r[:, None] < RG) & ok[None, :], s, float("-inf"))
+        s = tl.where(row_ok[:, None] & ok[None, :], s, float("-inf"))
         best = tl.max(tl.max(s, 1), 0)
         key = tl.where(best > float("-inf"), _order_key(best, idx, IDX_BITS),
                        -9223372036854775808)
-        tl.store(OUT + bh * s_o_bh + n * s_o_n + m, key)
+        tl.store(OUT + bh * s_o_bh + (n - n0) * s_o_n + m, key)
 
 
 def _top_blocks(keys: Tensor, n: int) -> Tensor:
@@ -149,43 +167,46 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
     decoding)."""
     B, Hq, Lq, D = q.shape
     Hkv, T = k.shape[1], k.shape[2]
+    G = Hq // Hkv
     nK = bs._ceil_div(T, k_block)
     dev = q.device
-    rep, j0 = bs.representatives(q, p0, q_block, rows, Hkv)
-    nQ, RG = rep.shape[2], rep.shape[3]
-    rep = rep.reshape(B * Hkv, nQ, RG, D).contiguous()
-    qq = torch.cat([rep.clamp(min=0), rep.clamp(max=0)], -1)  # [BH, nQ, RG, 2D]
-    kk, has = (bs.block_summaries(k, kpm, k_block) if summary is None
-               else bs.check_summary(summary, k, kpm, k_block))
+    j0 = p0 // q_block
+    front = p0 - j0 * q_block
+    nQ = bs._ceil_div(front + Lq, q_block)
+    RG = G * rows
+    if summary is None:
+        kk, has = bs.block_summaries(k, kpm, k_block)
+        has8 = None if kpm is None else has.to(torch.int8).contiguous()
+    else:
+        kk, _ = bs.check_summary(summary, k, kpm, k_block)
+        has8 = None
     kk = kk if kk.stride(-1) == 1 else kk.contiguous()
-    has8 = has.to(torch.int8).contiguous()
-    sb, lim = bs.candidate_limits(j0, nQ, T, window, sinks, q_block, k_block, dev)
-    lim = lim.clamp(min=0, max=nK).contiguous()
+    _, sb, wb, per_q = bs.geometry(T, window, sinks, q_block, k_block)
     M = min(pool * topk, nK)
     ieee = q.dtype == torch.float32
+    qc = q if q.stride(-1) == 1 else q.contiguous()
     kc = k if k.stride(-1) == 1 else k.contiguous()
     kpm8 = None if kpm is None else kpm.to(torch.int8).contiguous()
-    out = torch.full((B, Hkv, nQ, topk), -1, dtype=torch.int32, device=dev)
+    out = torch.empty((B, Hkv, nQ, topk), dtype=torch.int32, device=dev)
     MP = _pow2(M)
     parts = split or max(1, min(triton.cdiv(nK, 2 * MP), triton.cdiv(_PROGRAMS, nQ * B * Hkv)))
     CH = triton.cdiv(triton.cdiv(nK, parts), MP) * MP
     parts = triton.cdiv(nK, CH)
     chunk = max(1, _KEY_BUDGET // max(1, B * Hkv * parts * MP))
     RGP, DP = _pow2(RG), _pow2(D)
-    D2P = _pow2(2 * D)
+    qstr = (qc.stride(0), qc.stride(1), qc.stride(2))
     for s in range(0, nQ, chunk):
         e = min(nQ, s + chunk)
         n = e - s
         keys = torch.empty((B * Hkv, n, parts, MP), dtype=torch.int64, device=dev)
-        qs = qq[:, s:e]
         _bound_kernel[(n, B * Hkv, parts)](
-            qs, kk, has8, lim[s:e], keys,
-            qs.stride(0), qs.stride(1), qs.stride(2),
+            qc, kk, has8 if has8 is not None else kk, keys, *qstr,
             kk.stride(0), kk.stride(1), kk.stride(2),
-            has8.stride(0), keys.stride(0), keys.stride(1), keys.stride(2),
-            Hkv, nK, sb, RG, 2 * D, CH,
-            RGP=RGP, D2P=D2P, DK=min(64, D2P), MP=MP, IDX_BITS=bs._IDX_BITS, IEEE=ieee,
-            num_warps=num_warps)
+            has8.stride(0) if has8 is not None else 0, keys.stride(0), keys.stride(1),
+            keys.stride(2),
+            Hkv, nK, sb, CH, Lq, front, s, j0 * per_q, per_q, wb, RG, rows, D,
+            G=G, Q_BLOCK=q_block, RGP=RGP, DP=DP, DK=min(64, DP), MP=MP,
+            HAS_MASK=has8 is not None, IDX_BITS=bs._IDX_BITS, IEEE=ieee, num_warps=num_warps)
         # each program's keys are sorted best first: one program needs no second selection
         keys = keys.view(B * Hkv, n, parts * MP)
         if parts == 1:
@@ -195,18 +216,18 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
             ci = _top_blocks(keys, M).contiguous()
         del keys
         ex = torch.empty((B * Hkv, n, M), dtype=torch.int64, device=dev)
-        rs = rep[:, s:e]
         mparts = max(1, min(M, triton.cdiv(_PROGRAMS, n * B * Hkv)))  # few query blocks: split
         MC = triton.cdiv(M, mparts)
         _exact_kernel[(n, B * Hkv, triton.cdiv(M, MC))](
-            rs, kc, kpm8 if kpm8 is not None else has8, ci, ex,
-            rs.stride(0), rs.stride(1), rs.stride(2),
+            qc, kc, kpm8 if kpm8 is not None else kc, ci, ex, *qstr,
             kc.stride(0), kc.stride(1), kc.stride(2),
             kpm8.stride(0) if kpm8 is not None else 0, ci.stride(0), ci.stride(1),
             ex.stride(0), ex.stride(1),
-            Hkv, T, RG, D, M, MC,
-            KB=k_block, RGP=RGP, DP=DP, HAS_KPM=kpm8 is not None, IDX_BITS=bs._IDX_BITS,
-            IEEE=ieee, num_warps=num_warps)
-        kept = _top_blocks(ex, topk)
-        out[:, :, s:e, :kept.shape[-1]] = kept.view(B, Hkv, n, -1).to(torch.int32)
+            Hkv, T, M, MC, Lq, front, s, RG, rows, D,
+            G=G, Q_BLOCK=q_block, KB=k_block, RGP=RGP, DP=DP, HAS_KPM=kpm8 is not None,
+            IDX_BITS=bs._IDX_BITS, IEEE=ieee, num_warps=num_warps)
+        kept = _top_blocks(ex, topk).to(torch.int32).view(B, Hkv, n, -1)
+        out[:, :, s:e, :kept.shape[-1]] = kept
+        if kept.shape[-1] < topk:
+            out[:, :, s:e, kept.shape[-1]:] = -1
     return out
