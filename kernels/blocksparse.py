@@ -176,8 +176,15 @@ class BlockSummaryCache:
                 grown[:, :, :buf.shape[2]] = buf
             buf = grown
         i0 = start // kb
-        if i0 < nK:
-            buf[:, :, i0:nK] = block_summaries(k[:, :, i0 * kb:], None, kb)[0]
+        whole = T // kb  # blocks i0..whole-1 are whole, block whole (if < nK) is partial
+        if i0 < whole:  # written in place: no temporary per update (a decoded token: 2 launches)
+            body = k[:, :, i0 * kb:whole * kb].reshape(B, H, whole - i0, kb, D)
+            torch.amax(body, 3, out=buf[:, :, i0:whole, :D])
+            torch.amin(body, 3, out=buf[:, :, i0:whole, D:])
+        if whole < nK:  # (i0 <= whole: start <= T)
+            tail = k[:, :, whole * kb:]
+            torch.amax(tail, 2, keepdim=True, out=buf[:, :, whole:nK, :D])
+            torch.amin(tail, 2, keepdim=True, out=buf[:, :, whole:nK, D:])
         self.buf, self.length = buf, T
         return buf[:, :, :nK]
 
