@@ -9,7 +9,9 @@ rank's own chunk is filled in and, of the earlier chunks, only the rows the quer
 1. **search rows**: the keys span-search scores. With ``search_key="anchor"`` these are the stripe
    anchors t - delta_i of the rank's queries (delta_i >= W), computed from the geometry alone, so
    every rank knows them before any data moves; ``"mean"`` and ``"block"`` summarise every earlier
-   key, so they fetch all earlier K (and no V).
+   key, so they fetch all earlier K (and no V). ``"blocksparse"`` (docs/blocksparse.md) may read
+   any earlier key block in either stage of its search, so its ranks fetch all earlier K and V and
+   run the block-sparse op on their queries (no saving in traffic over ``all_gather`` yet).
 2. span-search runs locally, giving each query its kept anchors;
 3. **attention rows**: K and V of the blocks the kept spans, the window and the sinks (the first
    keys, on rank 0) touch, per batch row and kv head; K rows already fetched in 1 are not fetched
@@ -348,6 +350,10 @@ def sequence_parallel_superlinear_attention(
     if config.steps != 2:
         raise ValueError(f"{_NAME}: config.steps={config.steps} (the N-step search of docs/nstep.md) is "
                          f"not supported across ranks yet; only steps=2 (docs/spec.md's stripe search)")
+    bsp = config.search_key == "blocksparse"
+    if bsp and search_query_local is not None:
+        raise ValueError(f"{_NAME}: search_key='blocksparse' selects with the attention query; "
+                         "search_query_local is not supported")
     if comm not in COMM_MODES:
         raise ValueError(f"{_NAME}: comm={comm!r} is invalid: expected one of {COMM_MODES}")
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
@@ -383,7 +389,8 @@ def sequence_parallel_superlinear_attention(
         stats.add("k", (P - 1) * k_local.nbytes, (P - 1) * k_local.nbytes)
         stats.add("v", (P - 1) * v_local.nbytes, (P - 1) * v_local.nbytes)
         kbuf, vbuf = torch.cat(ks[:rank + 1], dim=2), torch.cat(vs[:rank + 1], dim=2)
-        anchors, scores = _search(q_local, search_query_local, kbuf, mask, config, dense)
+        if not bsp:
+            anchors, scores = _search(q_local, search_query_local, kbuf, mask, config, dense)
     else:
         kbuf = k_local.new_zeros(B, Hkv, L + C, D)
         vbuf = v_local.new_zeros(B, Hkv, L + C, Dv)
@@ -391,13 +398,15 @@ def sequence_parallel_superlinear_attention(
         vbuf[:, :, L:] = v_local
         nb = -(-C // block)
         have_k = torch.zeros(P, B, Hkv, nb, dtype=torch.bool, device=dev)
-        if not dense:  # 1. the keys span-search reads
+        if not dense and not bsp:  # 1. the keys span-search reads
             need = _positions_to_blocks(_search_need(B, Hkv, rank, C, T, config, dev), C, block, P)
             stats.k_blocks += _fetch_blocks(kbuf, k_local, need, block, group, stats, "k")
             have_k = need
-        anchors, scores = _search(q_local, search_query_local, kbuf, mask, config, dense)
-        # 2. K and V of the kept spans, the window and the sinks (dense: every earlier key)
-        if dense:
+        if not bsp:
+            anchors, scores = _search(q_local, search_query_local, kbuf, mask, config, dense)
+        # 2. K and V of the kept spans, the window and the sinks (dense, and the block-sparse
+        # search, whose stages read any earlier key block: every earlier key)
+        if dense or bsp:
             need = torch.ones(P, B, Hkv, nb, dtype=torch.bool, device=dev)
             need[rank:] = False
         else:
@@ -406,6 +415,11 @@ def sequence_parallel_superlinear_attention(
         stats.k_blocks += _fetch_blocks(kbuf, k_local, need & ~have_k, block, group, stats, "k")
         stats.v_blocks += _fetch_blocks(vbuf, v_local, need, block, group, stats, "v")
     c = config
+    if bsp:  # docs/blocksparse.md: the rank's queries are the last C of its (r+1)*C keys
+        out = torch.ops.superlinear.block_sparse_attention(
+            q_local, kbuf, vbuf, mask, None, c.window, c.sinks, c.topk, float(scale),
+            c.dense_below if dense else 0, c.q_block, c.k_block, c.block_rows, c.block_pool, None)
+        return (out, stats) if return_stats else out
     out = torch.ops.superlinear.span_attention(
         q_local, kbuf, vbuf, anchors, scores, mask, None, c.window, c.sinks, c.span_power,
         c.backward_factor, c.forward_factor, c.combine, float(scale),

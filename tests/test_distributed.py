@@ -41,6 +41,9 @@ CASES = {
                                       dense_below=0)),
     "union_block_search": dict(B=1, Hq=2, Hkv=1, C=100, D=8, block=16,
                                cfg=dict(window=16, sinks=4, topk=3, search_key="block", dense_below=0)),
+    "blocksparse": dict(B=1, Hq=4, Hkv=2, C=160, D=8, block=16, mask=True,
+                        cfg=dict(search_key="blocksparse", window=32, sinks=4, topk=3, q_block=32,
+                                 k_block=16, block_rows=4, block_pool=2, dense_below=0)),
     "dense_below": dict(B=1, Hq=2, Hkv=1, C=40, D=8, block=16, mask=True, cfg=dict(window=8)),
     "window_covers_all": dict(B=1, Hq=2, Hkv=2, C=40, D=8, block=16, cfg=dict(window=1000, dense_below=0)),
     # long enough that the selection is sparse; structured so that every query routes to one region
@@ -54,6 +57,10 @@ CASES = {
     "three_gated_mean_mask": dict(world=3, B=2, Hq=2, Hkv=1, C=48, D=8, block=32, mask=True,
                                   cfg=dict(window=6, sinks=1, topk=3, combine="gated", search_key="mean",
                                            dense_below=0)),
+    "three_blocksparse": dict(world=3, B=2, Hq=2, Hkv=1, C=96, D=8, block=16, comm="all_gather",
+                              cfg=dict(search_key="blocksparse", window=16, sinks=0, topk=2,
+                                       q_block=32, k_block=16, block_rows=8, block_pool=4,
+                                       dense_below=0)),
     "three_bytes": dict(world=3, B=1, Hq=2, Hkv=1, C=512, D=8, block=32, hot=(300, 420),
                         cfg=dict(window=16, sinks=2, topk=1, dense_below=0)),
 }
@@ -286,6 +293,10 @@ def test_invalid_inputs_raise_on_every_rank(runs):
 
 
 def test_local_argument_errors_before_any_collective():
+    q = torch.randn(1, 1, 4, 4)
+    with pytest.raises(ValueError, match="search_query_local is not supported"):
+        sequence_parallel_superlinear_attention(q, q, q, config=SuperlinearConfig.block_sparse(),
+                                                search_query_local=q)
     with pytest.raises(ValueError, match="steps=3"):
         sequence_parallel_superlinear_attention(torch.randn(1, 1, 4, 4), torch.randn(1, 1, 4, 4),
                                                 torch.randn(1, 1, 4, 4), config=SuperlinearConfig(steps=3))
