@@ -502,6 +502,10 @@ def calibrate(model, texts_or_token_ids, *, config: Optional[SuperlinearConfig] 
             else SuperlinearConfig(search_key="block")
     if not isinstance(config, SuperlinearConfig):
         raise TypeError(f"calibrate: config must be a SuperlinearConfig, got {type(config).__name__}")
+    if config.search_key == "blocksparse":
+        raise ValueError("calibrate: search_key='blocksparse' selects with the attention query "
+                         "itself and takes no routers; calibrate a span-search config "
+                         "(for example SuperlinearConfig.for_pretrained())")
     for name, v, lo in (("minutes", minutes, 0.0), ("steps", steps, 1), ("queries", queries, 4)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= lo) or \
                 (isinstance(v, float) and not math.isfinite(v)):

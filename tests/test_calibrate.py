@@ -233,6 +233,9 @@ def test_bad_router_files_and_shapes(calibrated, tmp_path):
         slcompile.calibrate(model, [list(range(20))], config=CFG, minutes=0.1, progress=False)
     with pytest.raises(ValueError, match="minutes"):
         slcompile.calibrate(model, [list(range(200))], config=CFG, minutes=0, progress=False)
+    with pytest.raises(ValueError, match="blocksparse.*no routers"):
+        slcompile.calibrate(model, [list(range(200))], config=SuperlinearConfig.block_sparse(),
+                            minutes=0.1, progress=False)
 
 
 def test_budget_spent_layers_keep_the_identity(one_thread):
