@@ -312,9 +312,37 @@ def _bsa_setup(ctx, inputs, output):
     ctx.params = tuple(inputs[5:])
 
 
+def _bsa_backward_triton(query, key, value, grad, window, sinks, topk, scale, q_block, k_block,
+                         block_rows, block_pool):
+    """Gradients of a prefill through the Triton kernels: the search again (deterministic: the
+    forward's blocks), the forward again for its log-sum-exp, then the backward kernels."""
+    from . import blocksparse as bs
+    from . import triton_blocksparse as tba
+    from .triton_blocksparse_backward import block_attention_backward_triton
+
+    B, Hq, L, _ = query.shape
+    kw = dict(window=window, sinks=sinks, q_block=q_block, k_block=k_block)
+    _, sb, wb, _ = bs.geometry(L, window, sinks, q_block, k_block)
+    kept = _block_select(query, key, None, 0, topk=topk, rows=block_rows, pool=block_pool, **kw)
+    lse = torch.empty(B, Hq, L, dtype=torch.float32, device=query.device)
+    lists = dict(q_block=q_block, k_block=k_block, scale=scale, sink_blocks=sb, window_blocks=wb)
+    out = tba.block_attention_triton(query, key, value, kept, 0, lse=lse, **lists)
+    return block_attention_backward_triton(query, key, value, out, lse,
+                                           grad.to(query.dtype).contiguous(), kept, **lists)
+
+
 def _bsa_backward(ctx, grad):
-    """Gradients for query, key and value by recomputing the attention under autograd."""
+    """Gradients for query, key and value: the Triton backward for a prefill without padding where
+    Triton runs, else by recomputing the attention under autograd."""
     query, key, value, kpm, qpos = ctx.saved_tensors
+    (window, sinks, topk, scale, dense_below, q_block, k_block, block_rows,
+     block_pool) = ctx.params[:9]
+    Lq, T = query.shape[2], key.shape[2]
+    if (_use_triton(query.device) and kpm is None and Lq == T and T > dense_below
+            and _first_position(qpos, Lq, T) == 0):
+        grads = _bsa_backward_triton(query, key, value, grad, window, sinks, topk, scale,
+                                     q_block, k_block, block_rows, block_pool)
+        return tuple(grads) + (None,) * (2 + len(ctx.params))
     with torch.enable_grad():
         leaves = [x.detach().requires_grad_() for x in (query, key, value)]
         out = _block_sparse_recompute(*leaves, kpm, qpos, *ctx.params)

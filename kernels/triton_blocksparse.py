@@ -7,7 +7,10 @@ lists for its query block (sinks, window and kept blocks, as `blocksparse.attend
 them; -1 = empty slot) and, causally, the keys j*q_block..t of its own block (the diagonal). Keys
 >= T never count (the last key block may be partial); the listed blocks are taken as given (no
 causal check: the lists hold blocks before the query block). output = softmax(scale q.k) v in q's
-dtype, float32 accumulation; a query with no key gives zeros. No key-padding mask, no backward.
+dtype, float32 accumulation; a query with no key gives zeros. No key-padding mask. On request the
+forward also writes each query's log-sum-exp, the natural log of sum exp(scale q.k) over its keys
+(float32; -inf for a query with no key), which the backward of a prefill
+(triton_blocksparse_backward.py) reads.
 
 Launch: two kernels, no host synchronisation.
 
@@ -27,7 +30,8 @@ Launch: two kernels, no host synchronisation.
   indirect, which Triton's pipeliner prefetches only one step ahead: 14% slower, measured); then
   the partial block, keys >= T masked; then the diagonal, the key tiles below the tile's first
   query without a mask and the rest with key <= query and key < T. Rows outside the call's queries
-  are masked on load and store.
+  are masked on load and store. With WRITE_LSE (a constexpr: the default launch compiles without
+  it) the tile also stores (m + log2 l) ln 2 of its rows.
 
 Default launch (`block_attention_triton`'s keyword arguments): BLOCK_M = 128 rows, BLOCK_N = 64
 keys, 8 warps, 3 pipeline stages (the Hopper FlashAttention forward shape); BLOCK_M shrinks to the
@@ -155,15 +159,15 @@ def _attend(acc, l_i, m_i, q, kbase, vbase, kpos, qpos, T, skn, svn, qk_scale,
 
 
 @triton.jit(do_not_specialize=["Lq", "T", "nQ", "front", "q0", "tile0"])
-def _fwd_kernel(Q, K, V, O, LST,
-                sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
+def _fwd_kernel(Q, K, V, O, LST, LSE,
+                sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, slb, slh,
                 Hkv, Lq, T, nQ, F, W, front, q0, tile0, qk_scale,
                 G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                 Q_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SUB: tl.constexpr,
                 NB: tl.constexpr, FP: tl.constexpr, IEEE: tl.constexpr,
-                DOT_F32: tl.constexpr):
+                DOT_F32: tl.constexpr, WRITE_LSE: tl.constexpr):
     """SUB steps per listed block (BLOCK_N <= K_BLOCK) or NB listed blocks per step."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # batch row x kv head
@@ -241,6 +245,27 @@ def _fwd_kernel(Q, K, V, O, LST,
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     tl.store(O + b * sob + hq * soh + qi.to(tl.int64)[:, None] * som + offdv[None, :],
              o.to(O.dtype.element_ty), mask=row_ok[:, None] & (offdv[None, :] < DV))
+    if WRITE_LSE:
+        lse = tl.where(has, (m_i + tl.math.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453,
+                       float("-inf"))
+        tl.store(LSE + b * slb + hq * slh + qi.to(tl.int64), lse, mask=row_ok)
+
+
+def compact_lists(full: Tensor, T: int, q_block: int, k_block: int, j0: int, sink_blocks: int,
+                  window_blocks: int) -> Tensor:
+    """`_compact_kernel`'s rows, int32 [B * Hkv * nQ, W = sink_blocks + window_blocks + F + 2], of
+    the lists ``full`` [B, Hkv, nQ, F] of the query blocks j0..j0+nQ-1 (arguments checked by the
+    caller)."""
+    B, Hkv, nQ, F0 = full.shape
+    W = sink_blocks + window_blocks + F0 + 2
+    rows = B * Hkv * nQ
+    flat = full.reshape(rows, F0)
+    lst = torch.empty(rows, W, dtype=torch.int32, device=full.device)
+    _compact_kernel[(triton.cdiv(rows, _COMPACT_ROWS),)](
+        flat, lst, flat.stride(0) if F0 else 1, flat.stride(1) if F0 else 1, rows, F0, W, T,
+        -(-T // k_block), sink_blocks, window_blocks, q_block // k_block, j0, nQ,
+        K_BLOCK=k_block, FP=_pow2(W - 2, 2), BLOCK_R=_COMPACT_ROWS)
+    return lst
 
 
 def _launch_shape(Lq: int, q_block: int, k_block: int, bd: int, bdv: int, elem: int,
@@ -275,7 +300,8 @@ def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, full: Tensor, p0: in
                            q_block: int = 128, k_block: int = 64, scale: float,
                            block_m: int = 128, block_n: int = 64, num_warps: int = 8,
                            num_stages: int = 3, out: Optional[Tensor] = None,
-                           sink_blocks: int = 0, window_blocks: int = 0) -> Tensor:
+                           sink_blocks: int = 0, window_blocks: int = 0,
+                           lse: Optional[Tensor] = None) -> Tensor:
     """Block-sparse attention of the queries at p0..p0+Lq-1 (module docstring; docs/blocksparse.md).
 
     q [B, Hq, Lq, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv] (one dtype: fp32, bf16 or fp16; Hq a
@@ -283,8 +309,10 @@ def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, full: Tensor, p0: in
     the key blocks it attends in full (-1 = empty slot), as `blocksparse.attended_blocks` gives;
     or only the kept blocks, with ``sink_blocks`` and ``window_blocks`` the sinks and window that
     `blocksparse.attended_blocks` puts before them (built on the GPU: no list written by torch).
-    Returns [B, Hq, Lq, Dv] in q's dtype (written into ``out`` when given). block_m, block_n,
-    num_warps, num_stages: the launch shape for a long call (fitted to short calls)."""
+    Returns [B, Hq, Lq, Dv] in q's dtype (written into ``out`` when given). ``lse``, if given, a
+    float32 [B, Hq, Lq] tensor with unit stride in the last dim, receives each query's natural-log
+    log-sum-exp of its scaled logits (-inf for a query with no key). block_m, block_n, num_warps,
+    num_stages: the launch shape for a long call (fitted to short calls)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or full.dim() != 4:
         raise ValueError("block_attention_triton: q, k, v and full must be 4-D")
     B, Hq, Lq, D = q.shape
@@ -324,21 +352,17 @@ def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, full: Tensor, p0: in
     elif out.shape != (B, Hq, Lq, Dv) or out.dtype != q.dtype or out.stride(-1) != 1:
         raise ValueError("block_attention_triton: out must be [B, Hq, Lq, Dv] in q's dtype with "
                          "unit stride in the last dim")
+    if lse is not None and (lse.shape != (B, Hq, Lq) or lse.dtype != torch.float32
+                            or (Lq > 1 and lse.stride(-1) != 1) or lse.device != q.device):
+        raise ValueError("block_attention_triton: lse must be float32 [B, Hq, Lq] on q's device "
+                         "with unit stride in the last dim")
     if Lq == 0 or B == 0 or Hq == 0 or Dv == 0:
         return out
     if scale < 0:  # the kernel folds the scale into the running maximum: keep it >= 0
         q, scale = -q, -scale
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    F = sink_blocks + window_blocks + full.shape[3]  # list slots per query block
-    W = F + 2
-    nK = -(-T // k_block)
-    rows = B * Hkv * nQ
-    flat = full.reshape(rows, full.shape[3])
-    lst = torch.empty(rows, W, dtype=torch.int32, device=q.device)
-    _compact_kernel[(triton.cdiv(rows, _COMPACT_ROWS),)](
-        flat, lst, flat.stride(0) if full.shape[3] else 1, flat.stride(1) if full.shape[3] else 1,
-        rows, full.shape[3], W, T, nK, sink_blocks, window_blocks, q_block // k_block, j0, nQ,
-        K_BLOCK=k_block, FP=_pow2(F, 2), BLOCK_R=_COMPACT_ROWS)
+    lst = compact_lists(full, T, q_block, k_block, j0, sink_blocks, window_blocks)
+    F = lst.shape[1] - 2
     BD, BDV = _pow2(D), _pow2(Dv)
     BM, BN, warps, stages = _launch_shape(Lq, q_block, k_block, BD, BDV, q.element_size(),
                                           block_m, block_n, num_warps, num_stages)
@@ -347,13 +371,14 @@ def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, full: Tensor, p0: in
     ntiles = (front + Lq - 1) // BM - tile0 + 1
     grid = (ntiles * G, B * Hkv)
     _fwd_kernel[grid](
-        q, k, v, out, lst,
+        q, k, v, out, lst, out if lse is None else lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        Hkv, Lq, T, nQ, F, W, front, j0 * q_block, tile0, float(scale) * _LOG2E,
+        0 if lse is None else lse.stride(0), 0 if lse is None else lse.stride(1),
+        Hkv, Lq, T, nQ, F, F + 2, front, j0 * q_block, tile0, float(scale) * _LOG2E,
         G=G, D=D, DV=Dv, Q_BLOCK=q_block, K_BLOCK=k_block, BLOCK_M=BM, BLOCK_N=BN,
         BLOCK_D=BD, BLOCK_DV=BDV, SUB=max(1, k_block // BN), NB=max(1, BN // k_block),
         FP=_pow2(F, 2),
         IEEE=q.dtype == torch.float32, DOT_F32=_interpreted() and q.dtype == torch.bfloat16,
-        num_warps=warps, num_stages=stages)
+        WRITE_LSE=lse is not None, num_warps=warps, num_stages=stages)
     return out
