@@ -11,12 +11,15 @@ MP best keys: no [query blocks, key blocks] tensor exists; where the scan is spl
 `torch.topk` merges their few lists. Stage 2, `_exact_kernel`: one program per (query block, batch
 row x kv head, share of the pool) reads its candidate blocks straight from the key tensor (no
 gathered copy) and writes the exact largest logit of the representative rows in each, again as an
-order key; `torch.topk` picks the kept blocks. Scores: products in the inputs' dtype, float32 accumulation (IEEE float32 products
-for float32 inputs), compared in float32, as the contract says.
+order key; `torch.topk` picks the kept blocks. Both kernels read the representative rows straight
+from q and compute the candidate limits themselves (no gathered copies, few launches per decoded
+token). Scores: products in the inputs' dtype, float32 accumulation (IEEE float32 products for
+float32 inputs), compared in float32, as the contract says.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -29,6 +32,9 @@ from . import blocksparse as bs
 _IDX_MASK = (1 << bs._IDX_BITS) - 1
 _NO_KEY = -(1 << 63)  # order key of a non-candidate: below every real key
 _KEY_BUDGET = 1 << 26  # int64 stage-1 keys per chunk of query blocks (512 MiB)
+# tl.topk takes `descending` (largest first by default) in recent Triton; earlier releases have
+# no such argument and always return the largest
+_TOPK_DESCENDING_ARG = "descending" in inspect.signature(getattr(tl.topk, "fn", tl.topk)).parameters
 _PROGRAMS = 512  # stage-1 programs to aim for when few query blocks are searched (decoding)
 
 
@@ -65,7 +71,7 @@ def _bound_kernel(Q, KK, HAS, OUT,
                   Hkv, nK, sb, CH, Lq, front, n0, before0, per_q, wb, RG, ROWS, D,
                   G: tl.constexpr, Q_BLOCK: tl.constexpr, RGP: tl.constexpr, DP: tl.constexpr,
                   DK: tl.constexpr, MP: tl.constexpr, HAS_MASK: tl.constexpr,
-                  IDX_BITS: tl.constexpr, IEEE: tl.constexpr):
+                  IDX_BITS: tl.constexpr, IEEE: tl.constexpr, TOPK_DESCENDING_ARG: tl.constexpr):
     n = n0 + tl.program_id(0).to(tl.int64)  # query block of the call
     bh = tl.program_id(1).to(tl.int64)
     c = tl.program_id(2)  # the chunk of CH candidate blocks (a multiple of MP) of this program
@@ -101,7 +107,11 @@ def _bound_kernel(Q, KK, HAS, OUT,
             ok = ok & (tl.load(HAS + b * s_has_b + i, mask=inside, other=0) != 0)
         key = tl.where(ok, _order_key(best, i, IDX_BITS), -9223372036854775808)
         if tl.max(key, 0) > tl.min(top, 0):  # some block of the tile enters the running top
-            top = tl.topk(tl.reshape(tl.join(top, key), [2 * MP]), MP)
+            both = tl.reshape(tl.join(top, key), [2 * MP])
+            if TOPK_DESCENDING_ARG:  # Triton releases differ in tl.topk's default direction
+                top = tl.topk(both, MP, descending=True)
+            else:
+                top = tl.topk(both, MP)
     o = tl.arange(0, MP)
     tl.store(OUT + bh * s_o_bh + (n - n0) * s_o_n + c * s_o_c + o, top)
 
@@ -206,7 +216,8 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
             keys.stride(2),
             Hkv, nK, sb, CH, Lq, front, s, j0 * per_q, per_q, wb, RG, rows, D,
             G=G, Q_BLOCK=q_block, RGP=RGP, DP=DP, DK=min(64, DP), MP=MP,
-            HAS_MASK=has8 is not None, IDX_BITS=bs._IDX_BITS, IEEE=ieee, num_warps=num_warps)
+            HAS_MASK=has8 is not None, IDX_BITS=bs._IDX_BITS, IEEE=ieee,
+            TOPK_DESCENDING_ARG=_TOPK_DESCENDING_ARG, num_warps=num_warps)
         # each program's keys are sorted best first: one program needs no second selection
         keys = keys.view(B * Hkv, n, parts * MP)
         if parts == 1:
