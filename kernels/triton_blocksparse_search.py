@@ -35,6 +35,7 @@ _KEY_BUDGET = 1 << 26  # int64 stage-1 keys per chunk of query blocks (512 MiB)
 # tl.topk takes `descending` (largest first by default) in recent Triton; earlier releases have
 # no such argument and always return the largest
 _TOPK_DESCENDING_ARG = "descending" in inspect.signature(getattr(tl.topk, "fn", tl.topk)).parameters
+_STAGE1_SMEM = 160 * 1024  # shared memory stage 1's pipelined [kmax | kmin] tiles may take
 _PROGRAMS = 512  # stage-1 programs to aim for when few query blocks are searched (decoding)
 
 
@@ -89,7 +90,8 @@ def _bound_kernel(Q, KK, HAS, OUT,
         i = i0 + tl.arange(0, MP)
         inside = (i < nK)
         s = tl.zeros([MP, RGP], dtype=tl.float32)
-        for d0 in tl.static_range(0, DP, DK):  # bound = kmax . q+ + kmin . q-, DK dims a step
+        for d0 in range(0, DP, DK):  # bound = kmax . q+ + kmin . q-, DK dims a step (a loop,
+            # not unrolled: the pipeliner keeps only one step's tiles in flight per stage)
             d = d0 + dk
             qt = tl.load(qrow + d[:, None], mask=row_ok[None, :] & (d[:, None] < D), other=0.0)
             kmask = inside[:, None] & (d[None, :] < D)
@@ -217,7 +219,8 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
             Hkv, nK, sb, CH, Lq, front, s, j0 * per_q, per_q, wb, RG, rows, D,
             G=G, Q_BLOCK=q_block, RGP=RGP, DP=DP, DK=min(64, DP), MP=MP,
             HAS_MASK=has8 is not None, IDX_BITS=bs._IDX_BITS, IEEE=ieee,
-            TOPK_DESCENDING_ARG=_TOPK_DESCENDING_ARG, num_warps=num_warps)
+            TOPK_DESCENDING_ARG=_TOPK_DESCENDING_ARG, num_warps=num_warps,
+            num_stages=max(1, min(3, _STAGE1_SMEM // (MP * min(64, DP) * 2 * kk.element_size()))))
         # each program's keys are sorted best first: one program needs no second selection
         keys = keys.view(B * Hkv, n, parts * MP)
         if parts == 1:
