@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 from torch import Tensor
 
 from . import blocksparse as bs
@@ -207,20 +208,25 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
     chunk = max(1, _KEY_BUDGET // max(1, B * Hkv * parts * MP))
     RGP, DP = _pow2(RG), _pow2(D)
     qstr = (qc.stride(0), qc.stride(1), qc.stride(2))
+    DK = min(64, DP)  # stage 1's pipelined [kmax | kmin] tiles: 2 x MP x DK a stage
+    stages = max(1, min(3, _STAGE1_SMEM // (MP * DK * 2 * kk.element_size())))
     for s in range(0, nQ, chunk):
         e = min(nQ, s + chunk)
         n = e - s
         keys = torch.empty((B * Hkv, n, parts, MP), dtype=torch.int64, device=dev)
-        _bound_kernel[(n, B * Hkv, parts)](
-            qc, kk, has8 if has8 is not None else kk, keys, *qstr,
-            kk.stride(0), kk.stride(1), kk.stride(2),
-            has8.stride(0) if has8 is not None else 0, keys.stride(0), keys.stride(1),
-            keys.stride(2),
-            Hkv, nK, sb, CH, Lq, front, s, j0 * per_q, per_q, wb, RG, rows, D,
-            G=G, Q_BLOCK=q_block, RGP=RGP, DP=DP, DK=min(64, DP), MP=MP,
-            HAS_MASK=has8 is not None, IDX_BITS=bs._IDX_BITS, IEEE=ieee,
-            TOPK_DESCENDING_ARG=_TOPK_DESCENDING_ARG, num_warps=num_warps,
-            num_stages=max(1, min(3, _STAGE1_SMEM // (MP * min(64, DP) * 2 * kk.element_size()))))
+        args = (qc, kk, has8 if has8 is not None else kk, keys, *qstr,
+                kk.stride(0), kk.stride(1), kk.stride(2),
+                has8.stride(0) if has8 is not None else 0, keys.stride(0), keys.stride(1),
+                keys.stride(2),
+                Hkv, nK, sb, CH, Lq, front, s, j0 * per_q, per_q, wb, RG, rows, D)
+        meta = dict(G=G, Q_BLOCK=q_block, RGP=RGP, DP=DP, MP=MP, HAS_MASK=has8 is not None,
+                    IDX_BITS=bs._IDX_BITS, IEEE=ieee, TOPK_DESCENDING_ARG=_TOPK_DESCENDING_ARG,
+                    num_warps=num_warps)
+        try:
+            _bound_kernel[(n, B * Hkv, parts)](*args, DK=DK, num_stages=stages, **meta)
+        except OutOfResources:  # a compiler that needs more shared memory than estimated
+            DK, stages = min(32, DP), 1
+            _bound_kernel[(n, B * Hkv, parts)](*args, DK=DK, num_stages=stages, **meta)
         # each program's keys are sorted best first: one program needs no second selection
         keys = keys.view(B * Hkv, n, parts * MP)
         if parts == 1:

@@ -121,3 +121,29 @@ def test_negative_scores_with_a_pool_past_the_candidates():
     got = tss.block_select_triton(q, k, None, 0, **kw)
     assert torch.equal(got, want)
     assert (want >= 0).sum() > 0
+
+
+def test_stage_one_retries_with_smaller_tiles_when_shared_memory_runs_out(monkeypatch):
+    """A launch the compiler refuses for shared memory (as a 256-block tile with three stages did
+    on an H200) is retried with fewer stages and narrower slices, with the same result."""
+    from triton.runtime.errors import OutOfResources
+
+    q, k, _ = _inputs(1, 4, 2, 1000, 32, seed=23, pad=False)
+    kw = dict(window=64, sinks=4, topk=2, q_block=64, k_block=32, rows=8, pool=2)
+    want = tss.block_select_triton(q, k, None, 0, **kw)
+    real, seen = tss._bound_kernel, []
+
+    class Refusing:
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                seen.append((meta["DK"], meta["num_stages"]))
+                if len(seen) == 1:
+                    raise OutOfResources(300000, 232448, "shared memory")
+                return real[grid](*args, **meta)
+            return launch
+
+    monkeypatch.setattr(tss, "_bound_kernel", Refusing())
+    poison()
+    got = tss.block_select_triton(q, k, None, 0, **kw)
+    assert seen[1] == (32, 1) and seen[0] != seen[1]
+    assert torch.equal(got, want)
