@@ -11,9 +11,10 @@ reachable.
 
 `block_select` is the search, `block_attention` the attention (gather-based, O(Lq * kept keys)
 memory), both torch ops only: the executable contract that the Triton kernels
-(triton_blocksparse_search.py, triton_blocksparse.py) are tested against; `block_attention_flex`
-lowers the attention of a prefill onto FlexAttention (measured beside the Triton kernel). Nothing
-here knows graphs; the custom op in ops.py calls these.
+(triton_blocksparse_search.py, triton_blocksparse.py, triton_blocksparse_backward.py) are tested
+against; `block_attention_flex` lowers the attention of a prefill onto FlexAttention's forward
+(measured beside the Triton kernel). Nothing here knows graphs; the custom op in ops.py calls
+these.
 """
 
 from __future__ import annotations
@@ -346,10 +347,10 @@ def _heads(x: Tensor, G: int) -> Tensor:
 
 
 def flex_block_mask(kept: Tensor, L: int, *, window: int, sinks: int, q_block: int, k_block: int,
-                    Hq: int, backward: bool = False):
+                    Hq: int):
     """The FlexAttention BlockMask of a prefill of L tokens: sinks, window and kept blocks as full
-    blocks, the diagonal as partial (causal) blocks. Heads expanded from kv heads to Hq. With
-    ``backward``, the query-block indices that FlexAttention's backward needs are computed too."""
+    blocks, the diagonal as partial (causal) blocks. Heads expanded from kv heads to Hq. Forward
+    only (no query-block indices)."""
     from torch.nn.attention.flex_attention import BlockMask
 
     B, Hkv, nQ, _ = kept.shape
@@ -375,70 +376,20 @@ def flex_block_mask(kept: Tensor, L: int, *, window: int, sinks: int, q_block: i
     return BlockMask.from_kv_blocks(_heads(part_num, G), _heads(part_idx, G), _heads(full_num, G),
                                     _heads(full_idx, G), BLOCK_SIZE=(q_block, k_block),
                                     mask_mod=causal, seq_lengths=(L, L),
-                                    compute_q_blocks=backward)
-
-
-# FlexAttention's backward tiles (sm90, head dim 128: 64 x 128 and 128 x 64) must divide its sparse
-# blocks, and it skips any tile that does not; blocks smaller than this go to `flex_train_mask`
-FLEX_BACKWARD_BLOCK = 128
-
-
-def flex_train_mask(kept: Tensor, L: int, *, window: int, sinks: int, q_block: int, k_block: int,
-                    Hq: int):
-    """A BlockMask for FlexAttention's forward and backward of the same attention as
-    `flex_block_mask`, on blocks of at least FLEX_BACKWARD_BLOCK queries and keys: each coarse
-    block that holds an attended key block (or a diagonal key) is a partial block, and the
-    ``mask_mod`` keeps exactly the contract's pairs (key k in a block listed for the query's block,
-    or in its own block up to the query), read from a [B, Hkv, nQ, nK] table."""
-    from torch.nn.attention.flex_attention import BlockMask
-
-    B, Hkv, nQ, _ = kept.shape
-    dev = kept.device
-    nK, sb, wb, per_q = geometry(L, window, sinks, q_block, k_block)
-    full, _ = attended_blocks(kept, 0, nK, sb, wb, per_q)
-    CQ, CK = max(q_block, FLEX_BACKWARD_BLOCK), max(k_block, FLEX_BACKWARD_BLOCK)
-    rq, rk = CQ // q_block, CK // k_block
-    nCQ, nCK = _ceil_div(L, CQ), _ceil_div(L, CK)
-    # the table, padded to whole coarse blocks (the kernel may ask about rows and keys up to them)
-    table = torch.zeros(B, Hkv, nCQ * rq, nCK * rk + 1, dtype=torch.bool, device=dev)
-    table[:, :, :nQ].scatter_(3, torch.where(full >= 0, full, nCK * rk), True)
-    table = table[..., :-1].contiguous()
-    coarse = table.view(B, Hkv, nCQ, rq, nCK, rk).any(5).any(3)  # [B, Hkv, nCQ, nCK]
-    # the diagonal: coarse key blocks holding keys of the coarse query block's own range
-    c = torch.arange(nCQ, device=dev)
-    ci = torch.arange(nCK, device=dev)
-    diag = (ci[None, :] >= (c[:, None] * CQ) // CK) & (ci[None, :] <= ((c[:, None] + 1) * CQ - 1) // CK)
-    coarse = coarse | diag[None, None]
-    num = coarse.sum(-1).to(torch.int32)
-    idx = torch.where(coarse, ci, nCK).sort(-1).values
-    idx = torch.where(idx == nCK, 0, idx).to(torch.int32)
-    G = Hq // Hkv
-
-    def mask_mod(b, h, qi, ki):
-        qb = qi // q_block
-        return (ki <= qi) & (table[b, h // G, qb, ki // k_block] | (ki >= qb * q_block))
-
-    return BlockMask.from_kv_blocks(_heads(num, G), _heads(idx, G), BLOCK_SIZE=(CQ, CK),
-                                    mask_mod=mask_mod, seq_lengths=(L, L), compute_q_blocks=True)
+                                    compute_q_blocks=False)
 
 
 def block_attention_flex(q: Tensor, k: Tensor, v: Tensor, kept: Tensor, *, window: int,
                          sinks: int, q_block: int, k_block: int, scale: float,
-                         compiled: bool = True, backward: bool = False) -> Tensor:
-    """`block_attention` of a prefill (Lq == T, no padding) through FlexAttention
-    (differentiable with ``backward``: on `flex_train_mask`'s coarse blocks where the config's
-    blocks are smaller than FlexAttention's backward tiles)."""
+                         compiled: bool = True) -> Tensor:
+    """`block_attention` of a prefill (Lq == T, no padding) through FlexAttention's forward (the
+    lowering measured beside the Triton kernel)."""
     L = q.shape[2]
-    kw = dict(window=window, sinks=sinks, q_block=q_block, k_block=k_block, Hq=q.shape[1])
-    if backward and min(q_block, k_block) < FLEX_BACKWARD_BLOCK:
-        mask = flex_train_mask(kept, L, **kw)
-        options = flex_kernel_options(mask.BLOCK_SIZE[0], mask.BLOCK_SIZE[1])
-    else:
-        mask = flex_block_mask(kept, L, backward=backward, **kw)
-        options = flex_kernel_options(q_block, k_block)
+    mask = flex_block_mask(kept, L, window=window, sinks=sinks, q_block=q_block, k_block=k_block,
+                           Hq=q.shape[1])
     enable_gqa = q.shape[1] != k.shape[1]
     return _flex_fn(compiled)(q, k, v, block_mask=mask, scale=scale, enable_gqa=enable_gqa,
-                              kernel_options=options)
+                              kernel_options=flex_kernel_options(q_block, k_block))
 
 
 def flex_kernel_options(q_block: int, k_block: int) -> dict:

@@ -288,7 +288,8 @@ def _block_sparse_recompute(query, key, value, kpm, qpos, window, sinks, topk, s
                             block_summary=None):
     """The op's output as differentiable torch code (the search under no_grad: the selection is
     discrete, no gradient flows through it, as in the contract; it is deterministic, so it
-    returns the forward's blocks): FlexAttention for a CUDA prefill, the reference otherwise."""
+    returns the forward's blocks), attended by the reference (`_bsa_backward` sends prefills to
+    the Triton backward where Triton runs)."""
     from . import blocksparse as bs
     from .reference import dense_attention
 
@@ -302,8 +303,6 @@ def _block_sparse_recompute(query, key, value, kpm, qpos, window, sinks, topk, s
     with torch.no_grad():
         kept = _block_select(query, key, kpm, p0, topk=topk, rows=block_rows, pool=block_pool,
                              summary=block_summary, **kw)
-    if query.is_cuda and p0 == 0 and Lq == T and kpm is None:
-        return bs.block_attention_flex(query, key, value, kept, scale=scale, backward=True, **kw)
     return bs.block_attention(query, key, value, kept, kpm, p0, scale=scale, **kw)
 
 
