@@ -147,3 +147,17 @@ def test_stage_one_retries_with_smaller_tiles_when_shared_memory_runs_out(monkey
     got = tss.block_select_triton(q, k, None, 0, **kw)
     assert seen[1] == (32, 1) and seen[0] != seen[1]
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("p0", [8999, 8960])
+def test_the_preset_pool_size_with_a_long_cache(p0):
+    """The preset's pool (8 x 24 = 192 candidates: 256-block stage-1 tiles, the size that runs on
+    a GPU) over a cache of 563 key blocks, for a decoded token and for a 40-query chunk."""
+    B, Hq, Hkv, T, D = 1, 4, 1, 9000, 16
+    q, k, _ = _inputs(B, Hq, Hkv, T, D, seed=p0, pad=False)
+    kw = dict(window=64, sinks=4, topk=24, q_block=64, k_block=16, rows=8, pool=8)
+    want = bs.block_select(q[:, :, p0:], k, None, p0, **kw)
+    poison()
+    got = tss.block_select_triton(q[:, :, p0:], k, None, p0, **kw)
+    assert (want >= 0).sum(-1).min() == 24
+    assert torch.equal(got, want)
