@@ -101,6 +101,10 @@ class SuperlinearMask:
         kv_length: T, checked against the keys the attention receives.
         lengths: per row, the number of keys of its sequence up to its last query (what T would be
             for that sequence alone); decides dense or superlinear per row. None: T for every row.
+        first_position: the first query's position when every row's queries sit at
+            first_position..first_position+Lq-1 (no packing), as a Python int; else None. Lets the
+            attention pass no position tensor for bottom-right queries (no device-to-host reads
+            per layer).
     """
 
     key_padding_mask: Optional[Tensor]
@@ -108,6 +112,7 @@ class SuperlinearMask:
     gather_index: Optional[Tensor]
     kv_length: int
     lengths: Optional[Tuple[int, ...]] = None
+    first_position: Optional[int] = None
 
     # transformers reads ``ndim`` of a prepared mask (generate() builds masks ahead of the forward
     # for static caches and passes them back in) and leaves one that is not 2-D alone.
@@ -251,7 +256,8 @@ def superlinear_mask(
         if bool(present[:, :end].all()):
             present = None
     if present is None:
-        return SuperlinearMask(None, qpos.contiguous(), None, kv_length, (end,) * batch_size)
+        return SuperlinearMask(None, qpos.contiguous(), None, kv_length, (end,) * batch_size,
+                               offset)
 
     # Pack present keys to the front of each row (stable) and renumber the queries.
     idx = torch.arange(kv_length, device=device, dtype=torch.int64)
@@ -415,7 +421,7 @@ def superlinear_attention_forward(
         if Lq > T:
             raise ValueError(f"superlinear attention: {Lq} queries but {T} keys and no mask")
         qpos = (torch.arange(Lq, device=query.device) + (T - Lq)).expand(B, Lq)
-        m = SuperlinearMask(None, qpos, None, T, (T,) * B)
+        m = SuperlinearMask(None, qpos, None, T, (T,) * B, T - Lq)
     elif isinstance(attention_mask, SuperlinearMask):
         m = attention_mask
     else:
@@ -433,6 +439,8 @@ def superlinear_attention_forward(
     qpos = m.query_positions
     if qpos.shape[0] != B:
         qpos = qpos.expand(B, -1)
+    if m.gather_index is None and m.first_position == T - Lq:
+        qpos = None  # bottom-right, the ops' default: no position tensor to check on the host
     kpm = m.key_padding_mask
     sq = _search_query(module, query)
     lengths = m.lengths if m.lengths is not None else (T,) * B

@@ -561,3 +561,37 @@ def test_blocksparse_decoding_keeps_block_summaries_with_the_cache(monkeypatch):
         return out
 
     torch.testing.assert_close(beams(True), beams(False), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
+def test_bottom_right_queries_pass_no_position_tensor(monkeypatch, cache_kind):
+    """Decoding with a DynamicCache (and no padding) puts the queries bottom-right: the attention
+    gets no position tensor (the ops' default, nothing read back to the host per layer), with the
+    same logits as the positions spelled out; a StaticCache's queries are not bottom-right and
+    keep theirs."""
+    model = tiny_llama(43)
+    H.configure(model, BLOCKSPARSE)
+    model.set_attn_implementation(H.NAME)
+    ids = torch.randint(3, VOCAB, (1, 140), generator=torch.Generator().manual_seed(43))
+    seen, explicit = [], []
+    real = H.superlinear_attention
+
+    def spy(query, key, *a, query_positions=None, **kw):
+        seen.append(query_positions is None)
+        if query_positions is None and explicit:  # the same positions, as a tensor
+            B, Lq, T = query.shape[0], query.shape[2], key.shape[2]
+            query_positions = (torch.arange(Lq) + T - Lq).expand(B, Lq)
+        return real(query, key, *a, query_positions=query_positions, **kw)
+
+    def decode():
+        cache = _make_cache(cache_kind, model, 160)
+        out = [_fwd(model, ids[:, :120], cache=cache)[:, -1]]
+        for t in range(120, 140):
+            out.append(_fwd(model, ids[:, t:t + 1], cache=cache)[:, -1])
+        return torch.stack(out)
+
+    monkeypatch.setattr(H, "superlinear_attention", spy)
+    default = decode()
+    assert seen and all(x == (cache_kind == "dynamic") for x in seen)
+    explicit.append(True)
+    torch.testing.assert_close(decode(), default, rtol=0, atol=0)
