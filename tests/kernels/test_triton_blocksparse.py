@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from blocksparse_lists import full_lists, n_query_blocks, random_kept
 from triton_env import DEV, poison, require_triton
 
 triton = require_triton()
@@ -29,32 +30,6 @@ def _inputs(seed, B, Hq, Hkv, T, Lq, D, Dv, dtype):
     return g, q.to(dtype).to(DEV), k.to(dtype).to(DEV), v.to(dtype).to(DEV)
 
 
-def _nq(p0, Lq, qb):
-    return -(-(p0 % qb + Lq) // qb)
-
-
-def _random_kept(g, B, Hkv, p0, Lq, T, *, window, sinks, topk, qb, kb):
-    """Random kept lists [B, Hkv, nQ, topk]: distinct candidate blocks of each query block
-    (sb <= i < blocks before it - wb) in random slots, -1 in the others."""
-    nK, sb, wb, per_q = bs.geometry(T, window, sinks, qb, kb)
-    j0, nQ = p0 // qb, _nq(p0, Lq, qb)
-    kept = torch.full((B, Hkv, nQ, topk), -1, dtype=torch.int32)
-    for b in range(B):
-        for h in range(Hkv):
-            for n in range(nQ):
-                cand = torch.arange(sb, max(sb, (j0 + n) * per_q - wb))
-                cand = cand[torch.randperm(len(cand), generator=g)][:topk]
-                slots = torch.randperm(topk, generator=g)[:len(cand)]
-                kept[b, h, n, slots] = cand.int()
-    return kept.to(DEV)
-
-
-def _full(kept, p0, T, *, window, sinks, qb, kb):
-    """The attended lists of block_attention (sinks, window, kept)."""
-    nK, sb, wb, per_q = bs.geometry(T, window, sinks, qb, kb)
-    return bs.attended_blocks(kept, p0 // qb, nK, sb, wb, per_q)[0]
-
-
 def _kernel(q, k, v, full, p0, **kw):
     """The kernel's output, written into a NaN-filled buffer: every element must be written."""
     poison()
@@ -69,7 +44,7 @@ def _kernel(q, k, v, full, p0, **kw):
 def _against_reference(q, k, v, kept, p0, *, window, sinks, qb, kb, scale, list_dtype=None,
                        **launch):
     T = k.shape[2]
-    full = _full(kept, p0, T, window=window, sinks=sinks, qb=qb, kb=kb)
+    full = full_lists(kept, p0, T, window=window, sinks=sinks, qb=qb, kb=kb)
     if list_dtype is not None:
         full = full.to(list_dtype)
     want = bs.block_attention(q, k, v, kept, None, p0, window=window, sinks=sinks, q_block=qb,
@@ -114,7 +89,7 @@ def test_prefill_matches_the_reference(case):
     B, Hq, Hkv, T, D, Dv, qb, kb, W, S, K, dtype = case
     g, q, k, v = _inputs(T + D + Hq, B, Hq, Hkv, T, T, D, Dv, dtype)
     kw = dict(window=W, sinks=S, qb=qb, kb=kb)
-    kept = _random_kept(g, B, Hkv, 0, T, T, topk=K, **kw)
+    kept = random_kept(g, B, Hkv, T, topk=K, **kw)
     assert (kept < 0).any() and (kept >= 0).any()  # holes and kept blocks both
     got, want = _against_reference(q, k, v, kept, 0, scale=D ** -0.5, **kw)
     # the sparse sets are really sparse: the output differs from dense attention
@@ -131,7 +106,7 @@ def test_chunks_and_decoding_match_the_reference(p0, Lq, dtype, list_dtype):
     T = 300
     g, q, k, v = _inputs(p0 + Lq, 1, 4, 2, T, Lq, 32, 32, dtype)
     kw = dict(window=32, sinks=16, qb=32, kb=16)
-    kept = _random_kept(g, 1, 2, p0, Lq, T, topk=3, **kw)
+    kept = random_kept(g, 1, 2, T, p0=p0, Lq=Lq, topk=3, **kw)
     _against_reference(q, k, v, kept, p0, scale=0.2, list_dtype=list_dtype, **kw)
 
 
@@ -143,7 +118,7 @@ def test_smaller_tiles_than_the_blocks(launch):
     T = 290
     g, q, k, v = _inputs(11 + launch["block_m"], 1, 2, 1, T, T, 32, 32, torch.float32)
     kw = dict(window=64, sinks=32, qb=64, kb=32)
-    kept = _random_kept(g, 1, 1, 0, T, T, topk=2, **kw)
+    kept = random_kept(g, 1, 1, T, topk=2, **kw)
     _against_reference(q, k, v, kept, 0, scale=0.18, **kw, **launch)
 
 
@@ -151,7 +126,7 @@ def test_empty_lists_attend_the_diagonal_only():
     T, qb, kb = 150, 32, 16
     g, q, k, v = _inputs(21, 1, 4, 2, T, T, 32, 32, torch.float32)
     kw = dict(window=0, sinks=0, qb=qb, kb=kb)
-    kept = torch.full((1, 2, _nq(0, T, qb), 3), -1, dtype=torch.int32, device=DEV)
+    kept = torch.full((1, 2, n_query_blocks(0, T, qb), 3), -1, dtype=torch.int32, device=DEV)
     kept[:, :, 3, 1] = 2  # one query block with a kept block, the others all -1
     got, _ = _against_reference(q, k, v, kept, 0, scale=0.25, **kw)
     # rows of an all -1 list: causal attention inside the query block alone
@@ -160,7 +135,7 @@ def test_empty_lists_attend_the_diagonal_only():
         want = _dense(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], 0, 0.25)
         torch.testing.assert_close(got[:, :, lo:hi].double(), want, atol=1e-5, rtol=1e-5)
     # lists without any slot (F = 0)
-    empty = torch.empty(1, 2, _nq(0, T, qb), 0, dtype=torch.int64, device=DEV)
+    empty = torch.empty(1, 2, n_query_blocks(0, T, qb), 0, dtype=torch.int64, device=DEV)
     none = _kernel(q, k, v, empty, 0, q_block=qb, k_block=kb, scale=0.25)
     torch.testing.assert_close(none[:, :, :3 * qb], got[:, :, :3 * qb], atol=1e-6, rtol=1e-6)
 
@@ -170,8 +145,9 @@ def test_empty_lists_attend_the_diagonal_only():
 def test_lists_covering_the_past_give_dense_attention(p0, dtype):
     T = 230
     g, q, k, v = _inputs(31 + p0, 1, 4, 2, T, T - p0, 48, 48, dtype)
-    full = _full(torch.full((1, 2, _nq(p0, T - p0, 32), 1), -1, dtype=torch.int32, device=DEV), p0, T,
-                 window=T, sinks=0, qb=32, kb=16)  # the window: every earlier block
+    none = torch.full((1, 2, n_query_blocks(p0, T - p0, 32), 1), -1, dtype=torch.int32, device=DEV)
+    # the window: every earlier block
+    full = full_lists(none, p0, T, window=T, sinks=0, qb=32, kb=16)
     got = _kernel(q, k, v, full, p0, q_block=32, k_block=16, scale=0.15)
     tol = 2e-5 if dtype == torch.float32 else 4e-3
     torch.testing.assert_close(got.double(), _dense(q, k, v, p0, 0.15), atol=tol, rtol=tol)
@@ -182,7 +158,7 @@ def test_listed_partial_block_and_blocks_past_the_keys():
     none; checked against a float64 loop over the kernel's definition."""
     T, qb, kb = 200, 32, 16  # key block 12 holds keys 192..199 only, block 13 none
     g, q, k, v = _inputs(41, 1, 2, 1, T, T, 32, 32, torch.float32)
-    nQ = _nq(0, T, qb)
+    nQ = n_query_blocks(0, T, qb)
     full = torch.full((1, 1, nQ, 4), -1, dtype=torch.int64, device=DEV)
     for n in range(nQ - 1):
         full[0, 0, n, 0] = 12

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from blocksparse_lists import full_lists, n_query_blocks, random_kept
 from triton_env import DEV, poison, require_triton
 
 triton = require_triton()
@@ -29,33 +30,6 @@ def _inputs(seed, B, Hq, Hkv, T, D, Dv, dtype):
     v = torch.randn(B, Hkv, T, Dv, generator=g)
     do = torch.randn(B, Hq, T, Dv, generator=g)
     return g, *(x.to(dtype).to(DEV) for x in (q, k, v, do))
-
-
-def _nq(p0, Lq, qb):
-    return -(-(p0 % qb + Lq) // qb)
-
-
-def _random_kept(g, B, Hkv, T, *, window, sinks, topk, qb, kb, p0=0, Lq=None):
-    """Random kept lists [B, Hkv, nQ, topk] of the queries at p0..p0+Lq-1 (a prefill by default):
-    distinct candidate blocks of each query block (sb <= i < blocks before it - wb) in random
-    slots, -1 in the others."""
-    nK, sb, wb, per_q = bs.geometry(T, window, sinks, qb, kb)
-    j0, nQ = p0 // qb, _nq(p0, T - p0 if Lq is None else Lq, qb)
-    kept = torch.full((B, Hkv, nQ, topk), -1, dtype=torch.int32)
-    for b in range(B):
-        for h in range(Hkv):
-            for n in range(nQ):
-                cand = torch.arange(sb, max(sb, (j0 + n) * per_q - wb))
-                cand = cand[torch.randperm(len(cand), generator=g)][:topk]
-                slots = torch.randperm(topk, generator=g)[:len(cand)]
-                kept[b, h, n, slots] = cand.int()
-    return kept.to(DEV)
-
-
-def _full(kept, p0, T, *, window, sinks, qb, kb):
-    """The attended lists of block_attention (sinks, window, kept)."""
-    nK, sb, wb, per_q = bs.geometry(T, window, sinks, qb, kb)
-    return bs.attended_blocks(kept, p0 // qb, nK, sb, wb, per_q)[0]
 
 
 def _dense(q, k, v, full, p0, qb, kb, scale):
@@ -139,7 +113,7 @@ def test_prefill_gradients_match_the_reference(case):
     B, Hq, Hkv, T, D, Dv, qb, kb, W, S, K, dtype = case
     g, q, k, v, do = _inputs(T + D + Hq, B, Hq, Hkv, T, D, Dv, dtype)
     kw = dict(window=W, sinks=S, qb=qb, kb=kb)
-    kept = _random_kept(g, B, Hkv, T, topk=K, **kw)
+    kept = random_kept(g, B, Hkv, T, topk=K, **kw)
     assert (kept < 0).any() and (kept >= 0).any()  # holes and kept blocks both
     _against_reference(q, k, v, do, kept, scale=D ** -0.5, **kw)
 
@@ -149,7 +123,7 @@ def test_prefill_gradients_match_the_reference(case):
 def test_sink_only_and_window_only_geometries(window, sinks, topk):
     T, qb, kb = 180, 32, 16
     g, q, k, v, do = _inputs(71 + window, 1, 4, 2, T, 32, 32, torch.float32)
-    kept = torch.full((1, 2, _nq(0, T, qb), topk), -1, dtype=torch.int64, device=DEV)
+    kept = torch.full((1, 2, n_query_blocks(0, T, qb), topk), -1, dtype=torch.int64, device=DEV)
     _against_reference(q, k, v, do, kept, window=window, sinks=sinks, qb=qb, kb=kb, scale=0.2)
 
 
@@ -157,7 +131,7 @@ def test_empty_kept_lists_give_block_diagonal_gradients():
     T, qb, kb = 150, 32, 16
     g, q, k, v, do = _inputs(81, 1, 4, 2, T, 32, 32, torch.float32)
     kw = dict(window=0, sinks=0, qb=qb, kb=kb, scale=0.25)
-    empty = torch.empty(1, 2, _nq(0, T, qb), 0, dtype=torch.int32, device=DEV)
+    empty = torch.empty(1, 2, n_query_blocks(0, T, qb), 0, dtype=torch.int32, device=DEV)
     got, _ = _against_reference(q, k, v, do, empty, **kw)
     # no list: each query block's gradients are those of causal attention inside it alone
     lo, hi = 2 * qb, 3 * qb
@@ -181,7 +155,7 @@ def test_kept_blocks_from_block_select_strided_inputs_and_negative_scale():
 def test_wide_heads():
     T, qb, kb = 80, 32, 16
     g, q, k, v, do = _inputs(101, 1, 2, 1, T, 256, 160, torch.float32)
-    kept = _random_kept(g, 1, 1, T, window=16, sinks=16, topk=1, qb=qb, kb=kb)
+    kept = random_kept(g, 1, 1, T, window=16, sinks=16, topk=1, qb=qb, kb=kb)
     _against_reference(q, k, v, do, kept, window=16, sinks=16, qb=qb, kb=kb, scale=0.06)
 
 
@@ -190,7 +164,7 @@ def test_listed_partial_block_against_a_dense_softmax():
     past the keys and a later block; checked in float64 against a masked dense softmax."""
     T, qb, kb = 200, 32, 16  # key block 12 holds keys 192..199 only, block 13 none
     g, q, k, v, do = _inputs(111, 1, 4, 2, T, 32, 32, torch.float32)
-    nQ = _nq(0, T, qb)
+    nQ = n_query_blocks(0, T, qb)
     full = torch.full((1, 2, nQ, 4), -1, dtype=torch.int64, device=DEV)
     full[:, :, :nQ - 1, 0] = 12
     full[:, 1, :nQ - 1, 2] = 13
@@ -213,8 +187,8 @@ def test_forward_lse_matches_torch(p0, Lq, dtype):
     g, q, k, v, _ = _inputs(121 + p0, 1, 4, 2, T, 32, 32, dtype)
     q = q[:, :, p0:p0 + Lq]
     kw = dict(window=32, sinks=16, qb=qb, kb=kb)
-    kept = _random_kept(g, 1, 2, T, topk=2, p0=p0, Lq=Lq, **kw)
-    full = _full(kept, p0, T, **kw)
+    kept = random_kept(g, 1, 2, T, topk=2, p0=p0, Lq=Lq, **kw)
+    full = full_lists(kept, p0, T, **kw)
     lse = torch.full((1, 4, Lq), float("nan"), device=DEV)
     out = TB.block_attention_triton(q, k, v, full, p0, q_block=qb, k_block=kb, scale=0.2, lse=lse)
     want, want_lse = _dense(q, k, v, full, p0, qb, kb, 0.2)
@@ -230,12 +204,12 @@ def test_transposed_lists():
     T, qb, kb = 200, 32, 16
     g = torch.Generator().manual_seed(131)
     kw = dict(window=32, sinks=16, qb=qb, kb=kb)
-    kept = _random_kept(g, 2, 2, T, topk=3, **kw)
+    kept = random_kept(g, 2, 2, T, topk=3, **kw)
     _, sb, wb, _ = bs.geometry(T, 32, 16, qb, kb)
-    nQ, nK = _nq(0, T, qb), -(-T // kb)
+    nQ, nK = n_query_blocks(0, T, qb), -(-T // kb)
     lst = TB.compact_lists(kept, T, qb, kb, 0, sb, wb)
     offsets, qblk = TBB.transposed_lists(lst, 4, nQ, nK)
-    full = _full(kept, 0, T, **kw).view(4, nQ, -1)
+    full = full_lists(kept, 0, T, **kw).view(4, nQ, -1)
     for bh in range(4):
         for i in range(nK):
             want = [n for n in range(nQ) if i in full[bh, n].tolist()]
