@@ -296,6 +296,32 @@ def _launch_shape(Lq: int, q_block: int, k_block: int, bd: int, bdv: int, elem: 
     return bm, bn, warps, stages
 
 
+def check_arguments(name: str, q: Tensor, k: Tensor, v: Tensor, q_block: int, k_block: int,
+                    **same_dtype: Tensor) -> None:
+    """The checks the forward and the backward share (4-D q, k, v of one call): shapes that fit,
+    query heads a multiple of kv heads, one supported dtype (also of ``same_dtype``'s tensors),
+    head dims up to 256, blocks that are powers of two >= 16 with q_block a multiple of k_block.
+    One-line ValueErrors that start with ``name``."""
+    B, Hq, _, D = q.shape
+    Hkv, Dv = k.shape[1], v.shape[3]
+    if k.shape[0] != B or v.shape[:3] != k.shape[:3] or k.shape[3] != D:
+        raise ValueError(f"{name}: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)} do not fit together")
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"{name}: Hq={Hq} is not a multiple of Hkv={Hkv}")
+    tensors = dict(q=q, k=k, v=v, **same_dtype)
+    if q.dtype not in _DTYPES or any(x.dtype != q.dtype for x in tensors.values()):
+        raise ValueError(f"{name}: dtypes {', '.join(str(x.dtype) for x in tensors.values())}: "
+                         f"{', '.join(tensors)} must share one of float32, bfloat16, float16")
+    if D > 256 or Dv > 256:
+        raise ValueError(f"{name}: head dims {D}, {Dv} above 256")
+    for what, x in (("q_block", q_block), ("k_block", k_block)):
+        if x < 16 or x & (x - 1):
+            raise ValueError(f"{name}: {what}={x} is not a power of two >= 16")
+    if q_block % k_block:
+        raise ValueError(f"{name}: q_block={q_block} is not a multiple of k_block={k_block}")
+
+
 def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, full: Tensor, p0: int, *,
                            q_block: int = 128, k_block: int = 64, scale: float,
                            block_m: int = 128, block_n: int = 64, num_warps: int = 8,
@@ -315,24 +341,9 @@ def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, full: Tensor, p0: in
     num_stages: the launch shape for a long call (fitted to short calls)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or full.dim() != 4:
         raise ValueError("block_attention_triton: q, k, v and full must be 4-D")
+    check_arguments("block_attention_triton", q, k, v, q_block, k_block)
     B, Hq, Lq, D = q.shape
     Hkv, T, Dv = k.shape[1], k.shape[2], v.shape[3]
-    if k.shape[0] != B or v.shape[:3] != k.shape[:3] or k.shape[3] != D:
-        raise ValueError(f"block_attention_triton: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, "
-                         f"v {tuple(v.shape)} do not fit together")
-    if Hkv == 0 or Hq % Hkv:
-        raise ValueError(f"block_attention_triton: Hq={Hq} is not a multiple of Hkv={Hkv}")
-    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"block_attention_triton: dtypes {q.dtype}, {k.dtype}, {v.dtype}: q, k, v "
-                         "must share one of float32, bfloat16, float16")
-    if D > 256 or Dv > 256:
-        raise ValueError(f"block_attention_triton: head dims {D}, {Dv} above 256")
-    for name, x in (("q_block", q_block), ("k_block", k_block)):
-        if x < 16 or x & (x - 1):
-            raise ValueError(f"block_attention_triton: {name}={x} is not a power of two >= 16")
-    if q_block % k_block:
-        raise ValueError(f"block_attention_triton: q_block={q_block} is not a multiple of "
-                         f"k_block={k_block}")
     if p0 < 0 or p0 + Lq > T:
         raise ValueError(f"block_attention_triton: queries p0={p0}..{p0 + Lq - 1} outside the "
                          f"{T} keys")

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_blocksparse import _DTYPES, _LOG2E, _interpreted, _pow2, compact_lists
+from .triton_blocksparse import _LOG2E, _interpreted, _pow2, check_arguments, compact_lists
 
 
 @triton.jit
@@ -288,34 +288,19 @@ def block_attention_backward_triton(q: Tensor, k: Tensor, v: Tensor, out: Tensor
     name = "block_attention_backward_triton"
     if any(x.dim() != 4 for x in (q, k, v, out, grad_out, kept)) or lse.dim() != 3:
         raise ValueError(f"{name}: q, k, v, out, grad_out and kept must be 4-D, lse 3-D")
+    check_arguments(name, q, k, v, q_block, k_block, out=out, grad_out=grad_out)
     B, Hq, L, D = q.shape
     Hkv, T, Dv = k.shape[1], k.shape[2], v.shape[3]
-    if k.shape[0] != B or v.shape[:3] != k.shape[:3] or k.shape[3] != D:
-        raise ValueError(f"{name}: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, "
-                         f"v {tuple(v.shape)} do not fit together")
     if T != L:
         raise ValueError(f"{name}: a prefill only: {L} queries over {T} keys")
-    if Hkv == 0 or Hq % Hkv:
-        raise ValueError(f"{name}: Hq={Hq} is not a multiple of Hkv={Hkv}")
     if out.shape != (B, Hq, L, Dv) or grad_out.shape != (B, Hq, L, Dv):
         raise ValueError(f"{name}: out {tuple(out.shape)} and grad_out {tuple(grad_out.shape)} "
                          f"must be [B, Hq, L, Dv] = [{B}, {Hq}, {L}, {Dv}]")
     if lse.shape != (B, Hq, L) or lse.dtype != torch.float32:
         raise ValueError(f"{name}: lse must be float32 [B, Hq, L], got {lse.dtype} "
                          f"{tuple(lse.shape)}")
-    if q.dtype not in _DTYPES or any(x.dtype != q.dtype for x in (k, v, out, grad_out)):
-        raise ValueError(f"{name}: dtypes of q, k, v, out, grad_out {q.dtype}, {k.dtype}, "
-                         f"{v.dtype}, {out.dtype}, {grad_out.dtype}: must share one of float32, "
-                         "bfloat16, float16")
     if any(x.device != q.device for x in (k, v, out, grad_out, lse, kept)):
         raise ValueError(f"{name}: inputs on different devices")
-    if D > 256 or Dv > 256:
-        raise ValueError(f"{name}: head dims {D}, {Dv} above 256")
-    for bname, x in (("q_block", q_block), ("k_block", k_block)):
-        if x < 16 or x & (x - 1):
-            raise ValueError(f"{name}: {bname}={x} is not a power of two >= 16")
-    if q_block % k_block:
-        raise ValueError(f"{name}: q_block={q_block} is not a multiple of k_block={k_block}")
     nQ, nK = -(-L // q_block), -(-L // k_block)
     if kept.dtype not in (torch.int32, torch.int64) or tuple(kept.shape[:3]) != (B, Hkv, nQ):
         raise ValueError(f"{name}: kept must be int32/int64 [B, Hkv, nQ, F] = [{B}, {Hkv}, "
