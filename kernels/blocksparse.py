@@ -128,12 +128,10 @@ def block_summaries(k: Tensor, kpm: Optional[Tensor], k_block: int) -> Tuple[Ten
     return torch.where(has[:, None, :, None], torch.cat([kmax, kmin], -1), 0.0), has
 
 
-def check_summary(summary: Tensor, k: Tensor, kpm: Optional[Tensor],
-                  k_block: int) -> Tuple[Tensor, Tensor]:
-    """Summaries kept with a cache ([B, Hkv, >= nK, 2D], what `block_summaries(k, None, k_block)`
-    gives for the keys k), checked for shape, as `block_summaries` returns them: their first nK
-    blocks and which blocks have keys (all). A key-padding mask is refused (kept summaries cover
-    every key)."""
+def check_summary(summary: Tensor, k: Tensor, kpm: Optional[Tensor], k_block: int) -> Tensor:
+    """The first nK blocks of summaries kept with a cache ([B, Hkv, >= nK, 2D], what
+    `block_summaries(k, None, k_block)` gives for the keys k), checked for shape. Every block has
+    keys. A key-padding mask is refused (kept summaries cover every key)."""
     B, H, T, D = k.shape
     nK = _ceil_div(T, k_block)
     if kpm is not None:
@@ -144,7 +142,7 @@ def check_summary(summary: Tensor, k: Tensor, kpm: Optional[Tensor],
         raise ValueError(f"blocksparse: block summaries of shape {tuple(summary.shape)} on "
                          f"{summary.device} do not fit keys {tuple(k.shape)} on {k.device} "
                          f"(want [{B}, {H}, >= {nK}, {2 * D}])")
-    return summary[:, :, :nK], torch.ones(B, nK, dtype=torch.bool, device=k.device)
+    return summary[:, :, :nK]
 
 
 class BlockSummaryCache:
@@ -223,8 +221,11 @@ def block_select(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *, window
     dev = q.device
     rep, j0 = representatives(q, p0, q_block, rows, Hkv)
     nQ = rep.shape[2]
-    kk, has = (block_summaries(k, kpm, k_block) if summary is None
-               else check_summary(summary, k, kpm, k_block))
+    if summary is None:
+        kk, has = block_summaries(k, kpm, k_block)
+    else:
+        kk, has = check_summary(summary, k, kpm, k_block), torch.ones(B, nK, dtype=torch.bool,
+                                                                         device=dev)
     kb, present = _key_blocks(k, kpm, k_block)
     sb, lim = candidate_limits(j0, nQ, T, window, sinks, q_block, k_block, dev)
     blk = torch.arange(nK, device=dev)

@@ -159,12 +159,15 @@ def _exact_kernel(Q, K, KPM, CI, OUT,
         tl.store(OUT + bh * s_o_bh + (n - n0) * s_o_n + m, key)
 
 
+def _blocks_of(keys: Tensor) -> Tensor:
+    """The block indices of order keys, -1 for non-candidates. int64."""
+    return torch.where(keys == _NO_KEY, -1, keys & _IDX_MASK)
+
+
 def _top_blocks(keys: Tensor, n: int) -> Tensor:
     """The block indices of the n largest order keys along the last dim, best first; -1 for
     non-candidates. int64."""
-    n = min(n, keys.shape[-1])
-    top, _ = keys.topk(n, dim=-1)
-    return torch.where(top == _NO_KEY, -1, top & _IDX_MASK)
+    return _blocks_of(keys.topk(min(n, keys.shape[-1]), dim=-1)[0])
 
 
 def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *, window: int,
@@ -191,7 +194,7 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
         kk, has = bs.block_summaries(k, kpm, k_block)
         has8 = None if kpm is None else has.to(torch.int8).contiguous()
     else:
-        kk, _ = bs.check_summary(summary, k, kpm, k_block)
+        kk = bs.check_summary(summary, k, kpm, k_block)  # every block has keys
         has8 = None
     kk = kk if kk.stride(-1) == 1 else kk.contiguous()
     _, sb, wb, per_q = bs.geometry(T, window, sinks, q_block, k_block)
@@ -229,11 +232,7 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
             _bound_kernel[(n, B * Hkv, parts)](*args, DK=DK, num_stages=stages, **meta)
         # each program's keys are sorted best first: one program needs no second selection
         keys = keys.view(B * Hkv, n, parts * MP)
-        if parts == 1:
-            keys = keys[..., :M]
-            ci = torch.where(keys == _NO_KEY, -1, keys & _IDX_MASK).contiguous()  # [BH, n, M]
-        else:
-            ci = _top_blocks(keys, M).contiguous()
+        ci = (_blocks_of(keys[..., :M]) if parts == 1 else _top_blocks(keys, M)).contiguous()
         del keys
         ex = torch.empty((B * Hkv, n, M), dtype=torch.int64, device=dev)
         mparts = max(1, min(M, triton.cdiv(_PROGRAMS, n * B * Hkv)))  # few query blocks: split
