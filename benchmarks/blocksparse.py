@@ -180,7 +180,7 @@ def main():
             row["search_reference_ms"] = timed(lambda: bs.block_select(q, k, None, 0, **skw), 1)
             row["kept_agreement"] = (kept == ref_kept).float().mean().item()
             del ref_kept
-        nK, sb, wb, per_q = bs.geometry(L, a.window, a.sinks, a.q_block, a.k_block)
+        _, sb, wb, _ = bs.geometry(L, a.window, a.sinks, a.q_block, a.k_block)
         att = lambda **t: tba.block_attention_triton(  # noqa: E731 (as the op calls it)
             q, k, v, kept, 0, q_block=a.q_block, k_block=a.k_block, scale=scale, sink_blocks=sb,
             window_blocks=wb, **t)
