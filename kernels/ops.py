@@ -254,13 +254,16 @@ def block_sparse_attention(
     p0 = _first_position(query_positions, query.shape[2], key.shape[2])
     kw = dict(window=window, sinks=sinks, q_block=q_block, k_block=k_block)
     if key.shape[2] <= dense_below or not _use_triton(query.device):
+        # the reference attends whole query blocks and returns a view: the op's output is dense
+        # (the fake kernel's strides)
         return bs.superlinear_block_attention(
             query, key, value, key_padding_mask, p0, topk=topk, rows=block_rows, pool=block_pool,
-            scale=scale, dense_below=dense_below, summary=block_summary, **kw)
+            scale=scale, dense_below=dense_below, summary=block_summary, **kw).contiguous()
     kept = _block_select(query, key, key_padding_mask, p0, topk=topk, rows=block_rows,
                          pool=block_pool, summary=block_summary, **kw)
     if key_padding_mask is not None:  # the Triton attention has no key-padding mask
-        return bs.block_attention(query, key, value, kept, key_padding_mask, p0, scale=scale, **kw)
+        return bs.block_attention(query, key, value, kept, key_padding_mask, p0, scale=scale,
+                                  **kw).contiguous()
     from . import triton_blocksparse as tba
     _, sb, wb, _ = bs.geometry(key.shape[2], window, sinks, q_block, k_block)
     return tba.block_attention_triton(query, key, value, kept, p0, q_block=q_block,
