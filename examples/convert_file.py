@@ -3,7 +3,7 @@
 Run:  python examples/convert_file.py [--out-dir DIR]   (DIR is made if missing)
 
 The same as the command line:
-    slcompile convert model.pt2 -o model.sl.pt2 --window 64 --dense-below 0
+    slcompile convert model.pt2 -o model.sl.pt2 --window 64 --topk 4 --dense-below 0
 
 Steps: export a model to ``model.pt2`` with a dynamic sequence length (what you would ship), convert
 it with ``slcompile.convert.convert_file`` (rewrite, re-export, atomic write, load-back check),
@@ -40,7 +40,7 @@ def main() -> None:
     torch.export.save(torch.export.export(model, (ids,), dynamic_shapes=({1: seq},)), src)
 
     # 2. Convert it.
-    config = slcompile.SuperlinearConfig(window=64, dense_below=0)
+    config = slcompile.SuperlinearConfig(window=64, topk=4, dense_below=0)  # sparse at these lengths
     dst = os.path.join(out_dir, "model.sl.pt2")
     result = convert_file(src, dst, config, overwrite=True)
     rep = result.report

@@ -28,6 +28,10 @@ PRETRAINED = dict(search_key="block_rerank", window=768, sinks=4, topk=8, backwa
 # perplexity +2.2% at 14.2% of keys per query over the last 1024 of 8K; 10.9x SDPA at 128K.
 BLOCK_SPARSE = dict(search_key="blocksparse", window=256, sinks=4, topk=24, q_block=64, k_block=32,
                     block_rows=8, block_pool=8, combine="union")
+# what window and topk mean depends on the search kind (keys and key blocks for blocksparse; keys
+# and spans for docs/spec.md's stripe searches): a field left None takes its kind's default
+KIND_DEFAULTS = {"blocksparse": dict(window=BLOCK_SPARSE["window"], topk=BLOCK_SPARSE["topk"]),
+                 "stripe": dict(window=64, topk=3)}
 NSTEP_SEARCH_KEYS = ("anchor", "mean")  # search keys of the N-step search (steps >= 3)
 TOPK_BLOCKS_MAX = 256  # topk's bound with search_key="blocksparse" (key blocks, not spans)
 
@@ -78,19 +82,28 @@ def _check_float(name: str, value: Any, lo: float, hi: float, lo_open: bool = Fa
 
 @dataclass(frozen=True)
 class SuperlinearConfig:
-    """Parameters of superlinear attention (see docs/spec.md).
+    """Parameters of superlinear attention.
+
+    The default (every field left out) is block-sparse superlinear attention
+    (docs/blocksparse.md: 64-query x 32-key blocks, 4 sinks, a 256-key window, the 24 best key
+    blocks per query block and kv head). ``search_key="anchor"`` (or "mean", "block",
+    "block_rerank") selects docs/spec.md's stripe search, whose window and topk default to 64 and
+    3. window and topk left out (None) take the defaults of the search kind; ``replace`` keeps
+    the fields that were given, so a changed search_key brings its own defaults.
 
     Args:
         window: local window W; keys [t-W+1, t] are always attended.
         sinks: keys [0, S) are always attended.
-        topk: spans kept per query (1..8).
+        topk: spans kept per query (1..8); with "blocksparse", key blocks kept per query block
+            and kv head (1..256).
         search_power: p; the query at t scores about (t+1)^p stripes. (0, 1].
         span_power: r; spans reach about (t+1)^r. [0, 1].
         backward_factor: bf; span reach before its anchor, in units of (t+1)^r.
         forward_factor: ff; span reach after its anchor (never into the window).
         combine: "union" (one softmax over spans, window and sinks) or "gated" (per-span
             softmax, mixed by a softmax over the spans' search scores).
-        search_key: "anchor" (the anchor's key), "mean" (mean key over the anchor's span) or
+        search_key: "blocksparse" (the default unless steps >= 3), or a stripe search of
+            docs/spec.md: "anchor" (the anchor's key), "mean" (mean key over the anchor's span) or
             "block" (training-free routing: anchors placed on the 16-key blocks with the highest
             Quest bound max_k q.k <= sum_d max(q_d*kmin_d, q_d*kmax_d), found coarse-to-fine in
             O(sqrt(t)) per query; see docs/routing.md) or "block_rerank" (the same, then the
@@ -109,24 +122,36 @@ class SuperlinearConfig:
             "anchor" or "mean".
     """
 
-    window: int = 64
+    window: Optional[int] = None
     sinks: int = 4
-    topk: int = 3
+    topk: Optional[int] = None
     search_power: float = 0.5
     span_power: float = 0.5
     backward_factor: float = 2.0
     forward_factor: float = 0.0
     combine: str = "union"
-    search_key: str = "anchor"
+    search_key: Optional[str] = None
     dense_below: int = 12288
     scale: Optional[float] = None
     steps: int = 2
-    q_block: int = 128
-    k_block: int = 64
+    q_block: int = 64
+    k_block: int = 32
     block_rows: int = 8
     block_pool: int = 8
 
     def __post_init__(self) -> None:
+        # the fields given (not None) at construction: replace() starts from these, so that a
+        # change of search_key gives the new kind's defaults for window and topk
+        object.__setattr__(self, "_given", tuple(
+            f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None))
+        if self.search_key is None:  # the default: block-sparse; the N-step search is a stripe one
+            object.__setattr__(self, "search_key", "blocksparse" if self.steps == 2 else "anchor")
+        if not isinstance(self.search_key, str) or self.search_key not in SEARCH_KEYS:
+            _fail("search_key", self.search_key, f"one of {SEARCH_KEYS}")
+        kind = KIND_DEFAULTS["blocksparse" if self.search_key == "blocksparse" else "stripe"]
+        for name, value in kind.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
         _check_int("window", self.window, 0)
         _check_int("sinks", self.sinks, 0)
         # blocksparse keeps topk key blocks; the span searches keep topk spans
@@ -137,8 +162,6 @@ class SuperlinearConfig:
         _check_float("forward_factor", self.forward_factor, 0.0, 1e6)
         if not isinstance(self.combine, str) or self.combine not in COMBINE_MODES:
             _fail("combine", self.combine, f"one of {COMBINE_MODES}")
-        if not isinstance(self.search_key, str) or self.search_key not in SEARCH_KEYS:
-            _fail("search_key", self.search_key, f"one of {SEARCH_KEYS}")
         if self.search_key == "blocksparse" and self.combine != "union":
             raise ValueError("SuperlinearConfig.combine='gated' is invalid with search_key="
                              "'blocksparse': block-sparse attention is one softmax over the "
@@ -180,7 +203,8 @@ class SuperlinearConfig:
         if unknown:
             raise ValueError(f"unknown SuperlinearConfig field(s): {sorted(unknown)}; "
                              f"known: {[f.name for f in dataclasses.fields(self)]}")
-        return dataclasses.replace(self, **changes)
+        given = {name: getattr(self, name) for name in self._given}
+        return type(self)(**{**given, **changes})
 
     @classmethod
     def from_dict(cls, d: Optional[dict]) -> "SuperlinearConfig":

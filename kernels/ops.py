@@ -214,6 +214,11 @@ nstep_search.register_autograd(_nstep_backward, setup_context=_nstep_setup)
 # block_sparse_attention: search and attention of docs/blocksparse.md in one op
 # --------------------------------------------------------------------------------------------
 
+def _positions(query_positions: Optional[Tensor], B: int, Lq: int) -> Optional[Tensor]:
+    """[B, Lq] positions of the queries, or None (bottom-right)."""
+    return None if query_positions is None else query_positions.reshape(-1, Lq).expand(B, Lq)
+
+
 def _first_position(query_positions: Optional[Tensor], Lq: int, T: int) -> int:
     """The block-sparse layout needs the queries at p0..p0+Lq-1, one p0 for the whole batch."""
     if query_positions is None:
@@ -251,9 +256,13 @@ def block_sparse_attention(
     token does not summarise the whole cache again; None computes them from the keys."""
     from . import blocksparse as bs
 
+    if key.shape[2] <= dense_below:  # exact dense attention: any query positions (padded rows)
+        from .reference import dense_attention
+        return dense_attention(query, key, value, key_padding_mask, _positions(
+            query_positions, query.shape[0], query.shape[2]), scale)
     p0 = _first_position(query_positions, query.shape[2], key.shape[2])
     kw = dict(window=window, sinks=sinks, q_block=q_block, k_block=k_block)
-    if key.shape[2] <= dense_below or not _use_triton(query.device):
+    if not _use_triton(query.device):
         # the reference attends whole query blocks and returns a view: the op's output is dense
         # (the fake kernel's strides)
         return bs.superlinear_block_attention(
@@ -298,10 +307,9 @@ def _block_sparse_recompute(query, key, value, kpm, qpos, window, sinks, topk, s
 
     B, Hq, Lq, _ = query.shape
     T = key.shape[2]
-    p0 = _first_position(qpos, Lq, T)
     if T <= dense_below:
-        pos = (torch.arange(Lq, device=query.device) + p0).expand(B, Lq)
-        return dense_attention(query, key, value, kpm, pos, scale)
+        return dense_attention(query, key, value, kpm, _positions(qpos, B, Lq), scale)
+    p0 = _first_position(qpos, Lq, T)
     kw = dict(window=window, sinks=sinks, q_block=q_block, k_block=k_block)
     with torch.no_grad():
         kept = _block_select(query, key, kpm, p0, topk=topk, rows=block_rows, pool=block_pool,

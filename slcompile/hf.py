@@ -459,7 +459,21 @@ def superlinear_attention_forward(
             enable_gqa=Hq != key.shape[1], key_padding_mask=pick(kpm), query_positions=pick(qpos),
             search_query=pick(sq), block_summary=summary)
 
-    if all(dense) or not any(dense):
+    if cfg.search_key == "blocksparse" and m.gather_index is not None:
+        # a padded batch: block-sparse attention lays its blocks from each sequence's first key,
+        # so each row runs as it would alone, over its present keys (packed to the front) up to
+        # its last query; queries at padding slots (outputs never used) give zeros
+        out = query.new_zeros(B, Hq, Lq, value.shape[3])
+        for b, row in enumerate(qpos.tolist()):
+            last, n = row[-1], 1
+            while n < Lq and row[Lq - 1 - n] == last - n:
+                n += 1
+            sl = slice(b, b + 1)
+            out[sl, :, Lq - n:] = superlinear_attention(
+                query[sl, :, Lq - n:], key[sl, :, :last + 1], value[sl, :, :last + 1],
+                config=_forced(cfg, dense[b]), scale=scaling, enable_gqa=Hq != key.shape[1],
+                search_query=None if sq is None else sq[sl, :, Lq - n:])
+    elif all(dense) or not any(dense):
         out = attend(None, dense[0])
     else:  # rows on both sides of dense_below: each row as it would run alone
         rows_d = torch.tensor([b for b in range(B) if dense[b]], device=query.device)

@@ -61,9 +61,10 @@ def test_torch_export_graph_module_rewrite():
     q, k, v = torch.randn(2, 4, 12, 8), torch.randn(2, 4, 12, 8), torch.randn(2, 4, 12, 8)
     ep = torch.export.export(m, (q, k, v))
     # without the buffer's contents the tril mask cannot be proven: left alone, with a reason
-    dry = rewrite_graph(ep.graph_module, slcompile.SuperlinearConfig.exact(), dry_run=True)
+    exact = slcompile.SuperlinearConfig.exact(search_key="anchor")
+    dry = rewrite_graph(ep.graph_module, exact, dry_run=True)
     assert dry.found == 2 and dry.sites[0].reason != "dry run"
-    rep = rewrite_graph(ep.graph_module, slcompile.SuperlinearConfig.exact(), constants=exported_constants(ep))
+    rep = rewrite_graph(ep.graph_module, exact, constants=exported_constants(ep))
     assert rep.found == 2 and rep.rewritten == 2, rep.sites
     targets = [n.target for n in ep.graph_module.graph.nodes if n.op == "call_function"]
     assert targets.count(torch.ops.superlinear.span_attention.default) == 2

@@ -28,14 +28,15 @@ WORLD = 2  # processes of most cases; a case with "world": 3 runs in a second gr
 # name -> shapes, config, options. T = world * C.
 CASES = {
     "union_gqa": dict(B=1, Hq=4, Hkv=2, C=80, D=8, block=16,
-                      cfg=dict(window=8, sinks=2, topk=2, dense_below=0)),
+                      cfg=dict(search_key="anchor", window=8, sinks=2, topk=2, dense_below=0)),
     "union_gqa_all_gather": dict(B=1, Hq=4, Hkv=2, C=80, D=8, block=16, comm="all_gather", seed_of="union_gqa",
-                                 cfg=dict(window=8, sinks=2, topk=2, dense_below=0)),
+                                 cfg=dict(search_key="anchor", window=8, sinks=2, topk=2, dense_below=0)),
     "gated_mask_search_query": dict(B=2, Hq=4, Hkv=1, C=72, D=8, Dv=6, block=32, mask=True, sq=True, scale=0.3,
-                                    cfg=dict(window=5, sinks=3, topk=3, combine="gated", dense_below=0)),
+                                    cfg=dict(search_key="anchor", window=5, sinks=3, topk=3, combine="gated",
+                                             dense_below=0)),
     "union_topk1_forward": dict(B=1, Hq=2, Hkv=2, C=64, D=8, block=8,
-                                cfg=dict(window=12, sinks=0, topk=1, forward_factor=1.0, span_power=0.4,
-                                         dense_below=0)),
+                                cfg=dict(search_key="anchor", window=12, sinks=0, topk=1, forward_factor=1.0,
+                                         span_power=0.4, dense_below=0)),
     "gated_topk4_mean": dict(B=1, Hq=4, Hkv=2, C=60, D=8, block=16, mask=True,
                              cfg=dict(window=7, sinks=1, topk=4, combine="gated", search_key="mean",
                                       dense_below=0)),
@@ -44,16 +45,19 @@ CASES = {
     "blocksparse": dict(B=1, Hq=4, Hkv=2, C=160, D=8, block=16, mask=True,
                         cfg=dict(search_key="blocksparse", window=32, sinks=4, topk=3, q_block=32,
                                  k_block=16, block_rows=4, block_pool=2, dense_below=0)),
-    "dense_below": dict(B=1, Hq=2, Hkv=1, C=40, D=8, block=16, mask=True, cfg=dict(window=8)),
-    "window_covers_all": dict(B=1, Hq=2, Hkv=2, C=40, D=8, block=16, cfg=dict(window=1000, dense_below=0)),
+    "dense_below": dict(B=1, Hq=2, Hkv=1, C=40, D=8, block=16, mask=True,
+                        cfg=dict(search_key="anchor", window=8)),
+    "window_covers_all": dict(B=1, Hq=2, Hkv=2, C=40, D=8, block=16,
+                              cfg=dict(search_key="anchor", window=1000, dense_below=0)),
     # long enough that the selection is sparse; structured so that every query routes to one region
     "bytes_selective": dict(B=1, Hq=2, Hkv=1, C=1024, D=8, block=32, hot=(300, 420),
-                            cfg=dict(window=16, sinks=2, topk=1, dense_below=0)),
+                            cfg=dict(search_key="anchor", window=16, sinks=2, topk=1, dense_below=0)),
     "bytes_all_gather": dict(B=1, Hq=2, Hkv=1, C=1024, D=8, block=32, hot=(300, 420), comm="all_gather",
-                             seed_of="bytes_selective", cfg=dict(window=16, sinks=2, topk=1, dense_below=0)),
+                             seed_of="bytes_selective",
+                             cfg=dict(search_key="anchor", window=16, sinks=2, topk=1, dense_below=0)),
     # three ranks: the last one fetches from two owners at once
     "three_union_gqa": dict(world=3, B=1, Hq=4, Hkv=2, C=64, D=8, block=16,
-                            cfg=dict(window=8, sinks=2, topk=2, dense_below=0)),
+                            cfg=dict(search_key="anchor", window=8, sinks=2, topk=2, dense_below=0)),
     "three_gated_mean_mask": dict(world=3, B=2, Hq=2, Hkv=1, C=48, D=8, block=32, mask=True,
                                   cfg=dict(window=6, sinks=1, topk=3, combine="gated", search_key="mean",
                                            dense_below=0)),
@@ -62,7 +66,7 @@ CASES = {
                                        q_block=32, k_block=16, block_rows=8, block_pool=4,
                                        dense_below=0)),
     "three_bytes": dict(world=3, B=1, Hq=2, Hkv=1, C=512, D=8, block=32, hot=(300, 420),
-                        cfg=dict(window=16, sinks=2, topk=1, dense_below=0)),
+                        cfg=dict(search_key="anchor", window=16, sinks=2, topk=1, dense_below=0)),
 }
 
 
@@ -136,9 +140,11 @@ def _worker(rank, world, port, outdir):
     qg = q.clone().requires_grad_(rank == 1)
     res["err_grad"] = _expect_error(lambda: sequence_parallel_superlinear_attention(qg, k, v))
     with torch.no_grad():
-        res["ok_no_grad"] = sequence_parallel_superlinear_attention(qg, k, v, config=SuperlinearConfig(dense_below=0, window=2))
+        res["ok_no_grad"] = sequence_parallel_superlinear_attention(
+            qg, k, v, config=SuperlinearConfig(search_key="anchor", dense_below=0, window=2))
     res["err_comm"] = _expect_error(lambda: sequence_parallel_superlinear_attention(q, k, v, comm="ring"))
-    res["ok_after_errors"] = sequence_parallel_superlinear_attention(q, k, v, config=SuperlinearConfig(dense_below=0, window=2))
+    res["ok_after_errors"] = sequence_parallel_superlinear_attention(
+        q, k, v, config=SuperlinearConfig(search_key="anchor", dense_below=0, window=2))
     torch.save(res, os.path.join(outdir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()

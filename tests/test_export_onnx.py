@@ -48,7 +48,7 @@ def _check_standard(path):
 # a small causal LM: export -> rewrite -> re-export -> ONNX
 # --------------------------------------------------------------------------------------------
 
-CFG = SuperlinearConfig(window=16, sinks=2, topk=2, dense_below=0)
+CFG = SuperlinearConfig(search_key="anchor", window=16, sinks=2, topk=2, dense_below=0)
 TINY = dict(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=128)
 
 

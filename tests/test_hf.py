@@ -29,7 +29,8 @@ from transformers import AttentionInterface  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
 
 VOCAB = 101
-SPARSE = SuperlinearConfig(window=8, sinks=2, topk=2, dense_below=0, backward_factor=1.0)
+SPARSE = SuperlinearConfig(search_key="anchor", window=8, sinks=2, topk=2, dense_below=0,
+                           backward_factor=1.0)
 
 
 def tiny_llama(seed: int, heads: int = 4, kv_heads: int = 2, layers: int = 2, **kw) -> LlamaForCausalLM:
@@ -276,7 +277,7 @@ def test_exact_config_greedy_tokens_equal_sdpa_left_padded(cache_impl):
     model.set_attn_implementation("sdpa")
     with torch.no_grad():
         ref = model.generate(input_ids=ids, attention_mask=mask, **kw)
-    H.configure(model, SuperlinearConfig.exact())
+    H.configure(model, SuperlinearConfig.exact(search_key="anchor"))
     with torch.no_grad():
         got = model.generate(input_ids=ids, attention_mask=mask, **kw)
     assert torch.equal(got, ref)
@@ -321,9 +322,13 @@ def test_chunked_prefill_and_decode_left_padded(cache_kind):
 # dense_below between the two prompt lengths: the longer row runs superlinear, the shorter dense,
 # as each would alone
 STRADDLE = SPARSE.replace(dense_below=50)
+# the default search (block-sparse) at a geometry that is sparse at these lengths
+BLOCK = SuperlinearConfig(window=8, sinks=2, topk=1, q_block=16, k_block=16, dense_below=0)
 
 
-@pytest.mark.parametrize("cfg", [SPARSE, SuperlinearConfig.exact(), STRADDLE], ids=["sparse", "exact", "straddle"])
+@pytest.mark.parametrize("cfg", [SPARSE, SuperlinearConfig.exact(search_key="anchor"), STRADDLE,
+                                 BLOCK, BLOCK.replace(dense_below=50)],
+                         ids=["sparse", "exact", "straddle", "blocksparse", "blocksparse_straddle"])
 def test_left_padded_batch_equals_single_sequences(cfg):
     model = tiny_llama(3)
     H.configure(model, cfg)
@@ -337,7 +342,7 @@ def test_left_padded_batch_equals_single_sequences(cfg):
 
 
 @pytest.mark.parametrize("cache_impl", ["dynamic", "static"])
-@pytest.mark.parametrize("cfg", [SPARSE, STRADDLE], ids=["sparse", "straddle"])
+@pytest.mark.parametrize("cfg", [SPARSE, STRADDLE, BLOCK], ids=["sparse", "straddle", "blocksparse"])
 def test_batched_greedy_generation_equals_one_at_a_time(cache_impl, cfg):
     model = tiny_llama(5)
     H.configure(model, cfg)
@@ -491,7 +496,7 @@ def test_smollm2_exact_equals_sdpa_logits_and_greedy_tokens(smollm2):
 @_needs_smol
 def test_smollm2_sparse_layers_equal_functional_and_generate(smollm2):
     model = smollm2
-    cfg = SuperlinearConfig(window=8, sinks=2, topk=2, dense_below=0)
+    cfg = SuperlinearConfig(search_key="anchor", window=8, sinks=2, topk=2, dense_below=0)
     H.configure(model, cfg)
     torch.manual_seed(1)
     ids = torch.randint(100, 1000, (1, 40))

@@ -212,7 +212,9 @@ def test_for_pretrained_preset():
         == ("block_rerank", 768, 4, 8, 0.35, 0.0, "union")
     d = SuperlinearConfig()
     assert p.dense_below == d.dense_below and p.span_power == d.span_power == 0.5
-    assert (d.window, d.sinks, d.topk, d.backward_factor, d.search_key) == (64, 4, 3, 2.0, "anchor")
+    assert (d.window, d.sinks, d.topk, d.backward_factor, d.search_key) == (256, 4, 24, 2.0, "blocksparse")
+    s = SuperlinearConfig(search_key="anchor")  # docs/spec.md's stripe search and its defaults
+    assert (s.window, s.sinks, s.topk, s.backward_factor, s.search_key) == (64, 4, 3, 2.0, "anchor")
     assert SuperlinearConfig.for_pretrained(window=512).window == 512
     with pytest.raises(ValueError, match="topk"):
         SuperlinearConfig.for_pretrained(topk=9)

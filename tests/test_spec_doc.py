@@ -30,8 +30,15 @@ def test_spec_table_lists_every_config_field_with_its_default():
     rows = _spec_table()
     fields = {f.name: f.default for f in dataclasses.fields(SuperlinearConfig)}
     assert set(rows) == set(fields), (set(rows) ^ set(fields))
+    default_config = SuperlinearConfig()
+    stripe = SuperlinearConfig(search_key="anchor")
     for name, default in fields.items():
-        written = rows[name][1].strip("`")
+        cell = rows[name][1]
+        written = cell.split(":")[0].strip().strip("`") if default is None else cell.strip("`")
+        if default is None and name != "scale":  # resolved by the search kind: both named
+            assert re.search(rf"\b{default_config.to_dict()[name]}\b", cell), (name, cell)
+            if name != "search_key":
+                assert re.search(rf"\b{stripe.to_dict()[name]}\b.*stripe", cell), (name, cell)
         if isinstance(default, str):
             assert written == f'"{default}"', (name, written, default)
         elif default is None:

@@ -84,7 +84,8 @@ def test_compiled_training_joint_graph_holds_the_backward_ops():
     from slcompile.backend import _split_options  # noqa: F401  (the backend's option parser)
     from slcompile.passes import rewrite_graph
 
-    cfg = slcompile.SuperlinearConfig(window=4, sinks=1, topk=2, dense_below=0, combine="gated")
+    cfg = slcompile.SuperlinearConfig(search_key="anchor", window=4, sinks=1, topk=2, dense_below=0,
+                                     combine="gated")
 
     def backend(gm, example_inputs):
         rewrite_graph(gm, cfg)

@@ -14,7 +14,7 @@ def qkv(Hq=4, Hkv=4, L=32, D=16, T=None, dtype=torch.float32):
 
 @pytest.mark.parametrize("field,value,match", [
     ("window", -1, "window"), ("window", 1.5, "window"), ("sinks", -2, "sinks"),
-    ("topk", 0, "topk"), ("topk", 9, "topk"), ("search_power", 0.0, "search_power"),
+    ("topk", 0, "topk"), ("topk", 257, "topk"), ("search_power", 0.0, "search_power"),
     ("search_power", 1.5, "search_power"), ("span_power", -0.1, "span_power"),
     ("backward_factor", float("nan"), "backward_factor"), ("forward_factor", -1.0, "forward_factor"),
     ("combine", "mean", "combine"), ("search_key", "max", "search_key"),
@@ -23,6 +23,12 @@ def qkv(Hq=4, Hkv=4, L=32, D=16, T=None, dtype=torch.float32):
 def test_bad_config_values(field, value, match):
     with pytest.raises(ValueError, match=match):
         SuperlinearConfig(**{field: value})
+
+
+def test_topk_bound_is_the_search_kinds():
+    # the default (blocksparse) keeps topk key blocks (1..256); the stripe searches topk spans (1..8)
+    with pytest.raises(ValueError, match="topk"):
+        SuperlinearConfig(search_key="anchor", topk=9)
 
 
 def test_unknown_config_field():
@@ -184,5 +190,6 @@ def test_sinks_covering_every_key_equal_dense():
     # segment starting past the keys fell in a bucket beyond the last); the sinks cover every key
     from slcompile.kernels.reference import dense_attention
     q, k, v = qkv(Hq=2, Hkv=2, L=64)
-    out = superlinear_attention(q, k, v, config=SuperlinearConfig(window=4, sinks=64, dense_below=0))
+    cfg = SuperlinearConfig(search_key="anchor", window=4, sinks=64, dense_below=0)
+    out = superlinear_attention(q, k, v, config=cfg)
     torch.testing.assert_close(out, dense_attention(q, k, v, None, None, 0.25), atol=1e-5, rtol=1e-5)

@@ -14,7 +14,7 @@ import slcompile
 from cli_helpers import HERE, TINY, assert_one_line_error, listing, run_cli
 
 # Small enough that a query at t >= ~24 cannot see all its keys: results really differ from dense.
-SMALL = ["--window", "8", "--sinks", "2", "--topk", "1", "--dense-below", "0"]
+SMALL = ["--search-key", "anchor", "--window", "8", "--sinks", "2", "--topk", "1", "--dense-below", "0"]
 
 
 def _functional_oracle(model, ids, config, monkeypatch):
@@ -50,7 +50,7 @@ def test_convert_archive_then_load_it_back(tiny_files, workdir, monkeypatch):
     assert torch.ops.superlinear.span_attention.default in targets
     assert torch.ops.aten.scaled_dot_product_attention.default not in targets
 
-    config = slcompile.SuperlinearConfig(window=8, sinks=2, topk=1, dense_below=0)
+    config = slcompile.SuperlinearConfig(search_key="anchor", window=8, sinks=2, topk=1, dense_below=0)
     model = tiny_files["model"]
     from slcompile.passes import rewrite_graph
 
@@ -72,8 +72,8 @@ def test_convert_archive_then_load_it_back(tiny_files, workdir, monkeypatch):
 def test_convert_pickle_exact_config_matches_dense(tiny_files, workdir):
     out = workdir / "exact.pt2"
     res = run_cli("convert", tiny_files["dir"] / "tiny.pt", "--trust-pickle", "-o", out,
-                  "--seq-len", 24, "--static", "--window", 100000, "--dense-below", 0, "--no-verify",
-                  "--json")
+                  "--seq-len", 24, "--static", "--search-key", "anchor", "--window", 100000,
+                  "--dense-below", 0, "--no-verify", "--json")
     assert res.rc == 0, res
     d = res.json()
     assert d["input_format"] == "torch-save" and d["dynamic"] is False
@@ -111,8 +111,8 @@ def test_check_reports_exactness_and_errors_per_length(tiny_files):
 
 def test_check_exits_1_when_not_exact(tiny_files):
     # sabotage_ops adds 1e-2 to every span_attention output: the wiring check must catch it.
-    res = run_cli("check", tiny_files["dir"] / "tiny.pt2", "--import", "sabotage_ops", "--json",
-                  env_extra={"PYTHONPATH": str(HERE)})
+    res = run_cli("check", tiny_files["dir"] / "tiny.pt2", "--import", "sabotage_ops",
+                  "--search-key", "anchor", "--json", env_extra={"PYTHONPATH": str(HERE)})
     assert_one_line_error(res, 1, "not exact")
     d = res.json()  # one JSON document: the full result, marked not ok
     assert d["ok"] is False and d["exact"]["passed"] is False
@@ -122,8 +122,8 @@ def test_check_exits_1_when_not_exact(tiny_files):
 def test_bench_attention_op_alone_with_plot(workdir):
     png = workdir / "bench.png"
     res = run_cli("bench", "--lengths", "32,64", "--heads", 2, "--kv-heads", 1, "--head-dim", 8,
-                  "--repeat", 1, "--warmup", 0, "--window", 8, "--topk", 1, "--sinks", 0,
-                  "--plot", png, "--json")
+                  "--repeat", 1, "--warmup", 0, "--search-key", "anchor", "--window", 8, "--topk", 1,
+                  "--sinks", 0, "--plot", png, "--json")
     assert res.rc == 0, res
     d = res.json()
     assert [r["seq_len"] for r in d["rows"]] == [32, 64]
@@ -135,8 +135,8 @@ def test_bench_attention_op_alone_with_plot(workdir):
 
 
 def test_demo_tiny(workdir):
-    res = run_cli("demo", "--seq-len", 48, "--window", 8, "--repeat", 1, "--compiler", "eager",
-                  "--json", cwd=workdir)
+    res = run_cli("demo", "--seq-len", 48, "--search-key", "anchor", "--window", 8, "--repeat", 1,
+                  "--compiler", "eager", "--json", cwd=workdir)
     assert res.rc == 0, res
     d = res.json()
     assert d["report"]["found"] == 2 and d["report"]["rewritten"] == 2

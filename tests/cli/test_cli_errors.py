@@ -89,7 +89,7 @@ def test_output_is_input_is_refused_even_with_overwrite(tiny_files, workdir):
 def test_bad_config_value_is_the_configs_error_and_debug_shows_traceback(tiny_files, workdir):
     # Without --debug every error test above asserts "no traceback"; with it, the traceback
     # comes first and the one-line error still ends the output.
-    res = run_cli("check", tiny_files["dir"] / "tiny.pt2", "--topk", 99, "--debug")
+    res = run_cli("check", tiny_files["dir"] / "tiny.pt2", "--search-key", "anchor", "--topk", 99, "--debug")
     assert res.rc == 7, res
     assert "Traceback" in res.stderr and "ValueError" in res.stderr
     assert res.stderr.strip().splitlines()[-1].startswith("slcompile: error: SuperlinearConfig.topk=99")

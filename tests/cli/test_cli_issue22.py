@@ -143,6 +143,18 @@ def test_onnx_export_of_a_converted_block_archive_is_slcompiles_error(files, wor
     assert_one_line_error(res, 2, "already converted", "config options")
 
 
+def test_onnx_export_of_an_unconverted_model_with_the_default_is_refused(files, workdir):
+    # the default search (block-sparse) has no ONNX form: refused before the rewrite, nothing
+    # written; the same model with a stripe search named exports
+    res = run_cli("export", files["tiny"], "--format", "onnx", "-o", workdir / "m.onnx")
+    assert_one_line_error(res, 9, "search_key='blocksparse' has no ONNX form", "--search-key anchor")
+    assert listing(workdir) == []
+    res = run_cli("export", files["tiny"], "--format", "onnx", "-o", workdir / "m.onnx",
+                  "--search-key", "anchor", "--dense-below", 0)
+    assert res.rc == 0, res
+    assert listing(workdir) == ["m.onnx"]
+
+
 def test_export_onnx_api_refuses_before_torchs_exporter(files, tmp_path, monkeypatch):
     import slcompile  # noqa: F401  (the ops)
     from slcompile.export import ExportRefusedError, export_onnx
@@ -299,7 +311,7 @@ def test_converted_model_and_its_onnx_have_a_dynamic_batch(files, workdir):
 
     sl, onnx_path = workdir / "tiny.sl.pt2", workdir / "tiny.onnx"
     res = run_cli("convert", files["tiny"].with_suffix(".pt"), "--trust-pickle", "--seq-len", 40,
-                  "-o", sl, "--window", 8, "--dense-below", 0, "--json")
+                  "-o", sl, "--search-key", "anchor", "--window", 8, "--dense-below", 0, "--json")
     assert res.rc == 0, res
     res = run_cli("export", sl, "--format", "onnx", "-o", onnx_path)
     assert res.rc == 0, res

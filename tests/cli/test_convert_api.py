@@ -95,7 +95,7 @@ def test_config_errors_are_the_configs():
         cv.build_config({"combine": "sum"})
     with pytest.raises(cv.ConfigError, match="window"):
         cv.build_config({"window": -1})
-    exact = cv.exact_config(cv.build_config({"combine": "gated", "window": 8}))
+    exact = cv.exact_config(cv.build_config({"search_key": "anchor", "combine": "gated", "window": 8}))
     assert exact.combine == "gated" and exact.dense_below == 0 and exact.window >= 2**40
 
 
@@ -110,7 +110,8 @@ def test_bench_a_model_in_process(tiny_files):
 
     res = CliRunner().invoke(main, ["bench", str(tiny_files["dir"] / "tiny.pt"), "--trust-pickle",
                                     "--lengths", "16,40", "--repeat", "1", "--warmup", "0",
-                                    "--window", "4", "--topk", "1", "--sinks", "1", "--json", "-q"])
+                                    "--search-key", "anchor", "--window", "4", "--topk", "1", "--sinks", "1",
+                                    "--json", "-q"])
     assert res.exit_code == 0, res.output
     d = json.loads(res.stdout)
     assert [r["seq_len"] for r in d["rows"]] == [16, 40]

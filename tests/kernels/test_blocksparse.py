@@ -171,7 +171,8 @@ def test_chunked_prefill_on_block_edges_equals_prefill():
 
 def test_functional_and_op_match_the_reference():
     q, k, v, kpm = _inputs(2, 4, 2, 400, 16, seed=4, pad=True)
-    cfg = SuperlinearConfig(search_key="blocksparse", window=64, sinks=4, topk=2, dense_below=0)
+    cfg = SuperlinearConfig(search_key="blocksparse", window=64, sinks=4, topk=2, dense_below=0,
+                            q_block=128, k_block=64)
     got = slcompile.superlinear_attention(q, k, v, config=cfg, enable_gqa=True,
                                           key_padding_mask=kpm)
     kept = bs.block_select(q, k, kpm, 0, window=64, sinks=4, topk=2, q_block=128,

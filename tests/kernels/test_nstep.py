@@ -184,7 +184,7 @@ def test_steps_2_is_the_spec_path_bit_identical():
     gen = torch.Generator().manual_seed(11)
     q, k, v = torch.randn(1, 4, 90, 8, generator=gen), torch.randn(1, 2, 90, 8, generator=gen), \
         torch.randn(1, 2, 90, 8, generator=gen)
-    c = SuperlinearConfig(window=8, dense_below=0)
+    c = SuperlinearConfig(search_key="anchor", window=8, dense_below=0)
     out = slcompile.superlinear_attention(q, k, v, config=c, enable_gqa=True)
     a, s = R.span_search(q, k, None, None, 8, 3, 0.5, 0.5, 2.0, 0.0, "anchor", 0)
     ref = R.span_attention(q, k, v, a, s, None, None, 8, 4, 0.5, 2.0, 0.0, "union", 8 ** -0.5, 0)

@@ -32,8 +32,9 @@ def test_ops_trace_under_export():
 
     class M(torch.nn.Module):
         def forward(self, q, k, v):
-            return slcompile.superlinear_attention(q, k, v, enable_gqa=True,
-                                                   config=slcompile.SuperlinearConfig(dense_below=0, window=8))
+            return slcompile.superlinear_attention(
+                q, k, v, enable_gqa=True,
+                config=slcompile.SuperlinearConfig(search_key="anchor", dense_below=0, window=8))
 
     ep = torch.export.export(M(), (q, k, v))
     targets = {n.target for n in ep.graph.nodes if n.op == "call_function"}

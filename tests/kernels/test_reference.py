@@ -38,7 +38,7 @@ def test_exact_when_window_covers_everything(combine, search_key):
 def test_exact_below_dense_below():
     torch.manual_seed(1)
     q, k, v = rand(1, 6, 257, 64), rand(1, 2, 257, 64), rand(1, 2, 257, 64)
-    cfg = SuperlinearConfig(window=8, dense_below=257)
+    cfg = SuperlinearConfig(search_key="anchor", window=8, dense_below=257)
     out = superlinear_attention(q, k, v, config=cfg, enable_gqa=True)
     assert (out - dense_causal(q, k, v)).abs().max() < 1e-5
     # one key more and the sparse path is taken: no longer dense
@@ -117,18 +117,18 @@ def test_coverage_of_candidate_spans():
     ts = list(range(0, 300)) + list(range(2900, 3000))
     # W = 63 = 8^2 - 1 is a stripe offset: the first anchor touches the window and the
     # backward reach 2*sqrt(t+1) exceeds every gap between anchors, so spans + window cover 0..t.
-    cfg = SuperlinearConfig(window=63).to_dict()
+    cfg = SuperlinearConfig(search_key="anchor", window=63).to_dict()
     for t in ts:
         assert _uncovered(t, T, cfg, back, fwd, deltas) == set(), t
     # docs/spec.md's default W = 64 is not a stripe offset: the first anchor sits at t - 80, and
     # with forward_factor 0 the 16 keys (t-80, t-64] between it and the window lie in no
     # candidate span (before t = 80 the keys [0, t-64] are reachable only through sinks).
-    cfg = SuperlinearConfig().to_dict()
+    cfg = SuperlinearConfig(search_key="anchor").to_dict()
     for t in ts:
         gap = set(range(max(0, t - 80 + 1), max(0, t - 64 + 1)))
         assert _uncovered(t, T, cfg, back, fwd, deltas) == gap, t
     # a forward reach closes that gap
-    cfg = SuperlinearConfig(forward_factor=1.0).to_dict()
+    cfg = SuperlinearConfig(search_key="anchor", forward_factor=1.0).to_dict()
     back, fwd = span_extents(T, 0.5, 2.0, 1.0)
     for t in ts[300:]:
         assert _uncovered(t, T, cfg, back, fwd, deltas) == set(), t
@@ -139,7 +139,7 @@ def test_union_covering_all_is_dense():
     # all fit in topk=8, so every query's union covers [0, t]: attention must be exactly dense.
     torch.manual_seed(3)
     q, k, v = rand(1, 2, 60, 16), rand(1, 2, 60, 16), rand(1, 2, 60, 16)
-    cfg = SuperlinearConfig(window=8, sinks=0, topk=8, dense_below=0)
+    cfg = SuperlinearConfig(search_key="anchor", window=8, sinks=0, topk=8, dense_below=0)
     out = superlinear_attention(q, k, v, config=cfg)
     assert (out - dense_causal(q, k, v)).abs().max() < 1e-5
 
@@ -163,7 +163,7 @@ def test_causality(combine):
 def test_gqa_equals_repeated_kv(combine):
     torch.manual_seed(5)
     q, k, v = rand(2, 6, 500, 32), rand(2, 2, 500, 32), rand(2, 2, 500, 32)
-    cfg = SuperlinearConfig(window=32, dense_below=0, combine=combine)
+    cfg = SuperlinearConfig(search_key="anchor", window=32, dense_below=0, combine=combine)
     out = superlinear_attention(q, k, v, config=cfg, enable_gqa=True)
     rep = superlinear_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), config=cfg)
     assert (out - rep).abs().max() < 1e-6
@@ -190,7 +190,7 @@ def test_padding_removes_keys():
     kpm = torch.ones(2, 300, dtype=torch.bool)
     kpm[0, :40] = False  # left padding
     kpm[1, 100:180] = False
-    cfg = SuperlinearConfig(window=16, dense_below=0)
+    cfg = SuperlinearConfig(search_key="anchor", window=16, dense_below=0)
     out = superlinear_attention(q, k, v, config=cfg, key_padding_mask=kpm)
     k2, v2 = k.clone(), v.clone()
     k2[~kpm[:, None, :, None].expand_as(k)] = 1e3  # garbage in removed keys changes nothing
@@ -223,10 +223,11 @@ def test_reference_scales_to_long_sequences():
     torch.manual_seed(9)
     L = 4096
     q, k, v = rand(1, 2, L, 32), rand(1, 1, L, 32), rand(1, 1, L, 32)
-    out = superlinear_attention(q, k, v, config=SuperlinearConfig(dense_below=0), enable_gqa=True)
+    cfg = SuperlinearConfig(search_key="anchor", dense_below=0)
+    out = superlinear_attention(q, k, v, config=cfg, enable_gqa=True)
     assert out.shape == (1, 2, L, 32) and torch.isfinite(out).all()
     # spot-check a few late queries against the oracle
     idx = torch.tensor([[L - 1, L - 500, 3000]])
-    sub = oracle_attention(q[:, :, idx[0]], k, v, SuperlinearConfig(dense_below=0).to_dict(),
+    sub = oracle_attention(q[:, :, idx[0]], k, v, cfg.to_dict(),
                            1 / math.sqrt(32), query_positions=idx)
     assert (out[:, :, idx[0]].double() - sub).abs().max() < 1e-5

@@ -49,7 +49,7 @@ def test_decode_over_own_cache_sits_at_the_bottom_right():
     torch._dynamo.reset()
     m = Step("own")
     x, o, pk, pv = _inputs()
-    cfg = slcompile.SuperlinearConfig(window=4, sinks=1, topk=2, dense_below=0)
+    cfg = slcompile.SuperlinearConfig(search_key="anchor", window=4, sinks=1, topk=2, dense_below=0)
     f = torch.compile(m, backend="superlinear", options={**cfg.to_dict(), "compiler": "eager"})
     with torch.no_grad():
         out = f(x, o, pk, pv)
@@ -75,7 +75,7 @@ class StaticStep(torch.nn.Module):
 
 def test_runtime_offset_positions_come_from_the_graph():
     torch._dynamo.reset()
-    cfg = slcompile.SuperlinearConfig(window=4, sinks=1, topk=2, dense_below=0)
+    cfg = slcompile.SuperlinearConfig(search_key="anchor", window=4, sinks=1, topk=2, dense_below=0)
     f = torch.compile(StaticStep(), backend="superlinear", options={**cfg.to_dict(), "compiler": "eager"})
     q, k, v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 60, 8), torch.randn(1, 2, 60, 8)
     from slcompile.backend import capture_reports

@@ -215,7 +215,7 @@ def test_rewritten_graph_holds_superlinear_ops():
 
     def backend(gm, ex):
         from slcompile.passes import rewrite_graph
-        rewrite_graph(gm, slcompile.SuperlinearConfig.exact())
+        rewrite_graph(gm, slcompile.SuperlinearConfig.exact(search_key="anchor"))
         seen.extend(n.target for n in gm.graph.nodes if n.op == "call_function")
         return gm.forward
 
@@ -231,7 +231,8 @@ def test_not_exact_config_differs_but_is_close_in_structure():
     q, k, v = qkv(lq=40, t=40)
     m = Fn(sdpa_causal)
     metrics = slcompile.testing.compare_with_dense(
-        m, (q, k, v), slcompile.SuperlinearConfig(window=4, sinks=1, topk=1, dense_below=0),
+        m, (q, k, v),
+        slcompile.SuperlinearConfig(search_key="anchor", window=4, sinks=1, topk=1, dense_below=0),
         compiler="eager")
     assert metrics["rewritten"] == 1 and metrics["max_abs"] > 1e-3 and metrics["cosine"] > 0.3
 

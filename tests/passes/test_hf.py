@@ -137,7 +137,7 @@ def test_hf_packed_sequences_left_alone():
 # decoding with a KV cache (issue 6): DynamicCache, StaticCache, chunked prefill
 # --------------------------------------------------------------------------------------------
 
-SMALL = dict(window=4, sinks=1, topk=2, span_power=0.5, backward_factor=1.0)
+SMALL = dict(search_key="anchor", window=4, sinks=1, topk=2, span_power=0.5, backward_factor=1.0)
 
 
 def _oracle_impl(config):

@@ -1,0 +1,96 @@
+"""The default is block-sparse attention (docs/blocksparse.md) at every front door: the config,
+the backend with no options, `attn_implementation="superlinear"` and the functional form; the
+stripe searches of docs/spec.md keep their own defaults when named."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import slcompile
+import slcompile.hf as H
+from slcompile import SuperlinearConfig
+from slcompile.kernels import blocksparse as bs
+
+
+def test_default_config_is_the_block_sparse_one_and_kinds_bring_their_defaults():
+    c = SuperlinearConfig()
+    assert c == SuperlinearConfig.block_sparse()
+    assert (c.search_key, c.window, c.topk, c.q_block, c.k_block) == ("blocksparse", 256, 24, 64, 32)
+    a = SuperlinearConfig(search_key="anchor")
+    assert (a.window, a.topk) == (64, 3)
+    # replace keeps what was given and re-derives the rest for the new kind
+    assert SuperlinearConfig(window=512).replace(search_key="mean").to_dict() == \
+        SuperlinearConfig(window=512, search_key="mean").to_dict()
+    assert c.replace(search_key="anchor").topk == 3
+    assert SuperlinearConfig(steps=3).search_key == "anchor"
+    # a saved config reloads to itself, whatever its kind
+    for cfg in (c, a, SuperlinearConfig(topk=40, dense_below=0), SuperlinearConfig(steps=4)):
+        assert SuperlinearConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="topk"):
+        SuperlinearConfig(search_key="anchor", topk=9)
+    with pytest.raises(ValueError, match="topk"):
+        SuperlinearConfig(topk=257)
+
+
+def _qkv(T, seed, Hq=4, Hkv=2, D=16):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, h, T, D, generator=g) for h in (Hq, Hkv, Hkv)]
+
+
+def _reference(q, k, v, cfg):
+    return bs.superlinear_block_attention(
+        q, k, v, None, 0, window=cfg.window, sinks=cfg.sinks, topk=cfg.topk, q_block=cfg.q_block,
+        k_block=cfg.k_block, rows=cfg.block_rows, pool=cfg.block_pool, scale=q.shape[-1] ** -0.5,
+        dense_below=cfg.dense_below)
+
+
+def test_backend_without_options_runs_the_default_past_dense_below():
+    cfg = SuperlinearConfig()
+    T = cfg.dense_below + 3 * cfg.q_block + 5  # past dense_below: the sparse path, a partial block
+    q, k, v = _qkv(T, 0)
+
+    def f(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    torch._dynamo.reset()
+    out = torch.compile(f, backend="superlinear")(q, k, v)
+    torch._dynamo.reset()
+    want = _reference(q, k, v, cfg)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    dense = f(q, k, v)
+    assert (out - dense).abs().max() > 1e-2  # sparse: late queries leave blocks out
+    # the early queries see every key (window, sinks and kept blocks cover them)
+    torch.testing.assert_close(out[:, :, :1024], dense[:, :, :1024], atol=1e-5, rtol=1e-5)
+
+
+def test_attn_implementation_without_config_uses_the_default():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    model.config._attn_implementation = "superlinear"
+    layer = model.model.layers[0].self_attn
+    assert H.get_config(layer) == SuperlinearConfig()
+    # the same default, forced past dense_below, through the whole model against the functional
+    H.configure(model, SuperlinearConfig(dense_below=0))
+    ids = torch.randint(0, 64, (1, 2048), generator=torch.Generator().manual_seed(1))
+
+    with torch.no_grad():
+        sparse = model(ids).logits
+        H.configure(model, SuperlinearConfig.exact())
+        exact = model(ids).logits
+        model.config._attn_implementation = "sdpa"
+        dense = model(ids).logits
+    torch.testing.assert_close(exact, dense, atol=1e-4, rtol=1e-4)
+    assert (sparse - dense).abs().max() > 1e-3
+
+
+def test_functional_default_matches_the_reference():
+    cfg = SuperlinearConfig(dense_below=0)
+    q, k, v = _qkv(1500, 2)
+    out = slcompile.superlinear_attention(q, k, v, config=cfg, enable_gqa=True)
+    torch.testing.assert_close(out, _reference(q, k, v, cfg), atol=1e-6, rtol=1e-6)
+    dense = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert (out - dense).abs().max() > 1e-2
