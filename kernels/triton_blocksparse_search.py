@@ -1,14 +1,14 @@
 """Triton kernels of the block-sparse search (docs/blocksparse.md; `blocksparse.block_select` is
 the reference they are tested against).
 
-Stage 1, `_bound_kernel`: one program per (query block, batch row x kv head, share of the
-candidate blocks) multiplies the [kmax, kmin] summaries of a tile of candidate key blocks by the
-block's representative rows, split as [q+, q-] (tensor-core products in slices of the 2D dim), keeps
-the largest bound over the rows as an int64 order key (float order of the score, then the block
-index: exact ties go to the later block) and merges the tile into a running top-MP of keys
-(`tl.topk` of the two, skipped when no key of the tile beats the current last). It writes only its
-MP best keys: no [query blocks, key blocks] tensor exists; where the scan is split over programs,
-`torch.topk` merges their few lists. Stage 2, `_exact_kernel`: one program per (query block, batch
+Stage 1, `_bound_kernel`: one program per (query block, batch row x kv head, tile of candidate
+key blocks) multiplies the [kmax, kmin] summaries of its tile by the block's representative rows,
+split as [q+, q-] (tensor-core products in slices of the 2D dim), and writes the largest bound
+over the rows as an int64 order key (float order of the score, then the block index: exact ties go
+to the later block); `torch.topk` keeps the pool, chunked over query blocks so that the keys
+tensor stays within 512 MiB. (A running top-P x topk kept inside the kernel with `tl.topk`, so that
+no keys tensor exists, was measured 2.5x slower at 1M on an H100: the bitonic merge ran on nearly
+every tile and cost about 25x the tile's products; benchmarks/RESULTS.md.) Stage 2, `_exact_kernel`: one program per (query block, batch
 row x kv head, share of the pool) reads its candidate blocks straight from the key tensor (no
 gathered copy) and writes the exact largest logit of the representative rows in each, again as an
 order key; `torch.topk` picks the kept blocks. Both kernels read the representative rows straight
@@ -19,7 +19,6 @@ float32 inputs), compared in float32, as the contract says.
 
 from __future__ import annotations
 
-import inspect
 from typing import Optional
 
 import torch
@@ -33,11 +32,8 @@ from . import blocksparse as bs
 _IDX_MASK = (1 << bs._IDX_BITS) - 1
 _NO_KEY = -(1 << 63)  # order key of a non-candidate: below every real key
 _KEY_BUDGET = 1 << 26  # int64 stage-1 keys per chunk of query blocks (512 MiB)
-# tl.topk takes `descending` (largest first by default) in recent Triton; earlier releases have
-# no such argument and always return the largest
-_TOPK_DESCENDING_ARG = "descending" in inspect.signature(getattr(tl.topk, "fn", tl.topk)).parameters
 _STAGE1_SMEM = 160 * 1024  # shared memory stage 1's pipelined [kmax | kmin] tiles may take
-_PROGRAMS = 512  # stage-1 programs to aim for when few query blocks are searched (decoding)
+_PROGRAMS = 512  # stage-2 programs to aim for when few query blocks are searched (decoding)
 
 
 def _pow2(n: int, lo: int = 16) -> int:
@@ -65,37 +61,39 @@ def _rep_rows(n, front, Lq, RG, ROWS, RGP: tl.constexpr, Q_BLOCK: tl.constexpr):
 
 
 # lengths change with every decoded token: not specialised (no recompilation per length class)
-@triton.jit(do_not_specialize=["nK", "sb", "CH", "Lq", "front", "n0", "before0"])
+@triton.jit(do_not_specialize=["nK", "sb", "Lq", "front", "n0", "before0"])
 def _bound_kernel(Q, KK, HAS, OUT,
                   s_q_b, s_q_h, s_q_t,
                   s_kk_b, s_kk_h, s_kk_k,
                   s_has_b, s_o_bh, s_o_n, s_o_c,
-                  Hkv, nK, sb, CH, Lq, front, n0, before0, per_q, wb, RG, ROWS, D,
+                  Hkv, nK, sb, Lq, front, n0, before0, per_q, wb, RG, ROWS, D,
                   G: tl.constexpr, Q_BLOCK: tl.constexpr, RGP: tl.constexpr, DP: tl.constexpr,
                   DK: tl.constexpr, MP: tl.constexpr, HAS_MASK: tl.constexpr,
-                  IDX_BITS: tl.constexpr, IEEE: tl.constexpr, TOPK_DESCENDING_ARG: tl.constexpr):
+                  IDX_BITS: tl.constexpr, IEEE: tl.constexpr):
     n = n0 + tl.program_id(0).to(tl.int64)  # query block of the call
     bh = tl.program_id(1).to(tl.int64)
-    c = tl.program_id(2)  # the chunk of CH candidate blocks (a multiple of MP) of this program
+    c = tl.program_id(2)  # the tile of MP candidate blocks of this program
     b = bh // Hkv
     h = bh % Hkv
     # candidates: key blocks sb <= i < (blocks before the query block) - window blocks
-    lim = tl.minimum(tl.minimum(tl.maximum(before0 + n * per_q - wb, 0), nK), (c + 1) * CH)
+    lim = tl.minimum(tl.maximum(before0 + n * per_q - wb, 0), nK)
     g, t, row_ok = _rep_rows(n, front, Lq, RG, ROWS, RGP, Q_BLOCK)
     dk = tl.arange(0, DK)
     qrow = Q + b * s_q_b + (h * G + g)[None, :] * s_q_h + t.to(tl.int64)[None, :] * s_q_t
     kbase = KK + b * s_kk_b + h * s_kk_h
-    # the MP best order keys seen so far, best first (a running top-MP: no keys tensor written)
-    top = tl.full([MP], -9223372036854775808, tl.int64)
-    for i0 in range(tl.maximum((sb // MP) * MP, c * CH), lim, MP):
-        i = i0 + tl.arange(0, MP)
-        inside = (i < nK)
+    i = c * MP + tl.arange(0, MP)  # this program's tile of candidate blocks
+    o = tl.arange(0, MP)
+    ok = (i >= sb) & (i < lim)
+    if HAS_MASK:
+        ok = ok & (tl.load(HAS + b * s_has_b + i, mask=i < nK, other=0) != 0)
+    key = tl.full([MP], -9223372036854775808, tl.int64)
+    if (c * MP < lim) & (c * MP + MP > sb):  # a tile with candidates
         s = tl.zeros([MP, RGP], dtype=tl.float32)
         for d0 in range(0, DP, DK):  # bound = kmax . q+ + kmin . q-, DK dims a step (a loop,
             # not unrolled: the pipeliner keeps only one step's tiles in flight per stage)
             d = d0 + dk
             qt = tl.load(qrow + d[:, None], mask=row_ok[None, :] & (d[:, None] < D), other=0.0)
-            kmask = inside[:, None] & (d[None, :] < D)
+            kmask = ok[:, None] & (d[None, :] < D)
             kx = tl.load(kbase + i[:, None] * s_kk_k + d[None, :], mask=kmask, other=0.0)
             kn = tl.load(kbase + i[:, None] * s_kk_k + D + d[None, :], mask=kmask, other=0.0)
             if IEEE:
@@ -105,18 +103,8 @@ def _bound_kernel(Q, KK, HAS, OUT,
                 s = tl.dot(kx, tl.maximum(qt, 0.0).to(qt.dtype), s)
                 s = tl.dot(kn, tl.minimum(qt, 0.0).to(qt.dtype), s)
         best = tl.max(tl.where(row_ok[None, :], s, float("-inf")), 1)
-        ok = (i >= sb) & (i < lim)
-        if HAS_MASK:
-            ok = ok & (tl.load(HAS + b * s_has_b + i, mask=inside, other=0) != 0)
-        key = tl.where(ok, _order_key(best, i, IDX_BITS), -9223372036854775808)
-        if tl.max(key, 0) > tl.min(top, 0):  # some block of the tile enters the running top
-            both = tl.reshape(tl.join(top, key), [2 * MP])
-            if TOPK_DESCENDING_ARG:  # Triton releases differ in tl.topk's default direction
-                top = tl.topk(both, MP, descending=True)
-            else:
-                top = tl.topk(both, MP)
-    o = tl.arange(0, MP)
-    tl.store(OUT + bh * s_o_bh + (n - n0) * s_o_n + c * s_o_c + o, top)
+        key = tl.where(ok, _order_key(best, i, IDX_BITS), key)
+    tl.store(OUT + bh * s_o_bh + (n - n0) * s_o_n + c * s_o_c + o, key)
 
 
 @triton.jit(do_not_specialize=["T", "MC", "Lq", "front", "n0"])
@@ -172,15 +160,11 @@ def _top_blocks(keys: Tensor, n: int) -> Tensor:
 
 def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *, window: int,
                         sinks: int, topk: int, q_block: int, k_block: int, rows: int, pool: int,
-                        summary: Optional[Tensor] = None, num_warps: int = 4,
-                        split: Optional[int] = None) -> Tensor:
+                        summary: Optional[Tensor] = None, num_warps: int = 4) -> Tensor:
     """`blocksparse.block_select` with the two stages in Triton: int32 [B, Hkv, nQ, topk].
 
     summary: the key blocks' [kmax | kmin] kept with the cache (`blocksparse.block_summaries`
-    of k, at least nK blocks; see `blocksparse.check_summary`), else computed from k here.
-    split: stage-1 programs per (query block, kv head), each scanning a share of the candidate
-    blocks (default: enough programs to fill the GPU when there are few query blocks, as in
-    decoding)."""
+    of k, at least nK blocks; see `blocksparse.check_summary`), else computed from k here."""
     B, Hq, Lq, D = q.shape
     Hkv, T = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -204,10 +188,8 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
     kc = k if k.stride(-1) == 1 else k.contiguous()
     kpm8 = None if kpm is None else kpm.to(torch.int8).contiguous()
     out = torch.empty((B, Hkv, nQ, topk), dtype=torch.int32, device=dev)
-    MP = _pow2(M)
-    parts = split or max(1, min(triton.cdiv(nK, 2 * MP), triton.cdiv(_PROGRAMS, nQ * B * Hkv)))
-    CH = triton.cdiv(triton.cdiv(nK, parts), MP) * MP
-    parts = triton.cdiv(nK, CH)
+    MP = _pow2(M)  # stage 1's tile of candidate blocks, one tile a program
+    parts = triton.cdiv(nK, MP)
     chunk = max(1, _KEY_BUDGET // max(1, B * Hkv * parts * MP))
     RGP, DP = _pow2(RG), _pow2(D)
     qstr = (qc.stride(0), qc.stride(1), qc.stride(2))
@@ -221,18 +203,15 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
                 kk.stride(0), kk.stride(1), kk.stride(2),
                 has8.stride(0) if has8 is not None else 0, keys.stride(0), keys.stride(1),
                 keys.stride(2),
-                Hkv, nK, sb, CH, Lq, front, s, j0 * per_q, per_q, wb, RG, rows, D)
+                Hkv, nK, sb, Lq, front, s, j0 * per_q, per_q, wb, RG, rows, D)
         meta = dict(G=G, Q_BLOCK=q_block, RGP=RGP, DP=DP, MP=MP, HAS_MASK=has8 is not None,
-                    IDX_BITS=bs._IDX_BITS, IEEE=ieee, TOPK_DESCENDING_ARG=_TOPK_DESCENDING_ARG,
-                    num_warps=num_warps)
+                    IDX_BITS=bs._IDX_BITS, IEEE=ieee, num_warps=num_warps)
         try:
             _bound_kernel[(n, B * Hkv, parts)](*args, DK=DK, num_stages=stages, **meta)
         except OutOfResources:  # a compiler that needs more shared memory than estimated
             DK, stages = min(32, DP), 1
             _bound_kernel[(n, B * Hkv, parts)](*args, DK=DK, num_stages=stages, **meta)
-        # each program's keys are sorted best first: one program needs no second selection
-        keys = keys.view(B * Hkv, n, parts * MP)
-        ci = (_blocks_of(keys[..., :M]) if parts == 1 else _top_blocks(keys, M)).contiguous()
+        ci = _top_blocks(keys.view(B * Hkv, n, parts * MP), M).contiguous()
         del keys
         ex = torch.empty((B * Hkv, n, M), dtype=torch.int64, device=dev)
         mparts = max(1, min(M, triton.cdiv(_PROGRAMS, n * B * Hkv)))  # few query blocks: split

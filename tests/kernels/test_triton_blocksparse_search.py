@@ -87,13 +87,12 @@ def test_a_planted_key_is_found_in_every_block():
         assert kept[0, 0, -1, 0].item() == blk
 
 
-@pytest.mark.parametrize("split", [1, 3])
-def test_decoding_with_kept_summaries_and_split_scans(split):
+def test_decoding_with_kept_summaries_over_several_tiles():
     """A decoded token and a short chunk searched against summaries kept by BlockSummaryCache (the
-    cache grown token by token), the stage-1 scan split over several programs, pick what the
-    reference picks from the keys."""
+    cache grown token by token), the stage-1 scan over several tiles (57 blocks, 16-block tiles),
+    pick what the reference picks from the keys."""
     B, Hq, Hkv, T, D = 1, 4, 2, 900, 16
-    q, k, _ = _inputs(B, Hq, Hkv, T, D, seed=17 + split, pad=False)
+    q, k, _ = _inputs(B, Hq, Hkv, T, D, seed=18, pad=False)
     kw = dict(window=32, sinks=4, topk=3, q_block=32, k_block=16, rows=4, pool=2)
     cache = bs.BlockSummaryCache(16)
     cache.update(k[:, :, :850], 0)
@@ -103,8 +102,7 @@ def test_decoding_with_kept_summaries_and_split_scans(split):
         summ = cache.update(k, p0)
         want = bs.block_select(q[:, :, p0:], k, None, p0, **kw)
         poison()
-        got = tss.block_select_triton(q[:, :, p0:], k, None, p0, summary=summ,
-                                      split=split, **kw)
+        got = tss.block_select_triton(q[:, :, p0:], k, None, p0, summary=summ, **kw)
         assert (want >= 0).sum() > 0
         assert torch.equal(got, want), (p0, got, want)
 
