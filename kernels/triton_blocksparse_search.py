@@ -154,8 +154,19 @@ def _blocks_of(keys: Tensor) -> Tensor:
 
 def _top_blocks(keys: Tensor, n: int) -> Tensor:
     """The block indices of the n largest order keys along the last dim, best first; -1 for
-    non-candidates. int64."""
-    return _blocks_of(keys.topk(min(n, keys.shape[-1]), dim=-1)[0])
+    non-candidates. int64. Few long rows (a decoded token: one row per kv head over every
+    candidate) are cut into pieces first: `torch.topk` runs one thread block per row, so 8 rows of
+    32768 keys used 8 SMs; the n best of each piece hold the n best of the row (order keys are
+    unique), and a second topk picks them."""
+    n = min(n, keys.shape[-1])
+    L = keys.shape[-1]
+    piece = max(4 * n, 2048)
+    if keys.numel() // L < 256 and L >= 4 * piece:
+        pad = -L % piece
+        if pad:
+            keys = torch.nn.functional.pad(keys, (0, pad), value=_NO_KEY)
+        keys = keys.unflatten(-1, (-1, piece)).topk(n, dim=-1)[0].flatten(-2)
+    return _blocks_of(keys.topk(n, dim=-1)[0])
 
 
 def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *, window: int,

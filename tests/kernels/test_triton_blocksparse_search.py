@@ -159,3 +159,16 @@ def test_the_preset_pool_size_with_a_long_cache(p0):
     got = tss.block_select_triton(q[:, :, p0:], k, None, p0, **kw)
     assert (want >= 0).sum(-1).min() == 24
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("rows,L", [(8, 32768), (3, 40001), (1, 9000)])
+def test_top_blocks_of_few_long_rows_in_pieces(rows, L):
+    """The pool of a decoded token (few rows over every candidate) is picked in pieces, then among
+    the pieces' best: the same blocks, in the same order, as one topk over the row."""
+    g = torch.Generator().manual_seed(rows + L)
+    keys = (torch.randperm(rows * L, generator=g).view(rows, L).long() << bs._IDX_BITS) | \
+        torch.arange(L).long()
+    keys[:, torch.randperm(L, generator=g)[: L // 3]] = tss._NO_KEY  # non-candidates
+    want = keys.topk(192, dim=-1)[0]
+    want = torch.where(want == tss._NO_KEY, -1, want & ((1 << bs._IDX_BITS) - 1))
+    assert torch.equal(tss._top_blocks(keys, 192), want)
