@@ -113,9 +113,9 @@ def _exact_kernel(Q, K, KPM, CI, OUT,
                   s_k_b, s_k_h, s_k_t,
                   s_kpm_b, s_ci_bh, s_ci_n, s_o_bh, s_o_n,
                   Hkv, T, M, MC, Lq, front, n0, RG, ROWS, D,
-                  G: tl.constexpr, Q_BLOCK: tl.constexpr, KB: tl.constexpr, RGP: tl.constexpr,
-                  DP: tl.constexpr, HAS_KPM: tl.constexpr, IDX_BITS: tl.constexpr,
-                  IEEE: tl.constexpr):
+                  G: tl.constexpr, Q_BLOCK: tl.constexpr, KB: tl.constexpr, CB: tl.constexpr,
+                  RGP: tl.constexpr, DP: tl.constexpr, HAS_KPM: tl.constexpr,
+                  IDX_BITS: tl.constexpr, IEEE: tl.constexpr):
     n = n0 + tl.program_id(0).to(tl.int64)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // Hkv
@@ -124,13 +124,16 @@ def _exact_kernel(Q, K, KPM, CI, OUT,
     d = tl.arange(0, DP)
     rep = tl.load(Q + b * s_q_b + (h * G + g)[:, None] * s_q_h + t.to(tl.int64)[:, None] * s_q_t
                   + d[None, :], mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
-    kk = tl.arange(0, KB)
     kbase = K + b * s_k_b + h * s_k_h
     c = tl.program_id(2)  # this program scores candidates c*MC .. (c+1)*MC - 1 of the pool
-    for m in range(c * MC, tl.minimum(M, (c + 1) * MC)):
-        idx = tl.load(CI + bh * s_ci_bh + (n - n0) * s_ci_n + m)
-        pos = idx * KB + kk
-        ok = (pos >= 0) & (pos < T)  # idx = -1 gives pos < 0
+    end = tl.minimum(M, (c + 1) * MC)
+    j = tl.arange(0, CB * KB)  # CB candidates a step, KB keys each: lane j is key j % KB of
+    cb = tl.arange(0, CB)  # candidate j // KB (whole tensor-core tiles, CB loads in flight)
+    ci = CI + bh * s_ci_bh + (n - n0) * s_ci_n
+    for m0 in range(c * MC, end, CB):
+        live = m0 + j // KB < end
+        pos = tl.load(ci + m0 + j // KB, mask=live, other=-1) * KB + j % KB
+        ok = live & (pos >= 0) & (pos < T)  # idx = -1 gives pos < 0
         if HAS_KPM:
             pres = tl.load(KPM + b * s_kpm_b + pos, mask=ok, other=0)
             ok = ok & (pres != 0)
@@ -141,10 +144,11 @@ def _exact_kernel(Q, K, KPM, CI, OUT,
         else:
             s = tl.dot(rep, tl.trans(kt))
         s = tl.where(row_ok[:, None] & ok[None, :], s, float("-inf"))
-        best = tl.max(tl.max(s, 1), 0)
+        best = tl.max(tl.reshape(tl.max(s, 0), [CB, KB]), 1)  # [CB]
+        idx = tl.load(ci + m0 + cb, mask=m0 + cb < end, other=-1)
         key = tl.where(best > float("-inf"), _order_key(best, idx, IDX_BITS),
                        -9223372036854775808)
-        tl.store(OUT + bh * s_o_bh + (n - n0) * s_o_n + m, key)
+        tl.store(OUT + bh * s_o_bh + (n - n0) * s_o_n + m0 + cb, key, mask=m0 + cb < end)
 
 
 def _blocks_of(keys: Tensor) -> Tensor:
@@ -226,14 +230,16 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
         del keys
         ex = torch.empty((B * Hkv, n, M), dtype=torch.int64, device=dev)
         mparts = max(1, min(M, triton.cdiv(_PROGRAMS, n * B * Hkv)))  # few query blocks: split
-        MC = triton.cdiv(M, mparts)
+        CB = max(1, 128 // k_block)  # stage 2's candidates a step
+        MC = triton.cdiv(triton.cdiv(M, mparts), CB) * CB
         _exact_kernel[(n, B * Hkv, triton.cdiv(M, MC))](
             qc, kc, kpm8 if kpm8 is not None else kc, ci, ex, *qstr,
             kc.stride(0), kc.stride(1), kc.stride(2),
             kpm8.stride(0) if kpm8 is not None else 0, ci.stride(0), ci.stride(1),
             ex.stride(0), ex.stride(1),
             Hkv, T, M, MC, Lq, front, s, RG, rows, D,
-            G=G, Q_BLOCK=q_block, KB=k_block, RGP=RGP, DP=DP, HAS_KPM=kpm8 is not None,
+            G=G, Q_BLOCK=q_block, KB=k_block, CB=CB, RGP=RGP, DP=DP,
+            HAS_KPM=kpm8 is not None,
             IDX_BITS=bs._IDX_BITS, IEEE=ieee, num_warps=num_warps)
         kept = _top_blocks(ex, topk).to(torch.int32).view(B, Hkv, n, -1)
         out[:, :, s:e, :kept.shape[-1]] = kept
