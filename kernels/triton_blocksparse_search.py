@@ -132,7 +132,10 @@ def _exact_kernel(Q, K, KPM, CI, OUT,
     ci = CI + bh * s_ci_bh + (n - n0) * s_ci_n
     for m0 in range(c * MC, end, CB):
         live = m0 + j // KB < end
-        pos = tl.load(ci + m0 + j // KB, mask=live, other=-1) * KB + j % KB
+        # the pool holds stage 1's order keys: block index in the low bits, none for an empty slot
+        lane_key = tl.load(ci + m0 + j // KB, mask=live, other=-9223372036854775808)
+        blk = tl.where(lane_key == -9223372036854775808, -1, lane_key & ((1 << IDX_BITS) - 1))
+        pos = blk * KB + j % KB
         ok = live & (pos >= 0) & (pos < T)  # idx = -1 gives pos < 0
         if HAS_KPM:
             pres = tl.load(KPM + b * s_kpm_b + pos, mask=ok, other=0)
@@ -145,7 +148,7 @@ def _exact_kernel(Q, K, KPM, CI, OUT,
             s = tl.dot(rep, tl.trans(kt))
         s = tl.where(row_ok[:, None] & ok[None, :], s, float("-inf"))
         best = tl.max(tl.reshape(tl.max(s, 0), [CB, KB]), 1)  # [CB]
-        idx = tl.load(ci + m0 + cb, mask=m0 + cb < end, other=-1)
+        idx = tl.load(ci + m0 + cb, mask=m0 + cb < end, other=0) & ((1 << IDX_BITS) - 1)
         key = tl.where(best > float("-inf"), _order_key(best, idx, IDX_BITS),
                        -9223372036854775808)
         tl.store(OUT + bh * s_o_bh + (n - n0) * s_o_n + m0 + cb, key, mask=m0 + cb < end)
@@ -156,9 +159,8 @@ def _blocks_of(keys: Tensor) -> Tensor:
     return torch.where(keys == _NO_KEY, -1, keys & _IDX_MASK)
 
 
-def _top_blocks(keys: Tensor, n: int) -> Tensor:
-    """The block indices of the n largest order keys along the last dim, best first; -1 for
-    non-candidates. int64. Few long rows (a decoded token: one row per kv head over every
+def _top_keys(keys: Tensor, n: int) -> Tensor:
+    """The n largest order keys along the last dim, best first. Few long rows (a decoded token: one row per kv head over every
     candidate) are cut into pieces first: `torch.topk` runs one thread block per row, so 8 rows of
     32768 keys used 8 SMs; the n best of each piece hold the n best of the row (order keys are
     unique), and a second topk picks them."""
@@ -170,7 +172,7 @@ def _top_blocks(keys: Tensor, n: int) -> Tensor:
         if pad:
             keys = torch.nn.functional.pad(keys, (0, pad), value=_NO_KEY)
         keys = keys.unflatten(-1, (-1, piece)).topk(n, dim=-1)[0].flatten(-2)
-    return _blocks_of(keys.topk(n, dim=-1)[0])
+    return keys.topk(n, dim=-1)[0]
 
 
 def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *, window: int,
@@ -226,7 +228,7 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
         except OutOfResources:  # a compiler that needs more shared memory than estimated
             DK, stages = min(32, DP), 1
             _bound_kernel[(n, B * Hkv, parts)](*args, DK=DK, num_stages=stages, **meta)
-        ci = _top_blocks(keys.view(B * Hkv, n, parts * MP), M).contiguous()
+        ci = _top_keys(keys.view(B * Hkv, n, parts * MP), M).contiguous()  # stage 2 decodes them
         del keys
         ex = torch.empty((B * Hkv, n, M), dtype=torch.int64, device=dev)
         mparts = max(1, min(M, triton.cdiv(_PROGRAMS, n * B * Hkv)))  # few query blocks: split
@@ -241,7 +243,7 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
             G=G, Q_BLOCK=q_block, KB=k_block, CB=CB, RGP=RGP, DP=DP,
             HAS_KPM=kpm8 is not None,
             IDX_BITS=bs._IDX_BITS, IEEE=ieee, num_warps=num_warps)
-        kept = _top_blocks(ex, topk).to(torch.int32).view(B, Hkv, n, -1)
+        kept = _blocks_of(_top_keys(ex, topk)).to(torch.int32).view(B, Hkv, n, -1)
         out[:, :, s:e, :kept.shape[-1]] = kept
         if kept.shape[-1] < topk:
             out[:, :, s:e, kept.shape[-1]:] = -1

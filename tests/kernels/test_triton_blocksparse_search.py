@@ -171,4 +171,4 @@ def test_top_blocks_of_few_long_rows_in_pieces(rows, L):
     keys[:, torch.randperm(L, generator=g)[: L // 3]] = tss._NO_KEY  # non-candidates
     want = keys.topk(192, dim=-1)[0]
     want = torch.where(want == tss._NO_KEY, -1, want & ((1 << bs._IDX_BITS) - 1))
-    assert torch.equal(tss._top_blocks(keys, 192), want)
+    assert torch.equal(tss._blocks_of(tss._top_keys(keys, 192)), want)
