@@ -302,6 +302,7 @@ def _search_query(module, query: Tensor) -> Optional[Tensor]:
 
 
 @functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=64)  # per layer and token: a config is 30 us to build and check
 def _forced(cfg: SuperlinearConfig, dense: bool) -> SuperlinearConfig:
     # dense_below decides per call on the key tensor's length; we decide per sequence instead and
     # hand the kernels a value that forces that decision
