@@ -210,16 +210,18 @@ def _stage1(rep, kk):
 
 def block_select(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *, window: int, sinks: int,
                  topk: int, q_block: int, k_block: int, rows: int, pool: int,
-                 summary: Optional[Tensor] = None) -> Tensor:
+                 summary: Optional[Tensor] = None, exact_rows: int = 0) -> Tensor:
     """Kept key blocks int32 [B, Hkv, nQ, topk] of the query blocks j0..j0+nQ-1 that hold the
     queries at p0..p0+Lq-1 (best first, -1 where fewer candidates exist). summary: the blocks'
-    summaries kept with the cache (`check_summary`), else computed from k."""
+    summaries kept with the cache (`check_summary`), else computed from k. exact_rows: the
+    representative rows of stage 2 (0: the ``rows`` of stage 1)."""
     B, Hq, Lq, D = q.shape
     Hkv, T = k.shape[1], k.shape[2]
     G = Hq // Hkv
     nK = _ceil_div(T, k_block)
     dev = q.device
     rep, j0 = representatives(q, p0, q_block, rows, Hkv)
+    rep2 = representatives(q, p0, q_block, exact_rows, Hkv)[0] if exact_rows else rep
     nQ = rep.shape[2]
     if summary is None:
         kk, has = block_summaries(k, kpm, k_block)
@@ -232,7 +234,8 @@ def block_select(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *, window
     cand = (blk[None, :] >= sb) & (blk[None, :] < lim[:, None])  # [nQ, nK]
     M = min(pool * topk, nK)
     out = torch.full((B, Hkv, nQ, topk), -1, dtype=torch.int32, device=dev)
-    chunk = max(1, _CHUNK_ELEMS // max(1, B * Hkv * G * rows * max(nK, M * k_block)))
+    chunk = max(1, _CHUNK_ELEMS // max(1, B * Hkv * G * max(rows, exact_rows)
+                                        * max(nK, M * k_block)))
     for s in range(0, nQ, chunk):
         e = min(nQ, s + chunk)
         n = e - s
@@ -244,7 +247,7 @@ def block_select(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *, window
         safe = ci.clamp(min=0).long().reshape(B, Hkv, n * M)
         gk = kb.gather(2, safe[..., None, None].expand(B, Hkv, n * M, k_block, D))
         gk = gk.view(B, Hkv, n, M * k_block, D)
-        lg = torch.matmul(rep[:, :, s:e].float(), gk.float().transpose(-1, -2)).amax(3)
+        lg = torch.matmul(rep2[:, :, s:e].float(), gk.float().transpose(-1, -2)).amax(3)
         kp = present[:, None].expand(B, Hkv, nK, k_block).gather(
             2, safe[..., None].expand(B, Hkv, n * M, k_block)).view(B, Hkv, n, M * k_block)
         exact = lg.masked_fill(~kp, float("-inf")).view(B, Hkv, n, M, k_block).amax(-1)
@@ -400,7 +403,8 @@ def flex_kernel_options(q_block: int, k_block: int) -> dict:
 
 def superlinear_block_attention(q, k, v, kpm, p0: int, *, window: int, sinks: int, topk: int,
                                 q_block: int, k_block: int, rows: int, pool: int, scale: float,
-                                dense_below: int, summary: Optional[Tensor] = None) -> Tensor:
+                                dense_below: int, summary: Optional[Tensor] = None,
+                                exact_rows: int = 0) -> Tensor:
     """Search and attention of docs/blocksparse.md, the reference: dense causal attention when
     T <= dense_below, else `block_select` and `block_attention`."""
     from .reference import dense_attention
@@ -410,6 +414,7 @@ def superlinear_block_attention(q, k, v, kpm, p0: int, *, window: int, sinks: in
         pos = (torch.arange(Lq, device=q.device) + p0).expand(B, Lq)
         return dense_attention(q, k, v, kpm, pos, scale)
     kept = block_select(q, k, kpm, p0, window=window, sinks=sinks, topk=topk, q_block=q_block,
-                        k_block=k_block, rows=rows, pool=pool, summary=summary)
+                        k_block=k_block, rows=rows, pool=pool, summary=summary,
+                        exact_rows=exact_rows)
     return block_attention(q, k, v, kept, kpm, p0, window=window, sinks=sinks, q_block=q_block,
                            k_block=k_block, scale=scale)

@@ -115,6 +115,8 @@ class SuperlinearConfig:
             (docs/blocksparse.md): queries per query block (the granularity of choice), keys per
             key block, representative rows per query block, and the stage-1 pool (block_pool *
             topk candidates rescored exactly). Powers of two, q_block a multiple of k_block.
+        exact_rows: search_key="blocksparse" only: representative rows of the exact rescoring
+            (stage 2; 0: block_rows). All q_block rows rescore best (docs/blocksparse.md).
         steps: N, the number of search-and-attend steps (2..8). 2 is docs/spec.md's stripe search;
             N >= 3 is the hierarchical search of docs/nstep.md (cells of about t^(1/N) keys, a
             beam search over N-1 levels, O(L^(1+1/N)) per prefill). With N >= 3,
@@ -138,6 +140,7 @@ class SuperlinearConfig:
     k_block: int = 32
     block_rows: int = 8
     block_pool: int = 8
+    exact_rows: int = 0
 
     def __post_init__(self) -> None:
         # the fields given (not None) at construction: replace() starts from these, so that a
@@ -177,6 +180,7 @@ class SuperlinearConfig:
                              f"multiple of k_block={self.k_block} (docs/blocksparse.md)")
         _check_int("block_rows", self.block_rows, 1, self.q_block)
         _check_int("block_pool", self.block_pool, 1, 64)
+        _check_int("exact_rows", self.exact_rows, 0, self.q_block)
         if self.scale is not None:
             if not _finite_number(self.scale) or self.scale <= 0:
                 _fail("scale", self.scale, "None or a finite number > 0")

@@ -177,11 +177,13 @@ def _top_keys(keys: Tensor, n: int) -> Tensor:
 
 def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *, window: int,
                         sinks: int, topk: int, q_block: int, k_block: int, rows: int, pool: int,
-                        summary: Optional[Tensor] = None, num_warps: int = 4) -> Tensor:
+                        summary: Optional[Tensor] = None, num_warps: int = 4,
+                        exact_rows: int = 0) -> Tensor:
     """`blocksparse.block_select` with the two stages in Triton: int32 [B, Hkv, nQ, topk].
 
     summary: the key blocks' [kmax | kmin] kept with the cache (`blocksparse.block_summaries`
-    of k, at least nK blocks; see `blocksparse.check_summary`), else computed from k here."""
+    of k, at least nK blocks; see `blocksparse.check_summary`), else computed from k here.
+    exact_rows: stage 2's representative rows (0: ``rows``)."""
     B, Hq, Lq, D = q.shape
     Hkv, T = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -232,17 +234,20 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
         del keys
         ex = torch.empty((B * Hkv, n, M), dtype=torch.int64, device=dev)
         mparts = max(1, min(M, triton.cdiv(_PROGRAMS, n * B * Hkv)))  # few query blocks: split
-        CB = max(1, 128 // k_block)  # stage 2's candidates a step
+        rows2 = exact_rows or rows
+        RGP2 = _pow2(G * rows2)
+        # stage 2's candidates a step: 128 keys with 32 rows, fewer with more rows (registers)
+        CB = max(1, (128 * 32 // max(32, RGP2)) // k_block)
         MC = triton.cdiv(triton.cdiv(M, mparts), CB) * CB
         _exact_kernel[(n, B * Hkv, triton.cdiv(M, MC))](
             qc, kc, kpm8 if kpm8 is not None else kc, ci, ex, *qstr,
             kc.stride(0), kc.stride(1), kc.stride(2),
             kpm8.stride(0) if kpm8 is not None else 0, ci.stride(0), ci.stride(1),
             ex.stride(0), ex.stride(1),
-            Hkv, T, M, MC, Lq, front, s, RG, rows, D,
-            G=G, Q_BLOCK=q_block, KB=k_block, CB=CB, RGP=RGP, DP=DP,
+            Hkv, T, M, MC, Lq, front, s, G * rows2, rows2, D,
+            G=G, Q_BLOCK=q_block, KB=k_block, CB=CB, RGP=RGP2, DP=DP,
             HAS_KPM=kpm8 is not None,
-            IDX_BITS=bs._IDX_BITS, IEEE=ieee, num_warps=num_warps)
+            IDX_BITS=bs._IDX_BITS, IEEE=ieee, num_warps=num_warps if RGP2 <= 64 else 8)
         kept = _blocks_of(_top_keys(ex, topk)).to(torch.int32).view(B, Hkv, n, -1)
         out[:, :, s:e, :kept.shape[-1]] = kept
         if kept.shape[-1] < topk:

@@ -1187,7 +1187,9 @@ def _emit(graph: fx.Graph, site: Site, proof: CausalProof, qpos_offset: Optional
     if c.search_key == "blocksparse":  # docs/blocksparse.md: search and attention in one op
         out = em.call(torch.ops.superlinear.block_sparse_attention.default,
                       (q, site.k, site.v, kpm, qpos, c.window, c.sinks, c.topk, float(scale),
-                       c.dense_below, c.q_block, c.k_block, c.block_rows, c.block_pool))
+                       c.dense_below, c.q_block, c.k_block, c.block_rows, c.block_pool)
+                      # exact_rows only where set: graphs stay as before for the default
+                      + ((None, c.exact_rows) if c.exact_rows else ()))
     elif c.steps == 2:
         ss = em.call(torch.ops.superlinear.span_search.default,
                      (q, site.k, kpm, qpos, c.window, c.topk, c.search_power, c.span_power,

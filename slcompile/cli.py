@@ -301,6 +301,7 @@ _CONFIG_OPTIONS = [
     ("--k-block", int, "blocksparse: keys per key block (power of two, 16..1024)."),
     ("--block-rows", int, "blocksparse: representative rows per query block."),
     ("--block-pool", int, "blocksparse: stage-1 pool, in units of topk, rescored exactly."),
+    ("--exact-rows", int, "blocksparse: rows of the exact rescoring (0: --block-rows)."),
 ]
 
 

@@ -41,7 +41,7 @@ def _reference(q, k, v, cfg):
     return bs.superlinear_block_attention(
         q, k, v, None, 0, window=cfg.window, sinks=cfg.sinks, topk=cfg.topk, q_block=cfg.q_block,
         k_block=cfg.k_block, rows=cfg.block_rows, pool=cfg.block_pool, scale=q.shape[-1] ** -0.5,
-        dense_below=cfg.dense_below)
+        dense_below=cfg.dense_below, exact_rows=cfg.exact_rows)
 
 
 def test_backend_without_options_runs_the_default_past_dense_below():
@@ -94,3 +94,35 @@ def test_functional_default_matches_the_reference():
     torch.testing.assert_close(out, _reference(q, k, v, cfg), atol=1e-6, rtol=1e-6)
     dense = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     assert (out - dense).abs().max() > 1e-2
+
+
+def test_exact_rows_through_the_functional_form_and_the_backend():
+    cfg = SuperlinearConfig(dense_below=0, exact_rows=64)  # stage 2 scores with every row
+    q, k, v = _qkv(1500, 3)
+    want = _reference(q, k, v, cfg)
+    out = slcompile.superlinear_attention(q, k, v, config=cfg, enable_gqa=True)
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-6)
+
+    def f(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    torch._dynamo.reset()
+    got = torch.compile(f, backend="superlinear", options={"dense_below": 0, "exact_rows": 64})(q, k, v)
+    torch._dynamo.reset()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert (want - _reference(q, k, v, SuperlinearConfig(dense_below=0))).abs().max() > 1e-3
+
+
+def test_exact_rows_gradients_follow_the_forwards_blocks():
+    cfg = SuperlinearConfig(dense_below=0, exact_rows=32, topk=4)  # sparse at this length
+    q, k, v = (x.requires_grad_() for x in _qkv(900, 4))
+    slcompile.superlinear_attention(q, k, v, config=cfg, enable_gqa=True).square().sum().backward()
+    got = [x.grad.clone() for x in (q, k, v)]
+    for x in (q, k, v):
+        x.grad = None
+    _reference(q, k, v, cfg).square().sum().backward()
+    for g, x in zip(got, (q, k, v)):
+        torch.testing.assert_close(g, x.grad, atol=1e-5, rtol=1e-5)
+        x.grad = None
+    _reference(q, k, v, cfg.replace(exact_rows=0)).square().sum().backward()
+    assert (got[0] - q.grad).abs().max() > 1e-4  # stage 2's rows chose other blocks

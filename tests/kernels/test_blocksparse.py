@@ -16,7 +16,7 @@ NEG = float("-inf")
 R, P = 8, 8  # representative rows and pool of these tests (the config's defaults)
 
 
-def oracle(q, k, v, kpm, p0, *, window, sinks, topk, qb, kb, scale):
+def oracle(q, k, v, kpm, p0, *, window, sinks, topk, qb, kb, scale, r2=0):
     """Python loops over the contract, float64: (kept sets {(b, h, j): set}, output)."""
     B, Hq, Lq, D = q.shape
     Hkv, T = k.shape[1], k.shape[2]
@@ -33,6 +33,7 @@ def oracle(q, k, v, kpm, p0, *, window, sinks, topk, qb, kb, scale):
             for j in sorted({t // qb for t in pos}):
                 rows = [t for t in pos if t // qb == j][-R:]
                 ri = [t - p0 for t in rows]
+                ri2 = [t - p0 for t in [t for t in pos if t // qb == j][-(r2 or R):]]
                 before = j * qb // kb
                 cands = []
                 for i in range(sb, before - wb):
@@ -43,7 +44,7 @@ def oracle(q, k, v, kpm, p0, *, window, sinks, topk, qb, kb, scale):
                     kmax, kmin = kk.max(0).values, kk.min(0).values
                     bound = max(float(torch.maximum(qr * kmax, qr * kmin).sum())
                                 for hh in heads for qr in q64[b, hh, ri])
-                    exact = max(float((q64[b, hh, ri] @ kk.T).max()) for hh in heads)
+                    exact = max(float((q64[b, hh, ri2] @ kk.T).max()) for hh in heads)
                     cands.append((bound, i, exact))
                 cands.sort(key=lambda c: (c[0], c[1]), reverse=True)
                 pool = cands[:P * topk]
@@ -91,14 +92,15 @@ CASES = [  # B, Hq, Hkv, T, D, p0, window, sinks, topk, qb, kb, pad
 @pytest.mark.parametrize("case", CASES)
 def test_reference_against_brute_force_oracle(case):
     B, Hq, Hkv, T, D, p0, W, S, K, qb, kb, pad = case
+    r2 = (0, 24, 48, 24)[CASES.index(case)]  # stage 2 with more rows than stage 1 (exact_rows)
     q, k, v, kpm = _inputs(B, Hq, Hkv, T, D, seed=T + p0, pad=pad)
     q = q[:, :, p0:]
     scale = D ** -0.5
     kept = bs.block_select(q, k, kpm, p0, window=W, sinks=S, topk=K, q_block=qb, k_block=kb,
-                           rows=R, pool=P)
+                           rows=R, pool=P, exact_rows=r2)
     j0 = p0 // qb
     want, scores, o_want = oracle(q, k, v, kpm, p0, window=W, sinks=S, topk=K, qb=qb, kb=kb,
-                                  scale=scale)
+                                  scale=scale, r2=r2)
     got = {(b, h, n + j0): s for (b, h, n), s in _kept_sets(kept).items()}
     assert set(got) == set(want)
     assert sum(len(s) for s in want.values()) > 0

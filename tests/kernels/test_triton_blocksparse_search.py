@@ -172,3 +172,17 @@ def test_top_blocks_of_few_long_rows_in_pieces(rows, L):
     want = keys.topk(192, dim=-1)[0]
     want = torch.where(want == tss._NO_KEY, -1, want & ((1 << bs._IDX_BITS) - 1))
     assert torch.equal(tss._blocks_of(tss._top_keys(keys, 192)), want)
+
+
+@pytest.mark.parametrize("p0,exact_rows", [(0, 64), (0, 32), (333, 16)])
+def test_exact_rows_of_stage_two(p0, exact_rows):
+    """Stage 2 with more representative rows than stage 1 (``exact_rows``, up to a whole 64-query
+    block: 256 rows over 4 heads) keeps what the reference keeps, and differs from stage 1's rows."""
+    q, k, kpm = _inputs(1, 4, 1, 1200, 16, seed=21 + exact_rows, pad=p0 == 0)
+    q = q[:, :, p0:]
+    kw = dict(window=32, sinks=4, topk=3, q_block=64, k_block=16, rows=4, pool=4)
+    want = bs.block_select(q, k, kpm, p0, exact_rows=exact_rows, **kw)
+    poison()
+    got = tss.block_select_triton(q, k, kpm, p0, exact_rows=exact_rows, **kw)
+    assert torch.equal(got, want)
+    assert not torch.equal(want, bs.block_select(q, k, kpm, p0, **kw))
