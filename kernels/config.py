@@ -23,8 +23,8 @@ BLOCK_SEARCH_KEYS = ("block", "block_rerank")
 # the 32 topk best by bound (reference.BLOCK, RERANK) the rest.
 PRETRAINED = dict(search_key="block_rerank", window=768, sinks=4, topk=8, backward_factor=0.35,
                   forward_factor=0.0, combine="union")
-# SuperlinearConfig.block_sparse(): docs/blocksparse.md with the geometry that did best in the 8K
-# sweep of benchmarks/RESULTS.md (SmolLM2-135M, H100, 2026-12-06): 8 of 27 needles (dense 7),
+# The default (SuperlinearConfig(), block_sparse()): docs/blocksparse.md with the geometry that did
+# best in the 8K sweep of benchmarks/RESULTS.md (SmolLM2-135M, H100, 2026-12-06): 8 of 27 needles (dense 7),
 # perplexity +2.2% at 14.2% of keys per query over the last 1024 of 8K; 10.9x SDPA at 128K.
 BLOCK_SPARSE = dict(search_key="blocksparse", window=256, sinks=4, topk=24, q_block=64, k_block=32,
                     block_rows=8, block_pool=8, combine="union")
@@ -235,9 +235,9 @@ class SuperlinearConfig:
     def block_sparse(cls, **overrides: Any) -> "SuperlinearConfig":
         """Block-granular search and block-sparse attention (docs/blocksparse.md): 64-query x
         32-key blocks, 4 sinks, a 256-key window and the 24 best key blocks per query block and kv
-        head (8 representative rows, a pool of 8 x 24 rescored exactly). The fast choice that keeps
-        most of a converted model's retrieval (benchmarks/RESULTS.md, first section);
-        ``dense_below`` keeps its default, so short inputs stay exact."""
+        head (8 representative rows, a pool of 8 x 24 rescored exactly): the default, spelled out
+        (``SuperlinearConfig()`` equals it), every field given. Figures in benchmarks/RESULTS.md,
+        first section; ``dense_below`` keeps its default, so short inputs stay exact."""
         return cls(**{**BLOCK_SPARSE, **overrides})
 
     @classmethod
