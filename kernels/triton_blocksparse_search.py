@@ -8,10 +8,13 @@ over the rows as an int64 order key (float order of the score, then the block in
 to the later block); `torch.topk` keeps the pool, chunked over query blocks so that the keys
 tensor stays within 512 MiB. (A running top-P x topk kept inside the kernel with `tl.topk`, so that
 no keys tensor exists, was measured 2.5x slower at 1M on an H100: the bitonic merge ran on nearly
-every tile and cost about 25x the tile's products; benchmarks/RESULTS.md.) Stage 2, `_exact_kernel`: one program per (query block, batch
-row x kv head, share of the pool) reads its candidate blocks straight from the key tensor (no
-gathered copy) and writes the exact largest logit of the representative rows in each, again as an
-order key; `torch.topk` picks the kept blocks. Both kernels read the representative rows straight
+every tile and cost about 25x the tile's products; benchmarks/RESULTS.md.)
+
+Stage 2, `_exact_kernel`: one program per (query block, batch row x kv head, share of the pool)
+reads stage 1's order keys, decodes their block indices and scores several candidate blocks a
+step, read straight from the key tensor (no gathered copy), as one tensor-core tile; it writes the
+exact largest logit of the representative rows in each, again as an order key; `torch.topk` picks
+the kept blocks. Both kernels read the representative rows straight
 from q and compute the candidate limits themselves (no gathered copies, few launches per decoded
 token). Scores: products in the inputs' dtype, float32 accumulation (IEEE float32 products for
 float32 inputs), compared in float32, as the contract says.
@@ -160,8 +163,8 @@ def _blocks_of(keys: Tensor) -> Tensor:
 
 
 def _top_keys(keys: Tensor, n: int) -> Tensor:
-    """The n largest order keys along the last dim, best first. Few long rows (a decoded token: one row per kv head over every
-    candidate) are cut into pieces first: `torch.topk` runs one thread block per row, so 8 rows of
+    """The n largest order keys along the last dim, best first. Few long rows (a decoded token:
+    one row per kv head over every candidate) are cut into pieces first: `torch.topk` runs one thread block per row, so 8 rows of
     32768 keys used 8 SMs; the n best of each piece hold the n best of the row (order keys are
     unique), and a second topk picks them."""
     n = min(n, keys.shape[-1])
@@ -214,6 +217,10 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
     qstr = (qc.stride(0), qc.stride(1), qc.stride(2))
     DK = min(64, DP)  # stage 1's pipelined [kmax | kmin] tiles: 2 x MP x DK a stage
     stages = max(1, min(3, _STAGE1_SMEM // (MP * DK * 2 * kk.element_size())))
+    rows2 = exact_rows or rows  # stage 2's representative rows
+    RGP2 = _pow2(G * rows2)
+    # stage 2's candidates a step: 128 keys with 32 rows, fewer with more rows (registers)
+    CB = max(1, (128 * 32 // max(32, RGP2)) // k_block)
     for s in range(0, nQ, chunk):
         e = min(nQ, s + chunk)
         n = e - s
@@ -234,10 +241,6 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
         del keys
         ex = torch.empty((B * Hkv, n, M), dtype=torch.int64, device=dev)
         mparts = max(1, min(M, triton.cdiv(_PROGRAMS, n * B * Hkv)))  # few query blocks: split
-        rows2 = exact_rows or rows
-        RGP2 = _pow2(G * rows2)
-        # stage 2's candidates a step: 128 keys with 32 rows, fewer with more rows (registers)
-        CB = max(1, (128 * 32 // max(32, RGP2)) // k_block)
         MC = triton.cdiv(triton.cdiv(M, mparts), CB) * CB
         _exact_kernel[(n, B * Hkv, triton.cdiv(M, MC))](
             qc, kc, kpm8 if kpm8 is not None else kc, ci, ex, *qstr,
