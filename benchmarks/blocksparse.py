@@ -69,7 +69,7 @@ def op_call(q, k, v, cfg, scale, summary=None):
     """The custom op as a model's rewritten graph calls it (search + attention)."""
     return torch.ops.superlinear.block_sparse_attention(
         q, k, v, None, None, cfg["window"], cfg["sinks"], cfg["topk"], scale, 0, cfg["q_block"],
-        cfg["k_block"], cfg["rows"], cfg["pool"], summary, cfg["exact_rows"])
+        cfg["k_block"], cfg["rows"], cfg["pool"], summary, cfg["exact_rows"], cfg["group"])
 
 
 def decode_row(T, a, cfg):
@@ -81,7 +81,7 @@ def decode_row(T, a, cfg):
     k = torch.randn(1, a.hkv, T, a.d, device=dev, dtype=torch.bfloat16)
     v = torch.randn(1, a.hkv, T, a.d, device=dev, dtype=torch.bfloat16)
     scale = a.d ** -0.5
-    cache = bs.BlockSummaryCache(a.k_block)
+    cache = bs.BlockSummaryCache(bs.summary_keys(a.window, a.k_block, a.group))
     cache.update(k, 0)
 
     def ours():
@@ -124,6 +124,7 @@ def main():
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--pool", type=int, default=8)
     ap.add_argument("--exact-rows", type=int, default=0, help="stage 2's rows (0: --rows)")
+    ap.add_argument("--group", type=int, default=8, help="key blocks per stage-1 group")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--check-max", type=int, default=16384)
     ap.add_argument("--reference-max", type=int, default=131072,
@@ -153,7 +154,7 @@ def main():
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     cfg = dict(window=a.window, sinks=a.sinks, topk=a.topk, q_block=a.q_block, k_block=a.k_block,
-               rows=a.rows, pool=a.pool, exact_rows=a.exact_rows)
+               rows=a.rows, pool=a.pool, exact_rows=a.exact_rows, group=a.group)
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, commit=commit,
                 date=time.strftime("%Y-%m-%d"), hq=a.hq, hkv=a.hkv, d=a.d, dtype="bfloat16", B=1,
                 **cfg)
@@ -170,7 +171,8 @@ def main():
         row["sdpa_ms"] = timed(lambda: F.scaled_dot_product_attention(
             q, k, v, is_causal=True, enable_gqa=True), reps)
         kw = dict(window=a.window, sinks=a.sinks, q_block=a.q_block, k_block=a.k_block)
-        skw = dict(kw, topk=a.topk, rows=a.rows, pool=a.pool, exact_rows=a.exact_rows)
+        skw = dict(kw, topk=a.topk, rows=a.rows, pool=a.pool, exact_rows=a.exact_rows,
+                   group=a.group)
         sel = lambda: tss.block_select_triton(q, k, None, 0, **skw)  # noqa: E731
         kept = sel()
         row["search_ms"] = timed(sel, reps)

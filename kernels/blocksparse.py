@@ -3,11 +3,11 @@
 A block of ``q_block`` consecutive queries shares, per kv head, its choice of ``topk`` key blocks of
 ``k_block`` keys; it attends them, the sink blocks, the window blocks and (causally) its own
 diagonal. Scores are matrix products in the inputs' dtype (float32 accumulation), compared in
-float32. Selection is two-staged: a bound of every earlier key block's largest logit against each of
-the block's last ``rows`` queries (two tensor-core matmuls against per-block key maxima and
-minima) keeps ``pool * topk`` candidates; the exact largest logit of those rows against each
-candidate's keys ranks them. Every earlier key block is a candidate, so every position stays
-reachable.
+float32. Selection is two-staged: a bound of the largest logit in every earlier group of ``group``
+key blocks against each of the block's last ``rows`` queries (two tensor-core matmuls against
+per-group key maxima and minima) keeps ``pool * topk / group`` groups; the exact largest logit of
+the representative rows against each candidate block of those groups ranks the blocks. Every
+earlier key block lies in a candidate group, so every position stays reachable.
 
 `block_select` is the search, `block_attention` the attention (gather-based, O(Lq * kept keys)
 memory), both torch ops only: the executable contract that the Triton kernels
@@ -208,43 +208,74 @@ def _stage1(rep, kk):
     return torch.matmul(qq, kk.float().transpose(-1, -2)).view(B, H, n, GR, -1).amax(3)
 
 
+def stage1_group(window: int, k_block: int, group: int) -> int:
+    """The key blocks per stage-1 group (docs/blocksparse.md): ``group`` (a power of two), at most
+    the largest power of two <= wb + 1 (wb = ceil(window / k_block)), so that a group holding a
+    candidate block ends before the query block: no key at or after it steers the choice."""
+    if not isinstance(group, int) or group < 1 or group & (group - 1):
+        raise ValueError(f"blocksparse: block_group must be a power of two >= 1, got {group!r}")
+    cap = 1 << (_ceil_div(window, k_block) + 1).bit_length() - 1
+    return min(group, cap)
+
+
+def summary_keys(window: int, k_block: int, group: int) -> int:
+    """Keys per stage-1 group: the unit of the summaries a cache keeps (`BlockSummaryCache`)."""
+    return stage1_group(window, k_block, group) * k_block
+
+
 def block_select(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *, window: int, sinks: int,
                  topk: int, q_block: int, k_block: int, rows: int, pool: int,
-                 summary: Optional[Tensor] = None, exact_rows: int = 0) -> Tensor:
+                 summary: Optional[Tensor] = None, exact_rows: int = 0, group: int = 1) -> Tensor:
     """Kept key blocks int32 [B, Hkv, nQ, topk] of the query blocks j0..j0+nQ-1 that hold the
-    queries at p0..p0+Lq-1 (best first, -1 where fewer candidates exist). summary: the blocks'
-    summaries kept with the cache (`check_summary`), else computed from k. exact_rows: the
-    representative rows of stage 2 (0: the ``rows`` of stage 1)."""
+    queries at p0..p0+Lq-1 (best first, -1 where fewer candidates exist). group: key blocks per
+    stage-1 group (1: stage 1 bounds every key block; capped by `stage1_group`). summary: the groups' summaries kept with
+    the cache (`check_summary` with group * k_block keys a group), else computed from k.
+    exact_rows: the representative rows of stage 2 (0: the ``rows`` of stage 1)."""
+    group = stage1_group(window, k_block, group)
     B, Hq, Lq, D = q.shape
     Hkv, T = k.shape[1], k.shape[2]
     G = Hq // Hkv
     nK = _ceil_div(T, k_block)
+    gspan = group * k_block
+    nG = _ceil_div(T, gspan)
     dev = q.device
     rep, j0 = representatives(q, p0, q_block, rows, Hkv)
     rep2 = representatives(q, p0, q_block, exact_rows, Hkv)[0] if exact_rows else rep
     nQ = rep.shape[2]
     if summary is None:
-        kk, has = block_summaries(k, kpm, k_block)
+        kk, has = block_summaries(k, kpm, gspan)
     else:
-        kk, has = check_summary(summary, k, kpm, k_block), torch.ones(B, nK, dtype=torch.bool,
-                                                                         device=dev)
+        kk, has = check_summary(summary, k, kpm, gspan), torch.ones(B, nG, dtype=torch.bool,
+                                                                       device=dev)
     kb, present = _key_blocks(k, kpm, k_block)
+    bhas = present.any(-1)  # [B, nK]
     sb, lim = candidate_limits(j0, nQ, T, window, sinks, q_block, k_block, dev)
-    blk = torch.arange(nK, device=dev)
-    cand = (blk[None, :] >= sb) & (blk[None, :] < lim[:, None])  # [nQ, nK]
-    M = min(pool * topk, nK)
+    grp = torch.arange(nG, device=dev)
+    # a group is a candidate if it holds a candidate block (sb <= i < lim)
+    gcand = (grp[None, :] * group + group - 1 >= sb) & (grp[None, :] * group < lim[:, None])
+    MG = min(_ceil_div(pool * topk, group), nG)  # groups kept by stage 1
+    M = MG * group  # blocks scored by stage 2
+    sub = torch.arange(group, device=dev)
     out = torch.full((B, Hkv, nQ, topk), -1, dtype=torch.int32, device=dev)
     chunk = max(1, _CHUNK_ELEMS // max(1, B * Hkv * G * max(rows, exact_rows)
-                                        * max(nK, M * k_block)))
+                                        * max(nG, M * k_block)))
     for s in range(0, nQ, chunk):
         e = min(nQ, s + chunk)
         n = e - s
         bound = _stage1(rep[:, :, s:e], kk)
-        ok = cand[None, None, s:e] & has[:, None, None, :]
-        bound = bound.masked_fill(~ok, float("-inf"))  # [B, Hkv, n, nK]
-        _, ci = _top(bound, blk.expand_as(bound), M)  # [B, Hkv, n, M]
-        # stage 2: exact largest logit of the representative rows in each candidate
-        safe = ci.clamp(min=0).long().reshape(B, Hkv, n * M)
+        ok = gcand[None, None, s:e] & has[:, None, None, :]
+        bound = bound.masked_fill(~ok, float("-inf"))  # [B, Hkv, n, nG]
+        _, cg = _top(bound, grp.expand_as(bound), MG)  # [B, Hkv, n, MG]
+        # stage 2: the candidate blocks of the kept groups, by the exact largest logit of the
+        # representative rows in each
+        ci = (cg[..., None] * group + sub).view(B, Hkv, n, M)
+        live = (cg >= 0)[..., None].expand(B, Hkv, n, MG, group).reshape(B, Hkv, n, M)
+        live = live & (ci >= sb) & (ci < lim[s:e, None]) & (ci < nK)
+        safe = torch.where(live, ci, 0).long()
+        live = live & bhas[:, None, None, :].expand(B, Hkv, n, nK).gather(
+            3, safe)
+        ci = torch.where(live, ci, -1)
+        safe = safe.reshape(B, Hkv, n * M)
         gk = kb.gather(2, safe[..., None, None].expand(B, Hkv, n * M, k_block, D))
         gk = gk.view(B, Hkv, n, M * k_block, D)
         lg = torch.matmul(rep2[:, :, s:e].float(), gk.float().transpose(-1, -2)).amax(3)
@@ -257,7 +288,6 @@ def block_select(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *, window
             kept = torch.nn.functional.pad(kept, (0, topk - kept.shape[-1]), value=-1)
         out[:, :, s:e] = kept.to(torch.int32)
     return out
-
 
 def attended_blocks(kept: Tensor, j0: int, nK: int, sb: int, wb: int, per_q: int):
     """Per query block, the key blocks attended in full (sinks, window, kept) [B, Hkv, nQ, F] and
@@ -404,7 +434,7 @@ def flex_kernel_options(q_block: int, k_block: int) -> dict:
 def superlinear_block_attention(q, k, v, kpm, p0: int, *, window: int, sinks: int, topk: int,
                                 q_block: int, k_block: int, rows: int, pool: int, scale: float,
                                 dense_below: int, summary: Optional[Tensor] = None,
-                                exact_rows: int = 0) -> Tensor:
+                                exact_rows: int = 0, group: int = 1) -> Tensor:
     """Search and attention of docs/blocksparse.md, the reference: dense causal attention when
     T <= dense_below, else `block_select` and `block_attention`."""
     from .reference import dense_attention
@@ -415,6 +445,6 @@ def superlinear_block_attention(q, k, v, kpm, p0: int, *, window: int, sinks: in
         return dense_attention(q, k, v, kpm, pos, scale)
     kept = block_select(q, k, kpm, p0, window=window, sinks=sinks, topk=topk, q_block=q_block,
                         k_block=k_block, rows=rows, pool=pool, summary=summary,
-                        exact_rows=exact_rows)
+                        exact_rows=exact_rows, group=group)
     return block_attention(q, k, v, kept, kpm, p0, window=window, sinks=sinks, q_block=q_block,
                            k_block=k_block, scale=scale)

@@ -419,7 +419,7 @@ def sequence_parallel_superlinear_attention(
         out = torch.ops.superlinear.block_sparse_attention(
             q_local, kbuf, vbuf, mask, None, c.window, c.sinks, c.topk, float(scale),
             c.dense_below if dense else 0, c.q_block, c.k_block, c.block_rows, c.block_pool, None,
-            c.exact_rows)
+            c.exact_rows, c.block_group)
         return (out, stats) if return_stats else out
     out = torch.ops.superlinear.span_attention(
         q_local, kbuf, vbuf, anchors, scores, mask, None, c.window, c.sinks, c.span_power,

@@ -2,17 +2,17 @@
 the reference they are tested against).
 
 Stage 1, `_bound_kernel`: one program per (query block, batch row x kv head, tile of candidate
-key blocks) multiplies the [kmax, kmin] summaries of its tile by the block's representative rows,
-split as [q+, q-] (tensor-core products in slices of the 2D dim), and writes the largest bound
-over the rows as an int64 order key (float order of the score, then the block index: exact ties go
-to the later block); `torch.topk` keeps the pool, chunked over query blocks so that the keys
+groups of key blocks) multiplies the [kmax, kmin] summaries of its tile by the block's
+representative rows, split as [q+, q-] (tensor-core products in slices of the 2D dim), and writes
+the largest bound over the rows as an int64 order key (float order of the score, then the group
+index: exact ties go to the later group); `torch.topk` keeps the pool, chunked over query blocks so that the keys
 tensor stays within 512 MiB. (A running top-P x topk kept inside the kernel with `tl.topk`, so that
 no keys tensor exists, was measured 2.5x slower at 1M on an H100: the bitonic merge ran on nearly
 every tile and cost about 25x the tile's products; benchmarks/RESULTS.md.)
 
 Stage 2, `_exact_kernel`: one program per (query block, batch row x kv head, share of the pool)
-reads stage 1's order keys, decodes their block indices and scores several candidate blocks a
-step, read straight from the key tensor (no gathered copy), as one tensor-core tile; it writes the
+reads stage 1's order keys, decodes their group indices and scores several candidate blocks of
+those groups a step, read straight from the key tensor (no gathered copy), as one tensor-core tile; it writes the
 exact largest logit of the representative rows in each, again as an order key; `torch.topk` picks
 the kept blocks. Both kernels read the representative rows straight
 from q and compute the candidate limits themselves (no gathered copies, few launches per decoded
@@ -69,28 +69,29 @@ def _bound_kernel(Q, KK, HAS, OUT,
                   s_q_b, s_q_h, s_q_t,
                   s_kk_b, s_kk_h, s_kk_k,
                   s_has_b, s_o_bh, s_o_n, s_o_c,
-                  Hkv, nK, sb, Lq, front, n0, before0, per_q, wb, RG, ROWS, D,
+                  Hkv, nK, nG, sb, Lq, front, n0, before0, per_q, wb, RG, ROWS, D,
                   G: tl.constexpr, Q_BLOCK: tl.constexpr, RGP: tl.constexpr, DP: tl.constexpr,
-                  DK: tl.constexpr, MP: tl.constexpr, HAS_MASK: tl.constexpr,
+                  DK: tl.constexpr, MP: tl.constexpr, F: tl.constexpr, HAS_MASK: tl.constexpr,
                   IDX_BITS: tl.constexpr, IEEE: tl.constexpr):
     n = n0 + tl.program_id(0).to(tl.int64)  # query block of the call
     bh = tl.program_id(1).to(tl.int64)
-    c = tl.program_id(2)  # the tile of MP candidate blocks of this program
+    c = tl.program_id(2)  # the tile of MP candidate groups of this program
     b = bh // Hkv
     h = bh % Hkv
-    # candidates: key blocks sb <= i < (blocks before the query block) - window blocks
+    # candidate blocks: sb <= i < (blocks before the query block) - window blocks; a group of F
+    # blocks is a candidate if it holds one
     lim = tl.minimum(tl.maximum(before0 + n * per_q - wb, 0), nK)
     g, t, row_ok = _rep_rows(n, front, Lq, RG, ROWS, RGP, Q_BLOCK)
     dk = tl.arange(0, DK)
     qrow = Q + b * s_q_b + (h * G + g)[None, :] * s_q_h + t.to(tl.int64)[None, :] * s_q_t
     kbase = KK + b * s_kk_b + h * s_kk_h
-    i = c * MP + tl.arange(0, MP)  # this program's tile of candidate blocks
+    i = c * MP + tl.arange(0, MP)  # this program's tile of candidate groups
     o = tl.arange(0, MP)
-    ok = (i >= sb) & (i < lim)
+    ok = (i * F + F - 1 >= sb) & (i * F < lim)
     if HAS_MASK:
-        ok = ok & (tl.load(HAS + b * s_has_b + i, mask=i < nK, other=0) != 0)
+        ok = ok & (tl.load(HAS + b * s_has_b + i, mask=i < nG, other=0) != 0)
     key = tl.full([MP], -9223372036854775808, tl.int64)
-    if (c * MP < lim) & (c * MP + MP > sb):  # a tile with candidates
+    if (c * MP * F < lim) & ((c * MP + MP) * F > sb):  # a tile with candidates
         s = tl.zeros([MP, RGP], dtype=tl.float32)
         for d0 in range(0, DP, DK):  # bound = kmax . q+ + kmin . q-, DK dims a step (a loop,
             # not unrolled: the pipeliner keeps only one step's tiles in flight per stage)
@@ -110,19 +111,20 @@ def _bound_kernel(Q, KK, HAS, OUT,
     tl.store(OUT + bh * s_o_bh + (n - n0) * s_o_n + c * s_o_c + o, key)
 
 
-@triton.jit(do_not_specialize=["T", "MC", "Lq", "front", "n0"])
+@triton.jit(do_not_specialize=["T", "nK", "sb", "MC", "Lq", "front", "n0", "before0"])
 def _exact_kernel(Q, K, KPM, CI, OUT,
                   s_q_b, s_q_h, s_q_t,
                   s_k_b, s_k_h, s_k_t,
                   s_kpm_b, s_ci_bh, s_ci_n, s_o_bh, s_o_n,
-                  Hkv, T, M, MC, Lq, front, n0, RG, ROWS, D,
+                  Hkv, T, nK, sb, M, MC, Lq, front, n0, before0, per_q, wb, RG, ROWS, D,
                   G: tl.constexpr, Q_BLOCK: tl.constexpr, KB: tl.constexpr, CB: tl.constexpr,
-                  RGP: tl.constexpr, DP: tl.constexpr, HAS_KPM: tl.constexpr,
+                  F: tl.constexpr, RGP: tl.constexpr, DP: tl.constexpr, HAS_KPM: tl.constexpr,
                   IDX_BITS: tl.constexpr, IEEE: tl.constexpr):
     n = n0 + tl.program_id(0).to(tl.int64)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // Hkv
     h = bh % Hkv
+    lim = tl.minimum(tl.maximum(before0 + n * per_q - wb, 0), nK)  # candidate blocks: sb..lim-1
     g, t, row_ok = _rep_rows(n, front, Lq, RG, ROWS, RGP, Q_BLOCK)
     d = tl.arange(0, DP)
     rep = tl.load(Q + b * s_q_b + (h * G + g)[:, None] * s_q_h + t.to(tl.int64)[:, None] * s_q_t
@@ -134,12 +136,15 @@ def _exact_kernel(Q, K, KPM, CI, OUT,
     cb = tl.arange(0, CB)  # candidate j // KB (whole tensor-core tiles, CB loads in flight)
     ci = CI + bh * s_ci_bh + (n - n0) * s_ci_n
     for m0 in range(c * MC, end, CB):
-        live = m0 + j // KB < end
-        # the pool holds stage 1's order keys: block index in the low bits, none for an empty slot
-        lane_key = tl.load(ci + m0 + j // KB, mask=live, other=-9223372036854775808)
-        blk = tl.where(lane_key == -9223372036854775808, -1, lane_key & ((1 << IDX_BITS) - 1))
+        m = m0 + j // KB  # candidate m is block m % F of the pool's group m // F
+        live = m < end
+        # the pool holds stage 1's order keys: group index in the low bits, none for an empty slot
+        lane_key = tl.load(ci + m // F, mask=live, other=-9223372036854775808)
+        grp = tl.where(lane_key == -9223372036854775808, -1, lane_key & ((1 << IDX_BITS) - 1))
+        blk = grp * F + m % F
+        live = live & (grp >= 0) & (blk >= sb) & (blk < lim)
         pos = blk * KB + j % KB
-        ok = live & (pos >= 0) & (pos < T)  # idx = -1 gives pos < 0
+        ok = live & (pos < T)
         if HAS_KPM:
             pres = tl.load(KPM + b * s_kpm_b + pos, mask=ok, other=0)
             ok = ok & (pres != 0)
@@ -151,7 +156,8 @@ def _exact_kernel(Q, K, KPM, CI, OUT,
             s = tl.dot(rep, tl.trans(kt))
         s = tl.where(row_ok[:, None] & ok[None, :], s, float("-inf"))
         best = tl.max(tl.reshape(tl.max(s, 0), [CB, KB]), 1)  # [CB]
-        idx = tl.load(ci + m0 + cb, mask=m0 + cb < end, other=0) & ((1 << IDX_BITS) - 1)
+        mc = m0 + cb
+        idx = (tl.load(ci + mc // F, mask=mc < end, other=0) & ((1 << IDX_BITS) - 1)) * F + mc % F
         key = tl.where(best > float("-inf"), _order_key(best, idx, IDX_BITS),
                        -9223372036854775808)
         tl.store(OUT + bh * s_o_bh + (n - n0) * s_o_n + m0 + cb, key, mask=m0 + cb < end)
@@ -181,37 +187,42 @@ def _top_keys(keys: Tensor, n: int) -> Tensor:
 def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *, window: int,
                         sinks: int, topk: int, q_block: int, k_block: int, rows: int, pool: int,
                         summary: Optional[Tensor] = None, num_warps: int = 4,
-                        exact_rows: int = 0) -> Tensor:
+                        exact_rows: int = 0, group: int = 1) -> Tensor:
     """`blocksparse.block_select` with the two stages in Triton: int32 [B, Hkv, nQ, topk].
 
-    summary: the key blocks' [kmax | kmin] kept with the cache (`blocksparse.block_summaries`
-    of k, at least nK blocks; see `blocksparse.check_summary`), else computed from k here.
-    exact_rows: stage 2's representative rows (0: ``rows``)."""
+    summary: the stage-1 groups' [kmax | kmin] kept with the cache (`blocksparse.block_summaries`
+    of k with group * k_block keys a group, at least that many groups; see
+    `blocksparse.check_summary`), else computed from k here. exact_rows: stage 2's
+    representative rows (0: ``rows``). group: key blocks per stage-1 group."""
+    group = bs.stage1_group(window, k_block, group)
     B, Hq, Lq, D = q.shape
     Hkv, T = k.shape[1], k.shape[2]
     G = Hq // Hkv
     nK = bs._ceil_div(T, k_block)
+    gspan = group * k_block
+    nG = bs._ceil_div(T, gspan)
     dev = q.device
     j0 = p0 // q_block
     front = p0 - j0 * q_block
     nQ = bs._ceil_div(front + Lq, q_block)
     RG = G * rows
     if summary is None:
-        kk, has = bs.block_summaries(k, kpm, k_block)
+        kk, has = bs.block_summaries(k, kpm, gspan)
         has8 = None if kpm is None else has.to(torch.int8).contiguous()
     else:
-        kk = bs.check_summary(summary, k, kpm, k_block)  # every block has keys
+        kk = bs.check_summary(summary, k, kpm, gspan)  # every group has keys
         has8 = None
     kk = kk if kk.stride(-1) == 1 else kk.contiguous()
     _, sb, wb, per_q = bs.geometry(T, window, sinks, q_block, k_block)
-    M = min(pool * topk, nK)
+    MG = min(bs._ceil_div(pool * topk, group), nG)  # groups kept by stage 1
+    M = MG * group  # blocks scored by stage 2
     ieee = q.dtype == torch.float32
     qc = q if q.stride(-1) == 1 else q.contiguous()
     kc = k if k.stride(-1) == 1 else k.contiguous()
     kpm8 = None if kpm is None else kpm.to(torch.int8).contiguous()
     out = torch.empty((B, Hkv, nQ, topk), dtype=torch.int32, device=dev)
-    MP = _pow2(M)  # stage 1's tile of candidate blocks, one tile a program
-    parts = triton.cdiv(nK, MP)
+    MP = max(_pow2(MG), min(128, _pow2(nG)))  # stage 1's tile of candidate groups, one a program
+    parts = triton.cdiv(nG, MP)
     chunk = max(1, _KEY_BUDGET // max(1, B * Hkv * parts * MP))
     RGP, DP = _pow2(RG), _pow2(D)
     qstr = (qc.stride(0), qc.stride(1), qc.stride(2))
@@ -229,15 +240,16 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
                 kk.stride(0), kk.stride(1), kk.stride(2),
                 has8.stride(0) if has8 is not None else 0, keys.stride(0), keys.stride(1),
                 keys.stride(2),
-                Hkv, nK, sb, Lq, front, s, j0 * per_q, per_q, wb, RG, rows, D)
-        meta = dict(G=G, Q_BLOCK=q_block, RGP=RGP, DP=DP, MP=MP, HAS_MASK=has8 is not None,
-                    IDX_BITS=bs._IDX_BITS, IEEE=ieee, num_warps=num_warps)
+                Hkv, nK, nG, sb, Lq, front, s, j0 * per_q, per_q, wb, RG, rows, D)
+        meta = dict(G=G, Q_BLOCK=q_block, RGP=RGP, DP=DP, MP=MP, F=group,
+                    HAS_MASK=has8 is not None, IDX_BITS=bs._IDX_BITS, IEEE=ieee,
+                    num_warps=num_warps)
         try:
             _bound_kernel[(n, B * Hkv, parts)](*args, DK=DK, num_stages=stages, **meta)
         except OutOfResources:  # a compiler that needs more shared memory than estimated
             DK, stages = min(32, DP), 1
             _bound_kernel[(n, B * Hkv, parts)](*args, DK=DK, num_stages=stages, **meta)
-        ci = _top_keys(keys.view(B * Hkv, n, parts * MP), M).contiguous()  # stage 2 decodes them
+        ci = _top_keys(keys.view(B * Hkv, n, parts * MP), MG).contiguous()  # stage 2 decodes them
         del keys
         ex = torch.empty((B * Hkv, n, M), dtype=torch.int64, device=dev)
         mparts = max(1, min(M, triton.cdiv(_PROGRAMS, n * B * Hkv)))  # few query blocks: split
@@ -247,8 +259,8 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
             kc.stride(0), kc.stride(1), kc.stride(2),
             kpm8.stride(0) if kpm8 is not None else 0, ci.stride(0), ci.stride(1),
             ex.stride(0), ex.stride(1),
-            Hkv, T, M, MC, Lq, front, s, G * rows2, rows2, D,
-            G=G, Q_BLOCK=q_block, KB=k_block, CB=CB, RGP=RGP2, DP=DP,
+            Hkv, T, nK, sb, M, MC, Lq, front, s, j0 * per_q, per_q, wb, G * rows2, rows2, D,
+            G=G, Q_BLOCK=q_block, KB=k_block, CB=CB, F=group, RGP=RGP2, DP=DP,
             HAS_KPM=kpm8 is not None,
             IDX_BITS=bs._IDX_BITS, IEEE=ieee, num_warps=num_warps if RGP2 <= 64 else 8)
         kept = _blocks_of(_top_keys(ex, topk)).to(torch.int32).view(B, Hkv, n, -1)

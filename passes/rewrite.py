@@ -1106,6 +1106,16 @@ def _emit_padding(em: _Emitter, atom, q, k) -> fx.Node:
     return em.call(aten.expand.default, (x, [B, T]))
 
 
+
+def _trailing_block_args(c) -> tuple:
+    """block_sparse_attention's optional last arguments (block_summary, exact_rows, block_group),
+    as many as needed to state the config's values (the op's defaults are exact_rows=0 and
+    block_group=1, the semantics of graphs exported before those arguments existed)."""
+    if c.block_group != 1:
+        return (None, c.exact_rows, c.block_group)
+    return (None, c.exact_rows) if c.exact_rows else ()
+
+
 def _emit(graph: fx.Graph, site: Site, proof: CausalProof, qpos_offset: Optional[int],
           config: SuperlinearConfig, meta_key: Optional[str]) -> fx.Node:
     em = _Emitter(graph, site.out, meta_key)
@@ -1188,8 +1198,8 @@ def _emit(graph: fx.Graph, site: Site, proof: CausalProof, qpos_offset: Optional
         out = em.call(torch.ops.superlinear.block_sparse_attention.default,
                       (q, site.k, site.v, kpm, qpos, c.window, c.sinks, c.topk, float(scale),
                        c.dense_below, c.q_block, c.k_block, c.block_rows, c.block_pool)
-                      # exact_rows only where set: graphs stay as before for the default
-                      + ((None, c.exact_rows) if c.exact_rows else ()))
+                      # the trailing arguments only where they differ from the op's defaults
+                      + _trailing_block_args(c))
     elif c.steps == 2:
         ss = em.call(torch.ops.superlinear.span_search.default,
                      (q, site.k, kpm, qpos, c.window, c.topk, c.search_power, c.span_power,

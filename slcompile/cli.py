@@ -302,6 +302,7 @@ _CONFIG_OPTIONS = [
     ("--block-rows", int, "blocksparse: representative rows per query block."),
     ("--block-pool", int, "blocksparse: stage-1 pool, in units of topk, rescored exactly."),
     ("--exact-rows", int, "blocksparse: rows of the exact rescoring (0: --block-rows)."),
+    ("--block-group", int, "blocksparse: key blocks per stage-1 group (power of two, 1..64)."),
 ]
 
 

@@ -67,7 +67,7 @@ import torch
 from torch import Tensor
 
 from slcompile.functional import superlinear_attention
-from slcompile.kernels.blocksparse import BlockSummaryCache
+from slcompile.kernels.blocksparse import BlockSummaryCache, summary_keys
 from slcompile.kernels.config import SuperlinearConfig
 
 NAME = "superlinear"
@@ -314,8 +314,8 @@ class _KeptSummaries:
     ``cache.length`` keys they describe (weakly held, with its version counter: an in-place write
     invalidates them)."""
 
-    def __init__(self, k_block: int):
-        self.cache = BlockSummaryCache(k_block)
+    def __init__(self, span: int):
+        self.cache = BlockSummaryCache(span)
         self.keys: Optional[weakref.ref] = None
         self.version = -1
 
@@ -372,12 +372,13 @@ def _kept_summary(module, key: Tensor, cfg: SuperlinearConfig) -> Optional[Tenso
     from transformers.cache_utils import DynamicLayer
     if type(layer) is not DynamicLayer or getattr(layer, "keys", None) is not key:
         return None
+    span = summary_keys(cfg.window, cfg.k_block, cfg.block_group)  # keys per stage-1 group
     st = _KEPT.get(layer)
     if st is None:
-        st = _KEPT[layer] = _KeptSummaries(cfg.k_block)
+        st = _KEPT[layer] = _KeptSummaries(span)
         _watch(layer)
-    elif st.cache.k_block != cfg.k_block:
-        st.cache, st.keys = BlockSummaryCache(cfg.k_block), None
+    elif st.cache.k_block != span:
+        st.cache, st.keys = BlockSummaryCache(span), None
     summary = st.cache.update(key, st.cache.length if st.describes(key) else 0)
     st.keys, st.version = weakref.ref(key), key._version
     return summary

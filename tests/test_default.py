@@ -41,7 +41,7 @@ def _reference(q, k, v, cfg):
     return bs.superlinear_block_attention(
         q, k, v, None, 0, window=cfg.window, sinks=cfg.sinks, topk=cfg.topk, q_block=cfg.q_block,
         k_block=cfg.k_block, rows=cfg.block_rows, pool=cfg.block_pool, scale=q.shape[-1] ** -0.5,
-        dense_below=cfg.dense_below, exact_rows=cfg.exact_rows)
+        dense_below=cfg.dense_below, exact_rows=cfg.exact_rows, group=cfg.block_group)
 
 
 def test_backend_without_options_runs_the_default_past_dense_below():
@@ -126,3 +126,33 @@ def test_exact_rows_gradients_follow_the_forwards_blocks():
         x.grad = None
     _reference(q, k, v, cfg.replace(exact_rows=0)).square().sum().backward()
     assert (got[0] - q.grad).abs().max() > 1e-4  # stage 2's rows chose other blocks
+
+
+def test_stage_one_groups_through_the_front_doors():
+    """block_group (stage 1 bounds groups of key blocks; the default 8): validated by the config,
+    carried by the backend and the functional form, and absent from the op's arguments it means 1,
+    the semantics of graphs exported before it."""
+    assert SuperlinearConfig().block_group == 8
+    with pytest.raises(ValueError, match="block_group"):
+        SuperlinearConfig(block_group=3)
+    with pytest.raises(ValueError, match="block_group"):
+        SuperlinearConfig(block_group=128)
+    cfg = SuperlinearConfig(dense_below=0, topk=6)  # sparse at this length
+    q, k, v = _qkv(3000, 5)
+    want = _reference(q, k, v, cfg)
+    out = slcompile.superlinear_attention(q, k, v, config=cfg, enable_gqa=True)
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-6)
+
+    def f(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    torch._dynamo.reset()
+    got = torch.compile(f, backend="superlinear", options={"dense_below": 0, "topk": 6})(q, k, v)
+    torch._dynamo.reset()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    old = torch.ops.superlinear.block_sparse_attention(  # no trailing arguments: groups of 1
+        q, k, v, None, None, cfg.window, cfg.sinks, cfg.topk, 0.25, 0, cfg.q_block, cfg.k_block,
+        cfg.block_rows, cfg.block_pool)
+    one = _reference(q, k, v, cfg.replace(block_group=1))
+    torch.testing.assert_close(old, one, atol=1e-6, rtol=1e-6)
+    assert (one - want).abs().max() > 1e-3  # the groups chose other blocks

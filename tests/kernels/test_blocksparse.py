@@ -16,8 +16,9 @@ NEG = float("-inf")
 R, P = 8, 8  # representative rows and pool of these tests (the config's defaults)
 
 
-def oracle(q, k, v, kpm, p0, *, window, sinks, topk, qb, kb, scale, r2=0):
-    """Python loops over the contract, float64: (kept sets {(b, h, j): set}, output)."""
+def oracle(q, k, v, kpm, p0, *, window, sinks, topk, qb, kb, scale, r2=0, F=1):
+    """Python loops over the contract, float64: (kept sets {(b, h, j): set}, output). F: key
+    blocks per stage-1 group."""
     B, Hq, Lq, D = q.shape
     Hkv, T = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -27,6 +28,10 @@ def oracle(q, k, v, kpm, p0, *, window, sinks, topk, qb, kb, scale, r2=0):
     out = torch.zeros(B, Hq, Lq, v.shape[3], dtype=torch.float64)
     kept_all, scores_all = {}, {}
     pos = list(range(p0, p0 + Lq))
+
+    def keys_of(b, first, last):  # present keys of key blocks first..last-1
+        return [x for x in range(first * kb, min(T, last * kb)) if present[b, x]]
+
     for b in range(B):
         for h in range(Hkv):
             heads = list(range(h * G, (h + 1) * G))
@@ -35,20 +40,25 @@ def oracle(q, k, v, kpm, p0, *, window, sinks, topk, qb, kb, scale, r2=0):
                 ri = [t - p0 for t in rows]
                 ri2 = [t - p0 for t in [t for t in pos if t // qb == j][-(r2 or R):]]
                 before = j * qb // kb
-                cands = []
-                for i in range(sb, before - wb):
-                    keys = [x for x in range(i * kb, min(T, (i + 1) * kb)) if present[b, x]]
-                    if not keys:
-                        continue
+                cand_blocks = [i for i in range(sb, before - wb) if keys_of(b, i, i + 1)]
+                groups = []  # stage 1: (bound, group) of every group holding a candidate block
+                for g in sorted({i // F for i in cand_blocks}):
+                    keys = keys_of(b, g * F, (g + 1) * F)
+                    assert max(keys) < j * qb  # the contract's window rule: nothing of the block
                     kk = k64[b, h, keys]
                     kmax, kmin = kk.max(0).values, kk.min(0).values
                     bound = max(float(torch.maximum(qr * kmax, qr * kmin).sum())
                                 for hh in heads for qr in q64[b, hh, ri])
-                    exact = max(float((q64[b, hh, ri2] @ kk.T).max()) for hh in heads)
-                    cands.append((bound, i, exact))
-                cands.sort(key=lambda c: (c[0], c[1]), reverse=True)
-                pool = cands[:P * topk]
-                pool.sort(key=lambda c: (c[2], c[1]), reverse=True)
+                    groups.append((bound, g))
+                groups.sort(reverse=True)
+                kept_groups = {g for _, g in groups[:math.ceil(P * topk / F)]}
+                cands, pool = [(bd, g) for bd, g in groups], []
+                for i in cand_blocks:
+                    if i // F in kept_groups:
+                        kk = k64[b, h, keys_of(b, i, i + 1)]
+                        exact = max(float((q64[b, hh, ri2] @ kk.T).max()) for hh in heads)
+                        pool.append((exact, i))
+                pool.sort(reverse=True)
                 kept = [c[1] for c in pool[:topk]]
                 kept_all[(b, h, j)] = set(kept)
                 scores_all[(b, h, j)] = (cands, pool)
@@ -86,21 +96,26 @@ CASES = [  # B, Hq, Hkv, T, D, p0, window, sinks, topk, qb, kb, pad
     (2, 4, 2, 530, 8, 0, 40, 0, 3, 32, 16, True),
     (1, 3, 3, 600, 8, 200, 16, 20, 1, 64, 32, False),   # chunk not on a block edge
     (1, 4, 1, 450, 8, 449, 32, 4, 2, 32, 32, True),     # one decoded token, MQA
+    (1, 2, 1, 1400, 8, 0, 128, 4, 3, 32, 16, False),    # stage-1 groups of 8 blocks
+    (2, 4, 2, 900, 8, 300, 64, 20, 2, 32, 16, True),    # groups of 4, a chunk, padding
+    (1, 2, 2, 1100, 8, 1099, 48, 4, 2, 32, 16, False),  # groups of 4, a decoded token
 ]
+GROUPS = (1, 1, 1, 1, 8, 4, 4)  # key blocks per stage-1 group of each case
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_reference_against_brute_force_oracle(case):
     B, Hq, Hkv, T, D, p0, W, S, K, qb, kb, pad = case
-    r2 = (0, 24, 48, 24)[CASES.index(case)]  # stage 2 with more rows than stage 1 (exact_rows)
+    r2 = (0, 24, 48, 24, 0, 32, 16)[CASES.index(case)]  # stage 2's rows (exact_rows)
+    F = GROUPS[CASES.index(case)]
     q, k, v, kpm = _inputs(B, Hq, Hkv, T, D, seed=T + p0, pad=pad)
     q = q[:, :, p0:]
     scale = D ** -0.5
     kept = bs.block_select(q, k, kpm, p0, window=W, sinks=S, topk=K, q_block=qb, k_block=kb,
-                           rows=R, pool=P, exact_rows=r2)
+                           rows=R, pool=P, exact_rows=r2, group=F)
     j0 = p0 // qb
     want, scores, o_want = oracle(q, k, v, kpm, p0, window=W, sinks=S, topk=K, qb=qb, kb=kb,
-                                  scale=scale, r2=r2)
+                                  scale=scale, r2=r2, F=F)
     got = {(b, h, n + j0): s for (b, h, n), s in _kept_sets(kept).items()}
     assert set(got) == set(want)
     assert sum(len(s) for s in want.values()) > 0
@@ -108,7 +123,7 @@ def test_reference_against_brute_force_oracle(case):
         if got[key] != want[key]:  # only a float32 near-tie may differ from the float64 oracle
             cands, pool = scores[key]
             bounds = sorted((c[0] for c in cands), reverse=True)
-            exact = sorted((c[2] for c in pool), reverse=True)
+            exact = sorted((c[0] for c in pool), reverse=True)
             near = any(abs(x - y) < 1e-4 * (1 + abs(x)) for x, y in zip(bounds, bounds[1:])) or \
                 any(abs(x - y) < 1e-4 * (1 + abs(x)) for x, y in zip(exact, exact[1:]))
             assert near, (key, got[key], want[key])
@@ -304,7 +319,7 @@ def test_gradients_match_masked_dense_attention(p0, pad):
     g = torch.randn_like(out)
     got = torch.autograd.grad(out, leaves, g)
     kept = bs.block_select(q, k, kpm, p0, window=40, sinks=4, topk=2, q_block=32, k_block=16,
-                           rows=4, pool=2)
+                           rows=4, pool=2, group=cfg.block_group)
     mask = _contract_mask(kept, p0, 300 - p0, 300, kpm, window=40, sinks=4, qb=32, kb=16, G=2)
     ql, kl, vl = [x.double().requires_grad_() for x in (q, k, v)]
     lg = torch.einsum("bhqd,bhkd->bhqk", ql, kl.repeat_interleave(2, 1)) * 0.25

@@ -186,3 +186,44 @@ def test_exact_rows_of_stage_two(p0, exact_rows):
     got = tss.block_select_triton(q, k, kpm, p0, exact_rows=exact_rows, **kw)
     assert torch.equal(got, want)
     assert not torch.equal(want, bs.block_select(q, k, kpm, p0, **kw))
+
+
+GROUP_CASES = [  # T, p0, window, kb, group, pad, summaries kept with a cache
+    (1500, 0, 128, 16, 8, False, False),
+    (1300, 0, 64, 16, 4, True, False),     # padding: groups without present keys
+    (1400, 517, 112, 16, 8, False, False),  # a chunk off the block edges
+    (1600, 1599, 96, 16, 4, False, True),   # a decoded token against kept group summaries
+]
+
+
+@pytest.mark.parametrize("case", GROUP_CASES)
+def test_stage_one_groups_of_key_blocks(case):
+    """Stage 1 bounding groups of `group` key blocks (`block_group`) keeps what the reference
+    keeps, for a prefill, padding, a chunk and a decoded token with summaries kept per group."""
+    T, p0, W, kb, F, pad, kept_summ = case
+    q, k, kpm = _inputs(1, 4, 2, T, 16, seed=T + F, pad=pad)
+    q = q[:, :, p0:]
+    kw = dict(window=W, sinks=4, topk=3, q_block=32, k_block=kb, rows=4, pool=4, group=F)
+    summ = bs.BlockSummaryCache(kb * F).update(k, 0) if kept_summ else None
+    want = bs.block_select(q, k, kpm, p0, **kw)
+    poison()
+    got = tss.block_select_triton(q, k, kpm, p0, summary=summ, **kw)
+    assert (want >= 0).sum() > 0
+    assert torch.equal(got, want)
+    # the groups change the choice (stage 1 bounds coarser units)
+    assert not torch.equal(want, bs.block_select(q, k, kpm, p0, **dict(kw, group=1)))
+
+
+def test_groups_are_capped_by_the_window():
+    """A group may not reach the query block: with a window of 2 key blocks, groups of 4 blocks
+    are groups of 2 (the largest power of two <= wb + 1), in the kernels as in the reference."""
+    q, k, _ = _inputs(1, 2, 1, 700, 16, seed=3, pad=False)
+    kw = dict(window=32, sinks=0, topk=2, q_block=32, k_block=16, rows=4, pool=2)
+    assert bs.stage1_group(32, 16, 4) == 2 and bs.stage1_group(0, 16, 8) == 1
+    assert bs.stage1_group(256, 32, 8) == 8 and bs.stage1_group(224, 32, 16) == 8
+    want = bs.block_select(q, k, None, 0, group=2, **kw)
+    assert torch.equal(bs.block_select(q, k, None, 0, group=4, **kw), want)
+    poison()
+    assert torch.equal(tss.block_select_triton(q, k, None, 0, group=4, **kw), want)
+    with pytest.raises(ValueError, match="power of two"):
+        bs.block_select(q, k, None, 0, group=3, **kw)
