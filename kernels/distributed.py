@@ -29,6 +29,11 @@ hold zeros and are never attended.
 ``comm="all_gather"`` is the baseline: ``all_gather`` every chunk's K and V (and use the first r+1
 of them) and run the same local compute.
 
+``layout="zigzag"`` balances the work: the sequence is cut into 2P chunks and rank r holds chunks r
+and 2P-1-r (an early and a late piece), since a late query costs more than an early one (longer
+searches, longer spans). Every chunk's K and V are gathered and each piece runs as the
+bottom-right queries of the keys up to its end: exact against one device, per-rank memory O(T).
+
 Bytes are counted as logical payload exchanged with other ranks (a rank's own chunk is not
 counted); see `CommStats`. Memory per rank is O((r+1)*C) for the key buffer, like the baseline:
 only the traffic is selective.
@@ -49,6 +54,7 @@ from .config import SuperlinearConfig
 from .geometry import num_stripes, stripe_deltas, span_extents
 
 COMM_MODES = ("selective", "all_gather")
+LAYOUTS = ("contiguous", "zigzag")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _NAME = "sequence_parallel_superlinear_attention"
 # Meta vector every rank shares before any data moves (validation across ranks).
@@ -315,14 +321,18 @@ def sequence_parallel_superlinear_attention(
     scale: Optional[float] = None,
     search_query_local: Optional[Tensor] = None,
     key_padding_mask_local: Optional[Tensor] = None,
-    comm: str = "selective",
+    comm: Optional[str] = None,
     block: int = 64,
     return_stats: bool = False,
+    layout: str = "contiguous",
 ):
     """Superlinear causal attention (docs/spec.md) of a sequence split across the ranks of ``group``.
 
-    Group rank r holds positions [r*C, (r+1)*C) of the sequence; every rank holds C positions (an
-    equal chunk), so the sequence has T = world_size * C tokens. Collective: every rank calls it
+    With ``layout="contiguous"`` group rank r holds positions [r*C, (r+1)*C) of the sequence; with
+    ``layout="zigzag"`` the sequence is cut into 2 * world_size chunks of C/2 and rank r holds
+    chunks r and 2*world_size - 1 - r, concatenated (an early and a late piece: every rank does
+    about the same work, where contiguous chunks leave the last rank the most). Every rank holds C
+    positions, so the sequence has T = world_size * C tokens. Collective: every rank calls it
     with the same config and options.
 
     Args:
@@ -334,14 +344,19 @@ def sequence_parallel_superlinear_attention(
         scale: softmax scale; overrides ``config.scale``; default 1/sqrt(D).
         search_query_local: [B, Hq, C, D] search queries (default: ``q_local``).
         key_padding_mask_local: bool [B, C], True where the key exists.
-        comm: ``"selective"`` (move only the rows the selection reads) or ``"all_gather"`` (the
-            baseline: gather every chunk's K and V).
+        comm: ``"selective"`` (move only the rows the selection reads; contiguous layout only)
+            or ``"all_gather"`` (gather every chunk's K and V). None: selective for the
+            contiguous layout, all_gather for zigzag.
+        layout: ``"contiguous"`` or ``"zigzag"`` (above). With zigzag and
+            search_key="blocksparse", C/2 must be a multiple of ``q_block`` (a query block is
+            chosen from its own last rows, so its rows must sit on one rank).
         block: rows per transferred block (selective).
         return_stats: also return a `CommStats` of the bytes this rank exchanged.
 
     Returns:
-        [B, Hq, C, Dv] in q's dtype, equal to rows [r*C, (r+1)*C) of single-device
-        ``superlinear_attention`` over the whole sequence; with ``return_stats``, (out, stats).
+        [B, Hq, C, Dv] in q's dtype, equal to the rows this rank holds (in its layout) of
+        single-device ``superlinear_attention`` over the whole sequence; with ``return_stats``,
+        (out, stats).
     """
     if config is None:
         config = SuperlinearConfig()
@@ -354,8 +369,15 @@ def sequence_parallel_superlinear_attention(
     if bsp and search_query_local is not None:
         raise ValueError(f"{_NAME}: search_key='blocksparse' selects with the attention query; "
                          "search_query_local is not supported")
+    if layout not in LAYOUTS:
+        raise ValueError(f"{_NAME}: layout={layout!r} is invalid: expected one of {LAYOUTS}")
+    if comm is None:
+        comm = "selective" if layout == "contiguous" else "all_gather"
     if comm not in COMM_MODES:
         raise ValueError(f"{_NAME}: comm={comm!r} is invalid: expected one of {COMM_MODES}")
+    if layout == "zigzag" and comm != "all_gather":
+        raise ValueError(f"{_NAME}: layout='zigzag' gathers every chunk's K and V "
+                         f"(comm='all_gather'); comm={comm!r} is for the contiguous layout")
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise ValueError(f"{_NAME}: block={block!r} is invalid: expected an int >= 1")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
@@ -373,6 +395,9 @@ def sequence_parallel_superlinear_attention(
         scale = config.scale if config.scale is not None else 1.0 / math.sqrt(D)
     dev = q_local.device
     dense = T <= config.dense_below  # decided on the whole sequence, as on one device
+    if layout == "zigzag":
+        return _zigzag(q_local, k_local, v_local, search_query_local, key_padding_mask_local,
+                       config, float(scale), dense, group, rank, P, stats, return_stats)
 
     mask = None
     if key_padding_mask_local is not None:  # [B, T]: one bit per key, cheap next to K/V
@@ -414,17 +439,63 @@ def sequence_parallel_superlinear_attention(
                                         C, block, P)
         stats.k_blocks += _fetch_blocks(kbuf, k_local, need & ~have_k, block, group, stats, "k")
         stats.v_blocks += _fetch_blocks(vbuf, v_local, need, block, group, stats, "v")
-    c = config
-    if bsp:  # docs/blocksparse.md: the rank's queries are the last C of its (r+1)*C keys
-        out = torch.ops.superlinear.block_sparse_attention(
-            q_local, kbuf, vbuf, mask, None, c.window, c.sinks, c.topk, float(scale),
+    out = _attend(q_local, kbuf, vbuf, mask, config, float(scale), dense,
+                  None if bsp else (anchors, scores))
+    return (out, stats) if return_stats else out
+
+
+def _attend(q, kbuf, vbuf, mask, c: SuperlinearConfig, scale: float, dense: bool, searched,
+            qs: Optional[Tensor] = None) -> Tensor:
+    """The single-device ops for queries that are the last of the keys in kbuf (bottom-right, at
+    their global positions): block-sparse attention, or span attention over ``searched`` (anchors,
+    scores; searched here when None). ``dense`` (T <= dense_below on the whole sequence) is passed
+    on as dense_below; otherwise dense_below=0, so a rank whose own prefix is short still runs as
+    the whole sequence would."""
+    if c.search_key == "blocksparse":  # docs/blocksparse.md
+        return torch.ops.superlinear.block_sparse_attention(
+            q, kbuf, vbuf, mask, None, c.window, c.sinks, c.topk, scale,
             c.dense_below if dense else 0, c.q_block, c.k_block, c.block_rows, c.block_pool, None,
             c.exact_rows, c.block_group)
-        return (out, stats) if return_stats else out
-    out = torch.ops.superlinear.span_attention(
-        q_local, kbuf, vbuf, anchors, scores, mask, None, c.window, c.sinks, c.span_power,
-        c.backward_factor, c.forward_factor, c.combine, float(scale),
-        c.dense_below if dense else 0)
+    anchors, scores = searched if searched is not None else _search(q, qs, kbuf, mask, c, dense)
+    return torch.ops.superlinear.span_attention(
+        q, kbuf, vbuf, anchors, scores, mask, None, c.window, c.sinks, c.span_power,
+        c.backward_factor, c.forward_factor, c.combine, scale, c.dense_below if dense else 0)
+
+
+def _zigzag(q, k, v, qs, kpm, c: SuperlinearConfig, scale: float, dense: bool, group, rank: int,
+            P: int, stats: CommStats, return_stats: bool):
+    """layout="zigzag": rank r holds chunks r and 2P-1-r of C/2 positions. Every chunk's K, V (and
+    padding mask) is gathered; each of the rank's two pieces then runs as the bottom-right queries
+    of the keys up to its end, as one device would run them."""
+    B, Hq, C, D = q.shape
+    if C % 2:
+        raise ValueError(f"{_NAME}: layout='zigzag' needs an even local length, got C={C}")
+    h = C // 2
+    if c.search_key == "blocksparse" and h % c.q_block:
+        raise ValueError(f"{_NAME}: layout='zigzag' with search_key='blocksparse' needs C/2 = {h} "
+                         f"to be a multiple of q_block={c.q_block} (a query block's rows on one "
+                         f"rank)")
+
+    def gathered(x: Tensor, dim: int, category: str) -> Tensor:
+        parts = [torch.empty_like(x) for _ in range(P)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        nbytes = x.numel() * x.element_size()
+        stats.add(category, (P - 1) * nbytes, (P - 1) * nbytes)
+        # chunk i < P is the first half of rank i's piece, chunk i >= P the second half of rank
+        # 2P-1-i's: the sequence in order
+        first = [p.narrow(dim, 0, h) for p in parts]
+        second = [p.narrow(dim, h, h) for p in reversed(parts)]
+        return torch.cat(first + second, dim=dim)
+
+    kall, vall = gathered(k, 2, "k"), gathered(v, 2, "v")
+    mall = None if kpm is None else gathered(kpm, 1, "mask")
+    out = q.new_empty(B, Hq, C, v.shape[3])
+    for piece, chunk in ((0, rank), (1, 2 * P - 1 - rank)):
+        end = (chunk + 1) * h
+        sl = slice(piece * h, (piece + 1) * h)
+        out[:, :, sl] = _attend(q[:, :, sl], kall[:, :, :end], vall[:, :, :end],
+                                None if mall is None else mall[:, :end], c, scale, dense, None,
+                                None if qs is None else qs[:, :, sl])
     return (out, stats) if return_stats else out
 
 

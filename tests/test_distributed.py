@@ -65,6 +65,19 @@ CASES = {
                               cfg=dict(search_key="blocksparse", window=16, sinks=0, topk=2,
                                        q_block=32, k_block=16, block_rows=8, block_pool=4,
                                        dense_below=0)),
+    # zigzag: rank r holds chunks r and 2P-1-r of C/2 (balanced work)
+    "zigzag_blocksparse": dict(B=1, Hq=4, Hkv=2, C=256, D=8, block=16, mask=True, layout="zigzag",
+                               cfg=dict(search_key="blocksparse", window=32, sinks=4, topk=2,
+                                        q_block=32, k_block=16, block_rows=4, block_pool=2,
+                                        dense_below=0)),
+    "zigzag_anchor_gated": dict(B=2, Hq=4, Hkv=1, C=70, D=8, block=16, sq=True, layout="zigzag",
+                                cfg=dict(search_key="anchor", window=6, sinks=2, topk=2,
+                                         combine="gated", dense_below=0)),
+    "three_zigzag_blocksparse": dict(world=3, B=1, Hq=2, Hkv=1, C=192, D=8, block=16,
+                                     layout="zigzag",
+                                     cfg=dict(search_key="blocksparse", window=64, sinks=0,
+                                              topk=2, q_block=32, k_block=16, block_rows=4,
+                                              block_pool=2, block_group=4, dense_below=0)),
     "three_bytes": dict(world=3, B=1, Hq=2, Hkv=1, C=512, D=8, block=32, hot=(300, 420),
                         cfg=dict(search_key="anchor", window=16, sinks=2, topk=1, dense_below=0)),
 }
@@ -94,6 +107,18 @@ def _inputs(name):
     return q, k, v, qs, mask
 
 
+def _local(x, name, rank, dim=2):
+    """The rows of x that ``rank`` holds in its case's layout (None stays None)."""
+    if x is None:
+        return None
+    c, P = CASES[name], _world(name)
+    C = c["C"]
+    if c.get("layout", "contiguous") == "contiguous":
+        return x.narrow(dim, rank * C, C)
+    h = C // 2
+    return torch.cat([x.narrow(dim, rank * h, h), x.narrow(dim, (2 * P - 1 - rank) * h, h)], dim)
+
+
 def _free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -117,13 +142,12 @@ def _worker(rank, world, port, outdir):
         if _world(name) != world:
             continue
         q, k, v, qs, mask = _inputs(name)
-        C = c["C"]
-        sl = slice(rank * C, (rank + 1) * C)
         out, st = sequence_parallel_superlinear_attention(
-            q[:, :, sl], k[:, :, sl], v[:, :, sl], config=SuperlinearConfig(**c["cfg"]),
-            search_query_local=None if qs is None else qs[:, :, sl],
-            key_padding_mask_local=None if mask is None else mask[:, sl],
-            scale=c.get("scale"), comm=c.get("comm", "selective"), block=c["block"], return_stats=True)
+            _local(q, name, rank), _local(k, name, rank), _local(v, name, rank),
+            config=SuperlinearConfig(**c["cfg"]), search_query_local=_local(qs, name, rank),
+            key_padding_mask_local=_local(mask, name, rank, 1), scale=c.get("scale"),
+            comm=c.get("comm"), block=c["block"], return_stats=True,
+            layout=c.get("layout", "contiguous"))
         res[name] = dict(out=out, sent=st.sent, received=st.received, k_blocks=st.k_blocks,
                          v_blocks=st.v_blocks)
     if world != WORLD:
@@ -143,6 +167,11 @@ def _worker(rank, world, port, outdir):
         res["ok_no_grad"] = sequence_parallel_superlinear_attention(
             qg, k, v, config=SuperlinearConfig(search_key="anchor", dense_below=0, window=2))
     res["err_comm"] = _expect_error(lambda: sequence_parallel_superlinear_attention(q, k, v, comm="ring"))
+    res["err_layout"] = _expect_error(lambda: sequence_parallel_superlinear_attention(q, k, v, layout="ring"))
+    res["err_zigzag_comm"] = _expect_error(lambda: sequence_parallel_superlinear_attention(
+        q, k, v, layout="zigzag", comm="selective"))
+    res["err_zigzag_blocks"] = _expect_error(lambda: sequence_parallel_superlinear_attention(
+        q, k, v, layout="zigzag", config=SuperlinearConfig(dense_below=0)))  # C/2 = 4 < q_block
     res["ok_after_errors"] = sequence_parallel_superlinear_attention(
         q, k, v, config=SuperlinearConfig(search_key="anchor", dense_below=0, window=2))
     torch.save(res, os.path.join(outdir, f"rank{rank}.pt"))
@@ -195,12 +224,11 @@ def test_equals_single_device(request, one_thread, name):
     world = _world(name)
     res = request.getfixturevalue("runs" if world == WORLD else "runs3")
     ref = _single_device(name)
-    C = CASES[name]["C"]
     for r in range(world):
-        out = res[r][name]["out"]
-        assert out.shape == ref[:, :, r * C:(r + 1) * C].shape
+        out, want = res[r][name]["out"], _local(ref, name, r)
+        assert out.shape == want.shape
         assert not torch.isnan(out).any()
-        torch.testing.assert_close(out, ref[:, :, r * C:(r + 1) * C], atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-5)
 
 
 def _oracle_blocks(name, rank):
@@ -288,6 +316,9 @@ def test_invalid_inputs_raise_on_every_rank(runs):
         assert runs[r]["err_unequal"].startswith("ValueError")
         assert "not a multiple of key/value heads" in runs[r]["err_heads"]
         assert "comm='ring'" in runs[r]["err_comm"]
+        assert "layout='ring'" in runs[r]["err_layout"]
+        assert "comm='all_gather'" in runs[r]["err_zigzag_comm"]
+        assert "multiple of q_block=64" in runs[r]["err_zigzag_blocks"]
     assert "rank 0: key_padding_mask_local must be a bool tensor" in runs[0]["err_mask"]
     assert "rank(s) [0]" in runs[1]["err_mask"]
     assert "rank 1: gradients do not flow across ranks" in runs[1]["err_grad"]
