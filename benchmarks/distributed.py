@@ -2,14 +2,17 @@
 """Benchmark: sequence-parallel superlinear attention (kernels/distributed.py), 1 device against N.
 
 For each length L: the single-device ops on the whole sequence (rank 0 alone), then the sequence
-split over ``--nproc`` ranks (equal contiguous chunks) with the selective path and with the
-all-gather baseline. Reports time (median over ``--repeats`` of the slowest rank, after
-``--warmup`` calls), speed-up over one device, bytes each rank sent/received (logical payload,
-`CommStats`) and the error of the split result against the single-device one on sampled query rows
-(the first and last 128 queries of every chunk, all heads). Writes distributed.json / .md to --out.
+split over ``--nproc`` ranks three ways: equal contiguous chunks with the selective path and with
+the all-gather baseline, and the zigzag layout (rank r holds pieces r and 2P-1-r of L/(2P); K and V
+all-gathered). Reports time (median over ``--repeats`` of the slowest rank, after ``--warmup``
+calls), speed-up over one device, bytes each rank sent/received (logical payload, `CommStats`),
+peak memory per rank (CUDA) and the error of the split result against the single-device one on
+sampled query rows (the first and last 128 queries of every piece, all heads). Writes
+distributed.json / .md to --out.
 
-Defaults: B=1, Hq=32, Hkv=8, d=128, the spec's default config with dense_below=0, bf16 and NCCL on
-CUDA (one process per GPU, mp.spawn), fp32 and gloo on CPU (one thread per process).
+Defaults: B=1, Hq=32, Hkv=8, d=128, the default config (``--config default``: block-sparse; or
+``anchor``, SPEC.md's stripe search) with dense_below=0, bf16 and NCCL on CUDA (one process per GPU,
+mp.spawn), fp32 and gloo on CPU (one thread per process).
 
     python benchmarks/distributed.py                                   # 2 GPUs, 1M / 2M / 4M tokens
     python benchmarks/distributed.py --device cpu --lengths 4096       # CPU, gloo
@@ -38,8 +41,11 @@ import torch.multiprocessing as mp  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_check import boot  # noqa: E402
 
-CFG = dict(window=64, sinks=4, topk=3, search_power=0.5, span_power=0.5, backward_factor=2.0,
-           forward_factor=0.0, combine="union", search_key="anchor", dense_below=0)
+CONFIGS = {"default": dict(dense_below=0),
+           "anchor": dict(window=64, sinks=4, topk=3, search_power=0.5, span_power=0.5,
+                          backward_factor=2.0, forward_factor=0.0, combine="union",
+                          search_key="anchor", dense_below=0)}
+SPLITS = (("contiguous", "selective"), ("contiguous", "all_gather"), ("zigzag", "all_gather"))
 SAMPLE = 128  # query rows compared at each end of every chunk
 
 
@@ -52,13 +58,18 @@ def _chunk(seed, p, B, Hq, Hkv, C, D, dtype, dev):
     return q, k, v
 
 
-def _sample_rows(out, C):
-    """The first and last SAMPLE query rows of each chunk of out [B, H, n*C, D]."""
-    n = out.shape[2] // C
-    s = min(SAMPLE, C)
-    idx = torch.cat([torch.cat([torch.arange(p * C, p * C + s), torch.arange((p + 1) * C - s, (p + 1) * C)])
+def _sample_rows(out, h):
+    """The first and last SAMPLE query rows of each piece of h rows of out [B, H, n*h, D]."""
+    n = out.shape[2] // h
+    s = min(SAMPLE, h)
+    idx = torch.cat([torch.cat([torch.arange(p * h, p * h + s), torch.arange((p + 1) * h - s, (p + 1) * h)])
                      for p in range(n)]).to(out.device)
     return out.index_select(2, idx).float()
+
+
+def _pieces(layout, rank, P):
+    """The pieces (of 2P) a rank holds, in its local order."""
+    return (2 * rank, 2 * rank + 1) if layout == "contiguous" else (rank, 2 * P - 1 - rank)
 
 
 def _sync(dev):
@@ -92,6 +103,7 @@ def _time(fn, dev, warmup, repeats, group_wide):
 def _worker(rank, args, port):
     boot()
     from slcompile.kernels.config import SuperlinearConfig
+    from slcompile import superlinear_attention
     from slcompile.kernels.distributed import sequence_parallel_superlinear_attention as sp_attn
 
     P = args.nproc
@@ -106,13 +118,13 @@ def _worker(rank, args, port):
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=P,
                             timeout=timedelta(seconds=600))
     dtype = getattr(torch, args.dtype)
-    cfg = SuperlinearConfig(**CFG)
+    cfg = SuperlinearConfig(**CONFIGS[args.config])
     B, Hq, Hkv, D = args.B, args.Hq, args.Hkv, args.D
     rows = []
     for L in args.lengths:
-        if L % P:
-            raise ValueError(f"length {L} is not a multiple of --nproc {P}")
-        C = L // P
+        if L % (2 * P):
+            raise ValueError(f"length {L} is not a multiple of 2 x --nproc {P}")
+        C, h = L // P, L // (2 * P)
         row = dict(L=L, nproc=P, device=args.device, dtype=args.dtype)
         if rank == 0:
             print(f"# L={L}: started {time.strftime('%H:%M:%S')}", flush=True)
@@ -123,21 +135,20 @@ def _worker(rank, args, port):
                 q = torch.empty(B, Hq, L, D, dtype=dtype, device=dev)
                 k = torch.empty(B, Hkv, L, D, dtype=dtype, device=dev)
                 v = torch.empty(B, Hkv, L, D, dtype=dtype, device=dev)
-                for p in range(P):
-                    q[:, :, p * C:(p + 1) * C], k[:, :, p * C:(p + 1) * C], v[:, :, p * C:(p + 1) * C] = \
-                        _chunk(args.seed, p, B, Hq, Hkv, C, D, dtype, dev)
-                scale = 1.0 / D ** 0.5
+                for p in range(2 * P):
+                    q[:, :, p * h:(p + 1) * h], k[:, :, p * h:(p + 1) * h], v[:, :, p * h:(p + 1) * h] = \
+                        _chunk(args.seed, p, B, Hq, Hkv, h, D, dtype, dev)
+                if dev.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(dev)
+                    base = torch.cuda.memory_allocated(dev)
 
                 def one():
-                    a, s = torch.ops.superlinear.span_search(
-                        q, k, None, None, cfg.window, cfg.topk, cfg.search_power, cfg.span_power,
-                        cfg.backward_factor, cfg.forward_factor, cfg.search_key, cfg.dense_below)
-                    return torch.ops.superlinear.span_attention(
-                        q, k, v, a, s, None, None, cfg.window, cfg.sinks, cfg.span_power,
-                        cfg.backward_factor, cfg.forward_factor, cfg.combine, scale, cfg.dense_below)
+                    return superlinear_attention(q, k, v, config=cfg, enable_gqa=True)
 
-                ref = _sample_rows(one(), C)  # also the first warm-up call
+                ref = _sample_rows(one(), h)  # also the first warm-up call
                 row["single_s"] = _time(one, dev, max(0, args.warmup - 1), args.repeats, group_wide=False)
+                if dev.type == "cuda":
+                    row["single_peak_gb"] = (torch.cuda.max_memory_allocated(dev) - base) / 1e9
             except torch.OutOfMemoryError as e:
                 row["single_error"] = f"out of memory: {str(e).splitlines()[0]}"
             except Exception as e:  # reported, the split runs still go ahead
@@ -148,30 +159,48 @@ def _worker(rank, args, port):
                 torch.cuda.empty_cache()
         dist.barrier()
         # ---- split over P ranks --------------------------------------------------------------
-        ql, kl, vl = _chunk(args.seed, rank, B, Hq, Hkv, C, D, dtype, dev)
-        for comm in ("selective", "all_gather"):
+        for layout, comm in SPLITS:
+            name = comm if layout == "contiguous" else layout
+            mine = [_chunk(args.seed, p, B, Hq, Hkv, h, D, dtype, dev) for p in _pieces(layout, rank, P)]
+            ql, kl, vl = (torch.cat([m[i] for m in mine], dim=2) for i in range(3))
+            mine = None
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+                base = torch.cuda.memory_allocated(dev)
+
             def split():
-                return sp_attn(ql, kl, vl, config=cfg, comm=comm, block=args.block, return_stats=True)
+                return sp_attn(ql, kl, vl, config=cfg, comm=comm, block=args.block, return_stats=True,
+                               layout=layout)
 
             out, st = split()
             t, per_rank_s = _time(split, dev, max(0, args.warmup - 1), args.repeats, group_wide=True)
-            row[f"{comm}_rank_s"] = per_rank_s
-            mine = _sample_rows(out, C)
-            every = [torch.empty_like(mine) for _ in range(P)]
-            dist.all_gather(every, mine)
+            row[f"{name}_rank_s"] = per_rank_s
+            if dev.type == "cuda":
+                peak = torch.tensor([(torch.cuda.max_memory_allocated(dev) - base) / 1e9],
+                                    dtype=torch.float64, device=dev)
+                peaks = [torch.empty_like(peak) for _ in range(P)]
+                dist.all_gather(peaks, peak)
+                row[f"{name}_peak_gb"] = [float(x) for x in peaks]
+            smp = _sample_rows(out, h)
+            every = [torch.empty_like(smp) for _ in range(P)]
+            dist.all_gather(every, smp)
             sent = torch.tensor([st.total_sent, st.total_received, st.sent.get("k", 0) + st.sent.get("v", 0),
                                  st.received.get("k", 0) + st.received.get("v", 0)],
                                 dtype=torch.int64, device=dev)
             per_rank = [torch.empty_like(sent) for _ in range(P)]
             dist.all_gather(per_rank, sent)
-            row[f"{comm}_s"] = t
-            row[f"{comm}_bytes"] = [dict(rank=i, sent=int(x[0]), received=int(x[1]), kv_sent=int(x[2]),
+            row[f"{name}_s"] = t
+            row[f"{name}_bytes"] = [dict(rank=i, sent=int(x[0]), received=int(x[1]), kv_sent=int(x[2]),
                                          kv_received=int(x[3])) for i, x in enumerate(per_rank)]
-            if ref is not None:
-                got = torch.cat(every, dim=2)
-                err = (got - ref).abs()
-                row[f"{comm}_max_abs_err"] = float(err.max())
-                row[f"{comm}_rel_err"] = float(err.norm() / ref.norm())
+            if ref is not None:  # every rank's sampled pieces, put back in sequence order
+                n = every[0].shape[2] // 2
+                got = [None] * (2 * P)
+                for r, e in enumerate(every):
+                    for i, p in enumerate(_pieces(layout, r, P)):
+                        got[p] = e[:, :, i * n:(i + 1) * n]
+                err = (torch.cat(got, dim=2) - ref).abs()
+                row[f"{name}_max_abs_err"] = float(err.max())
+                row[f"{name}_rel_err"] = float(err.norm() / ref.norm())
             out = None
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
@@ -186,8 +215,8 @@ def _worker(rank, args, port):
         ql = kl = vl = ks = vs = None
         if rank == 0:
             if "single_s" in row:
-                for comm in ("selective", "all_gather"):
-                    row[f"{comm}_speedup"] = row["single_s"] / row[f"{comm}_s"]
+                for name in ("selective", "all_gather", "zigzag"):
+                    row[f"{name}_speedup"] = row["single_s"] / row[f"{name}_s"]
             print(json.dumps(row), flush=True)
             rows.append(row)
             _write(rows, args)  # after every length: a later one may not finish
@@ -202,31 +231,29 @@ def _gb(x):
 def _write(rows, args):
     os.makedirs(args.out, exist_ok=True)
     meta = dict(torch=torch.__version__, device=args.device, nproc=args.nproc, B=args.B, Hq=args.Hq,
-                Hkv=args.Hkv, D=args.D, dtype=args.dtype, block=args.block, config=CFG,
+                Hkv=args.Hkv, D=args.D, dtype=args.dtype, block=args.block, config=CONFIGS[args.config],
                 warmup=args.warmup, repeats=args.repeats)
     if args.device == "cuda":
         meta["gpu"] = torch.cuda.get_device_name(0)
     with open(os.path.join(args.out, "distributed.json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     lines = [f"# {meta}", "",
-             f"| L | 1 device s | {args.nproc} ranks selective s | speed-up | {args.nproc} ranks all-gather s "
-             "| speed-up | max rank GB received, selective | all-gather | GB sent+received per rank, selective "
-             "| all-gather | max abs err (sel / ag) | per-rank s, sel | per-rank s, ag | all_gather of K/V alone s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"| L | 1 device s | split | {args.nproc} ranks s | speed-up | max rank GB received "
+             "| per-rank s | per-rank peak GB (1 device) | max abs err |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        sel, ag = r["selective_bytes"], r["all_gather_bytes"]
-        lines.append(
-            f"| {r['L']} | {r.get('single_s', float('nan')):.4f} | {r['selective_s']:.4f} "
-            f"| {r.get('selective_speedup', float('nan')):.2f}x | {r['all_gather_s']:.4f} "
-            f"| {r.get('all_gather_speedup', float('nan')):.2f}x "
-            f"| {_gb(max(b['received'] for b in sel))} | {_gb(max(b['received'] for b in ag))} "
-            f"| {' / '.join(_gb(b['sent'] + b['received']) for b in sel)} "
-            f"| {' / '.join(_gb(b['sent'] + b['received']) for b in ag)} "
-            f"| {r.get('selective_max_abs_err', float('nan')):.2e} / {r.get('all_gather_max_abs_err', float('nan')):.2e} "
-            f"| {' / '.join(f'{x:.4f}' for x in r['selective_rank_s'])} "
-            f"| {' / '.join(f'{x:.4f}' for x in r['all_gather_rank_s'])} | {r['all_gather_comm_s']:.4f} |")
+        for name in ("selective", "all_gather", "zigzag"):
+            peak = " / ".join(f"{x:.3g}" for x in r.get(f"{name}_peak_gb", []))
+            lines.append(
+                f"| {r['L']} | {r.get('single_s', float('nan')):.4f} | {name} | {r[f'{name}_s']:.4f} "
+                f"| {r.get(f'{name}_speedup', float('nan')):.2f}x "
+                f"| {_gb(max(b['received'] for b in r[f'{name}_bytes']))} "
+                f"| {' / '.join(f'{x:.4f}' for x in r[f'{name}_rank_s'])} "
+                f"| {peak} ({r.get('single_peak_gb', float('nan')):.3g}) "
+                f"| {r.get(f'{name}_max_abs_err', float('nan')):.2e} |")
+        lines.append(f"| {r['L']} | | all_gather of K/V alone | {r['all_gather_comm_s']:.4f} | | | | | |")
         if "single_error" in r:
-            lines.append(f"|  | 1 device: {r['single_error']} | | | | | | | | | | | | |")
+            lines.append(f"|  | 1 device: {r['single_error']} | | | | | | | |")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "distributed.md"), "w") as f:
         f.write(text)
@@ -245,6 +272,8 @@ def main():
     ap.add_argument("--D", type=int, default=128)
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
     ap.add_argument("--block", type=int, default=64, help="rows per transferred block")
+    ap.add_argument("--config", choices=sorted(CONFIGS), default="default",
+                    help="default: SuperlinearConfig(dense_below=0), block-sparse; anchor: SPEC.md's stripe search")
     ap.add_argument("--warmup", type=int, default=None, help="default: 1 on cuda, 0 on cpu")
     ap.add_argument("--repeats", type=int, default=None, help="default: 3 on cuda, 1 on cpu")
     ap.add_argument("--seed", type=int, default=0)
