@@ -69,6 +69,42 @@ def test_convert_archive_then_load_it_back(tiny_files, workdir, monkeypatch):
         assert (got - dense).abs().max() > 1e-3  # window 8 << L: really approximated
 
 
+# the default search (block-sparse, docs/blocksparse.md) on geometry small enough to be sparse
+BLOCKS = ["--q-block", "16", "--k-block", "16", "--window", "16", "--sinks", "0", "--topk", "1",
+          "--block-rows", "4", "--block-pool", "1", "--dense-below", "0"]
+
+
+def test_convert_with_the_default_search_then_load_and_check_it(tiny_files, workdir, monkeypatch):
+    """A model converted with the default (block-sparse) search loads with torch.export.load after
+    `import slcompile`, runs at other lengths as the functional form does, and `check` passes."""
+    out = workdir / "tiny.bs.pt2"
+    res = run_cli("convert", tiny_files["dir"] / "tiny.pt2", "-o", out, *BLOCKS, "--json")
+    assert res.rc == 0, res
+    d = res.json()
+    assert d["ok"] and d["report"]["rewritten"] == 1 and d["dynamic"] is True
+    ep = torch.export.load(out)
+    targets = [n.target for n in ep.graph.nodes if n.op == "call_function"]
+    assert torch.ops.superlinear.block_sparse_attention.default in targets
+    assert torch.ops.aten.scaled_dot_product_attention.default not in targets
+    config = slcompile.SuperlinearConfig(q_block=16, k_block=16, window=16, sinks=0, topk=1,
+                                         block_rows=4, block_pool=1, dense_below=0)
+    model = tiny_files["model"]
+    for L, seed in ((40, 3), (96, 4)):
+        ids = _ids(L, seed)
+        with torch.no_grad():
+            got, dense = ep.module()(ids), model(ids)
+        want = _functional_oracle(model, ids, config, monkeypatch)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        if L == 96:
+            assert (got - dense).abs().max() > 1e-3  # window 16 + one block << 96: sparse
+    # check runs on the original model: the rewrite with the default search is wired exactly
+    res = run_cli("check", tiny_files["dir"] / "tiny.pt2", "--lengths", "48,96", *BLOCKS, "--json")
+    assert res.rc == 0, res
+    d = res.json()
+    assert d["ok"] and d["exact"]["passed"] and d["exact"]["max_abs_err"] < 1e-4
+    assert d["lengths"][-1]["max_abs_err"] > 1e-4  # sparse at 96 tokens
+
+
 def test_convert_pickle_exact_config_matches_dense(tiny_files, workdir):
     out = workdir / "exact.pt2"
     res = run_cli("convert", tiny_files["dir"] / "tiny.pt", "--trust-pickle", "-o", out,
