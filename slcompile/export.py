@@ -34,15 +34,17 @@ class ExportRefusedError(ValueError):
     torch's exporter runs, with a one-line message saying what and what to do instead."""
 
 
-# What slcompile.onnx_ops translates: the two ops of docs/spec.md's search (steps=2) with these keys.
-ONNX_SEARCH_KEYS = ("anchor", "mean")
-ONNX_OPS = ("span_search", "span_attention")
+# What slcompile.onnx_ops translates: the two ops of docs/spec.md's search (steps=2) with these
+# keys, and block-sparse attention (the default, docs/blocksparse.md).
+ONNX_SEARCH_KEYS = ("anchor", "mean", "blocksparse")
+ONNX_OPS = ("span_search", "span_attention", "block_sparse_attention")
 
 
 def _search_key_refusal(search_key: str) -> str:
-    return (f"ONNX export supports search_key 'anchor' and 'mean' only: search_key={search_key!r} "
-            f"has no ONNX form (convert the model with --search-key anchor or mean, or export to "
-            f"TensorRT through torch-tensorrt: -o model.ep, which runs the ops themselves)")
+    return (f"ONNX export supports search_key 'blocksparse' (the default), 'anchor' and 'mean' only: "
+            f"search_key={search_key!r} has no ONNX form (convert the model with the default "
+            f"search or --search-key anchor, or export to TensorRT through torch-tensorrt: "
+            f"-o model.ep, which runs the ops themselves)")
 
 
 def _nstep_refusal(steps) -> str:
@@ -131,30 +133,48 @@ def _has_dynamic_input(program) -> bool:
     return False
 
 
+def _batch_dynamic(program) -> bool:
+    from torch.export.graph_signature import InputKind
+
+    users = {s.arg.name for s in program.graph_signature.input_specs if s.kind == InputKind.USER_INPUT}
+    for n in program.graph.nodes:
+        if n.op == "placeholder" and n.name in users:
+            v = n.meta.get("val")
+            if isinstance(v, torch.Tensor) and v.dim() == 2 and isinstance(v.shape[0], torch.SymInt):
+                return True
+    return False
+
+
 def _with_dynamic_sequence(program, args, kwargs):
-    """Re-export a static program with dim 1 of its 2-D integer inputs dynamic (token ids,
-    attention masks, positions); returns the program unchanged when that is not possible."""
-    if _has_dynamic_input(program) or kwargs:
+    """Re-export a program with dims 0 (batch) and 1 (sequence) of its 2-D integer inputs dynamic
+    (token ids, attention masks, positions), so that one file serves every batch size and
+    length; keeps what it cannot make dynamic (warning where nothing is)."""
+    if kwargs or (_has_dynamic_input(program) and _batch_dynamic(program)):
         return program
-    specs = []
-    seq = torch.export.Dim("seq", min=2)
-    any_seq = False
-    for a in args:
-        if isinstance(a, torch.Tensor) and a.dim() == 2 and not a.is_floating_point() and a.shape[1] >= 2:
-            specs.append({1: seq})
-            any_seq = True
-        else:
-            specs.append(None)
-    if not any_seq:
+    seq, batch = torch.export.Dim("seq", min=2), torch.export.Dim("batch", min=1)
+    ids = [isinstance(a, torch.Tensor) and a.dim() == 2 and not a.is_floating_point()
+           and a.shape[1] >= 2 for a in args]
+    if not any(ids):
         return program
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return torch.export.export(program.module(), args, dynamic_shapes=tuple(specs), strict=False)
-    except Exception as e:  # keep the static program: still a correct export, for one length
+    # a batch of one would be specialised: trace with two rows (the example repeated)
+    wide = tuple(a.expand(2, -1).contiguous() if i and a.shape[0] == 1 else a
+                 for a, i in zip(args, ids))
+    tries = [(wide, tuple({0: batch, 1: seq} if i else None for i in ids))]
+    if not _has_dynamic_input(program):
+        tries.append((args, tuple({1: seq} if i else None for i in ids)))
+    err = None
+    for a, specs in tries:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return torch.export.export(program.module(), a, dynamic_shapes=specs, strict=False)
+        except Exception as e:  # the next try, or the program as it is
+            err = err or e
+    if not _has_dynamic_input(program):
         warnings.warn(f"slcompile.export: the program has static shapes and re-exporting it with a "
-                      f"dynamic sequence axis failed ({type(e).__name__}: {e}); exporting it static")
-        return program
+                      f"dynamic sequence axis failed ({type(err).__name__}: {err}); exporting it "
+                      f"static")
+    return program
 
 
 def _refuse_nstep(program, what: str) -> None:

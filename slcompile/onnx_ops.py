@@ -403,6 +403,183 @@ def span_attention(query, key, value, anchors, scores, key_padding_mask=None, qu
     return op.CastLike(out, query)
 
 
+# --------------------------------------------------------------------------------------------
+# block_sparse_attention (docs/blocksparse.md, the default)
+# --------------------------------------------------------------------------------------------
+
+def _reversed_last(x):
+    """x reversed along its last axis."""
+    return op.Slice(x, _i64([-1]), _i64([-(2**62)]), _i64([-1]), _i64([-1]))
+
+
+def _rep_rows(qb, front, Lq, nQ, rows: int, QB: int, Hkv, G, D):
+    """The representative rows of every query block (`blocksparse.representatives`): qb
+    [B, Hq, nQ, QB, D] -> [B, Hkv, nQ, G*rows, D] (head-major within the group)."""
+    n = op.Range(_i64(0), nQ, _i64(1))
+    last = op.Min(op.Sub(op.Sub(op.Add(front, Lq), _i64(1)), op.Mul(n, _i64(QB))), _i64(QB - 1))
+    first = op.Max(op.Sub(front, op.Mul(n, _i64(QB))), _i64(0))
+    r = _i64(list(range(rows)))
+    ri = op.Sub(_unsq(last, 1), _unsq(r, 0))  # [nQ, rows]
+    ri = op.Where(op.GreaterOrEqual(ri, _unsq(first, 1)), ri, _unsq(last, 1))
+    B, Hq = _dim(qb, 0), _dim(qb, 1)
+    idx = op.Expand(_unsq(ri, 0, 1, 4), op.Concat(_unsq(B, 0), _unsq(Hq, 0), _unsq(nQ, 0),
+                                                   _i64([rows]), _unsq(D, 0), axis=0))
+    rep = op.GatherElements(qb, idx, axis=3)  # [B, Hq, nQ, rows, D]
+    rep = op.Reshape(rep, op.Concat(_unsq(B, 0), _unsq(Hkv, 0), _unsq(G, 0), _unsq(nQ, 0),
+                                    _i64([rows]), _unsq(D, 0), axis=0))
+    rep = op.Transpose(rep, perm=[0, 1, 3, 2, 4, 5])  # [B, Hkv, nQ, G, rows, D]
+    return op.Reshape(rep, op.Concat(_unsq(B, 0), _unsq(Hkv, 0), _unsq(nQ, 0), _i64([-1]),
+                                     _unsq(D, 0), axis=0))
+
+
+def block_sparse_attention(query, key, value, key_padding_mask=None, query_positions=None,
+                           window=256, sinks=4, topk=24, scale=1.0, dense_below=0, q_block=64,
+                           k_block=32, block_rows=8, block_pool=8, block_summary=None,
+                           exact_rows=0, block_group=1):
+    """docs/blocksparse.md in ONNX, following `kernels/blocksparse.py` decision for decision:
+    [B, Hq, Lq, Dv] in query's dtype. T <= dense_below widens the window to every key (exact
+    dense attention, as the op computes it), selected at run time without an ``If`` node. Cost:
+    stage 1 (L/QB)(L/(KB F)) bounds, the rest linear in L."""
+    from slcompile.kernels.blocksparse import stage1_group
+
+    if key_padding_mask is not None:
+        raise OnnxTranslationError(
+            "block_sparse_attention with a key-padding mask has no ONNX translation: export the "
+            "model without a padding mask (one sequence per row, unpadded)")
+    if block_summary is not None:
+        raise OnnxTranslationError("block_sparse_attention with kept block summaries (decoding) "
+                                   "has no ONNX translation")
+    QB, KB = int(q_block), int(k_block)
+    F = stage1_group(int(window), KB, int(block_group))
+    R, R2 = int(block_rows), int(exact_rows) or int(block_rows)
+    per_q = QB // KB
+    MG = -(-int(block_pool) * int(topk) // F)  # groups stage 1 keeps
+    zero, one = _i64(0), _i64(1)
+    ninf = _f32(float("-inf"))
+    q = op.Cast(query, to=_F32)
+    kf = op.Cast(key, to=_F32)
+    vf = op.Cast(value, to=_F32)
+    B, Hq, Lq, D = (_dim(query, i) for i in range(4))
+    Hkv, T, Dv = _dim(key, 1), _dim(key, 2), _dim(value, 3)
+    G = op.Div(Hq, Hkv)
+    if query_positions is None:
+        p0 = op.Sub(T, Lq)
+    else:  # the op requires p0..p0+Lq-1, the same for every row
+        p0 = op.Squeeze(op.Slice(op.Reshape(op.Cast(query_positions, to=_I64), _i64([-1])),
+                                 _i64([0]), _i64([1])), _i64([0]))
+    W = _window(T, window, dense_below)  # T when T <= dense_below: the window is the whole past
+    nK = op.Div(op.Add(T, _i64(KB - 1)), _i64(KB))
+    sb = op.Min(_i64(-(-int(sinks) // KB)), nK)
+    wb = op.Div(op.Add(op.Min(W, T), _i64(KB - 1)), _i64(KB))
+    j0 = op.Div(p0, _i64(QB))
+    front = op.Sub(p0, op.Mul(j0, _i64(QB)))
+    nQ = op.Div(op.Add(op.Add(front, Lq), _i64(QB - 1)), _i64(QB))
+    tail = op.Sub(op.Sub(op.Mul(nQ, _i64(QB)), front), Lq)
+    pads = op.Concat(_i64([0, 0]), _unsq(front, 0), _i64([0, 0, 0]), _unsq(tail, 0), _i64([0]),
+                     axis=0)
+    qb = op.Reshape(op.Pad(q, pads), op.Concat(_unsq(B, 0), _unsq(Hq, 0), _unsq(nQ, 0),
+                                               _i64([QB]), _unsq(D, 0), axis=0))
+    n = op.Range(zero, nQ, one)
+    before = op.Mul(op.Add(j0, n), _i64(per_q))  # key blocks wholly before each query block
+    lim = op.Sub(before, wb)  # candidates: sb <= i < lim
+
+    # --- stage 1: bounds of groups of F key blocks ----------------------------------------------
+    gspan = F * KB
+    nG = op.Div(op.Add(T, _i64(gspan - 1)), _i64(gspan))
+    gpad = op.Concat(_i64([0, 0, 0, 0, 0, 0]), _unsq(op.Sub(op.Mul(nG, _i64(gspan)), T), 0),
+                     _i64([0]), axis=0)
+    gshape = op.Concat(_unsq(B, 0), _unsq(Hkv, 0), _unsq(nG, 0), _i64([gspan]), _unsq(D, 0),
+                       axis=0)
+    kmax = op.ReduceMax(op.Reshape(op.Pad(kf, gpad, ninf), gshape), _i64([3]), keepdims=0)
+    kmin = op.ReduceMin(op.Reshape(op.Pad(kf, gpad, _f32(float("inf"))), gshape), _i64([3]),
+                        keepdims=0)
+    kk = op.Concat(kmax, kmin, axis=-1)  # [B, Hkv, nG, 2D]
+    rep = _rep_rows(qb, front, Lq, nQ, R, QB, Hkv, G, D)  # [B, Hkv, nQ, G*R, D]
+    qq = op.Concat(op.Relu(rep), op.Min(rep, _f32(0.0)), axis=-1)
+    bound = op.ReduceMax(op.MatMul(qq, _unsq(op.Transpose(kk, perm=[0, 1, 3, 2]), 2)), _i64([3]),
+                         keepdims=0)  # [B, Hkv, nQ, nG]
+    g = op.Range(zero, nG, one)
+    gcand = op.And(op.GreaterOrEqual(op.Add(op.Mul(g, _i64(F)), _i64(F - 1)), sb),
+                   op.Less(_unsq(op.Mul(g, _i64(F)), 0), _unsq(lim, 1)))  # [nQ, nG]
+    bound = op.Where(gcand, bound, ninf)
+    # ties go to the later group: TopK prefers the lower index, so rank the groups reversed
+    kg = op.Min(_i64([MG]), _unsq(nG, 0))
+    gs, gi = op.TopK(_reversed_last(bound), kg, axis=-1, largest=1, sorted=1)
+    grp = op.Sub(op.Sub(nG, one), gi)  # [B, Hkv, nQ, MGe]
+    gok = op.Not(op.Equal(gs, ninf))
+
+    # --- stage 2: exact largest logit of the candidate blocks of the kept groups ----------------
+    blk = op.Add(_unsq(op.Mul(grp, _i64(F)), -1), _i64(list(range(F))))  # [B, Hkv, nQ, MGe, F]
+    live = op.And(_unsq(gok, -1), op.And(op.GreaterOrEqual(blk, sb),
+                                         op.Less(blk, _unsq(lim, 1, 2))))
+    live = op.And(live, op.Less(blk, nK))
+    mshape = op.Concat(_unsq(B, 0), _unsq(Hkv, 0), _unsq(nQ, 0), _i64([-1]), axis=0)
+    blk = op.Reshape(op.Where(live, blk, _i64(-1)), mshape)  # [B, Hkv, nQ, M]
+    M = _dim(blk, 3)
+    # candidates ordered by block, latest first: TopK's lower-index preference then keeps ties
+    # for the later block, as the contract says
+    blk, _ = op.TopK(blk, _unsq(M, 0), axis=-1, largest=1, sorted=1)
+    live = op.GreaterOrEqual(blk, zero)
+    kpad = op.Concat(_i64([0, 0, 0, 0, 0, 0]), _unsq(op.Sub(op.Mul(nK, _i64(KB)), T), 0),
+                     _i64([0]), axis=0)
+    kblocks = op.Reshape(op.Pad(kf, kpad), op.Concat(_i64([-1, KB]), _unsq(D, 0), axis=0))
+    bh = op.Reshape(op.Range(zero, op.Mul(B, Hkv), one),
+                    op.Concat(_unsq(B, 0), _unsq(Hkv, 0), _i64([1, 1]), axis=0))  # [B, Hkv, 1, 1]
+    gk = op.Gather(kblocks, op.Add(op.Mul(bh, nK), op.Max(blk, zero)), axis=0)
+    gk = op.Reshape(gk, op.Concat(_unsq(B, 0), _unsq(Hkv, 0), _unsq(nQ, 0), _i64([-1]),
+                                  _unsq(D, 0), axis=0))  # [B, Hkv, nQ, M*KB, D]
+    rep2 = rep if R2 == R else _rep_rows(qb, front, Lq, nQ, R2, QB, Hkv, G, D)
+    lg = op.ReduceMax(op.MatMul(rep2, op.Transpose(gk, perm=[0, 1, 2, 4, 3])), _i64([3]),
+                      keepdims=0)  # [B, Hkv, nQ, M*KB]
+    kpos = op.Add(_unsq(op.Mul(op.Max(blk, zero), _i64(KB)), -1), _i64(list(range(KB))))
+    lg = op.Where(op.Less(kpos, T), op.Reshape(lg, op.Shape(kpos)), ninf)
+    exact = op.Where(live, op.ReduceMax(lg, _i64([-1]), keepdims=0), ninf)  # [B, Hkv, nQ, M]
+    es, ei = op.TopK(exact, op.Min(_i64([int(topk)]), _unsq(M, 0)), axis=-1, largest=1, sorted=1)
+    kept = op.Where(op.Equal(es, ninf), _i64(-1), op.GatherElements(blk, ei, axis=-1))
+
+    # --- attention: sinks, window, kept and diagonal blocks, one softmax -------------------------
+    before3 = _unsq(before, 1)  # [nQ, 1]
+    sink = op.Range(zero, sb, one)
+    sink = op.Where(op.Less(_unsq(sink, 0), before3), _unsq(sink, 0), _i64(-1))  # [nQ, sb]
+    win = op.Add(op.Sub(before3, wb), _unsq(op.Range(zero, wb, one), 0))
+    win = op.Where(op.And(op.GreaterOrEqual(win, sb), op.GreaterOrEqual(win, zero)), win, _i64(-1))
+    diag = op.Add(before3, _i64([list(range(per_q))]))
+    diag = op.Where(op.Less(diag, nK), diag, _i64(-1))
+    fixed = op.Concat(sink, win, diag, axis=1)  # [nQ, sb + wb + per_q]
+    fixed = op.Expand(_unsq(fixed, 0, 1), op.Concat(_unsq(B, 0), _unsq(Hkv, 0), _unsq(nQ, 0),
+                                                   _i64([1]), axis=0))
+    lists = op.Concat(fixed, kept, axis=-1)  # [B, Hkv, nQ, nL]
+    pos = op.Add(_unsq(op.Mul(op.Max(lists, zero), _i64(KB)), -1), _i64(list(range(KB))))
+    ok = op.And(_unsq(op.GreaterOrEqual(lists, zero), -1), op.Less(pos, T))
+    pos = op.Reshape(op.Min(pos, op.Sub(T, one)), mshape)  # [B, Hkv, nQ, nL*KB]
+    ok = op.Reshape(ok, mshape)
+    rows = op.Add(op.Mul(bh, T), pos)
+    kg2 = op.Gather(op.Reshape(kf, op.Concat(_i64([-1]), _unsq(D, 0), axis=0)), rows, axis=0)
+    vg2 = op.Gather(op.Reshape(vf, op.Concat(_i64([-1]), _unsq(Dv, 0), axis=0)), rows, axis=0)
+    q6 = op.Reshape(qb, op.Concat(_unsq(B, 0), _unsq(Hkv, 0), _unsq(G, 0), _unsq(nQ, 0),
+                                  _i64([QB]), _unsq(D, 0), axis=0))
+    q6 = op.Transpose(q6, perm=[0, 1, 3, 2, 4, 5])  # [B, Hkv, nQ, G, QB, D]
+    qr = op.Reshape(q6, op.Concat(_unsq(B, 0), _unsq(Hkv, 0), _unsq(nQ, 0), _i64([-1]),
+                                  _unsq(D, 0), axis=0))  # [B, Hkv, nQ, G*QB, D]
+    logits = op.Mul(op.MatMul(qr, op.Transpose(kg2, perm=[0, 1, 2, 4, 3])), _f32(float(scale)))
+    qpos = op.Add(_unsq(op.Mul(op.Add(j0, n), _i64(QB)), 1), _i64([list(range(QB))]))  # [nQ, QB]
+    qpos = op.Reshape(op.Tile(_unsq(qpos, 1), op.Concat(_i64([1]), _unsq(G, 0), _i64([1]),
+                                                         axis=0)), op.Concat(_unsq(nQ, 0),
+                                                                             _i64([-1]), axis=0))
+    allowed = op.And(_unsq(ok, 3), op.LessOrEqual(_unsq(pos, 3), _unsq(qpos, 0, 1, 4)))
+    lm = op.Where(allowed, logits, ninf)
+    m = op.ReduceMax(lm, _i64([-1]), keepdims=1)
+    e = op.Exp(op.Sub(lm, op.Where(op.IsInf(m), _f32(0.0), m)))
+    den = op.ReduceSum(e, _i64([-1]), keepdims=1)
+    o = op.MatMul(op.Div(e, op.Where(op.Greater(den, _f32(0.0)), den, _f32(1.0))), vg2)
+    o = op.Reshape(o, op.Concat(_unsq(B, 0), _unsq(Hkv, 0), _unsq(nQ, 0), _unsq(G, 0),
+                                _i64([QB]), _unsq(Dv, 0), axis=0))
+    o = op.Reshape(op.Transpose(o, perm=[0, 1, 3, 2, 4, 5]),
+                   op.Concat(_unsq(B, 0), _unsq(Hq, 0), _i64([-1]), _unsq(Dv, 0), axis=0))
+    o = op.Slice(o, _unsq(front, 0), _unsq(op.Add(front, Lq), 0), _i64([2]))
+    return op.CastLike(o, query)
+
+
 def translation_table():
     """``custom_translation_table`` for ``torch.onnx.export``."""
     import torch
@@ -411,4 +588,5 @@ def translation_table():
     return {
         torch.ops.superlinear.span_search.default: span_search,
         torch.ops.superlinear.span_attention.default: span_attention,
+        torch.ops.superlinear.block_sparse_attention.default: block_sparse_attention,
     }

@@ -111,6 +111,96 @@ def test_cli_export_onnx(lm, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
+# the default (block-sparse attention, docs/blocksparse.md): one file for every batch and length
+# --------------------------------------------------------------------------------------------
+
+BS_CFG = SuperlinearConfig(q_block=16, k_block=16, window=32, sinks=4, topk=2, block_rows=4,
+                           block_pool=2, dense_below=0)
+
+
+def test_default_search_lm_onnx_any_batch_and_length(tmp_path):
+    assert BS_CFG.search_key == "blocksparse"
+    torch.manual_seed(0)
+    model = tiny_model(seed=2, **TINY)
+    ids = torch.randint(0, TINY["vocab_size"], (1, 48))
+    loaded = cv.LoadedModel(path="<memory>", fmt="module", module=model)
+    prep = cv.prepare(loaded, cv.ExampleInputs((ids,), {}, "token ids", seq_dim_dynamic=True))
+    gm, report = cv.rewrite_module(prep, BS_CFG)
+    assert cv.report_to_dict(report)["rewritten"] == TINY["n_layers"]
+    program = cv.reexport(prep, gm)
+    path = str(tmp_path / "bs.onnx")
+    export_onnx(program, path, example_inputs=((ids,), {}), optimize=False)
+    m = _check_standard(path)
+    dims = m.graph.input[0].type.tensor_type.shape.dim
+    assert all(d.dim_param and not d.dim_value for d in dims), "batch and sequence must be dynamic"
+    sess = _session(path)
+    rewritten = program.module()
+    for B, L in ((1, 48), (3, 133), (2, 200)):
+        x = torch.randint(0, TINY["vocab_size"], (B, L), generator=torch.Generator().manual_seed(L))
+        with torch.no_grad():
+            want = torch.cat([rewritten(x[i:i + 1]) for i in range(B)])  # PyTorch, row by row
+            dense = model(x)
+        got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+        assert got.shape == tuple(want.shape)
+        err = np.abs(got - want.numpy()).max()
+        assert err <= LOGIT_TOL, f"B={B}, L={L}: ONNX vs PyTorch max abs err {err}"
+        if L > 100:  # far past window + kept blocks: block-sparse, not dense
+            gap = (want - dense).abs().max().item()
+            assert gap > 100 * LOGIT_TOL, f"L={L}: equals dense ({gap}); the test is vacuous"
+
+
+BS_VARIANTS = [  # window, sinks, topk, dense_below, q_block, k_block, rows, pool, exact_rows, group, positions
+    (32, 4, 2, 0, 32, 16, 4, 2, 0, 1, False),
+    (64, 0, 3, 0, 32, 16, 4, 2, 16, 4, True),     # stage 2's rows, groups of 4, positions given
+    (48, 20, 1, 150, 16, 16, 8, 3, 0, 8, False),  # dense below 150 keys; groups capped to 4
+]
+
+
+class _BlockOps(torch.nn.Module):
+    def forward(self, q, k, v, qpos):
+        return tuple(torch.ops.superlinear.block_sparse_attention(
+            q, k, v, None, qpos if c[10] else None, c[0], c[1], c[2], 0.3, c[3], c[4], c[5], c[6],
+            c[7], None, c[8], c[9]) for c in BS_VARIANTS)
+
+
+def _bs_inputs(L, P, B, seed):
+    g = torch.Generator().manual_seed(seed)
+    T = L + P
+    q, k, v = (torch.randn(B, h, n, 8, generator=g) for h, n in ((4, L), (2, T), (2, T)))
+    return q, k, v, (torch.arange(L) + P).expand(B, L).clone()
+
+
+def test_block_sparse_variants_match_the_reference(tmp_path):
+    from slcompile.kernels import blocksparse as bs
+
+    ex = _bs_inputs(100, 3, 2, 0)
+    Bd, Ld, Td = torch.export.Dim("B", min=1), torch.export.Dim("L", min=2), torch.export.Dim("T", min=3)
+    ep = torch.export.export(_BlockOps(), ex, dynamic_shapes=(
+        {0: Bd, 2: Ld}, {0: Bd, 2: Td}, {0: Bd, 2: Td}, {0: Bd, 1: Ld}))
+    path = str(tmp_path / "bs_ops.onnx")
+    export_onnx(ep, path, example_inputs=(ex, {}), optimize=False)
+    _check_standard(path)
+    sess = _session(path)
+    names = [i.name for i in sess.get_inputs()]
+    for L, P, B, seed in ((100, 3, 2, 1), (230, 40, 1, 2), (1, 300, 3, 3)):  # prefill, chunk, token
+        x = _bs_inputs(L, P, B, seed)
+        got = sess.run(None, {n: t.numpy() for n, t in zip(["q", "k", "v", "qpos"], x) if n in names})
+        q, k, v, _ = x
+        dense = R.dense_attention(q, k, v, None, None, 0.3)
+        for i, c in enumerate(BS_VARIANTS):
+            want = bs.superlinear_block_attention(
+                q, k, v, None, P, window=c[0], sinks=c[1], topk=c[2], dense_below=c[3],
+                q_block=c[4], k_block=c[5], rows=c[6], pool=c[7], exact_rows=c[8], group=c[9],
+                scale=0.3)
+            err = np.abs(got[i] - want.numpy()).max()
+            assert err <= ATTN_TOL, f"variant {i}, L={L}: max abs err {err}"
+            if L + P > 200:  # sparse here: the check is not vacuous
+                assert (want - dense).abs().max() > 1e-2, f"variant {i}, L={L}"
+            if L + P <= c[3]:
+                assert np.abs(got[i] - dense.numpy()).max() <= ATTN_TOL
+
+
+# --------------------------------------------------------------------------------------------
 # the two ops under many settings, in one exported graph (one export keeps the test fast)
 # --------------------------------------------------------------------------------------------
 

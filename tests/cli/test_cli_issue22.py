@@ -143,15 +143,16 @@ def test_onnx_export_of_a_converted_block_archive_is_slcompiles_error(files, wor
     assert_one_line_error(res, 2, "already converted", "config options")
 
 
-def test_onnx_export_of_an_unconverted_model_with_the_default_is_refused(files, workdir):
-    # the default search (block-sparse) has no ONNX form: refused before the rewrite, nothing
-    # written; the same model with a stripe search named exports
-    res = run_cli("export", files["tiny"], "--format", "onnx", "-o", workdir / "m.onnx")
-    assert_one_line_error(res, 9, "search_key='blocksparse' has no ONNX form", "--search-key anchor")
-    assert listing(workdir) == []
+def test_onnx_export_of_an_unconverted_model_with_the_default_search(files, workdir):
+    # the default search (block-sparse) exports to standard operators; the N-step search, which
+    # has no ONNX form, is refused before the rewrite, nothing written
     res = run_cli("export", files["tiny"], "--format", "onnx", "-o", workdir / "m.onnx",
-                  "--search-key", "anchor", "--dense-below", 0)
+                  "--dense-below", 0)
     assert res.rc == 0, res
+    assert listing(workdir) == ["m.onnx"]
+    res = run_cli("export", files["tiny"], "--format", "onnx", "-o", workdir / "n.onnx",
+                  "--steps", 3)
+    assert_one_line_error(res, 9, "has no form of the N-step search", "steps=2")
     assert listing(workdir) == ["m.onnx"]
 
 
