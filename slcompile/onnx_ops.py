@@ -1,6 +1,8 @@
-"""ONNX translations of ``superlinear::span_search`` and ``superlinear::span_attention``.
+"""ONNX translations of ``superlinear::span_search`` and ``superlinear::span_attention`` (the
+stripe searches of docs/spec.md) and ``superlinear::block_sparse_attention`` (the default,
+docs/blocksparse.md; see its function).
 
-Both are written with standard ONNX operators only (opset 18: Range, TopK, Gather,
+All are written with standard ONNX operators only (opset 18: Range, TopK, Gather,
 GatherElements, MatMul, CumSum, Where, ...), so any ONNX runtime, TensorRT's ONNX parser included,
 runs an exported model with no plugin. They are traced by ``torch.onnx.export(dynamo=True)``
 through its ``custom_translation_table`` (see ``slcompile.export``).
