@@ -473,7 +473,7 @@ class KeyCounter:
             kw = dict(window=cfg.window, sinks=cfg.sinks, q_block=cfg.q_block, k_block=cfg.k_block)
             kept = bsp.block_select(query, key, None, T - Lq, topk=cfg.topk, rows=cfg.block_rows,
                                     pool=cfg.block_pool, exact_rows=cfg.exact_rows,
-                                    group=cfg.block_group, **kw)
+                                    group=cfg.block_group, spread=cfg.spread_rows, **kw)
             n = bsp.keys_attended(kept, T - Lq, Lq, T, **kw)
             frac = (n.double() / (t + 1).double()).repeat_interleave(Hq // key.shape[1], dim=1)
         elif not (T <= cfg.dense_below or cfg.window >= T):

@@ -76,9 +76,11 @@ def _blocks_before(j0: int, nQ: int, per_q: int, device) -> Tensor:
     return (j0 + torch.arange(nQ, device=device)) * per_q
 
 
-def _query_blocks(q: Tensor, p0: int, q_block: int, n_rows: int = 1):
+def _query_blocks(q: Tensor, p0: int, q_block: int, n_rows: int = 1, spread: bool = False):
     """Queries at p0..p0+Lq-1 -> padded [B, H, nQ, q_block, D], first block j0, and the
-    representative rows [nQ, n_rows] (local row indices, all in the call)."""
+    representative rows [nQ, n_rows] (local row indices, all in the call): the block's last row in
+    the call and the n_rows - 1 before it, every row (spread=False) or every q_block // n_rows-th
+    (spread=True, covering the whole block)."""
     B, H, Lq, D = q.shape
     j0 = p0 // q_block
     front = p0 - j0 * q_block
@@ -87,18 +89,20 @@ def _query_blocks(q: Tensor, p0: int, q_block: int, n_rows: int = 1):
     n = torch.arange(nQ, device=q.device)
     last = torch.clamp(front + Lq - 1 - n * q_block, max=q_block - 1)  # last row of the call
     first = torch.clamp(front - n * q_block, min=0)
-    rows = last[:, None] - torch.arange(n_rows, device=q.device)[None, :]
+    step = q_block // n_rows if spread else 1
+    rows = last[:, None] - step * torch.arange(n_rows, device=q.device)[None, :]
     # fewer than n_rows rows in the call: repeat the last one (a maximum over rows is unchanged)
     rows = torch.where(rows >= first[:, None], rows, last[:, None])
     return qp.view(B, H, nQ, q_block, D), j0, rows
 
 
-def representatives(q: Tensor, p0: int, q_block: int, rows: int, Hkv: int):
+def representatives(q: Tensor, p0: int, q_block: int, rows: int, Hkv: int, spread: bool = False):
     """The representative rows of every query block, grouped by kv head: [B, Hkv, nQ, G*rows, D]
-    (head-major within the group), and the first query block j0."""
+    (head-major within the group), and the first query block j0. spread: rows q_block // rows
+    apart (`_query_blocks`)."""
     B, Hq, Lq, D = q.shape
     G = Hq // Hkv
-    qb, j0, ri = _query_blocks(q, p0, q_block, rows)
+    qb, j0, ri = _query_blocks(q, p0, q_block, rows, spread)
     nQ = qb.shape[2]
     ridx = ri.view(1, 1, nQ, rows, 1).expand(B, Hq, nQ, rows, D)
     rep = qb.gather(3, ridx).view(B, Hkv, G, nQ, rows, D).transpose(2, 3)
@@ -225,12 +229,14 @@ def summary_keys(window: int, k_block: int, group: int) -> int:
 
 def block_select(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *, window: int, sinks: int,
                  topk: int, q_block: int, k_block: int, rows: int, pool: int,
-                 summary: Optional[Tensor] = None, exact_rows: int = 0, group: int = 1) -> Tensor:
+                 summary: Optional[Tensor] = None, exact_rows: int = 0, group: int = 1,
+                 spread: bool = False) -> Tensor:
     """Kept key blocks int32 [B, Hkv, nQ, topk] of the query blocks j0..j0+nQ-1 that hold the
     queries at p0..p0+Lq-1 (best first, -1 where fewer candidates exist). group: key blocks per
     stage-1 group (1: stage 1 bounds every key block; capped by `stage1_group`). summary: the groups' summaries kept with
     the cache (`check_summary` with group * k_block keys a group), else computed from k.
-    exact_rows: the representative rows of stage 2 (0: the ``rows`` of stage 1)."""
+    exact_rows: the representative rows of stage 2 (0: the ``rows`` of stage 1). spread: each
+    stage's rows spread over the query block (q_block // rows apart) instead of its last rows."""
     group = stage1_group(window, k_block, group)
     B, Hq, Lq, D = q.shape
     Hkv, T = k.shape[1], k.shape[2]
@@ -239,8 +245,8 @@ def block_select(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *, window
     gspan = group * k_block
     nG = _ceil_div(T, gspan)
     dev = q.device
-    rep, j0 = representatives(q, p0, q_block, rows, Hkv)
-    rep2 = representatives(q, p0, q_block, exact_rows, Hkv)[0] if exact_rows else rep
+    rep, j0 = representatives(q, p0, q_block, rows, Hkv, spread)
+    rep2 = representatives(q, p0, q_block, exact_rows, Hkv, spread)[0] if exact_rows else rep
     nQ = rep.shape[2]
     if summary is None:
         kk, has = block_summaries(k, kpm, gspan)
@@ -434,7 +440,8 @@ def flex_kernel_options(q_block: int, k_block: int) -> dict:
 def superlinear_block_attention(q, k, v, kpm, p0: int, *, window: int, sinks: int, topk: int,
                                 q_block: int, k_block: int, rows: int, pool: int, scale: float,
                                 dense_below: int, summary: Optional[Tensor] = None,
-                                exact_rows: int = 0, group: int = 1) -> Tensor:
+                                exact_rows: int = 0, group: int = 1,
+                                spread: bool = False) -> Tensor:
     """Search and attention of docs/blocksparse.md, the reference: dense causal attention when
     T <= dense_below, else `block_select` and `block_attention`."""
     from .reference import dense_attention
@@ -445,6 +452,6 @@ def superlinear_block_attention(q, k, v, kpm, p0: int, *, window: int, sinks: in
         return dense_attention(q, k, v, kpm, pos, scale)
     kept = block_select(q, k, kpm, p0, window=window, sinks=sinks, topk=topk, q_block=q_block,
                         k_block=k_block, rows=rows, pool=pool, summary=summary,
-                        exact_rows=exact_rows, group=group)
+                        exact_rows=exact_rows, group=group, spread=spread)
     return block_attention(q, k, v, kept, kpm, p0, window=window, sinks=sinks, q_block=q_block,
                            k_block=k_block, scale=scale)

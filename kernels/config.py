@@ -28,7 +28,7 @@ PRETRAINED = dict(search_key="block_rerank", window=768, sinks=4, topk=8, backwa
 # perplexity +2.2% at 14.2% of keys per query over the last 1024 of 8K; 10.9x SDPA at 128K. Stage 1
 # bounds groups of 8 key blocks (block_group): perplexity 14.620 against 14.624, stage 1 8x cheaper.
 BLOCK_SPARSE = dict(search_key="blocksparse", window=256, sinks=4, topk=24, q_block=64, k_block=32,
-                    block_rows=8, block_pool=8, block_group=8, combine="union")
+                    block_rows=8, block_pool=8, block_group=8, spread_rows=True, combine="union")
 # what window and topk mean depends on the search kind (keys and key blocks for blocksparse; keys
 # and spans for docs/spec.md's stripe searches): a field left None takes its kind's default
 KIND_DEFAULTS = {"blocksparse": dict(window=BLOCK_SPARSE["window"], topk=BLOCK_SPARSE["topk"]),
@@ -122,6 +122,9 @@ class SuperlinearConfig:
             1..64; at most the largest power of two <= window/k_block + 1). Stage 1 bounds groups
             and keeps ceil(block_pool * topk / block_group) of them; stage 2 rescores their blocks.
             8 costs stage 1 an eighth of 1 and chose as well on SmolLM2 (docs/blocksparse.md).
+        spread_rows: search_key="blocksparse" only: each stage's representative rows spread over
+            the query block (q_block // rows apart, ending at its last row) instead of its last
+            rows; they choose better (docs/blocksparse.md).
         steps: N, the number of search-and-attend steps (2..8). 2 is docs/spec.md's stripe search;
             N >= 3 is the hierarchical search of docs/nstep.md (cells of about t^(1/N) keys, a
             beam search over N-1 levels, O(L^(1+1/N)) per prefill). With N >= 3,
@@ -147,6 +150,7 @@ class SuperlinearConfig:
     block_pool: int = 8
     exact_rows: int = 0
     block_group: int = 8
+    spread_rows: bool = True
 
     def __post_init__(self) -> None:
         # the fields given (not None) at construction: replace() starts from these, so that a
@@ -190,6 +194,8 @@ class SuperlinearConfig:
         _check_int("block_group", self.block_group, 1, 64)
         if self.block_group & (self.block_group - 1):
             _fail("block_group", self.block_group, "a power of two in [1, 64]")
+        if not isinstance(self.spread_rows, bool):
+            _fail("spread_rows", self.spread_rows, "True or False")
         if self.scale is not None:
             if not _finite_number(self.scale) or self.scale <= 0:
                 _fail("scale", self.scale, "None or a finite number > 0")

@@ -455,7 +455,7 @@ def _attend(q, kbuf, vbuf, mask, c: SuperlinearConfig, scale: float, dense: bool
         return torch.ops.superlinear.block_sparse_attention(
             q, kbuf, vbuf, mask, None, c.window, c.sinks, c.topk, scale,
             c.dense_below if dense else 0, c.q_block, c.k_block, c.block_rows, c.block_pool, None,
-            c.exact_rows, c.block_group)
+            c.exact_rows, c.block_group, c.spread_rows)
     anchors, scores = searched if searched is not None else _search(q, qs, kbuf, mask, c, dense)
     return torch.ops.superlinear.span_attention(
         q, kbuf, vbuf, anchors, scores, mask, None, c.window, c.sinks, c.span_power,

@@ -251,14 +251,16 @@ def block_sparse_attention(
     block_summary: Optional[Tensor] = None,
     exact_rows: int = 0,
     block_group: int = 1,
+    spread_rows: bool = False,
 ) -> Tensor:
     """docs/blocksparse.md: [B, Hq, Lq, Dv]. The Triton search and attention where Triton runs
     (CUDA, or forced), the torch reference (kernels/blocksparse.py) otherwise. block_summary: the
     key blocks' summaries kept with the cache (`blocksparse.BlockSummaryCache`), so that a decoded
     token does not summarise the whole cache again (summaries of stage 1's groups of block_group
     key blocks); None computes them from the keys. exact_rows: stage 2's representative rows
-    (0: block_rows); block_group: key blocks per stage-1 group (last, with defaults that give
-    the semantics of graphs exported before them, so that those load and run unchanged)."""
+    (0: block_rows); block_group: key blocks per stage-1 group; spread_rows: representative rows
+    spread over the query block (last, with defaults that give the semantics of graphs exported
+    before them, so that those load and run unchanged)."""
     from . import blocksparse as bs
 
     if key.shape[2] <= dense_below:  # exact dense attention: any query positions (padded rows)
@@ -273,10 +275,10 @@ def block_sparse_attention(
         return bs.superlinear_block_attention(
             query, key, value, key_padding_mask, p0, topk=topk, rows=block_rows, pool=block_pool,
             scale=scale, dense_below=dense_below, summary=block_summary, exact_rows=exact_rows,
-            group=block_group, **kw).contiguous()
+            group=block_group, spread=spread_rows, **kw).contiguous()
     kept = _block_select(query, key, key_padding_mask, p0, topk=topk, rows=block_rows,
                          pool=block_pool, summary=block_summary, exact_rows=exact_rows,
-                         group=block_group, **kw)
+                         group=block_group, spread=spread_rows, **kw)
     if key_padding_mask is not None:  # the Triton attention has no key-padding mask
         return bs.block_attention(query, key, value, kept, key_padding_mask, p0, scale=scale,
                                   **kw).contiguous()
@@ -304,7 +306,7 @@ def _block_select(query, key, kpm, p0, **kw):
 
 def _block_sparse_recompute(query, key, value, kpm, qpos, window, sinks, topk, scale,
                             dense_below, q_block, k_block, block_rows, block_pool,
-                            block_summary=None, exact_rows=0, block_group=1):
+                            block_summary=None, exact_rows=0, block_group=1, spread_rows=False):
     """The op's output as differentiable torch code (the search under no_grad: the selection is
     discrete, no gradient flows through it, as in the contract; it is deterministic, so it
     returns the forward's blocks), attended by the reference (`_bsa_backward` sends prefills to
@@ -321,7 +323,7 @@ def _block_sparse_recompute(query, key, value, kpm, qpos, window, sinks, topk, s
     with torch.no_grad():
         kept = _block_select(query, key, kpm, p0, topk=topk, rows=block_rows, pool=block_pool,
                              summary=block_summary, exact_rows=exact_rows, group=block_group,
-                             **kw)
+                             spread=spread_rows, **kw)
     return bs.block_attention(query, key, value, kept, kpm, p0, scale=scale, **kw)
 
 
@@ -331,7 +333,7 @@ def _bsa_setup(ctx, inputs, output):
 
 
 def _bsa_backward_triton(query, key, value, grad, window, sinks, topk, scale, q_block, k_block,
-                         block_rows, block_pool, exact_rows, block_group):
+                         block_rows, block_pool, exact_rows, block_group, spread_rows):
     """Gradients of a prefill through the Triton kernels: the search again (deterministic: the
     forward's blocks), the forward again for its log-sum-exp, then the backward kernels."""
     from . import blocksparse as bs
@@ -342,7 +344,7 @@ def _bsa_backward_triton(query, key, value, grad, window, sinks, topk, scale, q_
     kw = dict(window=window, sinks=sinks, q_block=q_block, k_block=k_block)
     _, sb, wb, _ = bs.geometry(L, window, sinks, q_block, k_block)
     kept = _block_select(query, key, None, 0, topk=topk, rows=block_rows, pool=block_pool,
-                         exact_rows=exact_rows, group=block_group, **kw)
+                         exact_rows=exact_rows, group=block_group, spread=spread_rows, **kw)
     lse = torch.empty(B, Hq, L, dtype=torch.float32, device=query.device)
     lists = dict(q_block=q_block, k_block=k_block, scale=scale, sink_blocks=sb, window_blocks=wb)
     out = tba.block_attention_triton(query, key, value, kept, 0, lse=lse, **lists)
@@ -358,12 +360,13 @@ def _bsa_backward(ctx, grad):
      block_pool) = ctx.params[:9]
     exact_rows = ctx.params[10] if len(ctx.params) > 10 else 0
     block_group = ctx.params[11] if len(ctx.params) > 11 else 1
+    spread_rows = ctx.params[12] if len(ctx.params) > 12 else False
     Lq, T = query.shape[2], key.shape[2]
     if (_use_triton(query.device) and kpm is None and Lq == T and T > dense_below
             and _first_position(qpos, Lq, T) == 0):
         grads = _bsa_backward_triton(query, key, value, grad, window, sinks, topk, scale,
                                      q_block, k_block, block_rows, block_pool, exact_rows,
-                                     block_group)
+                                     block_group, spread_rows)
         return tuple(grads) + (None,) * (2 + len(ctx.params))
     with torch.enable_grad():
         leaves = [x.detach().requires_grad_() for x in (query, key, value)]

@@ -51,14 +51,15 @@ def _order_key(score, idx, IDX_BITS: tl.constexpr):
 
 
 @triton.jit
-def _rep_rows(n, front, Lq, RG, ROWS, RGP: tl.constexpr, Q_BLOCK: tl.constexpr):
+def _rep_rows(n, front, Lq, RG, ROWS, STEP, RGP: tl.constexpr, Q_BLOCK: tl.constexpr):
     """The representative rows of query block n of the call (`blocksparse.representatives`): for
     lane r < RG, the query head within the kv group (r // ROWS) and the index among the call's
-    queries of the block's (r % ROWS)-th last row in the call (its last row where fewer are)."""
+    queries of the row (r % ROWS) * STEP before the block's last row in the call (its last row
+    where that row is not in the call)."""
     r = tl.arange(0, RGP)
     last = tl.minimum(front + Lq - 1 - n * Q_BLOCK, Q_BLOCK - 1)
     first = tl.maximum(front - n * Q_BLOCK, 0)
-    row = last - r % ROWS
+    row = last - (r % ROWS) * STEP
     row = tl.where(row >= first, row, last)
     return r // ROWS, n * Q_BLOCK + row - front, r < RG
 
@@ -69,7 +70,7 @@ def _bound_kernel(Q, KK, HAS, OUT,
                   s_q_b, s_q_h, s_q_t,
                   s_kk_b, s_kk_h, s_kk_k,
                   s_has_b, s_o_bh, s_o_n, s_o_c,
-                  Hkv, nK, nG, sb, Lq, front, n0, before0, per_q, wb, RG, ROWS, D,
+                  Hkv, nK, nG, sb, Lq, front, n0, before0, per_q, wb, RG, ROWS, STEP, D,
                   G: tl.constexpr, Q_BLOCK: tl.constexpr, RGP: tl.constexpr, DP: tl.constexpr,
                   DK: tl.constexpr, MP: tl.constexpr, F: tl.constexpr, HAS_MASK: tl.constexpr,
                   IDX_BITS: tl.constexpr, IEEE: tl.constexpr):
@@ -81,7 +82,7 @@ def _bound_kernel(Q, KK, HAS, OUT,
     # candidate blocks: sb <= i < (blocks before the query block) - window blocks; a group of F
     # blocks is a candidate if it holds one
     lim = tl.minimum(tl.maximum(before0 + n * per_q - wb, 0), nK)
-    g, t, row_ok = _rep_rows(n, front, Lq, RG, ROWS, RGP, Q_BLOCK)
+    g, t, row_ok = _rep_rows(n, front, Lq, RG, ROWS, STEP, RGP, Q_BLOCK)
     dk = tl.arange(0, DK)
     qrow = Q + b * s_q_b + (h * G + g)[None, :] * s_q_h + t.to(tl.int64)[None, :] * s_q_t
     kbase = KK + b * s_kk_b + h * s_kk_h
@@ -116,7 +117,7 @@ def _exact_kernel(Q, K, KPM, CI, OUT,
                   s_q_b, s_q_h, s_q_t,
                   s_k_b, s_k_h, s_k_t,
                   s_kpm_b, s_ci_bh, s_ci_n, s_o_bh, s_o_n,
-                  Hkv, T, nK, sb, M, MC, Lq, front, n0, before0, per_q, wb, RG, ROWS, D,
+                  Hkv, T, nK, sb, M, MC, Lq, front, n0, before0, per_q, wb, RG, ROWS, STEP, D,
                   G: tl.constexpr, Q_BLOCK: tl.constexpr, KB: tl.constexpr, CB: tl.constexpr,
                   F: tl.constexpr, RGP: tl.constexpr, DP: tl.constexpr, HAS_KPM: tl.constexpr,
                   IDX_BITS: tl.constexpr, IEEE: tl.constexpr):
@@ -125,7 +126,7 @@ def _exact_kernel(Q, K, KPM, CI, OUT,
     b = bh // Hkv
     h = bh % Hkv
     lim = tl.minimum(tl.maximum(before0 + n * per_q - wb, 0), nK)  # candidate blocks: sb..lim-1
-    g, t, row_ok = _rep_rows(n, front, Lq, RG, ROWS, RGP, Q_BLOCK)
+    g, t, row_ok = _rep_rows(n, front, Lq, RG, ROWS, STEP, RGP, Q_BLOCK)
     d = tl.arange(0, DP)
     rep = tl.load(Q + b * s_q_b + (h * G + g)[:, None] * s_q_h + t.to(tl.int64)[:, None] * s_q_t
                   + d[None, :], mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
@@ -187,13 +188,14 @@ def _top_keys(keys: Tensor, n: int) -> Tensor:
 def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *, window: int,
                         sinks: int, topk: int, q_block: int, k_block: int, rows: int, pool: int,
                         summary: Optional[Tensor] = None, num_warps: int = 4,
-                        exact_rows: int = 0, group: int = 1) -> Tensor:
+                        exact_rows: int = 0, group: int = 1, spread: bool = False) -> Tensor:
     """`blocksparse.block_select` with the two stages in Triton: int32 [B, Hkv, nQ, topk].
 
     summary: the stage-1 groups' [kmax | kmin] kept with the cache (`blocksparse.block_summaries`
     of k with group * k_block keys a group, at least that many groups; see
     `blocksparse.check_summary`), else computed from k here. exact_rows: stage 2's
-    representative rows (0: ``rows``). group: key blocks per stage-1 group."""
+    representative rows (0: ``rows``). group: key blocks per stage-1 group. spread: each stage's
+    rows q_block // rows apart over the query block (else its last rows)."""
     group = bs.stage1_group(window, k_block, group)
     B, Hq, Lq, D = q.shape
     Hkv, T = k.shape[1], k.shape[2]
@@ -240,7 +242,8 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
                 kk.stride(0), kk.stride(1), kk.stride(2),
                 has8.stride(0) if has8 is not None else 0, keys.stride(0), keys.stride(1),
                 keys.stride(2),
-                Hkv, nK, nG, sb, Lq, front, s, j0 * per_q, per_q, wb, RG, rows, D)
+                Hkv, nK, nG, sb, Lq, front, s, j0 * per_q, per_q, wb, RG, rows,
+                q_block // rows if spread else 1, D)
         meta = dict(G=G, Q_BLOCK=q_block, RGP=RGP, DP=DP, MP=MP, F=group,
                     HAS_MASK=has8 is not None, IDX_BITS=bs._IDX_BITS, IEEE=ieee,
                     num_warps=num_warps)
@@ -259,7 +262,8 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
             kc.stride(0), kc.stride(1), kc.stride(2),
             kpm8.stride(0) if kpm8 is not None else 0, ci.stride(0), ci.stride(1),
             ex.stride(0), ex.stride(1),
-            Hkv, T, nK, sb, M, MC, Lq, front, s, j0 * per_q, per_q, wb, G * rows2, rows2, D,
+            Hkv, T, nK, sb, M, MC, Lq, front, s, j0 * per_q, per_q, wb, G * rows2, rows2,
+            q_block // rows2 if spread else 1, D,
             G=G, Q_BLOCK=q_block, KB=k_block, CB=CB, F=group, RGP=RGP2, DP=DP,
             HAS_KPM=kpm8 is not None,
             IDX_BITS=bs._IDX_BITS, IEEE=ieee, num_warps=num_warps if RGP2 <= 64 else 8)

@@ -1108,12 +1108,16 @@ def _emit_padding(em: _Emitter, atom, q, k) -> fx.Node:
 
 
 def _trailing_block_args(c) -> tuple:
-    """block_sparse_attention's optional last arguments (block_summary, exact_rows, block_group),
-    as many as needed to state the config's values (the op's defaults are exact_rows=0 and
-    block_group=1, the semantics of graphs exported before those arguments existed)."""
-    if c.block_group != 1:
-        return (None, c.exact_rows, c.block_group)
-    return (None, c.exact_rows) if c.exact_rows else ()
+    """block_sparse_attention's optional last arguments (block_summary, exact_rows, block_group,
+    spread_rows), as many as needed to state the config's values (the op's defaults, exact_rows=0,
+    block_group=1 and spread_rows=False, are the semantics of graphs exported before those
+    arguments existed)."""
+    args = (None, c.exact_rows, c.block_group, c.spread_rows)
+    defaults = (None, 0, 1, False)
+    n = len(args)
+    while n and args[n - 1] == defaults[n - 1]:
+        n -= 1
+    return args[:n]
 
 
 def _emit(graph: fx.Graph, site: Site, proof: CausalProof, qpos_offset: Optional[int],

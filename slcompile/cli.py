@@ -303,6 +303,7 @@ _CONFIG_OPTIONS = [
     ("--block-pool", int, "blocksparse: stage-1 pool, in units of topk, rescored exactly."),
     ("--exact-rows", int, "blocksparse: rows of the exact rescoring (0: --block-rows)."),
     ("--block-group", int, "blocksparse: key blocks per stage-1 group (power of two, 1..64)."),
+    ("--spread-rows", bool, "blocksparse: representative rows spread over the query block (true/false)."),
 ]
 
 

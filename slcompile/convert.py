@@ -143,7 +143,8 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
 
 CONFIG_FIELDS = ("window", "sinks", "topk", "search_power", "span_power", "backward_factor",
                  "forward_factor", "combine", "search_key", "dense_below", "scale", "steps",
-                 "q_block", "k_block", "block_rows", "block_pool", "exact_rows", "block_group")
+                 "q_block", "k_block", "block_rows", "block_pool", "exact_rows", "block_group",
+                 "spread_rows")
 
 
 def build_config(overrides: Optional[Dict[str, Any]] = None, config_file: Optional[str] = None,

@@ -149,7 +149,7 @@ def superlinear_attention(
         return torch.ops.superlinear.block_sparse_attention(
             query, key, value, key_padding_mask, qpos, c.window, c.sinks, c.topk, float(scale),
             c.dense_below, c.q_block, c.k_block, c.block_rows, c.block_pool, block_summary,
-            c.exact_rows, c.block_group)
+            c.exact_rows, c.block_group, c.spread_rows)
     if block_summary is not None:
         raise ValueError("superlinear_attention: block_summary is for search_key='blocksparse'")
     if c.steps == 2:

@@ -414,13 +414,14 @@ def _reversed_last(x):
     return op.Slice(x, _i64([-1]), _i64([-(2**62)]), _i64([-1]), _i64([-1]))
 
 
-def _rep_rows(qb, front, Lq, nQ, rows: int, QB: int, Hkv, G, D):
+def _rep_rows(qb, front, Lq, nQ, rows: int, QB: int, Hkv, G, D, spread: bool):
     """The representative rows of every query block (`blocksparse.representatives`): qb
     [B, Hq, nQ, QB, D] -> [B, Hkv, nQ, G*rows, D] (head-major within the group)."""
     n = op.Range(_i64(0), nQ, _i64(1))
     last = op.Min(op.Sub(op.Sub(op.Add(front, Lq), _i64(1)), op.Mul(n, _i64(QB))), _i64(QB - 1))
     first = op.Max(op.Sub(front, op.Mul(n, _i64(QB))), _i64(0))
-    r = _i64(list(range(rows)))
+    step = QB // rows if spread else 1
+    r = _i64([i * step for i in range(rows)])
     ri = op.Sub(_unsq(last, 1), _unsq(r, 0))  # [nQ, rows]
     ri = op.Where(op.GreaterOrEqual(ri, _unsq(first, 1)), ri, _unsq(last, 1))
     B, Hq = _dim(qb, 0), _dim(qb, 1)
@@ -437,7 +438,7 @@ def _rep_rows(qb, front, Lq, nQ, rows: int, QB: int, Hkv, G, D):
 def block_sparse_attention(query, key, value, key_padding_mask=None, query_positions=None,
                            window=256, sinks=4, topk=24, scale=1.0, dense_below=0, q_block=64,
                            k_block=32, block_rows=8, block_pool=8, block_summary=None,
-                           exact_rows=0, block_group=1):
+                           exact_rows=0, block_group=1, spread_rows=False):
     """docs/blocksparse.md in ONNX, following `kernels/blocksparse.py` decision for decision:
     [B, Hq, Lq, Dv] in query's dtype. T <= dense_below widens the window to every key (exact
     dense attention, as the op computes it), selected at run time without an ``If`` node. Cost:
@@ -496,7 +497,8 @@ def block_sparse_attention(query, key, value, key_padding_mask=None, query_posit
     kmin = op.ReduceMin(op.Reshape(op.Pad(kf, gpad, _f32(float("inf"))), gshape), _i64([3]),
                         keepdims=0)
     kk = op.Concat(kmax, kmin, axis=-1)  # [B, Hkv, nG, 2D]
-    rep = _rep_rows(qb, front, Lq, nQ, R, QB, Hkv, G, D)  # [B, Hkv, nQ, G*R, D]
+    spread = bool(spread_rows)
+    rep = _rep_rows(qb, front, Lq, nQ, R, QB, Hkv, G, D, spread)  # [B, Hkv, nQ, G*R, D]
     qq = op.Concat(op.Relu(rep), op.Min(rep, _f32(0.0)), axis=-1)
     bound = op.ReduceMax(op.MatMul(qq, _unsq(op.Transpose(kk, perm=[0, 1, 3, 2]), 2)), _i64([3]),
                          keepdims=0)  # [B, Hkv, nQ, nG]
@@ -530,7 +532,7 @@ def block_sparse_attention(query, key, value, key_padding_mask=None, query_posit
     gk = op.Gather(kblocks, op.Add(op.Mul(bh, nK), op.Max(blk, zero)), axis=0)
     gk = op.Reshape(gk, op.Concat(_unsq(B, 0), _unsq(Hkv, 0), _unsq(nQ, 0), _i64([-1]),
                                   _unsq(D, 0), axis=0))  # [B, Hkv, nQ, M*KB, D]
-    rep2 = rep if R2 == R else _rep_rows(qb, front, Lq, nQ, R2, QB, Hkv, G, D)
+    rep2 = rep if R2 == R else _rep_rows(qb, front, Lq, nQ, R2, QB, Hkv, G, D, spread)
     lg = op.ReduceMax(op.MatMul(rep2, op.Transpose(gk, perm=[0, 1, 2, 4, 3])), _i64([3]),
                       keepdims=0)  # [B, Hkv, nQ, M*KB]
     kpos = op.Add(_unsq(op.Mul(op.Max(blk, zero), _i64(KB)), -1), _i64(list(range(KB))))

@@ -41,7 +41,8 @@ def _reference(q, k, v, cfg):
     return bs.superlinear_block_attention(
         q, k, v, None, 0, window=cfg.window, sinks=cfg.sinks, topk=cfg.topk, q_block=cfg.q_block,
         k_block=cfg.k_block, rows=cfg.block_rows, pool=cfg.block_pool, scale=q.shape[-1] ** -0.5,
-        dense_below=cfg.dense_below, exact_rows=cfg.exact_rows, group=cfg.block_group)
+        dense_below=cfg.dense_below, exact_rows=cfg.exact_rows, group=cfg.block_group,
+        spread=cfg.spread_rows)
 
 
 def test_backend_without_options_runs_the_default_past_dense_below():
@@ -132,7 +133,9 @@ def test_stage_one_groups_through_the_front_doors():
     """block_group (stage 1 bounds groups of key blocks; the default 8): validated by the config,
     carried by the backend and the functional form, and absent from the op's arguments it means 1,
     the semantics of graphs exported before it."""
-    assert SuperlinearConfig().block_group == 8
+    assert SuperlinearConfig().block_group == 8 and SuperlinearConfig().spread_rows is True
+    with pytest.raises(ValueError, match="spread_rows"):
+        SuperlinearConfig(spread_rows=1)
     with pytest.raises(ValueError, match="block_group"):
         SuperlinearConfig(block_group=3)
     with pytest.raises(ValueError, match="block_group"):
@@ -150,9 +153,9 @@ def test_stage_one_groups_through_the_front_doors():
     got = torch.compile(f, backend="superlinear", options={"dense_below": 0, "topk": 6})(q, k, v)
     torch._dynamo.reset()
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    old = torch.ops.superlinear.block_sparse_attention(  # no trailing arguments: groups of 1
+    old = torch.ops.superlinear.block_sparse_attention(  # no trailing arguments: groups of 1,
         q, k, v, None, None, cfg.window, cfg.sinks, cfg.topk, 0.25, 0, cfg.q_block, cfg.k_block,
-        cfg.block_rows, cfg.block_pool)
-    one = _reference(q, k, v, cfg.replace(block_group=1))
+        cfg.block_rows, cfg.block_pool)  # the block's last rows
+    one = _reference(q, k, v, cfg.replace(block_group=1, spread_rows=False))
     torch.testing.assert_close(old, one, atol=1e-6, rtol=1e-6)
     assert (one - want).abs().max() > 1e-3  # the groups chose other blocks

@@ -149,10 +149,11 @@ def test_default_search_lm_onnx_any_batch_and_length(tmp_path):
             assert gap > 100 * LOGIT_TOL, f"L={L}: equals dense ({gap}); the test is vacuous"
 
 
-BS_VARIANTS = [  # window, sinks, topk, dense_below, q_block, k_block, rows, pool, exact_rows, group, positions
-    (32, 4, 2, 0, 32, 16, 4, 2, 0, 1, False),
-    (64, 0, 3, 0, 32, 16, 4, 2, 16, 4, True),     # stage 2's rows, groups of 4, positions given
-    (48, 20, 1, 150, 16, 16, 8, 3, 0, 8, False),  # dense below 150 keys; groups capped to 4
+BS_VARIANTS = [  # window, sinks, topk, dense_below, q_block, k_block, rows, pool, exact_rows, group,
+    # positions, spread rows
+    (32, 4, 2, 0, 32, 16, 4, 2, 0, 1, False, False),
+    (64, 0, 3, 0, 32, 16, 4, 2, 16, 4, True, True),     # stage 2's rows, groups, positions given
+    (48, 20, 1, 150, 16, 16, 8, 3, 0, 8, False, True),  # dense below 150 keys; groups capped to 4
 ]
 
 
@@ -160,7 +161,7 @@ class _BlockOps(torch.nn.Module):
     def forward(self, q, k, v, qpos):
         return tuple(torch.ops.superlinear.block_sparse_attention(
             q, k, v, None, qpos if c[10] else None, c[0], c[1], c[2], 0.3, c[3], c[4], c[5], c[6],
-            c[7], None, c[8], c[9]) for c in BS_VARIANTS)
+            c[7], None, c[8], c[9], c[11]) for c in BS_VARIANTS)
 
 
 def _bs_inputs(L, P, B, seed):
@@ -191,7 +192,7 @@ def test_block_sparse_variants_match_the_reference(tmp_path):
             want = bs.superlinear_block_attention(
                 q, k, v, None, P, window=c[0], sinks=c[1], topk=c[2], dense_below=c[3],
                 q_block=c[4], k_block=c[5], rows=c[6], pool=c[7], exact_rows=c[8], group=c[9],
-                scale=0.3)
+                spread=c[11], scale=0.3)
             err = np.abs(got[i] - want.numpy()).max()
             assert err <= ATTN_TOL, f"variant {i}, L={L}: max abs err {err}"
             if L + P > 200:  # sparse here: the check is not vacuous

@@ -16,9 +16,9 @@ NEG = float("-inf")
 R, P = 8, 8  # representative rows and pool of these tests (the config's defaults)
 
 
-def oracle(q, k, v, kpm, p0, *, window, sinks, topk, qb, kb, scale, r2=0, F=1):
+def oracle(q, k, v, kpm, p0, *, window, sinks, topk, qb, kb, scale, r2=0, F=1, spread=False):
     """Python loops over the contract, float64: (kept sets {(b, h, j): set}, output). F: key
-    blocks per stage-1 group."""
+    blocks per stage-1 group; spread: representative rows qb // rows apart."""
     B, Hq, Lq, D = q.shape
     Hkv, T = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -36,9 +36,14 @@ def oracle(q, k, v, kpm, p0, *, window, sinks, topk, qb, kb, scale, r2=0, F=1):
         for h in range(Hkv):
             heads = list(range(h * G, (h + 1) * G))
             for j in sorted({t // qb for t in pos}):
-                rows = [t for t in pos if t // qb == j][-R:]
-                ri = [t - p0 for t in rows]
-                ri2 = [t - p0 for t in [t for t in pos if t // qb == j][-(r2 or R):]]
+                inblk = [t for t in pos if t // qb == j]
+
+                def reps(n):  # the block's last row in the call and the n - 1 before it
+                    step = qb // n if spread else 1
+                    return [t - p0 if t >= inblk[0] else inblk[-1] - p0
+                            for t in (inblk[-1] - step * r for r in range(n))]
+
+                ri, ri2 = reps(R), reps(r2 or R)
                 before = j * qb // kb
                 cand_blocks = [i for i in range(sb, before - wb) if keys_of(b, i, i + 1)]
                 groups = []  # stage 1: (bound, group) of every group holding a candidate block
@@ -101,21 +106,22 @@ CASES = [  # B, Hq, Hkv, T, D, p0, window, sinks, topk, qb, kb, pad
     (1, 2, 2, 1100, 8, 1099, 48, 4, 2, 32, 16, False),  # groups of 4, a decoded token
 ]
 GROUPS = (1, 1, 1, 1, 8, 4, 4)  # key blocks per stage-1 group of each case
+SPREAD = (False, True, True, False, True, True, False)  # rows spread over the query block
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_reference_against_brute_force_oracle(case):
     B, Hq, Hkv, T, D, p0, W, S, K, qb, kb, pad = case
     r2 = (0, 24, 48, 24, 0, 32, 16)[CASES.index(case)]  # stage 2's rows (exact_rows)
-    F = GROUPS[CASES.index(case)]
+    F, spread = GROUPS[CASES.index(case)], SPREAD[CASES.index(case)]
     q, k, v, kpm = _inputs(B, Hq, Hkv, T, D, seed=T + p0, pad=pad)
     q = q[:, :, p0:]
     scale = D ** -0.5
     kept = bs.block_select(q, k, kpm, p0, window=W, sinks=S, topk=K, q_block=qb, k_block=kb,
-                           rows=R, pool=P, exact_rows=r2, group=F)
+                           rows=R, pool=P, exact_rows=r2, group=F, spread=spread)
     j0 = p0 // qb
     want, scores, o_want = oracle(q, k, v, kpm, p0, window=W, sinks=S, topk=K, qb=qb, kb=kb,
-                                  scale=scale, r2=r2, F=F)
+                                  scale=scale, r2=r2, F=F, spread=spread)
     got = {(b, h, n + j0): s for (b, h, n), s in _kept_sets(kept).items()}
     assert set(got) == set(want)
     assert sum(len(s) for s in want.values()) > 0
@@ -319,7 +325,7 @@ def test_gradients_match_masked_dense_attention(p0, pad):
     g = torch.randn_like(out)
     got = torch.autograd.grad(out, leaves, g)
     kept = bs.block_select(q, k, kpm, p0, window=40, sinks=4, topk=2, q_block=32, k_block=16,
-                           rows=4, pool=2, group=cfg.block_group)
+                           rows=4, pool=2, group=cfg.block_group, spread=cfg.spread_rows)
     mask = _contract_mask(kept, p0, 300 - p0, 300, kpm, window=40, sinks=4, qb=32, kb=16, G=2)
     ql, kl, vl = [x.double().requires_grad_() for x in (q, k, v)]
     lg = torch.einsum("bhqd,bhkd->bhqk", ql, kl.repeat_interleave(2, 1)) * 0.25

@@ -227,3 +227,21 @@ def test_groups_are_capped_by_the_window():
     assert torch.equal(tss.block_select_triton(q, k, None, 0, group=4, **kw), want)
     with pytest.raises(ValueError, match="power of two"):
         bs.block_select(q, k, None, 0, group=3, **kw)
+
+
+@pytest.mark.parametrize("p0,exact_rows,group", [(0, 0, 1), (0, 16, 4), (517, 32, 8), (1399, 16, 4)])
+def test_rows_spread_over_the_query_block(p0, exact_rows, group):
+    """Representative rows q_block // rows apart (`spread_rows`), in either stage, with or without
+    groups, for a prefill, a chunk off the block edges and a decoded token: the reference's blocks,
+    and other blocks than the block's last rows choose."""
+    q, k, _ = _inputs(1, 4, 2, 1400, 16, seed=31 + p0, pad=False)
+    q = q[:, :, p0:]
+    kw = dict(window=128, sinks=4, topk=3, q_block=64, k_block=16, rows=4, pool=4,
+              exact_rows=exact_rows, group=group)
+    want = bs.block_select(q, k, None, p0, spread=True, **kw)
+    poison()
+    got = tss.block_select_triton(q, k, None, p0, spread=True, **kw)
+    assert (want >= 0).sum() > 0
+    assert torch.equal(got, want)
+    if p0 < 1399:  # a decoded token's block holds one row: nothing to spread
+        assert not torch.equal(want, bs.block_select(q, k, None, p0, **kw))
