@@ -39,7 +39,9 @@ def test_spec_table_lists_every_config_field_with_its_default():
             assert re.search(rf"\b{default_config.to_dict()[name]}\b", cell), (name, cell)
             if name != "search_key":
                 assert re.search(rf"\b{stripe.to_dict()[name]}\b.*stripe", cell), (name, cell)
-        if isinstance(default, str):
+        if isinstance(default, bool):
+            assert written == str(default), (name, written, default)
+        elif isinstance(default, str):
             assert written == f'"{default}"', (name, written, default)
         elif default is None:
             assert written == "None", (name, written)
