@@ -125,6 +125,9 @@ def variant_config(name: str) -> Optional[SuperlinearConfig]:
     for k, val in _inline_items(name):
         if k in CONSTANTS:
             continue
+        if val in ("True", "False"):
+            fields[k] = val == "True"
+            continue
         try:
             fields[k] = int(val)
         except ValueError:
