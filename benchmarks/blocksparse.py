@@ -124,7 +124,7 @@ def main():
     ap.add_argument("--k-block", type=int, default=32)
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--pool", type=int, default=8)
-    ap.add_argument("--exact-rows", type=int, default=0, help="stage 2's rows (0: --rows)")
+    ap.add_argument("--exact-rows", type=int, default=16, help="stage 2's rows (0: --rows)")
     ap.add_argument("--group", type=int, default=8, help="key blocks per stage-1 group")
     ap.add_argument("--last-rows", action="store_true",
                     help="representative rows: the block's last rows (default: spread over it)")

@@ -26,9 +26,11 @@ PRETRAINED = dict(search_key="block_rerank", window=768, sinks=4, topk=8, backwa
 # The default (SuperlinearConfig(), block_sparse()): docs/blocksparse.md with the geometry that did
 # best in the 8K sweep of benchmarks/RESULTS.md (SmolLM2-135M, H100, 2026-12-06): 8 of 27 needles (dense 7),
 # perplexity +2.2% at 14.2% of keys per query over the last 1024 of 8K; 10.9x SDPA at 128K. Stage 1
-# bounds groups of 8 key blocks (block_group): perplexity 14.620 against 14.624, stage 1 8x cheaper.
+# bounds groups of 8 key blocks (block_group): perplexity 14.620 against 14.624, stage 1 8x cheaper;
+# 8 stage-1 and 16 stage-2 rows spread over the query block (spread_rows, exact_rows): 14.400 (+0.6%).
 BLOCK_SPARSE = dict(search_key="blocksparse", window=256, sinks=4, topk=24, q_block=64, k_block=32,
-                    block_rows=8, block_pool=8, block_group=8, spread_rows=True, combine="union")
+                    block_rows=8, block_pool=8, exact_rows=16, block_group=8, spread_rows=True,
+                    combine="union")
 # what window and topk mean depends on the search kind (keys and key blocks for blocksparse; keys
 # and spans for docs/spec.md's stripe searches): a field left None takes its kind's default
 KIND_DEFAULTS = {"blocksparse": dict(window=BLOCK_SPARSE["window"], topk=BLOCK_SPARSE["topk"]),
@@ -148,7 +150,7 @@ class SuperlinearConfig:
     k_block: int = 32
     block_rows: int = 8
     block_pool: int = 8
-    exact_rows: int = 0
+    exact_rows: int = 16
     block_group: int = 8
     spread_rows: bool = True
 

@@ -340,7 +340,8 @@ def test_block_sparse_preset():
     q, k = torch.randn(1, 2, 1024, 16), torch.randn(1, 1, T, 16)
     kw = dict(window=p.window, sinks=p.sinks, q_block=p.q_block, k_block=p.k_block)
     kept = bs.block_select(q, k, None, T - 1024, topk=p.topk, rows=p.block_rows,
-                           pool=p.block_pool, group=p.block_group, spread=p.spread_rows, **kw)
+                           pool=p.block_pool, group=p.block_group, spread=p.spread_rows,
+                           exact_rows=p.exact_rows, **kw)
     keys = bs.keys_attended(kept, T - 1024, 1024, T, **kw).double()
     share = keys / torch.arange(T - 1024 + 1, T + 1)
     assert float(share.mean()) <= 0.15 and float(share.max()) <= 0.16 and float(share.min()) > 0.1

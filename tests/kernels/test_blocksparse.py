@@ -198,8 +198,10 @@ def test_functional_and_op_match_the_reference():
                             q_block=128, k_block=64)
     got = slcompile.superlinear_attention(q, k, v, config=cfg, enable_gqa=True,
                                           key_padding_mask=kpm)
+    sel = dict(rows=cfg.block_rows, pool=cfg.block_pool, exact_rows=cfg.exact_rows,
+               group=cfg.block_group, spread=cfg.spread_rows)  # the config's search settings
     kept = bs.block_select(q, k, kpm, 0, window=64, sinks=4, topk=2, q_block=128,
-                           k_block=64, rows=R, pool=P)
+                           k_block=64, **sel)
     want = bs.block_attention(q, k, v, kept, kpm, 0, window=64, sinks=4, q_block=128,
                               k_block=64, scale=0.25)
     torch.testing.assert_close(got, want, atol=0, rtol=0)
@@ -207,7 +209,7 @@ def test_functional_and_op_match_the_reference():
     got = slcompile.superlinear_attention(q[:, :, -1:], k, v, config=cfg, enable_gqa=True)
     want = bs.superlinear_block_attention(q[:, :, -1:], k, v, None, 399, window=64, sinks=4,
                                           topk=2, q_block=128, k_block=64,
-                                          scale=0.25, dense_below=0, rows=R, pool=P)
+                                          scale=0.25, dense_below=0, **sel)
     torch.testing.assert_close(got, want, atol=0, rtol=0)
     with pytest.raises(ValueError, match="p0..p0\\+Lq-1"):
         slcompile.superlinear_attention(q[:, :, :3], k, v, config=cfg, enable_gqa=True,
@@ -325,7 +327,8 @@ def test_gradients_match_masked_dense_attention(p0, pad):
     g = torch.randn_like(out)
     got = torch.autograd.grad(out, leaves, g)
     kept = bs.block_select(q, k, kpm, p0, window=40, sinks=4, topk=2, q_block=32, k_block=16,
-                           rows=4, pool=2, group=cfg.block_group, spread=cfg.spread_rows)
+                           rows=4, pool=2, group=cfg.block_group, spread=cfg.spread_rows,
+                           exact_rows=cfg.exact_rows)
     mask = _contract_mask(kept, p0, 300 - p0, 300, kpm, window=40, sinks=4, qb=32, kb=16, G=2)
     ql, kl, vl = [x.double().requires_grad_() for x in (q, k, v)]
     lg = torch.einsum("bhqd,bhkd->bhqk", ql, kl.repeat_interleave(2, 1)) * 0.25

@@ -258,7 +258,8 @@ def test_the_op_backward_runs_these_kernels_for_a_prefill(monkeypatch):
     got = torch.autograd.grad(out, leaves, do)
     assert calls == ["block_attention_backward_triton"]
     kept = bs.block_select(q, k, None, 0, window=32, sinks=4, topk=2, q_block=32, k_block=16,
-                           rows=4, pool=2, group=cfg.block_group, spread=cfg.spread_rows)
+                           rows=4, pool=2, group=cfg.block_group, spread=cfg.spread_rows,
+                           exact_rows=cfg.exact_rows)
     ref_leaves = [x.double().requires_grad_() for x in (q, k, v)]
     ref = bs.block_attention(*ref_leaves, kept, None, 0, window=32, sinks=4, q_block=32,
                              k_block=16, scale=0.25)
