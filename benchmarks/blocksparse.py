@@ -126,8 +126,8 @@ def main():
     ap.add_argument("--pool", type=int, default=8)
     ap.add_argument("--exact-rows", type=int, default=16, help="stage 2's rows (0: --rows)")
     ap.add_argument("--group", type=int, default=8, help="key blocks per stage-1 group")
-    ap.add_argument("--last-rows", action="store_true",
-                    help="representative rows: the block's last rows (default: spread over it)")
+    ap.add_argument("--spread-rows", action="store_true",
+                    help="representative rows spread over the query block (default: its last rows)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--check-max", type=int, default=16384)
     ap.add_argument("--reference-max", type=int, default=131072,
@@ -158,7 +158,7 @@ def main():
                             text=True).stdout.strip()
     cfg = dict(window=a.window, sinks=a.sinks, topk=a.topk, q_block=a.q_block, k_block=a.k_block,
                rows=a.rows, pool=a.pool, exact_rows=a.exact_rows, group=a.group,
-               spread=not a.last_rows)
+               spread=a.spread_rows)
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, commit=commit,
                 date=time.strftime("%Y-%m-%d"), hq=a.hq, hkv=a.hkv, d=a.d, dtype="bfloat16", B=1,
                 **cfg)
@@ -176,7 +176,7 @@ def main():
             q, k, v, is_causal=True, enable_gqa=True), reps)
         kw = dict(window=a.window, sinks=a.sinks, q_block=a.q_block, k_block=a.k_block)
         skw = dict(kw, topk=a.topk, rows=a.rows, pool=a.pool, exact_rows=a.exact_rows,
-                   group=a.group, spread=not a.last_rows)
+                   group=a.group, spread=a.spread_rows)
         sel = lambda: tss.block_select_triton(q, k, None, 0, **skw)  # noqa: E731
         kept = sel()
         row["search_ms"] = timed(sel, reps)

@@ -27,9 +27,10 @@ PRETRAINED = dict(search_key="block_rerank", window=768, sinks=4, topk=8, backwa
 # best in the 8K sweep of benchmarks/RESULTS.md (SmolLM2-135M, H100, 2026-12-06): 8 of 27 needles (dense 7),
 # perplexity +2.2% at 14.2% of keys per query over the last 1024 of 8K; 10.9x SDPA at 128K. Stage 1
 # bounds groups of 8 key blocks (block_group): perplexity 14.620 against 14.624, stage 1 8x cheaper;
-# 8 stage-1 and 16 stage-2 rows spread over the query block (spread_rows, exact_rows): 14.400 (+0.6%).
+# 16 stage-2 rows (exact_rows): 14.455 (+1.0%). Rows spread over the block (spread_rows) give 14.400
+# but found 5 needles of 27 where the block's last rows found 8: off by default.
 BLOCK_SPARSE = dict(search_key="blocksparse", window=256, sinks=4, topk=24, q_block=64, k_block=32,
-                    block_rows=8, block_pool=8, exact_rows=16, block_group=8, spread_rows=True,
+                    block_rows=8, block_pool=8, exact_rows=16, block_group=8, spread_rows=False,
                     combine="union")
 # what window and topk mean depends on the search kind (keys and key blocks for blocksparse; keys
 # and spans for docs/spec.md's stripe searches): a field left None takes its kind's default
@@ -126,7 +127,7 @@ class SuperlinearConfig:
             8 costs stage 1 an eighth of 1 and chose as well on SmolLM2 (docs/blocksparse.md).
         spread_rows: search_key="blocksparse" only: each stage's representative rows spread over
             the query block (q_block // rows apart, ending at its last row) instead of its last
-            rows; they choose better (docs/blocksparse.md).
+            rows: better perplexity, fewer needles found on SmolLM2 (docs/blocksparse.md).
         steps: N, the number of search-and-attend steps (2..8). 2 is docs/spec.md's stripe search;
             N >= 3 is the hierarchical search of docs/nstep.md (cells of about t^(1/N) keys, a
             beam search over N-1 levels, O(L^(1+1/N)) per prefill). With N >= 3,
@@ -152,7 +153,7 @@ class SuperlinearConfig:
     block_pool: int = 8
     exact_rows: int = 16
     block_group: int = 8
-    spread_rows: bool = True
+    spread_rows: bool = False
 
     def __post_init__(self) -> None:
         # the fields given (not None) at construction: replace() starts from these, so that a

@@ -133,7 +133,7 @@ def test_stage_one_groups_through_the_front_doors():
     """block_group (stage 1 bounds groups of key blocks; the default 8): validated by the config,
     carried by the backend and the functional form, and absent from the op's arguments it means 1,
     the semantics of graphs exported before it."""
-    assert SuperlinearConfig().block_group == 8 and SuperlinearConfig().spread_rows is True
+    assert SuperlinearConfig().block_group == 8 and SuperlinearConfig().spread_rows is False
     with pytest.raises(ValueError, match="spread_rows"):
         SuperlinearConfig(spread_rows=1)
     with pytest.raises(ValueError, match="block_group"):
