@@ -233,8 +233,9 @@ def block_select(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *, window
                  spread: bool = False) -> Tensor:
     """Kept key blocks int32 [B, Hkv, nQ, topk] of the query blocks j0..j0+nQ-1 that hold the
     queries at p0..p0+Lq-1 (best first, -1 where fewer candidates exist). group: key blocks per
-    stage-1 group (1: stage 1 bounds every key block; capped by `stage1_group`). summary: the groups' summaries kept with
-    the cache (`check_summary` with group * k_block keys a group), else computed from k.
+    stage-1 group (1: stage 1 bounds every key block; capped by `stage1_group`). summary: the
+    groups' summaries kept with the cache (`check_summary` with group * k_block keys a group),
+    else computed from k.
     exact_rows: the representative rows of stage 2 (0: the ``rows`` of stage 1). spread: each
     stage's rows spread over the query block (q_block // rows apart) instead of its last rows."""
     group = stage1_group(window, k_block, group)
@@ -278,8 +279,7 @@ def block_select(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *, window
         live = (cg >= 0)[..., None].expand(B, Hkv, n, MG, group).reshape(B, Hkv, n, M)
         live = live & (ci >= sb) & (ci < lim[s:e, None]) & (ci < nK)
         safe = torch.where(live, ci, 0).long()
-        live = live & bhas[:, None, None, :].expand(B, Hkv, n, nK).gather(
-            3, safe)
+        live = live & bhas[:, None, None, :].expand(B, Hkv, n, nK).gather(3, safe)
         ci = torch.where(live, ci, -1)
         safe = safe.reshape(B, Hkv, n * M)
         gk = kb.gather(2, safe[..., None, None].expand(B, Hkv, n * M, k_block, D))
@@ -294,6 +294,7 @@ def block_select(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *, window
             kept = torch.nn.functional.pad(kept, (0, topk - kept.shape[-1]), value=-1)
         out[:, :, s:e] = kept.to(torch.int32)
     return out
+
 
 def attended_blocks(kept: Tensor, j0: int, nK: int, sb: int, wb: int, per_q: int):
     """Per query block, the key blocks attended in full (sinks, window, kept) [B, Hkv, nQ, F] and

@@ -5,19 +5,19 @@ Stage 1, `_bound_kernel`: one program per (query block, batch row x kv head, til
 groups of key blocks) multiplies the [kmax, kmin] summaries of its tile by the block's
 representative rows, split as [q+, q-] (tensor-core products in slices of the 2D dim), and writes
 the largest bound over the rows as an int64 order key (float order of the score, then the group
-index: exact ties go to the later group); `torch.topk` keeps the pool, chunked over query blocks so that the keys
-tensor stays within 512 MiB. (A running top-P x topk kept inside the kernel with `tl.topk`, so that
+index: exact ties go to the later group); `torch.topk` keeps the pool, chunked over query blocks
+so that the keys tensor stays within 512 MiB. (A running top-P x topk kept inside the kernel with `tl.topk`, so that
 no keys tensor exists, was measured 2.5x slower at 1M on an H100: the bitonic merge ran on nearly
 every tile and cost about 25x the tile's products; benchmarks/RESULTS.md.)
 
 Stage 2, `_exact_kernel`: one program per (query block, batch row x kv head, share of the pool)
 reads stage 1's order keys, decodes their group indices and scores several candidate blocks of
-those groups a step, read straight from the key tensor (no gathered copy), as one tensor-core tile; it writes the
-exact largest logit of the representative rows in each, again as an order key; `torch.topk` picks
-the kept blocks. Both kernels read the representative rows straight
-from q and compute the candidate limits themselves (no gathered copies, few launches per decoded
-token). Scores: products in the inputs' dtype, float32 accumulation (IEEE float32 products for
-float32 inputs), compared in float32, as the contract says.
+those groups a step, read straight from the key tensor (no gathered copy), as one tensor-core
+tile; it writes the exact largest logit of the representative rows in each, again as an order key;
+`torch.topk` picks the kept blocks. Both kernels read the representative rows straight from q
+and compute the candidate limits themselves (no gathered copies, few launches per decoded token).
+Scores: products in the inputs' dtype, float32 accumulation (IEEE float32 products for float32
+inputs), compared in float32, as the contract says.
 """
 
 from __future__ import annotations

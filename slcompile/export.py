@@ -121,35 +121,32 @@ def _split_inputs(program, example_inputs) -> Tuple[tuple, dict]:
                     f"got {type(example_inputs).__name__}")
 
 
-def _has_dynamic_input(program) -> bool:
+def _user_input_values(program):
+    """The example tensors (``meta["val"]``) of the program's user inputs."""
     from torch.export.graph_signature import InputKind
 
     users = {s.arg.name for s in program.graph_signature.input_specs if s.kind == InputKind.USER_INPUT}
     for n in program.graph.nodes:
-        if n.op == "placeholder" and n.name in users:
-            v = n.meta.get("val")
-            if isinstance(v, torch.Tensor) and any(isinstance(s, torch.SymInt) for s in v.shape):
-                return True
-    return False
+        if n.op == "placeholder" and n.name in users and isinstance(n.meta.get("val"), torch.Tensor):
+            yield n.meta["val"]
+
+
+def _has_dynamic_input(program) -> bool:
+    return any(isinstance(s, torch.SymInt) for v in _user_input_values(program) for s in v.shape)
 
 
 def _batch_dynamic(program) -> bool:
-    from torch.export.graph_signature import InputKind
-
-    users = {s.arg.name for s in program.graph_signature.input_specs if s.kind == InputKind.USER_INPUT}
-    for n in program.graph.nodes:
-        if n.op == "placeholder" and n.name in users:
-            v = n.meta.get("val")
-            if isinstance(v, torch.Tensor) and v.dim() == 2 and isinstance(v.shape[0], torch.SymInt):
-                return True
-    return False
+    """A 2-D user input (token ids, masks) with a dynamic first (batch) dim."""
+    return any(v.dim() == 2 and isinstance(v.shape[0], torch.SymInt)
+               for v in _user_input_values(program))
 
 
 def _with_dynamic_sequence(program, args, kwargs):
     """Re-export a program with dims 0 (batch) and 1 (sequence) of its 2-D integer inputs dynamic
     (token ids, attention masks, positions), so that one file serves every batch size and
     length; keeps what it cannot make dynamic (warning where nothing is)."""
-    if kwargs or (_has_dynamic_input(program) and _batch_dynamic(program)):
+    dynamic = _has_dynamic_input(program)
+    if kwargs or (dynamic and _batch_dynamic(program)):
         return program
     seq, batch = torch.export.Dim("seq", min=2), torch.export.Dim("batch", min=1)
     ids = [isinstance(a, torch.Tensor) and a.dim() == 2 and not a.is_floating_point()
@@ -160,7 +157,7 @@ def _with_dynamic_sequence(program, args, kwargs):
     wide = tuple(a.expand(2, -1).contiguous() if i and a.shape[0] == 1 else a
                  for a, i in zip(args, ids))
     tries = [(wide, tuple({0: batch, 1: seq} if i else None for i in ids))]
-    if not _has_dynamic_input(program):
+    if not dynamic:
         tries.append((args, tuple({1: seq} if i else None for i in ids)))
     err = None
     for a, specs in tries:
@@ -170,7 +167,7 @@ def _with_dynamic_sequence(program, args, kwargs):
                 return torch.export.export(program.module(), a, dynamic_shapes=specs, strict=False)
         except Exception as e:  # the next try, or the program as it is
             err = err or e
-    if not _has_dynamic_input(program):
+    if not dynamic:
         warnings.warn(f"slcompile.export: the program has static shapes and re-exporting it with a "
                       f"dynamic sequence axis failed ({type(err).__name__}: {err}); exporting it "
                       f"static")

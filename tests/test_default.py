@@ -45,20 +45,37 @@ def _reference(q, k, v, cfg):
         spread=cfg.spread_rows)
 
 
+def _sdpa(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+def _compiled(q, k, v, **options):
+    """SDPA compiled with backend="superlinear" and these options (none: no options at all)."""
+    torch._dynamo.reset()
+    fn = torch.compile(_sdpa, backend="superlinear", **({"options": options} if options else {}))
+    out = fn(q, k, v)
+    torch._dynamo.reset()
+    return out
+
+
+def _front_doors_match_the_reference(q, k, v, cfg, **options):
+    """The functional form (under cfg) and the backend (under options, the same config spelled as
+    the backend takes it) both give the reference's output; returns it."""
+    want = _reference(q, k, v, cfg)
+    out = slcompile.superlinear_attention(q, k, v, config=cfg, enable_gqa=True)
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(_compiled(q, k, v, **options), want, atol=1e-5, rtol=1e-5)
+    return want
+
+
 def test_backend_without_options_runs_the_default_past_dense_below():
     cfg = SuperlinearConfig()
     T = cfg.dense_below + 3 * cfg.q_block + 5  # past dense_below: the sparse path, a partial block
     q, k, v = _qkv(T, 0)
-
-    def f(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-
-    torch._dynamo.reset()
-    out = torch.compile(f, backend="superlinear")(q, k, v)
-    torch._dynamo.reset()
+    out = _compiled(q, k, v)
     want = _reference(q, k, v, cfg)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
-    dense = f(q, k, v)
+    dense = _sdpa(q, k, v)
     assert (out - dense).abs().max() > 1e-2  # sparse: late queries leave blocks out
     # the early queries see every key (window, sinks and kept blocks cover them)
     torch.testing.assert_close(out[:, :, :1024], dense[:, :, :1024], atol=1e-5, rtol=1e-5)
@@ -93,24 +110,14 @@ def test_functional_default_matches_the_reference():
     q, k, v = _qkv(1500, 2)
     out = slcompile.superlinear_attention(q, k, v, config=cfg, enable_gqa=True)
     torch.testing.assert_close(out, _reference(q, k, v, cfg), atol=1e-6, rtol=1e-6)
-    dense = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    dense = _sdpa(q, k, v)
     assert (out - dense).abs().max() > 1e-2
 
 
 def test_exact_rows_through_the_functional_form_and_the_backend():
     cfg = SuperlinearConfig(dense_below=0, exact_rows=64)  # stage 2 scores with every row
     q, k, v = _qkv(1500, 3)
-    want = _reference(q, k, v, cfg)
-    out = slcompile.superlinear_attention(q, k, v, config=cfg, enable_gqa=True)
-    torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-6)
-
-    def f(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-
-    torch._dynamo.reset()
-    got = torch.compile(f, backend="superlinear", options={"dense_below": 0, "exact_rows": 64})(q, k, v)
-    torch._dynamo.reset()
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    want = _front_doors_match_the_reference(q, k, v, cfg, dense_below=0, exact_rows=64)
     assert (want - _reference(q, k, v, SuperlinearConfig(dense_below=0))).abs().max() > 1e-3
 
 
@@ -142,17 +149,7 @@ def test_stage_one_groups_through_the_front_doors():
         SuperlinearConfig(block_group=128)
     cfg = SuperlinearConfig(dense_below=0, topk=6)  # sparse at this length
     q, k, v = _qkv(3000, 5)
-    want = _reference(q, k, v, cfg)
-    out = slcompile.superlinear_attention(q, k, v, config=cfg, enable_gqa=True)
-    torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-6)
-
-    def f(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-
-    torch._dynamo.reset()
-    got = torch.compile(f, backend="superlinear", options={"dense_below": 0, "topk": 6})(q, k, v)
-    torch._dynamo.reset()
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    want = _front_doors_match_the_reference(q, k, v, cfg, dense_below=0, topk=6)
     old = torch.ops.superlinear.block_sparse_attention(  # no trailing arguments: groups of 1,
         q, k, v, None, None, cfg.window, cfg.sinks, cfg.topk, 0.25, 0, cfg.q_block, cfg.k_block,
         cfg.block_rows, cfg.block_pool)  # the block's last rows
