@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import ops as _ops  # noqa: F401  (registers torch.ops.superlinear)
+from . import lowering
 from .config import SuperlinearConfig
 from .geometry import num_stripes, stripe_deltas, span_extents
 
@@ -451,15 +451,13 @@ def _attend(q, kbuf, vbuf, mask, c: SuperlinearConfig, scale: float, dense: bool
     scores; searched here when None). ``dense`` (T <= dense_below on the whole sequence) is passed
     on as dense_below; otherwise dense_below=0, so a rank whose own prefix is short still runs as
     the whole sequence would."""
+    db = c.dense_below if dense else 0
     if c.search_key == "blocksparse":  # docs/blocksparse.md
-        return torch.ops.superlinear.block_sparse_attention(
-            q, kbuf, vbuf, mask, None, c.window, c.sinks, c.topk, scale,
-            c.dense_below if dense else 0, c.q_block, c.k_block, c.block_rows, c.block_pool, None,
-            c.exact_rows, c.block_group, c.spread_rows)
-    anchors, scores = searched if searched is not None else _search(q, qs, kbuf, mask, c, dense)
-    return torch.ops.superlinear.span_attention(
-        q, kbuf, vbuf, anchors, scores, mask, None, c.window, c.sinks, c.span_power,
-        c.backward_factor, c.forward_factor, c.combine, scale, c.dense_below if dense else 0)
+        return lowering.attention(c, q, kbuf, vbuf, mask, None, scale, dense_below=db)
+    if searched is None:
+        searched = _search(q, qs, kbuf, mask, c, dense)
+    return lowering.attention(c, q, kbuf, vbuf, mask, None, scale, dense_below=db,
+                              searched=tuple(searched))
 
 
 def _zigzag(q, k, v, qs, kpm, c: SuperlinearConfig, scale: float, dense: bool, group, rank: int,
@@ -504,6 +502,5 @@ def _search(q, qs, kbuf, mask, c: SuperlinearConfig, dense: bool):
     queries sit bottom-right, i.e. at their global positions. ``dense`` (T <= dense_below on the
     whole sequence) is passed on as dense_below; otherwise dense_below=0, so a rank whose own
     prefix is short still searches as the whole sequence would."""
-    return torch.ops.superlinear.span_search(
-        q if qs is None else qs, kbuf, mask, None, c.window, c.topk, c.search_power, c.span_power,
-        c.backward_factor, c.forward_factor, c.search_key, c.dense_below if dense else 0)
+    return lowering.search(c, q if qs is None else qs, kbuf, mask, None,
+                           c.dense_below if dense else 0)

@@ -26,7 +26,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from slcompile.kernels import ops as _ops  # noqa: F401  (registers torch.ops.superlinear)
+from slcompile.kernels import lowering
 from slcompile.kernels.config import SuperlinearConfig
 
 from .canon import canon, decode_getitem, meta_val, remove_canon_cache, tensor_meta
@@ -1107,19 +1107,6 @@ def _emit_padding(em: _Emitter, atom, q, k) -> fx.Node:
 
 
 
-def _trailing_block_args(c) -> tuple:
-    """block_sparse_attention's optional last arguments (block_summary, exact_rows, block_group,
-    spread_rows), as many as needed to state the config's values (the op's defaults, exact_rows=0,
-    block_group=1 and spread_rows=False, are the semantics of graphs exported before those
-    arguments existed)."""
-    args = (None, c.exact_rows, c.block_group, c.spread_rows)
-    defaults = (None, 0, 1, False)
-    n = len(args)
-    while n and args[n - 1] == defaults[n - 1]:
-        n -= 1
-    return args[:n]
-
-
 def _emit(graph: fx.Graph, site: Site, proof: CausalProof, qpos_offset: Optional[int],
           config: SuperlinearConfig, meta_key: Optional[str]) -> fx.Node:
     em = _Emitter(graph, site.out, meta_key)
@@ -1197,29 +1184,10 @@ def _emit(graph: fx.Graph, site: Site, proof: CausalProof, qpos_offset: Optional
         dev = qt.device
         ar = em.call(aten.arange.start, (qpos_offset, end), {"dtype": torch.int64, "device": dev})
         qpos = em.call(aten.expand.default, (ar, [B, Lq]))
-    c = config
-    if c.search_key == "blocksparse":  # docs/blocksparse.md: search and attention in one op
-        out = em.call(torch.ops.superlinear.block_sparse_attention.default,
-                      (q, site.k, site.v, kpm, qpos, c.window, c.sinks, c.topk, float(scale),
-                       c.dense_below, c.q_block, c.k_block, c.block_rows, c.block_pool)
-                      # the trailing arguments only where they differ from the op's defaults
-                      + _trailing_block_args(c))
-    elif c.steps == 2:
-        ss = em.call(torch.ops.superlinear.span_search.default,
-                     (q, site.k, kpm, qpos, c.window, c.topk, c.search_power, c.span_power,
-                      c.backward_factor, c.forward_factor, c.search_key, c.dense_below))
-    else:  # the N-step search of docs/nstep.md
-        ss = em.call(torch.ops.superlinear.nstep_search.default,
-                     (q, site.k, kpm, qpos, c.window, c.topk, c.steps, c.backward_factor,
-                      c.forward_factor, c.search_key, c.dense_below))
-    if c.search_key != "blocksparse":
-        import operator
-        anchors = em.call(operator.getitem, (ss, 0))
-        scores = em.call(operator.getitem, (ss, 1))
-        out = em.call(torch.ops.superlinear.span_attention.default,
-                      (q, site.k, site.v, anchors, scores, kpm, qpos, c.window, c.sinks,
-                       c.attention_span_power, c.backward_factor, c.forward_factor, c.combine,
-                       float(scale), c.dense_below))
+    import operator
+
+    out = lowering.attention(config, q, site.k, site.v, kpm, qpos, scale, call=em.call,
+                             getitem=lambda node, i: em.call(operator.getitem, (node, i)))
     if site.post_emit is not None:
         return site.post_emit(em, out)
     if site.three_d:

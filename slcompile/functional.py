@@ -8,7 +8,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from slcompile.kernels import ops as _ops  # noqa: F401  (registers torch.ops.superlinear)
+from slcompile.kernels import lowering as _lowering
 from slcompile.kernels.config import SuperlinearConfig
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -140,27 +140,10 @@ def superlinear_attention(
     _check(isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0,
            f"scale must be a finite number > 0, got {scale!r}")
     qpos = normalize_positions(query_positions, B, Lq, T, query.device)
-    c = config
-    qs = query if search_query is None else search_query
-    if c.search_key == "blocksparse":  # docs/blocksparse.md: search and attention in one op
-        if search_query is not None:
-            raise ValueError("superlinear_attention: search_key='blocksparse' selects with the "
-                             "attention query; search_query is not supported")
-        return torch.ops.superlinear.block_sparse_attention(
-            query, key, value, key_padding_mask, qpos, c.window, c.sinks, c.topk, float(scale),
-            c.dense_below, c.q_block, c.k_block, c.block_rows, c.block_pool, block_summary,
-            c.exact_rows, c.block_group, c.spread_rows)
-    if block_summary is not None:
-        raise ValueError("superlinear_attention: block_summary is for search_key='blocksparse'")
-    if c.steps == 2:
-        anchors, scores = torch.ops.superlinear.span_search(
-            qs, key, key_padding_mask, qpos, c.window, c.topk, c.search_power, c.span_power,
-            c.backward_factor, c.forward_factor, c.search_key, c.dense_below)
-    else:  # the N-step search of docs/nstep.md
-        anchors, scores = torch.ops.superlinear.nstep_search(
-            qs, key, key_padding_mask, qpos, c.window, c.topk, c.steps, c.backward_factor,
-            c.forward_factor, c.search_key, c.dense_below)
-    return torch.ops.superlinear.span_attention(
-        query, key, value, anchors, scores, key_padding_mask, qpos, c.window, c.sinks,
-        c.attention_span_power, c.backward_factor, c.forward_factor, c.combine, float(scale),
-        c.dense_below)
+    if config.search_key == "blocksparse":
+        _check(search_query is None, "search_key='blocksparse' selects with the attention query; "
+               "search_query is not supported")
+    else:
+        _check(block_summary is None, "block_summary is for search_key='blocksparse'")
+    return _lowering.attention(config, query, key, value, key_padding_mask, qpos, scale,
+                               search_query=search_query, block_summary=block_summary)
