@@ -58,7 +58,7 @@ RERANK_SWEEP = [dict(rerank_chunk=ch, rerank_warps=nw)  # --rerank
                 for ch, nw in [(1, 4), (2, 4), (8, 4), (4, 8), (8, 8)]]
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 KEY = "block"  # the search key checked and timed (--rerank: "block_rerank")
-OLD = dict(block=32, rerank=4)  # --rerank also times block_rerank with the constants before 2026-12-01
+OLD = dict(fine_block=32, rerank=4)  # --rerank also times block_rerank as it was before 2026-12-01
 RERANK_REF_MAX_T = 32768  # the reference's rerank is quadratic: last-queries checks up to here
 
 
@@ -77,7 +77,7 @@ def clock(fn, budget_s, max_iters):
 def search_args(cfg, kpm=None, pos=None, key=None):
     key = key or KEY
     return (kpm, pos, cfg.window, cfg.topk, cfg.search_power, cfg.span_power, cfg.backward_factor,
-            cfg.forward_factor, key, 0)
+            cfg.forward_factor, key, 0, cfg.fine_block, cfg.rerank)
 
 
 def data(Hq, Hkv, Lq, T, D, integer, seed):
@@ -148,8 +148,8 @@ def timing(cfg, Hq, Hkv, D, T, ref_q, before):
     row = dict(T=T, heads=[Hq, Hkv, D])
     if KEY == "block_rerank":
         row["rerank_s"] = clock(lambda: TB.span_search(q, k, *blk), 0.5, 5)
-        with R.block_search_constants(**OLD):  # the constants before 2026-12-01
-            row["rerank_old_s"] = clock(lambda: TB.span_search(q, k, *blk), 0.5, 5)
+        old = search_args(cfg.replace(**OLD))  # the settings before 2026-12-01
+        row["rerank_old_s"] = clock(lambda: TB.span_search(q, k, *old), 0.5, 5)
         blk = search_args(cfg, key="block")
     row["block_s"] = clock(lambda: TB.span_search(q, k, *blk), 0.5, 5)
     v = torch.randn_like(k)
@@ -216,8 +216,7 @@ def warm(cfg, job):
         TB.span_search(q, k, *search_args(cfg))
         if KEY == "block_rerank":
             TB.span_search(q, k, *search_args(cfg, key="block"))
-            with R.block_search_constants(**OLD):
-                TB.span_search(q, k, *search_args(cfg))
+            TB.span_search(q, k, *search_args(cfg.replace(**OLD)))
         else:
             TI.span_search(q, k, *search_args(cfg, key="anchor"))
     else:

@@ -28,9 +28,8 @@ Options: ``--prompt chat`` puts the needle prompt in the model's chat template; 
 teacher-forced`` decides a needle with one prefill (greedy decoding would emit exactly the answer's
 tokens) instead of generating; ``--routers FILE`` (from ``slcompile calibrate``) runs the variants
 named with a trailing ``+r`` with those routers as search projections (the others without);
-``pretrained`` is ``SuperlinearConfig.for_pretrained()``; inline variants may also set the block
-searches' module constants (``fine_block=``, ``rerank=``: reference.BLOCK / RERANK) for that variant,
-e.g. ``pretrained,fine_block=32,rerank=4`` is the preset before 2026-12-01. ``--make-bundle`` writes the tokenised texts
+``pretrained`` is ``SuperlinearConfig.for_pretrained()``; inline variants set config fields, e.g.
+``pretrained,fine_block=32,rerank=4`` is the preset before 2026-12-01. ``--make-bundle`` writes the tokenised texts
 for a machine without them; ``benchmarks/quality_gpu.py`` runs everything in one GPU call.
 
 """
@@ -79,31 +78,12 @@ VARIANTS: Dict[str, Optional[dict]] = {
 ROUTED = "+r"  # suffix of a variant that uses calibrated routers (--routers)
 
 
-# inline fields that are not SuperlinearConfig fields but the block searches' module constants
-# (kernels/reference.py BLOCK, RERANK), set while the variant runs: "pretrained,fine_block=32,rerank=4"
-# is the preset as it was before 2026-12-01
-CONSTANTS = {"fine_block": "block", "rerank": "rerank"}
-
-
 def _inline_items(name: str) -> List[tuple]:
     """(key, value) strings of the comma-separated items of a variant name, a trailing ``+r``
     dropped (an item without "=" gives value "")."""
     if name.endswith(ROUTED):
         name = name[:-len(ROUTED)]
     return [tuple(kv.partition("=")[::2]) for kv in name.split(",")]
-
-
-def variant_constants(name: str) -> dict:
-    """The block-search constants an inline variant sets (keyword arguments of
-    reference.block_search_constants), {} for none."""
-    return {CONSTANTS[k]: int(val) for k, val in _inline_items(name) if k in CONSTANTS}
-
-
-def variant_scope(name: str):
-    """A context manager that sets the variant's block-search constants while it runs."""
-    from slcompile.kernels import reference
-
-    return reference.block_search_constants(**variant_constants(name))
 
 
 def variant_config(name: str) -> Optional[SuperlinearConfig]:
@@ -123,8 +103,6 @@ def variant_config(name: str) -> Optional[SuperlinearConfig]:
         name = name[len("pretrained,"):]
     fields = {}
     for k, val in _inline_items(name):
-        if k in CONSTANTS:
-            continue
         if val in ("True", "False"):
             fields[k] = val == "True"
             continue
@@ -409,7 +387,7 @@ def search_anchors(cfg: SuperlinearConfig, qs, k, qpos, ops: bool = False):
     args = (qs, k, None, qpos, cfg.window, cfg.topk)
     if cfg.steps == 2:
         rest = (cfg.search_power, cfg.span_power, cfg.backward_factor, cfg.forward_factor,
-                cfg.search_key, 0)
+                cfg.search_key, 0, cfg.fine_block, cfg.rerank)
         fn = torch.ops.superlinear.span_search if ops else reference.span_search
     else:
         rest = (cfg.steps, cfg.backward_factor, cfg.forward_factor, cfg.search_key, 0)
@@ -769,8 +747,7 @@ def run_routing(model, cases, variants, n_queries: int, device, on_case=None):
                                      for b in range(qs.shape[0])])
                 else:
                     cfg = variant_config(v[len(MASKED):] if v.startswith(MASKED) else v)
-                    with variant_scope(v[len(MASKED):] if v.startswith(MASKED) else v):
-                        A = attended_mask(cfg, qr if v.endswith(ROUTED) else qs, kf, qpos)
+                    A = attended_mask(cfg, qr if v.endswith(ROUTED) else qs, kf, qpos)
                 A &= causal
                 kept = (p * A)[..., lo:hi].sum(-1)
                 rec = float((p * A).sum(-1).mean())
@@ -911,16 +888,13 @@ def evaluate(model, tok, args, variants, cases, ppl_ids, out_meta, t0, results=N
                 json.dump({"meta": dict(out_meta, seconds=time.time() - t0, partial=partial),
                            "results": results}, fh, indent=1)
 
-        r["constants"] = variant_constants(name)
-        with variant_scope(name):
-            if ppl_ids is not None:
-                r["ppl"] = run_ppl(model, ppl_ids, args.ppl_tail, args.device)
+        if ppl_ids is not None:
+            r["ppl"] = run_ppl(model, ppl_ids, args.ppl_tail, args.device)
         grid, hits, per_case = {}, 0, []
         r["cases"] = per_case
         results[name] = r
         for c in cases:
-            with variant_scope(name):
-                ok, lp = run_needle(model, tok, c, args.device)
+            ok, lp = run_needle(model, tok, c, args.device)
             hits += ok
             k = f"{c.length}/{c.depth}"
             grid[k] = grid.get(k, 0.0) + ok / args.seeds

@@ -341,10 +341,11 @@ def _(grad_scores, search_query, key, *rest):
 
 
 def _setup_search(ctx, inputs, output):
-    (qs, k, kpm, pos, window, topk, sp, rp, bf, ff, search_key, dense_below) = inputs
+    (qs, k, kpm, pos, window, topk, sp, rp, bf, ff, search_key, dense_below, *_block) = inputs
     ctx.save_for_backward(qs, k, kpm, pos, output[0])
     ctx.params = (window, rp, bf, ff, search_key, dense_below)
     # an unused scores output (union mode) then arrives as None, not as zeros to scatter
+    ctx.n_inputs = len(inputs)
     ctx.set_materialize_grads(False)
 
 
@@ -356,7 +357,7 @@ def _backward_search(ctx, grad_anchors, grad_scores):
     else:
         dqs, dk = torch.ops.superlinear.span_search_backward(
             grad_scores, qs, k, kpm, pos, anchors, window, rp, bf, ff, search_key, dense_below)
-    return (dqs, dk) + (None,) * 10
+    return (dqs, dk) + (None,) * (ctx.n_inputs - 2)
 
 
 def _setup_attention(ctx, inputs, output):

@@ -20,7 +20,7 @@ BLOCK_SEARCH_KEYS = ("block", "block_rerank")
 # benchmarks/RESULTS.md "Needle retrieval at 8K, second session"): perplexity -0.1% at 13.1% of keys
 # per query, 10 of 27 needles (dense 7, all of them among the 10); a large window carries
 # perplexity, eight ~0.35 sqrt(t)-key spans on the 16-key blocks with the largest exact q.k among
-# the 32 topk best by bound (reference.BLOCK, RERANK) the rest.
+# the 32 topk best by bound (fine_block, rerank) the rest.
 PRETRAINED = dict(search_key="block_rerank", window=768, sinks=4, topk=8, backward_factor=0.35,
                   forward_factor=0.0, combine="union")
 # The default (SuperlinearConfig(), block_sparse()): docs/blocksparse.md with the geometry that did
@@ -128,6 +128,11 @@ class SuperlinearConfig:
         spread_rows: search_key="blocksparse" only: each stage's representative rows spread over
             the query block (q_block // rows apart, ending at its last row) instead of its last
             rows: better perplexity, fewer needles found on SmolLM2 (docs/blocksparse.md).
+        fine_block: search_key="block" and "block_rerank" only: keys per fine block, the
+            finest level of the coarse-to-fine bounds (a power of two; smaller while spans are
+            shorter, docs/routing.md).
+        rerank: search_key="block_rerank" only: the rerank * topk best fine blocks by bound are
+            rescored by their exact largest q.k (docs/routing.md).
         steps: N, the number of search-and-attend steps (2..8). 2 is docs/spec.md's stripe search;
             N >= 3 is the hierarchical search of docs/nstep.md (cells of about t^(1/N) keys, a
             beam search over N-1 levels, O(L^(1+1/N)) per prefill). With N >= 3,
@@ -154,6 +159,8 @@ class SuperlinearConfig:
     exact_rows: int = 16
     block_group: int = 8
     spread_rows: bool = False
+    fine_block: int = 16
+    rerank: int = 32
 
     def __post_init__(self) -> None:
         # the fields given (not None) at construction: replace() starts from these, so that a
@@ -199,6 +206,10 @@ class SuperlinearConfig:
             _fail("block_group", self.block_group, "a power of two in [1, 64]")
         if not isinstance(self.spread_rows, bool):
             _fail("spread_rows", self.spread_rows, "True or False")
+        _check_int("fine_block", self.fine_block, 1, 1024)
+        if self.fine_block & (self.fine_block - 1):
+            _fail("fine_block", self.fine_block, "a power of two in [1, 1024]")
+        _check_int("rerank", self.rerank, 1, 1024)
         if self.scale is not None:
             if not _finite_number(self.scale) or self.scale <= 0:
                 _fail("scale", self.scale, "None or a finite number > 0")

@@ -18,8 +18,6 @@ Conventions (shared with `ops.py` and the kernels):
 
 from __future__ import annotations
 
-import contextlib
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -64,6 +62,8 @@ def span_search(
     forward_factor: float,
     search_key: str,
     dense_below: int,
+    fine_block: int = 16,
+    rerank: int = 32,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     B, Hq, Lq, D = qs.shape
     Hkv, T = k.shape[1], k.shape[2]
@@ -77,9 +77,9 @@ def span_search(
     deltas = stripe_deltas(n, search_power, dev)  # ascending: nearest anchor first
     back, fwd = span_extents(T, span_power, backward_factor, forward_factor, dev)
     if search_key in BLOCK_SEARCH_KEYS:  # coarse-to-fine block bounds, docs/routing.md
-        rerank = RERANK * topk if search_key == "block_rerank" else 0
+        pool = rerank * topk if search_key == "block_rerank" else 0
         return _block_search(qs, k, key_padding_mask, pos, W, topk, back, fwd, anchors, scores,
-                             rerank)
+                             fine_block, pool)
     g = Hq // Hkv
 
     if search_key == "mean":
@@ -134,27 +134,7 @@ def span_search(
 # search_key="block": coarse-to-fine Quest-style block bounds (docs/routing.md)
 # --------------------------------------------------------------------------------------------
 
-BLOCK = 16  # finest block size in keys (smaller when spans are shorter, see _block_levels)
 COARSE_FANOUT = 2  # coarse blocks refined per kept span
-RERANK = 32  # search_key="block_rerank": fine blocks rescored exactly per kept span
-
-
-@contextlib.contextmanager
-def block_search_constants(block: Optional[int] = None, rerank: Optional[int] = None):
-    """Temporarily other BLOCK / RERANK (docs/routing.md, "Knobs") for the reference and the Triton
-    block kernels, which read them per call: for benchmarks that compare settings in one run."""
-    global BLOCK, RERANK
-    if block is not None and (block < 1 or block & (block - 1)):
-        raise ValueError(f"block_search_constants: block={block} is not a power of two")
-    if rerank is not None and rerank < 1:
-        raise ValueError(f"block_search_constants: rerank={rerank} must be >= 1")
-    saved = BLOCK, RERANK
-    BLOCK = saved[0] if block is None else int(block)
-    RERANK = saved[1] if rerank is None else int(rerank)
-    try:
-        yield
-    finally:
-        BLOCK, RERANK = saved
 
 
 def _key_pyramid(k: torch.Tensor, key_padding_mask: Optional[torch.Tensor], levels: int):
@@ -210,13 +190,13 @@ def _ilog2(x: torch.Tensor) -> torch.Tensor:
     return torch.where((1 << j) > x, j - 1, j)
 
 
-def _block_levels(e: torch.Tensor, back_t: torch.Tensor):
+def _block_levels(e: torch.Tensor, back_t: torch.Tensor, fine_block: int):
     """Per query (last span position e >= 0, backward reach back_t): the fine level jf and the
-    coarse level jc >= jf. Fine blocks hold bs = 2^jf = min(BLOCK, largest power of two <=
+    coarse level jc >= jf. Fine blocks hold bs = 2^jf = min(fine_block, largest power of two <=
     back_t + 1) keys, so one span always covers a whole fine block; coarse blocks hold 2^c fine
     blocks, 2^c the smallest power of two with 4^c >= nf = (e + 1) // bs, so a query scores at most
     about sqrt(nf) coarse blocks and refines O(sqrt(nf)) fine blocks."""
-    jf = _ilog2((back_t + 1).clamp(min=1)).clamp(max=int(math.log2(BLOCK)))
+    jf = _ilog2((back_t + 1).clamp(min=1)).clamp(max=fine_block.bit_length() - 1)
     nf = ((e + 1) >> jf).clamp(min=1)
     c = (_ilog2(nf) + 1) // 2  # ceil(log2(nf) / 2) up to the fix-ups below
     c = torch.where((1 << (2 * c)) < nf, c + 1, c)
@@ -224,10 +204,11 @@ def _block_levels(e: torch.Tensor, back_t: torch.Tensor):
     return jf, jf + c
 
 
-def _block_search(qs, k, key_padding_mask, pos, W, topk, back, fwd, anchors, scores, rerank=0):
-    """search_key="block" (docs/routing.md): writes anchors/scores in place. rerank > 0
-    ("block_rerank"): the `rerank` best fine candidates by bound are rescored by their exact
-    largest q.k before the greedy."""
+def _block_search(qs, k, key_padding_mask, pos, W, topk, back, fwd, anchors, scores, fine_block,
+                  rerank=0):
+    """search_key="block" (docs/routing.md): writes anchors/scores in place; fine blocks of at
+    most fine_block keys. rerank > 0 ("block_rerank"): the `rerank` best fine candidates by bound
+    are rescored by their exact largest q.k before the greedy."""
     B, Hq, Lq, D = qs.shape
     Hkv, T = k.shape[1], k.shape[2]
     dev = qs.device
@@ -235,7 +216,7 @@ def _block_search(qs, k, key_padding_mask, pos, W, topk, back, fwd, anchors, sco
     live = e_all >= 0
     if not bool(live.any()):
         return anchors, scores
-    jf_all, jc_all = _block_levels(e_all.clamp(min=0), back[pos])
+    jf_all, jc_all = _block_levels(e_all.clamp(min=0), back[pos], fine_block)
     levels = int(jc_all[live].max().item())
     kmin, kmax, cnt = _key_pyramid(k, key_padding_mask, levels)
     if key_padding_mask is not None:
@@ -633,10 +614,12 @@ def span_attention(
 
 def superlinear_attention(q, k, v, *, window, sinks, topk, search_power, span_power,
                           backward_factor, forward_factor, combine, search_key, dense_below,
-                          scale, key_padding_mask=None, query_positions=None, search_query=None):
+                          scale, key_padding_mask=None, query_positions=None, search_query=None,
+                          fine_block=16, rerank=32):
     """Both steps, no validation: the whole of docs/spec.md in one call (for tests and tools)."""
     qs = q if search_query is None else search_query
     anchors, sc = span_search(qs, k, key_padding_mask, query_positions, window, topk, search_power,
-                              span_power, backward_factor, forward_factor, search_key, dense_below)
+                              span_power, backward_factor, forward_factor, search_key, dense_below,
+                              fine_block, rerank)
     return span_attention(q, k, v, anchors, sc, key_padding_mask, query_positions, window, sinks,
                           span_power, backward_factor, forward_factor, combine, scale, dense_below)

@@ -59,7 +59,6 @@ import triton.language as tl
 
 from .config import BLOCK_SEARCH_KEYS
 from .geometry import check_search_inputs, keeps_no_span, no_span_outputs, span_extents
-from . import reference as _ref
 from .reference import COARSE_FANOUT
 from .triton_search import _next_pow2
 
@@ -477,9 +476,10 @@ def _max_fine_per_coarse(T: int, W: int, t0: int, r: float, bf: float, log_block
 
 def span_search(qs, k, key_padding_mask, query_positions, window, topk, search_power,
                 span_power, backward_factor, forward_factor, search_key, dense_below,
-                block_q=None, num_warps=4, rerank_warps=4, rerank_chunk=4):
+                fine_block=16, rerank=32, block_q=None, num_warps=4, rerank_warps=4,
+                rerank_chunk=4):
     """Same contract as ``reference.span_search`` for ``search_key="block"`` and
-    ``"block_rerank"`` (the block kernel selects the reference.RERANK topk best candidates, then
+    ``"block_rerank"`` (the block kernel selects the rerank * topk best candidates, then
     ``_rerank_kernel`` rescores them and keeps the spans). ``block_q``: queries
     per work item (default: 32 rows of queries x heads, at least 16 rows); the default launch shape
     (32 rows, 4 warps) was the fastest of those measured at 128K on an H200 (RESULTS.md).
@@ -501,8 +501,7 @@ def span_search(qs, k, key_padding_mask, query_positions, window, topk, search_p
     # the finest level any query uses: that of the first query past the window (back grows with t);
     # the same float64 table, evaluated on the host for t = W only
     back_w = int(span_extents(W + 1, span_power, backward_factor, forward_factor)[0][W])
-    # reference.BLOCK / RERANK are read per call (a benchmark may set them; docs/routing.md)
-    log_block = _ref.BLOCK.bit_length() - 1
+    log_block = fine_block.bit_length() - 1
     jlo = min(log_block, (back_w + 1).bit_length() - 1)
     t0 = W if query_positions is not None else T - Lq
     RP = max(16, _max_fine_per_coarse(T, W, t0, span_power, backward_factor, log_block))
@@ -516,7 +515,7 @@ def span_search(qs, k, key_padding_mask, query_positions, window, topk, search_p
     pos = query_positions if query_positions is not None else back
     anchors = torch.empty((B, Hq, Lq, topk), dtype=torch.int32, device=dev)
     scores = torch.empty((B, Hq, Lq, topk), dtype=torch.float32, device=dev)
-    nr = _ref.RERANK * topk if search_key == "block_rerank" else 0
+    nr = rerank * topk if search_key == "block_rerank" else 0
     cand = torch.empty((B, Hq, Lq, nr), dtype=torch.int32, device=dev) if nr else anchors
     G = Hq // Hkv
     GP = _next_pow2(G)
@@ -556,7 +555,7 @@ def span_search(qs, k, key_padding_mask, query_positions, window, topk, search_p
             *cand.stride(), *anchors.stride(),
             Hq, G, Lq, T, W,
             D=D, HAS_KPM=key_padding_mask is not None, HAS_POS=query_positions is not None,
-            TOPK=topk, NR=nr, NRP=_next_pow2(nr), BS=_ref.BLOCK, LOG_BLOCK=log_block,
+            TOPK=topk, NR=nr, NRP=_next_pow2(nr), BS=fine_block, LOG_BLOCK=log_block,
             BLOCK_D=max(16, _next_pow2(D)), NO_KEY=_NO_KEY, CH=min(rerank_chunk, _next_pow2(nr)),
             num_warps=rerank_warps,
         )

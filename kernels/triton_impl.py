@@ -43,15 +43,16 @@ __all__ = ["span_search", "span_attention", "dense_attention"]
 
 def span_search(search_query, key, key_padding_mask, query_positions, window, topk,
                 search_power, span_power, backward_factor, forward_factor, search_key,
-                dense_below):
+                dense_below, fine_block=16, rerank=32):
     if not _supported(search_query, key) or search_key not in _SEARCH_KEYS:
         return reference.span_search(search_query, key, key_padding_mask, query_positions, window,
                                      topk, search_power, span_power, backward_factor,
-                                     forward_factor, search_key, dense_below)
+                                     forward_factor, search_key, dense_below, fine_block, rerank)
     if search_key in BLOCK_SEARCH_KEYS:  # docs/routing.md; prefill and decode alike
         return triton_block.span_search(search_query, key, key_padding_mask, query_positions,
                                         window, topk, search_power, span_power, backward_factor,
-                                        forward_factor, search_key, dense_below)
+                                        forward_factor, search_key, dense_below, fine_block,
+                                        rerank)
     if search_key == "anchor" and triton_decode.use_decode(search_query, key):
         return triton_decode.span_search(search_query, key, key_padding_mask, query_positions,
                                          window, topk, search_power, span_power, backward_factor,

@@ -49,7 +49,6 @@ import torch
 from torch import Tensor
 
 from slcompile.kernels.config import BLOCK_SEARCH_KEYS, SuperlinearConfig
-from slcompile.kernels import reference
 from slcompile.kernels.geometry import span_extents, stripe_deltas
 
 __all__ = ["Routers", "calibrate", "save_routers", "load_routers", "attach_routers", "search_query",
@@ -207,11 +206,11 @@ def _heads(m) -> tuple:
 def fine_block(cfg: SuperlinearConfig, T: int) -> int:
     """The fine block size of the block search (kernels/reference.py `_block_levels`) at the middle
     of the sampled query positions of a T-key sequence, t = (W + T) // 2: the largest power of two
-    <= min(reference.BLOCK, back(t) + 1). 16 for the preset on 4K-9K sequences: the routers are trained on the
+    <= min(cfg.fine_block, back(t) + 1). 16 for the preset on 4K-9K sequences: the routers are trained on the
     blocks the search ranks for most of the sampled queries."""
     t = min(T - 1, (cfg.window + T) // 2)
     back, _ = span_extents(T, cfg.span_power, cfg.backward_factor, cfg.forward_factor)
-    b = max(1, min(reference.BLOCK, int(back[t]) + 1))
+    b = max(1, min(cfg.fine_block, int(back[t]) + 1))
     return 1 << (b.bit_length() - 1)
 
 
@@ -372,7 +371,7 @@ def _loss(samples: List[dict], R: Tensor, logtau: Tensor, cfg: SuperlinearConfig
 
 def _topk_mass(samples: List[dict], R: Tensor, cfg: SuperlinearConfig, g: int) -> float:
     """What the search keeps: the dense mass share of the top-k candidate regions by score (finest
-    level for "block"; for "block_rerank" the reference's rule: the RERANK topk best fine blocks by
+    level for "block"; for "block_rerank" the reference's rule: the rerank * topk best fine blocks by
     bound, ranked by their exact largest logit), averaged over queries and heads. The selection
     criterion."""
     tot, n = 0.0, 0
@@ -384,7 +383,7 @@ def _topk_mass(samples: List[dict], R: Tensor, cfg: SuperlinearConfig, g: int) -
             if cfg.search_key == "block_rerank":
                 v = valid[None].expand_as(sc)
                 pool = sc.masked_fill(~v, float("-inf")).topk(
-                    min(reference.RERANK * cfg.topk, sc.shape[-1]), -1).indices
+                    min(cfg.rerank * cfg.topk, sc.shape[-1]), -1).indices
                 ex = sets[-1][0]
                 sc = torch.full_like(ex, float("-inf")).scatter_(-1, pool, torch.gather(ex, -1, pool))
             v = valid if valid.dim() == 3 else valid[None].expand_as(sc)
@@ -517,11 +516,11 @@ def calibrate(model, texts_or_token_ids, *, config: Optional[SuperlinearConfig] 
     deadline = t0 + 60.0 * minutes
     mods = attention_modules(model)
     seqs = _token_ids(texts_or_token_ids, tokenizer, max_length)
-    need = config.window + 2 * reference.BLOCK + 2
+    need = config.window + 2 * config.fine_block + 2
     seqs = [s for s in seqs if s.numel() > need]
     if not seqs:
         raise ValueError(f"calibrate: every sequence is too short: routing needs more than {need} "
-                         f"tokens (window {config.window} + two {reference.BLOCK}-key blocks)")
+                         f"tokens (window {config.window} + two {config.fine_block}-key blocks)")
     dev = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     cap = _Capture(config, queries, gen)

@@ -1207,13 +1207,11 @@ def calibrate(model, texts, output, minutes, opt_steps, seq_len, max_sequences, 
             raise UsageError(f"{name} must be <= {INT64_MAX}, got {v}")
     # A sequence must reach past the window and two search blocks (slcompile.calibrate): when
     # --seq-len cannot, say so here, not after reading the texts (whose length is not the problem).
-    from slcompile.kernels import reference as _ref
-
-    need = config.window + 2 * _ref.BLOCK + 2
+    need = config.window + 2 * config.fine_block + 2
     if seq_len <= need:
         raise UsageError(f"--seq-len {seq_len} is too short for window {config.window}: calibration "
                          f"needs sequences of more than {need} tokens (window + 2 x "
-                         f"{_ref.BLOCK}-key blocks + 2); pass --seq-len {need + 1} or more, "
+                         f"{config.fine_block}-key blocks + 2); pass --seq-len {need + 1} or more, "
                          f"or a smaller --window")
     for t in texts:
         if not os.path.isfile(t):
@@ -1230,7 +1228,6 @@ def calibrate(model, texts, output, minutes, opt_steps, seq_len, max_sequences, 
         import torch
         import transformers  # noqa: F401
         from slcompile.calibrate import calibrate as run_calibration, save_routers
-        from slcompile.kernels import reference
     except ImportError as e:
         raise NotAvailableError(f"not available: calibrate needs transformers and safetensors "
                                 f"({first_line(e)}; pip install 'slcompile[hf]')")
@@ -1249,7 +1246,7 @@ def calibrate(model, texts, output, minutes, opt_steps, seq_len, max_sequences, 
                 raise InputFormatError(f"text file {t} is not readable UTF-8 text: {first_line(e)}")
             ids += tok.encode(text, add_special_tokens=False)
         seqs = [ids[i:i + seq_len] for i in range(0, len(ids), seq_len)][:max_sequences]
-        need = config.window + 2 * reference.BLOCK + 2
+        need = config.window + 2 * config.fine_block + 2
         seqs = [s for s in seqs if len(s) > need]
         if not seqs:
             raise InputFormatError(f"the texts hold {len(ids)} tokens: calibration needs at least one "

@@ -178,8 +178,9 @@ def _clamp(x, lo, hi):
 
 def span_search(search_query, key, key_padding_mask=None, query_positions=None, window=64, topk=3,
                 search_power=0.5, span_power=0.5, backward_factor=2.0, forward_factor=0.0,
-                search_key="anchor", dense_below=0):
-    """Step 1 of docs/spec.md in ONNX: anchors int32 [B, Hq, Lq, topk], scores float32."""
+                search_key="anchor", dense_below=0, fine_block=16, rerank=32):
+    """Step 1 of docs/spec.md in ONNX: anchors int32 [B, Hq, Lq, topk], scores float32
+    (fine_block and rerank belong to the block searches, which have no translation)."""
     if search_key not in ("anchor", "mean"):
         raise OnnxTranslationError(
             f"span_search with search_key={search_key!r} has no ONNX translation (supported: "

@@ -301,7 +301,7 @@ def test_calibration_trains_the_search_fine_block(T, bf):
     cfg = SuperlinearConfig.for_pretrained(backward_factor=bf)
     back, _ = span_extents(T, cfg.span_power, cfg.backward_factor, cfg.forward_factor)
     t = torch.tensor([min(T - 1, (cfg.window + T) // 2)])
-    jf, _ = ref._block_levels((t - cfg.window).clamp(min=0), back[t])
+    jf, _ = ref._block_levels((t - cfg.window).clamp(min=0), back[t], cfg.fine_block)
     assert fine_block(cfg, T) == 1 << int(jf[0])
     if bf == 0.35 and 4096 <= T <= 9000:
         assert fine_block(cfg, T) == 16
@@ -309,13 +309,13 @@ def test_calibration_trains_the_search_fine_block(T, bf):
 
 def test_block_rerank_routers_are_judged_by_the_rerank_rule():
     """For "block_rerank" a router is kept only if the search's own rule keeps more held-back dense
-    mass: the RERANK topk best fine blocks by bound, ranked by their exact largest logit (the
+    mass: the rerank * topk best fine blocks by bound, ranked by their exact largest logit (the
     identity's figure against a brute force, with a pool small enough to matter)."""
     from slcompile.calibrate import _regions_block, _topk_mass
 
     gen = torch.Generator().manual_seed(int(torch.randint(0, 1000, ()).item()))
     Hq, Hkv, T, D, fine, n = 4, 2, 256, 8, 8, 5
-    cfg = SuperlinearConfig.for_pretrained(window=32, topk=2, dense_below=0)
+    cfg = SuperlinearConfig.for_pretrained(window=32, topk=2, dense_below=0, rerank=2)
     k = torch.randn(Hkv, T, D, generator=gen)
     q = torch.randn(Hq, n, D, generator=gen) * 2
     t = torch.tensor([250, 200, 180, 120, 255])
@@ -324,9 +324,8 @@ def test_block_rerank_routers_are_judged_by_the_rerank_rule():
     mn, mx = _regions_block(k, 3, fine)
     s = {"t": t, "e": e, "q": q, "fine": fine, "kmin": mn, "kmax": mx, "mass": mass,
          "kfine": k[:, :T // fine * fine]}
-    with reference.block_search_constants(rerank=2):
-        got = _topk_mass([s], torch.eye(D).repeat(Hq, 1, 1), cfg, Hq // Hkv)
-        pool_n = reference.RERANK * cfg.topk
+    got = _topk_mass([s], torch.eye(D).repeat(Hq, 1, 1), cfg, Hq // Hkv)
+    pool_n = cfg.rerank * cfg.topk
     want = []
     for h in range(Hq):
         kv = h // (Hq // Hkv)

@@ -156,3 +156,39 @@ def test_stage_one_groups_through_the_front_doors():
     one = _reference(q, k, v, cfg.replace(block_group=1, spread_rows=False, exact_rows=0))
     torch.testing.assert_close(old, one, atol=1e-6, rtol=1e-6)
     assert (one - want).abs().max() > 1e-3  # the groups chose other blocks
+
+
+def test_block_search_fine_block_and_rerank_are_config_fields_through_the_front_doors():
+    """fine_block and rerank (docs/routing.md's block searches) are config fields, validated, and
+    carried to span_search by the functional form and the backend; absent from the op's
+    arguments they mean 16 and 32, the semantics of graphs exported before them."""
+    from slcompile.kernels import reference as R
+
+    for bad in (dict(fine_block=3), dict(fine_block=0), dict(rerank=0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SuperlinearConfig(search_key="block_rerank", **bad)
+    cfg = SuperlinearConfig.for_pretrained(dense_below=0, window=32, fine_block=4, rerank=1)
+    q, k, v = _qkv(600, 7, D=8)
+    scale = q.shape[-1] ** -0.5
+
+    def reference(c):
+        return R.superlinear_attention(
+            q, k, v, window=c.window, sinks=c.sinks, topk=c.topk,
+            search_power=c.search_power, span_power=c.span_power,
+            backward_factor=c.backward_factor, forward_factor=c.forward_factor, combine=c.combine,
+            search_key=c.search_key, dense_below=0, scale=scale, fine_block=c.fine_block,
+            rerank=c.rerank)
+
+    want = reference(cfg)
+    out = slcompile.superlinear_attention(q, k, v, config=cfg, enable_gqa=True)
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(_compiled(q, k, v, **cfg.to_dict()), want, atol=1e-5, rtol=1e-5)
+    usual = reference(cfg.replace(fine_block=16, rerank=32))
+    assert (usual - want).abs().max() > 1e-3  # the fields changed the choice
+    a, s = torch.ops.superlinear.span_search(  # no trailing arguments: 16 and 32
+        q, k, None, None, cfg.window, cfg.topk, cfg.search_power, cfg.span_power,
+        cfg.backward_factor, cfg.forward_factor, cfg.search_key, 0)
+    ra, rs = R.span_search(q, k, None, None, cfg.window, cfg.topk, cfg.search_power,
+                           cfg.span_power, cfg.backward_factor, cfg.forward_factor,
+                           cfg.search_key, 0, 16, 32)
+    assert torch.equal(a, ra)

@@ -25,10 +25,12 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def oracle_block_search(qs, k, kpm, pos, W, topk, span_power, bf, ff, triples, rerank=0):
+def oracle_block_search(qs, k, kpm, pos, W, topk, span_power, bf, ff, triples, rerank=0,
+                        fine_block=16):
     """docs/routing.md, written out per query with Python loops over blocks, in float64, from the
     keys themselves (no pyramid, no running summaries). rerank > 0 ("block_rerank"): the rerank
-    best candidates by bound are rescored by their exact largest q.k. Returns {(b, h, i): (anchors,
+    best candidates by bound are rescored by their exact largest q.k; fine blocks of at most
+    fine_block keys. Returns {(b, h, i): (anchors,
     scores)}."""
     B, Hq, Lq, D = qs.shape
     Hkv, T = k.shape[1], k.shape[2]
@@ -45,7 +47,7 @@ def oracle_block_search(qs, k, kpm, pos, W, topk, span_power, bf, ff, triples, r
         if e >= 0:
             bt, ft = int(back[t]), int(fwd[t])
             bs = 1
-            while bs * 2 <= min(16, bt + 1):  # docs/routing.md step 1: fine blocks of <= 16 keys
+            while bs * 2 <= min(fine_block, bt + 1):  # docs/routing.md step 1: fine blocks
                 bs *= 2
             nf = max(1, (e + 1) // bs)
             c = 0
@@ -108,17 +110,14 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("search_key", ["block", "block_rerank", "block_rerank@1"])
+@pytest.mark.parametrize("search_key,rerank,fine_block", [
+    ("block", 32, 16), ("block_rerank", 32, 16),
+    # a rerank pool of topk candidates (the default, 32, rescores every candidate of these small
+    # cases, so the cut at the pool is only exercised with a smaller one)
+    ("block_rerank", 1, 16),
+    ("block", 32, 4), ("block_rerank", 2, 32)])  # other fine blocks (config.fine_block)
 @pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
-def test_block_search_matches_oracle(case, search_key):
-    """@1: a rerank pool of topk candidates (the default RERANK rescores every candidate of these
-    small cases, so the cut at the pool is only exercised with a smaller one)."""
-    search_key, _, pool = search_key.partition("@")
-    with ref.block_search_constants(rerank=int(pool) if pool else None):
-        _block_search_matches_oracle(case, search_key)
-
-
-def _block_search_matches_oracle(case, search_key):
+def test_block_search_matches_oracle(case, search_key, rerank, fine_block):
     B, Hq, Hkv, T, D, W, topk, r, bf, ff, padded = case
     gen = torch.Generator().manual_seed(hash(case) % 2**31)
     qs = torch.randn(B, Hq, T, D, generator=gen)
@@ -128,12 +127,13 @@ def _block_search_matches_oracle(case, search_key):
         kpm = torch.rand(B, T, generator=gen) > 0.25
         kpm[:, :8] = False  # left padding as well as holes
     pos = ref.default_positions(B, T, T, "cpu")
-    a, s = ref.span_search(qs, k, kpm, None, W, topk, 0.5, r, bf, ff, search_key, 0)
+    a, s = ref.span_search(qs, k, kpm, None, W, topk, 0.5, r, bf, ff, search_key, 0, fine_block,
+                           rerank)
     rng = random.Random(0)
     triples = [(b, h, i) for b in range(B) for h in range(Hq) for i in range(T)]
     triples = rng.sample(triples, min(len(triples), 120)) + [(0, 0, T - 1), (B - 1, Hq - 1, W)]
     want = oracle_block_search(qs, k, kpm, pos, W, topk, r, bf, ff, triples,
-                               ref.RERANK if search_key == "block_rerank" else 0)
+                               rerank if search_key == "block_rerank" else 0, fine_block)
     n_nonempty = 0
     for key, (wa, ws) in want.items():
         b, h, i = key

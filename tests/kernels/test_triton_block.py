@@ -82,17 +82,23 @@ def test_block_rerank_matches_reference(case):
     greedy: anchors identical to the reference's; the case must make the rerank matter (other
     anchors than "block" in some rows)."""
     a, qs, k, args = _check_against_reference(case, "block_rerank")
-    rb, _ = R.span_search(qs, k, *args[:-2], "block", 0)
+    rb, _ = R.span_search(qs, k, *args[:-4], "block", 0)
     assert (rb != a).any(-1).sum() >= a[..., 0].numel() // 4
 
 
 @pytest.mark.parametrize("rerank", [1, 2])
 def test_block_rerank_small_pool_matches_reference(rerank):
-    """A pool smaller than the candidates (RERANK = 32 rescores every candidate of these small
-    cases): the block kernel's cut at the rerank topk best by bound (ties: the nearer block)
+    """A pool smaller than the candidates (the default rerank = 32 rescores every candidate of these
+    small cases): the block kernel's cut at the rerank topk best by bound (ties: the nearer block)
     must drop the same candidates as the reference."""
-    with R.block_search_constants(rerank=rerank):
-        _check_against_reference(RERANK_CASES[rerank - 1], "block_rerank")
+    _check_against_reference(RERANK_CASES[rerank - 1], "block_rerank", rerank=rerank)
+
+
+@pytest.mark.parametrize("fine_block", [4, 32])
+def test_other_fine_blocks_match_reference(fine_block):
+    """config.fine_block other than 16: the kernel's levels and tiles follow the reference's."""
+    _check_against_reference(RERANK_CASES[0], "block_rerank", fine_block=fine_block)
+    _check_against_reference(CASES[0], "block", fine_block=fine_block)
 
 
 @pytest.mark.parametrize("chunk", [1, 8])
@@ -101,14 +107,14 @@ def test_block_rerank_chunks_match_reference(chunk):
     _check_against_reference(RERANK_CASES[0], "block_rerank", rerank_chunk=chunk)
 
 
-def _check_against_reference(case, search_key, **launch):
+def _check_against_reference(case, search_key, fine_block=16, rerank=32, **launch):
     """The kernel against reference.span_search on the case's fresh inputs; returns the kernel's
     anchors and the inputs."""
     name, B, Hq, Hkv, Lq, T, D, W, topk, bf, ff, pad, posmode, integer, dtype, bq = case
     gen = torch.Generator().manual_seed(sum(map(ord, name)))
     qs, k = _data(gen, B, Hq, Hkv, Lq, T, D, integer, dtype)
     kpm, pos = _extras(gen, B, Lq, T, pad, posmode)
-    args = (kpm, pos, W, topk, 0.5, 0.5, bf, ff, search_key, 0)
+    args = (kpm, pos, W, topk, 0.5, 0.5, bf, ff, search_key, 0, fine_block, rerank)
     ra, rs = R.span_search(qs, k, *args)
     dev = lambda x: x.to(DEV) if torch.is_tensor(x) else x  # noqa: E731
     poison()
@@ -181,20 +187,20 @@ def test_tile_columns_cover_every_query(W, bf):
     back, _ = span_extents(T, 0.5, bf, 0.0)
     for t0 in (W, T // 2, T - 1):
         t = torch.arange(max(t0, W), T)
-        jf, jc = R._block_levels(t - W, back[t])
+        jf, jc = R._block_levels(t - W, back[t], 16)
         r_max = int((1 << (jc - jf)).max())
-        rp = TB._max_fine_per_coarse(T, W, t0, 0.5, bf, R.BLOCK.bit_length() - 1)
+        rp = TB._max_fine_per_coarse(T, W, t0, 0.5, bf, 4)
         assert r_max <= rp <= 2 * r_max, (t0, r_max, rp)
 
 
 def test_tile_columns_for_pretrained_128k():
-    """for_pretrained at 128K: fine blocks of BLOCK = 16 keys, nf = 8192, so R = 128 tile
+    """for_pretrained at 128K: fine blocks of fine_block = 16 keys, nf = 8192, so R = 128 tile
     columns, not the 256 that the finest level (8 keys at t = W) would give."""
     cfg = SuperlinearConfig.for_pretrained()
     T = 131072
     back, _ = span_extents(T, cfg.span_power, cfg.backward_factor, cfg.forward_factor)
     t = torch.arange(cfg.window, T)
-    jf, jc = R._block_levels(t - cfg.window, back[t])
-    assert R.BLOCK == 16 and int((1 << (jc - jf)).max()) == 128
+    jf, jc = R._block_levels(t - cfg.window, back[t], cfg.fine_block)
+    assert cfg.fine_block == 16 and int((1 << (jc - jf)).max()) == 128
     assert TB._max_fine_per_coarse(T, cfg.window, cfg.window, cfg.span_power,
                                    cfg.backward_factor, 4) == 128
