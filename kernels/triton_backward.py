@@ -476,9 +476,9 @@ def _dkdv_kernel(
                   mask=nmask[:, None] & (offdv[None, :] < DV))
 
 
-def _settings(dtype, Dmax):
-    """Block sizes, warps and pipelining depths of the stats, dq and dk/dv kernels, then
-    ``TUNING``'s overrides. H200 tunings at 128K (bf16, union fwd+bwd; benchmarks/RESULTS.md):
+def _settings(dtype, Dmax, tuning=None):
+    """Block sizes, warps and pipelining depths of the stats, dq and dk/dv kernels, then the
+    call's ``tuning`` overrides (keys as below). H200 tunings at 128K (bf16, union fwd+bwd; benchmarks/RESULTS.md):
     kv_block_m=128 (231.9 ms against 261.6 ms with 64, earlier kernels); no software pipelining
     (154.9 ms against 162.8 ms with 2 stages for dq and dk/dv and 3 for stats, 185.0 ms with 3
     everywhere)."""
@@ -488,15 +488,12 @@ def _settings(dtype, Dmax):
              kv_warps=8 if Dmax >= 128 else 4, kv_stages=1, chunk=2048,
              st_block_m=32 if small else 64, st_block_n=32 if small else 64, st_warps=4,
              st_stages=1)
-    s.update(TUNING)
+    unknown = set(tuning or {}) - set(s)
+    if unknown:
+        raise ValueError(f"span_attention_backward: unknown tuning key(s) {sorted(unknown)}; "
+                         f"known: {sorted(s)}")
+    s.update(tuning or {})
     return s
-
-
-TUNING: dict = {}
-"""Overrides of ``_settings`` (benchmarks/train.py --tune sets them): dq_block_m, dq_block_n,
-dq_warps, dq_stages, kv_block_m, kv_block_n, kv_warps, kv_stages, chunk (pieces per dk/dv
-work item at most), st_block_m, st_block_n, st_warps, st_stages (union statistics pass);
-*_stages: the software-pipelining depth of the kernel's main loop."""
 
 
 def piece_tables(anchors, pos, T, W, S, back, fwd, union, spans, B, Hq, Lq, device):
@@ -579,9 +576,13 @@ def _key_major_work(lo, hi, idx, skey, T, S, NG, npair, cfg):
 
 def span_attention_backward(grad_out, q, k, v, anchors, scores, key_padding_mask, query_positions,
                             window, sinks, span_power, backward_factor, forward_factor, combine,
-                            scale, dense_below, out=None):
+                            scale, dense_below, out=None, tuning=None):
     """(dq, dk, dv, dscores) with the contract of ``autograd.span_attention_backward``. ``out``:
-    the forward's output (union mode uses it for delta = dO . out; recomputed when None)."""
+    the forward's output (union mode uses it for delta = dO . out; recomputed when None).
+    ``tuning``: launch overrides for this call (benchmarks/train.py --tune-L): dq_block_m,
+    dq_block_n, dq_warps, dq_stages, kv_block_m, kv_block_n, kv_warps, kv_stages, chunk (pieces
+    per dk/dv work item at most), st_block_m, st_block_n, st_warps, st_stages (union statistics
+    pass); *_stages: the software-pipelining depth of the kernel's main loop."""
     TA._check(q, k, v)
     B, Hq, Lq, D = q.shape
     Hkv, T, DV = k.shape[1], k.shape[2], v.shape[3]
@@ -610,7 +611,7 @@ def span_attention_backward(grad_out, q, k, v, anchors, scores, key_padding_mask
     pipe = not TA._interpreted()
     qk_scale = float(scale) * math.log2(math.e)
     NP = topk + 2
-    cfg = _settings(q.dtype, max(BLOCK_D, BLOCK_DV))
+    cfg = _settings(q.dtype, max(BLOCK_D, BLOCK_DV), tuning)
     kpm_arg = kpm if kpm is not None else back
     kpm_st = kpm.stride() if kpm is not None else (0, 0)
     lo, hi, plo, phi = piece_tables(anchors, pos, T, W, S, back, fwd, not gated, spans, B, Hq,

@@ -248,6 +248,30 @@ def test_triton_backward_matches_cpu_backward(combine, pad, pos, dtype, dense_be
 
 
 @pytest.mark.parametrize("combine", ["union", "gated"])
+def test_triton_backward_tuning_is_a_per_call_option(combine):
+    """Launch overrides travel with the call (no module state): other block sizes, warps and a
+    small dk/dv chunk give the oracle's gradients too; an unknown key is refused."""
+    TB = _triton()
+    c = _cfg(window=8, combine=combine, dense_below=0)
+    q, qs, k, v, kpm, qp = _inputs(31, 1, 4, 2, 24, 300, 16, dtype=torch.float32, pad=True,
+                                   pos=True)
+    a, s = R.span_search(qs, k, kpm, qp, 8, 3, 0.5, 0.5, 2.0, 0.0, "anchor", 0)
+    go = torch.randn(q.shape)
+    args = (q, k, v, a, s, kpm, qp, *_attn_args(c, 0.35))
+    _, *ref = AG.gathered_attention(*args, grad_out=go)
+    dev = [x.to(DEV) if torch.is_tensor(x) else x for x in (go, *args)]
+    tuning = dict(dq_block_m=16, dq_block_n=16, kv_block_m=16, kv_block_n=16, st_block_m=16,
+                  st_block_n=16, chunk=1, kv_warps=2)
+    poison()
+    got = TB.span_attention_backward(*dev, tuning=tuning)
+    for x, y in zip(got, ref):
+        torch.testing.assert_close(x.cpu().float(), y.float(), atol=2e-5 * max(1.0, y.abs().max()),
+                                   rtol=0)
+    with pytest.raises(ValueError, match="unknown tuning key"):
+        TB.span_attention_backward(*dev, tuning={"dq_blockm": 32})
+
+
+@pytest.mark.parametrize("combine", ["union", "gated"])
 def test_key_major_work_covers_each_touching_piece_once(combine):
     """The dk/dv work list (plain torch, no kernel) against brute force: for every kv group and
     key tile, the pieces of its listed blocks include every piece that reaches the tile, and no
