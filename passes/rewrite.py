@@ -208,13 +208,10 @@ def _is_last_two_transpose(c, x) -> bool:
     return False
 
 
-_EV: List[MaskEvaluator] = []
-
-
-def _very_neg_value(x) -> bool:
-    if isinstance(x, fx.Node) and _EV:  # e.g. torch.tensor(-inf), torch.finfo(dtype).min tensors
+def _very_neg_value(x, ev: MaskEvaluator) -> bool:
+    if isinstance(x, fx.Node):  # e.g. torch.tensor(-inf), torch.finfo(dtype).min tensors
         from .maskproof import Const
-        v = _EV[-1].eval(x)
+        v = ev.eval(x)
         x = v.v if isinstance(v, Const) else None
     return isinstance(x, (int, float)) and not isinstance(x, bool) and float(x) <= VERY_NEGATIVE
 
@@ -417,7 +414,7 @@ def _peel_same_dtype_casts(node):
     return node
 
 
-def _parse_mha(node: fx.Node, c) -> Site:
+def _parse_mha(node: fx.Node, c, ev: MaskEvaluator) -> Site:
     """F.multi_head_attention_forward (what nn.MultiheadAttention calls), self-attention only."""
     a = c.args[0]
     users = list(node.users)
@@ -461,7 +458,7 @@ def _parse_mha(node: fx.Node, c) -> Site:
             # nn.MultiheadAttention hands it on as a float mask (F._canonical_mask: 0 / -inf):
             # followed back to the runtime [B, S] factor it was built from
             from .maskproof import constraints_of as _cons
-            cons, err = _cons(_EV[-1].eval(kpm), "add") if _EV else (None, "")
+            cons, err = _cons(ev.eval(kpm), "add")
             ats = list(cons or ())
             at = ats[0] if len(ats) == 1 else None
             at_t = tensor_meta(at[1]) if at is not None and at[0] == "opq" else None
@@ -612,7 +609,7 @@ def _parse_encoder_layer(node: fx.Node, c) -> Site:
     return s
 
 
-def _parse_logits(node, terms: list, depth=0, post: Optional[_Post] = None):
+def _parse_logits(node, terms: list, ev: MaskEvaluator, depth=0, post: Optional[_Post] = None):
     """Walk from the softmax input down to q @ k^T, collecting masks and scales. Each mask term is
     recorded as (node, kind, post): `post` says how its fill value reaches the softmax."""
     factor = 1.0
@@ -640,7 +637,7 @@ def _parse_logits(node, terms: list, depth=0, post: Optional[_Post] = None):
                 if op == "mul":  # w * b with b a 0/1 mask (OpenAI-GPT: w * b + -1e4 * (1 - b))
                     for main, other in ((x, y), (y, x)):
                         if isinstance(main, fx.Node) and isinstance(other, fx.Node) \
-                                and _unit_mask(other) and _has_qk_below(main):
+                                and _unit_mask(other, ev) and _has_qk_below(main):
                             terms.append((other, "mulkeep", post.at(None, cur)))
                             cur = main
                             break
@@ -664,7 +661,7 @@ def _parse_logits(node, terms: list, depth=0, post: Optional[_Post] = None):
         if op == "maximum":  # a floor (XGLM's max(w, finfo.min)): it keeps a mask very negative
             x, y = c.args
             for main, other in ((x, y), (y, x)):
-                fv = _fill_value(other)
+                fv = _fill_value(other, ev)
                 if isinstance(main, fx.Node) and fv is not None:
                     break
             else:
@@ -676,18 +673,18 @@ def _parse_logits(node, terms: list, depth=0, post: Optional[_Post] = None):
             continue
         if op == "masked_fill":
             x, m, val = c.args
-            if not _very_neg_value(val):
+            if not _very_neg_value(val, ev):
                 raise Skip("masked_fill with a value that does not remove keys")
-            terms.append((m, "drop", post.at(_fill_value(val), cur)))
+            terms.append((m, "drop", post.at(_fill_value(val, ev), cur)))
             cur = x
             continue
         if op == "where":
             cond, x, y = c.args
-            if _very_neg_value(y):
-                terms.append((cond, "keep", post.at(_fill_value(y), cur)))
+            if _very_neg_value(y, ev):
+                terms.append((cond, "keep", post.at(_fill_value(y, ev), cur)))
                 cur = x
-            elif _very_neg_value(x):
-                terms.append((cond, "drop", post.at(_fill_value(x), cur)))
+            elif _very_neg_value(x, ev):
+                terms.append((cond, "drop", post.at(_fill_value(x, ev), cur)))
                 cur = y
             else:
                 raise Skip("where() on logits that is not a mask")
@@ -708,7 +705,7 @@ def _parse_logits(node, terms: list, depth=0, post: Optional[_Post] = None):
             for main, other in ((x, y), (y, x)):
                 sub_terms: list = []
                 try:
-                    q, k, f, rt = _parse_logits(main, sub_terms, depth + 1, post)
+                    q, k, f, rt = _parse_logits(main, sub_terms, ev, depth + 1, post)
                 except Skip:
                     continue
                 terms.extend(sub_terms)
@@ -721,11 +718,11 @@ def _parse_logits(node, terms: list, depth=0, post: Optional[_Post] = None):
     raise Skip("logits expression too deep")
 
 
-def _fill_value(x) -> Optional[float]:
+def _fill_value(x, ev: MaskEvaluator) -> Optional[float]:
     """The number a fill argument holds (a python number, or a constant tensor node)."""
-    if isinstance(x, fx.Node) and _EV:
+    if isinstance(x, fx.Node):
         from .maskproof import Const
-        v = _EV[-1].eval(x)
+        v = ev.eval(x)
         x = v.v if isinstance(v, Const) else None
     if isinstance(x, (int, float)) and not isinstance(x, bool):
         return float(x)
@@ -748,12 +745,10 @@ def _positive_scalar(y, ev: MaskEvaluator) -> Optional[bool]:
     return None
 
 
-def _unit_mask(node) -> bool:
+def _unit_mask(node, ev: MaskEvaluator) -> bool:
     """A tensor that is 1 where a mask keeps and 0 elsewhere (a float tril buffer, b.float())."""
-    if not _EV:
-        return False
     from .maskproof import Const, Sel
-    v = _EV[-1].eval(node)
+    v = ev.eval(node)
     if isinstance(v, Const):
         return not isinstance(v.v, bool) and v.v == 1
     return isinstance(v, Sel) and v.a == 1 and v.b == 0 and not isinstance(v.a, bool)
@@ -882,7 +877,7 @@ def _unflatten(node) -> Optional[fx.Node]:
     return inner
 
 
-def _parse_softmax(node: fx.Node, c) -> Optional[Site]:
+def _parse_softmax(node: fx.Node, c, ev: MaskEvaluator) -> Optional[Site]:
     x, dim = c.args
     t = tensor_meta(x)
     if t is None or dim not in (-1, t.dim() - 1) or t.dim() < 3:
@@ -890,7 +885,7 @@ def _parse_softmax(node: fx.Node, c) -> Optional[Site]:
     # is it attention at all? find q @ k^T under the softmax
     terms: list = []
     try:
-        q, k, factor, runtime = _parse_logits(x, terms)
+        q, k, factor, runtime = _parse_logits(x, terms, ev)
     except Skip as e:
         # only report it as a site when a q @ k^T is underneath somewhere
         if _has_qk_below(x):
@@ -1280,11 +1275,7 @@ def rewrite_graph(gm: fx.GraphModule, config: Optional[SuperlinearConfig] = None
     graph = gm.graph
     meta_key = "val" if _is_aten_graph(graph) else None
     ev = MaskEvaluator(_buffer_constants(gm, constants))
-    _EV.append(ev)
-    try:
-        return _rewrite(gm, graph, config, ev, meta_key, dry_run, t0)
-    finally:
-        _EV.pop()
+    return _rewrite(gm, graph, config, ev, meta_key, dry_run, t0)
 
 
 def _rewrite(gm, graph, config, ev, meta_key, dry_run, t0) -> RewriteReport:
@@ -1302,7 +1293,7 @@ def _rewrite(gm, graph, config, ev, meta_key, dry_run, t0) -> RewriteReport:
         try:
             if c.op == "softmax":
                 try:
-                    site = _parse_softmax(node, c)
+                    site = _parse_softmax(node, c, ev)
                 except Skip:
                     rep.form = "matmul-softmax"
                     raise
@@ -1310,7 +1301,7 @@ def _rewrite(gm, graph, config, ev, meta_key, dry_run, t0) -> RewriteReport:
                     continue
             elif c.op == "mha":
                 rep.form = "mha"
-                site = _parse_mha(node, c)
+                site = _parse_mha(node, c, ev)
             elif c.op == "encoder_layer":
                 rep.form = "encoder-layer"
                 site = _parse_encoder_layer(node, c)
