@@ -41,6 +41,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import dispatch
 from .config import BLOCK_SEARCH_KEYS
 from .geometry import keeps_no_span, span_extents
 from .reference import default_positions
@@ -284,9 +285,7 @@ def search_backward(grad_scores, search_query, key, key_padding_mask, query_posi
 # --------------------------------------------------------------------------------------------
 
 def _use_triton_backward(*tensors) -> bool:
-    from . import ops
-
-    if not ops._use_triton(tensors[0].device):
+    if not dispatch.use_triton(tensors[0].device):
         return False
     return (len({t.dtype for t in tensors}) == 1
             and tensors[0].dtype in (torch.float32, torch.bfloat16, torch.float16)
@@ -375,7 +374,47 @@ def _backward_attention(ctx, grad_out):
     return (dq, dk, dv, None, ds if combine == "gated" else None) + (None,) * 10
 
 
-def register(span_search_op, span_attention_op) -> None:
-    """Attach the backward passes to the two forward ops (called once by ``ops.py``)."""
+# --------------------------------------------------------------------------------------------
+# the N-step search (docs/nstep.md): gradients of its scores
+# --------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("superlinear::nstep_search_backward", mutates_args=())
+def nstep_search_backward(
+    grad_scores: Tensor, search_query: Tensor, key: Tensor, key_padding_mask: Optional[Tensor],
+    query_positions: Optional[Tensor], anchors: Tensor, window: int, steps: int,
+    backward_factor: float, forward_factor: float, search_key: str, dense_below: int,
+) -> Tuple[Tensor, Tensor]:
+    """(d search_query, d key) of nstep_search's scores (``nstep.nstep_search_backward``)."""
+    from . import nstep
+
+    dqs, dk = nstep.nstep_search_backward(grad_scores, search_query, key, key_padding_mask,
+                                          query_positions, anchors, window, steps, backward_factor,
+                                          forward_factor, search_key, dense_below)
+    return dqs.contiguous(), dk.contiguous()
+
+
+@nstep_search_backward.register_fake
+def _(grad_scores, search_query, key, *rest):
+    return search_query.new_empty(search_query.shape), key.new_empty(key.shape)
+
+
+def _nstep_setup(ctx, inputs, output):
+    qs, k, kpm, pos, window, topk, steps, bf, ff, search_key, dense_below = inputs
+    ctx.save_for_backward(qs, k, kpm, pos, output[0])
+    ctx.params = (window, steps, bf, ff, search_key, dense_below)
+
+
+def _nstep_backward(ctx, grad_anchors, grad_scores):
+    qs, k, kpm, pos, anchors = ctx.saved_tensors
+    if grad_scores is None:
+        return (None,) * 11
+    dqs, dk = torch.ops.superlinear.nstep_search_backward(grad_scores, qs, k, kpm, pos, anchors,
+                                                          *ctx.params)
+    return (dqs, dk) + (None,) * 9
+
+
+def register(span_search_op, span_attention_op, nstep_search_op) -> None:
+    """Attach the backward passes to the forward ops (called once by ``ops.py``)."""
     span_search_op.register_autograd(_backward_search, setup_context=_setup_search)
     span_attention_op.register_autograd(_backward_attention, setup_context=_setup_attention)
+    nstep_search_op.register_autograd(_nstep_backward, setup_context=_nstep_setup)

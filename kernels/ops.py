@@ -2,46 +2,24 @@
 
 Registered with ``torch.library.custom_op``: a schema, a fake (meta) implementation for tracing and
 torch.export, the reference as the CPU implementation, and a CUDA implementation that runs the
-Triton kernels when they are available (the reference otherwise). ``force_triton(True)`` (or the
-environment variable ``SLCOMPILE_FORCE_TRITON=1`` together with ``TRITON_INTERPRET=1``) routes the
-CPU implementation through the Triton kernels too, so that CI checks them under the interpreter.
+Triton kernels when they are available (the reference otherwise; kernels/dispatch.py decides, and
+its ``force_triton`` sends the CPU ops through the Triton kernels under the interpreter).
 
 Config fields travel as plain scalars so that graphs holding these ops export and serialise.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from . import reference
+from . import dispatch, reference
+from .dispatch import force_triton  # noqa: F401  (public: tests route the CPU ops through Triton)
 
-_FORCE_TRITON = os.environ.get("SLCOMPILE_FORCE_TRITON", "") == "1"
-
-
-def force_triton(enabled: bool = True) -> None:
-    """Route the CPU implementation of the ops through the Triton kernels (needs
-    ``TRITON_INTERPRET=1`` set before triton is imported). For tests of the kernels on CPU."""
-    global _FORCE_TRITON
-    _FORCE_TRITON = bool(enabled)
-
-
-def _triton_module():
-    """The Triton implementation, or None when it is unavailable."""
-    try:
-        from . import triton_impl  # noqa: F401  (kernels land here)
-    except ImportError:
-        return None
-    return triton_impl
-
-
-def _use_triton(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return _triton_module() is not None
-    return _FORCE_TRITON and _triton_module() is not None
+_triton_module = dispatch.triton_module
+_use_triton = dispatch.use_triton
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,13 +105,6 @@ def _(query, key, value, anchors, scores, key_padding_mask, query_positions, win
     return query.new_empty((B, Hq, Lq, value.shape[-1]))
 
 
-# Autograd (kernels/autograd.py): gradients for query, key, value, the gate's scores and, through
-# the scores, the search query; the backward passes are ops of their own.
-from . import autograd as _autograd  # noqa: E402
-
-_autograd.register(span_search, span_attention)
-
-
 # --------------------------------------------------------------------------------------------
 # nstep_search: the N-step search of docs/nstep.md (SuperlinearConfig(steps=N), N >= 3)
 # --------------------------------------------------------------------------------------------
@@ -178,42 +149,11 @@ def _(search_query, key, key_padding_mask, query_positions, window, topk, steps,
     return _search_outputs_like(search_query, topk)
 
 
-@torch.library.custom_op("superlinear::nstep_search_backward", mutates_args=())
-def nstep_search_backward(
-    grad_scores: Tensor, search_query: Tensor, key: Tensor, key_padding_mask: Optional[Tensor],
-    query_positions: Optional[Tensor], anchors: Tensor, window: int, steps: int,
-    backward_factor: float, forward_factor: float, search_key: str, dense_below: int,
-) -> Tuple[Tensor, Tensor]:
-    """(d search_query, d key) of nstep_search's scores (``nstep.nstep_search_backward``)."""
-    from . import nstep
+# Autograd (kernels/autograd.py): gradients for query, key, value, the gate's scores and, through
+# the scores, the search query; the backward passes are ops of their own.
+from . import autograd as _autograd  # noqa: E402
 
-    dqs, dk = nstep.nstep_search_backward(grad_scores, search_query, key, key_padding_mask,
-                                          query_positions, anchors, window, steps, backward_factor,
-                                          forward_factor, search_key, dense_below)
-    return dqs.contiguous(), dk.contiguous()
-
-
-@nstep_search_backward.register_fake
-def _(grad_scores, search_query, key, *rest):
-    return search_query.new_empty(search_query.shape), key.new_empty(key.shape)
-
-
-def _nstep_setup(ctx, inputs, output):
-    qs, k, kpm, pos, window, topk, steps, bf, ff, search_key, dense_below = inputs
-    ctx.save_for_backward(qs, k, kpm, pos, output[0])
-    ctx.params = (window, steps, bf, ff, search_key, dense_below)
-
-
-def _nstep_backward(ctx, grad_anchors, grad_scores):
-    qs, k, kpm, pos, anchors = ctx.saved_tensors
-    if grad_scores is None:
-        return (None,) * 11
-    dqs, dk = torch.ops.superlinear.nstep_search_backward(grad_scores, qs, k, kpm, pos, anchors,
-                                                          *ctx.params)
-    return (dqs, dk) + (None,) * 9
-
-
-nstep_search.register_autograd(_nstep_backward, setup_context=_nstep_setup)
+_autograd.register(span_search, span_attention, nstep_search)
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,15 +34,15 @@ def poison(dev=DEV):
 
 
 def through_triton(monkeypatch, *entry_points):
-    """Send the custom ops through the Triton kernels for the rest of the test (ops.force_triton,
-    undone at teardown) and count calls of the given (module, function name) entry points: the
+    """Send the custom ops through the Triton kernels for the rest of the test (dispatch's
+    force_triton, undone at teardown) and count calls of the given (module, function name) entry points: the
     returned list gets the name at each call, so a test can show the kernel really ran."""
-    from slcompile.kernels import ops
+    from slcompile.kernels import dispatch
 
     calls = []
     for module, name in entry_points:
         real = getattr(module, name)
         monkeypatch.setattr(module, name,
                             lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
-    monkeypatch.setattr(ops, "_FORCE_TRITON", True)
+    monkeypatch.setattr(dispatch, "_FORCE_TRITON", True)
     return calls
