@@ -2,10 +2,15 @@
 
 `rewrite_graph(gm, config)` finds dense attention in a dynamo graph (torch-level) or an ATen graph
 (torch.export's ``graph_module`` or ``ep.module()``, AOTAutograd), proves each mask causal from the
-graph (`maskproof`), and replaces every proven site with ``superlinear::span_search`` feeding
-``superlinear::span_attention``. It returns a `RewriteReport`; sites it leaves alone carry the
-reason. Both graph levels are read through one canonical vocabulary (`canon`), so no re-tracing is
-needed (the rewrite of a 30-layer model's graph takes a few hundred milliseconds).
+graph (`maskproof`), and replaces every proven site with the superlinear ops its config lowers to
+(``superlinear::block_sparse_attention`` by default; kernels/lowering.py). It returns a
+`RewriteReport`; sites it leaves alone carry the reason. Both graph levels are read through one
+canonical vocabulary (`canon`), so no re-tracing is needed (the rewrite of a 30-layer model's graph
+takes a few hundred milliseconds).
+
+Modules: `canon` (the vocabulary), `maskproof` (the abstract evaluator of masks), `graph` (node
+readers and the emitter), `sites` (the site forms and their parsers), `emit` (a proven site's op
+calls), `rewrite` (the driver: find, prove, emit, report).
 
 Sites:
     * SDPA (``F.scaled_dot_product_attention``, ``aten.scaled_dot_product_attention`` and the fused
