@@ -14,7 +14,7 @@ reference and timing against the kernel's previous version, the Triton anchor se
    scores compared. Each timed shape is also checked on its last ``--ref-queries`` queries.
 2. Timing (CUDA events, median): the kernel over a whole prefill, the Triton anchor search with the
    same config and causal SDPA (flash) on q/k/v of the same shape, in this one run; "before" is the
-   previous kernel's prefill from ``block_search_h200_2026-11-28.json`` (commit f03b88b).
+   previous kernel's prefill from ``data/block_search_h200_2026-11-28.json`` (commit f03b88b).
    Past ``--budget-s`` seconds the remaining optional parts (the launch-shape sweep) are skipped.
 
 --rerank: the same for search_key="block_rerank" (the block kernel's candidate selection plus
@@ -51,7 +51,7 @@ from slcompile.kernels import triton_block as TB  # noqa: E402
 from slcompile.kernels import triton_impl as TI  # noqa: E402
 
 HEADS = [(32, 8, 128), (9, 3, 64)]  # Llama-8B-like, SmolLM2-135M-like
-BEFORE = os.path.join(HERE, "block_search_h200_2026-11-28.json")
+BEFORE = os.path.join(HERE, "data", "block_search_h200_2026-11-28.json")
 # launch shapes tried after the table (keyword arguments of triton_block.span_search)
 SWEEP = [dict(block_q=bq, num_warps=nw) for bq, nw in [(16, 8), (4, 4), (8, 4)]]
 RERANK_SWEEP = [dict(rerank_chunk=ch, rerank_warps=nw)  # --rerank

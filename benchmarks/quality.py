@@ -942,7 +942,7 @@ def main(argv=None):
     ap.add_argument("--bundle", help="token ids written by --make-bundle instead of reading texts")
     ap.add_argument("--make-bundle", metavar="PATH",
                     help="only write the tokenised haystack / held-out / calibration texts to PATH")
-    ap.add_argument("--out", default="benchmarks/quality")
+    ap.add_argument("--out", default="benchmarks/data/quality")
     ap.add_argument("--merge", nargs="+", metavar="JSON",
                     help="only combine the JSON files of earlier runs (same lengths/depths) into one "
                          "table and PNG at --out")

@@ -12,7 +12,7 @@ import torch
 
 from slcompile.kernels.config import SuperlinearConfig
 
-_path = os.path.join(os.path.dirname(__file__), "..", "examples", "train_retrieval.py")
+_path = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "train_retrieval.py")
 _spec = importlib.util.spec_from_file_location("train_retrieval_example", _path)
 tr = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(tr)

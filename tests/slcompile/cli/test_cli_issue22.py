@@ -13,7 +13,7 @@ import torch
 
 from cli_helpers import HERE, TINY, assert_one_line_error, listing, run_cli
 
-ROOT = HERE.parent.parent
+ROOT = HERE.parents[2]
 WITH_MODELS = {"PYTHONPATH": str(HERE)}  # issue22_models importable by the subprocess
 
 

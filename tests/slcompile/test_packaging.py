@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # our top-level kernels/ folder (a virtual environment may live inside the checkout: CI's .venv)
 OURS = os.path.join(os.path.realpath(ROOT), "kernels") + os.sep
 

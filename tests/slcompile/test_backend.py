@@ -110,7 +110,7 @@ class Stack(torch.nn.Module):
 
 def test_rewrite_time_30_layers():
     """Time of rewrite_graph on the dynamo graph of a 30-layer GQA model with a padded causal mask
-    (the real 30-layer SmolLM2 graph is timed in tests/passes/test_hf.py)."""
+    (the real 30-layer SmolLM2 graph is timed in tests/passes/test_hf_graphs.py)."""
     m = Stack(30).eval()
     times, reports = [], []
 

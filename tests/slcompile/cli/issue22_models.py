@@ -1,4 +1,4 @@
-"""Test models of tests/cli/test_cli_issue22.py, importable by the CLI subprocesses (PYTHONPATH):
+"""Test models of tests/slcompile/cli/test_cli_issue22.py, importable by the CLI subprocesses (PYTHONPATH):
 one whose dynamic-length export fails (so the CLI falls back to a static export), and an output
 type registered as a pytree node only when this module is imported."""
 

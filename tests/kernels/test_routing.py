@@ -233,7 +233,7 @@ def _quality_module():
     import os
     import sys
 
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "quality.py")
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "quality.py")
     if "quality_bench" not in sys.modules:
         spec = importlib.util.spec_from_file_location("quality_bench", path)
         mod = importlib.util.module_from_spec(spec)
