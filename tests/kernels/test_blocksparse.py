@@ -2,8 +2,6 @@
 from the contract, dense attention, and its properties; FlexAttention's lowering against the
 reference."""
 
-import math
-
 import pytest
 import torch
 
@@ -12,73 +10,11 @@ from slcompile import SuperlinearConfig
 from slcompile.kernels import blocksparse as bs
 from slcompile.kernels.reference import dense_attention
 
+from oracle import oracle_blocksparse
+
 NEG = float("-inf")
 R, P = 8, 8  # representative rows and pool of these tests (the config's defaults)
 
-
-def oracle(q, k, v, kpm, p0, *, window, sinks, topk, qb, kb, scale, r2=0, F=1, spread=False):
-    """Python loops over the contract, float64: (kept sets {(b, h, j): set}, output). F: key
-    blocks per stage-1 group; spread: representative rows qb // rows apart."""
-    B, Hq, Lq, D = q.shape
-    Hkv, T = k.shape[1], k.shape[2]
-    G = Hq // Hkv
-    q64, k64, v64 = q.double(), k.double(), v.double()
-    present = torch.ones(B, T, dtype=torch.bool) if kpm is None else kpm
-    sb, wb = math.ceil(sinks / kb), math.ceil(min(window, T) / kb)
-    out = torch.zeros(B, Hq, Lq, v.shape[3], dtype=torch.float64)
-    kept_all, scores_all = {}, {}
-    pos = list(range(p0, p0 + Lq))
-
-    def keys_of(b, first, last):  # present keys of key blocks first..last-1
-        return [x for x in range(first * kb, min(T, last * kb)) if present[b, x]]
-
-    for b in range(B):
-        for h in range(Hkv):
-            heads = list(range(h * G, (h + 1) * G))
-            for j in sorted({t // qb for t in pos}):
-                inblk = [t for t in pos if t // qb == j]
-
-                def reps(n):  # the block's last row in the call and the n - 1 before it
-                    step = qb // n if spread else 1
-                    return [t - p0 if t >= inblk[0] else inblk[-1] - p0
-                            for t in (inblk[-1] - step * r for r in range(n))]
-
-                ri, ri2 = reps(R), reps(r2 or R)
-                before = j * qb // kb
-                cand_blocks = [i for i in range(sb, before - wb) if keys_of(b, i, i + 1)]
-                groups = []  # stage 1: (bound, group) of every group holding a candidate block
-                for g in sorted({i // F for i in cand_blocks}):
-                    keys = keys_of(b, g * F, (g + 1) * F)
-                    assert max(keys) < j * qb  # the contract's window rule: nothing of the block
-                    kk = k64[b, h, keys]
-                    kmax, kmin = kk.max(0).values, kk.min(0).values
-                    bound = max(float(torch.maximum(qr * kmax, qr * kmin).sum())
-                                for hh in heads for qr in q64[b, hh, ri])
-                    groups.append((bound, g))
-                groups.sort(reverse=True)
-                kept_groups = {g for _, g in groups[:math.ceil(P * topk / F)]}
-                cands, pool = [(bd, g) for bd, g in groups], []
-                for i in cand_blocks:
-                    if i // F in kept_groups:
-                        kk = k64[b, h, keys_of(b, i, i + 1)]
-                        exact = max(float((q64[b, hh, ri2] @ kk.T).max()) for hh in heads)
-                        pool.append((exact, i))
-                pool.sort(reverse=True)
-                kept = [c[1] for c in pool[:topk]]
-                kept_all[(b, h, j)] = set(kept)
-                scores_all[(b, h, j)] = (cands, pool)
-                blocks = set(range(min(sb, before))) | set(range(max(sb, before - wb), before))
-                blocks |= set(kept)
-                for t in [t for t in pos if t // qb == j]:
-                    keys = [x for blk in blocks for x in range(blk * kb, min(T, (blk + 1) * kb))]
-                    keys += list(range(j * qb, t + 1))
-                    keys = sorted(x for x in set(keys) if present[b, x])
-                    if not keys:
-                        continue
-                    for hh in heads:
-                        lg = (q64[b, hh, t - p0] @ k64[b, h, keys].T) * scale
-                        out[b, hh, t - p0] = torch.softmax(lg, 0) @ v64[b, h, keys]
-    return kept_all, scores_all, out
 
 
 def _inputs(B, Hq, Hkv, T, D, seed, pad=False):
@@ -120,7 +56,7 @@ def test_reference_against_brute_force_oracle(case):
     kept = bs.block_select(q, k, kpm, p0, window=W, sinks=S, topk=K, q_block=qb, k_block=kb,
                            rows=R, pool=P, exact_rows=r2, group=F, spread=spread)
     j0 = p0 // qb
-    want, scores, o_want = oracle(q, k, v, kpm, p0, window=W, sinks=S, topk=K, qb=qb, kb=kb,
+    want, scores, o_want = oracle_blocksparse(q, k, v, kpm, p0, window=W, sinks=S, topk=K, qb=qb, kb=kb,
                                   scale=scale, r2=r2, F=F, spread=spread)
     got = {(b, h, n + j0): s for (b, h, n), s in _kept_sets(kept).items()}
     assert set(got) == set(want)
@@ -394,7 +330,7 @@ def test_empty_pool_slots_never_displace_blocks_with_negative_scores():
     v = torch.randn(1, 1, T, 8)
     kw = dict(window=32, sinks=0, q_block=qb, k_block=kb)
     kept = bs.block_select(q, k, None, 0, topk=3, rows=R, pool=P, **kw)
-    want, _, _ = oracle(q, k, v, None, 0, window=32, sinks=0, topk=3, qb=qb, kb=kb, scale=0.3)
+    want, _, _ = oracle_blocksparse(q, k, v, None, 0, window=32, sinks=0, topk=3, qb=qb, kb=kb, scale=0.3)
     assert _kept_sets(kept) == want
     nK, sb, wb, per_q = bs.geometry(T, 32, 0, qb, kb)
     for j in range(T // qb):  # every query block keeps min(topk, candidates) blocks

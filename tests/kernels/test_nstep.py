@@ -12,114 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from oracle import oracle_cells, oracle_nstep_attention, oracle_nstep_search
 from triton_env import DEV, poison, require_triton, through_triton
 from slcompile.kernels import nstep as NS
 from slcompile.kernels import reference as R
 from slcompile.kernels.config import SuperlinearConfig
 from slcompile.kernels.geometry import span_extents
-
-# ------------------------------------------------------------------------------------------------
-# brute-force oracle, from docs/nstep.md only (the geometry table fixes how (t+1)^(1/N) rounds)
-# ------------------------------------------------------------------------------------------------
-
-
-def oracle_cells(t, T, W, N, bf, ff):
-    """(s, n, f, fwd, [(j, lo, hi, anchor)]) of the query at t, straight from the definition."""
-    back, fwd = span_extents(T, 1.0 / N, bf, ff)
-    b, fw = int(back[t]), int(fwd[t])
-    e = t - W
-    s = b + fw + 1
-    if e < 0:
-        return s, 0, 1, fw, []
-    n = e // s + 1
-    f = 1
-    while f ** (N - 1) < n:
-        f += 1
-    cells = [(j, max(0, e - (j + 1) * s + 1), e - j * s, max(0, e - j * s - fw)) for j in range(n)]
-    return s, n, f, fw, cells
-
-
-def oracle_search(qs, k, kpm, pos, cfg):
-    """anchors / scores [B, Hq, Lq, topk] as lists, float64 scores of float32-rounded keys."""
-    B, Hq, Lq, D = qs.shape
-    Hkv, T = k.shape[1], k.shape[2]
-    W, N, topk = min(cfg["window"], T), cfg["steps"], cfg["topk"]
-    keep = torch.ones(B, T, dtype=torch.bool) if kpm is None else kpm
-    out_a = torch.full((B, Hq, Lq, topk), -1, dtype=torch.int64)
-    out_s = torch.full((B, Hq, Lq, topk), float("-inf"), dtype=torch.float64)
-    if T <= cfg["dense_below"] or W >= T:
-        return out_a, out_s
-    for b in range(B):
-        for h in range(Hq):
-            kh = h // (Hq // Hkv)
-            for i in range(Lq):
-                t = int(pos[b, i])
-                s, n, f, fw, cells = oracle_cells(t, T, W, N, cfg["backward_factor"], cfg["forward_factor"])
-                if n == 0:
-                    continue
-                e = t - W
-
-                def region(level, g):
-                    P = f ** level
-                    lo, hi = max(0, e - min((g + 1) * P, n) * s + 1), e - g * P * s
-                    present = [x for x in range(lo, hi + 1) if keep[b, x]]
-                    if not present:
-                        return float("-inf")
-                    if cfg["search_key"] == "anchor":
-                        key = k[b, kh, present[-1]].double()
-                    else:
-                        key = k[b, kh, present].double().mean(0).float().double()
-                    return float(qs[b, h, i].double() @ key)
-
-                level = N - 2
-                cands = list(range(-(-n // f ** level)))
-                while True:
-                    scored = sorted(((region(level, g), g) for g in cands), key=lambda x: (-x[0], x[1]))
-                    kept = [(sc, g) for sc, g in scored if sc > float("-inf")][:topk]
-                    if level == 0:
-                        break
-                    level -= 1
-                    nreg = -(-n // f ** level)
-                    cands = [g * f + c for _, g in kept for c in range(f) if g * f + c < nreg]
-                for j, (sc, g) in enumerate(kept):
-                    out_a[b, h, i, j] = cells[g][3]
-                    out_s[b, h, i, j] = sc
-    return out_a, out_s
-
-
-def oracle_attention(q, k, v, cfg, scale, kpm, pos, anchors, scores):
-    """docs/spec.md step 2 over explicit sets, given the oracle's anchors (span power 1/N)."""
-    B, Hq, Lq, D = q.shape
-    Hkv, T, Dv = k.shape[1], k.shape[2], v.shape[3]
-    W, S = min(cfg["window"], T), cfg["sinks"]
-    keep = torch.ones(B, T, dtype=torch.bool) if kpm is None else kpm
-    back, fwd = span_extents(T, 1.0 / cfg["steps"], cfg["backward_factor"], cfg["forward_factor"])
-    out = torch.zeros(B, Hq, Lq, Dv, dtype=torch.float64)
-    for b in range(B):
-        for h in range(Hq):
-            kh = h // (Hq // Hkv)
-            for i in range(Lq):
-                t = int(pos[b, i])
-                if T <= cfg["dense_below"]:
-                    sets, gates = [set(range(t + 1))], [1.0]
-                else:
-                    fixed = set(range(min(S, t + 1))) | set(range(max(0, t - W + 1), t + 1))
-                    spans = []
-                    for a, sc in zip(anchors[b, h, i].tolist(), scores[b, h, i].tolist()):
-                        if a >= 0:
-                            spans.append((set(range(max(0, a - int(back[t])), min(a + int(fwd[t]), t - W) + 1)), sc))
-                    if cfg["combine"] == "union" or not spans:
-                        sets, gates = [fixed.union(*[sp for sp, _ in spans])], [1.0]
-                    else:
-                        sets = [fixed | sp for sp, _ in spans]
-                        gates = torch.softmax(torch.tensor([sc for _, sc in spans], dtype=torch.float64), 0).tolist()
-                for st, gate in zip(sets, gates):
-                    idx = sorted(x for x in st if keep[b, x])
-                    if idx:
-                        p = torch.softmax((k[b, kh, idx].double() @ q[b, h, i].double()) * scale, 0)
-                        out[b, h, i] += gate * (p @ v[b, kh, idx].double())
-    return out
-
 
 # ------------------------------------------------------------------------------------------------
 # helpers
@@ -210,7 +108,7 @@ def test_search_matches_oracle(N, search_key, pad, bf, ff):
     pos = _subset(gen, B, T, 24)
     qs = torch.gather(q, 2, pos[:, None, :, None].expand(B, Hq, 24, D))
     a, s = _search(qs, k, kpm, pos, c)
-    oa, os_ = oracle_search(qs, k, kpm, pos, c)
+    oa, os_ = oracle_nstep_search(qs, k, kpm, pos, c)
     assert torch.equal(a.long(), oa)
     assert torch.allclose(s.double(), os_, rtol=1e-5, atol=1e-5)
     assert (a >= 0).any()  # the test exercises kept cells
@@ -233,8 +131,8 @@ def test_attention_matches_oracle(combine, search_key, pad):
                                                      "search_key", "dense_below")})
     out = slcompile.superlinear_attention(qa, k, v, config=cfg, scale=0.5, enable_gqa=True,
                                           key_padding_mask=kpm, query_positions=pos, search_query=qs)
-    oa, os_ = oracle_search(qs, k, kpm, pos, c)
-    ref = oracle_attention(qa, k, v, c, 0.5, kpm, pos, oa, os_)
+    oa, os_ = oracle_nstep_search(qs, k, kpm, pos, c)
+    ref = oracle_nstep_attention(qa, k, v, c, 0.5, kpm, pos, oa, os_)
     assert torch.allclose(out.double(), ref, atol=1e-5), (out.double() - ref).abs().max()
     dense = R.dense_attention(qa, k, v, kpm, pos, 0.5)
     assert not torch.allclose(out, dense, atol=1e-3)  # the spans did restrict the attention

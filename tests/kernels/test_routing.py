@@ -3,7 +3,6 @@ properties (causality, decode = prefill, reachability of every position)."""
 
 from __future__ import annotations
 
-import math
 import random
 
 import pytest
@@ -13,7 +12,7 @@ from slcompile import SuperlinearConfig, superlinear_attention
 from slcompile.kernels import reference as ref
 from slcompile.kernels.geometry import span_extents
 
-NINF = float("-inf")
+from oracle import oracle_block_search
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -24,79 +23,6 @@ def _one_thread():
     yield
     torch.set_num_threads(n)
 
-
-def oracle_block_search(qs, k, kpm, pos, W, topk, span_power, bf, ff, triples, rerank=0,
-                        fine_block=16):
-    """docs/routing.md, written out per query with Python loops over blocks, in float64, from the
-    keys themselves (no pyramid, no running summaries). rerank > 0 ("block_rerank"): the rerank
-    best candidates by bound are rescored by their exact largest q.k; fine blocks of at most
-    fine_block keys. Returns {(b, h, i): (anchors,
-    scores)}."""
-    B, Hq, Lq, D = qs.shape
-    Hkv, T = k.shape[1], k.shape[2]
-    g = Hq // Hkv
-    back, fwd = span_extents(T, span_power, bf, ff)
-    out = {}
-    for (b, h, i) in triples:
-        t = int(pos[b, i])
-        e = t - W
-        q = qs[b, h, i].double()
-        kk = k[b, h // g].double()
-        present = [True] * T if kpm is None else kpm[b].tolist()
-        anchors, scores = [], []
-        if e >= 0:
-            bt, ft = int(back[t]), int(fwd[t])
-            bs = 1
-            while bs * 2 <= min(fine_block, bt + 1):  # docs/routing.md step 1: fine blocks
-                bs *= 2
-            nf = max(1, (e + 1) // bs)
-            c = 0
-            while 4 ** c < nf:
-                c += 1
-            R = 2 ** c
-            G = bs * R
-
-            def bound(lo, hi):
-                idx = [p for p in range(lo, hi + 1) if present[p]]
-                if not idx:
-                    return NINF
-                blk = kk[idx]
-                kmin, kmax = blk.min(0).values, blk.max(0).values
-                return float(torch.maximum(q * kmin, q * kmax).sum())
-
-            n_full = (e + 1) // G
-            coarse = [(bound(ci * G, ci * G + G - 1), ci) for ci in range(n_full)]
-            coarse.sort(key=lambda x: (-x[0], -x[1]))
-            kept_c = [ci for s, ci in coarse[:min(2 * topk, n_full)] if s > NINF]
-            fine = [ci * R + r for ci in kept_c for r in range(R)]
-            f = n_full * R
-            while f * bs <= e:
-                fine.append(f)
-                f += 1
-            cands = []
-            for f in fine:
-                lo, hi = f * bs, min(f * bs + bs - 1, e)
-                s = bound(lo, hi)
-                if s == NINF:
-                    continue
-                a = max(p for p in range(lo, hi + 1) if present[p])
-                cands.append((s, a, lo))
-            cands.sort(key=lambda x: (-x[0], -x[1]))
-            if rerank:
-                cands = [(max(float(q @ kk[p]) for p in range(lo, a + 1) if present[p]), a, lo)
-                         for s, a, lo in cands[:rerank * topk]]
-                cands.sort(key=lambda x: (-x[0], -x[1]))
-            for s, a, lo in cands:
-                if len(anchors) == topk:
-                    break
-                covered = any(max(0, a2 - bt) <= lo and min(a2 + ft, e) >= a for a2 in anchors)
-                if not covered:
-                    anchors.append(a)
-                    scores.append(s)
-        anchors += [-1] * (topk - len(anchors))
-        scores += [NINF] * (topk - len(scores))
-        out[(b, h, i)] = (anchors, scores)
-    return out
 
 
 CASES = [
