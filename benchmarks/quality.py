@@ -449,7 +449,7 @@ class KeyCounter:
         pos = torch.arange(T - Lq, T, dtype=torch.int64)
         t = pos.to(query.device)
         frac = torch.ones(B, Hq, Lq, dtype=torch.float64, device=query.device)
-        if cfg.search_key == "blocksparse" and not T <= cfg.dense_below:
+        if cfg.kind.block_sparse and not T <= cfg.dense_below:
             from slcompile.kernels import blocksparse as bsp
             kw = dict(window=cfg.window, sinks=cfg.sinks, q_block=cfg.q_block, k_block=cfg.k_block)
             kept = bsp.block_select(query, key, None, T - Lq, topk=cfg.topk, rows=cfg.block_rows,

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from . import dispatch
-from .config import BLOCK_SEARCH_KEYS
+from .searches import kind
 from .geometry import keeps_no_span, span_extents
 from .reference import default_positions
 
@@ -235,7 +235,7 @@ def search_backward(grad_scores, search_query, key, key_padding_mask, query_posi
     cd = _compute_dtype(search_query, key, grad_scores)
     dqs = torch.zeros(B, Hq, Lq, D, dtype=cd, device=dev)
     dk = torch.zeros(B * Hkv * T, D, dtype=cd, device=dev)
-    if search_key in BLOCK_SEARCH_KEYS or keeps_no_span(T, window, dense_below, Lq):
+    if not kind(search_key).search_grad or keeps_no_span(T, window, dense_below, Lq):
         return dqs.to(search_query.dtype), dk.view(B, Hkv, T, D).to(key.dtype)
     W = min(window, T)
     g = Hq // Hkv
@@ -247,7 +247,7 @@ def search_backward(grad_scores, search_query, key, key_padding_mask, query_posi
     kvrow = (torch.arange(B, device=dev)[:, None] * Hkv
              + torch.arange(Hq, device=dev)[None, :] // g) * T  # [B, Hq]
     kf = key.to(cd).reshape(B * Hkv * T, D)
-    if search_key == "anchor":
+    if kind(search_key).stripe_key == "anchor":
         flat = kvrow[:, :, None, None] + ac  # [B, Hq, Lq, kk]
         keys = kf.index_select(0, flat.reshape(-1)).view(*flat.shape, D)
         dqs = (gs[..., None] * keys).sum(-2)
@@ -351,7 +351,7 @@ def _setup_search(ctx, inputs, output):
 def _backward_search(ctx, grad_anchors, grad_scores):
     qs, k, kpm, pos, anchors = ctx.saved_tensors
     window, rp, bf, ff, search_key, dense_below = ctx.params
-    if search_key in BLOCK_SEARCH_KEYS or grad_scores is None:
+    if not kind(search_key).search_grad or grad_scores is None:
         dqs = dk = None
     else:
         dqs, dk = torch.ops.superlinear.span_search_backward(

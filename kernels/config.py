@@ -11,11 +11,10 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from . import searches
+
 COMBINE_MODES = ("union", "gated")
-SEARCH_KEYS = ("anchor", "mean", "block", "block_rerank", "blocksparse")
-# the keys that rank coarse-to-fine key blocks by bounds (docs/routing.md): one search, one kernel,
-# no search gradient, routers calibrated on block summaries
-BLOCK_SEARCH_KEYS = ("block", "block_rerank")
+SEARCH_KEYS = searches.names()  # kernels/searches.py: what each search kind is and supports
 # SuperlinearConfig.for_pretrained(): see its docstring. Measured on SmolLM2-135M at 8K (H200,
 # benchmarks/RESULTS.md "Needle retrieval at 8K, second session"): perplexity -0.1% at 13.1% of keys
 # per query, 10 of 27 needles (dense 7, all of them among the 10); a large window carries
@@ -34,10 +33,9 @@ BLOCK_SPARSE = dict(search_key="blocksparse", window=256, sinks=4, topk=24, q_bl
                     combine="union")
 # what window and topk mean depends on the search kind (keys and key blocks for blocksparse; keys
 # and spans for docs/spec.md's stripe searches): a field left None takes its kind's default
-KIND_DEFAULTS = {"blocksparse": dict(window=BLOCK_SPARSE["window"], topk=BLOCK_SPARSE["topk"]),
-                 "stripe": dict(window=64, topk=3)}
-NSTEP_SEARCH_KEYS = ("anchor", "mean")  # search keys of the N-step search (steps >= 3)
-TOPK_BLOCKS_MAX = 256  # topk's bound with search_key="blocksparse" (key blocks, not spans)
+# (kernels/searches.py, which agrees with BLOCK_SPARSE)
+assert (searches.kind("blocksparse").window, searches.kind("blocksparse").topk) == \
+    (BLOCK_SPARSE["window"], BLOCK_SPARSE["topk"])
 
 
 def _short_repr(value: Any, limit: int = 60) -> str:
@@ -169,23 +167,23 @@ class SuperlinearConfig:
             f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None))
         if self.search_key is None:  # the default: block-sparse; the N-step search is a stripe one
             object.__setattr__(self, "search_key", "blocksparse" if self.steps == 2 else "anchor")
-        if not isinstance(self.search_key, str) or self.search_key not in SEARCH_KEYS:
-            _fail("search_key", self.search_key, f"one of {SEARCH_KEYS}")
-        kind = KIND_DEFAULTS["blocksparse" if self.search_key == "blocksparse" else "stripe"]
-        for name, value in kind.items():
+        if not isinstance(self.search_key, str) or self.search_key not in searches.REGISTRY:
+            _fail("search_key", self.search_key, f"one of {searches.names()}")
+        kind = searches.kind(self.search_key)
+        for name in ("window", "topk"):
             if getattr(self, name) is None:
-                object.__setattr__(self, name, value)
+                object.__setattr__(self, name, getattr(kind, name))
         _check_int("window", self.window, 0)
         _check_int("sinks", self.sinks, 0)
         # blocksparse keeps topk key blocks; the span searches keep topk spans
-        _check_int("topk", self.topk, 1, TOPK_BLOCKS_MAX if self.search_key == "blocksparse" else 8)
+        _check_int("topk", self.topk, 1, kind.topk_max)
         _check_float("search_power", self.search_power, 0.0, 1.0, lo_open=True)
         _check_float("span_power", self.span_power, 0.0, 1.0)
         _check_float("backward_factor", self.backward_factor, 0.0, 1e6)
         _check_float("forward_factor", self.forward_factor, 0.0, 1e6)
         if not isinstance(self.combine, str) or self.combine not in COMBINE_MODES:
             _fail("combine", self.combine, f"one of {COMBINE_MODES}")
-        if self.search_key == "blocksparse" and self.combine != "union":
+        if kind.block_sparse and self.combine != "union":
             raise ValueError("SuperlinearConfig.combine='gated' is invalid with search_key="
                              "'blocksparse': block-sparse attention is one softmax over the "
                              "attended blocks (docs/blocksparse.md); use combine='union'")
@@ -215,15 +213,21 @@ class SuperlinearConfig:
                 _fail("scale", self.scale, "None or a finite number > 0")
         _check_int("steps", self.steps, 2, 8)
         if self.steps != 2:
-            if self.search_key not in NSTEP_SEARCH_KEYS:
+            if not kind.nstep:
                 _fail("search_key", self.search_key,
-                      f"one of {NSTEP_SEARCH_KEYS} with steps={self.steps} (docs/nstep.md)")
+                      f"one of {searches.names(nstep=True)} with steps={self.steps} "
+                      "(docs/nstep.md)")
             for name in ("search_power", "span_power"):
                 if getattr(self, name) != 0.5:
                     raise ValueError(
                         f"SuperlinearConfig.{name}={getattr(self, name)!r} is invalid with "
                         f"steps={self.steps}: it sets the steps=2 stripe geometry; steps=N uses "
                         f"the power 1/N (docs/nstep.md), so leave {name} at its default 0.5")
+
+    @property
+    def kind(self) -> "searches.SearchKind":
+        """The search kind's registry entry (kernels/searches.py)."""
+        return searches.kind(self.search_key)
 
     @property
     def attention_span_power(self) -> float:

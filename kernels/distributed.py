@@ -269,7 +269,7 @@ def _search_need(B: int, Hkv: int, rank: int, C: int, T: int, cfg: SuperlinearCo
                  dev) -> Tensor:
     """bool [B, Hkv, rank*C]: earlier key positions span-search reads for this rank's queries."""
     L = rank * C
-    if cfg.search_key != "anchor":  # "mean" and "block" summarise every earlier key
+    if cfg.kind.stripe_key != "anchor":  # "mean" and "block" summarise every earlier key
         return torch.ones(B, Hkv, L, dtype=torch.bool, device=dev)
     deltas = stripe_deltas(num_stripes(T, cfg.search_power), cfg.search_power, dev)
     deltas = deltas[deltas >= cfg.window]
@@ -365,7 +365,7 @@ def sequence_parallel_superlinear_attention(
     if config.steps != 2:
         raise ValueError(f"{_NAME}: config.steps={config.steps} (the N-step search of docs/nstep.md) is "
                          f"not supported across ranks yet; only steps=2 (docs/spec.md's stripe search)")
-    bsp = config.search_key == "blocksparse"
+    bsp = config.kind.block_sparse
     if bsp and search_query_local is not None:
         raise ValueError(f"{_NAME}: search_key='blocksparse' selects with the attention query; "
                          "search_query_local is not supported")
@@ -452,7 +452,7 @@ def _attend(q, kbuf, vbuf, mask, c: SuperlinearConfig, scale: float, dense: bool
     on as dense_below; otherwise dense_below=0, so a rank whose own prefix is short still runs as
     the whole sequence would."""
     db = c.dense_below if dense else 0
-    if c.search_key == "blocksparse":  # docs/blocksparse.md
+    if c.kind.block_sparse:  # docs/blocksparse.md
         return lowering.attention(c, q, kbuf, vbuf, mask, None, scale, dense_below=db)
     if searched is None:
         searched = _search(q, qs, kbuf, mask, c, dense)
@@ -469,7 +469,7 @@ def _zigzag(q, k, v, qs, kpm, c: SuperlinearConfig, scale: float, dense: bool, g
     if C % 2:
         raise ValueError(f"{_NAME}: layout='zigzag' needs an even local length, got C={C}")
     h = C // 2
-    if c.search_key == "blocksparse" and h % c.q_block:
+    if c.kind.block_sparse and h % c.q_block:
         raise ValueError(f"{_NAME}: layout='zigzag' with search_key='blocksparse' needs C/2 = {h} "
                          f"to be a multiple of q_block={c.q_block} (a query block's rows on one "
                          f"rank)")

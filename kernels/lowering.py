@@ -44,7 +44,7 @@ def search(c: SuperlinearConfig, search_query, key, kpm, qpos, dense_below: int,
            call: Call = eager_call):
     """The span search of a stripe search kind (steps=2: docs/spec.md; steps>2: docs/nstep.md):
     the op call that returns (anchors, scores)."""
-    if c.search_key == "blocksparse":
+    if c.kind.block_sparse:
         raise ValueError("lowering.search: search_key='blocksparse' searches inside "
                          "block_sparse_attention")
     if c.steps == 2:
@@ -70,7 +70,7 @@ def attention(c: SuperlinearConfig, q, k, v, kpm, qpos, scale: float, *,
     ``search_query`` scores spans instead of q (stripe kinds only)."""
     db = c.dense_below if dense_below is None else dense_below
     scale = float(scale)
-    if c.search_key == "blocksparse":  # docs/blocksparse.md
+    if c.kind.block_sparse:  # docs/blocksparse.md
         if search_query is not None or searched is not None:
             raise ValueError("search_key='blocksparse' selects with the attention query; a "
                              "separate search query or search result is not supported")

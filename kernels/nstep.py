@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import reference
+from . import reference, searches
 from .geometry import check_search_inputs, keeps_no_span, no_span_outputs, span_extents
 
 _CHUNK_ELEMS = 1 << 24  # elements of the largest gathered tensor per query chunk
@@ -86,7 +86,7 @@ def nstep_search(
     B, Hq, Lq, D = qs.shape
     Hkv, T = k.shape[1], k.shape[2]
     dev = qs.device
-    check_search_inputs("nstep_search", Hq, Hkv, topk, search_key, ("anchor", "mean"))
+    check_search_inputs("nstep_search", Hq, Hkv, topk, search_key, searches.names(nstep=True))
     check_steps(steps)
     anchors, scores = no_span_outputs(B, Hq, Lq, topk, dev)
     if keeps_no_span(T, window, dense_below, Lq):
@@ -97,7 +97,7 @@ def nstep_search(
     g = Hq // Hkv
     kvh = (torch.arange(Hq, device=dev) // g)[:, None, None]  # [Hq, 1, 1]
     lastp = _last_present(key_padding_mask) if key_padding_mask is not None else None
-    if search_key == "mean":
+    if searches.kind(search_key).stripe_key == "mean":
         pref, cnt = _mean_tables(k, key_padding_mask)
     ninf = float("-inf")
     big = torch.iinfo(torch.int64).max
@@ -117,7 +117,7 @@ def nstep_search(
                 hi = e[:, None] - gid * (P * s)[:, None]
                 lo = (e[:, None] - torch.minimum((gid + 1) * P[:, None], n[:, None]) * s[:, None] + 1).clamp(min=0)
                 hi_c = hi.clamp(min=0, max=T - 1)
-                if search_key == "anchor":
+                if searches.kind(search_key).stripe_key == "anchor":
                     rep = hi_c if lastp is None else lastp[b][hi_c]
                     ok = ok & (rep >= lo)
                     key = k2.index_select(0, (kvh * T + rep.clamp(min=0)).reshape(-1))
@@ -196,7 +196,7 @@ def nstep_search_backward(grad_scores, qs, k, key_padding_mask, query_positions,
     kvrow = (torch.arange(B, device=dev)[:, None] * Hkv
              + torch.arange(Hq, device=dev)[None, :] // (Hq // Hkv))[:, :, None, None]  # [B, Hq, 1, 1]
     kf = k.to(cd).reshape(B * Hkv * T, D)
-    if search_key == "anchor":
+    if searches.kind(search_key).stripe_key == "anchor":
         rep = hi if key_padding_mask is None else \
             _last_present(key_padding_mask)[torch.arange(B, device=dev)[:, None, None, None], hi]
         flat = (kvrow * T + rep.clamp(min=0)).reshape(-1)

@@ -22,7 +22,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .config import BLOCK_SEARCH_KEYS
+from .searches import kind
 from .geometry import keeps_no_span, no_span_outputs, num_stripes, span_extents, stripe_deltas
 
 # Elements of the largest gathered tensor per chunk of span-search ([Hq, chunk, stripes, D]).
@@ -76,13 +76,13 @@ def span_search(
     n = num_stripes(T, search_power)
     deltas = stripe_deltas(n, search_power, dev)  # ascending: nearest anchor first
     back, fwd = span_extents(T, span_power, backward_factor, forward_factor, dev)
-    if search_key in BLOCK_SEARCH_KEYS:  # coarse-to-fine block bounds, docs/routing.md
-        pool = rerank * topk if search_key == "block_rerank" else 0
+    if kind(search_key).block_bounds:  # coarse-to-fine block bounds, docs/routing.md
+        pool = rerank * topk if kind(search_key).pool else 0
         return _block_search(qs, k, key_padding_mask, pos, W, topk, back, fwd, anchors, scores,
                              fine_block, pool)
     g = Hq // Hkv
 
-    if search_key == "mean":
+    if kind(search_key).stripe_key == "mean":
         kf = k.double()
         if key_padding_mask is not None:
             kf = kf * key_padding_mask[:, None, :, None]
@@ -104,7 +104,7 @@ def span_search(
             a_c = a.clamp(min=0)
             if key_padding_mask is not None:
                 valid &= key_padding_mask[b][a_c]
-            if search_key == "anchor":
+            if kind(search_key).stripe_key == "anchor":
                 key = _rows(k[b], a_c).float()  # [Hkv, c, n, D]
             else:
                 lo = (a_c - back[t][:, None]).clamp(min=0)

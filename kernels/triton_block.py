@@ -57,7 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import BLOCK_SEARCH_KEYS
+from . import searches
 from .geometry import check_search_inputs, keeps_no_span, no_span_outputs, span_extents
 from .reference import COARSE_FANOUT
 from .triton_search import _next_pow2
@@ -489,8 +489,8 @@ def span_search(qs, k, key_padding_mask, query_positions, window, topk, search_p
     B, Hq, Lq, D = qs.shape
     Hkv, T = k.shape[1], k.shape[2]
     dev = qs.device
-    check_search_inputs("span_search (block)", Hq, Hkv, topk, search_key, BLOCK_SEARCH_KEYS,
-                        max_topk=8)
+    check_search_inputs("span_search (block)", Hq, Hkv, topk, search_key,
+                        searches.names(family="block"), max_topk=8)
     if qs.dtype not in _DTYPES or k.dtype != qs.dtype or D > 256:
         raise ValueError(f"span_search (block): the Triton kernel takes fp32/bf16/fp16 query and key "
                          f"of one dtype and head dim <= 256, got {qs.dtype}/{k.dtype}, D={D}")
@@ -515,7 +515,7 @@ def span_search(qs, k, key_padding_mask, query_positions, window, topk, search_p
     pos = query_positions if query_positions is not None else back
     anchors = torch.empty((B, Hq, Lq, topk), dtype=torch.int32, device=dev)
     scores = torch.empty((B, Hq, Lq, topk), dtype=torch.float32, device=dev)
-    nr = rerank * topk if search_key == "block_rerank" else 0
+    nr = rerank * topk if searches.kind(search_key).pool else 0
     cand = torch.empty((B, Hq, Lq, nr), dtype=torch.int32, device=dev) if nr else anchors
     G = Hq // Hkv
     GP = _next_pow2(G)

@@ -35,6 +35,7 @@ import triton.language as tl
 
 from .geometry import (check_search_inputs, keeps_no_span, no_span_outputs, num_stripes, span_extents,
                        stripe_deltas)
+from . import searches
 
 _BIG = tl.constexpr(2 ** 30)
 
@@ -170,7 +171,8 @@ def span_search(qs, k, key_padding_mask, query_positions, window, topk, search_p
     B, Hq, Lq, D = qs.shape
     Hkv, T = k.shape[1], k.shape[2]
     dev = qs.device
-    check_search_inputs("span_search (decode)", Hq, Hkv, topk, search_key, ("anchor",), max_topk=8)
+    check_search_inputs("span_search (decode)", Hq, Hkv, topk, search_key,
+                        searches.names(stripe_key="anchor"), max_topk=8)
     W = min(window, T)
     if keeps_no_span(T, window, dense_below, Lq):
         return no_span_outputs(B, Hq, Lq, topk, dev)

@@ -25,10 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from . import reference, triton_attention, triton_block, triton_decode, triton_search
-from .config import BLOCK_SEARCH_KEYS
+from .searches import REGISTRY
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_SEARCH_KEYS = ("anchor", "mean", "block", "block_rerank")  # with a Triton kernel; others: reference
 
 
 def _supported(*tensors) -> bool:
@@ -44,16 +43,17 @@ __all__ = ["span_search", "span_attention", "dense_attention"]
 def span_search(search_query, key, key_padding_mask, query_positions, window, topk,
                 search_power, span_power, backward_factor, forward_factor, search_key,
                 dense_below, fine_block=16, rerank=32):
-    if not _supported(search_query, key) or search_key not in _SEARCH_KEYS:
+    kind = REGISTRY.get(search_key)
+    if not _supported(search_query, key) or kind is None or kind.block_sparse or not kind.triton:
         return reference.span_search(search_query, key, key_padding_mask, query_positions, window,
                                      topk, search_power, span_power, backward_factor,
                                      forward_factor, search_key, dense_below, fine_block, rerank)
-    if search_key in BLOCK_SEARCH_KEYS:  # docs/routing.md; prefill and decode alike
+    if kind.block_bounds:  # docs/routing.md; prefill and decode alike
         return triton_block.span_search(search_query, key, key_padding_mask, query_positions,
                                         window, topk, search_power, span_power, backward_factor,
                                         forward_factor, search_key, dense_below, fine_block,
                                         rerank)
-    if search_key == "anchor" and triton_decode.use_decode(search_query, key):
+    if kind.stripe_key == "anchor" and triton_decode.use_decode(search_query, key):
         return triton_decode.span_search(search_query, key, key_padding_mask, query_positions,
                                          window, topk, search_power, span_power, backward_factor,
                                          forward_factor, search_key, dense_below)

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import nstep
+from . import nstep, searches
 from .geometry import check_search_inputs, keeps_no_span, no_span_outputs
 
 _BIGI = tl.constexpr(2 ** 30)
@@ -196,7 +196,8 @@ def nstep_search(qs, k, key_padding_mask, query_positions, window, topk, steps, 
     B, Hq, Lq, D = qs.shape
     Hkv, T = k.shape[1], k.shape[2]
     dev = qs.device
-    check_search_inputs("nstep_search", Hq, Hkv, topk, search_key, ("anchor", "mean"), max_topk=8)
+    check_search_inputs("nstep_search", Hq, Hkv, topk, search_key, searches.names(nstep=True),
+                        max_topk=8)
     nstep.check_steps(steps)
     W = min(window, T)
     if keeps_no_span(T, window, dense_below, Lq):
@@ -204,7 +205,7 @@ def nstep_search(qs, k, key_padding_mask, query_positions, window, topk, steps, 
     fwd, cell, ncell, fan = nstep.tables(T, window, steps, backward_factor, forward_factor, dev)
     anchors = torch.empty((B, Hq, Lq, topk), dtype=torch.int32, device=dev)
     scores = torch.empty((B, Hq, Lq, topk), dtype=torch.float32, device=dev)
-    mean = search_key == "mean"
+    mean = searches.kind(search_key).stripe_key == "mean"
     dummy = cell
     if mean:
         pref, cnt = nstep._mean_tables(k, key_padding_mask)

@@ -35,6 +35,7 @@ import torch
 
 from .geometry import (check_search_inputs, keeps_no_span, no_span_outputs, num_stripes, span_extents,
                        stripe_deltas)
+from . import searches
 
 _BIG = tl.constexpr(2 ** 30)
 
@@ -290,7 +291,8 @@ def span_search(qs, k, key_padding_mask, query_positions, window, topk, search_p
     B, Hq, Lq, D = qs.shape
     Hkv, T = k.shape[1], k.shape[2]
     dev = qs.device
-    check_search_inputs("span_search", Hq, Hkv, topk, search_key, ("anchor", "mean"), max_topk=8)
+    check_search_inputs("span_search", Hq, Hkv, topk, search_key, searches.names(family="stripe"),
+                        max_topk=8)
     W = min(window, T)
     if keeps_no_span(T, window, dense_below, Lq):
         return no_span_outputs(B, Hq, Lq, topk, dev)
@@ -299,7 +301,7 @@ def span_search(qs, k, key_padding_mask, query_positions, window, topk, search_p
     n = num_stripes(T, search_power)
     deltas = stripe_deltas(n, search_power, dev)
     i0 = (deltas < W).sum().reshape(1)  # device scalar: first stripe past the window
-    mean = search_key == "mean"
+    mean = searches.kind(search_key).stripe_key == "mean"
     if mean:
         back, fwd = span_extents(T, span_power, backward_factor, forward_factor, dev)
         kf = k.double()

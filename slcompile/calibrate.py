@@ -48,7 +48,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import torch
 from torch import Tensor
 
-from slcompile.kernels.config import BLOCK_SEARCH_KEYS, SuperlinearConfig
+from slcompile.kernels.config import SuperlinearConfig
 from slcompile.kernels.geometry import span_extents, stripe_deltas
 
 __all__ = ["Routers", "calibrate", "save_routers", "load_routers", "attach_routers", "search_query",
@@ -286,21 +286,21 @@ class _Capture:
             p = torch.softmax(logits, -1)
             e = t - cfg.window  # last key a span may reach
             s = {"t": t.cpu(), "q": q.cpu()}
-            if cfg.search_key in BLOCK_SEARCH_KEYS:
+            if cfg.kind.block_bounds:
                 nfine = T // fine
                 levels = max(1, int(math.floor(math.log2(max(1, nfine)))) + 1)
                 mn, mx = _regions_block(key[b], levels, fine)
                 s["fine"] = fine
                 s["kmin"], s["kmax"] = [x.cpu() for x in mn], [x.cpu() for x in mx]
                 s["mass"] = p[..., :nfine * fine].view(Hq, -1, nfine, fine).sum(-1).cpu()  # [Hq, n, nfine]
-                if cfg.search_key == "block_rerank":  # the keys themselves, for the exact rescoring
+                if cfg.kind.pool:  # the keys themselves, for the exact rescoring
                     s["kfine"] = kf[:, :nfine * fine].cpu()
             else:
                 a, lo, hi, valid = _stripe_candidates(t, cfg, T)
                 cs = torch.cat([torch.zeros_like(p[..., :1]), p.cumsum(-1)], -1)  # [Hq, n, T+1]
                 mass = torch.gather(cs, -1, (hi + 1)[None].expand(Hq, -1, -1)) - \
                     torch.gather(cs, -1, lo[None].expand(Hq, -1, -1))
-                if cfg.search_key == "anchor":
+                if cfg.kind.stripe_key == "anchor":
                     keys = kf[:, a]  # [Hkv, n, S, D]
                 else:
                     pk = torch.cat([torch.zeros_like(kf[:, :1]), kf.cumsum(1)], 1)  # [Hkv, T+1, D]
@@ -321,7 +321,7 @@ def _scores(s: dict, qs: Tensor, cfg: SuperlinearConfig, g: int) -> List[tuple]:
     Hq, n, D = qs.shape
     Hkv = Hq // g
     out = []
-    if cfg.search_key in BLOCK_SEARCH_KEYS:
+    if cfg.kind.block_bounds:
         e = s["e"].to(qs.device)
         mass = s["mass"].to(qs.device)
         for lvl, (mn, mx) in enumerate(zip(s["kmin"], s["kmax"])):
@@ -380,7 +380,7 @@ def _topk_mass(samples: List[dict], R: Tensor, cfg: SuperlinearConfig, g: int) -
             qs = torch.einsum("hnd,hde->hne", s["q"].to(R.device), R)
             sets = _scores(s, qs, cfg, g)
             sc, tm, valid = sets[0]
-            if cfg.search_key == "block_rerank":
+            if cfg.kind.pool:
                 v = valid[None].expand_as(sc)
                 pool = sc.masked_fill(~v, float("-inf")).topk(
                     min(cfg.rerank * cfg.topk, sc.shape[-1]), -1).indices
@@ -501,7 +501,7 @@ def calibrate(model, texts_or_token_ids, *, config: Optional[SuperlinearConfig] 
             else SuperlinearConfig(search_key="block")
     if not isinstance(config, SuperlinearConfig):
         raise TypeError(f"calibrate: config must be a SuperlinearConfig, got {type(config).__name__}")
-    if config.search_key == "blocksparse":
+    if config.kind.block_sparse:
         raise ValueError("calibrate: search_key='blocksparse' selects with the attention query "
                          "itself and takes no routers; calibrate a span-search config "
                          "(for example SuperlinearConfig.for_pretrained())")
@@ -553,7 +553,8 @@ def calibrate(model, texts_or_token_ids, *, config: Optional[SuperlinearConfig] 
         if not samples:
             raise ValueError(f"calibrate: layer {name!r} saw no sequence (is it an attention layer of "
                              "this model's forward?)")
-        hkv = samples[0]["kmin"][0].shape[0] if config.search_key in BLOCK_SEARCH_KEYS else samples[0]["keys"].shape[0]
+        hkv = samples[0]["kmin" if config.kind.block_bounds else "keys"]
+        hkv = (hkv[0] if config.kind.block_bounds else hkv).shape[0]
         g = hq // hkv
         train, held = [], []
         for s in samples:

@@ -332,7 +332,7 @@ def run_demo(model_name: str = "tiny", seq_len: int = 2048, batch: int = 1, conf
                      f"exact dense attention")
     # keys a query attends at most, past which the selection leaves keys out
     reach = config.window + (config.sinks + config.topk * config.k_block + config.q_block
-                             if config.search_key == "blocksparse" else 0)
+                             if config.kind.block_sparse else 0)
     if seq_len <= reach:
         notes.append(f"seq-len {seq_len} <= {reach} keys (window, sinks and the kept blocks): every "
                      f"query sees all its keys, so superlinear attention is exact here")

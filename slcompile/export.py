@@ -24,6 +24,8 @@ from typing import Any, Optional, Tuple
 
 import torch
 
+from slcompile.kernels import searches
+
 
 class ExportDependencyError(RuntimeError):
     """An optional package needed for this export is not installed."""
@@ -34,14 +36,14 @@ class ExportRefusedError(ValueError):
     torch's exporter runs, with a one-line message saying what and what to do instead."""
 
 
-# What slcompile.onnx_ops translates: the two ops of docs/spec.md's search (steps=2) with these
-# keys, and block-sparse attention (the default, docs/blocksparse.md).
-ONNX_SEARCH_KEYS = ("anchor", "mean", "blocksparse")
+# What slcompile.onnx_ops translates: the two ops of docs/spec.md's search (steps=2) and
+# block-sparse attention (the default, docs/blocksparse.md), for the search kinds with an ONNX form.
+ONNX_SEARCH_KEYS = searches.names(onnx=True)
 ONNX_OPS = ("span_search", "span_attention", "block_sparse_attention")
 
 
 def _search_key_refusal(search_key: str) -> str:
-    return (f"ONNX export supports search_key 'blocksparse' (the default), 'anchor' and 'mean' only: "
+    return (f"ONNX export supports search_key {', '.join(map(repr, ONNX_SEARCH_KEYS))} only: "
             f"search_key={search_key!r} has no ONNX form (convert the model with the default "
             f"search or --search-key anchor, or export to TensorRT through torch-tensorrt: "
             f"-o model.ep, which runs the ops themselves)")

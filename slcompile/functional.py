@@ -140,7 +140,7 @@ def superlinear_attention(
     _check(isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0,
            f"scale must be a finite number > 0, got {scale!r}")
     qpos = normalize_positions(query_positions, B, Lq, T, query.device)
-    if config.search_key == "blocksparse":
+    if config.kind.block_sparse:
         _check(search_query is None, "search_key='blocksparse' selects with the attention query; "
                "search_query is not supported")
     else:

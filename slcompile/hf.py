@@ -449,7 +449,7 @@ def superlinear_attention_forward(
     dense = [n <= cfg.dense_below for n in lengths]
 
     summary = None
-    if (cfg.search_key == "blocksparse" and kpm is None and m.gather_index is None
+    if (cfg.kind.block_sparse and kpm is None and m.gather_index is None
             and not any(dense)):
         summary = _kept_summary(module, key, cfg)
 
@@ -461,7 +461,7 @@ def superlinear_attention_forward(
             enable_gqa=Hq != key.shape[1], key_padding_mask=pick(kpm), query_positions=pick(qpos),
             search_query=pick(sq), block_summary=summary)
 
-    if cfg.search_key == "blocksparse" and m.gather_index is not None:
+    if cfg.kind.block_sparse and m.gather_index is not None:
         # a padded batch: block-sparse attention lays its blocks from each sequence's first key,
         # so each row runs as it would alone, over its present keys (packed to the front) up to
         # its last query; queries at padding slots (outputs never used) give zeros

@@ -39,6 +39,8 @@ import numpy as np
 import onnx
 from onnxscript import opset18 as op
 
+from slcompile.kernels import searches
+
 ONNX_OPSET = 18
 
 _F32 = onnx.TensorProto.FLOAT
@@ -181,10 +183,11 @@ def span_search(search_query, key, key_padding_mask=None, query_positions=None, 
                 search_key="anchor", dense_below=0, fine_block=16, rerank=32):
     """Step 1 of docs/spec.md in ONNX: anchors int32 [B, Hq, Lq, topk], scores float32
     (fine_block and rerank belong to the block searches, which have no translation)."""
-    if search_key not in ("anchor", "mean"):
+    stripes = searches.names(family="stripe", onnx=True)
+    if search_key not in stripes:
         raise OnnxTranslationError(
             f"span_search with search_key={search_key!r} has no ONNX translation (supported: "
-            f"'anchor', 'mean'); convert the model with search_key='anchor' or 'mean' to export it")
+            f"{', '.join(map(repr, stripes))}); convert the model with one of them to export it")
     qs = op.Cast(search_query, to=_F32)
     B, Hq, Lq, D = (_dim(search_query, i) for i in range(4))
     Hkv, T = _dim(key, 1), _dim(key, 2)
@@ -207,7 +210,7 @@ def span_search(search_query, key, key_padding_mask=None, query_positions=None, 
     bh = op.Reshape(op.Range(_i64(0), op.Mul(B, Hkv), _i64(1)),
                     op.Concat(_unsq(B, 0), _unsq(Hkv, 0), _i64([1, 1]), axis=0))  # [B, Hkv, 1, 1]
     a4 = _unsq(a_c, 1)  # [Bp, 1, Lq, n]
-    if search_key == "anchor":
+    if searches.kind(search_key).stripe_key == "anchor":
         kflat = op.Reshape(op.Cast(key, to=_F32), op.Concat(_i64([-1]), _unsq(D, 0), axis=0))
         kg = op.Gather(kflat, op.Add(op.Mul(bh, T), a4), axis=0)  # [B, Hkv, Lq, n, D]
     else:  # "mean": mean key over the anchor's span, float64 prefix sums (reference)
