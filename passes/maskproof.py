@@ -382,187 +382,228 @@ class MaskEvaluator:
         return r
 
     def _eval_op(self, node: fx.Node, c: COp):
-        op, a = c.op, c.args
-        E = self.eval
-        if op == "to":
-            v = E(a[0])
-            dt = a[1]
-            if dt is None or v is None:
-                return v
-            if isinstance(v, Const):
-                return Const(_cast(v.v, dt))
-            if isinstance(v, Sel):
-                return _mk_sel(v.atoms, _cast(v.a, dt), _cast(v.b, dt))
-            if isinstance(v, Aff) and dt != torch.bool:
-                return v
+        fn = self._TRANSFER.get(c.op)
+        if fn is None:
             return None
-        if op == "arange":
-            start, end, step = (sym(a[0]) if not isinstance(a[0], float) else None,
-                                a[1], a[2])
-            if start is None or not isinstance(step, int) or isinstance(step, bool):
-                return None
-            return Aff(_coef({-1: step}), start)
-        if op == "full":
-            v = a[0]
-            if isinstance(v, (bool, int, float)):
-                return Const(v)
-            return None
-        if op == "sym_size":
-            e = sym(node)
-            return Aff((), e) if e is not None else None
-        if op == "unsqueeze":
-            n = self._ndim(a[0])
-            if n is None:
-                return None
-            pos = a[1] if a[1] >= 0 else a[1] + n + 1
-            return self._layout(node, E(a[0]), lambda d: d - 1 if n + d < pos else d)
-        if op == "squeeze":
-            t = tensor_meta(a[0])
-            if t is None:
-                return None
-            n = t.dim()
-            dims = a[1]
-            if dims is None:
-                dims = [i for i in range(n) if _is_one(sym(t.shape[i]))]
-            elif isinstance(dims, int):
-                dims = [dims]
-            dims = sorted({(d + n) % n for d in dims if _is_one(sym(t.shape[(d + n) % n]))})
-            if not dims:
-                return E(a[0])
+        return fn(self, node, c.args, c.op)
 
-            def fn(d, dims=dims, n=n):
-                p = n + d
-                if p in dims:
-                    return None
-                return d + sum(1 for q in dims if q < p)
-            return self._layout(node, E(a[0]), fn)
-        if op == "expand":
-            return E(a[0])  # right-aligned dims keep their meaning
-        if op == "repeat":  # like expand where each repeated dim has size 1 (Whisper's .repeat(B, 1))
-            t = tensor_meta(a[0])
-            reps = a[1]
-            if t is None or len(reps) < t.dim():
-                return None
-            n = t.dim()
-            for p, r in enumerate(reps[len(reps) - n:]):
-                if not _is_one(sym(r)) and not _is_one(sym(t.shape[p])):
-                    return None  # tiles a varying dim: index mod size, not followed
-            return E(a[0])
-        if op == "slice":
-            t = tensor_meta(a[0])
-            if t is None:
-                return None
-            n = t.dim()
-            pos = a[1] if a[1] >= 0 else a[1] + n
-            d = pos - n
-            start = a[2] if a[2] is not None else 0
-            step = a[4] if len(a) > 4 and a[4] is not None else 1
-            if isinstance(start, int) and start < 0:
-                start = sym(t.shape[pos]) + start
-            s = sym(start) if not isinstance(start, sympy.Expr) else start
-            if s is None or not isinstance(step, int):
-                return None
-            trivial = s == 0 and step == 1
-            return self._layout(node, E(a[0]), lambda dd: dd, {d: (step, s)}, aligned=trivial)
-        if op == "select":
-            t = tensor_meta(a[0])
-            if t is None:
-                return None
-            n = t.dim()
-            pos = a[1] if a[1] >= 0 else a[1] + n
-            d = pos - n
-            idx = a[2]
-            if isinstance(idx, int) and idx < 0:
-                idx = sym(t.shape[pos]) + idx
-            s = sym(idx) if not isinstance(idx, sympy.Expr) else idx
-            if s is None:
-                return None
-            return self._layout(node, E(a[0]),
-                                lambda dd: None if dd == d else (dd + 1 if dd < d else dd), {d: (0, s)})
-        if op in ("view",):
-            return self._view(node, a[0])
-        if op == "transpose":
-            n = self._ndim(a[0])
-            p0, p1 = (a[1] + n) % n - n, (a[2] + n) % n - n
-            return self._layout(node, E(a[0]), lambda d: p1 if d == p0 else (p0 if d == p1 else d))
-        if op == "permute":
-            n = self._ndim(a[0])
-            perm = [(p + n) % n for p in a[1]]
-            inv = {old - n: new - n for new, old in enumerate(perm)}
-            return self._layout(node, E(a[0]), lambda d: inv[d])
-        if op == "getitem":
-            return self._getitem(node, a[0], a[1])
-        if op == "index":
-            return self._index(node, a[0], a[1])
-        if op in ("add", "sub", "rsub", "mul", "div"):
-            x, y = (a[1], a[0]) if op == "rsub" else (a[0], a[1])
-            return self._arith("sub" if op == "rsub" else op, node, E(x), E(y))
-        if op == "neg":
-            v = E(a[0])
-            return self._arith("mul", node, v, Const(-1))
-        if op in ("le", "lt", "ge", "gt", "eq", "ne"):
-            return self._compare(op, node, E(a[0]), E(a[1]))
-        if op in ("and", "or"):
-            return self._logic(op, node, E(a[0]), E(a[1]))
-        if op == "not":
-            v = E(a[0])
-            if isinstance(v, Const):
-                return Const(not v.v)
-            if isinstance(v, Sel) and isinstance(v.a, bool):
-                return _mk_sel(v.atoms, not v.a, not v.b)
-            return None
-        if op == "where":
-            return self._where(node, E(a[0]), E(a[1]), E(a[2]))
-        if op == "masked_fill":
-            return self._where(node, E(a[1]), E(a[2]), E(a[0]))
-        if op == "canonical_mask":  # bool (True = masked) -> float 0 / -inf; float unchanged
-            v = E(a[0])
-            mt = tensor_meta(a[0])
-            if mt is not None and mt.dtype == torch.bool:
-                return self._where(node, v, Const(float("-inf")), Const(0.0))
+    # -- transfer functions: (self, node, args, op) -> abstract value, or None when not followed --
+    def _op_to(self, node, a, op):
+        v = self.eval(a[0])
+        dt = a[1]
+        if dt is None or v is None:
             return v
-        if op == "cumsum":
-            v = E(a[0])
-            n = self._ndim(a[0])
-            if isinstance(v, Const) and n is not None and isinstance(v.v, (int, bool)) :
-                k = int(v.v)
-                d = (a[1] + n) % n - n
-                return Const(0) if k == 0 else Aff(_coef({d: k}), sympy.Integer(k))
-            return None
-        if op == "diff":
-            x, nd, dim, prepend, append = a
-            n = self._ndim(x)
-            if nd != 1 or append is not None or n is None:
-                return None
-            d = (dim + n) % n - n
-            v = E(x)
-            if not isinstance(v, Aff):
-                return None
-            cd = dict(v.coef).get(d, 0)
-            if prepend is None:
-                return Const(cd)
-            p = E(prepend)
-            pt = tensor_meta(prepend)
-            if not isinstance(p, Aff) or pt is None or not _is_one(sym(pt.shape[d])):
-                return None
-            po = {k: c for k, c in p.coef if k != d}
-            vo = {k: c for k, c in v.coef if k != d}
-            if po == vo and sym_eq(v.const - p.const, sympy.Integer(cd)):
-                return Const(cd)
-            return None
-        if op in ("tril", "triu"):
-            v = E(a[0])
-            k = a[1] if isinstance(a[1], int) and not isinstance(a[1], bool) else sym(a[1])
-            if k is None:  # a diagonal from sizes (dynamic=True) is a sympy expression
-                return None
-            atom = lin_atom({-1: 1, -2: -1}, -k) if op == "tril" else lin_atom({-1: -1, -2: 1}, k)
-            if isinstance(v, Const):
-                zero = _cast(0, None) if not isinstance(v.v, bool) else False
-                return _mk_sel({atom}, v.v, zero)
-            if isinstance(v, Sel) and v.b in (0, False) and not any(at[0] == "opq" for at in v.atoms):
-                return _mk_sel(set(v.atoms) | {atom}, v.a, v.b)
-            return None
+        if isinstance(v, Const):
+            return Const(_cast(v.v, dt))
+        if isinstance(v, Sel):
+            return _mk_sel(v.atoms, _cast(v.a, dt), _cast(v.b, dt))
+        if isinstance(v, Aff) and dt != torch.bool:
+            return v
         return None
+
+    def _op_arange(self, node, a, op):
+        start, end, step = (sym(a[0]) if not isinstance(a[0], float) else None,
+                            a[1], a[2])
+        if start is None or not isinstance(step, int) or isinstance(step, bool):
+            return None
+        return Aff(_coef({-1: step}), start)
+
+    def _op_full(self, node, a, op):
+        v = a[0]
+        if isinstance(v, (bool, int, float)):
+            return Const(v)
+        return None
+
+    def _op_sym_size(self, node, a, op):
+        e = sym(node)
+        return Aff((), e) if e is not None else None
+
+    def _op_unsqueeze(self, node, a, op):
+        n = self._ndim(a[0])
+        if n is None:
+            return None
+        pos = a[1] if a[1] >= 0 else a[1] + n + 1
+        return self._layout(node, self.eval(a[0]), lambda d: d - 1 if n + d < pos else d)
+
+    def _op_squeeze(self, node, a, op):
+        t = tensor_meta(a[0])
+        if t is None:
+            return None
+        n = t.dim()
+        dims = a[1]
+        if dims is None:
+            dims = [i for i in range(n) if _is_one(sym(t.shape[i]))]
+        elif isinstance(dims, int):
+            dims = [dims]
+        dims = sorted({(d + n) % n for d in dims if _is_one(sym(t.shape[(d + n) % n]))})
+        if not dims:
+            return self.eval(a[0])
+
+        def fn(d, dims=dims, n=n):
+            p = n + d
+            if p in dims:
+                return None
+            return d + sum(1 for q in dims if q < p)
+        return self._layout(node, self.eval(a[0]), fn)
+
+    def _op_expand(self, node, a, op):
+        return self.eval(a[0])  # right-aligned dims keep their meaning
+
+    def _op_repeat(self, node, a, op):
+        # like expand where each repeated dim has size 1 (Whisper's .repeat(B, 1))
+        t = tensor_meta(a[0])
+        reps = a[1]
+        if t is None or len(reps) < t.dim():
+            return None
+        n = t.dim()
+        for p, r in enumerate(reps[len(reps) - n:]):
+            if not _is_one(sym(r)) and not _is_one(sym(t.shape[p])):
+                return None  # tiles a varying dim: index mod size, not followed
+        return self.eval(a[0])
+
+    def _op_slice(self, node, a, op):
+        t = tensor_meta(a[0])
+        if t is None:
+            return None
+        n = t.dim()
+        pos = a[1] if a[1] >= 0 else a[1] + n
+        d = pos - n
+        start = a[2] if a[2] is not None else 0
+        step = a[4] if len(a) > 4 and a[4] is not None else 1
+        if isinstance(start, int) and start < 0:
+            start = sym(t.shape[pos]) + start
+        s = sym(start) if not isinstance(start, sympy.Expr) else start
+        if s is None or not isinstance(step, int):
+            return None
+        trivial = s == 0 and step == 1
+        return self._layout(node, self.eval(a[0]), lambda dd: dd, {d: (step, s)}, aligned=trivial)
+
+    def _op_select(self, node, a, op):
+        t = tensor_meta(a[0])
+        if t is None:
+            return None
+        n = t.dim()
+        pos = a[1] if a[1] >= 0 else a[1] + n
+        d = pos - n
+        idx = a[2]
+        if isinstance(idx, int) and idx < 0:
+            idx = sym(t.shape[pos]) + idx
+        s = sym(idx) if not isinstance(idx, sympy.Expr) else idx
+        if s is None:
+            return None
+        return self._layout(node, self.eval(a[0]),
+                            lambda dd: None if dd == d else (dd + 1 if dd < d else dd), {d: (0, s)})
+
+    def _op_transpose(self, node, a, op):
+        n = self._ndim(a[0])
+        p0, p1 = (a[1] + n) % n - n, (a[2] + n) % n - n
+        return self._layout(node, self.eval(a[0]), lambda d: p1 if d == p0 else (p0 if d == p1 else d))
+
+    def _op_permute(self, node, a, op):
+        n = self._ndim(a[0])
+        perm = [(p + n) % n for p in a[1]]
+        inv = {old - n: new - n for new, old in enumerate(perm)}
+        return self._layout(node, self.eval(a[0]), lambda d: inv[d])
+
+    def _op_arith(self, node, a, op):  # add, sub, rsub, mul, div
+        E = self.eval
+        x, y = (a[1], a[0]) if op == "rsub" else (a[0], a[1])
+        return self._arith("sub" if op == "rsub" else op, node, E(x), E(y))
+
+    def _op_neg(self, node, a, op):
+        v = self.eval(a[0])
+        return self._arith("mul", node, v, Const(-1))
+
+    def _op_compare(self, node, a, op):  # le, lt, ge, gt, eq, ne
+        return self._compare(op, node, self.eval(a[0]), self.eval(a[1]))
+
+    def _op_logic(self, node, a, op):  # and, or
+        return self._logic(op, node, self.eval(a[0]), self.eval(a[1]))
+
+    def _op_not(self, node, a, op):
+        v = self.eval(a[0])
+        if isinstance(v, Const):
+            return Const(not v.v)
+        if isinstance(v, Sel) and isinstance(v.a, bool):
+            return _mk_sel(v.atoms, not v.a, not v.b)
+        return None
+
+    def _op_where(self, node, a, op):
+        E = self.eval
+        return self._where(node, E(a[0]), E(a[1]), E(a[2]))
+
+    def _op_masked_fill(self, node, a, op):
+        E = self.eval
+        return self._where(node, E(a[1]), E(a[2]), E(a[0]))
+
+    def _op_canonical_mask(self, node, a, op):  # bool (True = masked) -> float 0 / -inf; float unchanged
+        v = self.eval(a[0])
+        mt = tensor_meta(a[0])
+        if mt is not None and mt.dtype == torch.bool:
+            return self._where(node, v, Const(float("-inf")), Const(0.0))
+        return v
+
+    def _op_cumsum(self, node, a, op):
+        v = self.eval(a[0])
+        n = self._ndim(a[0])
+        if isinstance(v, Const) and n is not None and isinstance(v.v, (int, bool)) :
+            k = int(v.v)
+            d = (a[1] + n) % n - n
+            return Const(0) if k == 0 else Aff(_coef({d: k}), sympy.Integer(k))
+        return None
+
+    def _op_diff(self, node, a, op):
+        E = self.eval
+        x, nd, dim, prepend, append = a
+        n = self._ndim(x)
+        if nd != 1 or append is not None or n is None:
+            return None
+        d = (dim + n) % n - n
+        v = E(x)
+        if not isinstance(v, Aff):
+            return None
+        cd = dict(v.coef).get(d, 0)
+        if prepend is None:
+            return Const(cd)
+        p = E(prepend)
+        pt = tensor_meta(prepend)
+        if not isinstance(p, Aff) or pt is None or not _is_one(sym(pt.shape[d])):
+            return None
+        po = {k: c for k, c in p.coef if k != d}
+        vo = {k: c for k, c in v.coef if k != d}
+        if po == vo and sym_eq(v.const - p.const, sympy.Integer(cd)):
+            return Const(cd)
+        return None
+
+    def _op_tri(self, node, a, op):  # tril, triu
+        v = self.eval(a[0])
+        k = a[1] if isinstance(a[1], int) and not isinstance(a[1], bool) else sym(a[1])
+        if k is None:  # a diagonal from sizes (dynamic=True) is a sympy expression
+            return None
+        atom = lin_atom({-1: 1, -2: -1}, -k) if op == "tril" else lin_atom({-1: -1, -2: 1}, k)
+        if isinstance(v, Const):
+            zero = _cast(0, None) if not isinstance(v.v, bool) else False
+            return _mk_sel({atom}, v.v, zero)
+        if isinstance(v, Sel) and v.b in (0, False) and not any(at[0] == "opq" for at in v.atoms):
+            return _mk_sel(set(v.atoms) | {atom}, v.a, v.b)
+        return None
+
+    # op name -> transfer function; supporting a new mask form's op is one entry here (and its method)
+    _TRANSFER = {
+        "to": _op_to, "arange": _op_arange, "full": _op_full, "sym_size": _op_sym_size,
+        "unsqueeze": _op_unsqueeze, "squeeze": _op_squeeze, "expand": _op_expand, "repeat": _op_repeat,
+        "slice": _op_slice, "select": _op_select, "transpose": _op_transpose, "permute": _op_permute,
+        "view": lambda self, node, a, op: self._view(node, a[0]),
+        "getitem": lambda self, node, a, op: self._getitem(node, a[0], a[1]),
+        "index": lambda self, node, a, op: self._index(node, a[0], a[1]),
+        "add": _op_arith, "sub": _op_arith, "rsub": _op_arith, "mul": _op_arith, "div": _op_arith,
+        "neg": _op_neg,
+        "le": _op_compare, "lt": _op_compare, "ge": _op_compare, "gt": _op_compare, "eq": _op_compare,
+        "ne": _op_compare,
+        "and": _op_logic, "or": _op_logic, "not": _op_not,
+        "where": _op_where, "masked_fill": _op_masked_fill, "canonical_mask": _op_canonical_mask,
+        "cumsum": _op_cumsum, "diff": _op_diff, "tril": _op_tri, "triu": _op_tri,
+    }
 
     def _view(self, node, x):
         t_in, t_out = tensor_meta(x), tensor_meta(node)
