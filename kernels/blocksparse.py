@@ -230,14 +230,17 @@ def summary_keys(window: int, k_block: int, group: int) -> int:
 def block_select(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *, window: int, sinks: int,
                  topk: int, q_block: int, k_block: int, rows: int, pool: int,
                  summary: Optional[Tensor] = None, exact_rows: int = 0, group: int = 1,
-                 spread: bool = False) -> Tensor:
+                 spread: bool = False, candidates_only: bool = False) -> Tensor:
     """Kept key blocks int32 [B, Hkv, nQ, topk] of the query blocks j0..j0+nQ-1 that hold the
     queries at p0..p0+Lq-1 (best first, -1 where fewer candidates exist). group: key blocks per
     stage-1 group (1: stage 1 bounds every key block; capped by `stage1_group`). summary: the
     groups' summaries kept with the cache (`check_summary` with group * k_block keys a group),
     else computed from k.
     exact_rows: the representative rows of stage 2 (0: the ``rows`` of stage 1). spread: each
-    stage's rows spread over the query block (q_block // rows apart) instead of its last rows."""
+    stage's rows spread over the query block (q_block // rows apart) instead of its last rows.
+    candidates_only: return stage 1's choice instead, the groups int32 [B, Hkv, nQ, MG] (-1: none)
+    whose key blocks stage 2 reads; with ``summary`` given, stage 1 reads no key (sequence
+    parallelism fetches the keys of these groups only)."""
     group = stage1_group(window, k_block, group)
     B, Hq, Lq, D = q.shape
     Hkv, T = k.shape[1], k.shape[2]
@@ -263,7 +266,8 @@ def block_select(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *, window
     MG = min(_ceil_div(pool * topk, group), nG)  # groups kept by stage 1
     M = MG * group  # blocks scored by stage 2
     sub = torch.arange(group, device=dev)
-    out = torch.full((B, Hkv, nQ, topk), -1, dtype=torch.int32, device=dev)
+    out = torch.full((B, Hkv, nQ, MG if candidates_only else topk), -1, dtype=torch.int32,
+                     device=dev)
     chunk = max(1, _CHUNK_ELEMS // max(1, B * Hkv * G * max(rows, exact_rows)
                                         * max(nG, M * k_block)))
     for s in range(0, nQ, chunk):
@@ -273,6 +277,9 @@ def block_select(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *, window
         ok = gcand[None, None, s:e] & has[:, None, None, :]
         bound = bound.masked_fill(~ok, float("-inf"))  # [B, Hkv, n, nG]
         _, cg = _top(bound, grp.expand_as(bound), MG)  # [B, Hkv, n, MG]
+        if candidates_only:
+            out[:, :, s:e, :cg.shape[-1]] = cg.to(torch.int32)
+            continue
         # stage 2: the candidate blocks of the kept groups, by the exact largest logit of the
         # representative rows in each
         ci = (cg[..., None] * group + sub).view(B, Hkv, n, M)

@@ -9,13 +9,16 @@ rank's own chunk is filled in and, of the earlier chunks, only the rows the quer
 1. **search rows**: the keys span-search scores. With ``search_key="anchor"`` these are the stripe
    anchors t - delta_i of the rank's queries (delta_i >= W), computed from the geometry alone, so
    every rank knows them before any data moves; ``"mean"`` and ``"block"`` summarise every earlier
-   key, so they fetch all earlier K (and no V). ``"blocksparse"`` (docs/blocksparse.md) may read
-   any earlier key block in either stage of its search, so its ranks fetch all earlier K and V and
-   run the block-sparse op on their queries (no saving in traffic over ``all_gather`` yet).
-2. span-search runs locally, giving each query its kept anchors;
-3. **attention rows**: K and V of the blocks the kept spans, the window and the sinks (the first
-   keys, on rank 0) touch, per batch row and kv head; K rows already fetched in 1 are not fetched
-   again.
+   key, so they fetch all earlier K (and no V). ``"blocksparse"`` (docs/blocksparse.md): its
+   stage 1 reads summaries of groups of key blocks only, so the ranks all-gather those ([kmax |
+   kmin] per group: 2 rows per ``summary_keys`` keys), run stage 1 for their queries and fetch K
+   of the candidate groups' blocks, which stage 2 reads. (With a key-padding mask, or chunks
+   that cut a stage-1 group, it fetches every earlier K and V instead.)
+2. the search runs locally, giving each query its kept anchors (or each query block its kept
+   key blocks: the op's own search over the buffer, with the gathered summaries);
+3. **attention rows**: K and V of the blocks the kept spans or blocks, the window and the sinks
+   (the first keys, on rank 0) touch, per batch row and kv head; K rows already fetched in 1 are
+   not fetched again.
 
 Rows travel in blocks of ``block`` rows of one (batch row, kv head); a rank asks each owner for its
 blocks with three ``all_to_all_single`` calls (request counts, block indices, block rows). Later
@@ -33,6 +36,9 @@ of them) and run the same local compute.
 and 2P-1-r (an early and a late piece), since a late query costs more than an early one (longer
 searches, longer spans). Every chunk's K and V are gathered and each piece runs as the
 bottom-right queries of the keys up to its end: exact against one device, per-rank memory O(T).
+
+With ``search_key="blocksparse"`` the local length C must be a multiple of ``q_block`` (a query
+block is chosen from its own last rows, so its rows must sit on one rank), else every rank raises.
 
 Bytes are counted as logical payload exchanged with other ranks (a rank's own chunk is not
 counted); see `CommStats`. Memory per rank is O((r+1)*C) for the key buffer, like the baseline:
@@ -68,8 +74,9 @@ class CommStats:
     Logical payload: what the rank put into collectives for other ranks (``sent``) and took out of
     them from other ranks (``received``); its own chunk is not counted (an ``all_gather`` of n bytes
     over P ranks counts (P-1)*n each way). Categories: ``"meta"`` (shape check), ``"mask"`` (key
-    padding mask), ``"count"`` and ``"index"`` (block requests), ``"k"`` and ``"v"`` (rows of K and
-    V; a block at the end of a chunk that is not a multiple of ``block`` travels padded).
+    padding mask), ``"summary"`` (block-sparse stage-1 group summaries), ``"count"`` and
+    ``"index"`` (block requests), ``"k"`` and ``"v"`` (rows of K and V; a block at the end of a
+    chunk that is not a multiple of ``block`` travels padded).
     ``k_blocks``/``v_blocks``: blocks of (block rows, one batch row, one kv head) this rank
     requested."""
 
@@ -399,6 +406,10 @@ def sequence_parallel_superlinear_attention(
         return _zigzag(q_local, k_local, v_local, search_query_local, key_padding_mask_local,
                        config, float(scale), dense, group, rank, P, stats, return_stats)
 
+    if bsp and not dense and C % config.q_block:
+        raise ValueError(f"{_NAME}: search_key='blocksparse' needs the local length C = {C} to be "
+                         f"a multiple of q_block={config.q_block} (a query block is chosen from "
+                         f"its own last rows, so its rows must sit on one rank)")
     mask = None
     if key_padding_mask_local is not None:  # [B, T]: one bit per key, cheap next to K/V
         parts = [torch.empty_like(key_padding_mask_local) for _ in range(P)]
@@ -427,11 +438,20 @@ def sequence_parallel_superlinear_attention(
             need = _positions_to_blocks(_search_need(B, Hkv, rank, C, T, config, dev), C, block, P)
             stats.k_blocks += _fetch_blocks(kbuf, k_local, need, block, group, stats, "k")
             have_k = need
-        if not bsp:
+        summary = None
+        if bsp and not dense and mask is None and C % _summary_keys(config) == 0:
+            # 1. (block-sparse) the groups' summaries, then the keys of stage 1's candidates
+            summary, have_k = _blocksparse_search_fetch(q_local, k_local, kbuf, config, rank, P,
+                                                        block, group, stats)
+        elif not bsp:
             anchors, scores = _search(q_local, search_query_local, kbuf, mask, config, dense)
-        # 2. K and V of the kept spans, the window and the sinks (dense, and the block-sparse
-        # search, whose stages read any earlier key block: every earlier key)
-        if dense or bsp:
+        # 2. K and V of what is attended: the kept spans or blocks, the window and the sinks
+        # (dense, and block-sparse with a padding mask or chunks that cut a stage-1 group:
+        # every earlier key)
+        if summary is not None:
+            need = _positions_to_blocks(_blocksparse_attention_need(
+                q_local, kbuf, summary, config, rank, C), C, block, P)
+        elif dense or bsp:
             need = torch.ones(P, B, Hkv, nb, dtype=torch.bool, device=dev)
             need[rank:] = False
         else:
@@ -439,9 +459,73 @@ def sequence_parallel_superlinear_attention(
                                         C, block, P)
         stats.k_blocks += _fetch_blocks(kbuf, k_local, need & ~have_k, block, group, stats, "k")
         stats.v_blocks += _fetch_blocks(vbuf, v_local, need, block, group, stats, "v")
+        if summary is not None:
+            out = lowering.attention(config, q_local, kbuf, vbuf, None, None, float(scale),
+                                     dense_below=0, block_summary=summary)
+            return (out, stats) if return_stats else out
     out = _attend(q_local, kbuf, vbuf, mask, config, float(scale), dense,
                   None if bsp else (anchors, scores))
     return (out, stats) if return_stats else out
+
+
+def _summary_keys(c: SuperlinearConfig) -> int:
+    from .blocksparse import summary_keys
+    return summary_keys(c.window, c.k_block, c.block_group)
+
+
+def _select_kw(c: SuperlinearConfig) -> dict:
+    return dict(window=c.window, sinks=c.sinks, topk=c.topk, q_block=c.q_block,
+                k_block=c.k_block, rows=c.block_rows, pool=c.block_pool,
+                exact_rows=c.exact_rows, group=c.block_group, spread=c.spread_rows)
+
+
+def _blocksparse_search_fetch(q, k, kbuf, c: SuperlinearConfig, rank: int, P: int, block: int,
+                              group, stats: CommStats) -> Tuple[Tensor, Tensor]:
+    """Block-sparse selective traffic, search half (docs/blocksparse.md): stage 1 reads the
+    summaries of groups of key blocks only, so every rank gathers those ([kmax | kmin] per group
+    of ``summary_keys`` keys: 1/(summary_keys/2) of K), runs stage 1 for its queries (the op's own
+    implementation: the same choice the op makes below) and fetches the keys of the candidate
+    groups stage 2 reads. Returns (the summaries of the keys [0, (r+1)*C), the blocks fetched)."""
+    from .blocksparse import block_summaries
+    from .ops import _block_select
+    B, Hkv, C, D = k.shape
+    L = rank * C
+    gspan = _summary_keys(c)
+    local = block_summaries(k, None, gspan)[0].contiguous()  # [B, Hkv, C / gspan, 2D]
+    parts = [torch.empty_like(local) for _ in range(P)]
+    dist.all_gather(parts, local, group=group)
+    stats.add("summary", (P - 1) * local.nbytes, (P - 1) * local.nbytes)
+    summary = torch.cat(parts[:rank + 1], dim=2)
+    nG = L // gspan  # whole groups before this rank's chunk
+    need = torch.zeros(B, Hkv, nG + 1, dtype=torch.bool, device=k.device)
+    if L:  # rank 0 reads nothing earlier, yet takes part in the exchange
+        cand = _block_select(q, kbuf, None, L, summary=summary, candidates_only=True,
+                             **_select_kw(c)).long()  # groups [B, Hkv, nQ, MG]
+        need.scatter_(2, torch.where((cand >= 0) & (cand < nG), cand, nG).flatten(2), True)
+    need_pos = need[:, :, :-1, None].expand(B, Hkv, nG, gspan).reshape(B, Hkv, L)
+    need = _positions_to_blocks(need_pos, C, block, P)
+    stats.k_blocks += _fetch_blocks(kbuf, k, need, block, group, stats, "k")
+    return summary, need
+
+
+def _blocksparse_attention_need(q, kbuf, summary, c: SuperlinearConfig, rank: int,
+                                C: int) -> Tensor:
+    """bool [B, Hkv, rank*C]: earlier key positions block-sparse attention reads for this rank's
+    queries (kept blocks, window, sinks): the op's own search over the buffer whose stage-2 keys
+    are in place (the blocks it keeps, the op keeps again)."""
+    from .blocksparse import attended_blocks, geometry
+    from .ops import _block_select
+    B, Hkv = kbuf.shape[0], kbuf.shape[1]
+    L, T = rank * C, kbuf.shape[2]
+    if L == 0:
+        return torch.zeros(B, Hkv, 0, dtype=torch.bool, device=kbuf.device)
+    kept = _block_select(q, kbuf, None, L, summary=summary, **_select_kw(c))
+    nK, sb, wb, per_q = geometry(T, c.window, c.sinks, c.q_block, c.k_block)
+    full, _ = attended_blocks(kept, L // c.q_block, nK, sb, wb, per_q)  # [B, Hkv, nQ, F]
+    nL = L // c.k_block  # whole blocks before this rank (C is a multiple of k_block here)
+    need = torch.zeros(B, Hkv, nL + 1, dtype=torch.bool, device=kbuf.device)
+    need.scatter_(2, torch.where((full >= 0) & (full < nL), full, nL).flatten(2), True)
+    return need[:, :, :-1, None].expand(B, Hkv, nL, c.k_block).reshape(B, Hkv, L)
 
 
 def _attend(q, kbuf, vbuf, mask, c: SuperlinearConfig, scale: float, dense: bool, searched,

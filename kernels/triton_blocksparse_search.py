@@ -188,8 +188,10 @@ def _top_keys(keys: Tensor, n: int) -> Tensor:
 def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *, window: int,
                         sinks: int, topk: int, q_block: int, k_block: int, rows: int, pool: int,
                         summary: Optional[Tensor] = None, num_warps: int = 4,
-                        exact_rows: int = 0, group: int = 1, spread: bool = False) -> Tensor:
-    """`blocksparse.block_select` with the two stages in Triton: int32 [B, Hkv, nQ, topk].
+                        exact_rows: int = 0, group: int = 1, spread: bool = False,
+                        candidates_only: bool = False) -> Tensor:
+    """`blocksparse.block_select` with the two stages in Triton: int32 [B, Hkv, nQ, topk]
+    (candidates_only: stage 1's groups [B, Hkv, nQ, MG], -1 where none).
 
     summary: the stage-1 groups' [kmax | kmin] kept with the cache (`blocksparse.block_summaries`
     of k with group * k_block keys a group, at least that many groups; see
@@ -222,7 +224,8 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
     qc = q if q.stride(-1) == 1 else q.contiguous()
     kc = k if k.stride(-1) == 1 else k.contiguous()
     kpm8 = None if kpm is None else kpm.to(torch.int8).contiguous()
-    out = torch.empty((B, Hkv, nQ, topk), dtype=torch.int32, device=dev)
+    out = torch.empty((B, Hkv, nQ, MG if candidates_only else topk), dtype=torch.int32,
+                      device=dev)
     MP = max(_pow2(MG), min(128, _pow2(nG)))  # stage 1's tile of candidate groups, one a program
     parts = triton.cdiv(nG, MP)
     chunk = max(1, _KEY_BUDGET // max(1, B * Hkv * parts * MP))
@@ -254,6 +257,9 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
             _bound_kernel[(n, B * Hkv, parts)](*args, DK=DK, num_stages=stages, **meta)
         ci = _top_keys(keys.view(B * Hkv, n, parts * MP), MG).contiguous()  # stage 2 decodes them
         del keys
+        if candidates_only:
+            out[:, :, s:e] = _blocks_of(ci).to(torch.int32).view(B, Hkv, n, -1)
+            continue
         ex = torch.empty((B * Hkv, n, M), dtype=torch.int64, device=dev)
         mparts = max(1, min(M, triton.cdiv(_PROGRAMS, n * B * Hkv)))  # few query blocks: split
         MC = triton.cdiv(triton.cdiv(M, mparts), CB) * CB

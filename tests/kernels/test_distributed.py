@@ -8,6 +8,7 @@ brute-force walk over the single-device selection says must move."""
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from datetime import timedelta
@@ -78,6 +79,22 @@ CASES = {
                                      cfg=dict(search_key="blocksparse", window=64, sinks=0,
                                               topk=2, q_block=32, k_block=16, block_rows=4,
                                               block_pool=2, block_group=4, dense_below=0)),
+    # the default's selective path: stage 1 reads gathered group summaries, then K of its
+    # candidate groups and K/V of the kept blocks, window and sinks move (no padding mask; C a
+    # multiple of the stage-1 group, 2 blocks of 16 keys here)
+    "bsp_selective": dict(B=2, Hq=4, Hkv=2, C=512, D=8, block=16, hot=(300, 420),
+                          cfg=dict(search_key="blocksparse", window=32, sinks=4, topk=2,
+                                   q_block=32, k_block=16, block_rows=4, block_pool=2,
+                                   dense_below=0)),
+    "bsp_selective_all_gather": dict(B=2, Hq=4, Hkv=2, C=512, D=8, block=16, hot=(300, 420),
+                                     comm="all_gather", seed_of="bsp_selective",
+                                     cfg=dict(search_key="blocksparse", window=32, sinks=4,
+                                              topk=2, q_block=32, k_block=16, block_rows=4,
+                                              block_pool=2, dense_below=0)),
+    "three_bsp_selective": dict(world=3, B=1, Hq=2, Hkv=1, C=256, D=8, block=32,
+                                cfg=dict(search_key="blocksparse", window=64, sinks=0, topk=3,
+                                         q_block=32, k_block=16, block_rows=4, block_pool=2,
+                                         block_group=4, exact_rows=8, dense_below=0)),
     "three_bytes": dict(world=3, B=1, Hq=2, Hkv=1, C=512, D=8, block=32, hot=(300, 420),
                         cfg=dict(search_key="anchor", window=16, sinks=2, topk=1, dense_below=0)),
 }
@@ -172,6 +189,8 @@ def _worker(rank, world, port, outdir):
         q, k, v, layout="zigzag", comm="selective"))
     res["err_zigzag_blocks"] = _expect_error(lambda: sequence_parallel_superlinear_attention(
         q, k, v, layout="zigzag", config=SuperlinearConfig(dense_below=0)))  # C/2 = 4 < q_block
+    res["err_bsp_split"] = _expect_error(lambda: sequence_parallel_superlinear_attention(
+        q, k, v, config=SuperlinearConfig(dense_below=0)))  # C = 8: cuts a query block of 64
     res["ok_after_errors"] = sequence_parallel_superlinear_attention(
         q, k, v, config=SuperlinearConfig(search_key="anchor", dense_below=0, window=2))
     torch.save(res, os.path.join(outdir, f"rank{rank}.pt"))
@@ -319,6 +338,7 @@ def test_invalid_inputs_raise_on_every_rank(runs):
         assert "layout='ring'" in runs[r]["err_layout"]
         assert "comm='all_gather'" in runs[r]["err_zigzag_comm"]
         assert "multiple of q_block=64" in runs[r]["err_zigzag_blocks"]
+        assert "C = 8 to be a multiple of q_block=64" in runs[r]["err_bsp_split"]
     assert "rank 0: key_padding_mask_local must be a bool tensor" in runs[0]["err_mask"]
     assert "rank(s) [0]" in runs[1]["err_mask"]
     assert "rank 1: gradients do not flow across ranks" in runs[1]["err_grad"]
@@ -368,3 +388,64 @@ def test_bytes_three_ranks_match_the_selection(runs3, one_thread):
         assert sum(runs3[r][name]["sent"][cat] for r in range(3)) == \
             sum(runs3[r][name]["received"][cat] for r in range(3))
     assert runs3[2][name]["received"]["v"] < 2 * c["C"] * c["D"] * 4  # less than all earlier V
+
+
+def _oracle_bsp_blocks(name, rank):
+    """From the contract's brute force over the whole sequence (tests/oracle.py): the (batch row,
+    kv head, transfer block) triples of earlier ranks that rank's queries read, for stage 2 (the
+    key blocks of stage 1's kept groups) and for attention (kept blocks, window, sinks)."""
+    from oracle import oracle_blocksparse
+    from slcompile.kernels.blocksparse import stage1_group
+    c = CASES[name]
+    cfg = SuperlinearConfig(**c["cfg"])
+    q, k, v, _, _ = _inputs(name)
+    B, Hkv, C, blk = c["B"], c["Hkv"], c["C"], c["block"]
+    T, L = _world(name) * C, rank * C
+    qb, kb = cfg.q_block, cfg.k_block
+    F = stage1_group(cfg.window, kb, cfg.block_group)
+    kept, scores, _ = oracle_blocksparse(
+        q, k, v, None, 0, window=cfg.window, sinks=cfg.sinks, topk=cfg.topk, qb=qb, kb=kb,
+        scale=1.0, r2=cfg.exact_rows, F=F, R=cfg.block_rows, P=cfg.block_pool)
+    sb, wb = math.ceil(cfg.sinks / kb), math.ceil(min(cfg.window, T) / kb)
+    search, attend = set(), set()
+    for (b, h, j), blocks in kept.items():
+        if not L <= j * qb < L + C:
+            continue
+        groups = [g for _, g in scores[(b, h, j)][0][:math.ceil(cfg.block_pool * cfg.topk / F)]]
+        search |= {(b, h, p // blk) for g in groups for p in range(g * F * kb, (g + 1) * F * kb)
+                   if p < L}
+        before = j * qb // kb
+        full = set(range(min(sb, before))) | set(range(max(sb, before - wb), before)) | blocks
+        attend |= {(b, h, p // blk) for i in full for p in range(i * kb, (i + 1) * kb) if p < L}
+    return search, attend
+
+
+@pytest.mark.parametrize("name,world", [("bsp_selective", WORLD), ("three_bsp_selective", 3)])
+def test_blocksparse_selective_bytes_match_the_selection(request, one_thread, name, world):
+    """The default's traffic: every rank receives the earlier group summaries, K of the blocks
+    stage 2 reads and K/V of the blocks attention reads, exactly as the contract's brute force
+    selects them over the whole sequence, and (with routing that concentrates) less than the
+    all-gather baseline."""
+    res = request.getfixturevalue("runs" if world == WORLD else "runs3")
+    c = CASES[name]
+    cfg = SuperlinearConfig(**c["cfg"])
+    from slcompile.kernels.blocksparse import summary_keys
+    row = c["block"] * c["D"] * 4
+    summ = c["B"] * c["Hkv"] * (c["C"] // summary_keys(cfg.window, cfg.k_block, cfg.block_group)) \
+        * 2 * c["D"] * 4
+    for r in range(world):
+        search, attend = _oracle_bsp_blocks(name, r)
+        got = res[r][name]
+        assert got["received"]["summary"] == (world - 1) * summ
+        assert got["received"]["k"] == row * len(search | attend)
+        assert got["received"]["v"] == row * len(attend)
+        assert got["k_blocks"] == len(search | attend) and got["v_blocks"] == len(attend)
+    assert res[0][name]["received"]["k"] == res[0][name]["received"]["v"] == 0
+    for cat in ("k", "v", "index", "summary"):
+        assert sum(res[r][name]["sent"][cat] for r in range(world)) == \
+            sum(res[r][name]["received"][cat] for r in range(world))
+    if name == "bsp_selective":  # queries route to one region: a fraction of rank 0's chunk moves
+        base = res[1]["bsp_selective_all_gather"]["received"]
+        got = res[1][name]["received"]
+        assert got["v"] < base["v"] // 2 and got["k"] < base["k"]
+        assert sum(got.values()) < sum(base.values())

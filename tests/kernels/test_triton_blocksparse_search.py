@@ -245,3 +245,31 @@ def test_rows_spread_over_the_query_block(p0, exact_rows, group):
     assert torch.equal(got, want)
     if p0 < 1399:  # a decoded token's block holds one row: nothing to spread
         assert not torch.equal(want, bs.block_select(q, k, None, p0, **kw))
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3]])
+def test_triton_stage1_candidates_match_the_reference(case):
+    """candidates_only (sequence parallelism fetches their keys): stage 1's groups, the same set
+    as the reference's, from summaries alone (keys outside the groups poisoned)."""
+    B, Hq, Hkv, T, D, p0, W, S, K, qb, kb, rows, pool, pad = case
+    q, k, _ = _inputs(B, Hq, Hkv, T, D, seed=T + p0 + D + 1, pad=False)
+    q = q[:, :, p0:]
+    group = 2
+    gspan = bs.summary_keys(W, kb, group)
+    summary = bs.block_summaries(k, None, gspan)[0]
+    kw = dict(window=W, sinks=S, topk=K, q_block=qb, k_block=kb, rows=rows, pool=pool,
+              group=group, summary=summary, candidates_only=True)
+    want = bs.block_select(q, k, None, p0, **kw)
+    k_nan = torch.full_like(k, float("nan"))  # stage 1 with summaries reads no key
+    poison()
+    got = tss.block_select_triton(q, k_nan, None, p0, **kw)
+    ref_nan = bs.block_select(q, k_nan, None, p0, **kw)
+    assert torch.equal(ref_nan, want)
+    assert got.shape == want.shape and (want >= 0).sum() > 0
+    MG = want.shape[-1]
+    assert MG == min(-(-pool * K // min(group, gspan // kb)), -(-T // gspan))
+    for b in range(B):
+        for h in range(Hkv):
+            for n in range(want.shape[2]):
+                assert {int(x) for x in got[b, h, n] if x >= 0} == \
+                    {int(x) for x in want[b, h, n] if x >= 0}, (b, h, n)
