@@ -399,7 +399,7 @@ def _oracle_bsp_blocks(name, rank):
     c = CASES[name]
     cfg = SuperlinearConfig(**c["cfg"])
     q, k, v, _, _ = _inputs(name)
-    B, Hkv, C, blk = c["B"], c["Hkv"], c["C"], c["block"]
+    C, blk = c["C"], c["block"]
     T, L = _world(name) * C, rank * C
     qb, kb = cfg.q_block, cfg.k_block
     F = stage1_group(cfg.window, kb, cfg.block_group)
