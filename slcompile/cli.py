@@ -12,13 +12,13 @@ import functools
 import json
 import math
 import os
-import statistics
 import sys
-import time
 import traceback
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import click
+
+from slcompile import bench as _bench
 
 from slcompile.convert import (
     CONFIG_FIELDS,
@@ -887,7 +887,7 @@ def bench(model, trust_pickle, imports, seq_len, batch, vocab, inputs_file, leng
                              vocab_used=True)
     if plot is not None:
         cv.check_output_path(plot, [model] if model else [], overwrite=True)
-        _need_matplotlib()
+        _bench.need_matplotlib()
     import torch
 
     dev = _resolve_device(device)
@@ -902,7 +902,7 @@ def bench(model, trust_pickle, imports, seq_len, batch, vocab, inputs_file, leng
             what = f"attention op: B={batch}, Hq={heads}, Hkv={kvh}, D={head_dim}, {dtype}, {dev}"
             steps.step(f"L={lens[0]}")
             for L in lens:
-                rows.append(_bench_op(L, batch, heads, kvh, head_dim, dt, dev, config, repeat, warmup))
+                rows.append(_bench.bench_op(L, batch, heads, kvh, head_dim, dt, dev, config, repeat, warmup))
                 steps.advance(f"L={L} done")
         else:
             if seq_len is None and inputs_file is None:
@@ -925,11 +925,11 @@ def bench(model, trust_pickle, imports, seq_len, batch, vocab, inputs_file, leng
                                      f"({_seq_len_of(prep.inputs)}); it cannot run at {L}")
                 ex = prep.inputs if L == _seq_len_of(prep.inputs) else \
                     cv.with_seq_len(prep.inputs, L, vocab or cv.infer_vocab(prep.loaded))
-                rows.append(_bench_model(L, dense_mod, gm, ex, repeat, warmup))
+                rows.append(_bench.bench_model(L, dense_mod, gm, ex, repeat, warmup))
                 steps.advance(f"L={L} done")
     result = {"ok": True, "what": what, "config": config.to_dict(), "repeat": repeat, "rows": rows}
     if plot is not None:
-        _write_plot(plot, rows, what)
+        _bench.write_plot(plot, rows, what)
         result["plot"] = plot
     if json_mode:
         out.emit_json(result)
@@ -942,95 +942,6 @@ def bench(model, trust_pickle, imports, seq_len, batch, vocab, inputs_file, leng
     out.print("config: " + ", ".join(f"{k}={v}" for k, v in config.to_dict().items()))
     if plot is not None:
         out.print(f"plot written to {plot}")
-
-
-def _timeit(fn: Callable[[], Any], repeat: int, warmup: int, device) -> float:
-    import torch
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
-
-
-def _bench_op(L, B, Hq, Hkv, D, dtype, device, config, repeat, warmup) -> Dict[str, Any]:
-    import torch
-    import torch.nn.functional as F
-
-    from slcompile.functional import superlinear_attention
-
-    g = torch.Generator().manual_seed(L)
-    q = torch.randn(B, Hq, L, D, generator=g).to(device=device, dtype=dtype)
-    k = torch.randn(B, Hkv, L, D, generator=g).to(device=device, dtype=dtype)
-    v = torch.randn(B, Hkv, L, D, generator=g).to(device=device, dtype=dtype)
-    gqa = Hq != Hkv
-    with torch.no_grad():
-        dense = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        sl = lambda: superlinear_attention(q, k, v, config=config, enable_gqa=gqa)
-        d_ms = _timeit(dense, repeat, warmup, device)
-        s_ms = _timeit(sl, repeat, warmup, device)
-        err = float((dense().float() - sl().float()).abs().max())
-    return {"seq_len": L, "dense_ms": d_ms, "superlinear_ms": s_ms,
-            "speedup": d_ms / s_ms if s_ms > 0 else None, "max_abs_err": err}
-
-
-def _bench_model(L, dense_mod, gm, ex, repeat, warmup) -> Dict[str, Any]:
-    import torch
-
-    from slcompile import convert as cv
-
-    dev = torch.device("cpu")
-    with torch.no_grad():
-        d_ms = _timeit(lambda: dense_mod(*ex.args, **ex.kwargs), repeat, warmup, dev)
-        s_ms = _timeit(lambda: gm(*ex.args, **ex.kwargs), repeat, warmup, dev)
-        m = cv.error_metrics(dense_mod(*ex.args, **ex.kwargs), gm(*ex.args, **ex.kwargs))
-    return {"seq_len": L, "dense_ms": d_ms, "superlinear_ms": s_ms,
-            "speedup": d_ms / s_ms if s_ms > 0 else None, "max_abs_err": m["max_abs_err"]}
-
-
-def _need_matplotlib() -> None:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise NotAvailableError("not available: --plot needs matplotlib (pip install 'slcompile[plot]')")
-
-
-def _write_plot(path: str, rows: List[Dict[str, Any]], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from slcompile.convert import atomic_output
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    xs = [r["seq_len"] for r in rows]
-    ax.loglog(xs, [r["dense_ms"] for r in rows], "o-", label="dense (causal SDPA)")
-    ax.loglog(xs, [r["superlinear_ms"] for r in rows], "s-", label="superlinear")
-    ax.set_xlabel("sequence length L")
-    ax.set_ylabel("time (ms)")
-    ax.set_title(title, fontsize=8)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    ext = os.path.splitext(path)[1].lstrip(".").lower() or "png"
-    try:
-        with atomic_output(path) as tmp:
-            fig.savefig(tmp, format=ext)
-    except ValueError as e:
-        raise UsageError(f"--plot {path}: {first_line(e)}")
-    finally:
-        plt.close(fig)
 
 
 # --------------------------------------------------------------------------------------------
