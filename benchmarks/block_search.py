@@ -131,15 +131,13 @@ def check(cfg, Hq, Hkv, Lq, T, D, integer, pad, seed):
 
 
 def sdpa(q, k, v):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    backends = [SDPBackend.FLASH_ATTENTION] if DEV == "cuda" else [SDPBackend.MATH]
-    with sdpa_kernel(backends):
-        try:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        except RuntimeError:  # no GQA in this build's flash kernel: repeat the kv heads
-            g = q.shape[1] // k.shape[1]
-            return F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1),
-                                                  v.repeat_interleave(g, 1), is_causal=True)
+    """The baseline: SDPA with its default dispatch, what a user gets."""
+    try:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    except RuntimeError:  # no GQA in this build's kernel: repeat the kv heads
+        g = q.shape[1] // k.shape[1]
+        return F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1),
+                                              v.repeat_interleave(g, 1), is_causal=True)
 
 
 def timing(cfg, Hq, Hkv, D, T, ref_q, before):
