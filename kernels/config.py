@@ -16,18 +16,17 @@ from . import searches
 COMBINE_MODES = ("union", "gated")
 SEARCH_KEYS = searches.names()  # kernels/searches.py: what each search kind is and supports
 # SuperlinearConfig.for_pretrained(): see its docstring. Measured on SmolLM2-135M at 8K (H200,
-# benchmarks/RESULTS.md "Needle retrieval at 8K, second session"): perplexity -0.1% at 13.1% of keys
+# benchmarks/RESULTS.md, "Quality at 8K"): perplexity -0.1% at 13.1% of keys
 # per query, 10 of 27 needles (dense 7, all of them among the 10); a large window carries
 # perplexity, eight ~0.35 sqrt(t)-key spans on the 16-key blocks with the largest exact q.k among
 # the 32 topk best by bound (fine_block, rerank) the rest.
 PRETRAINED = dict(search_key="block_rerank", window=768, sinks=4, topk=8, backward_factor=0.35,
                   forward_factor=0.0, combine="union")
 # The default (SuperlinearConfig(), block_sparse()): docs/blocksparse.md with the geometry that did
-# best in the 8K sweep of benchmarks/RESULTS.md (SmolLM2-135M, H100, 2026-12-06): 8 of 27 needles (dense 7),
-# perplexity +2.2% at 14.2% of keys per query over the last 1024 of 8K; 10.9x SDPA at 128K. Stage 1
-# bounds groups of 8 key blocks (block_group): perplexity 14.620 against 14.624, stage 1 8x cheaper;
-# 16 stage-2 rows (exact_rows): 14.455 (+1.0%). Rows spread over the block (spread_rows) give 14.400
-# but found 5 needles of 27 where the block's last rows found 8: off by default.
+# best in the 8K sweep (SmolLM2-135M). Stage 1 bounds groups of 8 key blocks (block_group):
+# perplexity as without groups, stage 1 8x cheaper; 16 stage-2 rows (exact_rows): +1.0% against
+# dense, 8 of 27 needles (dense 7) at 13.7% of keys; 12.5x SDPA at 128K on an H100. Rows spread
+# over the block (spread_rows) gave +0.6% but 5 needles: off by default. benchmarks/RESULTS.md.
 BLOCK_SPARSE = dict(search_key="blocksparse", window=256, sinks=4, topk=24, q_block=64, k_block=32,
                     block_rows=8, block_pool=8, exact_rows=16, block_group=8, spread_rows=False,
                     combine="union")
@@ -253,12 +252,12 @@ class SuperlinearConfig:
 
     @classmethod
     def for_pretrained(cls, **overrides: Any) -> "SuperlinearConfig":
-        """The preset for dense pretrained models converted without training (issue 7): block
+        """The preset for dense pretrained models converted without training: block
         search with exact rescoring (``"block_rerank"``: 16-key blocks, the 32 topk best by bound
         rescored by their exact largest q.k), window 768, 4 sinks, 8 spans of ~0.35 sqrt(t) keys
         (each covers its 16-key fine block from t ~ 1.8K on), union. Chosen from the 8K
-        measurements in benchmarks/RESULTS.md ("Quality at 8K", "Needle retrieval at 8K" and its
-        second session); the trade-off table is in README.md. Its search is slow (3-26x SDPA's
+        measurements in benchmarks/RESULTS.md ("Quality at 8K"); the trade-off table is in
+        README.md. Its search is slow (3-26x SDPA's
         whole attention on an H200, README.md); ``search_key="block"`` is the faster, weaker
         choice. ``dense_below`` keeps its default,
         so short inputs stay exact. The field defaults stay those of docs/spec.md."""

@@ -1,5 +1,5 @@
 """Router calibration: learn each attention layer's search projection from the model's own dense
-attention (issue 7).
+attention.
 
 A converted pretrained model was never trained to route: span-search scores candidate regions with
 the attention query itself. Calibration learns, per layer and query head, a linear map
