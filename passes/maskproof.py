@@ -402,8 +402,8 @@ class MaskEvaluator:
         return None
 
     def _op_arange(self, node, a, op):
-        start, end, step = (sym(a[0]) if not isinstance(a[0], float) else None,
-                            a[1], a[2])
+        start = sym(a[0]) if not isinstance(a[0], float) else None
+        step = a[2]  # the end (a[1]) is the extent, which the abstract value does not keep
         if start is None or not isinstance(step, int) or isinstance(step, bool):
             return None
         return Aff(_coef({-1: step}), start)
@@ -461,34 +461,40 @@ class MaskEvaluator:
                 return None  # tiles a varying dim: index mod size, not followed
         return self.eval(a[0])
 
-    def _op_slice(self, node, a, op):
+    @staticmethod
+    def _axis(a):
+        """(meta, axis, axis counted from the right) of an op on a[0] along dim a[1], or None."""
         t = tensor_meta(a[0])
         if t is None:
             return None
-        n = t.dim()
-        pos = a[1] if a[1] >= 0 else a[1] + n
-        d = pos - n
-        start = a[2] if a[2] is not None else 0
+        pos = a[1] if a[1] >= 0 else a[1] + t.dim()
+        return t, pos, pos - t.dim()
+
+    @staticmethod
+    def _index_expr(t, pos, i):
+        """An index along axis pos (an int, negative from the end, or a size) as an expression."""
+        if isinstance(i, int) and i < 0:
+            i = sym(t.shape[pos]) + i
+        return sym(i) if not isinstance(i, sympy.Expr) else i
+
+    def _op_slice(self, node, a, op):
+        ax = self._axis(a)
+        if ax is None:
+            return None
+        t, pos, d = ax
         step = a[4] if len(a) > 4 and a[4] is not None else 1
-        if isinstance(start, int) and start < 0:
-            start = sym(t.shape[pos]) + start
-        s = sym(start) if not isinstance(start, sympy.Expr) else start
+        s = self._index_expr(t, pos, a[2] if a[2] is not None else 0)
         if s is None or not isinstance(step, int):
             return None
         trivial = s == 0 and step == 1
         return self._layout(node, self.eval(a[0]), lambda dd: dd, {d: (step, s)}, aligned=trivial)
 
     def _op_select(self, node, a, op):
-        t = tensor_meta(a[0])
-        if t is None:
+        ax = self._axis(a)
+        if ax is None:
             return None
-        n = t.dim()
-        pos = a[1] if a[1] >= 0 else a[1] + n
-        d = pos - n
-        idx = a[2]
-        if isinstance(idx, int) and idx < 0:
-            idx = sym(t.shape[pos]) + idx
-        s = sym(idx) if not isinstance(idx, sympy.Expr) else idx
+        t, pos, d = ax
+        s = self._index_expr(t, pos, a[2])
         if s is None:
             return None
         return self._layout(node, self.eval(a[0]),
