@@ -167,10 +167,8 @@ def _fwd_kernel(Q, K, V, O, LST, LSE,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SUB: tl.constexpr,
                 NB: tl.constexpr, FP: tl.constexpr, IEEE: tl.constexpr,
-                DOT_F32: tl.constexpr, WRITE_LSE: tl.constexpr, IDS_LOAD: tl.constexpr):
-    """SUB steps per listed block (BLOCK_N <= K_BLOCK) or NB listed blocks per step. IDS_LOAD: a
-    step's block indices are loaded from the list row (cached) instead of picked out of the
-    row held in registers."""
+                DOT_F32: tl.constexpr, WRITE_LSE: tl.constexpr):
+    """SUB steps per listed block (BLOCK_N <= K_BLOCK) or NB listed blocks per step."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # batch row x kv head
     g = pid % G
@@ -202,10 +200,7 @@ def _fwd_kernel(Q, K, V, O, LST, LSE,
     ids = tl.load(lrow + slot, mask=slot < F, other=0)  # slots >= cnt are never picked
     if NB == 1:
         for it in range(0, cnt * SUB):
-            if IDS_LOAD:
-                idx = tl.load(lrow + it // SUB).to(tl.int64)
-            else:
-                idx = tl.sum(tl.where(slot == it // SUB, ids, 0)).to(tl.int64)
+            idx = tl.sum(tl.where(slot == it // SUB, ids, 0)).to(tl.int64)
             kpos = idx * K_BLOCK + (it % SUB) * BLOCK_N + lane
             acc, l_i, m_i = _attend(acc, l_i, m_i, q, kbase, vbase, kpos, qpos, T, skn, svn,
                                     qk_scale, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, False, False,
@@ -213,10 +208,7 @@ def _fwd_kernel(Q, K, V, O, LST, LSE,
     else:  # NB blocks per step: lane l reads slot it * NB + l // K_BLOCK
         for it in range(0, cnt // NB):
             j = it * NB + lane // K_BLOCK
-            if IDS_LOAD:
-                idx = tl.load(lrow + j)
-            else:
-                idx = tl.sum(tl.where(slot[None, :] == j[:, None], ids[None, :], 0), 1)
+            idx = tl.sum(tl.where(slot[None, :] == j[:, None], ids[None, :], 0), 1)
             kpos = idx.to(tl.int64) * K_BLOCK + lane % K_BLOCK
             acc, l_i, m_i = _attend(acc, l_i, m_i, q, kbase, vbase, kpos, qpos, T, skn, svn,
                                     qk_scale, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, False, False,
@@ -335,7 +327,7 @@ def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, full: Tensor, p0: in
                            block_m: int = 128, block_n: int = 64, num_warps: int = 8,
                            num_stages: int = 3, out: Optional[Tensor] = None,
                            sink_blocks: int = 0, window_blocks: int = 0,
-                           lse: Optional[Tensor] = None, ids_load: bool = False) -> Tensor:
+                           lse: Optional[Tensor] = None) -> Tensor:
     """Block-sparse attention of the queries at p0..p0+Lq-1 (module docstring; docs/blocksparse.md).
 
     q [B, Hq, Lq, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv] (one dtype: fp32, bf16 or fp16; Hq a
@@ -346,8 +338,7 @@ def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, full: Tensor, p0: in
     Returns [B, Hq, Lq, Dv] in q's dtype (written into ``out`` when given). ``lse``, if given, a
     float32 [B, Hq, Lq] tensor with unit stride in the last dim, receives each query's natural-log
     log-sum-exp of its scaled logits (-inf for a query with no key). block_m, block_n, num_warps,
-    num_stages: the launch shape for a long call (fitted to short calls); ids_load: how a step
-    finds its blocks' indices (the kernel's IDS_LOAD; the same result either way)."""
+    num_stages: the launch shape for a long call (fitted to short calls)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or full.dim() != 4:
         raise ValueError("block_attention_triton: q, k, v and full must be 4-D")
     check_arguments("block_attention_triton", q, k, v, q_block, k_block)
@@ -400,5 +391,5 @@ def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, full: Tensor, p0: in
         BLOCK_D=BD, BLOCK_DV=BDV, SUB=max(1, k_block // BN), NB=max(1, BN // k_block),
         FP=_pow2(F, 2),
         IEEE=q.dtype == torch.float32, DOT_F32=_interpreted() and q.dtype == torch.bfloat16,
-        WRITE_LSE=lse is not None, IDS_LOAD=bool(ids_load), num_warps=warps, num_stages=stages)
+        WRITE_LSE=lse is not None, num_warps=warps, num_stages=stages)
     return out

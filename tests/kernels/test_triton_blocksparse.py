@@ -113,8 +113,6 @@ def test_chunks_and_decoding_match_the_reference(p0, Lq, dtype, list_dtype):
 @pytest.mark.parametrize("launch", [
     dict(block_m=16, block_n=16),                              # tiles inside a query block
     dict(block_m=32, block_n=32, num_warps=4, num_stages=2),
-    dict(block_m=16, block_n=16, ids_load=True),               # block indices loaded, SUB steps
-    dict(block_m=32, block_n=64, num_warps=4, ids_load=True),  # loaded, two blocks a step
 ])
 def test_smaller_tiles_than_the_blocks(launch):
     T = 290
