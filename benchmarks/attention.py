@@ -3,7 +3,8 @@
 
 One run prints a table at L = 4K .. 1M (B=1, Hq=32, Hkv=8, d=128, bf16, the stripe search with
 dense_below=0) against ``F.scaled_dot_product_attention`` (its default dispatch; the flash backend
-beside it) and FlexAttention (causal block mask, compiled): time (median of CUDA-event timings), ratio to SDPA, achieved TFLOP/s and
+beside it) and FlexAttention (causal block mask, compiled): time (median of CUDA-event timings),
+ratio to SDPA, achieved TFLOP/s and
 GB/s against the FLOPs and bytes that the spec's cost model says superlinear attention must do, and the
 fitted scaling exponent between 128K and 1M. It writes ``attention.json``, ``attention.md`` and a
 log-log PNG (if matplotlib is there) to ``--out``.
@@ -22,6 +23,7 @@ marked ``est``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -127,7 +129,6 @@ def main():
         """The baseline: SDPA with its default dispatch (what a user gets; cuDNN attention on
         H100/H200); flash=True forces its FLASH backend, which stands beside it."""
         nonlocal sdpa_gqa
-        import contextlib
         from torch.nn.attention import SDPBackend, sdpa_kernel
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]) if flash else contextlib.nullcontext():
             if sdpa_gqa:

@@ -451,11 +451,10 @@ class KeyCounter:
         frac = torch.ones(B, Hq, Lq, dtype=torch.float64, device=query.device)
         if cfg.kind.block_sparse and not T <= cfg.dense_below:
             from slcompile.kernels import blocksparse as bsp
-            kw = dict(window=cfg.window, sinks=cfg.sinks, q_block=cfg.q_block, k_block=cfg.k_block)
-            kept = bsp.block_select(query, key, None, T - Lq, topk=cfg.topk, rows=cfg.block_rows,
-                                    pool=cfg.block_pool, exact_rows=cfg.exact_rows,
-                                    group=cfg.block_group, spread=cfg.spread_rows, **kw)
-            n = bsp.keys_attended(kept, T - Lq, Lq, T, **kw)
+            from slcompile.kernels.lowering import block_select_kwargs
+            kept = bsp.block_select(query, key, None, T - Lq, **block_select_kwargs(cfg))
+            n = bsp.keys_attended(kept, T - Lq, Lq, T, window=cfg.window, sinks=cfg.sinks,
+                                  q_block=cfg.q_block, k_block=cfg.k_block)
             frac = (n.double() / (t + 1).double()).repeat_interleave(Hq // key.shape[1], dim=1)
         elif not (T <= cfg.dense_below or cfg.window >= T):
             a, back, fwd = search_anchors(cfg, query, key, None, ops=True)

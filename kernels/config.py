@@ -27,14 +27,13 @@ PRETRAINED = dict(search_key="block_rerank", window=768, sinks=4, topk=8, backwa
 # perplexity as without groups, stage 1 8x cheaper; 16 stage-2 rows (exact_rows): +1.0% against
 # dense, 8 of 27 needles (dense 7) at 13.7% of keys; 12.5x SDPA at 128K on an H100. Rows spread
 # over the block (spread_rows) gave +0.6% but 5 needles: off by default. benchmarks/RESULTS.md.
-BLOCK_SPARSE = dict(search_key="blocksparse", window=256, sinks=4, topk=24, q_block=64, k_block=32,
-                    block_rows=8, block_pool=8, exact_rows=16, block_group=8, spread_rows=False,
+# Its window (256) and topk (24) are the search kind's defaults (kernels/searches.py): what window
+# and topk mean depends on the kind (keys and key blocks for blocksparse; keys and spans for
+# docs/spec.md's stripe searches), and a field left None takes its kind's default.
+BLOCK_SPARSE = dict(search_key="blocksparse", window=searches.kind("blocksparse").window, sinks=4,
+                    topk=searches.kind("blocksparse").topk, q_block=64, k_block=32, block_rows=8,
+                    block_pool=8, exact_rows=16, block_group=8, spread_rows=False,
                     combine="union")
-# what window and topk mean depends on the search kind (keys and key blocks for blocksparse; keys
-# and spans for docs/spec.md's stripe searches): a field left None takes its kind's default
-# (kernels/searches.py, which agrees with BLOCK_SPARSE)
-assert (searches.kind("blocksparse").window, searches.kind("blocksparse").topk) == \
-    (BLOCK_SPARSE["window"], BLOCK_SPARSE["topk"])
 
 
 def _short_repr(value: Any, limit: int = 60) -> str:

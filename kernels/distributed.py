@@ -417,6 +417,7 @@ def sequence_parallel_superlinear_attention(
         stats.add("mask", (P - 1) * B * C, (P - 1) * B * C)
         mask = torch.cat(parts[:rank + 1], dim=1)
 
+    summary = None  # block-sparse group summaries, where the buffer holds only what is read
     if comm == "all_gather":
         ks = [torch.empty_like(k_local) for _ in range(P)]
         vs = [torch.empty_like(v_local) for _ in range(P)]
@@ -438,7 +439,6 @@ def sequence_parallel_superlinear_attention(
             need = _positions_to_blocks(_search_need(B, Hkv, rank, C, T, config, dev), C, block, P)
             stats.k_blocks += _fetch_blocks(kbuf, k_local, need, block, group, stats, "k")
             have_k = need
-        summary = None
         if bsp and not dense and mask is None and C % _summary_keys(config) == 0:
             # 1. (block-sparse) the groups' summaries, then the keys of stage 1's candidates
             summary, have_k = _blocksparse_search_fetch(q_local, k_local, kbuf, config, rank, P,
@@ -459,12 +459,8 @@ def sequence_parallel_superlinear_attention(
                                         C, block, P)
         stats.k_blocks += _fetch_blocks(kbuf, k_local, need & ~have_k, block, group, stats, "k")
         stats.v_blocks += _fetch_blocks(vbuf, v_local, need, block, group, stats, "v")
-        if summary is not None:
-            out = lowering.attention(config, q_local, kbuf, vbuf, None, None, float(scale),
-                                     dense_below=0, block_summary=summary)
-            return (out, stats) if return_stats else out
     out = _attend(q_local, kbuf, vbuf, mask, config, float(scale), dense,
-                  None if bsp else (anchors, scores))
+                  None if bsp else (anchors, scores), block_summary=summary)
     return (out, stats) if return_stats else out
 
 
@@ -473,10 +469,13 @@ def _summary_keys(c: SuperlinearConfig) -> int:
     return summary_keys(c.window, c.k_block, c.block_group)
 
 
-def _select_kw(c: SuperlinearConfig) -> dict:
-    return dict(window=c.window, sinks=c.sinks, topk=c.topk, q_block=c.q_block,
-                k_block=c.k_block, rows=c.block_rows, pool=c.block_pool,
-                exact_rows=c.exact_rows, group=c.block_group, spread=c.spread_rows)
+def _units_to_positions(idx: Tensor, n: int, unit: int) -> Tensor:
+    """bool [B, H, n * unit]: the positions of the units (groups or blocks of ``unit`` keys)
+    listed in idx [B, H, ...] that lie before unit n (-1 and units >= n are ignored)."""
+    B, H = idx.shape[0], idx.shape[1]
+    hit = torch.zeros(B, H, n + 1, dtype=torch.bool, device=idx.device)
+    hit.scatter_(2, torch.where((idx >= 0) & (idx < n), idx, n).flatten(2), True)
+    return hit[:, :, :-1, None].expand(B, H, n, unit).reshape(B, H, n * unit)
 
 
 def _blocksparse_search_fetch(q, k, kbuf, c: SuperlinearConfig, rank: int, P: int, block: int,
@@ -496,14 +495,12 @@ def _blocksparse_search_fetch(q, k, kbuf, c: SuperlinearConfig, rank: int, P: in
     dist.all_gather(parts, local, group=group)
     stats.add("summary", (P - 1) * local.nbytes, (P - 1) * local.nbytes)
     summary = torch.cat(parts[:rank + 1], dim=2)
-    nG = L // gspan  # whole groups before this rank's chunk
-    need = torch.zeros(B, Hkv, nG + 1, dtype=torch.bool, device=k.device)
-    if L:  # rank 0 reads nothing earlier, yet takes part in the exchange
+    if L:  # groups [B, Hkv, nQ, MG]
         cand = _block_select(q, kbuf, None, L, summary=summary, candidates_only=True,
-                             **_select_kw(c)).long()  # groups [B, Hkv, nQ, MG]
-        need.scatter_(2, torch.where((cand >= 0) & (cand < nG), cand, nG).flatten(2), True)
-    need_pos = need[:, :, :-1, None].expand(B, Hkv, nG, gspan).reshape(B, Hkv, L)
-    need = _positions_to_blocks(need_pos, C, block, P)
+                             **lowering.block_select_kwargs(c)).long()
+    else:  # rank 0 reads nothing earlier, yet takes part in the exchange
+        cand = torch.full((B, Hkv, 1), -1, dtype=torch.int64, device=k.device)
+    need = _positions_to_blocks(_units_to_positions(cand, L // gspan, gspan), C, block, P)
     stats.k_blocks += _fetch_blocks(kbuf, k, need, block, group, stats, "k")
     return summary, need
 
@@ -515,29 +512,28 @@ def _blocksparse_attention_need(q, kbuf, summary, c: SuperlinearConfig, rank: in
     are in place (the blocks it keeps, the op keeps again)."""
     from .blocksparse import attended_blocks, geometry
     from .ops import _block_select
-    B, Hkv = kbuf.shape[0], kbuf.shape[1]
     L, T = rank * C, kbuf.shape[2]
     if L == 0:
-        return torch.zeros(B, Hkv, 0, dtype=torch.bool, device=kbuf.device)
-    kept = _block_select(q, kbuf, None, L, summary=summary, **_select_kw(c))
+        return torch.zeros(kbuf.shape[0], kbuf.shape[1], 0, dtype=torch.bool, device=kbuf.device)
+    kept = _block_select(q, kbuf, None, L, summary=summary, **lowering.block_select_kwargs(c))
     nK, sb, wb, per_q = geometry(T, c.window, c.sinks, c.q_block, c.k_block)
     full, _ = attended_blocks(kept, L // c.q_block, nK, sb, wb, per_q)  # [B, Hkv, nQ, F]
-    nL = L // c.k_block  # whole blocks before this rank (C is a multiple of k_block here)
-    need = torch.zeros(B, Hkv, nL + 1, dtype=torch.bool, device=kbuf.device)
-    need.scatter_(2, torch.where((full >= 0) & (full < nL), full, nL).flatten(2), True)
-    return need[:, :, :-1, None].expand(B, Hkv, nL, c.k_block).reshape(B, Hkv, L)
+    # whole blocks before this rank (C is a multiple of the stage-1 group, so of k_block)
+    return _units_to_positions(full, L // c.k_block, c.k_block)
 
 
 def _attend(q, kbuf, vbuf, mask, c: SuperlinearConfig, scale: float, dense: bool, searched,
-            qs: Optional[Tensor] = None) -> Tensor:
+            qs: Optional[Tensor] = None, block_summary: Optional[Tensor] = None) -> Tensor:
     """The single-device ops for queries that are the last of the keys in kbuf (bottom-right, at
     their global positions): block-sparse attention, or span attention over ``searched`` (anchors,
     scores; searched here when None). ``dense`` (T <= dense_below on the whole sequence) is passed
     on as dense_below; otherwise dense_below=0, so a rank whose own prefix is short still runs as
-    the whole sequence would."""
+    the whole sequence would. block_summary: the block-sparse search's group summaries of every
+    key, where the buffer holds only the keys the search reads (selective traffic)."""
     db = c.dense_below if dense else 0
     if c.kind.block_sparse:  # docs/blocksparse.md
-        return lowering.attention(c, q, kbuf, vbuf, mask, None, scale, dense_below=db)
+        return lowering.attention(c, q, kbuf, vbuf, mask, None, scale, dense_below=db,
+                                  block_summary=block_summary)
     if searched is None:
         searched = _search(q, qs, kbuf, mask, c, dense)
     return lowering.attention(c, q, kbuf, vbuf, mask, None, scale, dense_below=db,

@@ -40,6 +40,14 @@ def block_sparse_trailing(c: SuperlinearConfig, block_summary=None) -> tuple:
     return args[:n]
 
 
+def block_select_kwargs(c: SuperlinearConfig) -> dict:
+    """The block-sparse search's keyword arguments (`blocksparse.block_select` and its Triton
+    twin) for a config: what block_sparse_attention searches with."""
+    return dict(window=c.window, sinks=c.sinks, topk=c.topk, q_block=c.q_block, k_block=c.k_block,
+                rows=c.block_rows, pool=c.block_pool, exact_rows=c.exact_rows,
+                group=c.block_group, spread=c.spread_rows)
+
+
 def search(c: SuperlinearConfig, search_query, key, kpm, qpos, dense_below: int,
            call: Call = eager_call):
     """The span search of a stripe search kind (steps=2: docs/spec.md; steps>2: docs/nstep.md):

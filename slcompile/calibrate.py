@@ -553,8 +553,8 @@ def calibrate(model, texts_or_token_ids, *, config: Optional[SuperlinearConfig] 
         if not samples:
             raise ValueError(f"calibrate: layer {name!r} saw no sequence (is it an attention layer of "
                              "this model's forward?)")
-        hkv = samples[0]["kmin" if config.kind.block_bounds else "keys"]
-        hkv = (hkv[0] if config.kind.block_bounds else hkv).shape[0]
+        first = samples[0]["kmin"][0] if config.kind.block_bounds else samples[0]["keys"]
+        hkv = first.shape[0]
         g = hq // hkv
         train, held = [], []
         for s in samples:
