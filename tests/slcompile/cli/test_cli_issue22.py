@@ -23,7 +23,8 @@ def files(tmp_path_factory, tiny_files):
     is registered only by importing issue22_models, and a Hugging Face Llama .pt2."""
     import issue22_models as m
 
-    from slcompile import convert as cv
+    from slcompile.configs import build_config
+    from slcompile.convert import convert_file
 
     d = tmp_path_factory.mktemp("issue22")
     ids = torch.randint(0, TINY["vocab_size"], (1, 24), generator=torch.Generator().manual_seed(0))
@@ -31,9 +32,9 @@ def files(tmp_path_factory, tiny_files):
     torch.save(m.FixedMultipleOf8(**TINY), d / "fixed.pt")
     pair = torch.export.export(m.PairOutput(**TINY), (ids,), dynamic_shapes=({1: seq},), strict=False)
     torch.export.save(pair, d / "pair.pt2")
-    res = cv.convert_file(str(tiny_files["dir"] / "tiny.pt2"), str(d / "block.sl.pt2"),
-                          cv.build_config({"search_key": "block", "window": 8, "dense_below": 0}),
-                          verify=False)
+    res = convert_file(str(tiny_files["dir"] / "tiny.pt2"), str(d / "block.sl.pt2"),
+                       build_config({"search_key": "block", "window": 8, "dense_below": 0}),
+                       verify=False)
     assert res.report["rewritten"] == 1
     return {"dir": d, "tiny": tiny_files["dir"] / "tiny.pt2", "notes": tiny_files["dir"] / "notes.txt"}
 
@@ -90,13 +91,14 @@ def test_inputs_that_do_not_fit_an_archive_are_refused_before_running(files):
 
 
 def test_make_example_inputs_api_refuses_ignored_batch(tiny_files):
-    from slcompile import convert as cv
+    from slcompile.errors import UsageError
+    from slcompile.loading import load_model, make_example_inputs
 
-    loaded = cv.load_model(str(tiny_files["dir"] / "tiny.pt2"))
-    with pytest.raises(cv.UsageError, match="--batch applies only"):
-        cv.make_example_inputs(loaded, batch=0)
-    with pytest.raises(cv.UsageError, match="--vocab applies only"):
-        cv.make_example_inputs(loaded, vocab=9)
+    loaded = load_model(str(tiny_files["dir"] / "tiny.pt2"))
+    with pytest.raises(UsageError, match="--batch applies only"):
+        make_example_inputs(loaded, batch=0)
+    with pytest.raises(UsageError, match="--vocab applies only"):
+        make_example_inputs(loaded, vocab=9)
 
 
 # --- bounds at the front door ---------------------------------------------------------------
@@ -112,13 +114,14 @@ def test_config_values_past_int64_are_the_configs_error(files, flag, value):
 
 def test_config_values_past_int64_in_the_api():
     from slcompile import SuperlinearConfig
-    from slcompile import convert as cv
+    from slcompile.configs import build_config
+    from slcompile.errors import ConfigError
 
     for field in ("window", "dense_below"):
         with pytest.raises(ValueError, match=rf"SuperlinearConfig\.{field}=\d+ is invalid.*int64"):
             SuperlinearConfig(**{field: 2**70})
-        with pytest.raises(cv.ConfigError, match="int64"):
-            cv.build_config({field: 2**70})
+        with pytest.raises(ConfigError, match="int64"):
+            build_config({field: 2**70})
     assert SuperlinearConfig(window=2**63 - 1).window == 2**63 - 1
 
 
@@ -254,8 +257,8 @@ def test_hugging_face_archive_converts_without_any_import(hf_archive, workdir):
 
 
 def test_hugging_face_archive_loads_in_process(hf_archive):
-    code = ("import slcompile.convert as cv, sys; "
-            "lm = cv.load_model(sys.argv[1]); print(type(lm.program).__name__)")
+    code = ("import sys; from slcompile.loading import load_model; "
+            "lm = load_model(sys.argv[1]); print(type(lm.program).__name__)")
     proc = subprocess.run([sys.executable, "-c", code, str(hf_archive)], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

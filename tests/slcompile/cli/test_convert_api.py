@@ -9,38 +9,38 @@ import pytest
 import torch
 
 from cli_helpers import listing
-from slcompile import convert as cv
+from slcompile import configs, errors, loading, paths
 
 
 def test_detect_format(tiny_files, tmp_path):
     d = tiny_files["dir"]
-    assert cv.detect_format(str(d / "tiny.pt2")) == "pt2"
-    assert cv.detect_format(str(d / "tiny.pt")) == "torch-save"
-    with pytest.raises(cv.InputFormatError, match="checksum mismatch"):
-        cv.detect_format(str(d / "bitflip.pt2"))  # torch.export.load would read it silently
-    with pytest.raises(cv.InputFormatError, match="corrupt or truncated"):
-        cv.detect_format(str(d / "truncated.pt2"))
-    with pytest.raises(cv.InputFormatError, match="not a model file"):
-        cv.detect_format(str(d / "notes.txt"))
+    assert loading.detect_format(str(d / "tiny.pt2")) == "pt2"
+    assert loading.detect_format(str(d / "tiny.pt")) == "torch-save"
+    with pytest.raises(errors.InputFormatError, match="checksum mismatch"):
+        loading.detect_format(str(d / "bitflip.pt2"))  # torch.export.load would read it silently
+    with pytest.raises(errors.InputFormatError, match="corrupt or truncated"):
+        loading.detect_format(str(d / "truncated.pt2"))
+    with pytest.raises(errors.InputFormatError, match="not a model file"):
+        loading.detect_format(str(d / "notes.txt"))
     (tmp_path / "empty.pt2").write_bytes(b"")
-    with pytest.raises(cv.InputFormatError, match="empty"):
-        cv.detect_format(str(tmp_path / "empty.pt2"))
-    with pytest.raises(cv.InputFormatError, match="directory"):
-        cv.detect_format(str(tmp_path))
-    with pytest.raises(cv.InputNotFoundError):
-        cv.detect_format(str(tmp_path / "missing.pt2"))
+    with pytest.raises(errors.InputFormatError, match="empty"):
+        loading.detect_format(str(tmp_path / "empty.pt2"))
+    with pytest.raises(errors.InputFormatError, match="directory"):
+        loading.detect_format(str(tmp_path))
+    with pytest.raises(errors.InputNotFoundError):
+        loading.detect_format(str(tmp_path / "missing.pt2"))
 
 
 def test_pickles_only_with_trust(tiny_files):
     path = str(tiny_files["dir"] / "tiny.pt")
-    with pytest.raises(cv.PickleRefusedError, match="--trust-pickle"):
-        cv.load_model(path)
-    loaded = cv.load_model(path, trust_pickle=True)
+    with pytest.raises(errors.PickleRefusedError, match="--trust-pickle"):
+        loading.load_model(path)
+    loaded = loading.load_model(path, trust_pickle=True)
     ids = torch.randint(0, 64, (1, 9))
     with torch.no_grad():
         assert torch.equal(loaded.module(ids), tiny_files["model"](ids))
-    with pytest.raises(cv.InputFormatError, match="state_dict"):
-        cv.load_model(str(tiny_files["dir"] / "state_dict.pt"), trust_pickle=True)
+    with pytest.raises(errors.InputFormatError, match="state_dict"):
+        loading.load_model(str(tiny_files["dir"] / "state_dict.pt"), trust_pickle=True)
 
 
 def test_plain_pickle_of_a_module(tiny_files, tmp_path):
@@ -49,10 +49,10 @@ def test_plain_pickle_of_a_module(tiny_files, tmp_path):
     path = tmp_path / "plain.pkl"
     with open(path, "wb") as f:
         pickle.dump(tiny_files["model"], f)
-    assert cv.detect_format(str(path)) == "pickle"
-    with pytest.raises(cv.PickleRefusedError):
-        cv.load_model(str(path))
-    module = cv.load_model(str(path), trust_pickle=True).module
+    assert loading.detect_format(str(path)) == "pickle"
+    with pytest.raises(errors.PickleRefusedError):
+        loading.load_model(str(path))
+    module = loading.load_model(str(path), trust_pickle=True).module
     ids = torch.randint(0, 64, (2, 7))
     with torch.no_grad():
         assert torch.equal(module(ids), tiny_files["model"](ids))
@@ -60,16 +60,16 @@ def test_plain_pickle_of_a_module(tiny_files, tmp_path):
 
 def test_output_path_checks(tiny_files, tmp_path):
     src = str(tiny_files["dir"] / "tiny.pt2")
-    with pytest.raises(cv.OutputPathError, match="is the input"):
-        cv.check_output_path(src, [src], overwrite=True)
-    with pytest.raises(cv.OutputPathError, match="does not exist"):
-        cv.check_output_path(str(tmp_path / "no" / "dir" / "x.pt2"), [src])
-    with pytest.raises(cv.OutputPathError, match="directory"):
-        cv.check_output_path(str(tmp_path), [src])
+    with pytest.raises(errors.OutputPathError, match="is the input"):
+        paths.check_output_path(src, [src], overwrite=True)
+    with pytest.raises(errors.OutputPathError, match="does not exist"):
+        paths.check_output_path(str(tmp_path / "no" / "dir" / "x.pt2"), [src])
+    with pytest.raises(errors.OutputPathError, match="directory"):
+        paths.check_output_path(str(tmp_path), [src])
     (tmp_path / "old.pt2").write_bytes(b"old")
-    with pytest.raises(cv.OutputPathError, match="--overwrite"):
-        cv.check_output_path(str(tmp_path / "old.pt2"), [src])
-    cv.check_output_path(str(tmp_path / "old.pt2"), [src], overwrite=True)
+    with pytest.raises(errors.OutputPathError, match="--overwrite"):
+        paths.check_output_path(str(tmp_path / "old.pt2"), [src])
+    paths.check_output_path(str(tmp_path / "old.pt2"), [src], overwrite=True)
     assert listing(tmp_path) == ["old.pt2"]  # the probe file is gone
 
 
@@ -78,24 +78,24 @@ def test_atomic_output_leaves_nothing_on_failure(tmp_path):
     out.write_bytes(b"previous")
     for exc in (RuntimeError("boom"), KeyboardInterrupt()):
         with pytest.raises(type(exc)):
-            with cv.atomic_output(str(out)) as tmp:
+            with paths.atomic_output(str(out)) as tmp:
                 with open(tmp, "wb") as f:
                     f.write(b"half")
                 raise exc
         assert listing(tmp_path) == ["model.pt2"] and out.read_bytes() == b"previous"
-    with cv.atomic_output(str(out)) as tmp:
+    with paths.atomic_output(str(out)) as tmp:
         with open(tmp, "wb") as f:
             f.write(b"new")
     assert listing(tmp_path) == ["model.pt2"] and out.read_bytes() == b"new"
 
 
 def test_config_errors_are_the_configs():
-    assert cv.build_config({"window": 32, "topk": None}).window == 32
-    with pytest.raises(cv.ConfigError, match=r"SuperlinearConfig\.combine='sum'"):
-        cv.build_config({"combine": "sum"})
-    with pytest.raises(cv.ConfigError, match="window"):
-        cv.build_config({"window": -1})
-    exact = cv.exact_config(cv.build_config({"search_key": "anchor", "combine": "gated", "window": 8}))
+    assert configs.build_config({"window": 32, "topk": None}).window == 32
+    with pytest.raises(errors.ConfigError, match=r"SuperlinearConfig\.combine='sum'"):
+        configs.build_config({"combine": "sum"})
+    with pytest.raises(errors.ConfigError, match="window"):
+        configs.build_config({"window": -1})
+    exact = configs.exact_config(configs.build_config({"search_key": "anchor", "combine": "gated", "window": 8}))
     assert exact.combine == "gated" and exact.dense_below == 0 and exact.window >= 2**40
 
 
