@@ -32,17 +32,32 @@ hold zeros and are never attended.
 ``comm="all_gather"`` is the baseline: ``all_gather`` every chunk's K and V (and use the first r+1
 of them) and run the same local compute.
 
-``layout="zigzag"`` balances the work: the sequence is cut into 2P chunks and rank r holds chunks r
-and 2P-1-r (an early and a late piece), since a late query costs more than an early one (longer
-searches, longer spans). Every chunk's K and V are gathered and each piece runs as the
-bottom-right queries of the keys up to its end: exact against one device, per-rank memory O(T).
+``layout="zigzag"`` balances the work: the sequence is cut into 2P chunks of h = C/2 and rank r
+holds chunks r and 2P-1-r (an early and a late piece), since a late query costs more than an early
+one (longer searches, longer spans). Each piece runs as the bottom-right queries of the keys up
+to its end, over one key buffer of the (2P-r)*h positions up to the late piece's end. With ``comm="all_gather"`` every chunk's K and V are
+gathered. ``comm="selective"`` (the default for ``search_key="blocksparse"``) fills the buffer
+with the rank's own two chunks and, fetched from their owners (position p lies in chunk p // h,
+held by rank c if c < P, else by rank 2P-1-c as its second piece), the rows the selection reads:
+the group summaries are all-gathered, stage 1 runs for both pieces, K of the candidate groups'
+blocks is fetched, then K and V of the kept blocks, window and sinks, as above. (With a
+key-padding mask, T <= dense_below, or h not a multiple of the stage-1 group, it fetches every row
+of the buffer instead.) The span searches (``"anchor"``, ``"mean"``, ``"block"``) refuse
+selective zigzag (their rows are only worked out for contiguous chunks) and take all_gather by
+default. Both are exact against one device.
 
-With ``search_key="blocksparse"`` the local length C must be a multiple of ``q_block`` (a query
-block is chosen from its own last rows, so its rows must sit on one rank), else every rank raises.
+With ``search_key="blocksparse"`` a query block's rows must sit on one rank (a query block is
+chosen from its own last rows): the local length C (contiguous) or C/2 (zigzag) must be a
+multiple of ``q_block``, else every rank raises.
 
 Bytes are counted as logical payload exchanged with other ranks (a rank's own chunk is not
-counted); see `CommStats`. Memory per rank is O((r+1)*C) for the key buffer, like the baseline:
-only the traffic is selective.
+counted); see `CommStats`. Memory: only the traffic is selective. The K and V buffers are
+allocated at full length, zeros where a row was not fetched: (r+1)*C positions (contiguous; the
+last rank: the whole T) or (2P-r)*C/2 (zigzag; rank 0: the whole T), so per-rank memory still
+grows with T (O(T) in the worst rank, as for all_gather, which in zigzag also holds the P gathered
+chunks beside their concatenation: 2T rows). Beside them, the block-sparse selective path holds
+the group summaries of the whole sequence (2 rows per ``summary_keys`` keys) and, with a padding
+mask, the whole mask (one bool per key).
 """
 
 from __future__ import annotations
@@ -194,10 +209,12 @@ def _all_to_all(out: Tensor, inp: Tensor, out_splits: List[int], in_splits: List
 
 
 def _fetch_blocks(buf: Tensor, x: Tensor, need: Tensor, block: int, group, stats: CommStats,
-                  category: str) -> int:
-    """Copy into ``buf`` [B, H, (r+1)*C, Dx] the blocks ``need`` [P, B, H, nb] (owner rank, batch
+                  category: str, place=None) -> int:
+    """Copy into ``buf`` [B, H, Tl, Dx] the blocks ``need`` [P, B, H, nb] (owner rank, batch
     row, head, block of the owner's chunk) from their owners; serve the blocks other ranks ask of
-    this rank's ``x`` [B, H, C, Dx]. Collective: every rank of the group calls it. Returns the number
+    this rank's ``x`` [B, H, C, Dx]. ``place(owner, row)`` gives the sequence position of row
+    ``row`` of ``owner``'s chunk (int64 tensors; default: the contiguous owner * C + row); rows
+    at or past Tl are dropped. Collective: every rank of the group calls it. Returns the number
     of blocks requested."""
     rank, P = dist.get_rank(group), dist.get_world_size(group)
     B, H, C, Dx = x.shape
@@ -229,7 +246,8 @@ def _fetch_blocks(buf: Tensor, x: Tensor, need: Tensor, block: int, group, stats
     _all_to_all(got, payload, send_counts, recv_counts, group)
     stats.add(category, row_bytes * (sum(recv_counts) - recv_counts[rank]),
               row_bytes * (sum(send_counts) - send_counts[rank]))
-    # 4. into place: owner q's block j covers positions q*C + j*block + [0, block) (< (q+1)*C)
+    # 4. into place: owner q's block j holds its rows j*block + [0, block) (< C), at positions
+    # q*C + row (contiguous) or place(q, row)
     if got.numel():
         data = got.view(x.dtype).view(-1, block, Dx)
         owner = torch.repeat_interleave(torch.arange(P, device=dev),
@@ -238,11 +256,15 @@ def _fetch_blocks(buf: Tensor, x: Tensor, need: Tensor, block: int, group, stats
         bh = torch.div(send_idx, nb, rounding_mode="floor")  # b * H + h
         off = j[:, None] * block + torch.arange(block, device=dev)[None, :]  # [n, block]
         Tl = buf.shape[2]
-        flat = bh[:, None] * Tl + owner[:, None] * C + off
-        if nb * block == C:  # no padded rows
+        if place is None:
+            pos = owner[:, None] * C + off
+        else:
+            pos = place(owner[:, None].expand_as(off), off)
+        flat = bh[:, None] * Tl + pos
+        if place is None and nb * block == C:  # no padded rows
             flat, data = flat.reshape(-1), data.reshape(-1, Dx)
         else:
-            keep = off < C
+            keep = (off < C) & (pos < Tl)
             flat, data = flat[keep], data[keep]
         buf.view(B * H * Tl, Dx).index_copy_(0, flat, data)
     return sum(send_counts)
@@ -351,9 +373,10 @@ def sequence_parallel_superlinear_attention(
         scale: softmax scale; overrides ``config.scale``; default 1/sqrt(D).
         search_query_local: [B, Hq, C, D] search queries (default: ``q_local``).
         key_padding_mask_local: bool [B, C], True where the key exists.
-        comm: ``"selective"`` (move only the rows the selection reads; contiguous layout only)
-            or ``"all_gather"`` (gather every chunk's K and V). None: selective for the
-            contiguous layout, all_gather for zigzag.
+        comm: ``"selective"`` (move only the rows the selection reads; with zigzag, for
+            search_key="blocksparse" only: a span search raises ValueError) or
+            ``"all_gather"`` (gather every chunk's K and V). None: selective, except for zigzag
+            with a span search (all_gather).
         layout: ``"contiguous"`` or ``"zigzag"`` (above). With zigzag and
             search_key="blocksparse", C/2 must be a multiple of ``q_block`` (a query block is
             chosen from its own last rows, so its rows must sit on one rank).
@@ -378,13 +401,15 @@ def sequence_parallel_superlinear_attention(
                          "search_query_local is not supported")
     if layout not in LAYOUTS:
         raise ValueError(f"{_NAME}: layout={layout!r} is invalid: expected one of {LAYOUTS}")
-    if comm is None:
-        comm = "selective" if layout == "contiguous" else "all_gather"
+    if comm is None:  # selective wherever it is built
+        comm = "selective" if layout == "contiguous" or bsp else "all_gather"
     if comm not in COMM_MODES:
         raise ValueError(f"{_NAME}: comm={comm!r} is invalid: expected one of {COMM_MODES}")
-    if layout == "zigzag" and comm != "all_gather":
-        raise ValueError(f"{_NAME}: layout='zigzag' gathers every chunk's K and V "
-                         f"(comm='all_gather'); comm={comm!r} is for the contiguous layout")
+    if layout == "zigzag" and comm == "selective" and not bsp:
+        raise ValueError(f"{_NAME}: layout='zigzag' with comm='selective' needs "
+                         f"search_key='blocksparse' (the rows a span search reads are only "
+                         f"worked out for contiguous chunks); search_key="
+                         f"{config.search_key!r} with zigzag takes comm='all_gather'")
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise ValueError(f"{_NAME}: block={block!r} is invalid: expected an int >= 1")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
@@ -404,7 +429,8 @@ def sequence_parallel_superlinear_attention(
     dense = T <= config.dense_below  # decided on the whole sequence, as on one device
     if layout == "zigzag":
         return _zigzag(q_local, k_local, v_local, search_query_local, key_padding_mask_local,
-                       config, float(scale), dense, group, rank, P, stats, return_stats)
+                       config, float(scale), dense, comm, block, group, rank, P, stats,
+                       return_stats)
 
     if bsp and not dense and C % config.q_block:
         raise ValueError(f"{_NAME}: search_key='blocksparse' needs the local length C = {C} to be "
@@ -540,11 +566,14 @@ def _attend(q, kbuf, vbuf, mask, c: SuperlinearConfig, scale: float, dense: bool
                               searched=tuple(searched))
 
 
-def _zigzag(q, k, v, qs, kpm, c: SuperlinearConfig, scale: float, dense: bool, group, rank: int,
-            P: int, stats: CommStats, return_stats: bool):
-    """layout="zigzag": rank r holds chunks r and 2P-1-r of C/2 positions. Every chunk's K, V (and
-    padding mask) is gathered; each of the rank's two pieces then runs as the bottom-right queries
-    of the keys up to its end, as one device would run them."""
+def _zigzag(q, k, v, qs, kpm, c: SuperlinearConfig, scale: float, dense: bool, comm: str,
+            block: int, group, rank: int, P: int, stats: CommStats, return_stats: bool):
+    """layout="zigzag": rank r holds chunks r and 2P-1-r of h = C/2 positions. Each of its two
+    pieces runs as the bottom-right queries of the keys up to its end, as one device would run
+    them, over a key buffer of the (2P-r)*h positions up to the late piece's end: the whole
+    sequence's K, V (and padding mask) gathered (``comm="all_gather"``), or (``"selective"``,
+    block-sparse search) the rank's own rows and, from their owners, the rows the selection reads
+    (`_zigzag_selective`)."""
     B, Hq, C, D = q.shape
     if C % 2:
         raise ValueError(f"{_NAME}: layout='zigzag' needs an even local length, got C={C}")
@@ -561,20 +590,113 @@ def _zigzag(q, k, v, qs, kpm, c: SuperlinearConfig, scale: float, dense: bool, g
         stats.add(category, (P - 1) * nbytes, (P - 1) * nbytes)
         # chunk i < P is the first half of rank i's piece, chunk i >= P the second half of rank
         # 2P-1-i's: the sequence in order
-        first = [p.narrow(dim, 0, h) for p in parts]
-        second = [p.narrow(dim, h, h) for p in reversed(parts)]
+        first = [p.narrow(dim, 0, parts[0].shape[dim] // 2) for p in parts]
+        second = [p.narrow(dim, parts[0].shape[dim] // 2, parts[0].shape[dim] // 2)
+                  for p in reversed(parts)]
         return torch.cat(first + second, dim=dim)
 
-    kall, vall = gathered(k, 2, "k"), gathered(v, 2, "v")
-    mall = None if kpm is None else gathered(kpm, 1, "mask")
+    mall = None if kpm is None else gathered(kpm, 1, "mask")  # one bit per key: cheap
+    summary = None
+    if comm == "all_gather":
+        kall, vall = gathered(k, 2, "k"), gathered(v, 2, "v")
+    else:
+        kall, vall, summary = _zigzag_selective(q, k, v, kpm is not None, c, dense, block, group,
+                                                rank, P, stats, gathered)
     out = q.new_empty(B, Hq, C, v.shape[3])
     for piece, chunk in ((0, rank), (1, 2 * P - 1 - rank)):
         end = (chunk + 1) * h
         sl = slice(piece * h, (piece + 1) * h)
         out[:, :, sl] = _attend(q[:, :, sl], kall[:, :, :end], vall[:, :, :end],
                                 None if mall is None else mall[:, :end], c, scale, dense, None,
-                                None if qs is None else qs[:, :, sl])
+                                None if qs is None else qs[:, :, sl], block_summary=summary)
     return (out, stats) if return_stats else out
+
+
+def _zigzag_place(P: int, h: int):
+    """Sequence position of row ``row`` of ``owner``'s zigzag chunk (its pieces owner, 2P-1-owner
+    of h rows each)."""
+    def place(owner: Tensor, row: Tensor) -> Tensor:
+        return torch.where(row < h, owner * h + row, (2 * P - 1 - owner) * h + row - h)
+    return place
+
+
+def _zigzag_blocks(need_pos: Tensor, h: int, block: int, P: int, rank: int) -> Tensor:
+    """need_pos bool [B, H, n] (sequence positions 0..n-1) -> need bool [P, B, H, nb] per owner
+    block of the zigzag chunks (owner q's rows: chunk q, then chunk 2P-1-q); this rank's own
+    blocks are never needed."""
+    B, H, n = need_pos.shape
+    C, nb = 2 * h, -(-2 * h // block)
+    x = torch.zeros(B, H, 2 * P * h, dtype=torch.bool, device=need_pos.device)
+    x[:, :, :n] = need_pos
+    x = x.view(B, H, 2 * P, h)
+    order = torch.tensor([i for q in range(P) for i in (q, 2 * P - 1 - q)], device=x.device)
+    x = x.index_select(2, order).reshape(B, H, P, C)
+    padded = torch.zeros(B, H, P, nb * block, dtype=torch.bool, device=x.device)
+    padded[..., :C] = x
+    need = padded.view(B, H, P, nb, block).any(-1).permute(2, 0, 1, 3).contiguous()
+    need[rank] = False
+    return need
+
+
+def _zigzag_selective(q, k, v, has_mask: bool, c: SuperlinearConfig, dense: bool, block: int,
+                      group, rank: int, P: int, stats: CommStats, gathered):
+    """comm="selective" for layout="zigzag" (block-sparse search). Returns the key and value
+    buffers [B, Hkv, (2P-r)*h, D / Dv] (the positions up to the late piece's end, zeros where a
+    row was not fetched) and the stage-1 group summaries of the whole sequence, or None.
+
+    Without a padding mask, with h a multiple of the stage-1 group (``summary_keys``) and T above
+    dense_below: the ranks all-gather the group summaries ([kmax | kmin], 2 rows per group), run
+    stage 1 for both pieces (the op's own search, candidates_only) and fetch K of the candidate
+    groups' blocks, then run the whole search (stage 2 reads those K) and fetch K and V of the
+    kept, window and sink blocks (K only where not already fetched); the op, given the summaries,
+    then reads nothing else. Otherwise every row of the buffer is fetched (both stages may read
+    any key of it)."""
+    from .blocksparse import attended_blocks, block_summaries, geometry
+    from .ops import _block_select
+    B, Hq, C, D = q.shape
+    Hkv, Dv = k.shape[1], v.shape[3]
+    h = C // 2
+    dev = q.device
+    pieces = ((0, rank), (1, 2 * P - 1 - rank))
+    Tb = (2 * P - rank) * h  # keys up to the end of the late piece
+    kbuf = k.new_zeros(B, Hkv, Tb, D)
+    vbuf = v.new_zeros(B, Hkv, Tb, Dv)
+    for piece, chunk in pieces:
+        kbuf[:, :, chunk * h:(chunk + 1) * h] = k[:, :, piece * h:(piece + 1) * h]
+        vbuf[:, :, chunk * h:(chunk + 1) * h] = v[:, :, piece * h:(piece + 1) * h]
+    place = _zigzag_place(P, h)
+    gspan = _summary_keys(c)
+    summary = None
+    have_k = torch.zeros(P, B, Hkv, -(-C // block), dtype=torch.bool, device=dev)
+    if not dense and not has_mask and h % gspan == 0:
+        # 1. the groups' summaries (each piece holds whole groups), then K of stage 1's candidates
+        summary = gathered(block_summaries(k, None, gspan)[0], 2, "summary")
+        kw = lowering.block_select_kwargs(c)
+        need_pos = torch.zeros(B, Hkv, Tb, dtype=torch.bool, device=dev)
+        for piece, chunk in pieces:
+            p0, end = chunk * h, (chunk + 1) * h
+            if p0:  # the first chunk reads no other rank's key
+                cand = _block_select(q[:, :, piece * h:(piece + 1) * h], kbuf[:, :, :end], None,
+                                     p0, summary=summary, candidates_only=True, **kw).long()
+                need_pos[:, :, :end] |= _units_to_positions(cand, end // gspan, gspan)
+        have_k = _zigzag_blocks(need_pos, h, block, P, rank)
+        stats.k_blocks += _fetch_blocks(kbuf, k, have_k, block, group, stats, "k", place)
+        # 2. the kept blocks (the op keeps them again), the window and the sinks
+        need_pos = torch.zeros(B, Hkv, Tb, dtype=torch.bool, device=dev)
+        for piece, chunk in pieces:
+            p0, end = chunk * h, (chunk + 1) * h
+            if p0:
+                kept = _block_select(q[:, :, piece * h:(piece + 1) * h], kbuf[:, :, :end], None,
+                                     p0, summary=summary, **kw)
+                nK, sb, wb, per_q = geometry(end, c.window, c.sinks, c.q_block, c.k_block)
+                full, _ = attended_blocks(kept, p0 // c.q_block, nK, sb, wb, per_q)
+                need_pos[:, :, :end] |= _units_to_positions(full, end // c.k_block, c.k_block)
+    else:  # dense, a padding mask, or pieces that cut a stage-1 group: every key of the buffer
+        need_pos = torch.ones(B, Hkv, Tb, dtype=torch.bool, device=dev)
+    need = _zigzag_blocks(need_pos, h, block, P, rank)
+    stats.k_blocks += _fetch_blocks(kbuf, k, need & ~have_k, block, group, stats, "k", place)
+    stats.v_blocks += _fetch_blocks(vbuf, v, need, block, group, stats, "v", place)
+    return kbuf, vbuf, summary
 
 
 def _search(q, qs, kbuf, mask, c: SuperlinearConfig, dense: bool):

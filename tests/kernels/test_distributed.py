@@ -74,11 +74,37 @@ CASES = {
     "zigzag_anchor_gated": dict(B=2, Hq=4, Hkv=1, C=70, D=8, block=16, sq=True, layout="zigzag",
                                 cfg=dict(search_key="anchor", window=6, sinks=2, topk=2,
                                          combine="gated", dense_below=0)),
+    # (the default comm, selective: C/2 = 96 cuts the stage-1 groups of 64 keys, so every
+    # earlier K and V moves; "zigzag_blocksparse" likewise, for its padding mask)
     "three_zigzag_blocksparse": dict(world=3, B=1, Hq=2, Hkv=1, C=192, D=8, block=16,
                                      layout="zigzag",
                                      cfg=dict(search_key="blocksparse", window=64, sinks=0,
                                               topk=2, q_block=32, k_block=16, block_rows=4,
                                               block_pool=2, block_group=4, dense_below=0)),
+    # zigzag, selective (the default there for the block-sparse search): the group summaries,
+    # then K of stage 1's candidate groups and K/V of the kept blocks, window and sinks, fetched
+    # from the owners of the zigzag chunks; queries route to one region of chunk 1 (rank 1)
+    "zigzag_bsp_selective": dict(B=1, Hq=4, Hkv=2, C=512, D=8, block=16, hot=(300, 420),
+                                 layout="zigzag",
+                                 cfg=dict(search_key="blocksparse", window=32, sinks=4, topk=2,
+                                          q_block=32, k_block=16, block_rows=4, block_pool=2,
+                                          dense_below=0)),
+    "zigzag_bsp_all_gather": dict(B=1, Hq=4, Hkv=2, C=512, D=8, block=16, hot=(300, 420),
+                                  layout="zigzag", comm="all_gather", seed_of="zigzag_bsp_selective",
+                                  cfg=dict(search_key="blocksparse", window=32, sinks=4, topk=2,
+                                           q_block=32, k_block=16, block_rows=4, block_pool=2,
+                                           dense_below=0)),
+    # transfer blocks of 24 rows: one straddles the owner's two pieces, the last is padded
+    "zigzag_bsp_odd_block": dict(B=1, Hq=2, Hkv=1, C=128, D=8, block=24, layout="zigzag",
+                                 cfg=dict(search_key="blocksparse", window=32, sinks=4, topk=2,
+                                          q_block=32, k_block=16, block_rows=4, block_pool=2,
+                                          dense_below=0)),
+    "three_zigzag_bsp_selective": dict(world=3, B=2, Hq=2, Hkv=1, C=256, D=8, block=32,
+                                       layout="zigzag",
+                                       cfg=dict(search_key="blocksparse", window=64, sinks=2,
+                                                topk=3, q_block=32, k_block=16, block_rows=4,
+                                                block_pool=2, block_group=4, exact_rows=8,
+                                                dense_below=0)),
     # the default's selective path: stage 1 reads gathered group summaries, then K of its
     # candidate groups and K/V of the kept blocks, window and sinks move (no padding mask; C a
     # multiple of the stage-1 group, 2 blocks of 16 keys here)
@@ -186,7 +212,7 @@ def _worker(rank, world, port, outdir):
     res["err_comm"] = _expect_error(lambda: sequence_parallel_superlinear_attention(q, k, v, comm="ring"))
     res["err_layout"] = _expect_error(lambda: sequence_parallel_superlinear_attention(q, k, v, layout="ring"))
     res["err_zigzag_comm"] = _expect_error(lambda: sequence_parallel_superlinear_attention(
-        q, k, v, layout="zigzag", comm="selective"))
+        q, k, v, layout="zigzag", comm="selective", config=SuperlinearConfig(search_key="anchor")))
     res["err_zigzag_blocks"] = _expect_error(lambda: sequence_parallel_superlinear_attention(
         q, k, v, layout="zigzag", config=SuperlinearConfig(dense_below=0)))  # C/2 = 4 < q_block
     res["err_bsp_split"] = _expect_error(lambda: sequence_parallel_superlinear_attention(
@@ -336,7 +362,10 @@ def test_invalid_inputs_raise_on_every_rank(runs):
         assert "not a multiple of key/value heads" in runs[r]["err_heads"]
         assert "comm='ring'" in runs[r]["err_comm"]
         assert "layout='ring'" in runs[r]["err_layout"]
-        assert "comm='all_gather'" in runs[r]["err_zigzag_comm"]
+        assert runs[r]["err_zigzag_comm"].startswith("ValueError")
+        assert "layout='zigzag' with comm='selective' needs search_key='blocksparse'" in \
+            runs[r]["err_zigzag_comm"]
+        assert "search_key='anchor' with zigzag takes comm='all_gather'" in runs[r]["err_zigzag_comm"]
         assert "multiple of q_block=64" in runs[r]["err_zigzag_blocks"]
         assert "C = 8 to be a multiple of q_block=64" in runs[r]["err_bsp_split"]
     assert "rank 0: key_padding_mask_local must be a bool tensor" in runs[0]["err_mask"]
@@ -449,3 +478,126 @@ def test_blocksparse_selective_bytes_match_the_selection(request, one_thread, na
         got = res[1][name]["received"]
         assert got["v"] < base["v"] // 2 and got["k"] < base["k"]
         assert sum(got.values()) < sum(base.values())
+
+
+def _zigzag_owner_block(name, p):
+    """(owner rank, transfer block of its zigzag chunk) of sequence position p: chunk p // h is
+    held by rank chunk if chunk < P, else by rank 2P-1-chunk as its second piece."""
+    c, P = CASES[name], _world(name)
+    h = c["C"] // 2
+    chunk = p // h
+    if chunk < P:
+        return chunk, (p % h) // c["block"]
+    return 2 * P - 1 - chunk, (h + p % h) // c["block"]
+
+
+_ORACLE = {}
+
+
+def _oracle_zigzag_bsp_blocks(name, rank):
+    """As `_oracle_bsp_blocks`, for the zigzag layout: from the contract's brute force over the
+    whole sequence, the (batch row, kv head, owner, owner's transfer block) of other ranks' rows
+    that the queries of rank's two pieces read, for stage 2 (the key blocks of stage 1's kept
+    groups) and for attention (kept blocks, window, sinks)."""
+    from oracle import oracle_blocksparse
+    from slcompile.kernels.blocksparse import stage1_group
+    c = CASES[name]
+    cfg = SuperlinearConfig(**c["cfg"])
+    P, h = _world(name), c["C"] // 2
+    T = P * c["C"]
+    qb, kb = cfg.q_block, cfg.k_block
+    F = stage1_group(cfg.window, kb, cfg.block_group)
+    if name not in _ORACLE:
+        q, k, v, _, _ = _inputs(name)
+        _ORACLE[name] = oracle_blocksparse(
+            q, k, v, None, 0, window=cfg.window, sinks=cfg.sinks, topk=cfg.topk, qb=qb, kb=kb,
+            scale=1.0, r2=cfg.exact_rows, F=F, R=cfg.block_rows, P=cfg.block_pool)[:2]
+    kept, scores = _ORACLE[name]
+    sb, wb = math.ceil(cfg.sinks / kb), math.ceil(min(cfg.window, T) / kb)
+    mine = {rank, 2 * P - 1 - rank}
+
+    def others(b, hh, positions):
+        return {(b, hh) + _zigzag_owner_block(name, p) for p in positions if p // h not in mine}
+
+    search, attend = set(), set()
+    for (b, hh, j), blocks in kept.items():
+        if j * qb // h not in mine:
+            continue
+        groups = [g for _, g in scores[(b, hh, j)][0][:math.ceil(cfg.block_pool * cfg.topk / F)]]
+        search |= others(b, hh, (p for g in groups for p in range(g * F * kb, (g + 1) * F * kb)))
+        before = j * qb // kb
+        full = set(range(min(sb, before))) | set(range(max(sb, before - wb), before)) | blocks
+        attend |= others(b, hh, (p for i in full for p in range(i * kb, (i + 1) * kb)))
+    return search, attend
+
+
+@pytest.mark.parametrize("name,world", [("zigzag_bsp_selective", WORLD),
+                                        ("zigzag_bsp_odd_block", WORLD),
+                                        ("three_zigzag_bsp_selective", 3)])
+def test_zigzag_selective_bytes_match_the_selection(request, one_thread, name, world):
+    """Selective zigzag: every rank receives the group summaries of the other ranks' chunks, K of
+    the blocks stage 2 reads and K/V of the blocks attention reads for both of its pieces, from
+    the owners of the zigzag chunks, exactly as the contract's brute force selects them over the
+    whole sequence; what the owners serve adds up to what the others receive."""
+    res = request.getfixturevalue("runs" if world == WORLD else "runs3")
+    c = CASES[name]
+    cfg = SuperlinearConfig(**c["cfg"])
+    from slcompile.kernels.blocksparse import summary_keys
+    row = c["block"] * c["D"] * 4
+    summ = c["B"] * c["Hkv"] * (c["C"] // summary_keys(cfg.window, cfg.k_block, cfg.block_group)) \
+        * 2 * c["D"] * 4
+    owners, stage2 = set(), False
+    for r in range(world):
+        search, attend = _oracle_zigzag_bsp_blocks(name, r)
+        got = res[r][name]
+        assert got["received"]["summary"] == got["sent"]["summary"] == (world - 1) * summ
+        assert got["received"]["k"] == row * len(search | attend)
+        assert got["received"]["v"] == row * len(attend)
+        assert got["k_blocks"] == len(search | attend) and got["v_blocks"] == len(attend)
+        assert attend  # the ranks read each other's rows
+        stage2 = stage2 or bool(search)
+        owners |= {(r, o) for (_, _, o, _) in search | attend}
+    assert stage2  # some rank fetches K for stage 2
+    if world == 3:  # the late pieces read from both other ranks
+        assert {(0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1)} <= owners
+    for cat in ("k", "v", "index", "count", "summary"):
+        assert sum(res[r][name]["sent"][cat] for r in range(world)) == \
+            sum(res[r][name]["received"][cat] for r in range(world))
+
+
+def test_zigzag_selective_moves_less_than_all_gather(runs, one_thread):
+    """Queries route to one region: each rank receives a fraction of what the all-gather zigzag
+    moves (every other chunk's K and V), with the same (exact) output."""
+    c = CASES["zigzag_bsp_selective"]
+    for r in range(WORLD):
+        sel, base = runs[r]["zigzag_bsp_selective"], runs[r]["zigzag_bsp_all_gather"]
+        full = c["B"] * c["Hkv"] * c["C"] * c["D"] * 4  # the other rank's chunk, K or V
+        assert base["received"]["k"] == base["received"]["v"] == full
+        assert sel["received"]["v"] < full // 2 and sel["received"]["k"] < full // 2
+        assert sum(sel["received"].values()) < sum(base["received"].values()) // 2
+        assert sum(sel["sent"].values()) < sum(base["sent"].values()) // 2
+        torch.testing.assert_close(sel["out"], base["out"], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,world", [("zigzag_blocksparse", WORLD),
+                                        ("three_zigzag_blocksparse", 3),
+                                        ("zigzag_anchor_gated", WORLD)])
+def test_zigzag_without_selection_moves_every_row_it_holds(request, one_thread, name, world):
+    """Where the selective zigzag cannot narrow the rows (a key-padding mask; pieces that cut a
+    stage-1 group) it fetches every row of its buffer, the keys up to its late piece's end, and
+    no summaries; a span search takes comm='all_gather' by default (selective is refused for it:
+    test_invalid_inputs_raise_on_every_rank). Outputs are exact (test_equals_single_device)."""
+    res = request.getfixturevalue("runs" if world == WORLD else "runs3")
+    c = CASES[name]
+    h, B, Hkv, D = c["C"] // 2, c["B"], c["Hkv"], c["D"]
+    for r in range(world):
+        got = res[r][name]
+        assert "summary" not in got["received"]
+        if CASES[name]["cfg"]["search_key"] != "blocksparse":  # all_gather: every other chunk
+            assert got["received"]["k"] == (world - 1) * B * Hkv * c["C"] * D * 4
+            assert got["k_blocks"] == got["v_blocks"] == 0
+            continue
+        rows = {(b, hh) + _zigzag_owner_block(name, p) for b in range(B) for hh in range(Hkv)
+                for p in range((2 * world - r) * h) if p // h not in (r, 2 * world - 1 - r)}
+        assert got["k_blocks"] == got["v_blocks"] == len(rows)
+        assert got["received"]["k"] == got["received"]["v"] == len(rows) * c["block"] * D * 4
