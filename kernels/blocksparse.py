@@ -155,8 +155,9 @@ class BlockSummaryCache:
 
     ``update(k, start)``: k [B, Hkv, T, D] holds the keys now; those before ``start`` are the same
     as at the previous update (the caller vouches for it: a cache that only appends passes the old
-    length). The blocks from ``start // k_block`` on are recomputed. Returns the summaries of the
-    nK blocks of k (a view of a buffer grown by doubling)."""
+    length). The blocks from ``start // k_block`` on are recomputed (one Triton launch where the
+    kernels run). Returns the summaries of the nK blocks of k (a view of a buffer grown by
+    doubling)."""
 
     def __init__(self, k_block: int):
         self.k_block = k_block
@@ -179,15 +180,21 @@ class BlockSummaryCache:
                 grown[:, :, :buf.shape[2]] = buf
             buf = grown
         i0 = start // kb
-        whole = T // kb  # blocks i0..whole-1 are whole, block whole (if < nK) is partial
-        if i0 < whole:  # written in place: no temporary per update (a decoded token: 2 launches)
-            body = k[:, :, i0 * kb:whole * kb].reshape(B, H, whole - i0, kb, D)
-            torch.amax(body, 3, out=buf[:, :, i0:whole, :D])
-            torch.amin(body, 3, out=buf[:, :, i0:whole, D:])
-        if whole < nK:  # (i0 <= whole: start <= T)
-            tail = k[:, :, whole * kb:]
-            torch.amax(tail, 2, keepdim=True, out=buf[:, :, whole:nK, :D])
-            torch.amin(tail, 2, keepdim=True, out=buf[:, :, whole:nK, D:])
+        from . import dispatch
+        if dispatch.use_triton(k.device) and k.dtype in (torch.float32, torch.bfloat16,
+                                                         torch.float16):
+            from .triton_blocksparse_search import summary_update_triton
+            summary_update_triton(k, buf, i0, kb)  # blocks i0..nK-1 in one launch
+        else:
+            whole = T // kb  # blocks i0..whole-1 are whole, block whole (if < nK) is partial
+            if i0 < whole:  # written in place: no temporary per update
+                body = k[:, :, i0 * kb:whole * kb].reshape(B, H, whole - i0, kb, D)
+                torch.amax(body, 3, out=buf[:, :, i0:whole, :D])
+                torch.amin(body, 3, out=buf[:, :, i0:whole, D:])
+            if whole < nK:  # (i0 <= whole: start <= T)
+                tail = k[:, :, whole * kb:]
+                torch.amax(tail, 2, keepdim=True, out=buf[:, :, whole:nK, :D])
+                torch.amin(tail, 2, keepdim=True, out=buf[:, :, whole:nK, D:])
         self.buf, self.length = buf, T
         return buf[:, :, :nK]
 

@@ -222,17 +222,23 @@ def block_sparse_attention(
             query, key, value, key_padding_mask, p0, topk=topk, rows=block_rows, pool=block_pool,
             scale=scale, dense_below=dense_below, summary=block_summary, exact_rows=exact_rows,
             group=block_group, spread=spread_rows, **kw).contiguous()
-    kept = _block_select(query, key, key_padding_mask, p0, topk=topk, rows=block_rows,
-                         pool=block_pool, summary=block_summary, exact_rows=exact_rows,
-                         group=block_group, spread=spread_rows, **kw)
+    from . import triton_blocksparse as tba
+    from . import triton_blocksparse_search as tss
+    Lq = query.shape[2]
+    # one query block (a decoded token, a short chunk): the attention picks the kept blocks from
+    # stage 2's keys itself, so that no torch op runs between the launches
+    one_block = (p0 % q_block) + Lq <= q_block and key_padding_mask is None
+    kept = tss.block_select_triton(query, key, key_padding_mask, p0, topk=topk, rows=block_rows,
+                                   pool=block_pool, summary=block_summary, exact_rows=exact_rows,
+                                   group=block_group, spread=spread_rows, exact_keys=one_block,
+                                   **kw)
     if key_padding_mask is not None:  # the Triton attention has no key-padding mask
         return bs.block_attention(query, key, value, kept, key_padding_mask, p0, scale=scale,
                                   **kw).contiguous()
-    from . import triton_blocksparse as tba
     _, sb, wb, _ = bs.geometry(key.shape[2], window, sinks, q_block, k_block)
     return tba.block_attention_triton(query, key, value, kept, p0, q_block=q_block,
                                       k_block=k_block, scale=scale, sink_blocks=sb,
-                                      window_blocks=wb)
+                                      window_blocks=wb, keys_topk=topk if one_block else 0)
 
 
 @block_sparse_attention.register_fake

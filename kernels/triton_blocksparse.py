@@ -17,7 +17,10 @@ Launch: two kernels, no host synchronisation.
 * ``_compact_kernel`` (one program per 32 list rows) rewrites each row of ``full`` (one per batch
   row, kv head and query block, F slots), after the sink and window blocks it may be asked to put
   first, as the blocks lying wholly below T first, in list order, then their count and the partial
-  last block (or -1): O(B Hkv nQ F) int32, read and written once.
+  last block (or -1): O(B Hkv nQ F) int32, read and written once. Given the search's stage-2
+  order keys instead (``keys_topk``: a call of one query block, such as a decoded token), it
+  first sorts each row's keys and writes the top keys_topk blocks as the row, so that no torch
+  op runs between the search's launches and these.
 * ``_fwd_kernel``: one program per (tile of BLOCK_M query rows, query head of a kv group) on grid
   axis 0, the query heads of one group consecutive, so that the programs that read the same key
   blocks run together and share them in L2; batch row x kv head on axis 1. A tile lies inside one
@@ -54,6 +57,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .blocksparse import _IDX_BITS, _ceil_div
+
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LOG2E = 1.4426950408889634
 _SMEM_BUDGET = 226 * 1024  # bytes of shared memory a launch may plan for (Hopper: 227 KB)
@@ -65,19 +70,33 @@ def _interpreted() -> bool:
 
 
 def _pow2(x: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(int(x)))
+    return max(lo, 1 << (int(x) - 1).bit_length())  # (triton's is a slow constexpr_function)
 
 
 # lengths change with every decoded token: not specialised (no recompilation per length class)
 @triton.jit(do_not_specialize=["NROWS", "T", "NK", "J0", "NQ"])
 def _compact_kernel(FULL, OUT, s_fr, s_ff, NROWS, F, W, T, NK, SB, WB, PER_Q, J0, NQ,
-                    K_BLOCK: tl.constexpr, FP: tl.constexpr, BLOCK_R: tl.constexpr):
+                    KEYS, s_kr, NKEYS,
+                    K_BLOCK: tl.constexpr, FP: tl.constexpr, BLOCK_R: tl.constexpr,
+                    KP: tl.constexpr, IDX_BITS: tl.constexpr):
     """Row r of OUT [NROWS, W = SB + WB + F + 2] (r = batch row x kv head x NQ + query block n):
     the whole blocks (below T) of [the SB sink blocks, the WB blocks before query block J0 + n,
     list row r of FULL] in that order, their count at column W - 2, the partial block (or -1) at
-    column W - 1. Sinks and window as `blocksparse.attended_blocks` lists them."""
+    column W - 1. Sinks and window as `blocksparse.attended_blocks` lists them. KP > 0: FULL is
+    first written here, row r the block indices of the F largest of row r's NKEYS order keys in
+    KEYS, best first (-1 for a non-candidate and past NKEYS)."""
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     rm = r < NROWS
+    if KP > 0:
+        kk = tl.arange(0, KP)
+        km = rm[:, None] & (kk[None, :] < NKEYS)
+        keys = tl.load(KEYS + r[:, None] * s_kr + kk[None, :], mask=km,
+                       other=-9223372036854775808)
+        keys = tl.sort(keys, dim=1, descending=True)
+        blk = tl.where(keys == -9223372036854775808, -1, keys & ((1 << IDX_BITS) - 1))
+        tl.store(FULL + r[:, None] * s_fr + kk[None, :] * s_ff, blk.to(tl.int32),
+                 mask=rm[:, None] & (kk[None, :] < F))
+        tl.debug_barrier()  # FULL's row, read below by other threads of the program
     f = tl.arange(0, FP)
     before = (J0 + r % NQ) * PER_Q  # key blocks wholly before the row's query block
     lf = f - SB - WB  # slot in FULL
@@ -252,19 +271,27 @@ def _fwd_kernel(Q, K, V, O, LST, LSE,
 
 
 def compact_lists(full: Tensor, T: int, q_block: int, k_block: int, j0: int, sink_blocks: int,
-                  window_blocks: int) -> Tensor:
+                  window_blocks: int, keys_topk: int = 0) -> Tensor:
     """`_compact_kernel`'s rows, int32 [B * Hkv * nQ, W = sink_blocks + window_blocks + F + 2], of
     the lists ``full`` [B, Hkv, nQ, F] of the query blocks j0..j0+nQ-1 (arguments checked by the
-    caller)."""
+    caller). keys_topk > 0: ``full`` holds order keys int64 [B, Hkv, nQ, M] instead (the search's
+    ``exact_keys``) and the lists are their keys_topk largest (F = keys_topk)."""
     B, Hkv, nQ, F0 = full.shape
-    W = sink_blocks + window_blocks + F0 + 2
     rows = B * Hkv * nQ
     flat = full.reshape(rows, F0)
+    if keys_topk:
+        keys, nkeys, F0 = flat, F0, keys_topk
+        flat = torch.empty(rows, F0, dtype=torch.int32, device=full.device)
+    W = sink_blocks + window_blocks + F0 + 2
     lst = torch.empty(rows, W, dtype=torch.int32, device=full.device)
-    _compact_kernel[(triton.cdiv(rows, _COMPACT_ROWS),)](
+    block_r = 8 if keys_topk else _COMPACT_ROWS  # (sorting: fewer rows a program)
+    _compact_kernel[(_ceil_div(rows, block_r),)](
         flat, lst, flat.stride(0) if F0 else 1, flat.stride(1) if F0 else 1, rows, F0, W, T,
         -(-T // k_block), sink_blocks, window_blocks, q_block // k_block, j0, nQ,
-        K_BLOCK=k_block, FP=_pow2(W - 2, 2), BLOCK_R=_COMPACT_ROWS)
+        keys if keys_topk else flat, keys.stride(0) if keys_topk else 0,
+        nkeys if keys_topk else 0,
+        K_BLOCK=k_block, FP=_pow2(W - 2, 2), BLOCK_R=block_r,
+        KP=_pow2(max(nkeys, F0)) if keys_topk else 0, IDX_BITS=_IDX_BITS)
     return lst
 
 
@@ -327,14 +354,16 @@ def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, full: Tensor, p0: in
                            block_m: int = 128, block_n: int = 64, num_warps: int = 8,
                            num_stages: int = 3, out: Optional[Tensor] = None,
                            sink_blocks: int = 0, window_blocks: int = 0,
-                           lse: Optional[Tensor] = None) -> Tensor:
+                           lse: Optional[Tensor] = None, keys_topk: int = 0) -> Tensor:
     """Block-sparse attention of the queries at p0..p0+Lq-1 (module docstring; docs/blocksparse.md).
 
     q [B, Hq, Lq, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv] (one dtype: fp32, bf16 or fp16; Hq a
     multiple of Hkv); full int32/int64 [B, Hkv, nQ, F]: per query block j0+n (j0 = p0 // q_block),
     the key blocks it attends in full (-1 = empty slot), as `blocksparse.attended_blocks` gives;
     or only the kept blocks, with ``sink_blocks`` and ``window_blocks`` the sinks and window that
-    `blocksparse.attended_blocks` puts before them (built on the GPU: no list written by torch).
+    `blocksparse.attended_blocks` puts before them (built on the GPU: no list written by torch);
+    or, with keys_topk > 0, the search's order keys int64 [B, Hkv, nQ, M] (`exact_keys`) whose
+    keys_topk largest are the kept blocks (picked on the GPU too).
     Returns [B, Hq, Lq, Dv] in q's dtype (written into ``out`` when given). ``lse``, if given, a
     float32 [B, Hq, Lq] tensor with unit stride in the last dim, receives each query's natural-log
     log-sum-exp of its scaled logits (-inf for a query with no key). block_m, block_n, num_warps,
@@ -350,6 +379,9 @@ def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, full: Tensor, p0: in
     j0 = p0 // q_block
     front = p0 - j0 * q_block
     nQ = -(-(front + Lq) // q_block)
+    if keys_topk < 0 or (keys_topk and full.dtype != torch.int64):
+        raise ValueError(f"block_attention_triton: keys_topk={keys_topk} needs int64 order keys "
+                         f"(got {full.dtype})")
     if full.dtype not in (torch.int32, torch.int64) or tuple(full.shape[:3]) != (B, Hkv, nQ):
         raise ValueError(f"block_attention_triton: full must be int32/int64 [B, Hkv, nQ, F] = "
                          f"[{B}, {Hkv}, {nQ}, F], got {full.dtype} {tuple(full.shape)}")
@@ -372,7 +404,7 @@ def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, full: Tensor, p0: in
     if scale < 0:  # the kernel folds the scale into the running maximum: keep it >= 0
         q, scale = -q, -scale
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    lst = compact_lists(full, T, q_block, k_block, j0, sink_blocks, window_blocks)
+    lst = compact_lists(full, T, q_block, k_block, j0, sink_blocks, window_blocks, keys_topk)
     F = lst.shape[1] - 2
     BD, BDV = _pow2(D), _pow2(Dv)
     BM, BN, warps, stages = _launch_shape(Lq, q_block, k_block, BD, BDV, q.element_size(),

@@ -6,7 +6,9 @@ groups of key blocks) multiplies the [kmax, kmin] summaries of its tile by the b
 representative rows, split as [q+, q-] (tensor-core products in slices of the 2D dim), and writes
 the largest bound over the rows as an int64 order key (float order of the score, then the group
 index: exact ties go to the later group); `torch.topk` keeps the pool, chunked over query blocks
-so that the keys tensor stays within 512 MiB. (A running top-P x topk kept inside the kernel with `tl.topk`, so that
+so that the keys tensor stays within 512 MiB. A call of one query block (decoding) keeps no
+torch op between launches: each stage-1 program sorts its tile and writes its best pool-size
+keys, and every stage-2 program sorts those tops and takes the pool itself. (A running top-P x topk kept inside the kernel with `tl.topk`, so that
 no keys tensor exists, was measured 2.5x slower at 1M on an H100: the bitonic merge ran on nearly
 every tile and cost about 25x the tile's products; benchmarks/RESULTS.md.)
 
@@ -37,10 +39,11 @@ _NO_KEY = -(1 << 63)  # order key of a non-candidate: below every real key
 _KEY_BUDGET = 1 << 26  # int64 stage-1 keys per chunk of query blocks (512 MiB)
 _STAGE1_SMEM = 160 * 1024  # shared memory stage 1's pipelined [kmax | kmin] tiles may take
 _PROGRAMS = 512  # stage-2 programs to aim for when few query blocks are searched (decoding)
+_MERGE_KEYS = 4096  # stage-1 tile tops a stage-2 program may merge (sorted in registers)
 
 
 def _pow2(n: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(int(n)))
+    return max(lo, 1 << (int(n) - 1).bit_length())  # (triton's is a slow constexpr_function)
 
 
 @triton.jit
@@ -73,7 +76,7 @@ def _bound_kernel(Q, KK, HAS, OUT,
                   Hkv, nK, nG, sb, Lq, front, n0, before0, per_q, wb, RG, ROWS, STEP, D,
                   G: tl.constexpr, Q_BLOCK: tl.constexpr, RGP: tl.constexpr, DP: tl.constexpr,
                   DK: tl.constexpr, MP: tl.constexpr, F: tl.constexpr, HAS_MASK: tl.constexpr,
-                  IDX_BITS: tl.constexpr, IEEE: tl.constexpr):
+                  IDX_BITS: tl.constexpr, IEEE: tl.constexpr, TOPS: tl.constexpr):
     n = n0 + tl.program_id(0).to(tl.int64)  # query block of the call
     bh = tl.program_id(1).to(tl.int64)
     c = tl.program_id(2)  # the tile of MP candidate groups of this program
@@ -109,10 +112,14 @@ def _bound_kernel(Q, KK, HAS, OUT,
                 s = tl.dot(kn, tl.minimum(qt, 0.0).to(qt.dtype), s)
         best = tl.max(tl.where(row_ok[None, :], s, float("-inf")), 1)
         key = tl.where(ok, _order_key(best, i, IDX_BITS), key)
-    tl.store(OUT + bh * s_o_bh + (n - n0) * s_o_n + c * s_o_c + o, key)
+    if TOPS > 0:  # only the tile's TOPS best, best first (the pool is among them)
+        key = tl.sort(key, descending=True)
+        tl.store(OUT + bh * s_o_bh + (n - n0) * s_o_n + c * s_o_c + o, key, mask=o < TOPS)
+    else:
+        tl.store(OUT + bh * s_o_bh + (n - n0) * s_o_n + c * s_o_c + o, key)
 
 
-@triton.jit(do_not_specialize=["T", "nK", "sb", "MC", "Lq", "front", "n0", "before0"])
+@triton.jit(do_not_specialize=["T", "nK", "sb", "MC", "Lq", "front", "n0", "before0", "NT"])
 def _exact_kernel(Q, K, KPM, CI, OUT,
                   s_q_b, s_q_h, s_q_t,
                   s_k_b, s_k_h, s_k_t,
@@ -120,7 +127,8 @@ def _exact_kernel(Q, K, KPM, CI, OUT,
                   Hkv, T, nK, sb, M, MC, Lq, front, n0, before0, per_q, wb, RG, ROWS, STEP, D,
                   G: tl.constexpr, Q_BLOCK: tl.constexpr, KB: tl.constexpr, CB: tl.constexpr,
                   F: tl.constexpr, RGP: tl.constexpr, DP: tl.constexpr, HAS_KPM: tl.constexpr,
-                  IDX_BITS: tl.constexpr, IEEE: tl.constexpr):
+                  IDX_BITS: tl.constexpr, IEEE: tl.constexpr, TOPS_IN, s_t_bh, s_t_n, NT,
+                  TP: tl.constexpr):
     n = n0 + tl.program_id(0).to(tl.int64)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // Hkv
@@ -136,6 +144,14 @@ def _exact_kernel(Q, K, KPM, CI, OUT,
     j = tl.arange(0, CB * KB)  # CB candidates a step, KB keys each: lane j is key j % KB of
     cb = tl.arange(0, CB)  # candidate j // KB (whole tensor-core tiles, CB loads in flight)
     ci = CI + bh * s_ci_bh + (n - n0) * s_ci_n
+    if TP > 0:  # the pool is the M // F best of stage 1's NT tile tops: picked here, into CI
+        tp = tl.arange(0, TP)
+        tops = tl.load(TOPS_IN + bh * s_t_bh + (n - n0) * s_t_n + tp, mask=tp < NT,
+                       other=-9223372036854775808)
+        tops = tl.sort(tops, descending=True)
+        # every program of (n, bh) writes the same values; each reads back its own
+        tl.store(ci + tp, tops, mask=tp < M // F)
+        tl.debug_barrier()  # written by other threads of this program
     for m0 in range(c * MC, end, CB):
         m = m0 + j // KB  # candidate m is block m % F of the pool's group m // F
         live = m < end
@@ -189,7 +205,7 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
                         sinks: int, topk: int, q_block: int, k_block: int, rows: int, pool: int,
                         summary: Optional[Tensor] = None, num_warps: int = 4,
                         exact_rows: int = 0, group: int = 1, spread: bool = False,
-                        candidates_only: bool = False) -> Tensor:
+                        candidates_only: bool = False, exact_keys: bool = False) -> Tensor:
     """`blocksparse.block_select` with the two stages in Triton: int32 [B, Hkv, nQ, topk]
     (candidates_only: stage 1's groups [B, Hkv, nQ, MG], -1 where none).
 
@@ -197,7 +213,13 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
     of k with group * k_block keys a group, at least that many groups; see
     `blocksparse.check_summary`), else computed from k here. exact_rows: stage 2's
     representative rows (0: ``rows``). group: key blocks per stage-1 group. spread: each stage's
-    rows q_block // rows apart over the query block (else its last rows)."""
+    rows q_block // rows apart over the query block (else its last rows). exact_keys: return
+    stage 2's order keys int64 [B, Hkv, nQ, M] instead (the kept blocks are the topk largest,
+    -1 past the candidates: what `triton_blocksparse.compact_lists` picks with ``keys_topk``).
+
+    A call of one query block (a decoded token, a short chunk) picks stage 1's pool inside the
+    kernels: each stage-1 program keeps its tile's best groups, and every stage-2 program merges
+    those tops itself, so that no torch op runs between the launches."""
     group = bs.stage1_group(window, k_block, group)
     B, Hq, Lq, D = q.shape
     Hkv, T = k.shape[1], k.shape[2]
@@ -227,7 +249,7 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
     out = torch.empty((B, Hkv, nQ, MG if candidates_only else topk), dtype=torch.int32,
                       device=dev)
     MP = max(_pow2(MG), min(128, _pow2(nG)))  # stage 1's tile of candidate groups, one a program
-    parts = triton.cdiv(nG, MP)
+    parts = bs._ceil_div(nG, MP)
     chunk = max(1, _KEY_BUDGET // max(1, B * Hkv * parts * MP))
     RGP, DP = _pow2(RG), _pow2(D)
     qstr = (qc.stride(0), qc.stride(1), qc.stride(2))
@@ -237,10 +259,16 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
     RGP2 = _pow2(G * rows2)
     # stage 2's candidates a step: 128 keys with 32 rows, fewer with more rows (registers)
     CB = max(1, (128 * 32 // max(32, RGP2)) // k_block)
+    # one query block: stage 1 keeps each tile's MG best, stage 2 merges them (no torch top-k)
+    fused = nQ == 1 and not candidates_only and parts * MG <= _MERGE_KEYS
+    if exact_keys:
+        if candidates_only:
+            raise ValueError("block_select_triton: exact_keys and candidates_only exclude each other")
+        ex_all = torch.empty((B * Hkv, nQ, M), dtype=torch.int64, device=dev)
     for s in range(0, nQ, chunk):
         e = min(nQ, s + chunk)
         n = e - s
-        keys = torch.empty((B * Hkv, n, parts, MP), dtype=torch.int64, device=dev)
+        keys = torch.empty((B * Hkv, n, parts, MG if fused else MP), dtype=torch.int64, device=dev)
         args = (qc, kk, has8 if has8 is not None else kk, keys, *qstr,
                 kk.stride(0), kk.stride(1), kk.stride(2),
                 has8.stride(0) if has8 is not None else 0, keys.stride(0), keys.stride(1),
@@ -249,21 +277,28 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
                 q_block // rows if spread else 1, D)
         meta = dict(G=G, Q_BLOCK=q_block, RGP=RGP, DP=DP, MP=MP, F=group,
                     HAS_MASK=has8 is not None, IDX_BITS=bs._IDX_BITS, IEEE=ieee,
-                    num_warps=num_warps)
+                    TOPS=MG if fused else 0, num_warps=num_warps)
         try:
             _bound_kernel[(n, B * Hkv, parts)](*args, DK=DK, num_stages=stages, **meta)
         except OutOfResources:  # a compiler that needs more shared memory than estimated
             DK, stages = min(32, DP), 1
             _bound_kernel[(n, B * Hkv, parts)](*args, DK=DK, num_stages=stages, **meta)
-        ci = _top_keys(keys.view(B * Hkv, n, parts * MP), MG).contiguous()  # stage 2 decodes them
-        del keys
+        if fused:  # stage 2's programs pick the pool from the tops (into ci)
+            ci = torch.empty((B * Hkv, n, MG), dtype=torch.int64, device=dev)
+            merge = dict(TOPS_IN=keys, s_t_bh=keys.stride(0), s_t_n=keys.stride(1), NT=parts * MG,
+                         TP=_pow2(parts * MG))
+        else:
+            ci = _top_keys(keys.view(B * Hkv, n, parts * MP), MG).contiguous()  # stage 2 decodes them
+            del keys
+            merge = dict(TOPS_IN=ci, s_t_bh=0, s_t_n=0, NT=0, TP=0)
         if candidates_only:
             out[:, :, s:e] = _blocks_of(ci).to(torch.int32).view(B, Hkv, n, -1)
             continue
-        ex = torch.empty((B * Hkv, n, M), dtype=torch.int64, device=dev)
-        mparts = max(1, min(M, triton.cdiv(_PROGRAMS, n * B * Hkv)))  # few query blocks: split
-        MC = triton.cdiv(triton.cdiv(M, mparts), CB) * CB
-        _exact_kernel[(n, B * Hkv, triton.cdiv(M, MC))](
+        ex = ex_all[:, s:e] if exact_keys else torch.empty((B * Hkv, n, M), dtype=torch.int64,
+                                                             device=dev)
+        mparts = max(1, min(M, bs._ceil_div(_PROGRAMS, n * B * Hkv)))  # few query blocks: split
+        MC = bs._ceil_div(bs._ceil_div(M, mparts), CB) * CB
+        _exact_kernel[(n, B * Hkv, bs._ceil_div(M, MC))](
             qc, kc, kpm8 if kpm8 is not None else kc, ci, ex, *qstr,
             kc.stride(0), kc.stride(1), kc.stride(2),
             kpm8.stride(0) if kpm8 is not None else 0, ci.stride(0), ci.stride(1),
@@ -271,10 +306,50 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
             Hkv, T, nK, sb, M, MC, Lq, front, s, j0 * per_q, per_q, wb, G * rows2, rows2,
             q_block // rows2 if spread else 1, D,
             G=G, Q_BLOCK=q_block, KB=k_block, CB=CB, F=group, RGP=RGP2, DP=DP,
-            HAS_KPM=kpm8 is not None,
-            IDX_BITS=bs._IDX_BITS, IEEE=ieee, num_warps=num_warps if RGP2 <= 64 else 8)
+            HAS_KPM=kpm8 is not None, IDX_BITS=bs._IDX_BITS, IEEE=ieee, **merge,
+            num_warps=num_warps if RGP2 <= 64 else 8)
+        if exact_keys:
+            continue
         kept = _blocks_of(_top_keys(ex, topk)).to(torch.int32).view(B, Hkv, n, -1)
         out[:, :, s:e, :kept.shape[-1]] = kept
         if kept.shape[-1] < topk:
             out[:, :, s:e, kept.shape[-1]:] = -1
-    return out
+    return ex_all.view(B, Hkv, nQ, M) if exact_keys else out
+
+
+@triton.jit(do_not_specialize=["T", "i0"])
+def _summary_kernel(K, BUF, s_k_b, s_k_h, s_k_t, s_u_b, s_u_h, s_u_g, H, T, i0, D,
+                    SPAN: tl.constexpr, DP: tl.constexpr, KT: tl.constexpr):
+    """Group i0 + program 0 of (batch row x head) program 1: [max | min] over its SPAN keys (those
+    below T) into BUF's row: `blocksparse.block_summaries` of the group."""
+    grp = i0 + tl.program_id(0).to(tl.int64)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    d = tl.arange(0, DP)
+    kbase = K + b * s_k_b + h * s_k_h
+    hi = tl.full([DP], float("-inf"), tl.float32)
+    lo = tl.full([DP], float("inf"), tl.float32)
+    for t0 in range(0, SPAN, KT):
+        t = grp * SPAN + t0 + tl.arange(0, KT)
+        m = (t < T)[:, None] & (d < D)[None, :]
+        x = tl.load(kbase + t[:, None] * s_k_t + d[None, :], mask=m, other=0.0).to(tl.float32)
+        hi = tl.maximum(hi, tl.max(tl.where(m, x, float("-inf")), 0))
+        lo = tl.minimum(lo, tl.min(tl.where(m, x, float("inf")), 0))
+    row = BUF + b * s_u_b + h * s_u_h + grp * s_u_g
+    tl.store(row + d, hi.to(BUF.dtype.element_ty), mask=d < D)
+    tl.store(row + D + d, lo.to(BUF.dtype.element_ty), mask=d < D)
+
+
+def summary_update_triton(k: Tensor, buf: Tensor, i0: int, span: int) -> None:
+    """`blocksparse.BlockSummaryCache`'s update on the GPU: rows i0..nK-1 of buf [B, H, >= nK, 2D]
+    (k's dtype, unit stride in the last dim) become the [max | min] summaries of k's groups of
+    ``span`` keys (the last one partial), in one launch."""
+    B, H, T, D = k.shape
+    nK = -(-T // span)
+    if i0 >= nK or B * H == 0:
+        return
+    kc = k if k.stride(-1) == 1 else k.contiguous()
+    _summary_kernel[(nK - i0, B * H)](
+        kc, buf, kc.stride(0), kc.stride(1), kc.stride(2), buf.stride(0), buf.stride(1),
+        buf.stride(2), H, T, i0, D, SPAN=span, DP=_pow2(D), KT=min(64, _pow2(span)))

@@ -273,3 +273,47 @@ def test_triton_stage1_candidates_match_the_reference(case):
             for n in range(want.shape[2]):
                 assert {int(x) for x in got[b, h, n] if x >= 0} == \
                     {int(x) for x in want[b, h, n] if x >= 0}, (b, h, n)
+
+
+@pytest.mark.parametrize("T,p0,group", [(2600, 2599, 1), (4300, 4290, 1), (5000, 4999, 4)])
+def test_one_query_block_merges_stage_one_tops_in_the_kernels(T, p0, group):
+    """A call of one query block (a decoded token, a short chunk) picks stage 1's pool inside the
+    kernels (each stage-1 tile keeps its best groups, stage 2 merges them): over 2-3 tiles of
+    groups it keeps what the reference keeps, and its stage-2 keys (exact_keys) rank those blocks
+    first."""
+    B, Hq, Hkv, D = 1, 4, 2, 16
+    q, k, _ = _inputs(B, Hq, Hkv, T, D, seed=T + group, pad=False)
+    kw = dict(window=32, sinks=4, topk=4, q_block=32, k_block=16, rows=4, pool=2, group=group)
+    nG = -(-T // (16 * bs.stage1_group(32, 16, group)))
+    assert nG > 128  # several stage-1 tiles (128 groups each)
+    want = bs.block_select(q[:, :, p0:], k, None, p0, **kw)
+    poison()
+    got = tss.block_select_triton(q[:, :, p0:], k, None, p0, **kw)
+    assert (want >= 0).sum() > 0
+    assert torch.equal(got, want), (got, want)
+    keys = tss.block_select_triton(q[:, :, p0:], k, None, p0, exact_keys=True, **kw)
+    top = keys.topk(4, dim=-1)[0]
+    assert torch.equal(torch.where(top == tss._NO_KEY, -1, top & tss._IDX_MASK).to(torch.int32),
+                       want)
+
+
+def test_summary_update_kernel_equals_a_rebuild():
+    """The summaries' update on the Triton path (one launch) equals block_summaries over the whole
+    key tensor as keys are appended one by one and in chunks (partial last group included)."""
+    from slcompile.kernels import dispatch
+    g = torch.Generator().manual_seed(4)
+    k = torch.randn(1, 2, 700, 24, generator=g).to(DEV)
+    prev = dispatch._FORCE_TRITON
+    dispatch.force_triton(True)
+    try:
+        cache = bs.BlockSummaryCache(64)
+        T = 0
+        for step in (130, 1, 1, 63, 1, 200, 300, 4):
+            new = min(700, T + step)
+            poison()
+            got = cache.update(k[:, :, :new], T)
+            torch.testing.assert_close(got, bs.block_summaries(k[:, :, :new], None, 64)[0],
+                                       rtol=0, atol=0)
+            T = new
+    finally:
+        dispatch.force_triton(prev)
