@@ -59,6 +59,16 @@ def profile_ms(fn, calls: int) -> dict:
     return {e.key[:60]: round(e.device_time_total / 1e3 / calls, 4) for e in ev}
 
 
+def launches(fn, calls: int) -> float:
+    """GPU kernels (and memsets/copies) launched per call of fn (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return sum(e.count for e in prof.key_averages() if e.device_time_total > 0) / calls
+
+
 def attended_pairs(kept, L, window, sinks, q_block, k_block):
     """(query, key) pairs attended, summed over kv heads (x G for query heads)."""
     return bs.keys_attended(kept, 0, L, L, window=window, sinks=sinks, q_block=q_block,
@@ -100,6 +110,7 @@ def decode_row(T, a, cfg):
     if a.profile_decode:  # where a token's GPU time goes (kernel times, eager calls)
         row["profile_us_per_token"] = {n: round(ms * 1e3, 1)
                                        for n, ms in profile_ms(ours, 10).items()}
+        row["launches_per_token"] = launches(ours, 10)
     ref = F.scaled_dot_product_attention(q, k, v, enable_gqa=True).float()
     row.update(eager_speedup=row["sdpa_eager_ms"] / row["eager_ms"],
                graph_speedup=row["sdpa_graph_ms"] / row["graph_ms"],
