@@ -22,15 +22,15 @@ Measures, per variant:
 One run prints a table, writes JSON and a PNG (accuracy by depth and length, each variant next to
 dense). Example (quick, 2 CPU cores)::
 
-    python benchmarks/quality.py --lengths 1024 2048 --seeds 2 --depths 0.1 0.5 0.9 --variants dense w64 anchor block
+    python benchmarks/quality.py --lengths 1024 2048 --seeds 2 --depths 0.1 0.5 0.9 --variants dense w64 anchor default
 
 Options: ``--prompt chat`` puts the needle prompt in the model's chat template; ``--needle-check
 teacher-forced`` decides a needle with one prefill (greedy decoding would emit exactly the answer's
 tokens) instead of generating; ``--routers FILE`` (from ``slcompile calibrate``) runs the variants
 named with a trailing ``+r`` with those routers as search projections (the others without);
-``pretrained`` is ``SuperlinearConfig.for_pretrained()``; inline variants set config fields, e.g.
-``pretrained,fine_block=32,rerank=4`` is the preset before 2026-12-01. ``--make-bundle`` writes the tokenised texts
-for a machine without them; ``benchmarks/quality_gpu.py`` runs everything in one GPU call.
+``default`` is ``SuperlinearConfig()`` (block-sparse); inline variants set config fields, e.g.
+``search_key=mean,topk=6``. ``--make-bundle`` writes the tokenised texts for a machine without
+them; ``benchmarks/quality_gpu.py`` runs everything in one GPU call.
 
 """
 
@@ -43,14 +43,12 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
 
-import slcompile
 import slcompile.hf as H
 from slcompile import SuperlinearConfig
 from slcompile.calibrate import BUFFER, search_query
@@ -65,13 +63,10 @@ VARIANTS: Dict[str, Optional[dict]] = {
     "w64": dict(window=64, sinks=4, topk=1, backward_factor=0.0, forward_factor=0.0),  # ~window+sinks+1
     "anchor": dict(window=64, sinks=4, topk=3, search_key="anchor"),
     "mean": dict(window=64, sinks=4, topk=3, search_key="mean"),
-    "block": dict(window=64, sinks=4, topk=3, search_key="block"),
     "anchor-k6": dict(window=64, sinks=4, topk=6, search_key="anchor"),
     "mean-k6": dict(window=64, sinks=4, topk=6, search_key="mean"),
-    "block-k6": dict(window=64, sinks=4, topk=6, search_key="block"),
-    "block-k8-bf1": dict(window=64, sinks=4, topk=8, backward_factor=1.0, search_key="block"),
     "anchor-k8-bf1": dict(window=64, sinks=4, topk=8, backward_factor=1.0, search_key="anchor"),
-    "block-k4-bf1": dict(window=64, sinks=4, topk=4, backward_factor=1.0, search_key="block"),
+    "default": dict(search_key="blocksparse"),  # SuperlinearConfig(), docs/blocksparse.md
 }
 
 
@@ -88,19 +83,13 @@ def _inline_items(name: str) -> List[tuple]:
 
 def variant_config(name: str) -> Optional[SuperlinearConfig]:
     """A named variant, or an inline spec ``key=value,key=value`` (fields of SuperlinearConfig,
-    over BASE, or over the preset when it starts with ``pretrained,``); a trailing ``+r`` (same config, searched with the calibrated routers of --routers) is ignored
-    here."""
+    over BASE); a trailing ``+r`` (same config, searched with the calibrated routers of
+    --routers) is ignored here."""
     if name.endswith(ROUTED):
         name = name[:-len(ROUTED)]
-    if name == "pretrained":
-        return SuperlinearConfig.for_pretrained(dense_below=0)
     if name in VARIANTS:
         v = VARIANTS[name]
         return None if v is None else SuperlinearConfig(**{**BASE, **v})
-    base = dict(BASE)
-    if name.startswith("pretrained,"):  # the preset with some fields changed
-        base = SuperlinearConfig.for_pretrained(dense_below=0).to_dict()
-        name = name[len("pretrained,"):]
     fields = {}
     for k, val in _inline_items(name):
         if val in ("True", "False"):
@@ -113,7 +102,7 @@ def variant_config(name: str) -> Optional[SuperlinearConfig]:
                 fields[k] = float(val)
             except ValueError:
                 fields[k] = val
-    return SuperlinearConfig(**{**base, **fields})
+    return SuperlinearConfig(**{**BASE, **fields})
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,8 +205,8 @@ def load_texts():
 # query, where S is
 #   mass  - the block's true dense attention mass (the ORACLE: the best any router could pick),
 #   max   - the block's largest logit q.k (what the Quest bound bounds: a perfect bound),
-#   bound - the Quest bound sum_d max(q_d kmin_d, q_d kmax_d) (the block search's score, scored
-#           flat over every block instead of coarse to fine),
+#   bound - the Quest bound sum_d max(q_d kmin_d, q_d kmax_d) (what block-sparse stage 1 ranks
+#           groups of key blocks by, docs/blocksparse.md),
 #   mean  - q . (the block's mean key);
 # share=1 gives the query heads of a GQA group one selection (ranked by their summed softmax-
 # normalised scores), so they read the same blocks. Union mode computes exactly dense attention
@@ -227,7 +216,7 @@ def load_texts():
 FLAT = "flat:"
 MASKED = "mask:"
 # pool=N (keys, 0: off): only the N // bs blocks best by the bound compete, ranked by S (with
-# score=max: the block_rerank rule, flat)
+# score=max: a bound pool rescored exactly, like block-sparse stage 2)
 FLAT_DEFAULTS = dict(score="bound", window=768, blocks=16, bs=16, share=0, sinks=4, pool=0)
 
 
@@ -387,7 +376,7 @@ def search_anchors(cfg: SuperlinearConfig, qs, k, qpos, ops: bool = False):
     args = (qs, k, None, qpos, cfg.window, cfg.topk)
     if cfg.steps == 2:
         rest = (cfg.search_power, cfg.span_power, cfg.backward_factor, cfg.forward_factor,
-                cfg.search_key, 0, cfg.fine_block, cfg.rerank)
+                cfg.search_key, 0)
         fn = torch.ops.superlinear.span_search if ops else reference.span_search
     else:
         rest = (cfg.steps, cfg.backward_factor, cfg.forward_factor, cfg.search_key, 0)
@@ -691,7 +680,7 @@ class QKCapture:
 @torch.no_grad()
 def attended_mask(cfg: SuperlinearConfig, qs, k, qpos):
     """bool [B, Hq, nQ, T]: the keys docs/spec.md's union attends for the queries at qpos [B, nQ]
-    (the search of cfg.steps: the stripe/block search for 2, docs/nstep.md's for N >= 3)."""
+    (the search of cfg.steps: the stripe search for 2, docs/nstep.md's for N >= 3)."""
     B, Hq, nQ, D = qs.shape
     T = k.shape[2]
     j = torch.arange(T, device=k.device)
@@ -815,7 +804,7 @@ def make_table(results, lengths, ppl_tail, ppl_len) -> str:
         nbl = {int(k): v for k, v in r.get("needle_by_length", {}).items()}
         kt = r.get("keys_tail")
         cases = r.get("cases", [])
-        found, of_dense, diffs = "", "", []
+        found, diffs = "", []
         if cases:
             pairs = [(c, dcases.get((c["length"], c["depth"], c["seed"]))) for c in cases]
             both = sum(1 for c, d in pairs if d is not None and d["found"] and c["found"])
@@ -922,9 +911,9 @@ def main(argv=None):
     ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
     ap.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--variants", nargs="+", default=["dense", "w64", "anchor", "mean", "block"],
-                    help=f"named ({', '.join(VARIANTS)}, pretrained) or inline "
-                         "'window=64,topk=4,search_key=block'; a trailing '+r' searches with --routers")
+    ap.add_argument("--variants", nargs="+", default=["dense", "w64", "anchor", "mean", "default"],
+                    help=f"named ({', '.join(VARIANTS)}) or inline "
+                         "'window=64,topk=4,search_key=mean'; a trailing '+r' searches with --routers")
     ap.add_argument("--prompt", choices=["plain", "chat"], default="plain",
                     help="needle prompt: plain text, or inside the model's chat template")
     ap.add_argument("--needle-check", choices=["generate", "teacher-forced"], default="generate",

@@ -7,7 +7,7 @@ The GPU machine has no texts and no ``gguf`` package: ``benchmarks/quality.py --
 the token ids here, and the GGUF file travels as it is (the ``gguf`` wheel is installed there).
 
     python benchmarks/quality_gpu.py --gguf /tmp/smol.gguf --bundle bundle.pt --out $OUT/q \\
-        --calibrate-minutes 1 --variants dense pretrained pretrained+r ... --budget-s 200
+        --calibrate-minutes 1 --variants dense default mean mean+r ... --budget-s 200
 
 The GPU machine has no install of this checkout: ``python3 -m pip install --no-index --no-deps
 --no-build-isolation --target /tmp/site .`` there, then run this script with
@@ -41,10 +41,11 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--ppl-len", type=int, default=8192)
     ap.add_argument("--ppl-tail", type=int, default=1024)
-    ap.add_argument("--variants", nargs="+", default=["dense", "pretrained"],
+    ap.add_argument("--variants", nargs="+", default=["dense", "default"],
                     help="perplexity and needles (named or inline, see quality.py)")
     ap.add_argument("--ppl-variants", nargs="*", default=[], help="perplexity only (after --variants)")
-    ap.add_argument("--routers", help="routers file for '+r' variants (else --calibrate-minutes)")
+    ap.add_argument("--routers", help="routers file for '+r' variants (else --calibrate-minutes: "
+                    "calibrated for the first '+r' variant)")
     ap.add_argument("--calibrate-minutes", type=float, default=0.0)
     ap.add_argument("--calibrate-seqs", type=int, default=2)
     ap.add_argument("--calibrate-steps", type=int, default=100)
@@ -73,7 +74,10 @@ def main(argv=None):
     elif args.calibrate_minutes > 0:
         L = args.length
         seqs = [calib[i * L:(i + 1) * L].long() for i in range(args.calibrate_seqs)]
-        cfg = Q.variant_config("pretrained")
+        routed = [v for v in args.variants + args.ppl_variants if v.endswith(Q.ROUTED)]
+        if not routed:
+            raise SystemExit("--calibrate-minutes: no '+r' variant to calibrate routers for")
+        cfg = Q.variant_config(routed[0])
         tc = time.time()
         routers = calibrate(model, seqs, config=cfg, minutes=args.calibrate_minutes,
                             steps=args.calibrate_steps)

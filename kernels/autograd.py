@@ -19,9 +19,6 @@ every graph the pass rewrites):
       d q_s = sum_j ds_j key(a_j) and key(a_j) receives ds_j q_s; for ``search_key="anchor"``
       key(a_j) = k[a_j], for ``"mean"`` the mean of the present keys of the anchor's search span
       [max(0, a - back), min(a + fwd, t - W)], so each of those keys receives ds_j q_s / count.
-    * ``search_key="block"`` and ``"block_rerank"``: none. Their scores are Quest upper bounds
-      over key blocks (or, reranked, a block's largest logit), not the dot product with one key of
-      the formula above; ``search_query`` and ``key`` get no gradient through them.
 
 So in ``gated`` mode the search query (a learned projection in a trained model, the attention
 query after a training-free rewrite) learns where to look through the gate, end to end; in
@@ -228,7 +225,8 @@ def gathered_attention(q, k, v, anchors, scores, key_padding_mask, query_positio
 def search_backward(grad_scores, search_query, key, key_padding_mask, query_positions, anchors,
                     window, span_power, backward_factor, forward_factor, search_key, dense_below):
     """(d search_query, d key) of s_j = q_s . key(a_j) (see the module docstring), in the
-    inputs' dtypes. Block search keys, the dense case and empty slots contribute nothing."""
+    inputs' dtypes. A search kind without ``search_grad``, the dense case and empty slots contribute
+    nothing."""
     B, Hq, Lq, D = search_query.shape
     Hkv, T = key.shape[1], key.shape[2]
     dev = search_query.device
@@ -340,11 +338,10 @@ def _(grad_scores, search_query, key, *rest):
 
 
 def _setup_search(ctx, inputs, output):
-    (qs, k, kpm, pos, window, topk, sp, rp, bf, ff, search_key, dense_below, *_block) = inputs
+    (qs, k, kpm, pos, window, topk, sp, rp, bf, ff, search_key, dense_below) = inputs
     ctx.save_for_backward(qs, k, kpm, pos, output[0])
     ctx.params = (window, rp, bf, ff, search_key, dense_below)
     # an unused scores output (union mode) then arrives as None, not as zeros to scatter
-    ctx.n_inputs = len(inputs)
     ctx.set_materialize_grads(False)
 
 
@@ -356,7 +353,7 @@ def _backward_search(ctx, grad_anchors, grad_scores):
     else:
         dqs, dk = torch.ops.superlinear.span_search_backward(
             grad_scores, qs, k, kpm, pos, anchors, window, rp, bf, ff, search_key, dense_below)
-    return (dqs, dk) + (None,) * (ctx.n_inputs - 2)
+    return (dqs, dk) + (None,) * 10
 
 
 def _setup_attention(ctx, inputs, output):

@@ -15,13 +15,6 @@ from . import searches
 
 COMBINE_MODES = ("union", "gated")
 SEARCH_KEYS = searches.names()  # kernels/searches.py: what each search kind is and supports
-# SuperlinearConfig.for_pretrained(): see its docstring. Measured on SmolLM2-135M at 8K (H200,
-# benchmarks/RESULTS.md, "Quality at 8K"): perplexity -0.1% at 13.1% of keys
-# per query, 10 of 27 needles (dense 7, all of them among the 10); a large window carries
-# perplexity, eight ~0.35 sqrt(t)-key spans on the 16-key blocks with the largest exact q.k among
-# the 32 topk best by bound (fine_block, rerank) the rest.
-PRETRAINED = dict(search_key="block_rerank", window=768, sinks=4, topk=8, backward_factor=0.35,
-                  forward_factor=0.0, combine="union")
 # The default (SuperlinearConfig(), block_sparse()): docs/blocksparse.md with the geometry that did
 # best in the 8K sweep (SmolLM2-135M). Stage 1 bounds groups of 8 key blocks (block_group):
 # perplexity as without groups, stage 1 8x cheaper; 16 stage-2 rows (exact_rows): +1.0% against
@@ -86,10 +79,10 @@ class SuperlinearConfig:
 
     The default (every field left out) is block-sparse superlinear attention
     (docs/blocksparse.md: 64-query x 32-key blocks, 4 sinks, a 256-key window, the 24 best key
-    blocks per query block and kv head). ``search_key="anchor"`` (or "mean", "block",
-    "block_rerank") selects docs/spec.md's stripe search, whose window and topk default to 64 and
-    3. window and topk left out (None) take the defaults of the search kind; ``replace`` keeps
-    the fields that were given, so a changed search_key brings its own defaults.
+    blocks per query block and kv head). ``search_key="anchor"`` (or "mean") selects
+    docs/spec.md's stripe search, whose window and topk default to 64 and 3. window and topk left
+    out (None) take the defaults of the search kind; ``replace`` keeps the fields that were
+    given, so a changed search_key brings its own defaults.
 
     Args:
         window: local window W; keys [t-W+1, t] are always attended.
@@ -103,12 +96,9 @@ class SuperlinearConfig:
         combine: "union" (one softmax over spans, window and sinks) or "gated" (per-span
             softmax, mixed by a softmax over the spans' search scores).
         search_key: "blocksparse" (the default unless steps >= 3), or a stripe search of
-            docs/spec.md: "anchor" (the anchor's key), "mean" (mean key over the anchor's span) or
-            "block" (training-free routing: anchors placed on the 16-key blocks with the highest
-            Quest bound max_k q.k <= sum_d max(q_d*kmin_d, q_d*kmax_d), found coarse-to-fine in
-            O(sqrt(t)) per query; see docs/routing.md) or "block_rerank" (the same, then the
-            32 topk best candidate blocks by bound rescored by their exact largest q.k; retrieves
-            far better on converted models; both have Triton kernels, docs/routing.md).
+            docs/spec.md: "anchor" (the anchor's key) or "mean" (mean key over the anchor's
+            span). "block" and "block_rerank" were retired (kernels/searches.py RETIRED): they
+            are refused with a one-line error naming the default instead.
         dense_below: if the number of keys T <= dense_below, exact dense causal attention.
         scale: softmax scale; None means 1/sqrt(head_dim) (or the scale of the matched graph).
         q_block, k_block, block_rows, block_pool: search_key="blocksparse" only
@@ -124,11 +114,6 @@ class SuperlinearConfig:
         spread_rows: search_key="blocksparse" only: each stage's representative rows spread over
             the query block (q_block // rows apart, ending at its last row) instead of its last
             rows: better perplexity, fewer needles found on SmolLM2 (docs/blocksparse.md).
-        fine_block: search_key="block" and "block_rerank" only: keys per fine block, the
-            finest level of the coarse-to-fine bounds (a power of two; smaller while spans are
-            shorter, docs/routing.md).
-        rerank: search_key="block_rerank" only: the rerank * topk best fine blocks by bound are
-            rescored by their exact largest q.k (docs/routing.md).
         steps: N, the number of search-and-attend steps (2..8). 2 is docs/spec.md's stripe search;
             N >= 3 is the hierarchical search of docs/nstep.md (cells of about t^(1/N) keys, a
             beam search over N-1 levels, O(L^(1+1/N)) per prefill). With N >= 3,
@@ -155,8 +140,6 @@ class SuperlinearConfig:
     exact_rows: int = 16
     block_group: int = 8
     spread_rows: bool = False
-    fine_block: int = 16
-    rerank: int = 32
 
     def __post_init__(self) -> None:
         # the fields given (not None) at construction: replace() starts from these, so that a
@@ -166,6 +149,9 @@ class SuperlinearConfig:
         if self.search_key is None:  # the default: block-sparse; the N-step search is a stripe one
             object.__setattr__(self, "search_key", "blocksparse" if self.steps == 2 else "anchor")
         if not isinstance(self.search_key, str) or self.search_key not in searches.REGISTRY:
+            gone = searches.retired(self.search_key)
+            if gone:
+                raise ValueError(f"SuperlinearConfig.search_key={self.search_key!r} {gone}")
             _fail("search_key", self.search_key, f"one of {searches.names()}")
         kind = searches.kind(self.search_key)
         for name in ("window", "topk"):
@@ -202,10 +188,6 @@ class SuperlinearConfig:
             _fail("block_group", self.block_group, "a power of two in [1, 64]")
         if not isinstance(self.spread_rows, bool):
             _fail("spread_rows", self.spread_rows, "True or False")
-        _check_int("fine_block", self.fine_block, 1, 1024)
-        if self.fine_block & (self.fine_block - 1):
-            _fail("fine_block", self.fine_block, "a power of two in [1, 1024]")
-        _check_int("rerank", self.rerank, 1, 1024)
         if self.scale is not None:
             if not _finite_number(self.scale) or self.scale <= 0:
                 _fail("scale", self.scale, "None or a finite number > 0")
@@ -233,7 +215,10 @@ class SuperlinearConfig:
         return self.span_power if self.steps == 2 else 1.0 / self.steps
 
     def replace(self, **changes: Any) -> "SuperlinearConfig":
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (validated again). Fields of retired searches
+        (kernels/searches.py RETIRED_FIELDS), which configs saved before their retirement carry,
+        are dropped: no remaining search read them."""
+        changes = {k: v for k, v in changes.items() if k not in searches.RETIRED_FIELDS}
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise ValueError(f"unknown SuperlinearConfig field(s): {sorted(unknown)}; "
@@ -251,16 +236,10 @@ class SuperlinearConfig:
 
     @classmethod
     def for_pretrained(cls, **overrides: Any) -> "SuperlinearConfig":
-        """The preset for dense pretrained models converted without training: block
-        search with exact rescoring (``"block_rerank"``: 16-key blocks, the 32 topk best by bound
-        rescored by their exact largest q.k), window 768, 4 sinks, 8 spans of ~0.35 sqrt(t) keys
-        (each covers its 16-key fine block from t ~ 1.8K on), union. Chosen from the 8K
-        measurements in benchmarks/RESULTS.md ("Quality at 8K"); the trade-off table is in
-        README.md. Its search is slow (3-26x SDPA's
-        whole attention on an H200, README.md); ``search_key="block"`` is the faster, weaker
-        choice. ``dense_below`` keeps its default,
-        so short inputs stay exact. The field defaults stay those of docs/spec.md."""
-        return cls(**{**PRETRAINED, **overrides})
+        """Retired: this preset (search_key="block_rerank") ran slower than dense attention.
+        Raises a ValueError naming the default, ``SuperlinearConfig()``, instead."""
+        raise ValueError("SuperlinearConfig.for_pretrained() (search_key='block_rerank') "
+                         + searches.retired("block_rerank"))
 
     @classmethod
     def block_sparse(cls, **overrides: Any) -> "SuperlinearConfig":

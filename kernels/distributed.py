@@ -8,8 +8,8 @@ rank's own chunk is filled in and, of the earlier chunks, only the rows the quer
 
 1. **search rows**: the keys span-search scores. With ``search_key="anchor"`` these are the stripe
    anchors t - delta_i of the rank's queries (delta_i >= W), computed from the geometry alone, so
-   every rank knows them before any data moves; ``"mean"`` and ``"block"`` summarise every earlier
-   key, so they fetch all earlier K (and no V). ``"blocksparse"`` (docs/blocksparse.md): its
+   every rank knows them before any data moves; ``"mean"`` summarises every earlier key, so it
+   fetches all earlier K (and no V). ``"blocksparse"`` (docs/blocksparse.md): its
    stage 1 reads summaries of groups of key blocks only, so the ranks all-gather those ([kmax |
    kmin] per group: 2 rows per ``summary_keys`` keys), run stage 1 for their queries and fetch K
    of the candidate groups' blocks, which stage 2 reads. (With a key-padding mask, or chunks
@@ -42,7 +42,7 @@ held by rank c if c < P, else by rank 2P-1-c as its second piece), the rows the 
 the group summaries are all-gathered, stage 1 runs for both pieces, K of the candidate groups'
 blocks is fetched, then K and V of the kept blocks, window and sinks, as above. (With a
 key-padding mask, T <= dense_below, or h not a multiple of the stage-1 group, it fetches every row
-of the buffer instead.) The span searches (``"anchor"``, ``"mean"``, ``"block"``) refuse
+of the buffer instead.) The span searches (``"anchor"``, ``"mean"``) refuse
 selective zigzag (their rows are only worked out for contiguous chunks) and take all_gather by
 default. Both are exact against one device.
 
@@ -298,7 +298,7 @@ def _search_need(B: int, Hkv: int, rank: int, C: int, T: int, cfg: SuperlinearCo
                  dev) -> Tensor:
     """bool [B, Hkv, rank*C]: earlier key positions span-search reads for this rank's queries."""
     L = rank * C
-    if cfg.kind.stripe_key != "anchor":  # "mean" and "block" summarise every earlier key
+    if cfg.kind.stripe_key != "anchor":  # "mean" summarises every earlier key
         return torch.ones(B, Hkv, L, dtype=torch.bool, device=dev)
     deltas = stripe_deltas(num_stripes(T, cfg.search_power), cfg.search_power, dev)
     deltas = deltas[deltas >= cfg.window]

@@ -56,12 +56,9 @@ def search(c: SuperlinearConfig, search_query, key, kpm, qpos, dense_below: int,
         raise ValueError("lowering.search: search_key='blocksparse' searches inside "
                          "block_sparse_attention")
     if c.steps == 2:
-        # the block searches' last arguments only where they differ from the op's defaults (a
-        # graph exported before they existed states none)
-        block = (c.fine_block, c.rerank) if (c.fine_block, c.rerank) != (16, 32) else ()
         return call(torch.ops.superlinear.span_search.default,
                     (search_query, key, kpm, qpos, c.window, c.topk, c.search_power, c.span_power,
-                     c.backward_factor, c.forward_factor, c.search_key, dense_below) + block)
+                     c.backward_factor, c.forward_factor, c.search_key, dense_below))
     return call(torch.ops.superlinear.nstep_search.default,
                 (search_query, key, kpm, qpos, c.window, c.topk, c.steps, c.backward_factor,
                  c.forward_factor, c.search_key, dense_below))

@@ -40,15 +40,11 @@ def span_search(
     forward_factor: float,
     search_key: str,
     dense_below: int,
-    fine_block: int = 16,
-    rerank: int = 32,
 ) -> Tuple[Tensor, Tensor]:
-    """Step 1 of docs/spec.md: anchors int32 [B, Hq, Lq, topk] and scores float32 [B, Hq, Lq, topk].
-    fine_block and rerank are the block searches' (docs/routing.md); the last arguments, with
-    defaults, so that graphs exported before them load with the semantics they had."""
+    """Step 1 of docs/spec.md: anchors int32 [B, Hq, Lq, topk] and scores float32
+    [B, Hq, Lq, topk]."""
     args = (search_query, key, key_padding_mask, query_positions, window, topk, search_power,
-            span_power, backward_factor, forward_factor, search_key, dense_below, fine_block,
-            rerank)
+            span_power, backward_factor, forward_factor, search_key, dense_below)
     if _use_triton(search_query.device):
         return _triton_module().span_search(*args)
     return reference.span_search(*args)
@@ -63,8 +59,7 @@ def _search_outputs_like(search_query: Tensor, topk: int) -> Tuple[Tensor, Tenso
 
 @span_search.register_fake
 def _(search_query, key, key_padding_mask, query_positions, window, topk, search_power,
-      span_power, backward_factor, forward_factor, search_key, dense_below, fine_block=16,
-      rerank=32):
+      span_power, backward_factor, forward_factor, search_key, dense_below):
     return _search_outputs_like(search_query, topk)
 
 

@@ -62,8 +62,6 @@ def span_search(
     forward_factor: float,
     search_key: str,
     dense_below: int,
-    fine_block: int = 16,
-    rerank: int = 32,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     B, Hq, Lq, D = qs.shape
     Hkv, T = k.shape[1], k.shape[2]
@@ -76,10 +74,6 @@ def span_search(
     n = num_stripes(T, search_power)
     deltas = stripe_deltas(n, search_power, dev)  # ascending: nearest anchor first
     back, fwd = span_extents(T, span_power, backward_factor, forward_factor, dev)
-    if kind(search_key).block_bounds:  # coarse-to-fine block bounds, docs/routing.md
-        pool = rerank * topk if kind(search_key).pool else 0
-        return _block_search(qs, k, key_padding_mask, pos, W, topk, back, fwd, anchors, scores,
-                             fine_block, pool)
     g = Hq // Hkv
 
     if kind(search_key).stripe_key == "mean":
@@ -128,241 +122,6 @@ def span_search(
                 scores[b, :, s:s + chunk, j] = top_s
                 sc = sc.scatter(-1, idx, float("-inf"))
     return anchors, scores
-
-
-# --------------------------------------------------------------------------------------------
-# search_key="block": coarse-to-fine Quest-style block bounds (docs/routing.md)
-# --------------------------------------------------------------------------------------------
-
-COARSE_FANOUT = 2  # coarse blocks refined per kept span
-
-
-def _key_pyramid(k: torch.Tensor, key_padding_mask: Optional[torch.Tensor], levels: int):
-    """Summaries of aligned blocks of 2^j keys for j = 0..levels: lists kmin[j], kmax[j]
-    [B, Hkv, Tp >> j, D] (float32, per-dimension min/max over the block's present keys, 0 where it
-    has none) and cnt[j] [B, Tp >> j] (present keys). Keys are padded with absent ones to
-    Tp = a multiple of 2^levels. O(T * D) work and memory in all."""
-    B, Hkv, T, D = k.shape
-    step = 1 << levels
-    Tp = -(-T // step) * step
-    kf = torch.zeros(B, Hkv, Tp, D, dtype=torch.float32, device=k.device)
-    kf[:, :, :T] = k.float()
-    present = torch.zeros(B, Tp, dtype=torch.bool, device=k.device)
-    present[:, :T] = True if key_padding_mask is None else key_padding_mask
-    pm = present[:, None, :, None]
-    kmax = [kf.masked_fill(~pm, float("-inf"))]
-    kmin = [kf.masked_fill(~pm, float("inf"))]
-    cnt = [present.to(torch.int64)]
-    for _ in range(levels):
-        kmax.append(torch.maximum(kmax[-1][:, :, 0::2], kmax[-1][:, :, 1::2]))
-        kmin.append(torch.minimum(kmin[-1][:, :, 0::2], kmin[-1][:, :, 1::2]))
-        cnt.append(cnt[-1][:, 0::2] + cnt[-1][:, 1::2])
-    for j in range(levels + 1):
-        empty = (cnt[j] == 0)[:, None, :, None]
-        kmax[j] = kmax[j].masked_fill(empty, 0.0)
-        kmin[j] = kmin[j].masked_fill(empty, 0.0)
-    return kmin, kmax, cnt
-
-
-def _in_block_running(kb: torch.Tensor, kpm: Optional[torch.Tensor], jf: int):
-    """For aligned blocks of 2^jf keys of one batch row (kb [Hkv, T, D]): the running min/max of the
-    present keys from the block's start up to each slot ([Hkv, T, D], 0 where none yet) and the
-    running count ([T]). The summary of a partial block [bs*(e//bs), e] is then entry e. O(T*D)."""
-    Hkv, T, D = kb.shape
-    bs = 1 << jf
-    Tp = -(-T // bs) * bs
-    kf = torch.zeros(Hkv, Tp, D, dtype=torch.float32, device=kb.device)
-    kf[:, :T] = kb.float()
-    present = torch.zeros(Tp, dtype=torch.bool, device=kb.device)
-    present[:T] = True if kpm is None else kpm
-    pm = present[None, :, None]
-    mx = kf.masked_fill(~pm, float("-inf")).view(Hkv, Tp // bs, bs, D).cummax(2).values.view(Hkv, Tp, D)
-    mn = kf.masked_fill(~pm, float("inf")).view(Hkv, Tp // bs, bs, D).cummin(2).values.view(Hkv, Tp, D)
-    cnt = present.long().view(Tp // bs, bs).cumsum(1).view(Tp)
-    none = (cnt == 0)[None, :, None]
-    return mn.masked_fill(none, 0.0)[:, :T], mx.masked_fill(none, 0.0)[:, :T], cnt[:T]
-
-
-def _ilog2(x: torch.Tensor) -> torch.Tensor:
-    """floor(log2(x)) for int64 x >= 1, exact."""
-    j = torch.floor(torch.log2(x.double())).long()
-    j = torch.where((1 << (j + 1)) <= x, j + 1, j)
-    return torch.where((1 << j) > x, j - 1, j)
-
-
-def _block_levels(e: torch.Tensor, back_t: torch.Tensor, fine_block: int):
-    """Per query (last span position e >= 0, backward reach back_t): the fine level jf and the
-    coarse level jc >= jf. Fine blocks hold bs = 2^jf = min(fine_block, largest power of two <=
-    back_t + 1) keys, so one span always covers a whole fine block; coarse blocks hold 2^c fine
-    blocks, 2^c the smallest power of two with 4^c >= nf = (e + 1) // bs, so a query scores at most
-    about sqrt(nf) coarse blocks and refines O(sqrt(nf)) fine blocks."""
-    jf = _ilog2((back_t + 1).clamp(min=1)).clamp(max=fine_block.bit_length() - 1)
-    nf = ((e + 1) >> jf).clamp(min=1)
-    c = (_ilog2(nf) + 1) // 2  # ceil(log2(nf) / 2) up to the fix-ups below
-    c = torch.where((1 << (2 * c)) < nf, c + 1, c)
-    c = torch.where((c > 0) & ((1 << (2 * (c - 1))) >= nf), c - 1, c)
-    return jf, jf + c
-
-
-def _block_search(qs, k, key_padding_mask, pos, W, topk, back, fwd, anchors, scores, fine_block,
-                  rerank=0):
-    """search_key="block" (docs/routing.md): writes anchors/scores in place; fine blocks of at
-    most fine_block keys. rerank > 0 ("block_rerank"): the `rerank` best fine candidates by bound
-    are rescored by their exact largest q.k before the greedy."""
-    B, Hq, Lq, D = qs.shape
-    Hkv, T = k.shape[1], k.shape[2]
-    dev = qs.device
-    e_all = pos - W  # [B, Lq]: the last key a span may reach
-    live = e_all >= 0
-    if not bool(live.any()):
-        return anchors, scores
-    jf_all, jc_all = _block_levels(e_all.clamp(min=0), back[pos], fine_block)
-    levels = int(jc_all[live].max().item())
-    kmin, kmax, cnt = _key_pyramid(k, key_padding_mask, levels)
-    if key_padding_mask is not None:
-        idx = torch.arange(T, device=dev)
-        last_present = torch.cummax(torch.where(key_padding_mask, idx, -1), dim=1).values  # [B, T]
-    for b in range(B):
-        lv = live[b]
-        if not bool(lv.any()):
-            continue
-        pairs = torch.unique(torch.stack([jf_all[b][lv], jc_all[b][lv]], 1), dim=0).tolist()
-        running = {}
-        for jf, jc in pairs:
-            if jf not in running:
-                running[jf] = _in_block_running(k[b], None if key_padding_mask is None else key_padding_mask[b], jf)
-            run_min, run_max, run_cnt = running[jf]
-            sel = torch.nonzero(lv & (jf_all[b] == jf) & (jc_all[b] == jc)).flatten()
-            n_fine = int((e_all[b, sel].max() >> jf).item()) + 1
-            chunk = _chunk_size(Hq * n_fine * 8)
-            for s in range(0, sel.numel(), chunk):
-                qi = sel[s:s + chunk]
-                a_, s_ = _block_search_chunk(
-                    qs[b][:, qi].float(), k[b], None if key_padding_mask is None else last_present[b],
-                    [x[b] for x in kmin], [x[b] for x in kmax], [x[b] for x in cnt], run_min, run_max,
-                    run_cnt, pos[b, qi], W, topk, back, fwd, jf, jc, rerank,
-                    None if key_padding_mask is None else key_padding_mask[b])
-                anchors[b, :, qi] = a_.to(torch.int32)
-                scores[b, :, qi] = s_
-    return anchors, scores
-
-
-def _rerank_exact(q, kb, kpm, fsc, e, jf, M):
-    """search_key="block_rerank" (docs/routing.md): the M best fine candidates of fsc [Hq, c, nF]
-    by bound (ties: the nearer block) get the exact largest logit q.k over the block's present keys
-    <= e; every other block drops to -inf. A kernel needs O(M * bs * D) per query; for speed on CPU
-    this computes the logits of all keys of the nF blocks with one matrix product and then keeps the
-    candidates' block maxima (the same values)."""
-    Hq, c, nF = fsc.shape
-    Hkv, T, D = kb.shape
-    g = Hq // Hkv
-    bs = 1 << jf
-    ninf = float("-inf")
-    M = min(M, nF)
-    order = (nF - 1) - torch.sort(fsc.flip(-1), dim=-1, descending=True, stable=True).indices[..., :M]
-    cand = torch.zeros_like(fsc, dtype=torch.bool).scatter_(-1, order, torch.gather(fsc, -1, order) > ninf)
-    n = min(T, nF * bs)
-    lg = torch.matmul(q.reshape(Hkv, g * c, D), kb[:, :n].float().transpose(1, 2)).view(Hq, c, n)
-    j = torch.arange(n, device=q.device)
-    ok = j[None, :] <= e[:, None]  # [c, n]
-    if kpm is not None:
-        ok = ok & kpm[:n][None, :]
-    lg = torch.nn.functional.pad(lg.masked_fill(~ok[None], ninf), (0, nF * bs - n), value=ninf)
-    exact = lg.view(Hq, c, nF, bs).amax(-1)
-    return exact.masked_fill(~cand, ninf)
-
-
-def _sorted_by_score_then_nearer(sc: torch.Tensor, a: torch.Tensor):
-    """Permutation of the last dim: score descending, ties to the larger (nearer) anchor."""
-    o1 = torch.sort(a, dim=-1, descending=True, stable=True).indices
-    o2 = torch.sort(torch.gather(sc, -1, o1), dim=-1, descending=True, stable=True).indices
-    return torch.gather(o1, -1, o2)
-
-
-def _block_search_chunk(q, kb, last_present, kmin, kmax, cnt, run_min, run_max, run_cnt, t, W, topk,
-                        back, fwd, jf, jc, rerank=0, kpm=None):
-    """One batch row, queries sharing (jf, jc). q [Hq, c, D] float32, t [c]. Returns anchors
-    int64 [Hq, c, topk] and scores float32 [Hq, c, topk].
-
-    For speed on CPU the fine bounds of all fine blocks before the last query's window are computed
-    as one matrix product and then restricted to the candidates (the fine blocks of the kept coarse
-    blocks and of the tail); the result is the same as scoring the candidates alone."""
-    dev = q.device
-    Hq, c, D = q.shape
-    Hkv = kb.shape[0]
-    g = Hq // Hkv
-    ninf = float("-inf")
-    bs = 1 << jf
-    R = 1 << (jc - jf)
-    e = t - W  # [c], >= 0
-
-    def bounds(mx, mn):  # mx/mn [Hkv, n, D] -> [Hq, c, n]
-        q4 = q.view(Hkv, g * c, D)
-        out = torch.matmul(q4.clamp(min=0), mx.transpose(1, 2)) + torch.matmul(q4.clamp(max=0), mn.transpose(1, 2))
-        return out.view(Hq, c, -1)
-
-    # ---- coarse: whole coarse blocks inside [0, e], scored by their bound ----------------------
-    n_full = (e + 1) >> jc  # [c]
-    nC = int(n_full.max().item())
-    m = min(COARSE_FANOUT * topk, nC)
-    nF = int((e.max() >> jf).item()) + 1  # fine blocks that can hold keys <= e
-    fidx = torch.arange(nF, device=dev)
-    tail = (fidx[None, :] >= (n_full * R)[:, None]) & ((fidx[None, :] << jf) <= e[:, None])  # [c, nF]
-    cand = tail[None].expand(Hq, c, nF)
-    if m > 0:
-        csc = bounds(kmax[jc][:, :nC], kmin[jc][:, :nC])  # [Hq, c, nC]
-        cval = (torch.arange(nC, device=dev)[None, :] < n_full[:, None]) & (cnt[jc][None, :nC] > 0)
-        csc = csc.masked_fill(~cval[None], ninf)
-        cidx = torch.arange(nC, device=dev).expand(Hq, c, nC)
-        order = _sorted_by_score_then_nearer(csc, cidx)[..., :m]
-        keep = torch.zeros(Hq, c, nC + 1, dtype=torch.bool, device=dev)
-        keep.scatter_(-1, order, torch.gather(csc, -1, order) > ninf)
-        cand = cand | torch.gather(keep, -1, (fidx >> (jc - jf)).clamp(max=nC).expand(Hq, c, nF))
-    fsc = bounds(kmax[jf][:, :nF], kmin[jf][:, :nF])  # [Hq, c, nF]
-    fc = cnt[jf][:nF].expand(Hq, c, nF)
-    # the partial block [bs * (e // bs), e]: its summary is the in-block running min/max at e
-    lastb = e >> jf  # [c]
-    is_part = ((lastb << jf) + bs - 1) > e
-    if bool(is_part.any()):
-        pmx, pmn, pc = run_max[:, e], run_min[:, e], run_cnt[e]  # [Hkv, c, D], [c]
-        q4 = q.view(Hkv, g, c, D)
-        psc = ((q4.clamp(min=0) * pmx[:, None]).sum(-1) + (q4.clamp(max=0) * pmn[:, None]).sum(-1)).view(Hq, c)
-        here = (fidx[None, :] == lastb[:, None]) & is_part[:, None]  # [c, nF]
-        fsc = torch.where(here[None], psc[..., None], fsc)
-        fc = torch.where(here[None], pc[None, :, None], fc)
-    fsc = fsc.masked_fill(~(cand & (fc > 0)), ninf)
-    if rerank:
-        fsc = _rerank_exact(q, kb, kpm, fsc, e, jf, rerank)
-    # anchor of a fine block: its last present key inside [0, e]
-    b1 = torch.minimum((fidx << jf)[None, :] + bs - 1, e[:, None])
-    fa = (b1 if last_present is None else last_present[b1.clamp(min=0)]).expand(Hq, c, nF)
-    # order: bound descending, ties to the nearer block (anchors grow with the block index, so a
-    # stable sort of the blocks taken nearest first does it). The greedy below visits at most
-    # topk * (X + 1) blocks, X = the most fine blocks one span can cover: truncate there.
-    X = int(((back[t] + fwd[t] + 1).max().item()) >> jf) + 1
-    K = min(nF, topk * (X + 1))
-    order = (nF - 1) - torch.sort(fsc.flip(-1), dim=-1, descending=True, stable=True).indices[..., :K]
-    fsc, fa = torch.gather(fsc, -1, order), torch.gather(fa, -1, order)
-    b0 = order << jf
-    # greedy: keep blocks in order unless a kept span already covers [b0, anchor]
-    bk, fw = back[t][None, :, None], fwd[t][None, :, None]
-    kept_a = torch.full((Hq, c, topk), -1, dtype=torch.long, device=dev)
-    kept_s = torch.full((Hq, c, topk), ninf, dtype=torch.float32, device=dev)
-    nk = torch.zeros(Hq, c, 1, dtype=torch.long, device=dev)
-    slots = torch.arange(topk, device=dev)
-    for j in range(K):
-        sj, aj, bj = fsc[..., j:j + 1], fa[..., j:j + 1], b0[..., j:j + 1]
-        ok = (sj > ninf) & (nk < topk)
-        if not bool(ok.any()):
-            break
-        lo = (kept_a - bk).clamp(min=0)
-        hi = torch.minimum(kept_a + fw, e[None, :, None])
-        cov = ((kept_a >= 0) & (lo <= bj) & (hi >= aj)).any(-1, keepdim=True)
-        put = ok & ~cov & (slots == nk)  # [Hq, c, topk]
-        kept_a = torch.where(put, aj, kept_a)
-        kept_s = torch.where(put, sj, kept_s)
-        nk = nk + (ok & ~cov).long()
-    return kept_a, kept_s
 
 
 # --------------------------------------------------------------------------------------------
@@ -614,12 +373,10 @@ def span_attention(
 
 def superlinear_attention(q, k, v, *, window, sinks, topk, search_power, span_power,
                           backward_factor, forward_factor, combine, search_key, dense_below,
-                          scale, key_padding_mask=None, query_positions=None, search_query=None,
-                          fine_block=16, rerank=32):
+                          scale, key_padding_mask=None, query_positions=None, search_query=None):
     """Both steps, no validation: the whole of docs/spec.md in one call (for tests and tools)."""
     qs = q if search_query is None else search_query
     anchors, sc = span_search(qs, k, key_padding_mask, query_positions, window, topk, search_power,
-                              span_power, backward_factor, forward_factor, search_key, dense_below,
-                              fine_block, rerank)
+                              span_power, backward_factor, forward_factor, search_key, dense_below)
     return span_attention(q, k, v, anchors, sc, key_padding_mask, query_positions, window, sinks,
                           span_power, backward_factor, forward_factor, combine, scale, dense_below)

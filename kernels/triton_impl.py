@@ -3,10 +3,10 @@
 Importing this module raises ImportError when Triton is unavailable, so that ``ops`` falls back to
 the reference. The functions take exactly the argument lists of ``reference.span_search`` and
 ``reference.span_attention``. The kernels live one per module: ``triton_search`` (step 1) and
-``triton_attention`` (step 2); ``search_key="block"`` runs ``triton_block`` (prefill and decode);
-decoding (a few query rows per kv head, ``triton_decode.use_decode``) runs ``triton_decode``, which
-splits each (query, head) over many programs. Other search keys run the reference. On CUDA, the
-dense case (T <= dense_below) goes to
+``triton_attention`` (step 2); decoding (a few query rows per kv head,
+``triton_decode.use_decode``) runs ``triton_decode``, which splits each (query, head) over many
+programs. A search kind without a Triton kernel (``triton=False`` in kernels/searches.py) runs the
+reference. On CUDA, the dense case (T <= dense_below) goes to
 ``F.scaled_dot_product_attention`` (flash) when its causal alignment matches docs/spec.md (Lq == T, no
 explicit positions, no key padding, same q/v head dim; or a single bottom-right query); otherwise it runs the Triton kernel with
 a window over every key. Dtypes other than fp32/bf16/fp16 and head dims above 256 run the
@@ -24,7 +24,7 @@ except Exception as e:  # pragma: no cover - depends on the installation
 import torch
 import torch.nn.functional as F
 
-from . import reference, triton_attention, triton_block, triton_decode, triton_search
+from . import reference, triton_attention, triton_decode, triton_search
 from .searches import REGISTRY
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -42,17 +42,12 @@ __all__ = ["span_search", "span_attention", "dense_attention"]
 
 def span_search(search_query, key, key_padding_mask, query_positions, window, topk,
                 search_power, span_power, backward_factor, forward_factor, search_key,
-                dense_below, fine_block=16, rerank=32):
+                dense_below):
     kind = REGISTRY.get(search_key)
     if not _supported(search_query, key) or kind is None or kind.block_sparse or not kind.triton:
         return reference.span_search(search_query, key, key_padding_mask, query_positions, window,
                                      topk, search_power, span_power, backward_factor,
-                                     forward_factor, search_key, dense_below, fine_block, rerank)
-    if kind.block_bounds:  # docs/routing.md; prefill and decode alike
-        return triton_block.span_search(search_query, key, key_padding_mask, query_positions,
-                                        window, topk, search_power, span_power, backward_factor,
-                                        forward_factor, search_key, dense_below, fine_block,
-                                        rerank)
+                                     forward_factor, search_key, dense_below)
     if kind.stripe_key == "anchor" and triton_decode.use_decode(search_query, key):
         return triton_decode.span_search(search_query, key, key_padding_mask, query_positions,
                                          window, topk, search_power, span_power, backward_factor,

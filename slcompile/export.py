@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
-from typing import Any, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -43,6 +43,10 @@ ONNX_OPS = ("span_search", "span_attention", "block_sparse_attention")
 
 
 def _search_key_refusal(search_key: str) -> str:
+    gone = searches.retired(search_key)
+    if gone:  # a program converted before its search was retired
+        return (f"ONNX export: the program searches with search_key={search_key!r}, which {gone}; "
+                f"convert the original model again")
     return (f"ONNX export supports search_key {', '.join(map(repr, ONNX_SEARCH_KEYS))} only: "
             f"search_key={search_key!r} has no ONNX form (convert the model with the default "
             f"search or --search-key anchor, or export to TensorRT through torch-tensorrt: "

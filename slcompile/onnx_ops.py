@@ -32,7 +32,6 @@ K/V rows are materialised per query).
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import numpy as np
@@ -180,9 +179,8 @@ def _clamp(x, lo, hi):
 
 def span_search(search_query, key, key_padding_mask=None, query_positions=None, window=64, topk=3,
                 search_power=0.5, span_power=0.5, backward_factor=2.0, forward_factor=0.0,
-                search_key="anchor", dense_below=0, fine_block=16, rerank=32):
-    """Step 1 of docs/spec.md in ONNX: anchors int32 [B, Hq, Lq, topk], scores float32
-    (fine_block and rerank belong to the block searches, which have no translation)."""
+                search_key="anchor", dense_below=0):
+    """Step 1 of docs/spec.md in ONNX: anchors int32 [B, Hq, Lq, topk], scores float32."""
     stripes = searches.names(family="stripe", onnx=True)
     if search_key not in stripes:
         raise OnnxTranslationError(

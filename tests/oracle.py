@@ -3,7 +3,6 @@ only: Python loops over queries, explicit position sets, float64. Independent of
 kernels/ except for the geometry tables (which only fix how i^(1/p) and (t+1)^r are rounded).
 
 * docs/spec.md (stripe searches "anchor", "mean"): `candidate_spans`, `oracle_attention`;
-* docs/routing.md ("block", "block_rerank"): `oracle_block_search`;
 * docs/nstep.md (steps >= 3): `oracle_cells`, `oracle_nstep_search`, `oracle_nstep_attention`;
 * docs/blocksparse.md (the default): `oracle_blocksparse`.
 """
@@ -85,87 +84,6 @@ def oracle_attention(q, k, v, cfg, scale, key_padding_mask=None, query_positions
                     logits = (k64[b, kh, idx] @ q64[b, h, i]) * scale
                     p = torch.softmax(logits, 0)
                     out[b, h, i] += gate * (p @ v64[b, kh, idx])
-    return out
-
-
-# ------------------------------------------------------------------------------------------------
-# docs/routing.md: search_key="block" and "block_rerank"
-# ------------------------------------------------------------------------------------------------
-
-NINF = float("-inf")
-
-
-def oracle_block_search(qs, k, kpm, pos, W, topk, span_power, bf, ff, triples, rerank=0,
-                        fine_block=16):
-    """docs/routing.md, written out per query with Python loops over blocks, in float64, from the
-    keys themselves (no pyramid, no running summaries). rerank > 0 ("block_rerank"): the rerank
-    best candidates by bound are rescored by their exact largest q.k; fine blocks of at most
-    fine_block keys. Returns {(b, h, i): (anchors,
-    scores)}."""
-    B, Hq, Lq, D = qs.shape
-    Hkv, T = k.shape[1], k.shape[2]
-    g = Hq // Hkv
-    back, fwd = span_extents(T, span_power, bf, ff)
-    out = {}
-    for (b, h, i) in triples:
-        t = int(pos[b, i])
-        e = t - W
-        q = qs[b, h, i].double()
-        kk = k[b, h // g].double()
-        present = [True] * T if kpm is None else kpm[b].tolist()
-        anchors, scores = [], []
-        if e >= 0:
-            bt, ft = int(back[t]), int(fwd[t])
-            bs = 1
-            while bs * 2 <= min(fine_block, bt + 1):  # docs/routing.md step 1: fine blocks
-                bs *= 2
-            nf = max(1, (e + 1) // bs)
-            c = 0
-            while 4 ** c < nf:
-                c += 1
-            R = 2 ** c
-            G = bs * R
-
-            def bound(lo, hi):
-                idx = [p for p in range(lo, hi + 1) if present[p]]
-                if not idx:
-                    return NINF
-                blk = kk[idx]
-                kmin, kmax = blk.min(0).values, blk.max(0).values
-                return float(torch.maximum(q * kmin, q * kmax).sum())
-
-            n_full = (e + 1) // G
-            coarse = [(bound(ci * G, ci * G + G - 1), ci) for ci in range(n_full)]
-            coarse.sort(key=lambda x: (-x[0], -x[1]))
-            kept_c = [ci for s, ci in coarse[:min(2 * topk, n_full)] if s > NINF]
-            fine = [ci * R + r for ci in kept_c for r in range(R)]
-            f = n_full * R
-            while f * bs <= e:
-                fine.append(f)
-                f += 1
-            cands = []
-            for f in fine:
-                lo, hi = f * bs, min(f * bs + bs - 1, e)
-                s = bound(lo, hi)
-                if s == NINF:
-                    continue
-                a = max(p for p in range(lo, hi + 1) if present[p])
-                cands.append((s, a, lo))
-            cands.sort(key=lambda x: (-x[0], -x[1]))
-            if rerank:
-                cands = [(max(float(q @ kk[p]) for p in range(lo, a + 1) if present[p]), a, lo)
-                         for s, a, lo in cands[:rerank * topk]]
-                cands.sort(key=lambda x: (-x[0], -x[1]))
-            for s, a, lo in cands:
-                if len(anchors) == topk:
-                    break
-                covered = any(max(0, a2 - bt) <= lo and min(a2 + ft, e) >= a for a2 in anchors)
-                if not covered:
-                    anchors.append(a)
-                    scores.append(s)
-        anchors += [-1] * (topk - len(anchors))
-        scores += [NINF] * (topk - len(scores))
-        out[(b, h, i)] = (anchors, scores)
     return out
 
 

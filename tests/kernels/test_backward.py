@@ -187,9 +187,17 @@ def test_gradcheck_whole_chain_search_query(search_key):
     assert torch.autograd.gradcheck(chain, ins, eps=1e-3, atol=3e-3, rtol=3e-3, fast_mode=True)
 
 
-def test_what_gets_no_gradient():
+def test_what_gets_no_gradient(monkeypatch):
+    """No gradient reaches the search query in union mode, nor in gated mode through a search
+    kind without ``search_grad`` (a registered copy of "anchor": every stripe kind has one)."""
+    import dataclasses
+
+    from slcompile.kernels import searches
+
+    nograd = dataclasses.replace(searches.kind("anchor"), name="anchor_nograd", search_grad=False)
+    monkeypatch.setitem(searches.REGISTRY, nograd.name, nograd)
     q, qs, k, v, kpm, qp = _inputs(2, 1, 2, 1, 10, 30, 4)
-    for combine, search_key in (("union", "anchor"), ("gated", "block"), ("gated", "block_rerank")):
+    for combine, search_key in (("union", "anchor"), ("union", "mean"), ("gated", nograd.name)):
         c = _cfg(combine=combine, search_key=search_key)
         qs_ = qs.clone().requires_grad_()
         q_ = q.clone().requires_grad_()

@@ -70,7 +70,8 @@ def test_config_steps_field():
     assert d.steps == 2 and d.attention_span_power == d.span_power
     assert SuperlinearConfig(steps=4, search_key="mean").replace(steps=2).search_key == "mean"
     for bad, msg in [(dict(steps=1), "steps"), (dict(steps=9), "steps"), (dict(steps=3.0), "steps"),
-                     (dict(steps=True), "steps"), (dict(steps=3, search_key="block"), "search_key"),
+                     (dict(steps=True), "steps"),
+                     (dict(steps=3, search_key="blocksparse"), "search_key"),
                      (dict(steps=3, span_power=1 / 3), "span_power"),
                      (dict(steps=3, search_power=0.4), "search_power")]:
         with pytest.raises(ValueError, match=msg):

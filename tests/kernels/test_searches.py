@@ -39,15 +39,61 @@ def test_unknown_key_is_refused_with_the_known_ones():
         SuperlinearConfig(search_key="nope")
 
 
+def test_retired_keys_are_refused_with_the_default_named():
+    """search_key="block" / "block_rerank" (retired): one line at the front door, from a config,
+    a saved config (from_dict, as the Hugging Face config and routers files load), the CLI's
+    config building, or a graph's op; a config saved before the retirement with the retired
+    fields (fine_block, rerank) and a remaining key loads as it ran."""
+    from slcompile.configs import build_config
+    from slcompile.errors import ConfigError
+
+    assert set(searches.RETIRED) == {"block", "block_rerank"}
+    assert not set(searches.RETIRED) & set(searches.REGISTRY)
+    for key in searches.RETIRED:
+        want = (f"SuperlinearConfig.search_key={key!r} was retired (the block searches ran slower "
+                "than dense attention): use the default, SuperlinearConfig() "
+                "(search_key='blocksparse', docs/blocksparse.md)")
+        for make in (lambda: SuperlinearConfig(search_key=key),
+                     lambda: SuperlinearConfig(search_key="anchor").replace(search_key=key),
+                     lambda: SuperlinearConfig.from_dict(dict(search_key=key, window=768,
+                                                              fine_block=16, rerank=32))):
+            with pytest.raises(ValueError) as e:
+                make()
+            assert str(e.value) == want and "\n" not in want
+        with pytest.raises(ConfigError, match=f"search_key='{key}' was retired"):
+            build_config({"search_key": key})
+        with pytest.raises(ValueError, match=f"^search_key='{key}' was retired .*blocksparse"):
+            searches.kind(key)
+        q = torch.randn(1, 2, 40, 8)
+        with pytest.raises(ValueError, match=f"search_key='{key}' was retired"):
+            torch.ops.superlinear.span_search(q, q, None, None, 8, 2, 0.5, 0.5, 2.0, 0.0, key, 0)
+    for cfg in (SuperlinearConfig(), SuperlinearConfig(search_key="mean", topk=6)):
+        saved = {**cfg.to_dict(), "fine_block": 32, "rerank": 4}
+        assert SuperlinearConfig.from_dict(saved) == cfg
+    with pytest.raises(TypeError, match="fine_block"):  # no longer a field
+        SuperlinearConfig(fine_block=16)
+
+
+def test_for_pretrained_is_retired_with_its_search():
+    """SuperlinearConfig.for_pretrained() (search_key="block_rerank") raises, whatever it is given,
+    one line naming the default instead."""
+    for kw in ({}, dict(window=512, dense_below=0)):
+        with pytest.raises(ValueError) as e:
+            SuperlinearConfig.for_pretrained(**kw)
+        assert str(e.value) == (
+            "SuperlinearConfig.for_pretrained() (search_key='block_rerank') was retired (the block "
+            "searches ran slower than dense attention): use the default, SuperlinearConfig() "
+            "(search_key='blocksparse', docs/blocksparse.md)")
+
+
 def test_names_filter():
     assert searches.names(family="stripe") == ("anchor", "mean")
-    assert set(searches.names(family="block")) == {"block", "block_rerank"}
-    assert searches.names(pool=True) == ("block_rerank",)
+    assert searches.names(family="blocksparse") == ("blocksparse",)
     assert set(searches.names()) == set(searches.REGISTRY)
 
 
 @pytest.mark.parametrize("base,combine", [("anchor", "gated"), ("mean", "union"),
-                                          ("block_rerank", "union")])
+                                          ("anchor", "union")])
 def test_a_new_entry_is_enough(monkeypatch, base, combine):
     """A dry-run addition: a kind registered as a copy of an existing one (no Triton kernel, so the
     reference runs wherever it is called) is accepted by the config and runs the same search

@@ -18,8 +18,8 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 import slcompile  # noqa: E402
-from slcompile.calibrate import (BUFFER, Routers, attach_routers, load_routers,  # noqa: E402
-                                 save_routers, search_query)
+from slcompile.calibrate import (BUFFER, DEFAULT_SEARCH_KEY, Routers, attach_routers,  # noqa: E402
+                                 load_routers, save_routers, search_query)
 from slcompile.kernels import reference  # noqa: E402
 from slcompile.kernels.config import SuperlinearConfig  # noqa: E402
 
@@ -279,7 +279,7 @@ def test_cli_calibrate(tmp_path):
     assert res["ok"] and res["modules"] == 1 and res["config"]["window"] == 16
     assert res["layers_trained"] == 1 and res["seconds"] < 60
     r = load_routers(str(out))
-    assert r.config.window == 16 and r.config.search_key == SuperlinearConfig.for_pretrained().search_key
+    assert r.config.window == 16 and r.config.search_key == DEFAULT_SEARCH_KEY == "mean"
     attach_routers(model, r)
     assert getattr(model.model.layers[0].self_attn, BUFFER).shape == (4, 16, 16)
     # existing output without --overwrite: one-line error, exit 6; missing text: exit 3
@@ -288,54 +288,3 @@ def test_cli_calibrate(tmp_path):
     cmd2 = [c if c != str(text) else str(tmp_path / "nope.txt") for c in cmd]
     p = subprocess.run(cmd2 + ["--overwrite"], capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 3 and "not found" in p.stderr, p.stderr
-
-
-@pytest.mark.parametrize("T,bf", [(8192, 0.35), (2048, 0.35), (9000, 0.35), (4096, 2.0), (300, 0.1)])
-def test_calibration_trains_the_search_fine_block(T, bf):
-    """Routers are trained on the fine blocks the block search ranks for the middle of the sampled
-    queries (kernels/reference.py _block_levels): 16 keys for the preset on 4K-9K sequences."""
-    from slcompile.calibrate import fine_block
-    from slcompile.kernels import reference as ref
-    from slcompile.kernels.geometry import span_extents
-
-    cfg = SuperlinearConfig.for_pretrained(backward_factor=bf)
-    back, _ = span_extents(T, cfg.span_power, cfg.backward_factor, cfg.forward_factor)
-    t = torch.tensor([min(T - 1, (cfg.window + T) // 2)])
-    jf, _ = ref._block_levels((t - cfg.window).clamp(min=0), back[t], cfg.fine_block)
-    assert fine_block(cfg, T) == 1 << int(jf[0])
-    if bf == 0.35 and 4096 <= T <= 9000:
-        assert fine_block(cfg, T) == 16
-
-
-def test_block_rerank_routers_are_judged_by_the_rerank_rule():
-    """For "block_rerank" a router is kept only if the search's own rule keeps more held-back dense
-    mass: the rerank * topk best fine blocks by bound, ranked by their exact largest logit (the
-    identity's figure against a brute force, with a pool small enough to matter)."""
-    from slcompile.calibrate import _regions_block, _topk_mass
-
-    gen = torch.Generator().manual_seed(int(torch.randint(0, 1000, ()).item()))
-    Hq, Hkv, T, D, fine, n = 4, 2, 256, 8, 8, 5
-    cfg = SuperlinearConfig.for_pretrained(window=32, topk=2, dense_below=0, rerank=2)
-    k = torch.randn(Hkv, T, D, generator=gen)
-    q = torch.randn(Hq, n, D, generator=gen) * 2
-    t = torch.tensor([250, 200, 180, 120, 255])
-    e = t - cfg.window
-    mass = torch.rand(Hq, n, T // fine, generator=gen)
-    mn, mx = _regions_block(k, 3, fine)
-    s = {"t": t, "e": e, "q": q, "fine": fine, "kmin": mn, "kmax": mx, "mass": mass,
-         "kfine": k[:, :T // fine * fine]}
-    got = _topk_mass([s], torch.eye(D).repeat(Hq, 1, 1), cfg, Hq // Hkv)
-    pool_n = cfg.rerank * cfg.topk
-    want = []
-    for h in range(Hq):
-        kv = h // (Hq // Hkv)
-        for i in range(n):
-            blocks = [b for b in range(T // fine) if (b + 1) * fine - 1 <= int(e[i])]
-            kb = {b: k[kv, b * fine:(b + 1) * fine] for b in blocks}
-            bound = {b: float((q[h, i].clamp(min=0) * kb[b].amax(0) + q[h, i].clamp(max=0) * kb[b].amin(0)).sum())
-                     for b in blocks}
-            pool = sorted(blocks, key=lambda b: -bound[b])[:pool_n]
-            top = sorted(pool, key=lambda b: -float((kb[b] @ q[h, i]).max()))[:cfg.topk]
-            tot = float(mass[h, i, blocks].sum())
-            want.append(sum(float(mass[h, i, b]) for b in top) / tot)
-    assert abs(got - sum(want) / len(want)) < 1e-5, (got, sum(want) / len(want))

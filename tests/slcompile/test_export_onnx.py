@@ -283,7 +283,8 @@ def test_ops_variants_match_reference(tmp_path):
                 assert (ga >= 0).any(), f"variant {i}, L={L}: no span kept; the case is vacuous"
 
 
-def test_block_search_key_is_refused_with_a_clear_error(tmp_path):
+def test_a_retired_search_key_in_a_graph_is_refused_with_a_clear_error(tmp_path):
+    """A program made before the block searches were retired (its span_search names "block")."""
     class Blk(torch.nn.Module):
         def forward(self, q, k):
             return torch.ops.superlinear.span_search(q, k, None, None, 8, 2, 0.5, 0.5, 2.0, 0.0, "block", 0)
@@ -293,7 +294,7 @@ def test_block_search_key_is_refused_with_a_clear_error(tmp_path):
     with pytest.raises(Exception) as ei:
         export_onnx(ep, str(tmp_path / "b.onnx"), example_inputs=((q, k), {}), optimize=False)
     text = repr(ei.value) + repr(ei.value.__cause__) + str(ei.getrepr())
-    assert "search_key='block'" in text
+    assert "search_key='block', which was retired" in text
 
 
 # --------------------------------------------------------------------------------------------

@@ -139,6 +139,7 @@ _any_value = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
     st.sampled_from([0.0, 1e-300, 0.25, 0.5, 1.0, 1.5, 1e6, 1e7, 1e300]),
     st.booleans(), st.none(),
+    # search keys, retired ones ("block", "block_rerank") too, and other strings
     st.sampled_from(["union", "gated", "anchor", "mean", "block", "block_rerank", "", "x", "64"]),
     st.text(max_size=6), st.lists(st.integers(), max_size=2),
 )
@@ -152,7 +153,7 @@ _valid = {  # each field's own range, bounds included (most values the ops must 
     "span_power": st.one_of(st.just(0.5), st.floats(0.0, 1.0)),
     "backward_factor": st.floats(0.0, 1e6), "forward_factor": st.floats(0.0, 1e6),
     "combine": st.sampled_from(["union", "gated"]),
-    "search_key": st.sampled_from(["anchor", "mean", "block", "block_rerank", "blocksparse"]),
+    "search_key": st.sampled_from(["anchor", "mean", "blocksparse"]),
     "scale": st.one_of(st.none(), st.floats(1e-3, 10.0)),
 }
 # three parts a value in the field's range, one part anything at all

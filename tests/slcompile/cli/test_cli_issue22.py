@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,8 +18,10 @@ WITH_MODELS = {"PYTHONPATH": str(HERE)}  # issue22_models importable by the subp
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, tiny_files):
-    """A converted archive (block search), a static-only pickled model, a .pt2 whose output type
-    is registered only by importing issue22_models, and a Hugging Face Llama .pt2."""
+    """A converted archive of a retired search (block.sl.pt2: converted with "anchor", its
+    span_search nodes then set to "block", as an archive converted before the retirement), a
+    static-only pickled model, a .pt2 whose output type is registered only by importing
+    issue22_models, and a Hugging Face Llama .pt2."""
     import issue22_models as m
 
     from slcompile.configs import build_config
@@ -33,9 +34,15 @@ def files(tmp_path_factory, tiny_files):
     pair = torch.export.export(m.PairOutput(**TINY), (ids,), dynamic_shapes=({1: seq},), strict=False)
     torch.export.save(pair, d / "pair.pt2")
     res = convert_file(str(tiny_files["dir"] / "tiny.pt2"), str(d / "block.sl.pt2"),
-                       build_config({"search_key": "block", "window": 8, "dense_below": 0}),
+                       build_config({"search_key": "anchor", "window": 8, "dense_below": 0}),
                        verify=False)
     assert res.report["rewritten"] == 1
+    old = torch.export.load(str(d / "block.sl.pt2"))
+    searches = [n for n in old.graph.nodes if n.target is torch.ops.superlinear.span_search.default]
+    for n in searches:
+        n.args = n.args[:10] + ("block",) + n.args[11:]
+    assert len(searches) == 1
+    torch.export.save(old, d / "block.sl.pt2")
     return {"dir": d, "tiny": tiny_files["dir"] / "tiny.pt2", "notes": tiny_files["dir"] / "notes.txt"}
 
 
@@ -125,20 +132,20 @@ def test_config_values_past_int64_in_the_api():
     assert SuperlinearConfig(window=2**63 - 1).window == 2**63 - 1
 
 
-# --- ONNX: block searches refused by slcompile, up front ------------------------------------
+# --- retired block searches: refused by slcompile, up front ------------------------------------
 
 @pytest.mark.parametrize("key", ["block", "block_rerank"])
-def test_onnx_export_of_a_block_search_is_refused_before_loading(files, workdir, key):
+def test_a_retired_search_key_is_refused_before_loading(files, workdir, key):
     out = workdir / "m.onnx"
     res = run_cli("export", files["tiny"], "--format", "onnx", "-o", out, "--search-key", key)
-    assert_one_line_error(res, 9, f"search_key='{key}' has no ONNX form", "anchor", "mean")
+    assert_one_line_error(res, 7, f"search_key='{key}' was retired", "SuperlinearConfig()")
     assert "loading" not in res.stderr  # refused at the front door, before any heavy work
     assert listing(workdir) == []
 
 
-def test_onnx_export_of_a_converted_block_archive_is_slcompiles_error(files, workdir):
+def test_onnx_export_of_an_archive_of_a_retired_search_is_slcompiles_error(files, workdir):
     res = run_cli("export", files["dir"] / "block.sl.pt2", "--format", "onnx", "-o", workdir / "m.onnx")
-    assert_one_line_error(res, 9, "search_key='block' has no ONNX form")
+    assert_one_line_error(res, 9, "search_key='block', which was retired", "convert the original")
     assert "ConversionError" not in res.stderr
     assert listing(workdir) == []
     res = run_cli("export", files["dir"] / "block.sl.pt2", "--format", "onnx", "-o",
@@ -168,7 +175,7 @@ def test_export_onnx_api_refuses_before_torchs_exporter(files, tmp_path, monkeyp
 
     monkeypatch.setattr(torch.onnx, "export", exporter_must_not_run)
     ep = torch.export.load(str(files["dir"] / "block.sl.pt2"))
-    with pytest.raises(ExportRefusedError, match="search_key='block' has no ONNX form"):
+    with pytest.raises(ExportRefusedError, match="search_key='block', which was retired"):
         export_onnx(ep, str(tmp_path / "m.onnx"))
     assert listing(tmp_path) == []
 
@@ -176,7 +183,8 @@ def test_export_onnx_api_refuses_before_torchs_exporter(files, tmp_path, monkeyp
 # --- calibrate blames --seq-len ---------------------------------------------------------------
 
 def test_calibrate_seq_len_too_short_for_the_window(files, workdir):
-    res = run_cli("calibrate", "--text", files["notes"], "--seq-len", 512, "-o", workdir / "r.safetensors")
+    res = run_cli("calibrate", "--text", files["notes"], "--seq-len", 512, "--window", 768,
+                  "-o", workdir / "r.safetensors")
     msg = assert_one_line_error(res, 2, "--seq-len 512 is too short for window 768", "--seq-len 803")
     assert "texts hold" not in msg
     assert listing(workdir) == []
@@ -200,8 +208,8 @@ def test_output_path_under_a_regular_file(files):
 def test_check_says_it_exported_static_and_why_lengths_are_refused(files):
     res = run_cli("check", files["dir"] / "fixed.pt", "--trust-pickle", "--seq-len", 24,
                   "--lengths", "24,48", env_extra=WITH_MODELS)
-    msg = assert_one_line_error(res, 2, "--lengths 48", "static sequence length (24;",
-                                "dynamic sequence length failed", "runs at 24 only")
+    assert_one_line_error(res, 2, "--lengths 48", "static sequence length (24;",
+                          "dynamic sequence length failed", "runs at 24 only")
     assert "note: dynamic sequence length failed" in res.stderr
     assert "exactness" not in res.stderr  # refused before the checks ran
     res = run_cli("check", files["dir"] / "fixed.pt", "--trust-pickle", "--seq-len", 24,
