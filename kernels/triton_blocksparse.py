@@ -284,7 +284,7 @@ def compact_lists(full: Tensor, T: int, q_block: int, k_block: int, j0: int, sin
         flat = torch.empty(rows, F0, dtype=torch.int32, device=full.device)
     W = sink_blocks + window_blocks + F0 + 2
     lst = torch.empty(rows, W, dtype=torch.int32, device=full.device)
-    block_r = 8 if keys_topk else _COMPACT_ROWS  # (sorting: fewer rows a program)
+    block_r = 1 if keys_topk else _COMPACT_ROWS  # (sorting: one row a program, rows in parallel)
     _compact_kernel[(_ceil_div(rows, block_r),)](
         flat, lst, flat.stride(0) if F0 else 1, flat.stride(1) if F0 else 1, rows, F0, W, T,
         -(-T // k_block), sink_blocks, window_blocks, q_block // k_block, j0, nQ,

@@ -39,6 +39,7 @@ _NO_KEY = -(1 << 63)  # order key of a non-candidate: below every real key
 _KEY_BUDGET = 1 << 26  # int64 stage-1 keys per chunk of query blocks (512 MiB)
 _STAGE1_SMEM = 160 * 1024  # shared memory stage 1's pipelined [kmax | kmin] tiles may take
 _PROGRAMS = 512  # stage-2 programs to aim for when few query blocks are searched (decoding)
+_FUSED_PROGRAMS = 128  # ... when each also sorts the stage-1 tops (about one wave)
 _MERGE_KEYS = 4096  # stage-1 tile tops a stage-2 program may merge (sorted in registers)
 
 
@@ -248,7 +249,9 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
     kpm8 = None if kpm is None else kpm.to(torch.int8).contiguous()
     out = torch.empty((B, Hkv, nQ, MG if candidates_only else topk), dtype=torch.int32,
                       device=dev)
-    MP = max(_pow2(MG), min(128, _pow2(nG)))  # stage 1's tile of candidate groups, one a program
+    # stage 1's tile of candidate groups, one a program (one query block: wider tiles, so that
+    # stage 2's programs merge fewer tile tops)
+    MP = max(_pow2(MG), min(256 if nQ == 1 else 128, _pow2(nG)))
     parts = bs._ceil_div(nG, MP)
     chunk = max(1, _KEY_BUDGET // max(1, B * Hkv * parts * MP))
     RGP, DP = _pow2(RG), _pow2(D)
@@ -277,7 +280,7 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
                 q_block // rows if spread else 1, D)
         meta = dict(G=G, Q_BLOCK=q_block, RGP=RGP, DP=DP, MP=MP, F=group,
                     HAS_MASK=has8 is not None, IDX_BITS=bs._IDX_BITS, IEEE=ieee,
-                    TOPS=MG if fused else 0, num_warps=num_warps)
+                    TOPS=MG if fused else 0, num_warps=num_warps if MP <= 128 else 2 * num_warps)
         try:
             _bound_kernel[(n, B * Hkv, parts)](*args, DK=DK, num_stages=stages, **meta)
         except OutOfResources:  # a compiler that needs more shared memory than estimated
@@ -296,7 +299,9 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
             continue
         ex = ex_all[:, s:e] if exact_keys else torch.empty((B * Hkv, n, M), dtype=torch.int64,
                                                              device=dev)
-        mparts = max(1, min(M, bs._ceil_div(_PROGRAMS, n * B * Hkv)))  # few query blocks: split
+        # few query blocks: split the pool (fewer programs where each also merges the tops)
+        mparts = max(1, min(M, bs._ceil_div(_FUSED_PROGRAMS if fused else _PROGRAMS,
+                                            n * B * Hkv)))
         MC = bs._ceil_div(bs._ceil_div(M, mparts), CB) * CB
         _exact_kernel[(n, B * Hkv, bs._ceil_div(M, MC))](
             qc, kc, kpm8 if kpm8 is not None else kc, ci, ex, *qstr,

@@ -11,19 +11,20 @@ from slcompile import superlinear_attention
 
 
 def _quality_module():
-    """benchmarks/quality.py (the needle/perplexity evaluation), imported from its path."""
+    """benchmarks/quality_rules.py (the variants, selection rules and attention functions of the
+    needle/perplexity evaluation), imported from its path."""
     pytest.importorskip("transformers")
     import importlib.util
     import os
     import sys
 
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "quality.py")
-    if "quality_bench" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("quality_bench", path)
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "quality_rules.py")
+    if "quality_rules_bench" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("quality_rules_bench", path)
         mod = importlib.util.module_from_spec(spec)
-        sys.modules["quality_bench"] = mod
+        sys.modules["quality_rules_bench"] = mod
         spec.loader.exec_module(mod)
-    return sys.modules["quality_bench"]
+    return sys.modules["quality_rules_bench"]
 
 
 @pytest.mark.parametrize("spec", ["window=8,sinks=2,topk=2,backward_factor=0.5,search_key=mean",
