@@ -26,7 +26,12 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import quality as Q  # noqa: E402
+from quality import evaluate  # noqa: E402
+from quality_data import apply_yarn, load_bundle, load_model  # noqa: E402
+from quality_report import make_table, plot  # noqa: E402
+from quality_routing import routing_table, run_routing  # noqa: E402
+from quality_rules import ROUTED, is_masked, variant_config  # noqa: E402
+from quality_tasks import make_needle_cases  # noqa: E402
 
 from slcompile.calibrate import attach_routers, calibrate, load_routers, save_routers  # noqa: E402
 
@@ -61,10 +66,10 @@ def main(argv=None):
         from slcompile.kernels import reference  # same results (queries are independent)
 
         reference._CHUNK_ELEMS = 1 << 28
-    tok, model, gguf = Q.load_model(dev, args.gguf)
+    tok, model, gguf = load_model(dev, args.gguf)
     if args.yarn:
-        Q.apply_yarn(model, args.yarn)
-    hay, hay_src, held, held_src, calib = Q.load_bundle(args.bundle)
+        apply_yarn(model, args.yarn)
+    hay, hay_src, held, held_src, calib = load_bundle(args.bundle)
     log = {"gpu": torch.cuda.get_device_name() if dev.startswith("cuda") else "cpu", "torch": torch.__version__, "load_s": time.time() - t0}
     print(f"loaded in {log['load_s']:.1f}s on {log['gpu']}", flush=True)
 
@@ -74,10 +79,10 @@ def main(argv=None):
     elif args.calibrate_minutes > 0:
         L = args.length
         seqs = [calib[i * L:(i + 1) * L].long() for i in range(args.calibrate_seqs)]
-        routed = [v for v in args.variants + args.ppl_variants if v.endswith(Q.ROUTED)]
+        routed = [v for v in args.variants + args.ppl_variants if v.endswith(ROUTED)]
         if not routed:
             raise SystemExit("--calibrate-minutes: no '+r' variant to calibrate routers for")
-        cfg = Q.variant_config(routed[0])
+        cfg = variant_config(routed[0])
         tc = time.time()
         routers = calibrate(model, seqs, config=cfg, minutes=args.calibrate_minutes,
                             steps=args.calibrate_steps)
@@ -85,7 +90,7 @@ def main(argv=None):
         log["calibrate_info"] = routers.info
         save_routers(routers, args.out + "_routers.safetensors")
 
-    cases = Q.make_needle_cases(tok, hay, [args.length], args.depths, args.seeds, "chat", True)
+    cases = make_needle_cases(tok, hay, [args.length], args.depths, args.seeds, "chat", True)
     ppl_ids = torch.tensor([held[:args.ppl_len]])
     ns = argparse.Namespace(ppl_tail=args.ppl_tail, device=dev, seeds=args.seeds, depths=args.depths,
                             lengths=[args.length], out=args.out)
@@ -98,31 +103,31 @@ def main(argv=None):
         if time.time() - t0 > args.budget_s:
             skipped.append(v)
             continue
-        Q.evaluate(model, tok, ns, [v], cs, ppl_ids, meta, t0, results, routers=routers)
+        evaluate(model, tok, ns, [v], cs, ppl_ids, meta, t0, results, routers=routers)
         if not cs:
             results[v].update(needle=float("nan"), needle_grid={}, needle_by_length={})
     routing = {}
-    rv = [v for v in results if Q.is_masked(v) or Q.variant_config(v) is not None]
+    rv = [v for v in results if is_masked(v) or variant_config(v) is not None]
     if routers is None:
-        rv = [v for v in rv if not v.endswith(Q.ROUTED)]
+        rv = [v for v in rv if not v.endswith(ROUTED)]
     if args.routing_cases and rv and time.time() - t0 < args.budget_s:
         tr = time.time()
-        rcases = Q.make_needle_cases(tok, hay, [args.length], [0.5], args.routing_cases, "chat", True)
+        rcases = make_needle_cases(tok, hay, [args.length], [0.5], args.routing_cases, "chat", True)
         if routers is not None:
             attach_routers(model, routers)  # the probe reads them from the modules
-        routing = Q.run_routing(model, rcases, rv, 16, dev)
+        routing = run_routing(model, rcases, rv, 16, dev)
         log["routing_s"] = time.time() - tr
     log["skipped"] = skipped
-    table = Q.make_table(results, [args.length], args.ppl_tail, args.ppl_len)
+    table = make_table(results, [args.length], args.ppl_tail, args.ppl_len)
     print(table)
     if routing:
-        print(Q.routing_table(routing, [args.length]))
+        print(routing_table(routing, [args.length]))
     with open(args.out + ".json", "w") as fh:
         json.dump({"meta": dict(meta, seconds=time.time() - t0), "results": results, "table": table,
                    "routing": routing}, fh, indent=1)
     with_needles = {v: r for v, r in results.items() if r["needle_grid"]}
     if with_needles:
-        Q.plot(with_needles, [args.length], args.depths, args.out + ".png")
+        plot(with_needles, [args.length], args.depths, args.out + ".png")
     print(f"done in {time.time() - t0:.0f}s; skipped {skipped}", flush=True)
 
 
