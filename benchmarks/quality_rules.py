@@ -210,6 +210,9 @@ def search_anchors(cfg: SuperlinearConfig, qs, k, qpos, ops: bool = False):
 def attended_mask(cfg: SuperlinearConfig, qs, k, qpos):
     """bool [B, Hq, nQ, T]: the keys docs/spec.md's union attends for the queries at qpos [B, nQ]
     (the search of cfg.steps: the stripe search for 2, docs/nstep.md's for N >= 3)."""
+    if cfg.kind.block_sparse:  # its choice needs the whole query block, not the probed queries
+        raise SystemExit(f"the routing probe takes stripe searches and flat:/mask: rules, not "
+                         f"search_key={cfg.search_key!r} (measure it by needles and perplexity)")
     B, Hq, nQ, D = qs.shape
     T = k.shape[2]
     j = torch.arange(T, device=k.device)

@@ -63,6 +63,9 @@ def span_search(
     search_key: str,
     dense_below: int,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    if kind(search_key).family != "stripe":
+        raise ValueError(f"span_search: search_key={search_key!r} is not a stripe search "
+                         f"(docs/spec.md); {search_key!r} has its own op")
     B, Hq, Lq, D = qs.shape
     Hkv, T = k.shape[1], k.shape[2]
     dev = qs.device
