@@ -476,7 +476,7 @@ def sequence_parallel_superlinear_attention(
         # every earlier key)
         if summary is not None:
             need = _positions_to_blocks(_blocksparse_attention_need(
-                q_local, kbuf, summary, config, rank, C), C, block, P)
+                q_local, kbuf, summary, config, rank * C), C, block, P)
         elif dense or bsp:
             need = torch.ones(P, B, Hkv, nb, dtype=torch.bool, device=dev)
             need[rank:] = False
@@ -512,39 +512,44 @@ def _blocksparse_search_fetch(q, k, kbuf, c: SuperlinearConfig, rank: int, P: in
     implementation: the same choice the op makes below) and fetches the keys of the candidate
     groups stage 2 reads. Returns (the summaries of the keys [0, (r+1)*C), the blocks fetched)."""
     from .blocksparse import block_summaries
-    from .ops import _block_select
-    B, Hkv, C, D = k.shape
-    L = rank * C
-    gspan = _summary_keys(c)
-    local = block_summaries(k, None, gspan)[0].contiguous()  # [B, Hkv, C / gspan, 2D]
+    C = k.shape[2]
+    local = block_summaries(k, None, _summary_keys(c))[0].contiguous()  # [B, Hkv, C / gspan, 2D]
     parts = [torch.empty_like(local) for _ in range(P)]
     dist.all_gather(parts, local, group=group)
     stats.add("summary", (P - 1) * local.nbytes, (P - 1) * local.nbytes)
     summary = torch.cat(parts[:rank + 1], dim=2)
-    if L:  # groups [B, Hkv, nQ, MG]
-        cand = _block_select(q, kbuf, None, L, summary=summary, candidates_only=True,
-                             **lowering.block_select_kwargs(c)).long()
-    else:  # rank 0 reads nothing earlier, yet takes part in the exchange
-        cand = torch.full((B, Hkv, 1), -1, dtype=torch.int64, device=k.device)
-    need = _positions_to_blocks(_units_to_positions(cand, L // gspan, gspan), C, block, P)
+    # rank 0 reads nothing earlier, yet takes part in the exchange
+    need = _positions_to_blocks(_blocksparse_search_need(q, kbuf, summary, c, rank * C), C,
+                                block, P)
     stats.k_blocks += _fetch_blocks(kbuf, k, need, block, group, stats, "k")
     return summary, need
 
 
-def _blocksparse_attention_need(q, kbuf, summary, c: SuperlinearConfig, rank: int,
-                                C: int) -> Tensor:
-    """bool [B, Hkv, rank*C]: earlier key positions block-sparse attention reads for this rank's
-    queries (kept blocks, window, sinks): the op's own search over the buffer whose stage-2 keys
-    are in place (the blocks it keeps, the op keeps again)."""
+def _blocksparse_search_need(q, kbuf, summary, c: SuperlinearConfig, L: int) -> Tensor:
+    """bool [B, Hkv, L]: the key positions before L that stage 2 of the block-sparse search reads
+    for the queries at L.. (the last of the keys in kbuf): the key blocks of the groups stage 1
+    keeps (the op's own stage 1, from the group summaries alone)."""
+    from .ops import _block_select
+    if L == 0:
+        return torch.zeros(kbuf.shape[0], kbuf.shape[1], 0, dtype=torch.bool, device=kbuf.device)
+    cand = _block_select(q, kbuf, None, L, summary=summary, candidates_only=True,
+                         **lowering.block_select_kwargs(c)).long()  # groups [B, Hkv, nQ, MG]
+    gspan = _summary_keys(c)
+    return _units_to_positions(cand, L // gspan, gspan)
+
+
+def _blocksparse_attention_need(q, kbuf, summary, c: SuperlinearConfig, L: int) -> Tensor:
+    """bool [B, Hkv, L]: the key positions before L that block-sparse attention reads for the
+    queries at L.. (the last of the keys in kbuf; kept blocks, window, sinks): the op's own search
+    over the buffer whose stage-2 keys are in place (the blocks it keeps, the op keeps again)."""
     from .blocksparse import attended_blocks, geometry
     from .ops import _block_select
-    L, T = rank * C, kbuf.shape[2]
     if L == 0:
         return torch.zeros(kbuf.shape[0], kbuf.shape[1], 0, dtype=torch.bool, device=kbuf.device)
     kept = _block_select(q, kbuf, None, L, summary=summary, **lowering.block_select_kwargs(c))
-    nK, sb, wb, per_q = geometry(T, c.window, c.sinks, c.q_block, c.k_block)
+    nK, sb, wb, per_q = geometry(kbuf.shape[2], c.window, c.sinks, c.q_block, c.k_block)
     full, _ = attended_blocks(kept, L // c.q_block, nK, sb, wb, per_q)  # [B, Hkv, nQ, F]
-    # whole blocks before this rank (C is a multiple of the stage-1 group, so of k_block)
+    # whole blocks before L (L is a multiple of the stage-1 group, so of k_block)
     return _units_to_positions(full, L // c.k_block, c.k_block)
 
 
@@ -651,8 +656,7 @@ def _zigzag_selective(q, k, v, has_mask: bool, c: SuperlinearConfig, dense: bool
     kept, window and sink blocks (K only where not already fetched); the op, given the summaries,
     then reads nothing else. Otherwise every row of the buffer is fetched (both stages may read
     any key of it)."""
-    from .blocksparse import attended_blocks, block_summaries, geometry
-    from .ops import _block_select
+    from .blocksparse import block_summaries
     B, Hq, C, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[3]
     h = C // 2
@@ -671,26 +675,19 @@ def _zigzag_selective(q, k, v, has_mask: bool, c: SuperlinearConfig, dense: bool
     if not dense and not has_mask and h % gspan == 0:
         # 1. the groups' summaries (each piece holds whole groups), then K of stage 1's candidates
         summary = gathered(block_summaries(k, None, gspan)[0], 2, "summary")
-        kw = lowering.block_select_kwargs(c)
-        need_pos = torch.zeros(B, Hkv, Tb, dtype=torch.bool, device=dev)
-        for piece, chunk in pieces:
-            p0, end = chunk * h, (chunk + 1) * h
-            if p0:  # the first chunk reads no other rank's key
-                cand = _block_select(q[:, :, piece * h:(piece + 1) * h], kbuf[:, :, :end], None,
-                                     p0, summary=summary, candidates_only=True, **kw).long()
-                need_pos[:, :, :end] |= _units_to_positions(cand, end // gspan, gspan)
-        have_k = _zigzag_blocks(need_pos, h, block, P, rank)
+
+        def need_of(what):  # positions each piece's queries read before the piece (chunk * h)
+            need_pos = torch.zeros(B, Hkv, Tb, dtype=torch.bool, device=dev)
+            for piece, chunk in pieces:
+                need_pos[:, :, :chunk * h] |= what(q[:, :, piece * h:(piece + 1) * h],
+                                                   kbuf[:, :, :(chunk + 1) * h], summary, c,
+                                                   chunk * h)
+            return need_pos
+
+        have_k = _zigzag_blocks(need_of(_blocksparse_search_need), h, block, P, rank)
         stats.k_blocks += _fetch_blocks(kbuf, k, have_k, block, group, stats, "k", place)
         # 2. the kept blocks (the op keeps them again), the window and the sinks
-        need_pos = torch.zeros(B, Hkv, Tb, dtype=torch.bool, device=dev)
-        for piece, chunk in pieces:
-            p0, end = chunk * h, (chunk + 1) * h
-            if p0:
-                kept = _block_select(q[:, :, piece * h:(piece + 1) * h], kbuf[:, :, :end], None,
-                                     p0, summary=summary, **kw)
-                nK, sb, wb, per_q = geometry(end, c.window, c.sinks, c.q_block, c.k_block)
-                full, _ = attended_blocks(kept, p0 // c.q_block, nK, sb, wb, per_q)
-                need_pos[:, :, :end] |= _units_to_positions(full, end // c.k_block, c.k_block)
+        need_pos = need_of(_blocksparse_attention_need)
     else:  # dense, a padding mask, or pieces that cut a stage-1 group: every key of the buffer
         need_pos = torch.ones(B, Hkv, Tb, dtype=torch.bool, device=dev)
     need = _zigzag_blocks(need_pos, h, block, P, rank)
