@@ -13,7 +13,8 @@ inside a CUDA graph capture. Integer-valued powers are snapped to the integer be
 that 1-ulp differences between pow implementations never change a table entry.
 
 Below them, the bookkeeping every search implementation (reference, N-step, Triton prefill, decode
-and N-step kernels) shares: when no query keeps a span, that case's output, and the argument checks.
+and N-step kernels) shares: when no query keeps a span, that case's output, and the argument checks;
+and ``next_pow2``, the tile arithmetic of every kernel launch.
 """
 
 from __future__ import annotations
@@ -70,3 +71,10 @@ def check_search_inputs(name: str, Hq: int, Hkv: int, topk: int, search_key: str
         raise ValueError(f"{name}: query heads ({Hq}) must be a multiple of kv heads ({Hkv})")
     if max_topk is not None and not 1 <= topk <= max_topk:
         raise ValueError(f"{name}: topk={topk} must be in [1, {max_topk}]")
+
+
+def next_pow2(x: int) -> int:
+    """The smallest power of two >= x (1 for x <= 1). Plain Python: triton's
+    ``next_power_of_2`` is a ``constexpr_function`` in triton 3.9, about 6 us a call on the host,
+    which a decoded token's launches would pay many times."""
+    return 1 << max(0, (int(x) - 1).bit_length())

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .geometry import span_extents
+from .geometry import next_pow2, span_extents
 from .reference import default_positions
 
 _BIGI = tl.constexpr(2 ** 30)
@@ -460,9 +460,6 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (int(x) - 1).bit_length())
-
 
 def _check(q, k, v):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -555,7 +552,7 @@ def span_pieces_triton(anchors, query_positions, T, W, S, back, fwd, union):
         anchors, pos if pos is not None else back, back, fwd, plo, phi,
         *anchors.stride(), *(pos.stride() if pos is not None else (0, 0)),
         Hq, Lq, T, W, S, nrows,
-        HAS_POS=pos is not None, UNION=bool(union), TOPK=topk, KP=max(2, _next_pow2(topk)),
+        HAS_POS=pos is not None, UNION=bool(union), TOPK=topk, KP=max(2, next_pow2(topk)),
         BLOCK_R=128, num_warps=4,
     )
     return plo, phi
@@ -595,8 +592,8 @@ def pair_partials(q, k, v, kpm, plo, phi, T, qk_scale, lo_bucket=BUCKET, snake=T
     del key
     plse = torch.empty((B, Hq, Lq, topk), dtype=torch.float32, device=q.device)
     pout = torch.empty((B, Hq, Lq, topk, DV), dtype=torch.float32, device=q.device)
-    BLOCK_D = max(16, _next_pow2(D))
-    BLOCK_DV = max(16, _next_pow2(DV))
+    BLOCK_D = max(16, next_pow2(D))
+    BLOCK_DV = max(16, next_pow2(DV))
     bm, bn, stages = _pair_blocks(q, max(BLOCK_D, BLOCK_DV))
     bm = block_m or bm
     bn = block_n or bn
@@ -632,8 +629,8 @@ def launch(q, k, v, anchors, scores, key_padding_mask, query_positions, W, S, ba
     topk = anchors.shape[-1]
     kpm = key_padding_mask.to(torch.uint8) if key_padding_mask is not None else None
     pos = query_positions.long() if query_positions is not None else None
-    BLOCK_D = max(16, _next_pow2(D))
-    BLOCK_DV = max(16, _next_pow2(DV))
+    BLOCK_D = max(16, next_pow2(D))
+    BLOCK_DV = max(16, next_pow2(DV))
     ieee = q.dtype == torch.float32
     dot_f32 = _interpreted() and q.dtype == torch.bfloat16
     qk_scale = float(scale) * math.log2(math.e)
@@ -647,7 +644,7 @@ def launch(q, k, v, anchors, scores, key_padding_mask, query_positions, W, S, ba
     bm, bn = _block_sizes(q, max(BLOCK_D, BLOCK_DV))
     bm = block_m or bm
     bn = block_n or bn
-    bm = min(bm, max(16, _next_pow2(Lq)))
+    bm = min(bm, max(16, next_pow2(Lq)))
     grid = (triton.cdiv(Lq, bm) * B * Hq,)
     extra = {} if num_stages is None else {"num_stages": num_stages}
     _span_attention_kernel[grid](
@@ -659,7 +656,7 @@ def launch(q, k, v, anchors, scores, key_padding_mask, query_positions, W, S, ba
         *(pos.stride() if pos is not None else (0, 0)),
         Hq, Hq // Hkv, Lq, T, W, S, qk_scale,
         D=D, DV=DV, HAS_KPM=kpm is not None, HAS_POS=pos is not None,
-        TOPK=topk, KP=max(2, _next_pow2(topk)), GATED=bool(gated), IEEE=ieee, DOT_F32=dot_f32,
+        TOPK=topk, KP=max(2, next_pow2(topk)), GATED=bool(gated), IEEE=ieee, DOT_F32=dot_f32,
         MERGE=merge, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
         num_warps=num_warps, **extra,
     )

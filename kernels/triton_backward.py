@@ -604,8 +604,8 @@ def span_attention_backward(grad_out, q, k, v, anchors, scores, key_padding_mask
     do = grad_out.contiguous()
     kpm = key_padding_mask.to(torch.uint8) if key_padding_mask is not None else None
     pos = query_positions.long() if query_positions is not None else None
-    BLOCK_D = max(16, TA._next_pow2(D))
-    BLOCK_DV = max(16, TA._next_pow2(DV))
+    BLOCK_D = max(16, TA.next_pow2(D))
+    BLOCK_DV = max(16, TA.next_pow2(DV))
     ieee = q.dtype == torch.float32
     dot_f32 = TA._interpreted() and q.dtype == torch.bfloat16
     pipe = not TA._interpreted()
@@ -626,7 +626,7 @@ def span_attention_backward(grad_out, q, k, v, anchors, scores, key_padding_mask
     if gated:
         # the forward's span partials (its pairs kernel), then _prep_kernel
         plse, pout = TA.pair_partials(q, k, v, kpm, plo, phi, T, qk_scale)
-        bm = min(32, max(16, TA._next_pow2(Lq)))
+        bm = min(32, max(16, TA.next_pow2(Lq)))
         _prep_kernel[(triton.cdiv(Lq, bm) * B * Hq,)](
             q, k, v, do, anchors, scores, kpm_arg, pos if pos is not None else back, back, fwd,
             plo, phi, plse, pout, lse, delta, dsc,
@@ -634,7 +634,7 @@ def span_attention_backward(grad_out, q, k, v, anchors, scores, key_padding_mask
             *scores.stride(), *kpm_st, *(pos.stride() if pos is not None else (0, 0)),
             Hq, G, Lq, T, W, S, qk_scale,
             D=D, DV=DV, HAS_KPM=kpm is not None, HAS_POS=pos is not None, TOPK=topk,
-            KP=max(2, TA._next_pow2(NP)), NP=NP, IEEE=ieee, DOT_F32=dot_f32, BLOCK_M=bm,
+            KP=max(2, TA.next_pow2(NP)), NP=NP, IEEE=ieee, DOT_F32=dot_f32, BLOCK_M=bm,
             BLOCK_N=64 if D <= 128 else 32, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, num_warps=4)
         del plse, pout
     else:
@@ -654,7 +654,7 @@ def span_attention_backward(grad_out, q, k, v, anchors, scores, key_padding_mask
         br = max(16, 8192 // BLOCK_DV)
         _union_rows_kernel[(triton.cdiv(B * Hq * Lq, br),)](
             lse, delta, do, out, *do.stride(), *out.stride(), Hq, Lq, B * Hq * Lq,
-            NP=NP, KP=max(2, TA._next_pow2(NP)), DV=DV, BLOCK_R=br, BLOCK_DV=BLOCK_DV,
+            NP=NP, KP=max(2, TA.next_pow2(NP)), DV=DV, BLOCK_R=br, BLOCK_DV=BLOCK_DV,
             num_warps=4)
     # 3. dq
     bm, bn = cfg["dq_block_m"], cfg["dq_block_n"]

@@ -58,6 +58,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .blocksparse import _IDX_BITS, _ceil_div
+from .geometry import next_pow2
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LOG2E = 1.4426950408889634
@@ -70,7 +71,7 @@ def _interpreted() -> bool:
 
 
 def _pow2(x: int, lo: int = 16) -> int:
-    return max(lo, 1 << (int(x) - 1).bit_length())  # (triton's is a slow constexpr_function)
+    return max(lo, next_pow2(x))
 
 
 # lengths change with every decoded token: not specialised (no recompilation per length class)

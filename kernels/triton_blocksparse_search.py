@@ -8,9 +8,10 @@ the largest bound over the rows as an int64 order key (float order of the score,
 index: exact ties go to the later group); `torch.topk` keeps the pool, chunked over query blocks
 so that the keys tensor stays within 512 MiB. A call of one query block (decoding) keeps no
 torch op between launches: each stage-1 program sorts its tile and writes its best pool-size
-keys, and every stage-2 program sorts those tops and takes the pool itself. (A running top-P x topk kept inside the kernel with `tl.topk`, so that
-no keys tensor exists, was measured 2.5x slower at 1M on an H100: the bitonic merge ran on nearly
-every tile and cost about 25x the tile's products; benchmarks/RESULTS.md.)
+keys, and every stage-2 program sorts those tops and takes the pool itself. (A running top-P x
+topk kept inside the kernel with `tl.topk`, so that no keys tensor exists, was measured 2.5x
+slower at 1M on an H100 for a prefill: the bitonic merge ran on nearly every tile and cost about
+25x the tile's products; benchmarks/RESULTS.md.)
 
 Stage 2, `_exact_kernel`: one program per (query block, batch row x kv head, share of the pool)
 reads stage 1's order keys, decodes their group indices and scores several candidate blocks of
@@ -33,6 +34,7 @@ from triton.runtime.errors import OutOfResources
 from torch import Tensor
 
 from . import blocksparse as bs
+from .triton_blocksparse import _pow2
 
 _IDX_MASK = (1 << bs._IDX_BITS) - 1
 _NO_KEY = -(1 << 63)  # order key of a non-candidate: below every real key
@@ -41,10 +43,6 @@ _STAGE1_SMEM = 160 * 1024  # shared memory stage 1's pipelined [kmax | kmin] til
 _PROGRAMS = 512  # stage-2 programs to aim for when few query blocks are searched (decoding)
 _FUSED_PROGRAMS = 128  # ... when each also sorts the stage-1 tops (about one wave)
 _MERGE_KEYS = 4096  # stage-1 tile tops a stage-2 program may merge (sorted in registers)
-
-
-def _pow2(n: int, lo: int = 16) -> int:
-    return max(lo, 1 << (int(n) - 1).bit_length())  # (triton's is a slow constexpr_function)
 
 
 @triton.jit
@@ -187,10 +185,11 @@ def _blocks_of(keys: Tensor) -> Tensor:
 
 
 def _top_keys(keys: Tensor, n: int) -> Tensor:
-    """The n largest order keys along the last dim, best first. Few long rows (a decoded token:
-    one row per kv head over every candidate) are cut into pieces first: `torch.topk` runs one thread block per row, so 8 rows of
-    32768 keys used 8 SMs; the n best of each piece hold the n best of the row (order keys are
-    unique), and a second topk picks them."""
+    """The n largest order keys along the last dim, best first. Few long rows (one query block
+    whose tile tops are more than stage 2 merges, or sequence parallelism's candidates: one row
+    per kv head over every candidate) are cut into pieces first: `torch.topk` runs one thread
+    block per row, so 8 rows of 32768 keys used 8 SMs; the n best of each piece hold the n best of
+    the row (order keys are unique), and a second topk picks them."""
     n = min(n, keys.shape[-1])
     L = keys.shape[-1]
     piece = max(4 * n, 2048)
@@ -247,8 +246,13 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
     qc = q if q.stride(-1) == 1 else q.contiguous()
     kc = k if k.stride(-1) == 1 else k.contiguous()
     kpm8 = None if kpm is None else kpm.to(torch.int8).contiguous()
-    out = torch.empty((B, Hkv, nQ, MG if candidates_only else topk), dtype=torch.int32,
-                      device=dev)
+    if exact_keys and candidates_only:
+        raise ValueError("block_select_triton: exact_keys and candidates_only exclude each other")
+    if exact_keys:  # stage 2 writes its keys straight into the result
+        out = torch.empty((B * Hkv, nQ, M), dtype=torch.int64, device=dev)
+    else:
+        out = torch.empty((B, Hkv, nQ, MG if candidates_only else topk), dtype=torch.int32,
+                          device=dev)
     # stage 1's tile of candidate groups, one a program (one query block: wider tiles, so that
     # stage 2's programs merge fewer tile tops)
     MP = max(_pow2(MG), min(256 if nQ == 1 else 128, _pow2(nG)))
@@ -264,10 +268,6 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
     CB = max(1, (128 * 32 // max(32, RGP2)) // k_block)
     # one query block: stage 1 keeps each tile's MG best, stage 2 merges them (no torch top-k)
     fused = nQ == 1 and not candidates_only and parts * MG <= _MERGE_KEYS
-    if exact_keys:
-        if candidates_only:
-            raise ValueError("block_select_triton: exact_keys and candidates_only exclude each other")
-        ex_all = torch.empty((B * Hkv, nQ, M), dtype=torch.int64, device=dev)
     for s in range(0, nQ, chunk):
         e = min(nQ, s + chunk)
         n = e - s
@@ -297,8 +297,8 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
         if candidates_only:
             out[:, :, s:e] = _blocks_of(ci).to(torch.int32).view(B, Hkv, n, -1)
             continue
-        ex = ex_all[:, s:e] if exact_keys else torch.empty((B * Hkv, n, M), dtype=torch.int64,
-                                                             device=dev)
+        ex = out[:, s:e] if exact_keys else torch.empty((B * Hkv, n, M), dtype=torch.int64,
+                                                          device=dev)
         # few query blocks: split the pool (fewer programs where each also merges the tops)
         mparts = max(1, min(M, bs._ceil_div(_FUSED_PROGRAMS if fused else _PROGRAMS,
                                             n * B * Hkv)))
@@ -319,7 +319,7 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
         out[:, :, s:e, :kept.shape[-1]] = kept
         if kept.shape[-1] < topk:
             out[:, :, s:e, kept.shape[-1]:] = -1
-    return ex_all.view(B, Hkv, nQ, M) if exact_keys else out
+    return out.view(B, Hkv, nQ, M) if exact_keys else out
 
 
 @triton.jit(do_not_specialize=["T", "i0"])

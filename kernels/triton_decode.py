@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .geometry import (check_search_inputs, keeps_no_span, no_span_outputs, num_stripes, span_extents,
-                       stripe_deltas)
+from .geometry import (check_search_inputs, keeps_no_span, next_pow2, no_span_outputs, num_stripes,
+                       span_extents, stripe_deltas)
 from . import searches
 
 _BIG = tl.constexpr(2 ** 30)
@@ -47,9 +47,6 @@ def use_decode(q: torch.Tensor, k: torch.Tensor) -> bool:
     Lq, Hq, Hkv = q.shape[2], q.shape[1], k.shape[1]
     return 0 < Lq and Hkv > 0 and Lq * (Hq // Hkv) <= DECODE_ROWS
 
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (int(x) - 1).bit_length())
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,7 +61,7 @@ def _capturing(device: torch.device) -> bool:
 
 
 def _deltas(T: int, p: float, device):
-    n = _next_pow2(num_stripes(T, p))
+    n = next_pow2(num_stripes(T, p))
     key = ("deltas", n, float(p), str(device))
     t = _TABLES.get(key)
     if t is None:
@@ -75,7 +72,7 @@ def _deltas(T: int, p: float, device):
 
 
 def _extents(T: int, r: float, bf: float, ff: float, device):
-    n = _next_pow2(max(T, 1))
+    n = next_pow2(max(T, 1))
     key = ("extents", n, float(r), float(bf), float(ff), str(device))
     t = _TABLES.get(key)
     if t is None:
@@ -194,13 +191,13 @@ def span_search(qs, k, key_padding_mask, query_positions, window, topk, search_p
         *(kpm.stride() if kpm is not None else (0, 0)),
         *(pos.stride() if pos is not None else (0, 0)),
         Hkv, G, Lq, T, W, nstr, NC,
-        D=D, HAS_KPM=kpm is not None, HAS_POS=pos is not None, TOPK=topk, GP=_next_pow2(G),
-        BS=BS, BLOCK_D=max(16, _next_pow2(D)), num_warps=num_warps,
+        D=D, HAS_KPM=kpm is not None, HAS_POS=pos is not None, TOPK=topk, GP=next_pow2(G),
+        BS=BS, BLOCK_D=max(16, next_pow2(D)), num_warps=num_warps,
     )
     anchors = torch.empty((B, Hq, Lq, topk), dtype=torch.int32, device=dev)
     scores = torch.empty((B, Hq, Lq, topk), dtype=torch.float32, device=dev)
     _search_merge_kernel[(rows,)](cs, ca, anchors, scores, NC, TOPK=topk,
-                                  CP=max(16, _next_pow2(NC)), num_warps=4)
+                                  CP=max(16, next_pow2(NC)), num_warps=4)
     return anchors, scores
 
 
@@ -371,7 +368,7 @@ def _attend(q, k, v, anchors, scores, key_padding_mask, query_positions, W, S, b
     po = torch.empty((rows, NCH, DV), dtype=torch.float32, device=dev)
     kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
     pos = query_positions
-    BLOCK_D, BLOCK_DV = max(16, _next_pow2(D)), max(16, _next_pow2(DV))
+    BLOCK_D, BLOCK_DV = max(16, next_pow2(D)), max(16, next_pow2(DV))
     _attend_part_kernel[(NCH, rows)](
         q, k, v, anchors, kpm if kpm is not None else back, pos if pos is not None else back,
         back, fwd, pm, pl, po,
@@ -380,7 +377,7 @@ def _attend(q, k, v, anchors, scores, key_padding_mask, query_positions, W, S, b
         *(pos.stride() if pos is not None else (0, 0)),
         Hq, Hq // Hkv, Lq, T, W, S, float(scale) * math.log2(math.e), NSK, NWC, NPC, NCH,
         D=D, DV=DV, HAS_KPM=kpm is not None, HAS_POS=pos is not None, TOPK=topk,
-        KP=max(2, _next_pow2(max(topk, 1))), UNION=not gated, BN=BN, BLOCK_D=BLOCK_D,
+        KP=max(2, next_pow2(max(topk, 1))), UNION=not gated, BN=BN, BLOCK_D=BLOCK_D,
         BLOCK_DV=BLOCK_DV, num_warps=num_warps,
     )
     _attend_merge_kernel[(rows,)](
@@ -388,7 +385,7 @@ def _attend(q, k, v, anchors, scores, key_padding_mask, query_positions, W, S, b
         *anchors.stride(), *scores.stride(), *out.stride(),
         Hq, Lq, NSK, NWC, NPC, NCH,
         DV=DV, TOPK=topk, GATED=bool(gated) and topk > 0, BLOCK_DV=BLOCK_DV,
-        CB=min(32, max(2, _next_pow2(NCH))), num_warps=4,
+        CB=min(32, max(2, next_pow2(NCH))), num_warps=4,
     )
     return out
 

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from . import nstep, searches
-from .geometry import check_search_inputs, keeps_no_span, no_span_outputs
+from .geometry import check_search_inputs, keeps_no_span, next_pow2, no_span_outputs
 
 _BIGI = tl.constexpr(2 ** 30)
 
@@ -185,9 +185,6 @@ def _nstep_search_kernel(
         tl.store(S_OUT + obase + j * sak, tl.where(valid, best_s, float("-inf")), mask=rmask)
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (int(x) - 1).bit_length())
-
 
 def nstep_search(qs, k, key_padding_mask, query_positions, window, topk, steps, backward_factor,
                  forward_factor, search_key, dense_below, block_rows: int = 64, num_warps: int = 4,
@@ -215,8 +212,8 @@ def nstep_search(qs, k, key_padding_mask, query_positions, window, topk, steps, 
     lastp = nstep._last_present(key_padding_mask) if key_padding_mask is not None and not mean else None
     pos = query_positions.long() if query_positions is not None else None
     G = Hq // Hkv
-    GP = _next_pow2(G)
-    BM = max(1, min(_next_pow2(Lq), max(1, block_rows // GP)))
+    GP = next_pow2(G)
+    BM = max(1, min(next_pow2(Lq), max(1, block_rows // GP)))
     grid = (triton.cdiv(Lq, BM) * B * Hkv,)
     _nstep_search_kernel[grid](
         qs, k, lastp if lastp is not None else dummy, pos if pos is not None else dummy,
@@ -227,7 +224,7 @@ def nstep_search(qs, k, key_padding_mask, query_positions, window, topk, steps, 
         *pref.stride(), *cnt.stride(), *anchors.stride(),
         Hkv, G, Lq, T, W,
         D=D, STEPS=steps, HAS_KPM=lastp is not None, HAS_POS=pos is not None, MEAN=mean,
-        TOPK=topk, KP=max(2, _next_pow2(topk)), GP=GP, UNROLL=unroll, BLOCK_M=BM,
-        BLOCK_D=max(16, _next_pow2(D)), num_warps=num_warps,
+        TOPK=topk, KP=max(2, next_pow2(topk)), GP=GP, UNROLL=unroll, BLOCK_M=BM,
+        BLOCK_D=max(16, next_pow2(D)), num_warps=num_warps,
     )
     return anchors, scores

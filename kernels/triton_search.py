@@ -33,8 +33,8 @@ import triton
 import triton.language as tl
 import torch
 
-from .geometry import (check_search_inputs, keeps_no_span, no_span_outputs, num_stripes, span_extents,
-                       stripe_deltas)
+from .geometry import (check_search_inputs, keeps_no_span, next_pow2, no_span_outputs, num_stripes,
+                       span_extents, stripe_deltas)
 from . import searches
 
 _BIG = tl.constexpr(2 ** 30)
@@ -279,9 +279,6 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (int(x) - 1).bit_length())
-
 
 def span_search(qs, k, key_padding_mask, query_positions, window, topk, search_power,
                 span_power, backward_factor, forward_factor, search_key, dense_below,
@@ -321,7 +318,7 @@ def span_search(qs, k, key_padding_mask, query_positions, window, topk, search_p
     pos = query_positions.long() if query_positions is not None else None
     dummy = deltas
     G = Hq // Hkv
-    GP = _next_pow2(G)
+    GP = next_pow2(G)
     if use_dot is None:  # tensor cores for narrow dtypes; fp32 stays exact on the FMA path
         use_dot = DOT_SEARCH_DEFAULT
     if use_dot and not mean and qs.dtype in (torch.bfloat16, torch.float16) and \
@@ -338,12 +335,12 @@ def span_search(qs, k, key_padding_mask, query_positions, window, topk, search_p
             Hkv, G, Lq, T, n,
             D=D, HAS_KPM=kpm is not None, HAS_POS=pos is not None,
             DOT_F32=_interpreted() and qs.dtype == torch.bfloat16,
-            TOPK=topk, KP=max(2, _next_pow2(topk)), GP=GP, NS=stripes_per_iter,
-            BLOCK_M=BMd, BLOCK_D=max(16, _next_pow2(D)), num_warps=num_warps,
+            TOPK=topk, KP=max(2, next_pow2(topk)), GP=GP, NS=stripes_per_iter,
+            BLOCK_M=BMd, BLOCK_D=max(16, next_pow2(D)), num_warps=num_warps,
         )
         return anchors, scores
-    BM = max(1, min(block_m, _next_pow2(Lq), max(1, 64 // GP)))
-    BLOCK_D = max(16, _next_pow2(D))
+    BM = max(1, min(block_m, next_pow2(Lq), max(1, 64 // GP)))
+    BLOCK_D = max(16, next_pow2(D))
     if GP * BM * BLOCK_D > 8192:
         num_warps = max(num_warps, 8)
     grid = (triton.cdiv(Lq, BM) * B * Hkv,)
@@ -356,7 +353,7 @@ def span_search(qs, k, key_padding_mask, query_positions, window, topk, search_p
         *pref.stride(), *cnt.stride(), *anchors.stride(),
         Hkv, G, Lq, T, W, n,
         D=D, HAS_KPM=kpm is not None, HAS_POS=pos is not None, MEAN=mean,
-        TOPK=topk, KP=max(2, _next_pow2(topk)), GP=GP, NS=stripes_per_iter,
+        TOPK=topk, KP=max(2, next_pow2(topk)), GP=GP, NS=stripes_per_iter,
         Q_F32=bool(q_f32) or qs.dtype == torch.float32, BLOCK_M=BM,
         BLOCK_D=BLOCK_D,
         num_warps=num_warps,
