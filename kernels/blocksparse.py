@@ -71,6 +71,48 @@ def _key_blocks(k: Tensor, kpm: Optional[Tensor], k_block: int):
     return kb, present.reshape(B, nK, k_block)
 
 
+def check_table(table: Tensor, k: Tensor, kpm: Optional[Tensor], k_block: int, name: str) -> int:
+    """Paged keys: ``k`` [B, Hkv, S * k_block, D] holds S slots of ``k_block`` keys each and
+    ``table`` int32/int64 [B, Hkv, nK] gives, per batch row and kv head, the slot of each of the
+    sequence's nK key blocks (-1: not held; such a block must never be read). The sequence has
+    T = nK * k_block keys (whole blocks; no key-padding mask). Returns T. Sequence parallelism
+    holds only the blocks a rank's selection reads this way (kernels/distributed.py)."""
+    B, H = k.shape[0], k.shape[1]
+    if kpm is not None:
+        raise ValueError(f"{name}: paged keys (a block table) cannot be combined with a "
+                         f"key-padding mask")
+    if (table.dim() != 3 or tuple(table.shape[:2]) != (B, H)
+            or table.dtype not in (torch.int32, torch.int64) or table.device != k.device):
+        raise ValueError(f"{name}: block table {table.dtype} {tuple(table.shape)} on "
+                         f"{table.device} does not fit keys {tuple(k.shape)} on {k.device} "
+                         f"(want int32/int64 [{B}, {H}, nK])")
+    if k.shape[2] % k_block:
+        raise ValueError(f"{name}: paged keys of length {k.shape[2]} are not whole slots of "
+                         f"k_block={k_block}")
+    return table.shape[2] * k_block
+
+
+def _slots(table: Optional[Tensor], idx: Tensor, live: Tensor) -> Tensor:
+    """The slots of key blocks idx [B, Hkv, n] (int64, >= 0) in the paged keys (idx itself where
+    the keys are not paged); every live block must be held."""
+    if table is None:
+        return idx
+    slot = table.gather(2, idx).long()
+    if bool((live & (slot < 0)).any()):
+        raise ValueError("blocksparse: a block the selection reads is not held by the paged keys")
+    return slot.clamp(min=0)
+
+
+def _blocks(k: Tensor, kpm: Optional[Tensor], k_block: int, table: Optional[Tensor], T: int):
+    """`_key_blocks`, or for paged keys their slots [B, H, S, k_block, D] and the presence of the
+    sequence's T keys (all present) [B, nK, k_block]."""
+    if table is None:
+        return _key_blocks(k, kpm, k_block)
+    B, H, Tk, D = k.shape
+    present = torch.ones(B, T // k_block, k_block, dtype=torch.bool, device=k.device)
+    return k.view(B, H, Tk // k_block, k_block, D), present
+
+
 def _blocks_before(j0: int, nQ: int, per_q: int, device) -> Tensor:
     """[nQ]: the number of key blocks wholly before each query block j0..j0+nQ-1."""
     return (j0 + torch.arange(nQ, device=device)) * per_q
@@ -132,11 +174,14 @@ def block_summaries(k: Tensor, kpm: Optional[Tensor], k_block: int) -> Tuple[Ten
     return torch.where(has[:, None, :, None], torch.cat([kmax, kmin], -1), 0.0), has
 
 
-def check_summary(summary: Tensor, k: Tensor, kpm: Optional[Tensor], k_block: int) -> Tensor:
+def check_summary(summary: Tensor, k: Tensor, kpm: Optional[Tensor], k_block: int,
+                  T: Optional[int] = None) -> Tensor:
     """The first nK blocks of summaries kept with a cache ([B, Hkv, >= nK, 2D], what
     `block_summaries(k, None, k_block)` gives for the keys k), checked for shape. Every block has
-    keys. A key-padding mask is refused (kept summaries cover every key)."""
-    B, H, T, D = k.shape
+    keys. A key-padding mask is refused (kept summaries cover every key). T: the number of keys
+    where k is paged (`check_table`), else k's length."""
+    B, H, Tk, D = k.shape
+    T = Tk if T is None else T
     nK = _ceil_div(T, k_block)
     if kpm is not None:
         raise ValueError("blocksparse: block summaries kept with the cache cannot be combined with "
@@ -237,7 +282,8 @@ def summary_keys(window: int, k_block: int, group: int) -> int:
 def block_select(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *, window: int, sinks: int,
                  topk: int, q_block: int, k_block: int, rows: int, pool: int,
                  summary: Optional[Tensor] = None, exact_rows: int = 0, group: int = 1,
-                 spread: bool = False, candidates_only: bool = False) -> Tensor:
+                 spread: bool = False, candidates_only: bool = False,
+                 table: Optional[Tensor] = None) -> Tensor:
     """Kept key blocks int32 [B, Hkv, nQ, topk] of the query blocks j0..j0+nQ-1 that hold the
     queries at p0..p0+Lq-1 (best first, -1 where fewer candidates exist). group: key blocks per
     stage-1 group (1: stage 1 bounds every key block; capped by `stage1_group`). summary: the
@@ -247,10 +293,15 @@ def block_select(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *, window
     stage's rows spread over the query block (q_block // rows apart) instead of its last rows.
     candidates_only: return stage 1's choice instead, the groups int32 [B, Hkv, nQ, MG] (-1: none)
     whose key blocks stage 2 reads; with ``summary`` given, stage 1 reads no key (sequence
-    parallelism fetches the keys of these groups only)."""
+    parallelism fetches the keys of these groups only). table: paged keys (`check_table`; needs
+    ``summary``): stage 2 reads each block from its slot."""
     group = stage1_group(window, k_block, group)
     B, Hq, Lq, D = q.shape
     Hkv, T = k.shape[1], k.shape[2]
+    if table is not None:
+        T = check_table(table, k, kpm, k_block, "block_select")
+        if summary is None:
+            raise ValueError("block_select: paged keys need the group summaries")
     G = Hq // Hkv
     nK = _ceil_div(T, k_block)
     gspan = group * k_block
@@ -262,9 +313,9 @@ def block_select(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *, window
     if summary is None:
         kk, has = block_summaries(k, kpm, gspan)
     else:
-        kk, has = check_summary(summary, k, kpm, gspan), torch.ones(B, nG, dtype=torch.bool,
-                                                                       device=dev)
-    kb, present = _key_blocks(k, kpm, k_block)
+        kk, has = check_summary(summary, k, kpm, gspan, T), torch.ones(B, nG, dtype=torch.bool,
+                                                                          device=dev)
+    kb, present = _blocks(k, kpm, k_block, table, T)
     bhas = present.any(-1)  # [B, nK]
     sb, lim = candidate_limits(j0, nQ, T, window, sinks, q_block, k_block, dev)
     grp = torch.arange(nG, device=dev)
@@ -296,7 +347,8 @@ def block_select(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *, window
         live = live & bhas[:, None, None, :].expand(B, Hkv, n, nK).gather(3, safe)
         ci = torch.where(live, ci, -1)
         safe = safe.reshape(B, Hkv, n * M)
-        gk = kb.gather(2, safe[..., None, None].expand(B, Hkv, n * M, k_block, D))
+        slot = _slots(table, safe, live.reshape(B, Hkv, n * M))
+        gk = kb.gather(2, slot[..., None, None].expand(B, Hkv, n * M, k_block, D))
         gk = gk.view(B, Hkv, n, M * k_block, D)
         lg = torch.matmul(rep2[:, :, s:e].float(), gk.float().transpose(-1, -2)).amax(3)
         kp = present[:, None].expand(B, Hkv, nK, k_block).gather(
@@ -340,18 +392,25 @@ def keys_attended(kept: Tensor, p0: int, Lq: int, T: int, *, window: int, sinks:
 
 
 def block_attention(q: Tensor, k: Tensor, v: Tensor, kept: Tensor, kpm: Optional[Tensor], p0: int,
-                    *, window: int, sinks: int, q_block: int, k_block: int, scale: float) -> Tensor:
+                    *, window: int, sinks: int, q_block: int, k_block: int, scale: float,
+                    table: Optional[Tensor] = None) -> Tensor:
     """Union softmax over each query's attended keys (docs/blocksparse.md), float32 inside;
-    [B, Hq, Lq, Dv] in q's dtype. A query with no present key outputs zeros."""
+    [B, Hq, Lq, Dv] in q's dtype. A query with no present key outputs zeros. table: paged keys
+    and values (`check_table`: k and v share the slots)."""
     B, Hq, Lq, D = q.shape
     Hkv, T, Dv = k.shape[1], k.shape[2], v.shape[3]
+    if table is not None:
+        T = check_table(table, k, kpm, k_block, "block_attention")
+        if v.shape[2] != k.shape[2]:
+            raise ValueError(f"block_attention: paged values of length {v.shape[2]} do not share "
+                             f"the keys' {k.shape[2]} slots")
     G = Hq // Hkv
     nK, sb, wb, per_q = geometry(T, window, sinks, q_block, k_block)
     qb, j0, _ = _query_blocks(q, p0, q_block)
     nQ = qb.shape[2]
     full, diag = attended_blocks(kept, j0, nK, sb, wb, per_q)
-    kb, present = _key_blocks(k, kpm, k_block)
-    vb, _ = _key_blocks(v, None, k_block)
+    kb, present = _blocks(k, kpm, k_block, table, T)
+    vb, _ = _blocks(v, None, k_block, table, T)
     F_ = full.shape[-1] + per_q
     lists = torch.cat([full, diag[None, None].expand(B, Hkv, nQ, per_q)], -1)  # [B, Hkv, nQ, F_]
     out = torch.empty(B, Hkv, G, nQ, q_block, Dv, dtype=torch.float32, device=q.device)
@@ -363,7 +422,8 @@ def block_attention(q: Tensor, k: Tensor, v: Tensor, kept: Tensor, kpm: Optional
         li = lists[:, :, s:e]
         safe = li.clamp(min=0)
         n = e - s
-        ix = safe.reshape(B, Hkv, n * F_, 1, 1)
+        ix = _slots(table, safe.reshape(B, Hkv, n * F_),
+                    (li >= 0).reshape(B, Hkv, n * F_))[..., None, None]
         gk = kb.gather(2, ix.expand(B, Hkv, n * F_, k_block, D)).view(B, Hkv, n, F_ * k_block, D)
         gv = vb.gather(2, ix.expand(B, Hkv, n * F_, k_block, Dv)).view(B, Hkv, n, F_ * k_block, Dv)
         kpos = (safe[..., None] * k_block + torch.arange(k_block, device=q.device)).view(

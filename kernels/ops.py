@@ -251,6 +251,25 @@ def _block_select(query, key, kpm, p0, **kw):
     return bs.block_select(query, key, kpm, p0, **kw)
 
 
+def _block_attend(query, key, value, kept, p0, *, window, sinks, q_block, k_block, scale,
+                  table=None):
+    """The attention of docs/blocksparse.md over given kept blocks (no key-padding mask): the
+    Triton kernel where Triton runs, else the reference. table: paged keys and values
+    (`blocksparse.check_table`)."""
+    from . import blocksparse as bs
+    kw = dict(window=window, sinks=sinks, q_block=q_block, k_block=k_block)
+    if not _use_triton(query.device):
+        return bs.block_attention(query, key, value, kept, None, p0, scale=scale, table=table,
+                                  **kw)
+    from . import triton_blocksparse as tba
+    T = key.shape[2] if table is None else bs.check_table(table, key, None, k_block,
+                                                          "block_attention")
+    _, sb, wb, _ = bs.geometry(T, window, sinks, q_block, k_block)
+    return tba.block_attention_triton(query, key, value, kept, p0, q_block=q_block,
+                                      k_block=k_block, scale=scale, sink_blocks=sb,
+                                      window_blocks=wb, table=table)
+
+
 def _block_sparse_recompute(query, key, value, kpm, qpos, window, sinks, topk, scale,
                             dense_below, q_block, k_block, block_rows, block_pool,
                             block_summary=None, exact_rows=0, block_group=1, spread_rows=False):

@@ -135,17 +135,24 @@ def _load2(ptr, rmask, cmask, HAS_R: tl.constexpr, HAS_C: tl.constexpr):
 
 
 @triton.jit
-def _attend(acc, l_i, m_i, q, kbase, vbase, kpos, qpos, T, skn, svn, qk_scale,
+def _attend(acc, l_i, m_i, q, kbase, vbase, kpos, qpos, T, skn, svn, qk_scale, tbase,
             D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
             BLOCK_DV: tl.constexpr, MASK_T: tl.constexpr, CAUSAL: tl.constexpr,
-            IEEE: tl.constexpr, DOT_F32: tl.constexpr):
+            IEEE: tl.constexpr, DOT_F32: tl.constexpr, K_BLOCK: tl.constexpr,
+            HAS_TAB: tl.constexpr):
     """One online-softmax step over the BLOCK_N keys at kpos (int64). MASK_T: keys >= T masked;
-    CAUSAL: also keys after each row's query. Unmasked steps need every key present."""
+    CAUSAL: also keys after each row's query. Unmasked steps need every key present. HAS_TAB:
+    paged keys and values, key block i in slot tbase[i]."""
     MASKED: tl.constexpr = MASK_T or CAUSAL
     offd = tl.arange(0, BLOCK_D)
     offdv = tl.arange(0, BLOCK_DV)
     kmask = kpos < T
-    k = _load2(kbase + kpos[:, None] * skn + offd[None, :], kmask, offd < D, MASKED, D < BLOCK_D)
+    if HAS_TAB:
+        slot = tl.load(tbase + kpos // K_BLOCK, mask=kmask, other=0).to(tl.int64)
+        row = tl.maximum(slot, 0) * K_BLOCK + kpos % K_BLOCK
+    else:
+        row = kpos
+    k = _load2(kbase + row[:, None] * skn + offd[None, :], kmask, offd < D, MASKED, D < BLOCK_D)
     if IEEE:
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
     elif DOT_F32:  # the interpreter's bf16 dot is wrong: the same products in float32
@@ -167,7 +174,7 @@ def _attend(acc, l_i, m_i, q, kbase, vbase, kpos, qpos, T, skn, svn, qk_scale,
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    v = _load2(vbase + kpos[:, None] * svn + offdv[None, :], kmask, offdv < DV, MASKED,
+    v = _load2(vbase + row[:, None] * svn + offdv[None, :], kmask, offdv < DV, MASKED,
                DV < BLOCK_DV)
     if IEEE:
         acc = tl.dot(p, v, acc, input_precision="ieee")
@@ -187,8 +194,10 @@ def _fwd_kernel(Q, K, V, O, LST, LSE,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SUB: tl.constexpr,
                 NB: tl.constexpr, FP: tl.constexpr, IEEE: tl.constexpr,
-                DOT_F32: tl.constexpr, WRITE_LSE: tl.constexpr):
-    """SUB steps per listed block (BLOCK_N <= K_BLOCK) or NB listed blocks per step."""
+                DOT_F32: tl.constexpr, WRITE_LSE: tl.constexpr, TAB, stab,
+                HAS_TAB: tl.constexpr):
+    """SUB steps per listed block (BLOCK_N <= K_BLOCK) or NB listed blocks per step. HAS_TAB:
+    paged keys and values (row bh of TAB: the slot of each key block)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # batch row x kv head
     g = pid % G
@@ -208,6 +217,7 @@ def _fwd_kernel(Q, K, V, O, LST, LSE,
                 mask=row_ok[:, None] & (offd[None, :] < D), other=0.0)
     kbase = K + b * skb + hkv * skh
     vbase = V + b * svb + hkv * svh
+    tbase = TAB + bh * stab
     lrow = LST + (bh * nQ + n) * W
     cnt = tl.load(lrow + F)
     part = tl.load(lrow + F + 1)
@@ -223,30 +233,30 @@ def _fwd_kernel(Q, K, V, O, LST, LSE,
             idx = tl.sum(tl.where(slot == it // SUB, ids, 0)).to(tl.int64)
             kpos = idx * K_BLOCK + (it % SUB) * BLOCK_N + lane
             acc, l_i, m_i = _attend(acc, l_i, m_i, q, kbase, vbase, kpos, qpos, T, skn, svn,
-                                    qk_scale, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, False, False,
-                                    IEEE, DOT_F32)
+                                    qk_scale, tbase, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, False, False,
+                                    IEEE, DOT_F32, K_BLOCK, HAS_TAB)
     else:  # NB blocks per step: lane l reads slot it * NB + l // K_BLOCK
         for it in range(0, cnt // NB):
             j = it * NB + lane // K_BLOCK
             idx = tl.sum(tl.where(slot[None, :] == j[:, None], ids[None, :], 0), 1)
             kpos = idx.to(tl.int64) * K_BLOCK + lane % K_BLOCK
             acc, l_i, m_i = _attend(acc, l_i, m_i, q, kbase, vbase, kpos, qpos, T, skn, svn,
-                                    qk_scale, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, False, False,
-                                    IEEE, DOT_F32)
+                                    qk_scale, tbase, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, False, False,
+                                    IEEE, DOT_F32, K_BLOCK, HAS_TAB)
         if cnt % NB > 0:  # the last cnt % NB blocks; the other lanes point at T (masked)
             j = (cnt // NB) * NB + lane // K_BLOCK
             idx = tl.load(lrow + j, mask=j < cnt, other=0)
             kpos = tl.where(j < cnt, idx.to(tl.int64) * K_BLOCK + lane % K_BLOCK, T)
             acc, l_i, m_i = _attend(acc, l_i, m_i, q, kbase, vbase, kpos, qpos, T, skn, svn,
-                                    qk_scale, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, True, False,
-                                    IEEE, DOT_F32)
+                                    qk_scale, tbase, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, True, False,
+                                    IEEE, DOT_F32, K_BLOCK, HAS_TAB)
     # the partial last block, if listed: keys >= T masked
     if part >= 0:
         for s in range(0, SUB):
             kpos = part.to(tl.int64) * K_BLOCK + s * BLOCK_N + lane
             acc, l_i, m_i = _attend(acc, l_i, m_i, q, kbase, vbase, kpos, qpos, T, skn, svn,
-                                    qk_scale, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, True, False,
-                                    IEEE, DOT_F32)
+                                    qk_scale, tbase, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, True, False,
+                                    IEEE, DOT_F32, K_BLOCK, HAS_TAB)
     # the diagonal: keys lo .. the tile's last query; tiles wholly <= the tile's first query
     # (< T: the tile holds a query of the call) unmasked, then the causal ones
     lo = (q0 + n * Q_BLOCK).to(tl.int64)
@@ -255,12 +265,12 @@ def _fwd_kernel(Q, K, V, O, LST, LSE,
     hi = tl.minimum(q0 + r0 + BLOCK_M, T)
     for start in range(lo, free_end, BLOCK_N):
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, kbase, vbase, start + lane, qpos, T, skn, svn,
-                                qk_scale, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, False, False,
-                                IEEE, DOT_F32)
+                                qk_scale, tbase, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, False, False,
+                                IEEE, DOT_F32, K_BLOCK, HAS_TAB)
     for start in range(free_end, hi, BLOCK_N):
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, kbase, vbase, start + lane, qpos, T, skn, svn,
-                                qk_scale, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, False, True,
-                                IEEE, DOT_F32)
+                                qk_scale, tbase, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, False, True,
+                                IEEE, DOT_F32, K_BLOCK, HAS_TAB)
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     tl.store(O + b * sob + hq * soh + qi.to(tl.int64)[:, None] * som + offdv[None, :],
@@ -355,7 +365,8 @@ def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, full: Tensor, p0: in
                            block_m: int = 128, block_n: int = 64, num_warps: int = 8,
                            num_stages: int = 3, out: Optional[Tensor] = None,
                            sink_blocks: int = 0, window_blocks: int = 0,
-                           lse: Optional[Tensor] = None, keys_topk: int = 0) -> Tensor:
+                           lse: Optional[Tensor] = None, keys_topk: int = 0,
+                           table: Optional[Tensor] = None) -> Tensor:
     """Block-sparse attention of the queries at p0..p0+Lq-1 (module docstring; docs/blocksparse.md).
 
     q [B, Hq, Lq, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv] (one dtype: fp32, bf16 or fp16; Hq a
@@ -368,12 +379,17 @@ def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, full: Tensor, p0: in
     Returns [B, Hq, Lq, Dv] in q's dtype (written into ``out`` when given). ``lse``, if given, a
     float32 [B, Hq, Lq] tensor with unit stride in the last dim, receives each query's natural-log
     log-sum-exp of its scaled logits (-inf for a query with no key). block_m, block_n, num_warps,
-    num_stages: the launch shape for a long call (fitted to short calls)."""
+    num_stages: the launch shape for a long call (fitted to short calls). table: paged keys and
+    values (`blocksparse.check_table`; k and v share the slots): T = table.shape[2] * k_block."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or full.dim() != 4:
         raise ValueError("block_attention_triton: q, k, v and full must be 4-D")
     check_arguments("block_attention_triton", q, k, v, q_block, k_block)
     B, Hq, Lq, D = q.shape
     Hkv, T, Dv = k.shape[1], k.shape[2], v.shape[3]
+    if table is not None:
+        from .blocksparse import check_table
+        T = check_table(table, k, None, k_block, "block_attention_triton")
+        table = table.to(torch.int32).reshape(B * Hkv, -1).contiguous()
     if p0 < 0 or p0 + Lq > T:
         raise ValueError(f"block_attention_triton: queries p0={p0}..{p0 + Lq - 1} outside the "
                          f"{T} keys")
@@ -424,5 +440,7 @@ def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, full: Tensor, p0: in
         BLOCK_D=BD, BLOCK_DV=BDV, SUB=max(1, k_block // BN), NB=max(1, BN // k_block),
         FP=_pow2(F, 2),
         IEEE=q.dtype == torch.float32, DOT_F32=_interpreted() and q.dtype == torch.bfloat16,
-        WRITE_LSE=lse is not None, num_warps=warps, num_stages=stages)
+        WRITE_LSE=lse is not None, TAB=lst if table is None else table,
+        stab=0 if table is None else table.stride(0), HAS_TAB=table is not None,
+        num_warps=warps, num_stages=stages)
     return out

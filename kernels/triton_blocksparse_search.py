@@ -127,7 +127,7 @@ def _exact_kernel(Q, K, KPM, CI, OUT,
                   G: tl.constexpr, Q_BLOCK: tl.constexpr, KB: tl.constexpr, CB: tl.constexpr,
                   F: tl.constexpr, RGP: tl.constexpr, DP: tl.constexpr, HAS_KPM: tl.constexpr,
                   IDX_BITS: tl.constexpr, IEEE: tl.constexpr, TOPS_IN, s_t_bh, s_t_n, NT,
-                  TP: tl.constexpr):
+                  TP: tl.constexpr, TAB, s_tab_bh, HAS_TAB: tl.constexpr):
     n = n0 + tl.program_id(0).to(tl.int64)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // Hkv
@@ -164,7 +164,12 @@ def _exact_kernel(Q, K, KPM, CI, OUT,
         if HAS_KPM:
             pres = tl.load(KPM + b * s_kpm_b + pos, mask=ok, other=0)
             ok = ok & (pres != 0)
-        kt = tl.load(kbase + pos[:, None] * s_k_t + d[None, :],
+        if HAS_TAB:  # paged keys: block blk sits in slot TAB[bh, blk]
+            slot = tl.load(TAB + bh * s_tab_bh + blk, mask=ok, other=0).to(tl.int64)
+            row = tl.maximum(slot, 0) * KB + j % KB
+        else:
+            row = pos
+        kt = tl.load(kbase + row[:, None] * s_k_t + d[None, :],
                      mask=ok[:, None] & (d[None, :] < D), other=0.0)
         if IEEE:
             s = tl.dot(rep, tl.trans(kt), input_precision="ieee")
@@ -205,7 +210,8 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
                         sinks: int, topk: int, q_block: int, k_block: int, rows: int, pool: int,
                         summary: Optional[Tensor] = None, num_warps: int = 4,
                         exact_rows: int = 0, group: int = 1, spread: bool = False,
-                        candidates_only: bool = False, exact_keys: bool = False) -> Tensor:
+                        candidates_only: bool = False, exact_keys: bool = False,
+                        table: Optional[Tensor] = None) -> Tensor:
     """`blocksparse.block_select` with the two stages in Triton: int32 [B, Hkv, nQ, topk]
     (candidates_only: stage 1's groups [B, Hkv, nQ, MG], -1 where none).
 
@@ -216,6 +222,8 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
     rows q_block // rows apart over the query block (else its last rows). exact_keys: return
     stage 2's order keys int64 [B, Hkv, nQ, M] instead (the kept blocks are the topk largest,
     -1 past the candidates: what `triton_blocksparse.compact_lists` picks with ``keys_topk``).
+    table: paged keys (`blocksparse.check_table`; needs ``summary``): stage 2 reads each block
+    from its slot.
 
     A call of one query block (a decoded token, a short chunk) picks stage 1's pool inside the
     kernels: each stage-1 program keeps its tile's best groups, and every stage-2 program merges
@@ -223,6 +231,11 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
     group = bs.stage1_group(window, k_block, group)
     B, Hq, Lq, D = q.shape
     Hkv, T = k.shape[1], k.shape[2]
+    if table is not None:
+        T = bs.check_table(table, k, kpm, k_block, "block_select_triton")
+        if summary is None:
+            raise ValueError("block_select_triton: paged keys need the group summaries")
+        table = table.to(torch.int32).reshape(B * Hkv, -1).contiguous()
     G = Hq // Hkv
     nK = bs._ceil_div(T, k_block)
     gspan = group * k_block
@@ -236,7 +249,7 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
         kk, has = bs.block_summaries(k, kpm, gspan)
         has8 = None if kpm is None else has.to(torch.int8).contiguous()
     else:
-        kk = bs.check_summary(summary, k, kpm, gspan)  # every group has keys
+        kk = bs.check_summary(summary, k, kpm, gspan, T)  # every group has keys
         has8 = None
     kk = kk if kk.stride(-1) == 1 else kk.contiguous()
     _, sb, wb, per_q = bs.geometry(T, window, sinks, q_block, k_block)
@@ -312,7 +325,8 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
             q_block // rows2 if spread else 1, D,
             G=G, Q_BLOCK=q_block, KB=k_block, CB=CB, F=group, RGP=RGP2, DP=DP,
             HAS_KPM=kpm8 is not None, IDX_BITS=bs._IDX_BITS, IEEE=ieee, **merge,
-            num_warps=num_warps if RGP2 <= 64 else 8)
+            TAB=kc if table is None else table, s_tab_bh=0 if table is None else table.stride(0),
+            HAS_TAB=table is not None, num_warps=num_warps if RGP2 <= 64 else 8)
         if exact_keys:
             continue
         kept = _blocks_of(_top_keys(ex, topk)).to(torch.int32).view(B, Hkv, n, -1)

@@ -36,3 +36,34 @@ def full_lists(kept, p0, T, *, window, sinks, qb, kb):
     """The attended lists of block_attention (sinks, window, kept)."""
     nK, sb, wb, per_q = bs.geometry(T, window, sinks, qb, kb)
     return bs.attended_blocks(kept, p0 // qb, nK, sb, wb, per_q)[0]
+
+
+
+def paged(g, kb, *xs, held=None, spare=3):
+    """Paged copies of tensors xs [B, H, T, Dx] (T a multiple of kb; one table for all): each
+    batch row and head holds the key blocks ``held`` bool [B, H, nK] (default all) in slots of a
+    random order, beside ``spare`` NaN-filled slots no block maps to (a kernel reading a slot it
+    was not given fails the test); blocks not held map to -1. Returns (the slots of each x
+    [B, H, S * kb, Dx], ..., table int64 [B, H, nK])."""
+    B, H, T = xs[0].shape[:3]
+    nK = T // kb
+    if held is None:
+        held = torch.ones(B, H, nK, dtype=torch.bool)
+    held = held.cpu()
+    S = int(held.sum(-1).max()) + spare
+    table = torch.full((B, H, nK), -1, dtype=torch.int64)
+    for b in range(B):
+        for h in range(H):
+            blocks = held[b, h].nonzero().flatten()
+            table[b, h, blocks] = torch.randperm(S, generator=g)[:len(blocks)]
+    out = []
+    for x in xs:
+        Dx = x.shape[3]
+        slots = torch.full((B, H, S, kb, Dx), float("nan"), dtype=x.dtype)
+        xb = x.cpu().view(B, H, nK, kb, Dx)
+        for b in range(B):
+            for h in range(H):
+                blocks = held[b, h].nonzero().flatten()
+                slots[b, h, table[b, h, blocks]] = xb[b, h, blocks]
+        out.append(slots.view(B, H, S * kb, Dx).to(x.device))
+    return (*out, table.to(xs[0].device))

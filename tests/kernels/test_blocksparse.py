@@ -335,3 +335,50 @@ def test_empty_pool_slots_never_displace_blocks_with_negative_scores():
     nK, sb, wb, per_q = bs.geometry(T, 32, 0, qb, kb)
     for j in range(T // qb):  # every query block keeps min(topk, candidates) blocks
         assert int((kept[0, 0, j] >= 0).sum()) == min(3, max(0, j * per_q - wb - sb))
+
+
+def test_paged_keys_give_the_same_choice_and_output():
+    """Paged keys (`check_table`: the key blocks in slots of any order, as sequence parallelism
+    holds only what a rank reads): the search and the attention equal those over the whole keys,
+    with every block held in shuffled slots beside NaN slots, and with only the blocks the
+    selection reads held; a read of a block not held raises."""
+    from blocksparse_lists import paged
+    g = torch.Generator().manual_seed(11)
+    B, Hq, Hkv, T, D, p0, kb, qb = 2, 4, 2, 1024, 16, 512, 16, 32
+    kw = dict(window=32, sinks=4, q_block=qb, k_block=kb)
+    sel = dict(topk=3, rows=4, pool=2, group=2)
+    q = torch.randn(B, Hq, T - p0, D, generator=g)
+    k, v = torch.randn(B, Hkv, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
+    summary = bs.block_summaries(k, None, 2 * kb)[0]
+    want = bs.block_select(q, k, None, p0, summary=summary, **kw, **sel)
+    o_want = bs.block_attention(q, k, v, want, None, p0, scale=0.3, **kw)
+    kp, vp, table = paged(g, kb, k, v)
+    got = bs.block_select(q, kp, None, p0, summary=summary, table=table, **kw, **sel)
+    assert torch.equal(got, want) and (want >= 0).sum() > 0
+    o_got = bs.block_attention(q, kp, vp, got, None, p0, scale=0.3, table=table, **kw)
+    torch.testing.assert_close(o_got, o_want, atol=0, rtol=0)
+    # only what is read: stage 2's candidate groups, then the attended blocks
+    cand = bs.block_select(q, k, None, p0, summary=summary, candidates_only=True, **kw, **sel)
+    nK = T // kb
+    read = torch.zeros(B, Hkv, nK + 1, dtype=torch.bool)
+    c = cand.long()
+    blocks = torch.where(c[..., None] >= 0, c[..., None] * 2 + torch.arange(2), nK)
+    read.scatter_(2, blocks.flatten(2), True)
+    full, diag = bs.attended_blocks(want, p0 // qb, nK, *bs.geometry(T, 32, 4, qb, kb)[1:])
+    lists = torch.cat([full, diag[None, None].expand(B, Hkv, *diag.shape)], -1)
+    read.scatter_(2, torch.where(lists >= 0, lists, nK).flatten(2), True)
+    read = read[..., :nK]
+    assert not read.all()
+    kp, vp, table = paged(g, kb, k, v, held=read)
+    assert torch.equal(bs.block_select(q, kp, None, p0, summary=summary, table=table, **kw, **sel),
+                       want)
+    o_got = bs.block_attention(q, kp, vp, want, None, p0, scale=0.3, table=table, **kw)
+    torch.testing.assert_close(o_got, o_want, atol=0, rtol=0)
+    table[0, 0, read[0, 0].nonzero()[0, 0]] = -1  # a block attention reads, dropped
+    with pytest.raises(ValueError, match="not held by the paged keys"):
+        bs.block_attention(q, kp, vp, want, None, p0, scale=0.3, table=table, **kw)
+    with pytest.raises(ValueError, match="need the group summaries"):
+        bs.block_select(q, kp, None, p0, table=table, **kw, **sel)
+    with pytest.raises(ValueError, match="key-padding mask"):
+        bs.block_select(q, kp, torch.ones(B, T, dtype=torch.bool), p0, summary=summary,
+                        table=table, **kw, **sel)

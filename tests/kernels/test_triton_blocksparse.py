@@ -240,3 +240,24 @@ def test_op_decoding_picks_the_kept_blocks_on_the_gpu(monkeypatch, p0, Lq, dtype
     tol = TOL[dtype]
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
     assert (want.double() - _dense(q, k, v, p0, 32 ** -0.5)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("p0,Lq,dtype", [(0, 256, torch.float32), (150, 37, torch.float32),
+                                         (255, 1, torch.bfloat16)])
+def test_paged_keys_and_values_match_the_reference(p0, Lq, dtype):
+    """Paged keys and values (a block table, as sequence parallelism holds them): the kernel reads
+    each listed, window, sink and diagonal block from its slot (shuffled, beside NaN slots it must
+    never read) and equals the reference over the whole keys."""
+    from blocksparse_lists import paged
+    T = 256
+    g, q, k, v = _inputs(p0 + 5, 1, 4, 2, T, Lq, 32, 32, dtype)
+    kw = dict(window=32, sinks=16, qb=32, kb=16)
+    kept = random_kept(g, 1, 2, T, p0=p0, Lq=Lq, topk=3, **kw)
+    want = bs.block_attention(q, k, v, kept, None, p0, window=32, sinks=16, q_block=32,
+                              k_block=16, scale=0.25)
+    kp, vp, table = paged(g, 16, k, v)
+    _, sb, wb, _ = bs.geometry(T, 32, 16, 32, 16)
+    got = _kernel(q, kp, vp, kept, p0, q_block=32, k_block=16, scale=0.25, sink_blocks=sb,
+                  window_blocks=wb, table=table)
+    tol = TOL[dtype]
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)

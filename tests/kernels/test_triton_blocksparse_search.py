@@ -318,3 +318,21 @@ def test_summary_update_kernel_equals_a_rebuild():
             T = new
     finally:
         dispatch.force_triton(prev)
+
+
+@pytest.mark.parametrize("p0", [0, 700, 1023])
+def test_paged_keys_give_the_reference_choice(p0):
+    """Stage 2 over paged keys (shuffled slots beside NaN slots, as sequence parallelism holds
+    them) keeps the blocks the reference keeps over the whole keys."""
+    from tests.blocksparse_lists import paged
+    B, Hq, Hkv, T, D = 1, 4, 2, 1024, 16
+    q, k, _ = _inputs(B, Hq, Hkv, T, D, seed=p0 + 3, pad=False)
+    q = q[:, :, p0:]
+    kw = dict(window=32, sinks=4, topk=3, q_block=32, k_block=16, rows=4, pool=2, group=2)
+    summary = bs.block_summaries(k, None, 32)[0]
+    want = bs.block_select(q, k, None, p0, summary=summary, **kw)
+    kp, table = paged(torch.Generator().manual_seed(p0), 16, k)
+    poison()
+    got = tss.block_select_triton(q, kp, None, p0, summary=summary, table=table, **kw)
+    assert (want >= 0).sum() > 0
+    assert torch.equal(got, want)
