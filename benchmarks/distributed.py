@@ -45,16 +45,24 @@ CONFIGS = {"default": dict(dense_below=0),
            "anchor": dict(window=64, sinks=4, topk=3, search_power=0.5, span_power=0.5,
                           backward_factor=2.0, forward_factor=0.0, combine="union",
                           search_key="anchor", dense_below=0)}
-SPLITS = (("contiguous", "selective"), ("contiguous", "all_gather"), ("zigzag", "all_gather"))
+SPLITS = (("contiguous", "selective"), ("contiguous", "all_gather"), ("zigzag", None))  # zigzag: its default comm
 SAMPLE = 128  # query rows compared at each end of every chunk
 
 
-def _chunk(seed, p, B, Hq, Hkv, C, D, dtype, dev):
-    """q, k, v of chunk p (the same on every rank and in the single-device run)."""
+def _chunk(seed, p, B, Hq, Hkv, C, D, dtype, dev, routed=0):
+    """q, k, v of chunk p (the same on every rank and in the single-device run). routed > 0:
+    every query carries one direction that only ``routed`` keys in the middle of chunk 0 carry
+    (attention that concentrates, as a trained model's does; random inputs select everywhere)."""
     g = torch.Generator(device=dev).manual_seed(seed * 1009 + p)
     q = torch.randn(B, Hq, C, D, generator=g, device=dev, dtype=dtype)
     k = torch.randn(B, Hkv, C, D, generator=g, device=dev, dtype=dtype)
     v = torch.randn(B, Hkv, C, D, generator=g, device=dev, dtype=dtype)
+    if routed:
+        u = torch.randn(D, generator=torch.Generator(device=dev).manual_seed(seed), device=dev)
+        u = (u / u.norm()).to(dtype)
+        q, k = 0.3 * q + 3.0 * u, 0.3 * k
+        if p == 0:
+            k[:, :, C // 2:C // 2 + routed] += 3.0 * u
     return q, k, v
 
 
@@ -137,7 +145,7 @@ def _worker(rank, args, port):
                 v = torch.empty(B, Hkv, L, D, dtype=dtype, device=dev)
                 for p in range(2 * P):
                     q[:, :, p * h:(p + 1) * h], k[:, :, p * h:(p + 1) * h], v[:, :, p * h:(p + 1) * h] = \
-                        _chunk(args.seed, p, B, Hq, Hkv, h, D, dtype, dev)
+                        _chunk(args.seed, p, B, Hq, Hkv, h, D, dtype, dev, args.routed)
                 if dev.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(dev)
                     base = torch.cuda.memory_allocated(dev)
@@ -161,7 +169,7 @@ def _worker(rank, args, port):
         # ---- split over P ranks --------------------------------------------------------------
         for layout, comm in SPLITS:
             name = comm if layout == "contiguous" else layout
-            mine = [_chunk(args.seed, p, B, Hq, Hkv, h, D, dtype, dev) for p in _pieces(layout, rank, P)]
+            mine = [_chunk(args.seed, p, B, Hq, Hkv, h, D, dtype, dev, args.routed) for p in _pieces(layout, rank, P)]
             ql, kl, vl = (torch.cat([m[i] for m in mine], dim=2) for i in range(3))
             mine = None
             if dev.type == "cuda":
@@ -192,6 +200,10 @@ def _worker(rank, args, port):
             row[f"{name}_s"] = t
             row[f"{name}_bytes"] = [dict(rank=i, sent=int(x[0]), received=int(x[1]), kv_sent=int(x[2]),
                                          kv_received=int(x[3])) for i, x in enumerate(per_rank)]
+            held = torch.tensor([st.held_rows], dtype=torch.int64, device=dev)
+            helds = [torch.empty_like(held) for _ in range(P)]
+            dist.all_gather(helds, held)
+            row[f"{name}_held_rows"] = [int(x) for x in helds]  # K/V rows a kv head, per rank
             if ref is not None:  # every rank's sampled pieces, put back in sequence order
                 n = every[0].shape[2] // 2
                 got = [None] * (2 * P)
@@ -231,6 +243,7 @@ def _gb(x):
 def _write(rows, args):
     os.makedirs(args.out, exist_ok=True)
     meta = dict(torch=torch.__version__, device=args.device, nproc=args.nproc, B=args.B, Hq=args.Hq,
+                routed=args.routed,
                 Hkv=args.Hkv, D=args.D, dtype=args.dtype, block=args.block, config=CONFIGS[args.config],
                 warmup=args.warmup, repeats=args.repeats)
     if args.device == "cuda":
@@ -239,8 +252,8 @@ def _write(rows, args):
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     lines = [f"# {meta}", "",
              f"| L | 1 device s | split | {args.nproc} ranks s | speed-up | max rank GB received "
-             "| per-rank s | per-rank peak GB (1 device) | max abs err |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| per-rank s | per-rank peak GB (1 device) | K/V rows held per rank | max abs err |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for name in ("selective", "all_gather", "zigzag"):
             peak = " / ".join(f"{x:.3g}" for x in r.get(f"{name}_peak_gb", []))
@@ -250,10 +263,11 @@ def _write(rows, args):
                 f"| {_gb(max(b['received'] for b in r[f'{name}_bytes']))} "
                 f"| {' / '.join(f'{x:.4f}' for x in r[f'{name}_rank_s'])} "
                 f"| {peak} ({r.get('single_peak_gb', float('nan')):.3g}) "
+                f"| {' / '.join(str(x) for x in r.get(f'{name}_held_rows', []))} "
                 f"| {r.get(f'{name}_max_abs_err', float('nan')):.2e} |")
-        lines.append(f"| {r['L']} | | all_gather of K/V alone | {r['all_gather_comm_s']:.4f} | | | | | |")
+        lines.append(f"| {r['L']} | | all_gather of K/V alone | {r['all_gather_comm_s']:.4f} | | | | | | |")
         if "single_error" in r:
-            lines.append(f"|  | 1 device: {r['single_error']} | | | | | | | |")
+            lines.append(f"|  | 1 device: {r['single_error']} | | | | | | | | |")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "distributed.md"), "w") as f:
         f.write(text)
@@ -277,6 +291,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=None, help="default: 1 on cuda, 0 on cpu")
     ap.add_argument("--repeats", type=int, default=None, help="default: 3 on cuda, 1 on cpu")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--routed", type=int, default=0,
+                    help="keys of one region (this many, in chunk 0) that every query prefers")
     ap.add_argument("--no-single", action="store_true", help="skip the single-device run")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()

@@ -51,13 +51,21 @@ chosen from its own last rows): the local length C (contiguous) or C/2 (zigzag) 
 multiple of ``q_block``, else every rank raises.
 
 Bytes are counted as logical payload exchanged with other ranks (a rank's own chunk is not
-counted); see `CommStats`. Memory: only the traffic is selective. The K and V buffers are
-allocated at full length, zeros where a row was not fetched: (r+1)*C positions (contiguous; the
-last rank: the whole T) or (2P-r)*C/2 (zigzag; rank 0: the whole T), so per-rank memory still
-grows with T (O(T) in the worst rank, as for all_gather, which in zigzag also holds the P gathered
-chunks beside their concatenation: 2T rows). Beside them, the block-sparse selective path holds
-the group summaries of the whole sequence (2 rows per ``summary_keys`` keys) and, with a padding
-mask, the whole mask (one bool per key).
+counted); see `CommStats`.
+
+Memory. The block-sparse selective path (the default's, both layouts) holds paged buffers
+(`_Pages`: slots of ``k_block`` rows and a block table, read by the search and attention kernels
+as `blocksparse.check_table` describes): the rank's own rows and the key blocks its selection
+reads, first K of stage 2's candidate blocks, then K and V of the attended ones. Per-rank memory
+then follows the selection (at most C + the rank's query blocks x (candidate + kept + window +
+sink blocks) rows a kv head) instead of the length, beside the group summaries of the whole
+sequence (2 rows per ``summary_keys`` keys). ``CommStats.held_rows`` reports it. Elsewhere (the
+span searches' selective path, and block-sparse with a padding mask, T <= dense_below or chunks
+that cut a stage-1 group) the K and V buffers are allocated at full length, zeros where a row was
+not fetched: (r+1)*C positions (contiguous; the last rank: the whole T) or (2P-r)*C/2 (zigzag;
+rank 0: the whole T), O(T) in the worst rank as for all_gather (which in zigzag also holds the P
+gathered chunks beside their concatenation: 2T rows); with a padding mask, the whole mask (one
+bool per key).
 """
 
 from __future__ import annotations
@@ -93,7 +101,8 @@ class CommStats:
     ``"index"`` (block requests), ``"k"`` and ``"v"`` (rows of K and V; a block at the end of a
     chunk that is not a multiple of ``block`` travels padded).
     ``k_blocks``/``v_blocks``: blocks of (block rows, one batch row, one kv head) this rank
-    requested."""
+    requested. ``held_rows``: the most key rows per (batch row, kv head) its key and value
+    buffers held at once (the buffer length where they are not paged)."""
 
     rank: int
     world_size: int
@@ -102,6 +111,7 @@ class CommStats:
     received: Dict[str, int] = field(default_factory=dict)
     k_blocks: int = 0
     v_blocks: int = 0
+    held_rows: int = 0
 
     def add(self, category: str, sent: int, received: int) -> None:
         self.sent[category] = self.sent.get(category, 0) + int(sent)
@@ -209,13 +219,14 @@ def _all_to_all(out: Tensor, inp: Tensor, out_splits: List[int], in_splits: List
 
 
 def _fetch_blocks(buf: Tensor, x: Tensor, need: Tensor, block: int, group, stats: CommStats,
-                  category: str, place=None) -> int:
+                  category: str, place=None, pages: Optional["_Pages"] = None) -> int:
     """Copy into ``buf`` [B, H, Tl, Dx] the blocks ``need`` [P, B, H, nb] (owner rank, batch
     row, head, block of the owner's chunk) from their owners; serve the blocks other ranks ask of
     this rank's ``x`` [B, H, C, Dx]. ``place(owner, row)`` gives the sequence position of row
     ``row`` of ``owner``'s chunk (int64 tensors; default: the contiguous owner * C + row); rows
-    at or past Tl are dropped. Collective: every rank of the group calls it. Returns the number
-    of blocks requested."""
+    at or past Tl are dropped. With ``pages``, buf holds their slots and a row goes to its key
+    block's slot (rows of blocks not held are dropped). Collective: every rank of the group calls
+    it. Returns the number of blocks requested."""
     rank, P = dist.get_rank(group), dist.get_world_size(group)
     B, H, C, Dx = x.shape
     nb = need.shape[-1]
@@ -260,14 +271,80 @@ def _fetch_blocks(buf: Tensor, x: Tensor, need: Tensor, block: int, group, stats
             pos = owner[:, None] * C + off
         else:
             pos = place(owner[:, None].expand_as(off), off)
-        flat = bh[:, None] * Tl + pos
-        if place is None and nb * block == C:  # no padded rows
-            flat, data = flat.reshape(-1), data.reshape(-1, Dx)
+        if pages is not None:
+            keep = (off < C) & (pos < pages.length)
+            row = pages.rows(bh[:, None].expand_as(pos), torch.where(keep, pos, 0))
+            keep &= row >= 0
+            flat, data = (bh[:, None] * Tl + row)[keep], data[keep]
+        elif place is None and nb * block == C:  # no padded rows
+            flat, data = (bh[:, None] * Tl + pos).reshape(-1), data.reshape(-1, Dx)
         else:
             keep = (off < C) & (pos < Tl)
-            flat, data = flat[keep], data[keep]
+            flat, data = (bh[:, None] * Tl + pos)[keep], data[keep]
         buf.view(B * H * Tl, Dx).index_copy_(0, flat, data)
     return sum(send_counts)
+
+
+class _Pages:
+    """The key blocks a rank holds (the block-sparse selective path): per (batch row, kv head),
+    slots of ``k_block`` rows and ``table`` int64 [B, H, nK] giving each key block of the
+    positions [0, nK * k_block) its slot, -1 where not held (`blocksparse.check_table`). Buffers
+    are [B, H, slots * k_block, Dx], so a rank holds what its selection reads, not the whole
+    prefix."""
+
+    def __init__(self, held: Tensor, k_block: int):
+        self.k_block = k_block
+        self.length = held.shape[2] * k_block
+        self.table = torch.cumsum(held.long(), -1) - 1
+        self.table.masked_fill_(~held, -1)
+
+    @property
+    def slots(self) -> int:
+        return int(self.table.max()) + 1 if self.table.numel() else 0
+
+    def buffer(self, like: Tensor, Dx: int) -> Tensor:
+        B, H = self.table.shape[:2]
+        return like.new_zeros(B, H, self.slots * self.k_block, Dx)
+
+    def rows(self, bh: Tensor, pos: Tensor) -> Tensor:
+        """Buffer rows of positions pos (int64, < length) of the flat (batch row, head) bh; -1
+        where the block is not held."""
+        nK = self.table.shape[2]
+        slot = self.table.reshape(-1)[bh * nK + torch.div(pos, self.k_block, rounding_mode="floor")]
+        return torch.where(slot >= 0, slot * self.k_block + pos % self.k_block, -1)
+
+    def put(self, buf: Tensor, x: Tensor, start: int) -> None:
+        """Write x [B, H, n, Dx] (whole blocks) as the rows of positions start.. (held)."""
+        B, H, n, Dx = x.shape
+        kb = self.k_block
+        S = buf.shape[2] // kb
+        slot = self.table[:, :, start // kb:(start + n) // kb]
+        flat = (torch.arange(B * H, device=x.device).view(B, H, 1) * S + slot).reshape(-1)
+        buf.view(B * H * S, kb, Dx).index_copy_(0, flat, x.reshape(-1, kb, Dx))
+
+    def copy_held(self, buf: Tensor, other: "_Pages", obuf: Tensor) -> None:
+        """Copy into buf the blocks both these pages and ``other`` (buffer obuf) hold."""
+        B, H, nK = self.table.shape
+        kb, Dx = self.k_block, buf.shape[3]
+        both = (self.table >= 0) & (other.table >= 0)
+        bh = torch.arange(B * H, device=buf.device).view(B, H, 1).expand(B, H, nK)[both]
+        src = bh * (obuf.shape[2] // kb) + other.table[both]
+        dst = bh * (buf.shape[2] // kb) + self.table[both]
+        buf.view(-1, kb, Dx).index_copy_(0, dst, obuf.view(-1, kb, Dx).index_select(0, src))
+
+
+def _held_blocks(need: Tensor, C: int, block: int, nK: int, k_block: int, place) -> Tensor:
+    """bool [B, H, nK]: the key blocks that rows of the transfer blocks ``need`` [P, B, H, nb]
+    (owner's rows j*block.., placed by ``place(owner, row)``) fall in."""
+    P, B, H, nb = need.shape
+    dev = need.device
+    rows = need.repeat_interleave(block, -1)[..., :C].permute(1, 2, 0, 3).reshape(B, H, P * C)
+    owner = torch.arange(P, device=dev)[:, None].expand(P, C)
+    pos = place(owner, torch.arange(C, device=dev)[None, :].expand(P, C)).reshape(-1)
+    blk = torch.where(pos < nK * k_block, torch.div(pos, k_block, rounding_mode="floor"), nK)
+    hit = torch.zeros(B, H, nK + 1, dtype=torch.int32, device=dev)
+    hit.index_add_(2, blk, rows.to(torch.int32))
+    return hit[:, :, :nK] > 0
 
 
 def _positions_to_blocks(need_pos: Tensor, C: int, block: int, P: int) -> Tensor:
@@ -443,7 +520,7 @@ def sequence_parallel_superlinear_attention(
         stats.add("mask", (P - 1) * B * C, (P - 1) * B * C)
         mask = torch.cat(parts[:rank + 1], dim=1)
 
-    summary = None  # block-sparse group summaries, where the buffer holds only what is read
+    gspan = _summary_keys(config)
     if comm == "all_gather":
         ks = [torch.empty_like(k_local) for _ in range(P)]
         vs = [torch.empty_like(v_local) for _ in range(P)]
@@ -454,6 +531,14 @@ def sequence_parallel_superlinear_attention(
         kbuf, vbuf = torch.cat(ks[:rank + 1], dim=2), torch.cat(vs[:rank + 1], dim=2)
         if not bsp:
             anchors, scores = _search(q_local, search_query_local, kbuf, mask, config, dense)
+    elif bsp and not dense and mask is None and C % gspan == 0:
+        # the block-sparse selection, read from gathered group summaries: paged buffers
+        summary = _gather_summaries(k_local, gspan, group, stats)[:, :, :(L + C) // gspan]
+        out = _blocksparse_paged(
+            q_local, k_local, v_local, config, float(scale), [(slice(0, C), L)], L + C, summary,
+            lambda pos: _positions_to_blocks(pos[:, :, :L], C, block, P),
+            lambda owner, row: owner * C + row, block, group, stats)
+        return (out, stats) if return_stats else out
     else:
         kbuf = k_local.new_zeros(B, Hkv, L + C, D)
         vbuf = v_local.new_zeros(B, Hkv, L + C, Dv)
@@ -465,19 +550,11 @@ def sequence_parallel_superlinear_attention(
             need = _positions_to_blocks(_search_need(B, Hkv, rank, C, T, config, dev), C, block, P)
             stats.k_blocks += _fetch_blocks(kbuf, k_local, need, block, group, stats, "k")
             have_k = need
-        if bsp and not dense and mask is None and C % _summary_keys(config) == 0:
-            # 1. (block-sparse) the groups' summaries, then the keys of stage 1's candidates
-            summary, have_k = _blocksparse_search_fetch(q_local, k_local, kbuf, config, rank, P,
-                                                        block, group, stats)
-        elif not bsp:
+        if not bsp:
             anchors, scores = _search(q_local, search_query_local, kbuf, mask, config, dense)
-        # 2. K and V of what is attended: the kept spans or blocks, the window and the sinks
-        # (dense, and block-sparse with a padding mask or chunks that cut a stage-1 group:
-        # every earlier key)
-        if summary is not None:
-            need = _positions_to_blocks(_blocksparse_attention_need(
-                q_local, kbuf, summary, config, rank * C), C, block, P)
-        elif dense or bsp:
+        # 2. K and V of what is attended: the kept spans, the window and the sinks (dense, and
+        # block-sparse with a padding mask or chunks that cut a stage-1 group: every earlier key)
+        if dense or bsp:
             need = torch.ones(P, B, Hkv, nb, dtype=torch.bool, device=dev)
             need[rank:] = False
         else:
@@ -485,8 +562,9 @@ def sequence_parallel_superlinear_attention(
                                         C, block, P)
         stats.k_blocks += _fetch_blocks(kbuf, k_local, need & ~have_k, block, group, stats, "k")
         stats.v_blocks += _fetch_blocks(vbuf, v_local, need, block, group, stats, "v")
+    stats.held_rows = kbuf.shape[2]
     out = _attend(q_local, kbuf, vbuf, mask, config, float(scale), dense,
-                  None if bsp else (anchors, scores), block_summary=summary)
+                  None if bsp else (anchors, scores))
     return (out, stats) if return_stats else out
 
 
@@ -504,67 +582,118 @@ def _units_to_positions(idx: Tensor, n: int, unit: int) -> Tensor:
     return hit[:, :, :-1, None].expand(B, H, n, unit).reshape(B, H, n * unit)
 
 
-def _blocksparse_search_fetch(q, k, kbuf, c: SuperlinearConfig, rank: int, P: int, block: int,
-                              group, stats: CommStats) -> Tuple[Tensor, Tensor]:
-    """Block-sparse selective traffic, search half (docs/blocksparse.md): stage 1 reads the
-    summaries of groups of key blocks only, so every rank gathers those ([kmax | kmin] per group
-    of ``summary_keys`` keys: 1/(summary_keys/2) of K), runs stage 1 for its queries (the op's own
-    implementation: the same choice the op makes below) and fetches the keys of the candidate
-    groups stage 2 reads. Returns (the summaries of the keys [0, (r+1)*C), the blocks fetched)."""
+def _gather_summaries(k: Tensor, gspan: int, group, stats: CommStats) -> Tensor:
+    """The stage-1 group summaries ([kmax | kmin] per group of ``gspan`` keys: 1/(gspan/2) of K)
+    of every rank's chunk, all-gathered: [P, B, Hkv, C / gspan, 2D] as a list in rank order."""
     from .blocksparse import block_summaries
-    C = k.shape[2]
-    local = block_summaries(k, None, _summary_keys(c))[0].contiguous()  # [B, Hkv, C / gspan, 2D]
+    local = block_summaries(k, None, gspan)[0].contiguous()  # [B, Hkv, C / gspan, 2D]
+    P = dist.get_world_size(group)
     parts = [torch.empty_like(local) for _ in range(P)]
     dist.all_gather(parts, local, group=group)
     stats.add("summary", (P - 1) * local.nbytes, (P - 1) * local.nbytes)
-    summary = torch.cat(parts[:rank + 1], dim=2)
-    # rank 0 reads nothing earlier, yet takes part in the exchange
-    need = _positions_to_blocks(_blocksparse_search_need(q, kbuf, summary, c, rank * C), C,
-                                block, P)
-    stats.k_blocks += _fetch_blocks(kbuf, k, need, block, group, stats, "k")
-    return summary, need
+    return torch.cat(parts, dim=2)
 
 
-def _blocksparse_search_need(q, kbuf, summary, c: SuperlinearConfig, L: int) -> Tensor:
+def _blocksparse_paged(q, k, v, c: SuperlinearConfig, scale: float, pieces, Tb: int,
+                       summary: Tensor, to_blocks, place, block: int, group,
+                       stats: CommStats) -> Tensor:
+    """The block-sparse selective path (docs/blocksparse.md), both layouts. ``pieces``: (slice of
+    the local rows, first sequence position) of the rank's pieces; each piece's queries are the
+    last of the keys up to its end (bottom-right, as one device runs them). ``summary``: the group
+    summaries of the keys [0, Tb). ``to_blocks(need_pos)``: bool [B, Hkv, Tb] of positions ->
+    the owners' transfer blocks [P, B, Hkv, nb] (this rank's own rows never), ``place(owner,
+    row)``: the position of an owner's row.
+
+    1. Stage 1 runs from the summaries alone; K of its candidate groups' blocks is fetched into
+       paged buffers (`_Pages`: the blocks the rank holds, any order) and stage 2 runs over them
+       (the op's own search, given the block table).
+    2. K and V of the kept blocks, window and sinks are fetched (K only where step 1 did not
+       move it) into a second pair of paged buffers, and the attention reads those.
+    The buffers hold the rank's own rows and the blocks its selection reads, so per-rank memory
+    follows the selection, not the whole length (the summaries excepted: 2 rows a group)."""
+    from . import ops
+    B, Hq, C, D = q.shape
+    Hkv, Dv = k.shape[1], v.shape[3]
+    kb = c.k_block
+    nK = Tb // kb
+    dev = q.device
+    sel = lowering.block_select_kwargs(c)
+    own = torch.zeros(B, Hkv, nK, dtype=torch.bool, device=dev)
+    for sl, p0 in pieces:
+        own[:, :, p0 // kb:(p0 + sl.stop - sl.start) // kb] = True
+
+    def earlier(fn) -> Tensor:  # the union over pieces of fn(piece, first, end): [B, Hkv, first]
+        pos = torch.zeros(B, Hkv, Tb, dtype=torch.bool, device=dev)
+        for i, (sl, p0) in enumerate(pieces):
+            pos[:, :, :p0] |= fn(i, q[:, :, sl], p0, p0 + sl.stop - sl.start)
+        return pos
+
+    # 1. stage 1 (the summaries, no key), then K of its candidate groups, then stage 2
+    search = _Pages(own, kb)
+    shape_only = search.buffer(k, D)  # stage 1 reads no key
+    need_k = to_blocks(earlier(lambda i, qp, p0, end: _blocksparse_search_need(
+        qp, shape_only, search.table[:, :, :end // kb], summary, c, p0)))
+    search = _Pages(own | _held_blocks(need_k, C, block, nK, kb, place), kb)
+    k1 = search.buffer(k, D)
+    for sl, p0 in pieces:
+        search.put(k1, k[:, :, sl], p0)
+    stats.k_blocks += _fetch_blocks(k1, k, need_k, block, group, stats, "k", place, search)
+    kept = [ops._block_select(q[:, :, sl], k1, None, p0, summary=summary,
+                              table=search.table[:, :, :(p0 + sl.stop - sl.start) // kb], **sel)
+            for sl, p0 in pieces]
+    # 2. K and V of the kept blocks, the window and the sinks
+    need = to_blocks(earlier(lambda i, qp, p0, end: _attended_positions(kept[i], c, p0, end)))
+    attend = _Pages(own | _held_blocks(need, C, block, nK, kb, place), kb)
+    k2, v2 = attend.buffer(k, D), attend.buffer(v, Dv)
+    stats.held_rows = max(stats.held_rows, k1.shape[2], k2.shape[2])
+    attend.copy_held(k2, search, k1)  # own rows and step 1's, then the rest
+    del k1
+    for sl, p0 in pieces:
+        attend.put(v2, v[:, :, sl], p0)
+    stats.k_blocks += _fetch_blocks(k2, k, need & ~need_k, block, group, stats, "k", place, attend)
+    stats.v_blocks += _fetch_blocks(v2, v, need, block, group, stats, "v", place, attend)
+    out = q.new_empty(B, Hq, C, Dv)
+    for (sl, p0), kp in zip(pieces, kept):
+        out[:, :, sl] = ops._block_attend(
+            q[:, :, sl], k2, v2, kp, p0, table=attend.table[:, :, :(p0 + sl.stop - sl.start) // kb],
+            window=c.window, sinks=c.sinks, q_block=c.q_block, k_block=kb, scale=scale)
+    return out
+
+
+def _blocksparse_search_need(q, kbuf, table, summary, c: SuperlinearConfig, L: int) -> Tensor:
     """bool [B, Hkv, L]: the key positions before L that stage 2 of the block-sparse search reads
-    for the queries at L.. (the last of the keys in kbuf): the key blocks of the groups stage 1
-    keeps (the op's own stage 1, from the group summaries alone)."""
+    for the queries at L.. (the last of the table's keys): the key blocks of the groups stage 1
+    keeps (the op's own stage 1, from the group summaries alone; kbuf, paged by ``table``, is not
+    read)."""
     from .ops import _block_select
     if L == 0:
         return torch.zeros(kbuf.shape[0], kbuf.shape[1], 0, dtype=torch.bool, device=kbuf.device)
-    cand = _block_select(q, kbuf, None, L, summary=summary, candidates_only=True,
+    cand = _block_select(q, kbuf, None, L, summary=summary, candidates_only=True, table=table,
                          **lowering.block_select_kwargs(c)).long()  # groups [B, Hkv, nQ, MG]
     gspan = _summary_keys(c)
     return _units_to_positions(cand, L // gspan, gspan)
 
 
-def _blocksparse_attention_need(q, kbuf, summary, c: SuperlinearConfig, L: int) -> Tensor:
+def _attended_positions(kept: Tensor, c: SuperlinearConfig, L: int, T: int) -> Tensor:
     """bool [B, Hkv, L]: the key positions before L that block-sparse attention reads for the
-    queries at L.. (the last of the keys in kbuf; kept blocks, window, sinks): the op's own search
-    over the buffer whose stage-2 keys are in place (the blocks it keeps, the op keeps again)."""
+    queries at L..T-1 that kept the blocks ``kept`` (kept blocks, window, sinks)."""
     from .blocksparse import attended_blocks, geometry
-    from .ops import _block_select
-    if L == 0:
-        return torch.zeros(kbuf.shape[0], kbuf.shape[1], 0, dtype=torch.bool, device=kbuf.device)
-    kept = _block_select(q, kbuf, None, L, summary=summary, **lowering.block_select_kwargs(c))
-    nK, sb, wb, per_q = geometry(kbuf.shape[2], c.window, c.sinks, c.q_block, c.k_block)
+    nK, sb, wb, per_q = geometry(T, c.window, c.sinks, c.q_block, c.k_block)
     full, _ = attended_blocks(kept, L // c.q_block, nK, sb, wb, per_q)  # [B, Hkv, nQ, F]
     # whole blocks before L (L is a multiple of the stage-1 group, so of k_block)
     return _units_to_positions(full, L // c.k_block, c.k_block)
 
 
 def _attend(q, kbuf, vbuf, mask, c: SuperlinearConfig, scale: float, dense: bool, searched,
-            qs: Optional[Tensor] = None, block_summary: Optional[Tensor] = None) -> Tensor:
+            qs: Optional[Tensor] = None) -> Tensor:
     """The single-device ops for queries that are the last of the keys in kbuf (bottom-right, at
     their global positions): block-sparse attention, or span attention over ``searched`` (anchors,
     scores; searched here when None). ``dense`` (T <= dense_below on the whole sequence) is passed
     on as dense_below; otherwise dense_below=0, so a rank whose own prefix is short still runs as
-    the whole sequence would. block_summary: the block-sparse search's group summaries of every
-    key, where the buffer holds only the keys the search reads (selective traffic)."""
+    the whole sequence would."""
     db = c.dense_below if dense else 0
     if c.kind.block_sparse:  # docs/blocksparse.md
-        return lowering.attention(c, q, kbuf, vbuf, mask, None, scale, dense_below=db,
-                                  block_summary=block_summary)
+        return lowering.attention(c, q, kbuf, vbuf, mask, None, scale, dense_below=db)
     if searched is None:
         searched = _search(q, qs, kbuf, mask, c, dense)
     return lowering.attention(c, q, kbuf, vbuf, mask, None, scale, dense_below=db,
@@ -578,7 +707,7 @@ def _zigzag(q, k, v, qs, kpm, c: SuperlinearConfig, scale: float, dense: bool, c
     them, over a key buffer of the (2P-r)*h positions up to the late piece's end: the whole
     sequence's K, V (and padding mask) gathered (``comm="all_gather"``), or (``"selective"``,
     block-sparse search) the rank's own rows and, from their owners, the rows the selection reads
-    (`_zigzag_selective`)."""
+    (`_blocksparse_paged`: paged buffers that hold what the rank's selection reads)."""
     B, Hq, C, D = q.shape
     if C % 2:
         raise ValueError(f"{_NAME}: layout='zigzag' needs an even local length, got C={C}")
@@ -600,20 +729,31 @@ def _zigzag(q, k, v, qs, kpm, c: SuperlinearConfig, scale: float, dense: bool, c
                   for p in reversed(parts)]
         return torch.cat(first + second, dim=dim)
 
+    from .blocksparse import block_summaries
     mall = None if kpm is None else gathered(kpm, 1, "mask")  # one bit per key: cheap
-    summary = None
+    gspan = _summary_keys(c)
+    if comm == "selective" and not dense and kpm is None and h % gspan == 0:
+        # the block-sparse selection, read from gathered group summaries: paged buffers
+        summary = gathered(block_summaries(k, None, gspan)[0], 2, "summary")
+        pieces = [(slice(piece * h, (piece + 1) * h), chunk * h)
+                  for piece, chunk in ((0, rank), (1, 2 * P - 1 - rank))]
+        out = _blocksparse_paged(q, k, v, c, scale, pieces, (2 * P - rank) * h,
+                                 summary[:, :, :(2 * P - rank) * h // gspan],
+                                 lambda pos: _zigzag_blocks(pos, h, block, P, rank),
+                                 _zigzag_place(P, h), block, group, stats)
+        return (out, stats) if return_stats else out
     if comm == "all_gather":
         kall, vall = gathered(k, 2, "k"), gathered(v, 2, "v")
-    else:
-        kall, vall, summary = _zigzag_selective(q, k, v, kpm is not None, c, dense, block, group,
-                                                rank, P, stats, gathered)
+    else:  # every row of the buffer: a padding mask, dense, or pieces that cut a stage-1 group
+        kall, vall = _zigzag_every_row(q, k, v, block, group, rank, P, stats)
+    stats.held_rows = kall.shape[2]
     out = q.new_empty(B, Hq, C, v.shape[3])
     for piece, chunk in ((0, rank), (1, 2 * P - 1 - rank)):
         end = (chunk + 1) * h
         sl = slice(piece * h, (piece + 1) * h)
         out[:, :, sl] = _attend(q[:, :, sl], kall[:, :, :end], vall[:, :, :end],
                                 None if mall is None else mall[:, :end], c, scale, dense, None,
-                                None if qs is None else qs[:, :, sl], block_summary=summary)
+                                None if qs is None else qs[:, :, sl])
     return (out, stats) if return_stats else out
 
 
@@ -643,57 +783,26 @@ def _zigzag_blocks(need_pos: Tensor, h: int, block: int, P: int, rank: int) -> T
     return need
 
 
-def _zigzag_selective(q, k, v, has_mask: bool, c: SuperlinearConfig, dense: bool, block: int,
-                      group, rank: int, P: int, stats: CommStats, gathered):
-    """comm="selective" for layout="zigzag" (block-sparse search). Returns the key and value
-    buffers [B, Hkv, (2P-r)*h, D / Dv] (the positions up to the late piece's end, zeros where a
-    row was not fetched) and the stage-1 group summaries of the whole sequence, or None.
-
-    Without a padding mask, with h a multiple of the stage-1 group (``summary_keys``) and T above
-    dense_below: the ranks all-gather the group summaries ([kmax | kmin], 2 rows per group), run
-    stage 1 for both pieces (the op's own search, candidates_only) and fetch K of the candidate
-    groups' blocks, then run the whole search (stage 2 reads those K) and fetch K and V of the
-    kept, window and sink blocks (K only where not already fetched); the op, given the summaries,
-    then reads nothing else. Otherwise every row of the buffer is fetched (both stages may read
-    any key of it)."""
-    from .blocksparse import block_summaries
+def _zigzag_every_row(q, k, v, block: int, group, rank: int, P: int, stats: CommStats):
+    """comm="selective" for layout="zigzag" where the selection cannot narrow the rows (a padding
+    mask, T <= dense_below, or pieces that cut a stage-1 group): every row of the buffers
+    [B, Hkv, (2P-r)*h, D / Dv] (the positions up to the late piece's end), fetched from the
+    owners of the zigzag chunks."""
     B, Hq, C, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[3]
     h = C // 2
-    dev = q.device
-    pieces = ((0, rank), (1, 2 * P - 1 - rank))
-    Tb = (2 * P - rank) * h  # keys up to the end of the late piece
+    Tb = (2 * P - rank) * h
     kbuf = k.new_zeros(B, Hkv, Tb, D)
     vbuf = v.new_zeros(B, Hkv, Tb, Dv)
-    for piece, chunk in pieces:
+    for piece, chunk in ((0, rank), (1, 2 * P - 1 - rank)):
         kbuf[:, :, chunk * h:(chunk + 1) * h] = k[:, :, piece * h:(piece + 1) * h]
         vbuf[:, :, chunk * h:(chunk + 1) * h] = v[:, :, piece * h:(piece + 1) * h]
+    need = _zigzag_blocks(torch.ones(B, Hkv, Tb, dtype=torch.bool, device=q.device), h, block, P,
+                          rank)
     place = _zigzag_place(P, h)
-    gspan = _summary_keys(c)
-    summary = None
-    have_k = torch.zeros(P, B, Hkv, -(-C // block), dtype=torch.bool, device=dev)
-    if not dense and not has_mask and h % gspan == 0:
-        # 1. the groups' summaries (each piece holds whole groups), then K of stage 1's candidates
-        summary = gathered(block_summaries(k, None, gspan)[0], 2, "summary")
-
-        def need_of(what):  # positions each piece's queries read before the piece (chunk * h)
-            need_pos = torch.zeros(B, Hkv, Tb, dtype=torch.bool, device=dev)
-            for piece, chunk in pieces:
-                need_pos[:, :, :chunk * h] |= what(q[:, :, piece * h:(piece + 1) * h],
-                                                   kbuf[:, :, :(chunk + 1) * h], summary, c,
-                                                   chunk * h)
-            return need_pos
-
-        have_k = _zigzag_blocks(need_of(_blocksparse_search_need), h, block, P, rank)
-        stats.k_blocks += _fetch_blocks(kbuf, k, have_k, block, group, stats, "k", place)
-        # 2. the kept blocks (the op keeps them again), the window and the sinks
-        need_pos = need_of(_blocksparse_attention_need)
-    else:  # dense, a padding mask, or pieces that cut a stage-1 group: every key of the buffer
-        need_pos = torch.ones(B, Hkv, Tb, dtype=torch.bool, device=dev)
-    need = _zigzag_blocks(need_pos, h, block, P, rank)
-    stats.k_blocks += _fetch_blocks(kbuf, k, need & ~have_k, block, group, stats, "k", place)
+    stats.k_blocks += _fetch_blocks(kbuf, k, need, block, group, stats, "k", place)
     stats.v_blocks += _fetch_blocks(vbuf, v, need, block, group, stats, "v", place)
-    return kbuf, vbuf, summary
+    return kbuf, vbuf
 
 
 def _search(q, qs, kbuf, mask, c: SuperlinearConfig, dense: bool):

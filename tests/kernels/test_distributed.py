@@ -121,6 +121,13 @@ CASES = {
                                 cfg=dict(search_key="blocksparse", window=64, sinks=0, topk=3,
                                          q_block=32, k_block=16, block_rows=4, block_pool=2,
                                          block_group=4, exact_rows=8, dense_below=0)),
+    # bsp_selective with a third rank (T 1024 -> 1536): the last rank's buffers follow its
+    # selection, not the length
+    "three_bsp_longer": dict(world=3, B=2, Hq=4, Hkv=2, C=512, D=8, block=16, hot=(300, 420),
+                             seed_of="bsp_selective",
+                             cfg=dict(search_key="blocksparse", window=32, sinks=4, topk=2,
+                                      q_block=32, k_block=16, block_rows=4, block_pool=2,
+                                      dense_below=0)),
     "three_bytes": dict(world=3, B=1, Hq=2, Hkv=1, C=512, D=8, block=32, hot=(300, 420),
                         cfg=dict(search_key="anchor", window=16, sinks=2, topk=1, dense_below=0)),
 }
@@ -192,7 +199,7 @@ def _worker(rank, world, port, outdir):
             comm=c.get("comm"), block=c["block"], return_stats=True,
             layout=c.get("layout", "contiguous"))
         res[name] = dict(out=out, sent=st.sent, received=st.received, k_blocks=st.k_blocks,
-                         v_blocks=st.v_blocks)
+                         v_blocks=st.v_blocks, held_rows=st.held_rows)
     if world != WORLD:
         torch.save(res, os.path.join(outdir, f"rank{rank}.pt"))
         dist.destroy_process_group()
@@ -601,3 +608,52 @@ def test_zigzag_without_selection_moves_every_row_it_holds(request, one_thread, 
                 for p in range((2 * world - r) * h) if p // h not in (r, 2 * world - 1 - r)}
         assert got["k_blocks"] == got["v_blocks"] == len(rows)
         assert got["received"]["k"] == got["received"]["v"] == len(rows) * c["block"] * D * 4
+
+
+
+def _most_per_head(blocks):
+    """The most transfer blocks of one (batch row, kv head) in a set of (b, h, ...) tuples."""
+    per = {}
+    for x in blocks:
+        per[x[:2]] = per.get(x[:2], 0) + 1
+    return max(per.values(), default=0)
+
+
+@pytest.mark.parametrize("name,world", [
+    ("bsp_selective", WORLD), ("three_bsp_selective", 3), ("three_bsp_longer", 3),
+    ("zigzag_bsp_selective", WORLD), ("zigzag_bsp_odd_block", WORLD),
+    ("three_zigzag_bsp_selective", 3)])
+def test_buffers_hold_what_the_selection_reads(request, one_thread, name, world):
+    """Per-rank memory of the default's selective path (CommStats.held_rows, the most rows per
+    batch row and kv head its key and value buffers hold): the rank's own C rows and the blocks
+    the contract's brute force says its selection reads (stage 2's, then attention's), never the
+    whole prefix (where the routing concentrates, less than it); with transfer blocks that are
+    whole key blocks, exactly that."""
+    res = request.getfixturevalue("runs" if world == WORLD else "runs3")
+    c = CASES[name]
+    cfg = SuperlinearConfig(**c["cfg"])
+    C, blk, kb = c["C"], c["block"], cfg.k_block
+    zigzag = c.get("layout") == "zigzag"
+    for r in range(world):
+        search, attend = (_oracle_zigzag_bsp_blocks if zigzag else _oracle_bsp_blocks)(name, r)
+        read = max(_most_per_head(search), _most_per_head(attend))
+        held = res[r][name]["held_rows"]
+        prefix = (2 * world - r) * C // 2 if zigzag else (r + 1) * C
+        if blk % kb == 0:
+            assert held == C + read * blk, (r, held, read)
+        else:  # transfer blocks straddle key blocks (and a zigzag owner's two pieces)
+            assert C <= held <= C + read * (blk + 2 * kb), (r, held, read)
+        assert held <= prefix
+        if "hot" in c and r:  # routing that concentrates: a fraction of the prefix
+            assert held < prefix
+
+
+def test_the_last_ranks_memory_does_not_grow_with_the_length(runs, runs3, one_thread):
+    """The same chunks and routing at 2 ranks (T = 1024) and at 3 (T = 1536): the last rank's
+    buffers hold no more rows at the longer length (its prefix grew by a chunk), under 2/3 of its
+    prefix."""
+    two = runs[1]["bsp_selective"]["held_rows"]
+    three = runs3[2]["three_bsp_longer"]["held_rows"]
+    assert three <= two and three < 2 * 3 * 512 // 3
+    # all_gather holds the whole prefix
+    assert runs[1]["bsp_selective_all_gather"]["held_rows"] == 1024
