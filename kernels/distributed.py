@@ -3,8 +3,9 @@
 The sequence is cut into equal contiguous chunks, one per rank of the process group: group rank r
 holds the queries, keys and values of positions [r*C, (r+1)*C). Each query's whole softmax is
 computed on the rank that holds the query, by the single-device ops (``torch.ops.superlinear``: the
-reference on CPU, the Triton kernels on CUDA) over a local key buffer of length (r+1)*C in which the
-rank's own chunk is filled in and, of the earlier chunks, only the rows the query's selection reads:
+reference on CPU, the Triton kernels on CUDA) over a local key buffer in which the rank's own chunk
+is filled in and, of the earlier chunks, only the rows the query's selection reads (a buffer of
+the (r+1)*C positions; for the block-sparse search, paged: see Memory below):
 
 1. **search rows**: the keys span-search scores. With ``search_key="anchor"`` these are the stripe
    anchors t - delta_i of the rank's queries (delta_i >= W), computed from the geometry alone, so
