@@ -13,14 +13,15 @@ from typing import Any, Callable, Optional, Tuple
 
 import torch
 
-from . import ops as _ops  # noqa: F401  (registers torch.ops.superlinear)
+from . import ops as _ops  # registers torch.ops.superlinear
 from .config import SuperlinearConfig
 
 Call = Callable[[Any, tuple], Any]
 
 
 def eager_call(op, args: tuple):
-    return op(*args)
+    fn = _ops.direct(op, args)  # eager inference: the implementation without the dispatcher
+    return op(*args) if fn is None else fn(*args)
 
 
 _TRAILING_DEFAULTS = (None, 0, 1, False)

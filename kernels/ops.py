@@ -20,13 +20,47 @@ from .dispatch import force_triton  # noqa: F401  (public: tests route the CPU o
 
 _triton_module = dispatch.triton_module
 _use_triton = dispatch.use_triton
+_PLAIN = {}  # op name -> its Python implementation
+
+
+def _custom_op(name: str):
+    """``torch.library.custom_op(name)``, keeping the implementation for `direct`."""
+    def wrap(fn):
+        _PLAIN[name] = fn
+        return torch.library.custom_op(name, mutates_args=())(fn)
+    return wrap
+
+
+def _in_dispatch_mode() -> bool:
+    from torch.utils import _python_dispatch as pd
+    probe = getattr(pd, "is_in_torch_dispatch_mode", None)
+    return probe() if probe is not None else pd._get_current_dispatch_mode() is not None
+
+
+def direct(op, args: tuple):
+    """The Python implementation of the custom op ``op`` (an OpOverload of these ops) where
+    calling it directly is what the dispatcher would run anyway, else None: plain eager tensors
+    (no subclass, fake or functional tensor), none needing a gradient, no tracing, compiling,
+    dispatch or function mode and no functorch transform. It saves the dispatcher and the
+    autograd wrapper of ``torch.library.custom_op`` (tens of microseconds a call: most of a
+    decoded token's host time when the kernels take a few)."""
+    fn = _PLAIN.get(op.name())
+    if fn is None or torch.compiler.is_compiling() or torch._C._len_torch_function_stack() \
+            or torch._C._are_functorch_transforms_active() or _in_dispatch_mode():
+        return None
+    grad = torch.is_grad_enabled()
+    for a in args:
+        if isinstance(a, torch.Tensor) and (type(a) is not torch.Tensor
+                                            or (grad and a.requires_grad)):
+            return None
+    return fn
 
 
 # --------------------------------------------------------------------------------------------
 # span_search
 # --------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("superlinear::span_search", mutates_args=())
+@_custom_op("superlinear::span_search")
 def span_search(
     search_query: Tensor,
     key: Tensor,
@@ -67,7 +101,7 @@ def _(search_query, key, key_padding_mask, query_positions, window, topk, search
 # span_attention
 # --------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("superlinear::span_attention", mutates_args=())
+@_custom_op("superlinear::span_attention")
 def span_attention(
     query: Tensor,
     key: Tensor,
@@ -113,7 +147,7 @@ def _triton_nstep():
     return triton_nstep
 
 
-@torch.library.custom_op("superlinear::nstep_search", mutates_args=())
+@_custom_op("superlinear::nstep_search")
 def nstep_search(
     search_query: Tensor,
     key: Tensor,
@@ -173,7 +207,7 @@ def _first_position(query_positions: Optional[Tensor], Lq: int, T: int) -> int:
     return p0
 
 
-@torch.library.custom_op("superlinear::block_sparse_attention", mutates_args=())
+@_custom_op("superlinear::block_sparse_attention")
 def block_sparse_attention(
     query: Tensor,
     key: Tensor,

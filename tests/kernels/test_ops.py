@@ -41,3 +41,55 @@ def test_ops_trace_under_export():
     assert torch.ops.superlinear.span_search.default in targets
     assert torch.ops.superlinear.span_attention.default in targets
     assert torch.equal(ep.module()(q, k, v), M()(q, k, v))
+
+
+def test_eager_inference_calls_the_implementation_directly(monkeypatch):
+    """Eager calls that need no gradient skip the dispatcher (`ops.direct`): the recorded
+    implementation runs and equals the op's output; a call that needs a gradient, fake tensors,
+    an active dispatch mode and torch.export keep the op."""
+    from slcompile.kernels import ops
+    q, k, v, _, _ = _args(T=256, Lq=256)
+    cfg = slcompile.SuperlinearConfig(dense_below=0, window=32, q_block=32, k_block=16, topk=2,
+                                      block_rows=4, block_pool=2)
+    name = "superlinear::block_sparse_attention"
+    calls = []
+    plain = ops._PLAIN[name]
+
+    def recorded(*a):
+        calls.append(1)
+        return plain(*a)
+
+    monkeypatch.setitem(ops._PLAIN, name, recorded)
+    with torch.no_grad():
+        got = slcompile.superlinear_attention(q, k, v, config=cfg, enable_gqa=True)
+    assert calls == [1]  # the dispatcher would have run the registered function, not `recorded`
+    from slcompile.kernels import lowering
+    want = lowering.attention(cfg, q, k, v, None, None, 0.25,  # through the dispatcher
+                              call=lambda op, args: op(*args))
+    assert torch.equal(got, want) and calls == [1]
+    op = torch.ops.superlinear.block_sparse_attention.default
+    assert ops.direct(op, (q, k, v)) is recorded
+    qg = q.clone().requires_grad_()
+    assert ops.direct(op, (qg, k, v)) is None
+    with torch.no_grad():
+        assert ops.direct(op, (qg, k, v)) is recorded
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        fq = mode.from_tensor(q)
+        assert ops.direct(op, (fq, k, v)) is None
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Seen():
+        assert ops.direct(op, (q, k, v)) is None
+
+    class M(torch.nn.Module):
+        def forward(self, q, k, v):
+            return slcompile.superlinear_attention(q, k, v, config=cfg, enable_gqa=True)
+
+    with torch.no_grad():
+        ep = torch.export.export(M(), (q, k, v))
+    assert op in {n.target for n in ep.graph.nodes if n.op == "call_function"}

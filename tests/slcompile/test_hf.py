@@ -568,6 +568,30 @@ def test_blocksparse_decoding_keeps_block_summaries_with_the_cache(monkeypatch):
     torch.testing.assert_close(beams(True), beams(False), rtol=0, atol=0)
 
 
+def test_generate_calls_the_op_implementation_directly(monkeypatch):
+    """generate() runs eagerly without gradients: every layer's attention of the prefill and of
+    each decoded token calls the block-sparse implementation without the dispatcher
+    (`ops.direct`: the dispatcher would run the registered function, not the recording one)."""
+    from slcompile.kernels import ops
+    model = tiny_llama(42)
+    H.configure(model, BLOCKSPARSE)
+    model.set_attn_implementation(H.NAME)
+    name = "superlinear::block_sparse_attention"
+    plain, calls = ops._PLAIN[name], []
+
+    def recorded(*a):
+        calls.append(a[0].shape[2])
+        return plain(*a)
+
+    monkeypatch.setitem(ops._PLAIN, name, recorded)
+    ids = torch.randint(3, VOCAB, (1, 120), generator=torch.Generator().manual_seed(42))
+    with torch.no_grad():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5,
+                       do_sample=False, pad_token_id=0)
+    layers = model.config.num_hidden_layers
+    assert calls == [120] * layers + [1] * (4 * layers)
+
+
 @pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
 def test_bottom_right_queries_pass_no_position_tensor(monkeypatch, cache_kind):
     """Decoding with a DynamicCache (and no padding) puts the queries bottom-right: the attention
