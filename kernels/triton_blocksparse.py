@@ -12,15 +12,16 @@ forward also writes each query's log-sum-exp, the natural log of sum exp(scale q
 (float32; -inf for a query with no key), which the backward of a prefill
 (triton_blocksparse_backward.py) reads.
 
-Launch: two kernels, no host synchronisation.
+Launch: two kernels, no host synchronisation; one given the search's order keys.
 
 * ``_compact_kernel`` (one program per 32 list rows) rewrites each row of ``full`` (one per batch
   row, kv head and query block, F slots), after the sink and window blocks it may be asked to put
   first, as the blocks lying wholly below T first, in list order, then their count and the partial
   last block (or -1): O(B Hkv nQ F) int32, read and written once. Given the search's stage-2
-  order keys instead (``keys_topk``: a call of one query block, such as a decoded token), it
-  first sorts each row's keys and writes the top keys_topk blocks as the row, so that no torch
-  op runs between the search's launches and these.
+  order keys instead (``keys_topk``: a call of one query block, such as a decoded token) there is
+  no list: each program of ``_fwd_kernel`` attends the sink and window key ranges, then sorts its
+  row's keys and attends the blocks of the top keys_topk (one launch, no list written, no torch op
+  between the search's launches and this one).
 * ``_fwd_kernel``: one program per (tile of BLOCK_M query rows, query head of a kv group) on grid
   axis 0, the query heads of one group consecutive, so that the programs that read the same key
   blocks run together and share them in L2; batch row x kv head on axis 1. A tile lies inside one
@@ -77,27 +78,13 @@ def _pow2(x: int, lo: int = 16) -> int:
 # lengths change with every decoded token: not specialised (no recompilation per length class)
 @triton.jit(do_not_specialize=["NROWS", "T", "NK", "J0", "NQ"])
 def _compact_kernel(FULL, OUT, s_fr, s_ff, NROWS, F, W, T, NK, SB, WB, PER_Q, J0, NQ,
-                    KEYS, s_kr, NKEYS,
-                    K_BLOCK: tl.constexpr, FP: tl.constexpr, BLOCK_R: tl.constexpr,
-                    KP: tl.constexpr, IDX_BITS: tl.constexpr):
+                    K_BLOCK: tl.constexpr, FP: tl.constexpr, BLOCK_R: tl.constexpr):
     """Row r of OUT [NROWS, W = SB + WB + F + 2] (r = batch row x kv head x NQ + query block n):
     the whole blocks (below T) of [the SB sink blocks, the WB blocks before query block J0 + n,
     list row r of FULL] in that order, their count at column W - 2, the partial block (or -1) at
-    column W - 1. Sinks and window as `blocksparse.attended_blocks` lists them. KP > 0: FULL is
-    first written here, row r the block indices of the F largest of row r's NKEYS order keys in
-    KEYS, best first (-1 for a non-candidate and past NKEYS)."""
+    column W - 1. Sinks and window as `blocksparse.attended_blocks` lists them."""
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     rm = r < NROWS
-    if KP > 0:
-        kk = tl.arange(0, KP)
-        km = rm[:, None] & (kk[None, :] < NKEYS)
-        keys = tl.load(KEYS + r[:, None] * s_kr + kk[None, :], mask=km,
-                       other=-9223372036854775808)
-        keys = tl.sort(keys, dim=1, descending=True)
-        blk = tl.where(keys == -9223372036854775808, -1, keys & ((1 << IDX_BITS) - 1))
-        tl.store(FULL + r[:, None] * s_fr + kk[None, :] * s_ff, blk.to(tl.int32),
-                 mask=rm[:, None] & (kk[None, :] < F))
-        tl.debug_barrier()  # FULL's row, read below by other threads of the program
     f = tl.arange(0, FP)
     before = (J0 + r % NQ) * PER_Q  # key blocks wholly before the row's query block
     lf = f - SB - WB  # slot in FULL
@@ -185,7 +172,27 @@ def _attend(acc, l_i, m_i, q, kbase, vbase, kpos, qpos, T, skn, svn, qk_scale, t
     return acc, l_i, m_new
 
 
-@triton.jit(do_not_specialize=["Lq", "T", "nQ", "front", "q0", "tile0"])
+@triton.jit
+def _span(acc, l_i, m_i, q, kbase, vbase, lo, hi, qpos, skn, svn, qk_scale, tbase,
+          D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+          BLOCK_DV: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr,
+          K_BLOCK: tl.constexpr, HAS_TAB: tl.constexpr):
+    """Online-softmax steps over the keys lo..hi-1 (whole key blocks, all before every query of
+    the tile): unmasked BLOCK_N at a time, then the rest with the keys >= hi masked."""
+    lane = tl.arange(0, BLOCK_N)
+    end = lo + ((hi - lo) // BLOCK_N) * BLOCK_N
+    for start in range(lo, end, BLOCK_N):
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, kbase, vbase, start + lane, qpos, hi, skn, svn,
+                                qk_scale, tbase, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, False, False,
+                                IEEE, DOT_F32, K_BLOCK, HAS_TAB)
+    if end < hi:
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, kbase, vbase, end + lane, qpos, hi, skn, svn,
+                                qk_scale, tbase, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, True, False,
+                                IEEE, DOT_F32, K_BLOCK, HAS_TAB)
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["Lq", "T", "nQ", "front", "q0", "tile0", "NKEYS"])
 def _fwd_kernel(Q, K, V, O, LST, LSE,
                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, slb, slh,
                 Hkv, Lq, T, nQ, F, W, front, q0, tile0, qk_scale,
@@ -195,9 +202,13 @@ def _fwd_kernel(Q, K, V, O, LST, LSE,
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SUB: tl.constexpr,
                 NB: tl.constexpr, FP: tl.constexpr, IEEE: tl.constexpr,
                 DOT_F32: tl.constexpr, WRITE_LSE: tl.constexpr, TAB, stab,
-                HAS_TAB: tl.constexpr):
+                HAS_TAB: tl.constexpr, KEYS, s_kbh, s_kn, NKEYS, SB, WB, PER_Q,
+                KEYS_TOPK: tl.constexpr, KP: tl.constexpr, IDX_BITS: tl.constexpr):
     """SUB steps per listed block (BLOCK_N <= K_BLOCK) or NB listed blocks per step. HAS_TAB:
-    paged keys and values (row bh of TAB: the slot of each key block)."""
+    paged keys and values (row bh of TAB: the slot of each key block). KEYS_TOPK > 0: no list;
+    the query block attends its SB sink and WB window blocks (two key ranges) and the blocks of
+    the KEYS_TOPK largest of its NKEYS order keys in KEYS (the search's ``exact_keys``), every
+    one whole and before the block."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # batch row x kv head
     g = pid % G
@@ -218,16 +229,34 @@ def _fwd_kernel(Q, K, V, O, LST, LSE,
     kbase = K + b * skb + hkv * skh
     vbase = V + b * svb + hkv * svh
     tbase = TAB + bh * stab
-    lrow = LST + (bh * nQ + n) * W
-    cnt = tl.load(lrow + F)
-    part = tl.load(lrow + F + 1)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     lane = tl.arange(0, BLOCK_N)
+    if KEYS_TOPK > 0:  # sinks, window, then the kept blocks: the best keys, sorted here
+        before = (q0 // Q_BLOCK + n).to(tl.int64) * PER_Q  # key blocks wholly before the block
+        acc, l_i, m_i = _span(acc, l_i, m_i, q, kbase, vbase, 0, tl.minimum(SB, before) * K_BLOCK,
+                              qpos, skn, svn, qk_scale, tbase, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV,
+                              IEEE, DOT_F32, K_BLOCK, HAS_TAB)
+        acc, l_i, m_i = _span(acc, l_i, m_i, q, kbase, vbase,
+                              tl.maximum(tl.maximum(SB, before - WB), 0) * K_BLOCK,
+                              before * K_BLOCK, qpos, skn, svn, qk_scale, tbase, D, DV, BLOCK_N,
+                              BLOCK_D, BLOCK_DV, IEEE, DOT_F32, K_BLOCK, HAS_TAB)
+        slot = tl.arange(0, KP)
+        keys = tl.load(KEYS + bh * s_kbh + n * s_kn + slot, mask=slot < NKEYS,
+                       other=-9223372036854775808)
+        keys = tl.sort(keys, descending=True)  # candidates first, best first
+        ok = (slot < KEYS_TOPK) & (keys != -9223372036854775808)
+        ids = tl.where(ok, keys & ((1 << IDX_BITS) - 1), 0)
+        cnt = tl.sum(ok.to(tl.int32))
+        part = -1
+    else:
+        lrow = LST + (bh * nQ + n) * W
+        cnt = tl.load(lrow + F)
+        part = tl.load(lrow + F + 1)
+        slot = tl.arange(0, FP)
+        ids = tl.load(lrow + slot, mask=slot < F, other=0)  # slots >= cnt are never picked
     # whole listed blocks: no mask
-    slot = tl.arange(0, FP)
-    ids = tl.load(lrow + slot, mask=slot < F, other=0)  # slots >= cnt are never picked
     if NB == 1:
         for it in range(0, cnt * SUB):
             idx = tl.sum(tl.where(slot == it // SUB, ids, 0)).to(tl.int64)
@@ -245,7 +274,7 @@ def _fwd_kernel(Q, K, V, O, LST, LSE,
                                     IEEE, DOT_F32, K_BLOCK, HAS_TAB)
         if cnt % NB > 0:  # the last cnt % NB blocks; the other lanes point at T (masked)
             j = (cnt // NB) * NB + lane // K_BLOCK
-            idx = tl.load(lrow + j, mask=j < cnt, other=0)
+            idx = tl.sum(tl.where(slot[None, :] == j[:, None], ids[None, :], 0), 1)
             kpos = tl.where(j < cnt, idx.to(tl.int64) * K_BLOCK + lane % K_BLOCK, T)
             acc, l_i, m_i = _attend(acc, l_i, m_i, q, kbase, vbase, kpos, qpos, T, skn, svn,
                                     qk_scale, tbase, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, True, False,
@@ -282,27 +311,19 @@ def _fwd_kernel(Q, K, V, O, LST, LSE,
 
 
 def compact_lists(full: Tensor, T: int, q_block: int, k_block: int, j0: int, sink_blocks: int,
-                  window_blocks: int, keys_topk: int = 0) -> Tensor:
+                  window_blocks: int) -> Tensor:
     """`_compact_kernel`'s rows, int32 [B * Hkv * nQ, W = sink_blocks + window_blocks + F + 2], of
     the lists ``full`` [B, Hkv, nQ, F] of the query blocks j0..j0+nQ-1 (arguments checked by the
-    caller). keys_topk > 0: ``full`` holds order keys int64 [B, Hkv, nQ, M] instead (the search's
-    ``exact_keys``) and the lists are their keys_topk largest (F = keys_topk)."""
+    caller)."""
     B, Hkv, nQ, F0 = full.shape
     rows = B * Hkv * nQ
     flat = full.reshape(rows, F0)
-    if keys_topk:
-        keys, nkeys, F0 = flat, F0, keys_topk
-        flat = torch.empty(rows, F0, dtype=torch.int32, device=full.device)
     W = sink_blocks + window_blocks + F0 + 2
     lst = torch.empty(rows, W, dtype=torch.int32, device=full.device)
-    block_r = 1 if keys_topk else _COMPACT_ROWS  # (sorting: one row a program, rows in parallel)
-    _compact_kernel[(_ceil_div(rows, block_r),)](
+    _compact_kernel[(_ceil_div(rows, _COMPACT_ROWS),)](
         flat, lst, flat.stride(0) if F0 else 1, flat.stride(1) if F0 else 1, rows, F0, W, T,
         -(-T // k_block), sink_blocks, window_blocks, q_block // k_block, j0, nQ,
-        keys if keys_topk else flat, keys.stride(0) if keys_topk else 0,
-        nkeys if keys_topk else 0,
-        K_BLOCK=k_block, FP=_pow2(W - 2, 2), BLOCK_R=block_r,
-        KP=_pow2(max(nkeys, F0)) if keys_topk else 0, IDX_BITS=_IDX_BITS)
+        K_BLOCK=k_block, FP=_pow2(W - 2, 2), BLOCK_R=_COMPACT_ROWS)
     return lst
 
 
@@ -421,8 +442,12 @@ def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, full: Tensor, p0: in
     if scale < 0:  # the kernel folds the scale into the running maximum: keep it >= 0
         q, scale = -q, -scale
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    lst = compact_lists(full, T, q_block, k_block, j0, sink_blocks, window_blocks, keys_topk)
-    F = lst.shape[1] - 2
+    if keys_topk:  # the kernel picks and sorts the kept blocks itself: no list
+        full = full.reshape(B * Hkv, nQ, full.shape[3])
+        lst, F = full, keys_topk
+    else:
+        lst = compact_lists(full, T, q_block, k_block, j0, sink_blocks, window_blocks)
+        F = lst.shape[1] - 2
     BD, BDV = _pow2(D), _pow2(Dv)
     BM, BN, warps, stages = _launch_shape(Lq, q_block, k_block, BD, BDV, q.element_size(),
                                           block_m, block_n, num_warps, num_stages)
@@ -442,5 +467,9 @@ def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, full: Tensor, p0: in
         IEEE=q.dtype == torch.float32, DOT_F32=_interpreted() and q.dtype == torch.bfloat16,
         WRITE_LSE=lse is not None, TAB=lst if table is None else table,
         stab=0 if table is None else table.stride(0), HAS_TAB=table is not None,
+        KEYS=full, s_kbh=full.stride(0) if keys_topk else 0,
+        s_kn=full.stride(1) if keys_topk else 0, NKEYS=full.shape[-1] if keys_topk else 0,
+        SB=sink_blocks, WB=window_blocks, PER_Q=q_block // k_block, KEYS_TOPK=keys_topk,
+        KP=_pow2(full.shape[-1]) if keys_topk else 1, IDX_BITS=_IDX_BITS,
         num_warps=warps, num_stages=stages)
     return out

@@ -261,3 +261,44 @@ def test_paged_keys_and_values_match_the_reference(p0, Lq, dtype):
                   window_blocks=wb, table=table)
     tol = TOL[dtype]
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("p0,Lq,kb,launch", [
+    (299, 1, 16, dict()),                        # a decoded token: 4 key blocks a step
+    (300, 20, 16, dict(block_n=16)),             # a chunk, one step a block
+    (1023, 1, 32, dict(block_n=32, block_m=16)),
+    (512, 64, 32, dict(block_n=64)),             # a whole query block, 2 blocks a step
+])
+def test_order_keys_pick_the_kept_blocks_in_the_kernel(p0, Lq, kb, launch):
+    """Given the search's stage-2 order keys (keys_topk: no list), the kernel attends the sink and
+    window key ranges and the blocks of each row's keys_topk largest keys (empty slots and
+    candidates past them ignored): what the list path attends for those kept blocks, also over
+    paged keys."""
+    from blocksparse_lists import paged
+    from slcompile.kernels.triton_blocksparse_search import _NO_KEY
+    T, qb, W, S, K = p0 + Lq, 64, 96, 40, 3
+    g, q, k, v = _inputs(p0 * 7 + kb, 1, 4, 2, T, Lq, 32, 32, torch.float32)
+    nK, sb, wb, per_q = bs.geometry(T, W, S, qb, kb)
+    j0, nQ = p0 // qb, n_query_blocks(p0, Lq, qb)
+    M = 12
+    keys = torch.full((1, 2, nQ, M), _NO_KEY, dtype=torch.int64)
+    kept = torch.full((1, 2, nQ, K), -1, dtype=torch.int32)
+    for h in range(2):
+        for n in range(nQ):
+            cand = torch.arange(sb, max(sb, (j0 + n) * per_q - wb))
+            cand = cand[torch.randperm(len(cand), generator=g)][:M - 2]  # 2 empty slots
+            score = torch.randn(len(cand), generator=g)
+            keys[0, h, n, torch.randperm(M, generator=g)[:len(cand)]] = bs._order_key(score, cand)
+            kept[0, h, n, :min(K, len(cand))] = cand[score.argsort(descending=True)[:K]].int()
+    assert (kept >= 0).sum() > 2
+    kw = dict(q_block=qb, k_block=kb, scale=0.3, sink_blocks=sb, window_blocks=wb, **launch)
+    want = _kernel(q, k, v, kept.to(DEV), p0, **kw)
+    ref = bs.block_attention(q, k, v, kept.to(DEV), None, p0, window=W, sinks=S, q_block=qb,
+                             k_block=kb, scale=0.3)
+    torch.testing.assert_close(want, ref, atol=1e-4, rtol=1e-4)
+    got = _kernel(q, k, v, keys.to(DEV), p0, keys_topk=K, **kw)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    if T % kb == 0:
+        kp, vp, table = paged(g, kb, k, v)
+        got = _kernel(q, kp, vp, keys.to(DEV), p0, keys_topk=K, table=table, **kw)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
