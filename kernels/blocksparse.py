@@ -196,18 +196,21 @@ def check_summary(summary: Tensor, k: Tensor, kpm: Optional[Tensor], k_block: in
 
 class BlockSummaryCache:
     """`block_summaries` of a growing key tensor, kept beside a KV cache and updated from the keys
-    that changed only: O((new keys + k_block) D) per update, never a pass over the whole cache.
+    that changed only: O((new keys) D) per update, never a pass over the whole cache.
 
     ``update(k, start)``: k [B, Hkv, T, D] holds the keys now; those before ``start`` are the same
     as at the previous update (the caller vouches for it: a cache that only appends passes the old
-    length). The blocks from ``start // k_block`` on are recomputed (one Triton launch where the
-    kernels run). Returns the summaries of the nK blocks of k (a view of a buffer grown by
-    doubling)."""
+    ``length``). The whole blocks from ``start // k_block`` on are summarised (one Triton launch
+    where the kernels run; none while the new keys only fill the last, partial block). Returns
+    the summaries of the nK blocks of k (a view of a buffer grown by doubling), of which a
+    partial last block's row is not kept up to date: the search never reads it (stage 1 reads
+    only groups that end before the query block, every one whole, `stage1_group`).
+    ``length``: the keys summarised, the whole blocks' (what the next update may pass as start)."""
 
     def __init__(self, k_block: int):
         self.k_block = k_block
         self.buf: Optional[Tensor] = None
-        self.length = 0  # keys summarised
+        self.length = 0  # keys of the whole blocks summarised
 
     def update(self, k: Tensor, start: int) -> Tensor:
         B, H, T, D = k.shape
@@ -224,23 +227,18 @@ class BlockSummaryCache:
             if buf is not None:
                 grown[:, :, :buf.shape[2]] = buf
             buf = grown
-        i0 = start // kb
-        from . import dispatch
-        if dispatch.use_triton(k.device) and k.dtype in (torch.float32, torch.bfloat16,
-                                                         torch.float16):
-            from .triton_blocksparse_search import summary_update_triton
-            summary_update_triton(k, buf, i0, kb)  # blocks i0..nK-1 in one launch
-        else:
-            whole = T // kb  # blocks i0..whole-1 are whole, block whole (if < nK) is partial
-            if i0 < whole:  # written in place: no temporary per update
+        i0, whole = start // kb, T // kb  # blocks i0..whole-1: whole, to summarise
+        if i0 < whole:
+            from . import dispatch
+            if dispatch.use_triton(k.device) and k.dtype in (torch.float32, torch.bfloat16,
+                                                             torch.float16):
+                from .triton_blocksparse_search import summary_update_triton
+                summary_update_triton(k[:, :, :whole * kb], buf, i0, kb)  # one launch
+            else:  # written in place: no temporary per update
                 body = k[:, :, i0 * kb:whole * kb].reshape(B, H, whole - i0, kb, D)
                 torch.amax(body, 3, out=buf[:, :, i0:whole, :D])
                 torch.amin(body, 3, out=buf[:, :, i0:whole, D:])
-            if whole < nK:  # (i0 <= whole: start <= T)
-                tail = k[:, :, whole * kb:]
-                torch.amax(tail, 2, keepdim=True, out=buf[:, :, whole:nK, :D])
-                torch.amin(tail, 2, keepdim=True, out=buf[:, :, whole:nK, D:])
-        self.buf, self.length = buf, T
+        self.buf, self.length = buf, whole * kb
         return buf[:, :, :nK]
 
 

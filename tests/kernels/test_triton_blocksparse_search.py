@@ -298,22 +298,31 @@ def test_one_query_block_merges_stage_one_tops_in_the_kernels(T, p0, group):
                        want)
 
 
-def test_summary_update_kernel_equals_a_rebuild():
+def test_summary_update_kernel_equals_a_rebuild(monkeypatch):
     """The summaries' update on the Triton path (one launch) equals block_summaries over the whole
-    key tensor as keys are appended one by one and in chunks (partial last group included)."""
+    key tensor on the whole groups as keys are appended one by one and in chunks, and launches
+    nothing while the new keys only fill the partial last group."""
     from slcompile.kernels import dispatch
     g = torch.Generator().manual_seed(4)
     k = torch.randn(1, 2, 700, 24, generator=g).to(DEV)
     prev = dispatch._FORCE_TRITON
     dispatch.force_triton(True)
+    launches = []
+    real = tss.summary_update_triton
+    monkeypatch.setattr(tss, "summary_update_triton", lambda *a: launches.append(1) or real(*a))
     try:
         cache = bs.BlockSummaryCache(64)
         T = 0
-        for step in (130, 1, 1, 63, 1, 200, 300, 4):
+        for step, launched in ((130, 1), (1, 0), (1, 0), (63, 1), (1, 0), (200, 1), (300, 1),
+                               (4, 0)):
             new = min(700, T + step)
             poison()
-            got = cache.update(k[:, :, :new], T)
-            torch.testing.assert_close(got, bs.block_summaries(k[:, :, :new], None, 64)[0],
+            launches.clear()
+            got = cache.update(k[:, :, :new], cache.length)
+            assert len(launches) == launched, (T, new)
+            n = new // 64
+            torch.testing.assert_close(got[:, :, :n], bs.block_summaries(k[:, :, :new], None,
+                                                                          64)[0][:, :, :n],
                                        rtol=0, atol=0)
             T = new
     finally:

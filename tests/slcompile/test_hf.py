@@ -546,9 +546,12 @@ def test_blocksparse_decoding_keeps_block_summaries_with_the_cache(monkeypatch):
     monkeypatch.setattr(H.BlockSummaryCache, "update", spy)
     kept = decode(True)
     layers = model.config.num_hidden_layers
-    # the first decoded token builds them (start 0), every later one adds its key only
+    # the first decoded token builds them (start 0), every later one starts at the whole groups
+    # summarised so far (its key only)
+    span = H.summary_keys(BLOCKSPARSE.window, BLOCKSPARSE.k_block, BLOCKSPARSE.block_group)
     assert starts[:layers] == [(111, 0)] * layers
-    assert starts[layers:] == [(t + 1, t) for t in range(111, 150) for _ in range(layers)]
+    assert starts[layers:] == [(t + 1, t // span * span) for t in range(111, 150)
+                               for _ in range(layers)]
     rebuilt = decode(False)
     torch.testing.assert_close(kept, rebuilt, rtol=0, atol=0)
     # and the summaries matter: stale ones (never updated) would change the choice
