@@ -103,18 +103,25 @@ def op_call(q, k, v, cfg, scale, summary=None):
         cfg["spread"])
 
 
+_CONFIGS = {}
+
+
 def functional_call(q, k, v, cfg, scale, summary=None):
     """The op as superlinear_attention and generate() call it eagerly: without gradients, the
-    implementation without the dispatcher (`ops.direct`)."""
+    implementation without the dispatcher (`ops.direct`), the config built once (as a model
+    holds it)."""
     from slcompile.kernels import lowering
     from slcompile.kernels.config import SuperlinearConfig
-    c = SuperlinearConfig(search_key="blocksparse", window=cfg["window"], sinks=cfg["sinks"],
-                          topk=cfg["topk"], q_block=cfg["q_block"], k_block=cfg["k_block"],
-                          block_rows=cfg["rows"], block_pool=cfg["pool"],
-                          exact_rows=cfg["exact_rows"], block_group=cfg["group"],
-                          spread_rows=cfg["spread"], dense_below=0)
+    key = tuple(sorted(cfg.items()))
+    if key not in _CONFIGS:
+        _CONFIGS[key] = SuperlinearConfig(
+            search_key="blocksparse", window=cfg["window"], sinks=cfg["sinks"], topk=cfg["topk"],
+            q_block=cfg["q_block"], k_block=cfg["k_block"], block_rows=cfg["rows"],
+            block_pool=cfg["pool"], exact_rows=cfg["exact_rows"], block_group=cfg["group"],
+            spread_rows=cfg["spread"], dense_below=0)
     with torch.no_grad():
-        return lowering.attention(c, q, k, v, None, None, scale, block_summary=summary)
+        return lowering.attention(_CONFIGS[key], q, k, v, None, None, scale,
+                                  block_summary=summary)
 
 
 def decode_row(T, a, cfg):
