@@ -40,13 +40,16 @@ def _in_dispatch_mode() -> bool:
 def direct(op, args: tuple):
     """The Python implementation of the custom op ``op`` (an OpOverload of these ops) where
     calling it directly is what the dispatcher would run anyway, else None: plain eager tensors
-    (no subclass, fake or functional tensor), none needing a gradient, no tracing, compiling,
-    dispatch or function mode and no functorch transform. It saves the dispatcher and the
-    autograd wrapper of ``torch.library.custom_op`` (tens of microseconds a call: most of a
-    decoded token's host time when the kernels take a few)."""
+    (no subclass, fake or functional tensor, no object with ``__torch_function__`` such as an fx
+    proxy), none needing a gradient, no tracing (fx, jit, export), compiling, dispatch or
+    function mode and no functorch transform. It saves the dispatcher and the autograd wrapper
+    of ``torch.library.custom_op``: about 40 of the 240 us of host time a decoded token took on an
+    H100 host (benchmarks/RESULTS.md)."""
     fn = _PLAIN.get(op.name())
     if fn is None or torch.compiler.is_compiling() or torch._C._len_torch_function_stack() \
-            or torch._C._are_functorch_transforms_active() or _in_dispatch_mode():
+            or torch._C._are_functorch_transforms_active() or _in_dispatch_mode() \
+            or torch._C._get_tracing_state() is not None \
+            or torch.overrides.has_torch_function(args):  # (fx proxies, tensor subclasses)
         return None
     grad = torch.is_grad_enabled()
     for a in args:

@@ -92,4 +92,7 @@ def test_eager_inference_calls_the_implementation_directly(monkeypatch):
 
     with torch.no_grad():
         ep = torch.export.export(M(), (q, k, v))
+        traced = torch.jit.trace(M(), (q, k, v), check_trace=False)
     assert op in {n.target for n in ep.graph.nodes if n.op == "call_function"}
+    assert "superlinear::block_sparse_attention" in str(traced.graph)  # jit keeps the op too
+    assert calls == [1]
