@@ -102,8 +102,9 @@ class CommStats:
     ``"index"`` (block requests), ``"k"`` and ``"v"`` (rows of K and V; a block at the end of a
     chunk that is not a multiple of ``block`` travels padded).
     ``k_blocks``/``v_blocks``: blocks of (block rows, one batch row, one kv head) this rank
-    requested. ``held_rows``: the most key rows per (batch row, kv head) its key and value
-    buffers held at once (the buffer length where they are not paged)."""
+    requested. ``held_rows``: the key rows per (batch row, kv head) of its largest key buffer
+    (the paged path keeps two in turn, stage 2's candidates and the attended blocks, with a
+    value buffer as long as the second; elsewhere the buffer length)."""
 
     rank: int
     world_size: int
