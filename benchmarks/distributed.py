@@ -132,7 +132,7 @@ def _worker(rank, args, port):
     for L in args.lengths:
         if L % (2 * P):
             raise ValueError(f"length {L} is not a multiple of 2 x --nproc {P}")
-        C, h = L // P, L // (2 * P)
+        h = L // (2 * P)  # the zigzag piece; contiguous chunks are 2h
         row = dict(L=L, nproc=P, device=args.device, dtype=args.dtype)
         if rank == 0:
             print(f"# L={L}: started {time.strftime('%H:%M:%S')}", flush=True)
