@@ -620,29 +620,30 @@ def _blocksparse_paged(q, k, v, c: SuperlinearConfig, scale: float, pieces, Tb: 
     nK = Tb // kb
     dev = q.device
     sel = lowering.block_select_kwargs(c)
+    pieces = [(sl, p0, p0 + sl.stop - sl.start) for sl, p0 in pieces]  # + each piece's end
     own = torch.zeros(B, Hkv, nK, dtype=torch.bool, device=dev)
-    for sl, p0 in pieces:
-        own[:, :, p0 // kb:(p0 + sl.stop - sl.start) // kb] = True
+    for _, p0, end in pieces:
+        own[:, :, p0 // kb:end // kb] = True
 
     def earlier(fn) -> Tensor:  # the union over pieces of fn(piece, first, end): [B, Hkv, first]
         pos = torch.zeros(B, Hkv, Tb, dtype=torch.bool, device=dev)
-        for i, (sl, p0) in enumerate(pieces):
-            pos[:, :, :p0] |= fn(i, q[:, :, sl], p0, p0 + sl.stop - sl.start)
+        for i, (sl, p0, end) in enumerate(pieces):
+            pos[:, :, :p0] |= fn(i, q[:, :, sl], p0, end)
         return pos
 
-    # 1. stage 1 (the summaries, no key), then K of its candidate groups, then stage 2
+    # 1. stage 1 (the summaries, no key), then K of its candidate groups, then stage 2. With
+    # only its own blocks held, in order, the rank's keys k are their paged buffer.
     search = _Pages(own, kb)
-    shape_only = search.buffer(k, D)  # stage 1 reads no key
     need_k = to_blocks(earlier(lambda i, qp, p0, end: _blocksparse_search_need(
-        qp, shape_only, search.table[:, :, :end // kb], summary, c, p0)))
+        qp, k, search.table[:, :, :end // kb], summary, c, p0)))
     search = _Pages(own | _held_blocks(need_k, C, block, nK, kb, place), kb)
     k1 = search.buffer(k, D)
-    for sl, p0 in pieces:
+    for sl, p0, _ in pieces:
         search.put(k1, k[:, :, sl], p0)
     stats.k_blocks += _fetch_blocks(k1, k, need_k, block, group, stats, "k", place, search)
     kept = [ops._block_select(q[:, :, sl], k1, None, p0, summary=summary,
-                              table=search.table[:, :, :(p0 + sl.stop - sl.start) // kb], **sel)
-            for sl, p0 in pieces]
+                              table=search.table[:, :, :end // kb], **sel)
+            for sl, p0, end in pieces]
     # 2. K and V of the kept blocks, the window and the sinks
     need = to_blocks(earlier(lambda i, qp, p0, end: _attended_positions(kept[i], c, p0, end)))
     attend = _Pages(own | _held_blocks(need, C, block, nK, kb, place), kb)
@@ -650,15 +651,15 @@ def _blocksparse_paged(q, k, v, c: SuperlinearConfig, scale: float, pieces, Tb: 
     stats.held_rows = max(stats.held_rows, k1.shape[2], k2.shape[2])
     attend.copy_held(k2, search, k1)  # own rows and step 1's, then the rest
     del k1
-    for sl, p0 in pieces:
+    for sl, p0, _ in pieces:
         attend.put(v2, v[:, :, sl], p0)
     stats.k_blocks += _fetch_blocks(k2, k, need & ~need_k, block, group, stats, "k", place, attend)
     stats.v_blocks += _fetch_blocks(v2, v, need, block, group, stats, "v", place, attend)
     out = q.new_empty(B, Hq, C, Dv)
-    for (sl, p0), kp in zip(pieces, kept):
+    for (sl, p0, end), kp in zip(pieces, kept):
         out[:, :, sl] = ops._block_attend(
-            q[:, :, sl], k2, v2, kp, p0, table=attend.table[:, :, :(p0 + sl.stop - sl.start) // kb],
-            window=c.window, sinks=c.sinks, q_block=c.q_block, k_block=kb, scale=scale)
+            q[:, :, sl], k2, v2, kp, p0, table=attend.table[:, :, :end // kb], window=c.window,
+            sinks=c.sinks, q_block=c.q_block, k_block=kb, scale=scale)
     return out
 
 

@@ -299,8 +299,7 @@ def _block_attend(query, key, value, kept, p0, *, window, sinks, q_block, k_bloc
         return bs.block_attention(query, key, value, kept, None, p0, scale=scale, table=table,
                                   **kw)
     from . import triton_blocksparse as tba
-    T = key.shape[2] if table is None else bs.check_table(table, key, None, k_block,
-                                                          "block_attention")
+    T = key.shape[2] if table is None else table.shape[2] * k_block  # (checked by the kernel's)
     _, sb, wb, _ = bs.geometry(T, window, sinks, q_block, k_block)
     return tba.block_attention_triton(query, key, value, kept, p0, q_block=q_block,
                                       k_block=k_block, scale=scale, sink_blocks=sb,

@@ -51,7 +51,7 @@ are wrong, bf16 products run in float32.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -73,6 +73,15 @@ def _interpreted() -> bool:
 
 def _pow2(x: int, lo: int = 16) -> int:
     return max(lo, next_pow2(x))
+
+
+def kernel_table(table: Tensor, k: Tensor, kpm: Optional[Tensor], k_block: int,
+                 name: str) -> Tuple[int, Tensor]:
+    """A block table of paged keys (`blocksparse.check_table`) checked and laid out for the
+    kernels: (T, int32 rows [B * Hkv, nK], one per batch row and kv head)."""
+    from .blocksparse import check_table
+    T = check_table(table, k, kpm, k_block, name)
+    return T, table.to(torch.int32).reshape(-1, table.shape[2]).contiguous()
 
 
 # lengths change with every decoded token: not specialised (no recompilation per length class)
@@ -408,9 +417,7 @@ def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, full: Tensor, p0: in
     B, Hq, Lq, D = q.shape
     Hkv, T, Dv = k.shape[1], k.shape[2], v.shape[3]
     if table is not None:
-        from .blocksparse import check_table
-        T = check_table(table, k, None, k_block, "block_attention_triton")
-        table = table.to(torch.int32).reshape(B * Hkv, -1).contiguous()
+        T, table = kernel_table(table, k, None, k_block, "block_attention_triton")
     if p0 < 0 or p0 + Lq > T:
         raise ValueError(f"block_attention_triton: queries p0={p0}..{p0 + Lq - 1} outside the "
                          f"{T} keys")

@@ -34,7 +34,7 @@ from triton.runtime.errors import OutOfResources
 from torch import Tensor
 
 from . import blocksparse as bs
-from .triton_blocksparse import _pow2
+from .triton_blocksparse import _pow2, kernel_table
 
 _IDX_MASK = (1 << bs._IDX_BITS) - 1
 _NO_KEY = -(1 << 63)  # order key of a non-candidate: below every real key
@@ -221,7 +221,8 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
     representative rows (0: ``rows``). group: key blocks per stage-1 group. spread: each stage's
     rows q_block // rows apart over the query block (else its last rows). exact_keys: return
     stage 2's order keys int64 [B, Hkv, nQ, M] instead (the kept blocks are the topk largest,
-    -1 past the candidates: what `triton_blocksparse.compact_lists` picks with ``keys_topk``).
+    -1 past the candidates: what `triton_blocksparse.block_attention_triton` picks with
+    ``keys_topk``).
     table: paged keys (`blocksparse.check_table`; needs ``summary``): stage 2 reads each block
     from its slot.
 
@@ -232,10 +233,9 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
     B, Hq, Lq, D = q.shape
     Hkv, T = k.shape[1], k.shape[2]
     if table is not None:
-        T = bs.check_table(table, k, kpm, k_block, "block_select_triton")
+        T, table = kernel_table(table, k, kpm, k_block, "block_select_triton")
         if summary is None:
             raise ValueError("block_select_triton: paged keys need the group summaries")
-        table = table.to(torch.int32).reshape(B * Hkv, -1).contiguous()
     G = Hq // Hkv
     nK = bs._ceil_div(T, k_block)
     gspan = group * k_block
