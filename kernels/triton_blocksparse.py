@@ -22,10 +22,12 @@ Launch: two kernels, no host synchronisation; one given the search's order keys.
   no list: each program of ``_fwd_kernel`` attends the sink and window key ranges, then sorts its
   row's keys and attends the blocks of the top keys_topk (one launch, no list written, no torch op
   between the search's launches and this one).
-* ``_fwd_kernel``: one program per (tile of BLOCK_M query rows, query head of a kv group) on grid
-  axis 0, the query heads of one group consecutive, so that the programs that read the same key
-  blocks run together and share them in L2; batch row x kv head on axis 1. A tile lies inside one
-  query block (BLOCK_M divides q_block) and reads its block's row. FlashAttention-2 online softmax
+* ``_fwd_kernel``: one program per (tile of BLOCK_M query rows, HP query heads of a kv group) on
+  grid axis 0, the programs of one group consecutive, so that those that read the same key blocks
+  run together and share them in L2; batch row x kv head on axis 1. The HP heads' rows are stacked
+  in one tile of HP * BLOCK_M rows: they share positions, lists, masks and every key and value
+  loaded, so a query block of 64 rows still fills a 128-row tile. A tile lies inside one query
+  block (BLOCK_M divides q_block) and reads its block's row. FlashAttention-2 online softmax
   (running max and sum in float32, exp2 with scale*log2(e) folded in, float32 accumulator, tl.dot on
   the inputs' dtype; IEEE float32 products for float32 inputs): first the whole listed blocks (no
   mask), BLOCK_N keys per step (k_block / BLOCK_N steps per block, or BLOCK_N / k_block blocks per
@@ -37,10 +39,11 @@ Launch: two kernels, no host synchronisation; one given the search's order keys.
   are masked on load and store. With WRITE_LSE (a constexpr: the default launch compiles without
   it) the tile also stores (m + log2 l) ln 2 of its rows.
 
-Default launch (`block_attention_triton`'s keyword arguments): BLOCK_M = 128 rows, BLOCK_N = 64
+Default launch (`block_attention_triton`'s keyword arguments): tiles of 128 rows, BLOCK_N = 64
 keys, 8 warps, 3 pipeline stages (the Hopper FlashAttention forward shape); BLOCK_M shrinks to the
-call's rows (16 for one decoded token) and to q_block, the warps to BLOCK_M/16 (at least 4), and
-stages and tiles where a wide head dimension would exceed shared memory. Measured on an H100
+call's rows (16 for one decoded token) and to q_block, HP grows to fill the 128 rows where a
+head's rows are at least 32, the warps follow the tile's rows/16 (at least 4), and stages and
+tiles shrink where a wide head dimension would exceed shared memory. Measured on an H100
 (Triton 3.6, bf16, B=1, Hq=32, Hkv=8, D=128, F=14 blocks listed per query block): 330-350 TFLOP/s
 of attended pairs (4 D pairs Hq / time) at 128K and 1M tokens; BLOCK_N = 128 (two listed blocks
 per step) and one loop masking whole blocks and diagonal alike were slower. Head dims
@@ -207,40 +210,43 @@ def _fwd_kernel(Q, K, V, O, LST, LSE,
                 Hkv, Lq, T, nQ, F, W, front, q0, tile0, qk_scale,
                 G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                 Q_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_M: tl.constexpr, HP: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SUB: tl.constexpr,
                 NB: tl.constexpr, FP: tl.constexpr, IEEE: tl.constexpr,
                 DOT_F32: tl.constexpr, WRITE_LSE: tl.constexpr, TAB, stab,
                 HAS_TAB: tl.constexpr, KEYS, s_kbh, s_kn, NKEYS, SB, WB, PER_Q,
                 KEYS_TOPK: tl.constexpr, KP: tl.constexpr, IDX_BITS: tl.constexpr):
-    """SUB steps per listed block (BLOCK_N <= K_BLOCK) or NB listed blocks per step. HAS_TAB:
-    paged keys and values (row bh of TAB: the slot of each key block). KEYS_TOPK > 0: no list;
-    the query block attends its SB sink and WB window blocks (two key ranges) and the blocks of
-    the KEYS_TOPK largest of its NKEYS order keys in KEYS (the search's ``exact_keys``), every
-    one whole and before the block."""
+    """SUB steps per listed block (BLOCK_N <= K_BLOCK) or NB listed blocks per step. HP query
+    heads of the kv group per program: the tile stacks their BLOCK_M rows (head-major), which
+    share positions, lists and every key and value loaded. HAS_TAB: paged keys and values (row
+    bh of TAB: the slot of each key block). KEYS_TOPK > 0: no list; the query block attends its
+    SB sink and WB window blocks (two key ranges) and the blocks of the KEYS_TOPK largest of its
+    NKEYS order keys in KEYS (the search's ``exact_keys``), every one whole and before the
+    block."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # batch row x kv head
-    g = pid % G
-    tile = tile0 + pid // G
+    g0 = (pid % (G // HP)) * HP
+    tile = tile0 + pid // (G // HP)
     b = bh // Hkv
     hkv = bh % Hkv
-    hq = hkv * G + g
+    lane_m = tl.arange(0, HP * BLOCK_M)
+    hq = (hkv * G + g0 + lane_m // BLOCK_M).to(tl.int64)  # each row's query head
     r0 = tile * BLOCK_M  # first row of the tile among the rows from q0 = j0 * Q_BLOCK on
     n = r0 // Q_BLOCK  # query block (in the call) of the whole tile
-    rows = r0 + tl.arange(0, BLOCK_M)
+    rows = r0 + lane_m % BLOCK_M
     qi = rows - front  # index among the call's queries
     row_ok = (qi >= 0) & (qi < Lq)
     qpos = q0 + rows
     offd = tl.arange(0, BLOCK_D)
     offdv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + b * sqb + hq * sqh + qi.to(tl.int64)[:, None] * sqm + offd[None, :],
+    q = tl.load(Q + b * sqb + hq[:, None] * sqh + qi.to(tl.int64)[:, None] * sqm + offd[None, :],
                 mask=row_ok[:, None] & (offd[None, :] < D), other=0.0)
     kbase = K + b * skb + hkv * skh
     vbase = V + b * svb + hkv * svh
     tbase = TAB + bh * stab
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    m_i = tl.full([HP * BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([HP * BLOCK_M], tl.float32)
+    acc = tl.zeros([HP * BLOCK_M, BLOCK_DV], tl.float32)
     lane = tl.arange(0, BLOCK_N)
     if KEYS_TOPK > 0:  # sinks, window, then the kept blocks: the best keys, sorted here
         before = (q0 // Q_BLOCK + n).to(tl.int64) * PER_Q  # key blocks wholly before the block
@@ -311,7 +317,7 @@ def _fwd_kernel(Q, K, V, O, LST, LSE,
                                 IEEE, DOT_F32, K_BLOCK, HAS_TAB)
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
-    tl.store(O + b * sob + hq * soh + qi.to(tl.int64)[:, None] * som + offdv[None, :],
+    tl.store(O + b * sob + hq[:, None] * soh + qi.to(tl.int64)[:, None] * som + offdv[None, :],
              o.to(O.dtype.element_ty), mask=row_ok[:, None] & (offdv[None, :] < DV))
     if WRITE_LSE:
         lse = tl.where(has, (m_i + tl.math.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453,
@@ -337,31 +343,45 @@ def compact_lists(full: Tensor, T: int, q_block: int, k_block: int, j0: int, sin
 
 
 def _launch_shape(Lq: int, q_block: int, k_block: int, bd: int, bdv: int, elem: int,
-                  block_m: int, block_n: int, num_warps: int, num_stages: int):
-    """(BLOCK_M, BLOCK_N, warps, stages): the requested shape fitted to the call and to shared
-    memory."""
+                  block_m: int, block_n: int, num_warps: int, num_stages: int, G: int = 1,
+                  heads: Optional[int] = None):
+    """(BLOCK_M, HP, BLOCK_N, warps, stages): the requested shape fitted to the call and to shared
+    memory. BLOCK_M rows of one query head; HP heads of a kv group per program (tiles of HP *
+    BLOCK_M rows), by default as many as fill block_m rows where a head's rows are at least 32
+    (a query block of 64 rows: two heads a 128-row tile; one decoded token keeps one head),
+    ``heads`` to ask for another power of two dividing G."""
     for name, x in (("block_m", block_m), ("block_n", block_n)):
         if x < 16 or x & (x - 1):
             raise ValueError(f"block_attention_triton: {name}={x} is not a power of two >= 16")
     bm = min(block_m, q_block, _pow2(Lq))
+    if heads is None:
+        hp = 1
+        while bm >= 32 and G % (2 * hp) == 0 and 2 * hp * bm <= block_m:
+            hp *= 2
+    elif heads < 1 or heads & (heads - 1) or G % heads:
+        raise ValueError(f"block_attention_triton: heads={heads} is not a power of two dividing "
+                         f"the {G} query heads of a kv head")
+    else:
+        hp = heads
     bn = block_n
     stages = max(1, num_stages)
-    if bdv > 128:
-        bm = min(bm, 64)  # a [BLOCK_M, 256] float32 accumulator per 4 warps at most
+    if bdv > 128:  # a [rows, 256] float32 accumulator per 4 warps at most
+        bm = min(bm, 64)
+        hp = max(1, min(hp, 64 // bm))
 
-    def smem(bm, bn, stages):
-        return elem * (bm * bd + stages * bn * (bd + bdv))
+    def smem(bm, hp, bn, stages):
+        return elem * (hp * bm * bd + stages * bn * (bd + bdv))
 
-    # what to give up, in order, until the launch fits: stages down to 2, rows to 64, keys to 32,
-    # then the last stage, rows to 16, keys to 16 (halving tiles, one stage at a time)
-    shape = dict(bm=bm, bn=bn, stages=stages)
-    for name, floor in (("stages", 2), ("bm", 64), ("bn", 32), ("stages", 1), ("bm", 16),
-                        ("bn", 16)):
+    # what to give up, in order, until the launch fits: stacked heads, stages down to 2, rows to
+    # 64, keys to 32, then the last stage, rows to 16, keys to 16 (halving, one stage at a time)
+    shape = dict(bm=bm, hp=hp, bn=bn, stages=stages)
+    for name, floor in (("hp", 1), ("stages", 2), ("bm", 64), ("bn", 32), ("stages", 1),
+                        ("bm", 16), ("bn", 16)):
         while smem(**shape) > _SMEM_BUDGET and shape[name] > floor:
             shape[name] = shape[name] - 1 if name == "stages" else shape[name] // 2
-    bm, bn, stages = shape["bm"], shape["bn"], shape["stages"]
-    warps = min(num_warps, max(4, bm // 16))
-    return bm, bn, warps, stages
+    bm, hp, bn, stages = shape["bm"], shape["hp"], shape["bn"], shape["stages"]
+    warps = min(num_warps, max(4, hp * bm // 16))
+    return bm, hp, bn, warps, stages
 
 
 def check_arguments(name: str, q: Tensor, k: Tensor, v: Tensor, q_block: int, k_block: int,
@@ -396,7 +416,7 @@ def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, full: Tensor, p0: in
                            num_stages: int = 3, out: Optional[Tensor] = None,
                            sink_blocks: int = 0, window_blocks: int = 0,
                            lse: Optional[Tensor] = None, keys_topk: int = 0,
-                           table: Optional[Tensor] = None) -> Tensor:
+                           table: Optional[Tensor] = None, heads: Optional[int] = None) -> Tensor:
     """Block-sparse attention of the queries at p0..p0+Lq-1 (module docstring; docs/blocksparse.md).
 
     q [B, Hq, Lq, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv] (one dtype: fp32, bf16 or fp16; Hq a
@@ -409,7 +429,8 @@ def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, full: Tensor, p0: in
     Returns [B, Hq, Lq, Dv] in q's dtype (written into ``out`` when given). ``lse``, if given, a
     float32 [B, Hq, Lq] tensor with unit stride in the last dim, receives each query's natural-log
     log-sum-exp of its scaled logits (-inf for a query with no key). block_m, block_n, num_warps,
-    num_stages: the launch shape for a long call (fitted to short calls). table: paged keys and
+    num_stages: the launch shape for a long call (fitted to short calls); heads: query heads of a
+    kv group stacked in one program's tile (`_launch_shape` picks by default). table: paged keys and
     values (`blocksparse.check_table`; k and v share the slots): T = table.shape[2] * k_block."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or full.dim() != 4:
         raise ValueError("block_attention_triton: q, k, v and full must be 4-D")
@@ -456,19 +477,20 @@ def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, full: Tensor, p0: in
         lst = compact_lists(full, T, q_block, k_block, j0, sink_blocks, window_blocks)
         F = lst.shape[1] - 2
     BD, BDV = _pow2(D), _pow2(Dv)
-    BM, BN, warps, stages = _launch_shape(Lq, q_block, k_block, BD, BDV, q.element_size(),
-                                          block_m, block_n, num_warps, num_stages)
     G = Hq // Hkv
+    BM, HP, BN, warps, stages = _launch_shape(Lq, q_block, k_block, BD, BDV, q.element_size(),
+                                              block_m, block_n, num_warps, num_stages, G,
+                                              heads)
     tile0 = front // BM
     ntiles = (front + Lq - 1) // BM - tile0 + 1
-    grid = (ntiles * G, B * Hkv)
+    grid = (ntiles * (G // HP), B * Hkv)
     _fwd_kernel[grid](
         q, k, v, out, lst, out if lse is None else lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         0 if lse is None else lse.stride(0), 0 if lse is None else lse.stride(1),
         Hkv, Lq, T, nQ, F, F + 2, front, j0 * q_block, tile0, float(scale) * _LOG2E,
-        G=G, D=D, DV=Dv, Q_BLOCK=q_block, K_BLOCK=k_block, BLOCK_M=BM, BLOCK_N=BN,
+        G=G, D=D, DV=Dv, Q_BLOCK=q_block, K_BLOCK=k_block, BLOCK_M=BM, HP=HP, BLOCK_N=BN,
         BLOCK_D=BD, BLOCK_DV=BDV, SUB=max(1, k_block // BN), NB=max(1, BN // k_block),
         FP=_pow2(F, 2),
         IEEE=q.dtype == torch.float32, DOT_F32=_interpreted() and q.dtype == torch.bfloat16,

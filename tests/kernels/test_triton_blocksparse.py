@@ -192,13 +192,35 @@ def test_kept_blocks_from_block_select_and_strided_inputs():
 
 
 def test_launch_shape_fits_short_calls_and_wide_heads():
-    assert TB._launch_shape(1 << 20, 128, 64, 128, 128, 2, 128, 64, 8, 3) == (128, 64, 8, 3)
-    assert TB._launch_shape(1, 128, 64, 128, 128, 2, 128, 64, 8, 3) == (16, 64, 4, 3)
-    assert TB._launch_shape(1000, 32, 16, 64, 64, 4, 128, 64, 8, 3) == (32, 64, 4, 3)
-    bm, bn, warps, stages = TB._launch_shape(1 << 20, 128, 64, 256, 256, 2, 128, 64, 8, 3)
+    # (BLOCK_M rows of a head, HP heads a tile, BLOCK_N, warps, stages)
+    assert TB._launch_shape(1 << 20, 128, 64, 128, 128, 2, 128, 64, 8, 3, 4) == (128, 1, 64, 8, 3)
+    assert TB._launch_shape(1, 128, 64, 128, 128, 2, 128, 64, 8, 3, 4) == (16, 1, 64, 4, 3)
+    assert TB._launch_shape(1000, 32, 16, 64, 64, 4, 128, 64, 8, 3) == (32, 1, 64, 4, 3)
+    # query blocks of 64 rows: two heads of a group stacked in a 128-row tile; four of 32 rows
+    assert TB._launch_shape(1 << 17, 64, 32, 128, 128, 2, 128, 64, 8, 3, 4) == (64, 2, 64, 8, 3)
+    assert TB._launch_shape(1000, 32, 16, 64, 64, 4, 128, 64, 8, 3, 8) == (32, 4, 64, 8, 3)
+    assert TB._launch_shape(1000, 32, 16, 64, 64, 4, 128, 64, 8, 3, 6) == (32, 2, 64, 4, 3)
+    assert TB._launch_shape(1 << 17, 64, 32, 128, 128, 2, 128, 64, 8, 3, 4, 1)[:2] == (64, 1)
+    with pytest.raises(ValueError, match="heads=3"):
+        TB._launch_shape(1 << 17, 64, 32, 128, 128, 2, 128, 64, 8, 3, 6, 3)
+    bm, hp, bn, warps, stages = TB._launch_shape(1 << 20, 128, 64, 256, 256, 2, 128, 64, 8, 3)
     assert bm <= 64 and 2 * (bm * 256 + stages * bn * 512) <= TB._SMEM_BUDGET
-    bm, bn, warps, stages = TB._launch_shape(1 << 20, 128, 64, 256, 256, 4, 128, 64, 8, 3)
-    assert 4 * (bm * 256 + stages * bn * 512) <= TB._SMEM_BUDGET
+    bm, hp, bn, warps, stages = TB._launch_shape(1 << 20, 64, 64, 256, 256, 4, 128, 64, 8, 3, 4)
+    assert hp * bm <= 64 and 4 * (hp * bm * 256 + stages * bn * 512) <= TB._SMEM_BUDGET
+
+
+@pytest.mark.parametrize("p0,Lq", [(0, 200), (45, 130)])
+def test_stacked_heads_give_what_one_head_a_program_gives(p0, Lq):
+    """Query heads of a kv group stacked in one tile (1, 2 or 4 of them) attend exactly what
+    they attend one head a program, and match the reference."""
+    T, qb, kb = p0 + Lq, 32, 16
+    g, q, k, v = _inputs(71 + p0, 1, 8, 2, T, Lq, 32, 32, torch.float32)
+    kw = dict(window=32, sinks=16, qb=qb, kb=kb)
+    kept = random_kept(g, 1, 2, T, p0=p0, Lq=Lq, topk=3, **kw)
+    one, _ = _against_reference(q, k, v, kept, p0, scale=0.2, heads=1, **kw)
+    for heads in (2, 4):
+        got, _ = _against_reference(q, k, v, kept, p0, scale=0.2, heads=heads, **kw)
+        torch.testing.assert_close(got, one, atol=1e-6, rtol=1e-6)
 
 
 def test_rejects_bad_arguments():
