@@ -53,6 +53,7 @@ are wrong, bf16 products run in float32.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional, Tuple
 
@@ -63,6 +64,7 @@ from torch import Tensor
 
 from .blocksparse import _IDX_BITS, _ceil_div
 from .geometry import next_pow2
+from .launch import launch
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LOG2E = 1.4426950408889634
@@ -342,6 +344,7 @@ def compact_lists(full: Tensor, T: int, q_block: int, k_block: int, j0: int, sin
     return lst
 
 
+@functools.lru_cache(maxsize=256)  # a pure function of ints, called at every decoded token
 def _launch_shape(Lq: int, q_block: int, k_block: int, bd: int, bdv: int, elem: int,
                   block_m: int, block_n: int, num_warps: int, num_stages: int, G: int = 1,
                   heads: Optional[int] = None):
@@ -484,8 +487,8 @@ def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, full: Tensor, p0: in
     tile0 = front // BM
     ntiles = (front + Lq - 1) // BM - tile0 + 1
     grid = (ntiles * (G // HP), B * Hkv)
-    _fwd_kernel[grid](
-        q, k, v, out, lst, out if lse is None else lse,
+    launch(
+        _fwd_kernel, grid, q, k, v, out, lst, out if lse is None else lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         0 if lse is None else lse.stride(0), 0 if lse is None else lse.stride(1),

@@ -34,6 +34,7 @@ from triton.runtime.errors import OutOfResources
 from torch import Tensor
 
 from . import blocksparse as bs
+from .launch import launch
 from .triton_blocksparse import _pow2, kernel_table
 
 _IDX_MASK = (1 << bs._IDX_BITS) - 1
@@ -295,10 +296,10 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
                     HAS_MASK=has8 is not None, IDX_BITS=bs._IDX_BITS, IEEE=ieee,
                     TOPS=MG if fused else 0, num_warps=num_warps if MP <= 128 else 2 * num_warps)
         try:
-            _bound_kernel[(n, B * Hkv, parts)](*args, DK=DK, num_stages=stages, **meta)
+            launch(_bound_kernel, (n, B * Hkv, parts), *args, DK=DK, num_stages=stages, **meta)
         except OutOfResources:  # a compiler that needs more shared memory than estimated
             DK, stages = min(32, DP), 1
-            _bound_kernel[(n, B * Hkv, parts)](*args, DK=DK, num_stages=stages, **meta)
+            launch(_bound_kernel, (n, B * Hkv, parts), *args, DK=DK, num_stages=stages, **meta)
         if fused:  # stage 2's programs pick the pool from the tops (into ci)
             ci = torch.empty((B * Hkv, n, MG), dtype=torch.int64, device=dev)
             merge = dict(TOPS_IN=keys, s_t_bh=keys.stride(0), s_t_n=keys.stride(1), NT=parts * MG,
@@ -316,8 +317,8 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
         mparts = max(1, min(M, bs._ceil_div(_FUSED_PROGRAMS if fused else _PROGRAMS,
                                             n * B * Hkv)))
         MC = bs._ceil_div(bs._ceil_div(M, mparts), CB) * CB
-        _exact_kernel[(n, B * Hkv, bs._ceil_div(M, MC))](
-            qc, kc, kpm8 if kpm8 is not None else kc, ci, ex, *qstr,
+        launch(
+            _exact_kernel, (n, B * Hkv, bs._ceil_div(M, MC)), qc, kc, kpm8 if kpm8 is not None else kc, ci, ex, *qstr,
             kc.stride(0), kc.stride(1), kc.stride(2),
             kpm8.stride(0) if kpm8 is not None else 0, ci.stride(0), ci.stride(1),
             ex.stride(0), ex.stride(1),
@@ -369,6 +370,7 @@ def summary_update_triton(k: Tensor, buf: Tensor, i0: int, span: int) -> None:
     if i0 >= nK or B * H == 0:
         return
     kc = k if k.stride(-1) == 1 else k.contiguous()
-    _summary_kernel[(nK - i0, B * H)](
-        kc, buf, kc.stride(0), kc.stride(1), kc.stride(2), buf.stride(0), buf.stride(1),
-        buf.stride(2), H, T, i0, D, SPAN=span, DP=_pow2(D), KT=min(64, _pow2(span)))
+    launch(_summary_kernel, (nK - i0, B * H),
+           kc, buf, kc.stride(0), kc.stride(1), kc.stride(2), buf.stride(0), buf.stride(1),
+           buf.stride(2), H, T, i0, D, SPAN=span, DP=_pow2(D), KT=min(64, _pow2(span)),
+           num_warps=4)

@@ -1,0 +1,110 @@
+"""Kernel launches without Triton's per-call argument binding, once a specialisation is known.
+
+A ``kernel[grid](*args, **kw)`` call of a ``@triton.jit`` function binds its arguments (one
+native specialisation call per argument), hashes the specialisation into a cache key, builds
+launch metadata and only then calls the compiled kernel's launcher. On an H100 host that took
+23-30 us per launch of the decode kernels, against 6-7 us for the launcher alone (measured,
+benchmarks/RESULTS.md): for a decoded token, whose three launches each run a few microseconds on
+the GPU, the binding was most of the host time.
+
+`launch` keeps, per kernel, the compiled kernels it has seen under a key of its own that is at
+least as strict as Triton's specialisation:
+
+* a tensor: its dtype and whether its address is a multiple of 16;
+* an int: its value below 16 (Triton makes 1 a constant), else whether it is a multiple of 16
+  and whether it needs 32, 64 or more bits (the integer type Triton picks);
+* a float: only that it is one (Triton passes every float as fp32, never specialised);
+* a constexpr, None, a bool, num_warps, num_stages: the value itself;
+* the current CUDA device (Triton's kernel cache is per device).
+
+Arguments with equal keys therefore get the same compiled kernel from Triton; so a key seen
+before launches that kernel directly, with its launcher and the current stream, as Triton's own
+``run`` would. A new key goes through Triton's ``run`` (compiling if needed) and records the
+kernel it returns. Triton's interpreter, launch hooks (profilers) and Tritons whose compiled
+kernels lack the attributes used here take Triton's path every time.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_KERNELS: dict = {}  # (kernel, device, key) -> Triton's compiled kernel
+_INFO: dict = {}  # kernel -> (constexpr flag of each parameter, names), or None: Triton's path
+_MAX_KEYS = 1024  # a bound on the table: it is emptied when full (keys are then found again)
+_RUNTIME: list = []  # Triton's runtime knobs (launch hooks)
+_Tensor = torch.Tensor
+
+
+def _info(kernel):
+    """(constexpr flags, parameter names) of a compiled-mode Triton kernel whose launches can be
+    direct, else None (the interpreter, a Triton laid out otherwise, pre-run hooks)."""
+    try:
+        return _INFO[kernel]
+    except KeyError:
+        pass
+    info = None
+    try:
+        from triton import knobs
+        from triton.runtime.jit import JITFunction
+        if (isinstance(kernel, JITFunction) and not kernel.pre_run_hooks
+                and hasattr(torch._C, "_cuda_getCurrentRawStream")):
+            info = (tuple(bool(p.is_constexpr) for p in kernel.params),
+                    tuple(p.name for p in kernel.params))
+            _RUNTIME.append(knobs.runtime)
+    except Exception:  # a Triton laid out otherwise
+        info = None
+    _INFO[kernel] = info
+    return info
+
+
+def _hooked() -> bool:
+    """Launch hooks installed (a profiler): Triton's path calls them. (Newer Tritons keep an
+    empty chain of hooks where none is installed.)"""
+    rt = _RUNTIME[0]
+    for hook in (rt.launch_enter_hook, rt.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return True
+    return False
+
+
+def key_of(constexpr, values, options) -> tuple:
+    """`launch`'s key of a call's values (in the kernel's parameter order)."""
+    return (options, tuple([
+        v if c
+        else (v if v < 16 else (v & 15 == 0, v > 0x7FFFFFFF, v > 0x7FFFFFFFFFFFFFFF))
+        if v.__class__ is int
+        else (v.dtype, v.data_ptr() & 15 == 0) if isinstance(v, _Tensor)
+        else float if v.__class__ is float
+        else v
+        for v, c in zip(values, constexpr)]))
+
+
+def launch(kernel, grid, *args, num_warps: int, num_stages=None, **kw) -> None:
+    """``kernel[grid](*args, num_warps=..., num_stages=..., **kw)``, the same launch, directly
+    from a compiled kernel found under `key_of` where one was recorded. Every parameter of the
+    kernel is given, the first ones in ``args`` and the rest by name in ``kw``."""
+    opts = {"num_warps": num_warps}
+    if num_stages is not None:
+        opts["num_stages"] = num_stages
+    info = _info(kernel)
+    if info is None or _hooked():
+        kernel[grid](*args, **opts, **kw)
+        return
+    constexpr, names = info
+    values = args + tuple(kw[n] for n in names[len(args):])
+    device = torch.cuda.current_device()
+    key = (kernel, device, key_of(constexpr, values, (num_warps, num_stages)))
+    compiled = _KERNELS.get(key)
+    if compiled is None:
+        compiled = kernel[grid](*args, **opts, **kw)
+        if len(_KERNELS) >= _MAX_KEYS:
+            _KERNELS.clear()
+        if all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")):
+            _KERNELS[key] = compiled
+        else:  # compiled kernels laid out otherwise: Triton's path for this kernel from now on
+            _INFO[kernel] = None
+        return
+    g1 = grid[1] if len(grid) > 1 else 1
+    g2 = grid[2] if len(grid) > 2 else 1
+    compiled.run(grid[0], g1, g2, torch._C._cuda_getCurrentRawStream(device), compiled.function,
+                 compiled.packed_metadata, None, None, None, *values)
