@@ -38,10 +38,9 @@ _Tensor = torch.Tensor
 def _info(kernel):
     """(constexpr flags, parameter names) of a compiled-mode Triton kernel whose launches can be
     direct, else None (the interpreter, a Triton laid out otherwise, pre-run hooks)."""
-    try:
-        return _INFO[kernel]
-    except KeyError:
-        pass
+    info = _INFO.get(kernel, _INFO)
+    if info is not _INFO:
+        return info
     info = None
     try:
         from triton import knobs
@@ -91,7 +90,7 @@ def launch(kernel, grid, *args, num_warps: int, num_stages=None, **kw) -> None:
         kernel[grid](*args, **opts, **kw)
         return
     constexpr, names = info
-    values = args + tuple(kw[n] for n in names[len(args):])
+    values = args + tuple([kw[n] for n in names[len(args):]])
     device = torch.cuda.current_device()
     key = (kernel, device, key_of(constexpr, values, (num_warps, num_stages)))
     compiled = _KERNELS.get(key)
