@@ -17,6 +17,10 @@ least as strict as Triton's specialisation:
 * a constexpr, None, a bool, num_warps, num_stages: the value itself;
 * the current CUDA device (Triton's kernel cache is per device).
 
+Triton's debug and instrumentation settings are part of its key, not of this one: they are read
+when a key is first seen, so turning them on later in a process does not reach kernels already
+launched here.
+
 Arguments with equal keys therefore get the same compiled kernel from Triton; so a key seen
 before launches that kernel directly, with its launcher and the current stream, as Triton's own
 ``run`` would. A new key goes through Triton's ``run`` (compiling if needed) and records the
@@ -90,6 +94,9 @@ def launch(kernel, grid, *args, num_warps: int, num_stages=None, **kw) -> None:
         kernel[grid](*args, **opts, **kw)
         return
     constexpr, names = info
+    if len(args) + len(kw) != len(names):  # every parameter, and nothing else (no other option)
+        raise TypeError(f"launch: {kernel.__name__} takes {len(names)} parameters, got "
+                        f"{len(args)} positional and {sorted(kw)}")
     values = args + tuple([kw[n] for n in names[len(args):]])
     device = torch.cuda.current_device()
     key = (kernel, device, key_of(constexpr, values, (num_warps, num_stages)))
