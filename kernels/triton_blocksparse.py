@@ -489,9 +489,8 @@ def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, full: Tensor, p0: in
     grid = (ntiles * (G // HP), B * Hkv)
     launch(
         _fwd_kernel, grid, q, k, v, out, lst, out if lse is None else lse,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        0 if lse is None else lse.stride(0), 0 if lse is None else lse.stride(1),
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        *((0, 0) if lse is None else lse.stride()[:2]),
         Hkv, Lq, T, nQ, F, F + 2, front, j0 * q_block, tile0, float(scale) * _LOG2E,
         G=G, D=D, DV=Dv, Q_BLOCK=q_block, K_BLOCK=k_block, BLOCK_M=BM, HP=HP, BLOCK_N=BN,
         BLOCK_D=BD, BLOCK_DV=BDV, SUB=max(1, k_block // BN), NB=max(1, BN // k_block),
