@@ -465,7 +465,7 @@ def _check(q, k, v):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("span_attention: q, k, v must be 4-D [B, H, L, D]")
     B, Hq, Lq, D = q.shape
-    Hkv, T = k.shape[1], k.shape[2]
+    Hkv = k.shape[1]
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"span_attention: query heads ({Hq}) must be a multiple of kv heads ({Hkv})")
     if v.shape[:3] != k.shape[:3] or k.shape[0] != B or k.shape[3] != D:
