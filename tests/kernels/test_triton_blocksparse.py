@@ -196,9 +196,13 @@ def test_launch_shape_fits_short_calls_and_wide_heads():
     assert TB._launch_shape(1 << 20, 128, 64, 128, 128, 2, 128, 64, 8, 3, 4) == (128, 1, 64, 8, 3)
     assert TB._launch_shape(1, 128, 64, 128, 128, 2, 128, 64, 8, 3, 4) == (16, 1, 64, 4, 3)
     assert TB._launch_shape(1000, 32, 16, 64, 64, 4, 128, 64, 8, 3) == (32, 1, 64, 4, 3)
-    # query blocks of 64 rows: two heads of a group stacked in a 128-row tile; four of 32 rows
-    assert TB._launch_shape(1 << 17, 64, 32, 128, 128, 2, 128, 64, 8, 3, 4) == (64, 2, 64, 8, 3)
-    assert TB._launch_shape(1000, 32, 16, 64, 64, 4, 128, 64, 8, 3, 8) == (32, 4, 64, 8, 3)
+    # query blocks of 64 rows: the four heads of a group stacked in a 256-row tile; eight of 32
+    assert TB._launch_shape(1 << 17, 64, 32, 128, 128, 2, 128, 64, 8, 3, 4) == (64, 4, 64, 8, 3)
+    assert TB._launch_shape(1 << 17, 64, 32, 128, 128, 2, 128, 64, 8, 3, 8) == (64, 4, 64, 8, 3)
+    assert TB._launch_shape(1000, 32, 16, 64, 64, 4, 128, 64, 8, 3, 8) == (32, 8, 64, 8, 3)
+    # float32 at d=128: stacked heads are given up first to fit shared memory
+    bm, hp, bn, warps, stages = TB._launch_shape(1 << 17, 64, 32, 128, 128, 4, 128, 64, 8, 3, 4)
+    assert (bm, stages) == (64, 3) and 4 * (hp * bm * 128 + stages * bn * 256) <= TB._SMEM_BUDGET
     assert TB._launch_shape(1000, 32, 16, 64, 64, 4, 128, 64, 8, 3, 6) == (32, 2, 64, 4, 3)
     assert TB._launch_shape(1 << 17, 64, 32, 128, 128, 2, 128, 64, 8, 3, 4, 1)[:2] == (64, 1)
     with pytest.raises(ValueError, match="heads=3"):
