@@ -158,7 +158,8 @@ def decode_row(T, a, cfg):
                update_host_ms=back_to_back(lambda: cache.update(k, T - 1), host=True),
                op_host_ms=back_to_back(lambda: op_call(q, k, v, cfg, scale, cache.buf[:, :, :(
                    T + cache.k_block - 1) // cache.k_block]), host=True),
-               direct_eager_ms=timed(direct, 20, warm=3), direct_back_to_back_ms=back_to_back(direct),
+               direct_eager_ms=timed(direct, 20, warm=3),
+               direct_back_to_back_ms=back_to_back(direct),
                direct_host_ms=back_to_back(lambda: functional_call(
                    q, k, v, cfg, scale, cache.buf[:, :, :(T + cache.k_block - 1) // cache.k_block]),
                    host=True),
@@ -174,7 +175,8 @@ def decode_row(T, a, cfg):
     row.update(eager_speedup=row["sdpa_eager_ms"] / row["eager_ms"],
                back_to_back_speedup=row["sdpa_back_to_back_ms"] / row["back_to_back_ms"],
                direct_eager_speedup=row["sdpa_eager_ms"] / row["direct_eager_ms"],
-               direct_back_to_back_speedup=row["sdpa_back_to_back_ms"] / row["direct_back_to_back_ms"],
+               direct_back_to_back_speedup=(row["sdpa_back_to_back_ms"]
+                                            / row["direct_back_to_back_ms"]),
                graph_speedup=row["sdpa_graph_ms"] / row["graph_ms"],
                rebuild_speedup=row["sdpa_eager_ms"] / row["rebuild_eager_ms"],
                max_diff_vs_dense=(ours().float() - ref).abs().max().item())

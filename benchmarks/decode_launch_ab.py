@@ -29,7 +29,9 @@ real_info = L._info
 res = {"gpu": torch.cuda.get_device_name(), "hooks": None}
 try:
     from triton import knobs
-    res["hooks"] = [repr(getattr(h, "calls", h)) for h in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)]
+    rt = knobs.runtime
+    res["hooks"] = [repr(getattr(h, "calls", h))
+                    for h in (rt.launch_enter_hook, rt.launch_exit_hook)]
 except Exception as e:
     res["hooks"] = repr(e)
 for T in (16384, 131072, 1048576):
@@ -58,7 +60,9 @@ for T in (16384, 131072, 1048576):
             torch.cuda.synchronize()
             c0 = CALLS[0]
             for i in range(200):
-                t0 = time.perf_counter_ns(); fn(); R[mode]["host"].append(time.perf_counter_ns() - t0)
+                t0 = time.perf_counter_ns()
+                fn()
+                R[mode]["host"].append(time.perf_counter_ns() - t0)
                 if i % 25 == 24:
                     torch.cuda.synchronize()
             torch.cuda.synchronize()

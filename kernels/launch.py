@@ -36,7 +36,7 @@ import torch
 _KERNELS: dict = {}  # (kernel, device, key) -> Triton's compiled kernel
 _INFO: dict = {}  # kernel -> (constexpr flag of each parameter, names), or None: Triton's path
 _MAX_KEYS = 1024  # a bound on the table: it is emptied when full (keys are then found again)
-_RUNTIME: list = []  # Triton's runtime knobs (launch hooks)
+_RUNTIME: dict = {}  # "knobs": Triton's runtime knobs (launch hooks), once a kernel is known
 _Tensor = torch.Tensor
 
 
@@ -54,7 +54,7 @@ def _info(kernel):
                 and hasattr(torch._C, "_cuda_getCurrentRawStream")):
             info = (tuple(bool(p.is_constexpr) for p in kernel.params),
                     tuple(p.name for p in kernel.params))
-            _RUNTIME.append(knobs.runtime)
+            _RUNTIME["knobs"] = knobs.runtime
     except Exception:  # a Triton laid out otherwise
         info = None
     _INFO[kernel] = info
@@ -64,7 +64,7 @@ def _info(kernel):
 def _hooked() -> bool:
     """Launch hooks installed (a profiler): Triton's path calls them. (Newer Tritons keep an
     empty chain of hooks where none is installed.)"""
-    rt = _RUNTIME[0]
+    rt = _RUNTIME["knobs"]
     for hook in (rt.launch_enter_hook, rt.launch_exit_hook):
         if hook is not None and getattr(hook, "calls", True):
             return True

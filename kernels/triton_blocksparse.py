@@ -26,27 +26,28 @@ Launch: two kernels, no host synchronisation; one given the search's order keys.
   grid axis 0, the programs of one group consecutive, so that those that read the same key blocks
   run together and share them in L2; batch row x kv head on axis 1. The HP heads' rows are stacked
   in one tile of HP * BLOCK_M rows: they share positions, lists, masks and every key and value
-  loaded, so a query block of 64 rows fills a 256-row tile with the 4 heads of a kv head. A tile lies inside one query
-  block (BLOCK_M divides q_block) and reads its block's row. FlashAttention-2 online softmax
-  (running max and sum in float32, exp2 with scale*log2(e) folded in, float32 accumulator, tl.dot on
-  the inputs' dtype; IEEE float32 products for float32 inputs): first the whole listed blocks (no
-  mask), BLOCK_N keys per step (k_block / BLOCK_N steps per block, or BLOCK_N / k_block blocks per
-  step, the last such step masked), the key offset idx * k_block in int64, idx picked out of the
-  list row loaded once into registers (an index loaded inside the loop makes the key loads
-  indirect, which Triton's pipeliner prefetches only one step ahead: 14% slower, measured); then
-  the partial block, keys >= T masked; then the diagonal, the key tiles below the tile's first
-  query without a mask and the rest with key <= query and key < T. Rows outside the call's queries
-  are masked on load and store. With WRITE_LSE (a constexpr: the default launch compiles without
-  it) the tile also stores (m + log2 l) ln 2 of its rows.
+  loaded, so a query block of 64 rows fills a 256-row tile with the 4 heads of a kv head. A tile
+  lies inside one query block (BLOCK_M divides q_block) and reads its block's row. FlashAttention-2
+  online softmax (running max and sum in float32, exp2 with scale*log2(e) folded in, float32
+  accumulator, tl.dot on the inputs' dtype; IEEE float32 products for float32 inputs): first the
+  whole listed blocks (no mask), BLOCK_N keys per step (k_block / BLOCK_N steps per block, or
+  BLOCK_N / k_block blocks per step, the last such step masked), the key offset idx * k_block in
+  int64, idx picked out of the list row loaded once into registers (an index loaded inside the loop
+  makes the key loads indirect, which Triton's pipeliner prefetches only one step ahead: 14%
+  slower, measured); then the partial block, keys >= T masked; then the diagonal, the key tiles
+  below the tile's first query without a mask and the rest with key <= query and key < T. Rows
+  outside the call's queries are masked on load and store. With WRITE_LSE (a constexpr: the default
+  launch compiles without it) the tile also stores (m + log2 l) ln 2 of its rows.
 
-Default launch (`block_attention_triton`'s keyword arguments): tiles of 128 rows, BLOCK_N = 64
-keys, 8 warps, 3 pipeline stages (the Hopper FlashAttention forward shape); BLOCK_M shrinks to the
-call's rows (16 for one decoded token) and to q_block, HP grows to fill 256 rows where a head's
-rows are 32 to 64, the warps follow the tile's rows/16 (4 to 8), and stages and tiles shrink
-where a wide head dimension would exceed shared memory. Measured on an H100
-(Triton 3.6, bf16, B=1, Hq=32, Hkv=8, D=128, F=14 blocks listed per query block): 330-350 TFLOP/s
-of attended pairs (4 D pairs Hq / time) at 128K and 1M tokens; BLOCK_N = 128 (two listed blocks
-per step) and one loop masking whole blocks and diagonal alike were slower. Head dims
+Default launch (`block_attention_triton`'s keyword arguments): BLOCK_M = 128 rows of a head,
+BLOCK_N = 64 keys, 8 warps, 3 pipeline stages (the Hopper FlashAttention forward shape); BLOCK_M
+shrinks to the call's rows (16 for one decoded token) and to q_block, HP grows to fill 256 rows
+where a head's rows are 32 to 64, the warps follow the tile's rows/16 (4 to 8), and stages and
+tiles shrink where a wide head dimension would exceed shared memory. Measured on an H100 (Triton
+3.6, bf16, B=1, Hq=32, Hkv=8, D=128): 128x64 blocks with F=14 listed per query block, one head a
+program, 330-350 TFLOP/s of attended pairs (4 D pairs Hq / time) at 128K and 1M tokens (BLOCK_N =
+128, two listed blocks per step, and one loop masking whole blocks and diagonal alike were
+slower); the default's 64x32 blocks at 128K, 342 TFLOP/s with 4 heads a program (on an H200: 338, and 291 with one). Head dims
 up to 256 (padded to a power of two with masks). Under Triton's interpreter, whose bf16 products
 are wrong, bf16 products run in float32.
 """

@@ -318,7 +318,8 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
                                             n * B * Hkv)))
         MC = bs._ceil_div(bs._ceil_div(M, mparts), CB) * CB
         launch(
-            _exact_kernel, (n, B * Hkv, bs._ceil_div(M, MC)), qc, kc, kpm8 if kpm8 is not None else kc, ci, ex, *qstr,
+            _exact_kernel, (n, B * Hkv, bs._ceil_div(M, MC)),
+            qc, kc, kpm8 if kpm8 is not None else kc, ci, ex, *qstr,
             kc.stride(0), kc.stride(1), kc.stride(2),
             kpm8.stride(0) if kpm8 is not None else 0, ci.stride(0), ci.stride(1),
             ex.stride(0), ex.stride(1),
