@@ -46,10 +46,10 @@ where a head's rows are 32 to 64, the warps follow the tile's rows/16 (4 to 8), 
 tiles shrink where a wide head dimension would exceed shared memory. Measured on an H100 (Triton
 3.6, bf16, B=1, Hq=32, Hkv=8, D=128): 128x64 blocks with F=14 listed per query block, one head a
 program, 330-350 TFLOP/s of attended pairs (4 D pairs Hq / time) at 128K and 1M tokens (BLOCK_N =
-128, two listed blocks per step, and one loop masking whole blocks and diagonal alike were
-slower); the default's 64x32 blocks at 128K, 342 TFLOP/s with 4 heads a program (on an H200: 338, and 291 with one). Head dims
-up to 256 (padded to a power of two with masks). Under Triton's interpreter, whose bf16 products
-are wrong, bf16 products run in float32.
+128, two listed blocks per step, and one loop masking whole blocks and diagonal alike were slower);
+the default's 64x32 blocks at 128K, 342 TFLOP/s with 4 heads a program (on an H200: 338, and 291
+with one). Head dims up to 256 (padded to a power of two with masks). Under Triton's interpreter,
+whose bf16 products are wrong, bf16 products run in float32.
 """
 
 from __future__ import annotations
