@@ -31,13 +31,13 @@ Launch: two kernels, no host synchronisation; one given the search's order keys.
   online softmax (running max and sum in float32, exp2 with scale*log2(e) folded in, float32
   accumulator, tl.dot on the inputs' dtype; IEEE float32 products for float32 inputs): first the
   whole listed blocks (no mask), BLOCK_N keys per step (k_block / BLOCK_N steps per block, or
-  BLOCK_N / k_block blocks per step, the last such step masked), the key offset idx * k_block in
-  int64, idx picked out of the list row loaded once into registers (an index loaded inside the loop
-  makes the key loads indirect, which Triton's pipeliner prefetches only one step ahead: 14%
-  slower, measured); then the partial block, keys >= T masked; then the diagonal, the key tiles
-  below the tile's first query without a mask and the rest with key <= query and key < T. Rows
-  outside the call's queries are masked on load and store. With WRITE_LSE (a constexpr: the default
-  launch compiles without it) the tile also stores (m + log2 l) ln 2 of its rows.
+  BLOCK_N / k_block blocks per step, then the blocks left over one a step), the key offset idx *
+  k_block in int64, idx picked out of the list row loaded once into registers (an index loaded
+  inside the loop makes the key loads indirect, which Triton's pipeliner prefetches only one step
+  ahead: 14% slower, measured); then the partial block, keys >= T masked; then the diagonal, the
+  key tiles below the tile's first query without a mask and the rest with key <= query and key <
+  T. Rows outside the call's queries are masked on load and store. With WRITE_LSE (a constexpr:
+  the default launch compiles without it) the tile also stores (m + log2 l) ln 2 of its rows.
 
 Default launch (`block_attention_triton`'s keyword arguments): BLOCK_M = 128 rows of a head,
 BLOCK_N = 64 keys, 8 warps, 3 pipeline stages (the Hopper FlashAttention forward shape); BLOCK_M
@@ -293,13 +293,14 @@ def _fwd_kernel(Q, K, V, O, LST, LSE,
             acc, l_i, m_i = _attend(acc, l_i, m_i, q, kbase, vbase, kpos, qpos, T, skn, svn,
                                     qk_scale, tbase, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, False, False,
                                     IEEE, DOT_F32, K_BLOCK, HAS_TAB)
-        if cnt % NB > 0:  # the last cnt % NB blocks; the other lanes point at T (masked)
-            j = (cnt // NB) * NB + lane // K_BLOCK
-            idx = tl.sum(tl.where(slot[None, :] == j[:, None], ids[None, :], 0), 1)
-            kpos = tl.where(j < cnt, idx.to(tl.int64) * K_BLOCK + lane % K_BLOCK, T)
-            acc, l_i, m_i = _attend(acc, l_i, m_i, q, kbase, vbase, kpos, qpos, T, skn, svn,
-                                    qk_scale, tbase, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, True, False,
-                                    IEEE, DOT_F32, K_BLOCK, HAS_TAB)
+        # the last cnt % NB blocks one at a time, unmasked (a step of NB blocks with lanes
+        # masked would compute keys it throws away: 33 blocks at 64 keys a step wasted 32 keys)
+        lane_k = tl.arange(0, K_BLOCK)
+        for r in range((cnt // NB) * NB, cnt):
+            idx = tl.sum(tl.where(slot == r, ids, 0)).to(tl.int64)
+            acc, l_i, m_i = _attend(acc, l_i, m_i, q, kbase, vbase, idx * K_BLOCK + lane_k, qpos,
+                                    T, skn, svn, qk_scale, tbase, D, DV, K_BLOCK, BLOCK_D,
+                                    BLOCK_DV, False, False, IEEE, DOT_F32, K_BLOCK, HAS_TAB)
     # the partial last block, if listed: keys >= T masked
     if part >= 0:
         for s in range(0, SUB):
