@@ -167,6 +167,19 @@ def decode_row(T, a, cfg):
                update_ms=timed(lambda: cache.update(k, T - 1), 20, warm=3))
     row["sdpa_graph_ms"] = time_graph(sdpa)
     row["graph_ms"] = time_graph(ours)
+    if a.decode_split_ab:  # the same token with each tile's keys walked by one program
+        from slcompile.kernels import triton_blocksparse as tba
+        split_out = ours().float()
+        tba._MAX_SPLIT, max_split = 1, tba._MAX_SPLIT
+        try:
+            row.update(unsplit_graph_ms=time_graph(ours),
+                       unsplit_direct_eager_ms=timed(direct, 20, warm=3),
+                       unsplit_max_diff=(ours().float() - split_out).abs().max().item())
+            if a.profile_decode:
+                row["unsplit_profile_us_per_token"] = {
+                    n: round(ms * 1e3, 1) for n, ms in profile_ms(ours, 10).items()}
+        finally:
+            tba._MAX_SPLIT = max_split
     if a.profile_decode:  # where a token's GPU time goes (kernel times, eager calls)
         row["profile_us_per_token"] = {n: round(ms * 1e3, 1)
                                        for n, ms in profile_ms(ours, 10).items()}
@@ -222,6 +235,9 @@ def main():
                          "CUDA graphs; block summaries kept with the cache)")
     ap.add_argument("--profile-decode", action="store_true",
                     help="kernel times of a decoded token (torch.profiler)")
+    ap.add_argument("--decode-split-ab", action="store_true",
+                    help="also time the decoded token with one program a tile (no split of its "
+                         "key blocks)")
     ap.add_argument("--profile-search", action="store_true",
                     help="kernel times of one prefill search (torch.profiler)")
     ap.add_argument("--out", default=None)

@@ -74,6 +74,10 @@ _COMPACT_ROWS = 32  # list rows per program of _compact_kernel
 # rows of a tile of stacked query heads: at 128K (H200, bf16, 32/8 heads of 128, the default's
 # 64-row query blocks) the attention took 6.9 ms with 4 heads a program, 7.5 with 2, 8.0 with 1
 _STACK_ROWS = 256
+# one query block given the search's keys (a decoded token: B * Hkv * G tiles of one valid row):
+# the tiles' key blocks are shared out until the launch has about this many programs
+_SPLIT_PROGRAMS = 256
+_MAX_SPLIT = 16
 
 
 def _interpreted() -> bool:
@@ -210,6 +214,23 @@ def _span(acc, l_i, m_i, q, kbase, vbase, lo, hi, qpos, skn, svn, qk_scale, tbas
     return acc, l_i, m_i
 
 
+@triton.jit
+def _tile_rows(pid, bh, Hkv, Lq, front, tile0, G: tl.constexpr, HP: tl.constexpr,
+               BLOCK_M: tl.constexpr):
+    """The rows of program pid's tile (HP heads of BLOCK_M rows, head-major): (batch row, kv
+    head, each row's query head, the tile's first row r0 among the rows from q0 on, each row's
+    index among the call's queries, whether it is one of them)."""
+    g0 = (pid % (G // HP)) * HP
+    tile = tile0 + pid // (G // HP)
+    b = bh // Hkv
+    hkv = bh % Hkv
+    lane_m = tl.arange(0, HP * BLOCK_M)
+    hq = (hkv * G + g0 + lane_m // BLOCK_M).to(tl.int64)
+    r0 = tile * BLOCK_M
+    qi = r0 + lane_m % BLOCK_M - front
+    return b, hkv, hq, r0, qi, (qi >= 0) & (qi < Lq)
+
+
 @triton.jit(do_not_specialize=["Lq", "T", "nQ", "front", "q0", "tile0", "NKEYS"])
 def _fwd_kernel(Q, K, V, O, LST, LSE,
                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, slb, slh,
@@ -221,28 +242,24 @@ def _fwd_kernel(Q, K, V, O, LST, LSE,
                 NB: tl.constexpr, FP: tl.constexpr, IEEE: tl.constexpr,
                 DOT_F32: tl.constexpr, WRITE_LSE: tl.constexpr, TAB, stab,
                 HAS_TAB: tl.constexpr, KEYS, s_kbh, s_kn, NKEYS, SB, WB, PER_Q,
-                KEYS_TOPK: tl.constexpr, KP: tl.constexpr, IDX_BITS: tl.constexpr):
+                KEYS_TOPK: tl.constexpr, KP: tl.constexpr, IDX_BITS: tl.constexpr,
+                SPLIT: tl.constexpr, PACC, PML):
     """SUB steps per listed block (BLOCK_N <= K_BLOCK) or NB listed blocks per step. HP query
     heads of the kv group per program: the tile stacks their BLOCK_M rows (head-major), which
     share positions, lists and every key and value loaded. HAS_TAB: paged keys and values (row
     bh of TAB: the slot of each key block). KEYS_TOPK > 0: no list; the query block attends its
     SB sink and WB window blocks (two key ranges) and the blocks of the KEYS_TOPK largest of its
     NKEYS order keys in KEYS (the search's ``exact_keys``), every one whole and before the
-    block."""
+    block. SPLIT > 1 (with KEYS_TOPK): SPLIT programs share a tile's key blocks (sinks, window,
+    kept: one block a step, every SPLIT-th) and the last also the diagonal; each writes its
+    running max, sum and accumulator into PML and PACC for `_combine_kernel`."""
     pid = tl.program_id(0)
+    sp = pid % SPLIT  # this program's share of the tile's key blocks
+    pid = pid // SPLIT
     bh = tl.program_id(1).to(tl.int64)  # batch row x kv head
-    g0 = (pid % (G // HP)) * HP
-    tile = tile0 + pid // (G // HP)
-    b = bh // Hkv
-    hkv = bh % Hkv
-    lane_m = tl.arange(0, HP * BLOCK_M)
-    hq = (hkv * G + g0 + lane_m // BLOCK_M).to(tl.int64)  # each row's query head
-    r0 = tile * BLOCK_M  # first row of the tile among the rows from q0 = j0 * Q_BLOCK on
+    b, hkv, hq, r0, qi, row_ok = _tile_rows(pid, bh, Hkv, Lq, front, tile0, G, HP, BLOCK_M)
     n = r0 // Q_BLOCK  # query block (in the call) of the whole tile
-    rows = r0 + lane_m % BLOCK_M
-    qi = rows - front  # index among the call's queries
-    row_ok = (qi >= 0) & (qi < Lq)
-    qpos = q0 + rows
+    qpos = q0 + qi + front
     offd = tl.arange(0, BLOCK_D)
     offdv = tl.arange(0, BLOCK_DV)
     q = tl.load(Q + b * sqb + hq[:, None] * sqh + qi.to(tl.int64)[:, None] * sqm + offd[None, :],
@@ -256,13 +273,15 @@ def _fwd_kernel(Q, K, V, O, LST, LSE,
     lane = tl.arange(0, BLOCK_N)
     if KEYS_TOPK > 0:  # sinks, window, then the kept blocks: the best keys, sorted here
         before = (q0 // Q_BLOCK + n).to(tl.int64) * PER_Q  # key blocks wholly before the block
-        acc, l_i, m_i = _span(acc, l_i, m_i, q, kbase, vbase, 0, tl.minimum(SB, before) * K_BLOCK,
-                              qpos, skn, svn, qk_scale, tbase, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV,
-                              IEEE, DOT_F32, K_BLOCK, HAS_TAB)
-        acc, l_i, m_i = _span(acc, l_i, m_i, q, kbase, vbase,
-                              tl.maximum(tl.maximum(SB, before - WB), 0) * K_BLOCK,
-                              before * K_BLOCK, qpos, skn, svn, qk_scale, tbase, D, DV, BLOCK_N,
-                              BLOCK_D, BLOCK_DV, IEEE, DOT_F32, K_BLOCK, HAS_TAB)
+        n_sink = tl.minimum(SB, before)
+        w_lo = tl.maximum(tl.maximum(SB, before - WB), 0)
+        if SPLIT == 1:
+            acc, l_i, m_i = _span(acc, l_i, m_i, q, kbase, vbase, 0, n_sink * K_BLOCK, qpos, skn,
+                                  svn, qk_scale, tbase, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, IEEE,
+                                  DOT_F32, K_BLOCK, HAS_TAB)
+            acc, l_i, m_i = _span(acc, l_i, m_i, q, kbase, vbase, w_lo * K_BLOCK,
+                                  before * K_BLOCK, qpos, skn, svn, qk_scale, tbase, D, DV,
+                                  BLOCK_N, BLOCK_D, BLOCK_DV, IEEE, DOT_F32, K_BLOCK, HAS_TAB)
         slot = tl.arange(0, KP)
         keys = tl.load(KEYS + bh * s_kbh + n * s_kn + slot, mask=slot < NKEYS,
                        other=-9223372036854775808)
@@ -278,7 +297,16 @@ def _fwd_kernel(Q, K, V, O, LST, LSE,
         slot = tl.arange(0, FP)
         ids = tl.load(lrow + slot, mask=slot < F, other=0)  # slots >= cnt are never picked
     # whole listed blocks: no mask
-    if NB == 1:
+    if SPLIT > 1:  # blocks u = sp, sp + SPLIT, ... of sinks, window and kept blocks, one a step
+        n_win = tl.maximum(before - w_lo, 0)
+        lane_k = tl.arange(0, K_BLOCK)
+        for u in range(sp, n_sink + n_win + cnt, SPLIT):
+            kth = tl.sum(tl.where(slot == u - n_sink - n_win, ids, 0)).to(tl.int64)
+            idx = tl.where(u < n_sink, u, tl.where(u < n_sink + n_win, w_lo + u - n_sink, kth))
+            acc, l_i, m_i = _attend(acc, l_i, m_i, q, kbase, vbase, idx * K_BLOCK + lane_k, qpos,
+                                    T, skn, svn, qk_scale, tbase, D, DV, K_BLOCK, BLOCK_D,
+                                    BLOCK_DV, False, False, IEEE, DOT_F32, K_BLOCK, HAS_TAB)
+    elif NB == 1:
         for it in range(0, cnt * SUB):
             idx = tl.sum(tl.where(slot == it // SUB, ids, 0)).to(tl.int64)
             kpos = idx * K_BLOCK + (it % SUB) * BLOCK_N + lane
@@ -314,6 +342,9 @@ def _fwd_kernel(Q, K, V, O, LST, LSE,
     first = q0 + r0
     free_end = lo + ((first + 1 - lo) // BLOCK_N) * BLOCK_N
     hi = tl.minimum(q0 + r0 + BLOCK_M, T)
+    if SPLIT > 1:  # the diagonal is the last program's (it has the fewest blocks)
+        free_end = tl.where(sp == SPLIT - 1, free_end, lo)
+        hi = tl.where(sp == SPLIT - 1, hi, lo)
     for start in range(lo, free_end, BLOCK_N):
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, kbase, vbase, start + lane, qpos, T, skn, svn,
                                 qk_scale, tbase, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, False, False,
@@ -322,6 +353,22 @@ def _fwd_kernel(Q, K, V, O, LST, LSE,
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, kbase, vbase, start + lane, qpos, T, skn, svn,
                                 qk_scale, tbase, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, False, True,
                                 IEEE, DOT_F32, K_BLOCK, HAS_TAB)
+    if SPLIT > 1:
+        r = ((bh * (tl.num_programs(0) // SPLIT) + pid) * SPLIT + sp) * (HP * BLOCK_M) + \
+            tl.arange(0, HP * BLOCK_M)
+        tl.store(PACC + r[:, None] * BLOCK_DV + offdv[None, :], acc, mask=row_ok[:, None])
+        tl.store(PML + 2 * r, m_i, mask=row_ok)
+        tl.store(PML + 2 * r + 1, l_i, mask=row_ok)
+    else:
+        _finish(acc, l_i, m_i, O, LSE, b, hq, qi, row_ok, sob, soh, som, slb, slh, DV, BLOCK_DV,
+                WRITE_LSE)
+
+
+@triton.jit
+def _finish(acc, l_i, m_i, O, LSE, b, hq, qi, row_ok, sob, soh, som, slb, slh, DV: tl.constexpr,
+            BLOCK_DV: tl.constexpr, WRITE_LSE: tl.constexpr):
+    """Store acc / l (zeros for a row with no key) and, with WRITE_LSE, (m + log2 l) ln 2."""
+    offdv = tl.arange(0, BLOCK_DV)
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     tl.store(O + b * sob + hq[:, None] * soh + qi.to(tl.int64)[:, None] * som + offdv[None, :],
@@ -330,6 +377,34 @@ def _fwd_kernel(Q, K, V, O, LST, LSE,
         lse = tl.where(has, (m_i + tl.math.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453,
                        float("-inf"))
         tl.store(LSE + b * slb + hq * slh + qi.to(tl.int64), lse, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["Lq", "front", "tile0"])
+def _combine_kernel(PACC, PML, O, LSE, sob, soh, som, slb, slh, Hkv, Lq, front, tile0,
+                    G: tl.constexpr, BLOCK_M: tl.constexpr, HP: tl.constexpr, DV: tl.constexpr,
+                    BLOCK_DV: tl.constexpr, SPLIT: tl.constexpr, WRITE_LSE: tl.constexpr):
+    """One tile of `_fwd_kernel` with SPLIT > 1: its SPLIT partial softmaxes merged (running
+    maxima in the exp2 domain), then stored as the forward stores an unsplit tile."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, hkv, hq, r0, qi, row_ok = _tile_rows(pid, bh, Hkv, Lq, front, tile0, G, HP, BLOCK_M)
+    base = (bh * tl.num_programs(0) + pid) * SPLIT * (HP * BLOCK_M) + tl.arange(0, HP * BLOCK_M)
+    offdv = tl.arange(0, BLOCK_DV)
+    m = tl.full([HP * BLOCK_M], float("-inf"), tl.float32)
+    for s in range(SPLIT):
+        m = tl.maximum(m, tl.load(PML + 2 * (base + s * HP * BLOCK_M), mask=row_ok,
+                                  other=float("-inf")))
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    l_i = tl.zeros([HP * BLOCK_M], tl.float32)
+    acc = tl.zeros([HP * BLOCK_M, BLOCK_DV], tl.float32)
+    for s in range(SPLIT):
+        r = base + s * HP * BLOCK_M
+        w = tl.math.exp2(tl.load(PML + 2 * r, mask=row_ok, other=float("-inf")) - m_use)
+        l_i += w * tl.load(PML + 2 * r + 1, mask=row_ok, other=0.0)
+        acc += w[:, None] * tl.load(PACC + r[:, None] * BLOCK_DV + offdv[None, :],
+                                    mask=row_ok[:, None], other=0.0)
+    _finish(acc, l_i, m, O, LSE, b, hq, qi, row_ok, sob, soh, som, slb, slh, DV, BLOCK_DV,
+            WRITE_LSE)
 
 
 def compact_lists(full: Tensor, T: int, q_block: int, k_block: int, j0: int, sink_blocks: int,
@@ -424,7 +499,8 @@ def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, full: Tensor, p0: in
                            num_stages: int = 3, out: Optional[Tensor] = None,
                            sink_blocks: int = 0, window_blocks: int = 0,
                            lse: Optional[Tensor] = None, keys_topk: int = 0,
-                           table: Optional[Tensor] = None, heads: Optional[int] = None) -> Tensor:
+                           table: Optional[Tensor] = None, heads: Optional[int] = None,
+                           split: Optional[int] = None) -> Tensor:
     """Block-sparse attention of the queries at p0..p0+Lq-1 (module docstring; docs/blocksparse.md).
 
     q [B, Hq, Lq, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv] (one dtype: fp32, bf16 or fp16; Hq a
@@ -439,7 +515,10 @@ def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, full: Tensor, p0: in
     log-sum-exp of its scaled logits (-inf for a query with no key). block_m, block_n, num_warps,
     num_stages: the launch shape for a long call (fitted to short calls); heads: query heads of a
     kv group stacked in one program's tile (`_launch_shape` picks by default). table: paged keys and
-    values (`blocksparse.check_table`; k and v share the slots): T = table.shape[2] * k_block."""
+    values (`blocksparse.check_table`; k and v share the slots): T = table.shape[2] * k_block.
+    split: with keys_topk, programs sharing each tile's key blocks, a power of two (`_split`
+    picks by default: a decoded token's 32 tiles would each walk ~1,100 keys alone); their
+    partial softmaxes are merged by a second launch."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or full.dim() != 4:
         raise ValueError("block_attention_triton: q, k, v and full must be 4-D")
     check_arguments("block_attention_triton", q, k, v, q_block, k_block)
@@ -492,8 +571,18 @@ def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, full: Tensor, p0: in
     tile0 = front // BM
     ntiles = (front + Lq - 1) // BM - tile0 + 1
     grid = (ntiles * (G // HP), B * Hkv)
+    if split is None:
+        split = _split(grid[0] * grid[1]) if keys_topk else 1
+    elif split < 1 or split & (split - 1) or (split > 1 and not keys_topk):
+        raise ValueError(f"block_attention_triton: split={split} is not a power of two >= 1 "
+                         f"(above 1 only with keys_topk)")
+    pacc = pml = out  # split: the partial accumulators and (max, sum) pairs, float32
+    if split > 1:
+        rows = B * Hkv * grid[0] * split * HP * BM
+        pacc = torch.empty(rows * (BDV + 2), dtype=torch.float32, device=q.device)
+        pml = pacc[rows * BDV:]
     launch(
-        _fwd_kernel, grid, q, k, v, out, lst, out if lse is None else lse,
+        _fwd_kernel, (grid[0] * split, grid[1]), q, k, v, out, lst, out if lse is None else lse,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         *((0, 0) if lse is None else lse.stride()[:2]),
         Hkv, Lq, T, nQ, F, F + 2, front, j0 * q_block, tile0, float(scale) * _LOG2E,
@@ -507,5 +596,20 @@ def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, full: Tensor, p0: in
         s_kn=full.stride(1) if keys_topk else 0, NKEYS=full.shape[-1] if keys_topk else 0,
         SB=sink_blocks, WB=window_blocks, PER_Q=q_block // k_block, KEYS_TOPK=keys_topk,
         KP=_pow2(full.shape[-1]) if keys_topk else 1, IDX_BITS=_IDX_BITS,
+        SPLIT=split, PACC=pacc, PML=pml,
         num_warps=warps, num_stages=stages)
+    if split > 1:
+        launch(_combine_kernel, grid, pacc, pml, out, out if lse is None else lse,
+               *out.stride()[:3], *((0, 0) if lse is None else lse.stride()[:2]),
+               Hkv, Lq, front, tile0, G=G, BLOCK_M=BM, HP=HP, DV=Dv, BLOCK_DV=BDV, SPLIT=split,
+               WRITE_LSE=lse is not None, num_warps=4)
     return out
+
+
+def _split(programs: int) -> int:
+    """Programs sharing a tile's key blocks where the search's keys are given: a power of two
+    that brings the launch to about _SPLIT_PROGRAMS programs, at most _MAX_SPLIT."""
+    split = 1
+    while split < _MAX_SPLIT and 2 * split * programs <= _SPLIT_PROGRAMS:
+        split *= 2
+    return split

@@ -328,3 +328,53 @@ def test_order_keys_pick_the_kept_blocks_in_the_kernel(p0, Lq, kb, launch):
         kp, vp, table = paged(g, kb, k, v)
         got = _kernel(q, kp, vp, keys.to(DEV), p0, keys_topk=K, table=table, **kw)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("p0,Lq,kb,launch,with_lse", [
+    (1299, 1, 16, dict(), False),                  # a decoded token: the default split
+    (1299, 1, 32, dict(split=4), True),
+    (1300, 20, 16, dict(block_n=16, split=8), True),   # a chunk
+    (1024, 64, 32, dict(block_n=64, split=2), False),  # a whole query block, stacked heads
+    (90, 1, 16, dict(split=16), True),             # fewer blocks than programs sharing them
+])
+def test_split_tiles_give_what_one_program_gives(p0, Lq, kb, launch, with_lse):
+    """With the search's keys, programs that share a tile's key blocks (every split-th block, the
+    last program the diagonal) and the launch that merges their partial softmaxes give what one
+    program a tile gives, log-sum-exp included, and match the reference."""
+    from slcompile.kernels.triton_blocksparse_search import _NO_KEY
+    T, qb, W, S, K, Hq, Hkv = p0 + Lq, 64, 96, 40, 5, 8, 2
+    g, q, k, v = _inputs(p0 + kb + Lq, 1, Hq, Hkv, T, Lq, 32, 32, torch.float32)
+    nK, sb, wb, per_q = bs.geometry(T, W, S, qb, kb)
+    j0, nQ = p0 // qb, n_query_blocks(p0, Lq, qb)
+    M = 12
+    keys = torch.full((1, Hkv, nQ, M), _NO_KEY, dtype=torch.int64)
+    kept = torch.full((1, Hkv, nQ, K), -1, dtype=torch.int32)
+    for h in range(Hkv):
+        for n in range(nQ):
+            cand = torch.arange(sb, max(sb, (j0 + n) * per_q - wb))
+            cand = cand[torch.randperm(len(cand), generator=g)][:M - 1]
+            score = torch.randn(len(cand), generator=g)
+            keys[0, h, n, torch.randperm(M, generator=g)[:len(cand)]] = bs._order_key(score, cand)
+            kept[0, h, n, :min(K, len(cand))] = cand[score.argsort(descending=True)[:K]].int()
+    kw = dict(q_block=qb, k_block=kb, scale=0.3, sink_blocks=sb, window_blocks=wb)
+    split = launch.pop("split", None)
+    if split is None:  # the default: 32 tiles of one row here, shared out
+        assert TB._split(Hq * 1) > 1
+    lses = []
+    outs = []
+    for sp in (1, split):
+        lse = torch.full((1, Hq, Lq), float("nan"), device=DEV) if with_lse else None
+        outs.append(_kernel(q, k, v, keys.to(DEV), p0, keys_topk=K, split=sp, lse=lse, **kw,
+                            **launch))
+        lses.append(lse)
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+    if lses[0] is not None:
+        assert not torch.isnan(lses[1]).any()
+        torch.testing.assert_close(lses[1], lses[0], atol=1e-5, rtol=1e-5)
+    ref = bs.block_attention(q, k, v, kept.to(DEV), None, p0, window=W, sinks=S, q_block=qb,
+                             k_block=kb, scale=0.3)
+    torch.testing.assert_close(outs[1], ref, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="split=3"):
+        TB.block_attention_triton(q, k, v, keys.to(DEV), p0, keys_topk=K, split=3, **kw)
+    with pytest.raises(ValueError, match="split=2"):
+        TB.block_attention_triton(q, k, v, kept.to(DEV), p0, split=2, **kw)
