@@ -165,9 +165,16 @@ def _exact_kernel(Q, K, KPM, CI, OUT,
         if HAS_KPM:
             pres = tl.load(KPM + b * s_kpm_b + pos, mask=ok, other=0)
             ok = ok & (pres != 0)
-        if HAS_TAB:  # paged keys: block blk sits in slot TAB[bh, blk]
-            slot = tl.load(TAB + bh * s_tab_bh + blk, mask=ok, other=0).to(tl.int64)
-            row = tl.maximum(slot, 0) * KB + j % KB
+        if HAS_TAB:  # paged keys: block blk sits in slot TAB[bh, blk], read once a candidate
+            # (a lane-wise read masked by ok failed Triton 3.6's layout pass on sm_90)
+            mc = m0 + cb
+            key_c = tl.load(ci + mc // F, mask=mc < end, other=-9223372036854775808)
+            blk_c = tl.where(key_c == -9223372036854775808, -1,
+                             key_c & ((1 << IDX_BITS) - 1)) * F + mc % F
+            use = (mc < end) & (blk_c >= sb) & (blk_c < lim)
+            slot = tl.load(TAB + bh * s_tab_bh + tl.where(use, blk_c, 0)).to(tl.int64)
+            slot = tl.reshape(tl.broadcast_to(tl.maximum(slot, 0)[:, None], (CB, KB)), (CB * KB,))
+            row = slot * KB + j % KB
         else:
             row = pos
         kt = tl.load(kbase + row[:, None] * s_k_t + d[None, :],
