@@ -31,6 +31,8 @@ outputs, and no call reaching Triton's ``run`` once the keys are known.
 
 from __future__ import annotations
 
+from operator import itemgetter
+
 import torch
 
 _KERNELS: dict = {}  # (kernel, device, key) -> Triton's compiled kernel
@@ -40,9 +42,20 @@ _RUNTIME: dict = {}  # "knobs": Triton's runtime knobs (launch hooks), once a ke
 _Tensor = torch.Tensor
 
 
+def _getters(constexpr) -> tuple:
+    """(constexpr values, runtime values): two functions of a call's values."""
+    def getter(idx):
+        if len(idx) == 1:
+            return lambda values, i=idx[0]: (values[i],)
+        return itemgetter(*idx) if idx else (lambda values: ())
+    return (getter([i for i, c in enumerate(constexpr) if c]),
+            getter([i for i, c in enumerate(constexpr) if not c]))
+
+
 def _info(kernel):
-    """(constexpr flags, parameter names) of a compiled-mode Triton kernel whose launches can be
-    direct, else None (the interpreter, a Triton laid out otherwise, pre-run hooks)."""
+    """(constexpr flags, parameter names, `_getters`) of a compiled-mode Triton kernel whose
+    launches can be direct, else None (the interpreter, a Triton laid out otherwise, pre-run
+    hooks)."""
     info = _INFO.get(kernel, _INFO)
     if info is not _INFO:
         return info
@@ -52,8 +65,8 @@ def _info(kernel):
         from triton.runtime.jit import JITFunction
         if (isinstance(kernel, JITFunction) and not kernel.pre_run_hooks
                 and hasattr(torch._C, "_cuda_getCurrentRawStream")):
-            info = (tuple(bool(p.is_constexpr) for p in kernel.params),
-                    tuple(p.name for p in kernel.params))
+            constexpr = tuple(bool(p.is_constexpr) for p in kernel.params)
+            info = (constexpr, tuple(p.name for p in kernel.params), _getters(constexpr))
             _RUNTIME["knobs"] = knobs.runtime
     except Exception:  # a Triton laid out otherwise
         info = None
@@ -71,16 +84,25 @@ def _hooked() -> bool:
     return False
 
 
+def _key(getters, values, options) -> tuple:
+    key = [options, getters[0](values)]  # the constexprs by value
+    add = key.append
+    for v in getters[1](values):
+        c = v.__class__
+        if c is int:
+            add(v if v < 16 else (v & 15 == 0, v > 0x7FFFFFFF, v > 0x7FFFFFFFFFFFFFFF))
+        elif c is float:
+            add(float)
+        elif isinstance(v, _Tensor):
+            add((v.dtype, v.data_ptr() & 15 == 0))
+        else:
+            add(v)
+    return tuple(key)
+
+
 def key_of(constexpr, values, options) -> tuple:
     """`launch`'s key of a call's values (in the kernel's parameter order)."""
-    return (options, tuple([
-        v if c
-        else (v if v < 16 else (v & 15 == 0, v > 0x7FFFFFFF, v > 0x7FFFFFFFFFFFFFFF))
-        if v.__class__ is int
-        else (v.dtype, v.data_ptr() & 15 == 0) if isinstance(v, _Tensor)
-        else float if v.__class__ is float
-        else v
-        for v, c in zip(values, constexpr)]))
+    return _key(_getters(constexpr), values, options)
 
 
 def launch(kernel, grid, *args, num_warps: int, num_stages=None, **kw) -> None:
@@ -94,13 +116,13 @@ def launch(kernel, grid, *args, num_warps: int, num_stages=None, **kw) -> None:
     if info is None or _hooked():
         kernel[grid](*args, **opts, **kw)
         return
-    constexpr, names = info
+    _, names, getters = info
     if len(args) + len(kw) != len(names):  # every parameter, and nothing else (no other option)
         raise TypeError(f"launch: {kernel.__name__} takes {len(names)} parameters, got "
                         f"{len(args)} positional and {sorted(kw)}")
     values = args + tuple([kw[n] for n in names[len(args):]])
     device = torch.cuda.current_device()
-    key = (kernel, device, key_of(constexpr, values, (num_warps, num_stages)))
+    key = (kernel, device, _key(getters, values, (num_warps, num_stages)))
     compiled = _KERNELS.get(key)
     if compiled is None:
         compiled = kernel[grid](*args, **opts, **kw)

@@ -15,6 +15,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import blocksparse as bs
 from . import dispatch, reference
 from .dispatch import force_triton  # noqa: F401  (public: tests route the CPU ops through Triton)
 
@@ -210,6 +211,17 @@ def _first_position(query_positions: Optional[Tensor], Lq: int, T: int) -> int:
     return p0
 
 
+_KERNEL_MODULES: list = []
+
+
+def _blocksparse_kernels():
+    """(triton_blocksparse, triton_blocksparse_search), imported once (Triton loads with them)."""
+    if not _KERNEL_MODULES:
+        from . import triton_blocksparse, triton_blocksparse_search
+        _KERNEL_MODULES[:] = [triton_blocksparse, triton_blocksparse_search]
+    return _KERNEL_MODULES
+
+
 @_custom_op("superlinear::block_sparse_attention")
 def block_sparse_attention(
     query: Tensor,
@@ -239,8 +251,6 @@ def block_sparse_attention(
     (0: block_rows); block_group: key blocks per stage-1 group; spread_rows: representative rows
     spread over the query block (last, with defaults that give the semantics of graphs exported
     before them, so that those load and run unchanged)."""
-    from . import blocksparse as bs
-
     if key.shape[2] <= dense_below:  # exact dense attention: any query positions (padded rows)
         from .reference import dense_attention
         return dense_attention(query, key, value, key_padding_mask, _positions(
@@ -254,8 +264,7 @@ def block_sparse_attention(
             query, key, value, key_padding_mask, p0, topk=topk, rows=block_rows, pool=block_pool,
             scale=scale, dense_below=dense_below, summary=block_summary, exact_rows=exact_rows,
             group=block_group, spread=spread_rows, **kw).contiguous()
-    from . import triton_blocksparse as tba
-    from . import triton_blocksparse_search as tss
+    tba, tss = _blocksparse_kernels()
     Lq = query.shape[2]
     # one query block (a decoded token, a short chunk): the attention picks the kept blocks from
     # stage 2's keys itself, so that no torch op runs between the launches
@@ -281,7 +290,6 @@ def _(query, key, value, *rest):
 
 def _block_select(query, key, kpm, p0, **kw):
     """The search of docs/blocksparse.md: the Triton kernels where Triton runs, else the reference."""
-    from . import blocksparse as bs
     if _use_triton(query.device):
         from . import triton_blocksparse_search as tss
         return tss.block_select_triton(query, key, kpm, p0, **kw)
@@ -293,7 +301,6 @@ def _block_attend(query, key, value, kept, p0, *, window, sinks, q_block, k_bloc
     """The attention of docs/blocksparse.md over given kept blocks (no key-padding mask): the
     Triton kernel where Triton runs, else the reference. table: paged keys and values
     (`blocksparse.check_table`)."""
-    from . import blocksparse as bs
     kw = dict(window=window, sinks=sinks, q_block=q_block, k_block=k_block)
     if not _use_triton(query.device):
         return bs.block_attention(query, key, value, kept, None, p0, scale=scale, table=table,
@@ -313,7 +320,6 @@ def _block_sparse_recompute(query, key, value, kpm, qpos, window, sinks, topk, s
     discrete, no gradient flows through it, as in the contract; it is deterministic, so it
     returns the forward's blocks), attended by the reference (`_bsa_backward` sends prefills to
     the Triton backward where Triton runs)."""
-    from . import blocksparse as bs
     from .reference import dense_attention
 
     B, Hq, Lq, _ = query.shape
@@ -338,7 +344,6 @@ def _bsa_backward_triton(query, key, value, grad, window, sinks, topk, scale, q_
                          block_rows, block_pool, exact_rows, block_group, spread_rows):
     """Gradients of a prefill through the Triton kernels: the search again (deterministic: the
     forward's blocks), the forward again for its log-sum-exp, then the backward kernels."""
-    from . import blocksparse as bs
     from . import triton_blocksparse as tba
     from .triton_blocksparse_backward import block_attention_backward_triton
 

@@ -243,7 +243,7 @@ def _fwd_kernel(Q, K, V, O, LST, LSE,
                 DOT_F32: tl.constexpr, WRITE_LSE: tl.constexpr, TAB, stab,
                 HAS_TAB: tl.constexpr, KEYS, s_kbh, s_kn, NKEYS, SB, WB, PER_Q,
                 KEYS_TOPK: tl.constexpr, KP: tl.constexpr, IDX_BITS: tl.constexpr,
-                SPLIT: tl.constexpr, PACC, PML):
+                SPLIT: tl.constexpr, PACC, ML0):
     """SUB steps per listed block (BLOCK_N <= K_BLOCK) or NB listed blocks per step. HP query
     heads of the kv group per program: the tile stacks their BLOCK_M rows (head-major), which
     share positions, lists and every key and value loaded. HAS_TAB: paged keys and values (row
@@ -252,7 +252,7 @@ def _fwd_kernel(Q, K, V, O, LST, LSE,
     NKEYS order keys in KEYS (the search's ``exact_keys``), every one whole and before the
     block. SPLIT > 1 (with KEYS_TOPK): SPLIT programs share a tile's key blocks (sinks, window,
     kept: one block a step, every SPLIT-th) and the last also the diagonal; each writes its
-    running max, sum and accumulator into PML and PACC for `_combine_kernel`."""
+    running max and sum (at PACC + ML0) and accumulator (PACC) for `_combine_kernel`."""
     pid = tl.program_id(0)
     sp = pid % SPLIT  # this program's share of the tile's key blocks
     pid = pid // SPLIT
@@ -357,8 +357,8 @@ def _fwd_kernel(Q, K, V, O, LST, LSE,
         r = ((bh * (tl.num_programs(0) // SPLIT) + pid) * SPLIT + sp) * (HP * BLOCK_M) + \
             tl.arange(0, HP * BLOCK_M)
         tl.store(PACC + r[:, None] * BLOCK_DV + offdv[None, :], acc, mask=row_ok[:, None])
-        tl.store(PML + 2 * r, m_i, mask=row_ok)
-        tl.store(PML + 2 * r + 1, l_i, mask=row_ok)
+        tl.store(PACC + ML0 + 2 * r, m_i, mask=row_ok)
+        tl.store(PACC + ML0 + 2 * r + 1, l_i, mask=row_ok)
     else:
         _finish(acc, l_i, m_i, O, LSE, b, hq, qi, row_ok, sob, soh, som, slb, slh, DV, BLOCK_DV,
                 WRITE_LSE)
@@ -380,7 +380,7 @@ def _finish(acc, l_i, m_i, O, LSE, b, hq, qi, row_ok, sob, soh, som, slb, slh, D
 
 
 @triton.jit(do_not_specialize=["Lq", "front", "tile0"])
-def _combine_kernel(PACC, PML, O, LSE, sob, soh, som, slb, slh, Hkv, Lq, front, tile0,
+def _combine_kernel(PACC, ML0, O, LSE, sob, soh, som, slb, slh, Hkv, Lq, front, tile0,
                     G: tl.constexpr, BLOCK_M: tl.constexpr, HP: tl.constexpr, DV: tl.constexpr,
                     BLOCK_DV: tl.constexpr, SPLIT: tl.constexpr, WRITE_LSE: tl.constexpr):
     """One tile of `_fwd_kernel` with SPLIT > 1: its SPLIT partial softmaxes merged (running
@@ -389,6 +389,7 @@ def _combine_kernel(PACC, PML, O, LSE, sob, soh, som, slb, slh, Hkv, Lq, front, 
     bh = tl.program_id(1).to(tl.int64)
     b, hkv, hq, r0, qi, row_ok = _tile_rows(pid, bh, Hkv, Lq, front, tile0, G, HP, BLOCK_M)
     base = (bh * tl.num_programs(0) + pid) * SPLIT * (HP * BLOCK_M) + tl.arange(0, HP * BLOCK_M)
+    PML = PACC + ML0
     offdv = tl.arange(0, BLOCK_DV)
     m = tl.full([HP * BLOCK_M], float("-inf"), tl.float32)
     for s in range(SPLIT):
@@ -480,8 +481,10 @@ def check_arguments(name: str, q: Tensor, k: Tensor, v: Tensor, q_block: int, k_
                          f"v {tuple(v.shape)} do not fit together")
     if Hkv == 0 or Hq % Hkv:
         raise ValueError(f"{name}: Hq={Hq} is not a multiple of Hkv={Hkv}")
-    tensors = dict(q=q, k=k, v=v, **same_dtype)
-    if q.dtype not in _DTYPES or any(x.dtype != q.dtype for x in tensors.values()):
+    dt = q.dtype
+    if (dt not in _DTYPES or k.dtype != dt or v.dtype != dt
+            or any(x.dtype != dt for x in same_dtype.values())):
+        tensors = dict(q=q, k=k, v=v, **same_dtype)
         raise ValueError(f"{name}: dtypes {', '.join(str(x.dtype) for x in tensors.values())}: "
                          f"{', '.join(tensors)} must share one of float32, bfloat16, float16")
     if D > 256 or Dv > 256:
@@ -576,11 +579,10 @@ def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, full: Tensor, p0: in
     elif split < 1 or split & (split - 1) or (split > 1 and not keys_topk):
         raise ValueError(f"block_attention_triton: split={split} is not a power of two >= 1 "
                          f"(above 1 only with keys_topk)")
-    pacc = pml = out  # split: the partial accumulators and (max, sum) pairs, float32
+    pacc, ml0 = out, 0  # split: the partial accumulators, then (max, sum) pairs from ml0 on
     if split > 1:
-        rows = B * Hkv * grid[0] * split * HP * BM
-        pacc = torch.empty(rows * (BDV + 2), dtype=torch.float32, device=q.device)
-        pml = pacc[rows * BDV:]
+        ml0 = B * Hkv * grid[0] * split * HP * BM * BDV
+        pacc = torch.empty(ml0 + 2 * ml0 // BDV, dtype=torch.float32, device=q.device)
     launch(
         _fwd_kernel, (grid[0] * split, grid[1]), q, k, v, out, lst, out if lse is None else lse,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
@@ -589,17 +591,17 @@ def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, full: Tensor, p0: in
         G=G, D=D, DV=Dv, Q_BLOCK=q_block, K_BLOCK=k_block, BLOCK_M=BM, HP=HP, BLOCK_N=BN,
         BLOCK_D=BD, BLOCK_DV=BDV, SUB=max(1, k_block // BN), NB=max(1, BN // k_block),
         FP=_pow2(F, 2),
-        IEEE=q.dtype == torch.float32, DOT_F32=_interpreted() and q.dtype == torch.bfloat16,
+        IEEE=q.dtype == torch.float32, DOT_F32=q.dtype == torch.bfloat16 and _interpreted(),
         WRITE_LSE=lse is not None, TAB=lst if table is None else table,
         stab=0 if table is None else table.stride(0), HAS_TAB=table is not None,
         KEYS=full, s_kbh=full.stride(0) if keys_topk else 0,
         s_kn=full.stride(1) if keys_topk else 0, NKEYS=full.shape[-1] if keys_topk else 0,
         SB=sink_blocks, WB=window_blocks, PER_Q=q_block // k_block, KEYS_TOPK=keys_topk,
         KP=_pow2(full.shape[-1]) if keys_topk else 1, IDX_BITS=_IDX_BITS,
-        SPLIT=split, PACC=pacc, PML=pml,
+        SPLIT=split, PACC=pacc, ML0=ml0,
         num_warps=warps, num_stages=stages)
     if split > 1:
-        launch(_combine_kernel, grid, pacc, pml, out, out if lse is None else lse,
+        launch(_combine_kernel, grid, pacc, ml0, out, out if lse is None else lse,
                *out.stride()[:3], *((0, 0) if lse is None else lse.stride()[:2]),
                Hkv, Lq, front, tile0, G=G, BLOCK_M=BM, HP=HP, DV=Dv, BLOCK_DV=BDV, SPLIT=split,
                WRITE_LSE=lse is not None, num_warps=4)
