@@ -1,0 +1,81 @@
+"""A decoded token's host time without a GPU: the default op as generate() reaches it
+(`superlinear::block_sparse_attention`'s implementation, no dispatcher, block summaries given) on
+CPU tensors, through the real Triton path (`launch.launch`, its keys and table) with only the
+compiled kernel's launcher (``CompiledKernel.run``) replaced by a no-op. It measures the Python
+that runs between a token's launches, which bounds an eager decode where the GPU work is short
+(benchmarks/RESULTS.md, "Decoding one token"); the launcher itself (5-7 us a launch on an H100
+host) is not included. Needs Triton, no GPU; TRITON_INTERPRET must be unset.
+
+    python benchmarks/decode_host_cpu.py --out benchmarks/data/decode_host_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import time
+
+import torch
+
+
+class _NoLaunch:
+    """A compiled kernel whose launch does nothing."""
+    function = packed_metadata = None
+
+    def run(self, *args):
+        pass
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--lengths", type=int, nargs="*", default=[16384, 131072, 1048576])
+    ap.add_argument("--calls", type=int, default=1000)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    from triton.runtime.jit import JITFunction
+    JITFunction.run = lambda self, *args, grid, warmup, **kw: _NoLaunch()
+    torch.cuda.current_device = lambda: 0
+    torch._C._cuda_getCurrentRawStream = lambda device: 0
+    from slcompile.kernels import launch as L, ops as kops
+    from slcompile.kernels.config import SuperlinearConfig
+    kops._use_triton = lambda device: True
+    c = SuperlinearConfig(dense_below=0)
+    f = kops.block_sparse_attention._init_fn  # what generate() reaches (no dispatcher)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    res = dict(commit=commit, date=time.strftime("%Y-%m-%d"), cpu=platform.processor() or
+               platform.machine(), torch=torch.__version__, hq=32, hkv=8, d=128, rows=[])
+    for T in a.lengths:
+        q = torch.randn(1, 32, 1, 128, dtype=torch.bfloat16)
+        k = torch.empty(1, 8, T, 128, dtype=torch.bfloat16)  # never touched: no pages
+        v = torch.empty(1, 8, T, 128, dtype=torch.bfloat16)
+        summ = torch.empty(1, 8, T // 256, 256, dtype=torch.bfloat16)
+        args = (q, k, v, None, None, c.window, c.sinks, c.topk, 128 ** -0.5, 0, c.q_block,
+                c.k_block, c.block_rows, c.block_pool, summ, c.exact_rows, c.block_group,
+                c.spread_rows)
+        for _ in range(50):
+            f(*args)
+        medians = []
+        for _ in range(a.rounds):
+            ts = []
+            for _ in range(a.calls):
+                t0 = time.perf_counter_ns()
+                f(*args)
+                ts.append(time.perf_counter_ns() - t0)
+            medians.append(statistics.median(ts) / 1e3)
+        row = dict(T=T, host_us=round(min(medians), 1), round_medians_us=[round(m, 1)
+                                                                          for m in medians])
+        res["rows"].append(row)
+        print(json.dumps(row), flush=True)
+    res["direct_launch_keys"] = len(L._KERNELS)
+    if a.out:
+        with open(a.out, "w") as fh:
+            json.dump(res, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
