@@ -85,6 +85,8 @@ def _hooked() -> bool:
 
 
 def _key(getters, values, options) -> tuple:
+    """`key_of` with the kernel's `_getters`: the constexprs as one tuple of values, then the
+    class of each runtime value (the list the module docstring gives)."""
     key = [options, getters[0](values)]  # the constexprs by value
     add = key.append
     for v in getters[1](values):

@@ -12,8 +12,8 @@ forward also writes each query's log-sum-exp, the natural log of sum exp(scale q
 (float32; -inf for a query with no key), which the backward of a prefill
 (triton_blocksparse_backward.py) reads.
 
-Launch: two kernels, no host synchronisation; one given the search's order keys, a second
-(``_combine_kernel``) where that one's tiles are split.
+Launch: two kernels a call, no host synchronisation: the list compaction and the attention or,
+given the search's order keys, the attention and (where its tiles are split) their merge.
 
 * ``_compact_kernel`` (one program per 32 list rows) rewrites each row of ``full`` (one per batch
   row, kv head and query block, F slots), after the sink and window blocks it may be asked to put
