@@ -23,9 +23,11 @@ def _is_tracing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def _check(cond: bool, msg: str) -> None:
+def _check(cond: bool, msg) -> None:
+    """A ValueError of msg (a string, or a function that makes it: formatting every message of a
+    call's checks cost more host time than the checks) unless cond."""
     if not cond:
-        raise ValueError(f"superlinear_attention: {msg}")
+        raise ValueError(f"superlinear_attention: {msg() if callable(msg) else msg}")
 
 
 def validate_inputs(query, key, value, *, enable_gqa, key_padding_mask, query_positions,
@@ -33,40 +35,40 @@ def validate_inputs(query, key, value, *, enable_gqa, key_padding_mask, query_po
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, Tensor):
             raise TypeError(f"superlinear_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
-        _check(t.dim() == 4, f"{name} must be 4-D [B, H, L, D], got shape {tuple(t.shape)}")
-        _check(t.dtype in _FLOAT_DTYPES, f"{name} dtype {t.dtype} is not a floating type "
+        _check(t.dim() == 4, lambda: f"{name} must be 4-D [B, H, L, D], got shape {tuple(t.shape)}")
+        _check(t.dtype in _FLOAT_DTYPES, lambda: f"{name} dtype {t.dtype} is not a floating type "
                f"({', '.join(str(d) for d in _FLOAT_DTYPES)})")
     _check(query.dtype == key.dtype == value.dtype,
-           f"query, key, value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
+           lambda: f"query, key, value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
     _check(query.device == key.device == value.device,
-           f"query, key, value must be on one device, got {query.device}, {key.device}, {value.device}")
+           lambda: f"query, key, value must be on one device, got {query.device}, {key.device}, {value.device}")
     B, Hq, Lq, D = query.shape
     Bk, Hkv, T, Dk = key.shape
     _check(value.shape[:3] == key.shape[:3],
-           f"key {tuple(key.shape)} and value {tuple(value.shape)} must agree in [B, H, L]")
-    _check(Bk == B, f"batch sizes differ: query {B}, key {Bk}")
-    _check(Dk == D, f"query head dim {D} != key head dim {Dk}")
+           lambda: f"key {tuple(key.shape)} and value {tuple(value.shape)} must agree in [B, H, L]")
+    _check(Bk == B, lambda: f"batch sizes differ: query {B}, key {Bk}")
+    _check(Dk == D, lambda: f"query head dim {D} != key head dim {Dk}")
     _check(Lq > 0, "query has an empty sequence (Lq = 0)")
     _check(T > 0, "key/value have an empty sequence (T = 0)")
-    _check(Hq > 0 and Hkv > 0 and D > 0, f"empty heads or head dim: query {tuple(query.shape)}, key {tuple(key.shape)}")
+    _check(Hq > 0 and Hkv > 0 and D > 0, lambda: f"empty heads or head dim: query {tuple(query.shape)}, key {tuple(key.shape)}")
     if enable_gqa:
-        _check(Hq % Hkv == 0, f"query heads {Hq} are not divisible by key/value heads {Hkv}")
+        _check(Hq % Hkv == 0, lambda: f"query heads {Hq} are not divisible by key/value heads {Hkv}")
     else:
-        _check(Hq == Hkv, f"query heads {Hq} != key/value heads {Hkv}; pass enable_gqa=True for GQA/MQA")
+        _check(Hq == Hkv, lambda: f"query heads {Hq} != key/value heads {Hkv}; pass enable_gqa=True for GQA/MQA")
     if key_padding_mask is not None:
         _check(isinstance(key_padding_mask, Tensor) and key_padding_mask.dtype == torch.bool,
                "key_padding_mask must be a bool tensor (True = key present)")
         _check(tuple(key_padding_mask.shape) == (B, T),
-               f"key_padding_mask shape {tuple(key_padding_mask.shape)} != (B, T) = {(B, T)}")
+               lambda: f"key_padding_mask shape {tuple(key_padding_mask.shape)} != (B, T) = {(B, T)}")
         _check(key_padding_mask.device == query.device,
-               f"key_padding_mask is on {key_padding_mask.device}, query on {query.device}")
+               lambda: f"key_padding_mask is on {key_padding_mask.device}, query on {query.device}")
     if search_query is not None:
         _check(isinstance(search_query, Tensor) and search_query.dim() == 4,
                "search_query must be a 4-D tensor [B, Hq, Lq, D]")
         _check(tuple(search_query.shape) == (B, Hq, Lq, D),
-               f"search_query shape {tuple(search_query.shape)} != {(B, Hq, Lq, D)}")
+               lambda: f"search_query shape {tuple(search_query.shape)} != {(B, Hq, Lq, D)}")
         _check(search_query.dtype == query.dtype and search_query.device == query.device,
-               f"search_query must match query's dtype/device ({query.dtype}, {query.device})")
+               lambda: f"search_query must match query's dtype/device ({query.dtype}, {query.device})")
 
 
 def normalize_positions(query_positions, B: int, Lq: int, T: int, device) -> Optional[Tensor]:
