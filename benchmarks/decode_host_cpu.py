@@ -1,6 +1,7 @@
-"""A decoded token's host time without a GPU: the default op as generate() reaches it
-(`superlinear::block_sparse_attention`'s implementation, no dispatcher, block summaries given) on
-CPU tensors, through the real Triton path (`launch.launch`, its keys and table) with only the
+"""A decoded token's host time without a GPU: the default op's implementation
+(`superlinear::block_sparse_attention`, no dispatcher, block summaries given) and the functional
+call generate()'s attention makes (`superlinear_attention` without gradients: checks, lowering,
+the op without the dispatcher) on CPU tensors, through the real Triton path (`launch.launch`, its keys and table) with only the
 compiled kernel's launcher (``CompiledKernel.run``) replaced by a no-op. It measures the Python
 that runs between a token's launches, which bounds an eager decode where the GPU work is short
 (benchmarks/RESULTS.md, "Decoding one token"); the launcher itself (5-7 us a launch on an H100
@@ -40,9 +41,10 @@ def main():
     JITFunction.run = lambda self, *args, grid, warmup, **kw: _NoLaunch()
     torch.cuda.current_device = lambda: 0
     torch._C._cuda_getCurrentRawStream = lambda device: 0
-    from slcompile.kernels import launch as L, ops as kops
+    from slcompile.functional import superlinear_attention
+    from slcompile.kernels import dispatch, launch as L, ops as kops
     from slcompile.kernels.config import SuperlinearConfig
-    kops._use_triton = lambda device: True
+    kops._use_triton = dispatch.use_triton = lambda device: True
     c = SuperlinearConfig(dense_below=0)
     f = kops.block_sparse_attention._init_fn  # what generate() reaches (no dispatcher)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -57,18 +59,23 @@ def main():
         args = (q, k, v, None, None, c.window, c.sinks, c.topk, 128 ** -0.5, 0, c.q_block,
                 c.k_block, c.block_rows, c.block_pool, summ, c.exact_rows, c.block_group,
                 c.spread_rows)
-        for _ in range(50):
-            f(*args)
-        medians = []
-        for _ in range(a.rounds):
-            ts = []
-            for _ in range(a.calls):
-                t0 = time.perf_counter_ns()
-                f(*args)
-                ts.append(time.perf_counter_ns() - t0)
-            medians.append(statistics.median(ts) / 1e3)
-        row = dict(T=T, host_us=round(min(medians), 1), round_medians_us=[round(m, 1)
-                                                                          for m in medians])
+        row = dict(T=T)
+        for name, fn in (("op", lambda: f(*args)),
+                         ("functional", lambda: superlinear_attention(
+                             q, k, v, config=c, enable_gqa=True, block_summary=summ))):
+            medians = []
+            with torch.no_grad():
+                for _ in range(50):
+                    fn()
+                for _ in range(a.rounds):
+                    ts = []
+                    for _ in range(a.calls):
+                        t0 = time.perf_counter_ns()
+                        fn()
+                        ts.append(time.perf_counter_ns() - t0)
+                    medians.append(statistics.median(ts) / 1e3)
+            row[name + "_host_us"] = round(min(medians), 1)
+            row[name + "_round_medians_us"] = [round(m, 1) for m in medians]
         res["rows"].append(row)
         print(json.dumps(row), flush=True)
     res["direct_launch_keys"] = len(L._KERNELS)
