@@ -49,13 +49,16 @@ Default launch (`block_attention_triton`'s keyword arguments): BLOCK_M = 128 row
 BLOCK_N = 64 keys, 8 warps, 3 pipeline stages (the Hopper FlashAttention forward shape); BLOCK_M
 shrinks to the call's rows (16 for one decoded token) and to q_block, HP grows to fill 256 rows
 where a head's rows are 32 to 64, the warps follow the tile's rows/16 (4 to 8), and stages and
-tiles shrink where a wide head dimension would exceed shared memory. Measured on an H100 (Triton
-3.6, bf16, B=1, Hq=32, Hkv=8, D=128): 128x64 blocks with F=14 listed per query block, one head a
-program, 330-350 TFLOP/s of attended pairs (4 D pairs Hq / time) at 128K and 1M tokens (BLOCK_N =
-128, two listed blocks per step, and one loop masking whole blocks and diagonal alike were slower);
-the default's 64x32 blocks at 128K, 342 TFLOP/s with 4 heads a program (on an H200: 338, and 291
-with one). Head dims up to 256 (padded to a power of two with masks). Under Triton's interpreter,
-whose bf16 products are wrong, bf16 products run in float32.
+tiles shrink where a wide head dimension or a GPU with less shared memory (99 KB a block on
+consumer Ampere and Ada, 163 KB on an A100) would exceed it, to Triton's own limit for the device
+(and further where a compiled kernel needs more than estimated: Triton refuses its launch, the call
+retries with a smaller budget and keeps it). Measured on an H100 (Triton 3.6, bf16, B=1, Hq=32,
+Hkv=8, D=128): 128x64 blocks with F=14 listed per query block, one head a program, 330-350 TFLOP/s
+of attended pairs (4 D pairs Hq / time) at 128K and 1M tokens (BLOCK_N = 128, two listed blocks per
+step, and one loop masking whole blocks and diagonal alike were slower); the default's 64x32 blocks
+at 128K, 342 TFLOP/s with 4 heads a program (on an H200: 338, and 291 with one). Head dims up to
+256 (padded to a power of two with masks). Under Triton's interpreter, whose bf16 products are
+wrong, bf16 products run in float32.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime.errors import OutOfResources
 
 from .blocksparse import _IDX_BITS, _ceil_div
 from .geometry import next_pow2
@@ -75,7 +79,11 @@ from .launch import launch
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LOG2E = 1.4426950408889634
-_SMEM_BUDGET = 226 * 1024  # bytes of shared memory a launch may plan for (Hopper: 227 KB)
+# bytes of shared memory a launch may plan for where no device is asked (the interpreter): Hopper's
+# 227 KB less 1 KB; on a GPU, what Triton's launch allows there, less 1 KB (`_smem_budget`)
+_SMEM_BUDGET = 226 * 1024
+_SMEM: dict = {}  # device index -> the budget there
+_FIT: dict = {}  # (device, `_launch_shape`'s arguments) -> a budget found to fit by compiling
 _COMPACT_ROWS = 32  # list rows per program of _compact_kernel
 # rows of a tile of stacked query heads: at 128K (H200, bf16, 32/8 heads of 128, the default's
 # 64-row query blocks) the attention took 6.9 ms with 4 heads a program, 7.5 with 2, 8.0 with 1
@@ -431,15 +439,33 @@ def compact_lists(full: Tensor, T: int, q_block: int, k_block: int, j0: int, sin
     return lst
 
 
+def _smem_budget(device: torch.device) -> int:
+    """Shared memory a launch on ``device`` may plan for: the limit Triton checks at launch
+    (`triton.compiler.max_shared_mem`: 227 KB on an H100, 163 KB on an A100, 99 KB on Ada and
+    consumer Ampere) less 1 KB; `_SMEM_BUDGET` off CUDA."""
+    if device.type != "cuda":
+        return _SMEM_BUDGET
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    budget = _SMEM.get(index)
+    if budget is None:
+        from triton.runtime import driver
+        limit = driver.active.utils.get_device_properties(index)["max_shared_mem"]
+        budget = _SMEM[index] = int(limit) - 1024
+    return budget
+
+
 @functools.lru_cache(maxsize=256)  # a pure function of ints, called at every decoded token
 def _launch_shape(Lq: int, q_block: int, k_block: int, bd: int, bdv: int, elem: int,
                   block_m: int, block_n: int, num_warps: int, num_stages: int, G: int = 1,
-                  heads: Optional[int] = None):
+                  heads: Optional[int] = None, budget: int = _SMEM_BUDGET):
     """(BLOCK_M, HP, BLOCK_N, warps, stages): the requested shape fitted to the call and to shared
     memory. BLOCK_M rows of one query head; HP heads of a kv group per program (tiles of HP *
     BLOCK_M rows): by default, where a head's rows are 32 to 64, as many as fill _STACK_ROWS rows
     (a query block of 64 rows: four heads a 256-row tile; one decoded token, or heads of 128 rows,
-    keep one head a program), ``heads`` to ask for another power of two dividing G."""
+    keep one head a program), ``heads`` to ask for another power of two dividing G. budget:
+    the bytes of shared memory the launch may take, estimated as q's tile plus the key and value
+    tiles of every stage (`_smem_budget`; a compiler that takes more is met by a smaller budget,
+    see `block_attention_triton`)."""
     for name, x in (("block_m", block_m), ("block_n", block_n)):
         if x < 16 or x & (x - 1):
             raise ValueError(f"block_attention_triton: {name}={x} is not a power of two >= 16")
@@ -467,7 +493,7 @@ def _launch_shape(Lq: int, q_block: int, k_block: int, bd: int, bdv: int, elem: 
     shape = dict(bm=bm, hp=hp, bn=bn, stages=stages)
     for name, floor in (("hp", 1), ("stages", 2), ("bm", 64), ("bn", 32), ("stages", 1),
                         ("bm", 16), ("bn", 16)):
-        while smem(**shape) > _SMEM_BUDGET and shape[name] > floor:
+        while smem(**shape) > budget and shape[name] > floor:
             shape[name] = shape[name] - 1 if name == "stages" else shape[name] // 2
     bm, hp, bn, stages = shape["bm"], shape["hp"], shape["bn"], shape["stages"]
     warps = min(num_warps, max(4, hp * bm // 16))
@@ -574,38 +600,52 @@ def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, full: Tensor, p0: in
         F = lst.shape[1] - 2
     BD, BDV = _pow2(D), _pow2(Dv)
     G = Hq // Hkv
-    BM, HP, BN, warps, stages = _launch_shape(Lq, q_block, k_block, BD, BDV, q.element_size(),
-                                              block_m, block_n, num_warps, num_stages, G,
-                                              heads)
-    tile0 = front // BM
-    ntiles = (front + Lq - 1) // BM - tile0 + 1
-    grid = (ntiles * (G // HP), B * Hkv)
-    if split is None:
-        split = _split(grid[0] * grid[1]) if keys_topk else 1
-    elif split < 1 or split & (split - 1) or (split > 1 and not keys_topk):
-        raise ValueError(f"block_attention_triton: split={split} is not a power of two >= 1 "
-                         f"(above 1 only with keys_topk)")
-    pacc, ml0 = out, 0  # split: the partial accumulators, then (max, sum) pairs from ml0 on
-    if split > 1:
-        ml0 = B * Hkv * grid[0] * split * HP * BM * BDV
-        pacc = torch.empty(ml0 + 2 * ml0 // BDV, dtype=torch.float32, device=q.device)
-    launch(
-        _fwd_kernel, (grid[0] * split, grid[1]), q, k, v, out, lst, out if lse is None else lse,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-        *((0, 0) if lse is None else lse.stride()[:2]),
-        Hkv, Lq, T, nQ, F, F + 2, front, j0 * q_block, tile0, float(scale) * _LOG2E,
-        G=G, D=D, DV=Dv, Q_BLOCK=q_block, K_BLOCK=k_block, BLOCK_M=BM, HP=HP, BLOCK_N=BN,
-        BLOCK_D=BD, BLOCK_DV=BDV, SUB=max(1, k_block // BN), NB=max(1, BN // k_block),
-        FP=_pow2(F, 2),
-        IEEE=q.dtype == torch.float32, DOT_F32=q.dtype == torch.bfloat16 and _interpreted(),
-        WRITE_LSE=lse is not None, TAB=lst if table is None else table,
-        stab=0 if table is None else table.stride(0), HAS_TAB=table is not None,
-        KEYS=full, s_kbh=full.stride(0) if keys_topk else 0,
-        s_kn=full.stride(1) if keys_topk else 0, NKEYS=full.shape[-1] if keys_topk else 0,
-        SB=sink_blocks, WB=window_blocks, PER_Q=q_block // k_block, KEYS_TOPK=keys_topk,
-        KP=_pow2(full.shape[-1]) if keys_topk else 1, IDX_BITS=_IDX_BITS,
-        SPLIT=split, PACC=pacc, ML0=ml0,
-        num_warps=warps, num_stages=stages)
+    shape_args = (Lq, q_block, k_block, BD, BDV, q.element_size(), block_m, block_n, num_warps,
+                  num_stages, G, heads)
+    fit_key = (q.device, shape_args)
+    budget = _FIT.get(fit_key) or _smem_budget(q.device)
+    while True:  # until the compiled kernel's shared memory fits (`_launch_shape`'s estimate)
+        BM, HP, BN, warps, stages = _launch_shape(*shape_args, budget)
+        tile0 = front // BM
+        ntiles = (front + Lq - 1) // BM - tile0 + 1
+        grid = (ntiles * (G // HP), B * Hkv)
+        sp = split
+        if sp is None:
+            sp = _split(grid[0] * grid[1]) if keys_topk else 1
+        elif sp < 1 or sp & (sp - 1) or (sp > 1 and not keys_topk):
+            raise ValueError(f"block_attention_triton: split={sp} is not a power of two >= 1 "
+                             f"(above 1 only with keys_topk)")
+        pacc, ml0 = out, 0  # split: the partial accumulators, then (max, sum) pairs from ml0 on
+        if sp > 1:
+            ml0 = B * Hkv * grid[0] * sp * HP * BM * BDV
+            pacc = torch.empty(ml0 + 2 * ml0 // BDV, dtype=torch.float32, device=q.device)
+        try:
+            launch(
+                _fwd_kernel, (grid[0] * sp, grid[1]), q, k, v, out, lst,
+                out if lse is None else lse,
+                *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+                *((0, 0) if lse is None else lse.stride()[:2]),
+                Hkv, Lq, T, nQ, F, F + 2, front, j0 * q_block, tile0, float(scale) * _LOG2E,
+                G=G, D=D, DV=Dv, Q_BLOCK=q_block, K_BLOCK=k_block, BLOCK_M=BM, HP=HP, BLOCK_N=BN,
+                BLOCK_D=BD, BLOCK_DV=BDV, SUB=max(1, k_block // BN), NB=max(1, BN // k_block),
+                FP=_pow2(F, 2),
+                IEEE=q.dtype == torch.float32, DOT_F32=q.dtype == torch.bfloat16 and _interpreted(),
+                WRITE_LSE=lse is not None, TAB=lst if table is None else table,
+                stab=0 if table is None else table.stride(0), HAS_TAB=table is not None,
+                KEYS=full, s_kbh=full.stride(0) if keys_topk else 0,
+                s_kn=full.stride(1) if keys_topk else 0,
+                NKEYS=full.shape[-1] if keys_topk else 0,
+                SB=sink_blocks, WB=window_blocks, PER_Q=q_block // k_block, KEYS_TOPK=keys_topk,
+                KP=_pow2(full.shape[-1]) if keys_topk else 1, IDX_BITS=_IDX_BITS,
+                SPLIT=sp, PACC=pacc, ML0=ml0,
+                num_warps=warps, num_stages=stages)
+            break
+        except OutOfResources as e:  # the compiler took more than estimated: a smaller budget
+            smaller = budget * int(e.limit) // max(1, int(e.required)) - 1024
+            if e.name != "shared memory" or smaller >= budget or smaller < 4096:
+                raise
+            budget = _FIT[fit_key] = smaller
+    split = sp
     if split > 1:
         launch(_combine_kernel, grid, pacc, ml0, out, out if lse is None else lse,
                *out.stride()[:3], *((0, 0) if lse is None else lse.stride()[:2]),

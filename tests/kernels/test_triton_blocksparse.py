@@ -211,6 +211,13 @@ def test_launch_shape_fits_short_calls_and_wide_heads():
     assert bm <= 64 and 2 * (bm * 256 + stages * bn * 512) <= TB._SMEM_BUDGET
     bm, hp, bn, warps, stages = TB._launch_shape(1 << 20, 64, 64, 256, 256, 4, 128, 64, 8, 3, 4)
     assert hp * bm <= 64 and 4 * (hp * bm * 256 + stages * bn * 512) <= TB._SMEM_BUDGET
+    # the default's tile (estimated 160 KB) on an A100 (163 KB a block) and, shrunk to fit, on
+    # consumer Ampere and Ada (99 KB)
+    shape = (1 << 17, 64, 32, 128, 128, 2, 128, 64, 8, 3, 4, None)
+    assert TB._launch_shape(*shape, 162 * 1024) == (64, 4, 64, 8, 3)
+    bm, hp, bn, warps, stages = TB._launch_shape(*shape, 98 * 1024)
+    assert hp < 4 and 2 * (hp * bm * 128 + stages * bn * 256) <= 98 * 1024
+    assert TB._smem_budget(torch.device("cpu")) == TB._SMEM_BUDGET
 
 
 @pytest.mark.parametrize("p0,Lq", [(0, 200), (45, 130)])
