@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime.errors import OutOfResources
 
 from .triton_blocksparse import _LOG2E, _interpreted, _pow2, check_arguments, compact_lists
 
@@ -271,6 +272,23 @@ def _tiles(q_block: int, k_block: int, bd: int, bdv: int):
     return shape, shape
 
 
+def _fitted(launch_tiles, shape) -> None:
+    """``launch_tiles(BLOCK_M, BLOCK_N, warps, stages)`` with ``shape``; where Triton refuses the
+    launch for its shared memory (a GPU with less than the H100's, such as a T4's 64 KB), one
+    pipeline stage, then halved tiles down to 16, until it fits (refused before it runs)."""
+    bm, bn, warps, stages = shape
+    while True:
+        try:
+            return launch_tiles(bm, bn, warps, stages)
+        except OutOfResources as e:
+            if e.name != "shared memory" or (stages == 1 and max(bm, bn) <= 16):
+                raise
+            if stages > 1:
+                stages = 1
+            else:
+                bm, bn = max(16, bm // 2), max(16, bn // 2)
+
+
 def block_attention_backward_triton(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                                     grad_out: Tensor, kept: Tensor, *, window_blocks: int,
                                     sink_blocks: int, q_block: int, k_block: int, scale: float,
@@ -328,7 +346,7 @@ def block_attention_backward_triton(q: Tensor, k: Tensor, v: Tensor, out: Tensor
     offsets, qblk = transposed_lists(lst, B * Hkv, nQ, nK)
     G = Hq // Hkv
     BD, BDV = _pow2(D), _pow2(Dv)
-    (BM, BN, warps, stages), (BM2, BN2, warps2, stages2) = _tiles(q_block, k_block, BD, BDV)
+    dq_shape, dkdv_shape = _tiles(q_block, k_block, BD, BDV)
     consts = dict(G=G, D=D, DV=Dv, Q_BLOCK=q_block, K_BLOCK=k_block, BLOCK_D=BD, BLOCK_DV=BDV,
                   IEEE=q.dtype == torch.float32,
                   DOT_F32=_interpreted() and q.dtype == torch.bfloat16)
@@ -336,14 +354,14 @@ def block_attention_backward_triton(q: Tensor, k: Tensor, v: Tensor, out: Tensor
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2),
                grad_out.stride(0), grad_out.stride(1), grad_out.stride(2))
-    _dq_kernel[(triton.cdiv(L, BM) * G, B * Hkv)](
+    _fitted(lambda BM, BN, warps, stages: _dq_kernel[(triton.cdiv(L, BM) * G, B * Hkv)](
         q, k, v, grad_out, lse2, delta, lst, dq, *strides,
         dq.stride(0), dq.stride(1), dq.stride(2), Hkv, T, nQ, F, F + 2, qk_scale, float(scale),
         BLOCK_M=BM, BLOCK_N=BN, SUB=k_block // BN, FP=_pow2(F, 2), num_warps=warps,
-        num_stages=stages, **consts)
-    _dkdv_kernel[(triton.cdiv(L, BN2), B * Hkv)](
+        num_stages=stages, **consts), dq_shape)
+    _fitted(lambda BM, BN, warps, stages: _dkdv_kernel[(triton.cdiv(L, BN), B * Hkv)](
         q, k, v, grad_out, lse2, delta, offsets, qblk, dk, dv, *strides,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        Hkv, T, nK, qk_scale, float(scale), BLOCK_M=BM2, BLOCK_N=BN2, num_warps=warps2,
-        num_stages=stages2, **consts)
+        Hkv, T, nK, qk_scale, float(scale), BLOCK_M=BM, BLOCK_N=BN, num_warps=warps,
+        num_stages=stages, **consts), dkdv_shape)
     return dq, dk, dv

@@ -385,3 +385,32 @@ def test_split_tiles_give_what_one_program_gives(p0, Lq, kb, launch, with_lse):
         TB.block_attention_triton(q, k, v, keys.to(DEV), p0, keys_topk=K, split=3, **kw)
     with pytest.raises(ValueError, match="split=2"):
         TB.block_attention_triton(q, k, v, kept.to(DEV), p0, split=2, **kw)
+
+
+def test_a_launch_refused_for_shared_memory_retries_smaller_and_remembers(monkeypatch):
+    """A GPU whose shared memory is less than the compiled tile needs (Triton refuses the launch
+    with OutOfResources): the attention plans again for what the refusal allows, gets the same
+    output, and starts from that budget on the next call of the shape."""
+    from triton.runtime.errors import OutOfResources
+    monkeypatch.setattr(TB, "_FIT", {})
+    real = TB.launch
+    tiles = []
+
+    def small_gpu(kernel, grid, *args, **kw):  # a stand-in GPU: 64 rows a tile at the most
+        if kernel is TB._fwd_kernel:
+            rows = kw["HP"] * kw["BLOCK_M"]
+            tiles.append(rows)
+            if rows > 64:
+                raise OutOfResources(rows * 1000, 64 * 1000, "shared memory")
+        return real(kernel, grid, *args, **kw)
+
+    monkeypatch.setattr(TB, "launch", small_gpu)
+    T, qb, kb = 300, 64, 32
+    g, q, k, v = _inputs(7, 1, 8, 2, T, T, 32, 32, torch.float32)
+    kept = random_kept(g, 1, 2, T, p0=0, Lq=T, topk=2, window=64, sinks=16, qb=qb, kb=kb)
+    got, _ = _against_reference(q, k, v, kept, 0, window=64, sinks=16, qb=qb, kb=kb, scale=0.3)
+    assert tiles[0] == 256 and tiles[-1] <= 64 and len(TB._FIT) == 1
+    tiles.clear()
+    _kernel(q, k, v, full_lists(kept, 0, T, window=64, sinks=16, qb=qb, kb=kb), 0, q_block=qb,
+            k_block=kb, scale=0.3)
+    assert tiles == [tiles[0]] and tiles[0] <= 64  # the remembered budget: no refusal
