@@ -10,7 +10,7 @@ where its shared memory exceeds the limit, as a real launch would be (the wrappe
 their tiles then do so). Prints one JSON line per compiled kernel, then ``{"ok": N, ...}``.
 
 Targets: ``--arch 90`` (H100/H200, 227 KB a block), ``80`` (A100, 163 KB), ``86`` (consumer
-Ampere, A10, 99 KB), ``89`` (Ada, L4, 99 KB). ``--default-only``: the default's (block-sparse)
+Ampere, A10, 99 KB), ``89`` (Ada, L4, 99 KB), ``75`` (T4, 64 KB). ``--default-only``: the default's (block-sparse)
 entry points only, bf16 and fp32.
 
 Exit status: 0 all compiled; 1 a kernel failed to compile or plans too much shared memory;
@@ -27,7 +27,7 @@ import sys
 import traceback
 
 # bytes of shared memory a block may use (what Triton's launch checks), by compute capability
-SMEM_LIMIT = {90: 232448, 80: 166912, 86: 101376, 89: 101376}
+SMEM_LIMIT = {90: 232448, 80: 166912, 86: 101376, 89: 101376, 75: 65536}
 REFUSED: list = []  # kernels refused for their shared memory (their callers then shrank them)
 
 
