@@ -9,9 +9,9 @@ device) down to a cubin with Triton's own ptxas, and refused with Triton's ``Out
 where its shared memory exceeds the limit, as a real launch would be (the wrappers that shrink
 their tiles then do so). Prints one JSON line per compiled kernel, then ``{"ok": N, ...}``.
 
-Targets: ``--arch 90`` (H100/H200, 227 KB a block), ``80`` (A100, 163 KB), ``86`` (consumer
-Ampere, A10, 99 KB), ``89`` (Ada, L4, 99 KB), ``75`` (T4, 64 KB). ``--default-only``: the default's (block-sparse)
-entry points only, bf16 and fp32.
+Targets: ``--arch 90`` (H100/H200, 227 KB a block), ``80`` (A100, 163 KB), ``86`` (consumer Ampere,
+A10, 99 KB), ``89`` (Ada, L4, 99 KB), ``75`` (T4, 64 KB). ``--default-only``: the default's
+(block-sparse) entry points only, bf16 and fp32.
 
 Exit status: 0 all compiled; 1 a kernel failed to compile or plans too much shared memory;
 3 the stand-in could not be set up on this Triton (its driver interface differs).
