@@ -89,7 +89,7 @@ def _record(arch: int):
             calls.append((self, compiled))
         for x in list(args) + list(kw.values()):  # integer outputs (lists, keys) read by the
             if isinstance(x, torch.Tensor) and not x.is_floating_point():  # Python that follows:
-                x.data.zero_()  # valid indices, not the allocator's garbage (.data: no version bump)
+                x.data.zero_()  # valid indices, not garbage (.data: no version bump)
         return None
 
     JITFunction.run = run

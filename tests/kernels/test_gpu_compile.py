@@ -1,15 +1,16 @@
 """Every Triton kernel the entry points launch compiles for NVIDIA GPUs, on CPU.
 
 The kernel tests run under Triton's interpreter, which never compiles: this runs
-tests/kernels/gpu_compile.py in a subprocess without TRITON_INTERPRET, which compiles every
-launch of the default's prefill, decode (split tiles and their merge), chunk, paged decode,
-backward and summary update (and, for sm_90, of the stripe and N-step searches and attention)
-through a stand-in driver (a target and its shared-memory limit, no device) down to a cubin, and
-refuses one over the limit with Triton's ``OutOfResources`` as a launch would: sm_90 (H100/H200,
-227 KB a block) and sm_86 (consumer Ampere, A10, 99 KB; Ada's is the same, the A100's 163 KB lies
-between; `gpu_compile.py --arch 80` checks it by hand, about 90 s). The attention shrinks its
-tiles to the device's shared memory, so every launch must end up fitting. (The check found a Triton 3.6 layout-pass failure in the paged stage-2 search, and the
-default prefill's 160 KB tile on 99 KB GPUs.)
+tests/kernels/gpu_compile.py in a subprocess without TRITON_INTERPRET, which compiles every launch
+of the default's prefill, decode (split tiles and their merge), chunk, paged decode, backward and
+summary update (and, for sm_90, of the stripe and N-step searches and attention) through a stand-in
+driver (a target and its shared-memory limit, no device) down to a cubin, and refuses one over the
+limit with Triton's ``OutOfResources`` as a launch would: sm_90 (H100/H200, 227 KB a block) and
+sm_86 (consumer Ampere, A10, 99 KB; Ada's is the same, the A100's 163 KB lies between;
+`gpu_compile.py --arch 80` checks it by hand, about 90 s). The attention shrinks its tiles to the
+device's shared memory, so every launch must end up fitting. (The check found a Triton 3.6
+layout-pass failure in the paged stage-2 search, and the default prefill's 160 KB tile on 99 KB
+GPUs.)
 """
 
 from __future__ import annotations
