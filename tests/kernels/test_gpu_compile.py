@@ -47,4 +47,4 @@ def test_every_kernel_compiles_and_fits(arch, default_only):
     compiled = {r["kernel"] for r in rows if "kernel" in r}
     want = _DEFAULT if default_only else _DEFAULT | _STRIPE
     assert want <= compiled, f"not launched: {sorted(want - compiled)}"
-    assert rows[-1]["arch"] == arch and rows[-1]["ok"] >= (25 if default_only else 40)
+    assert rows[-1]["arch"] == arch and rows[-1]["ok"] >= (18 if default_only else 40)
