@@ -4,8 +4,8 @@ A ``kernel[grid](*args, **kw)`` call of a ``@triton.jit`` function binds its arg
 native specialisation call per argument), hashes the specialisation into a cache key, builds
 launch metadata and only then calls the compiled kernel's launcher. On an H100 host that took
 23-30 us per launch of the decode kernels, against 6-7 us for the launcher alone (measured,
-benchmarks/RESULTS.md): for a decoded token, whose three launches each run a few microseconds on
-the GPU, the binding was most of the host time.
+benchmarks/RESULTS.md): for a decoded token, whose launches (three then, four with split
+attention tiles) each run a few microseconds on the GPU, the binding was most of the host time.
 
 `launch` keeps, per kernel, the compiled kernels it has seen under a key of its own that is at
 least as strict as Triton's specialisation:
