@@ -34,6 +34,7 @@ from __future__ import annotations
 from operator import itemgetter
 
 import torch
+from triton.runtime.errors import OutOfResources
 
 _KERNELS: dict = {}  # (kernel, device, key) -> Triton's compiled kernel
 _INFO: dict = {}  # kernel -> (constexpr flag of each parameter, names), or None: Triton's path
@@ -139,3 +140,21 @@ def launch(kernel, grid, *args, num_warps: int, num_stages=None, **kw) -> None:
     g2 = grid[2] if len(grid) > 2 else 1
     compiled.run(grid[0], g1, g2, torch._C._cuda_getCurrentRawStream(device), compiled.function,
                  compiled.packed_metadata, None, None, None, *values)
+
+
+def refit(attempt, state, smaller):
+    """``attempt(state)``; where Triton refuses the launch for its shared memory (a GPU with less
+    than the launch planned for: refused before the kernel runs, so nothing is half written),
+    ``attempt(smaller(state, refusal))`` until one runs. ``smaller`` returns None where nothing
+    smaller is left, and the refusal is raised; so is any other refusal. (The block-sparse
+    attention and search, on a decoded token's path, keep the same loop inline: closures there
+    cost 2-3 us of host time a token.)"""
+    while True:
+        try:
+            return attempt(state)
+        except OutOfResources as refusal:
+            if refusal.name != "shared memory":
+                raise
+            state = smaller(state, refusal)
+            if state is None:
+                raise

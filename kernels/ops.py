@@ -10,6 +10,7 @@ Config fields travel as plain scalars so that graphs holding these ops export an
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -211,15 +212,11 @@ def _first_position(query_positions: Optional[Tensor], Lq: int, T: int) -> int:
     return p0
 
 
-_KERNEL_MODULES: list = []
-
-
+@functools.lru_cache(maxsize=None)
 def _blocksparse_kernels():
     """(triton_blocksparse, triton_blocksparse_search), imported once (Triton loads with them)."""
-    if not _KERNEL_MODULES:
-        from . import triton_blocksparse, triton_blocksparse_search
-        _KERNEL_MODULES[:] = [triton_blocksparse, triton_blocksparse_search]
-    return _KERNEL_MODULES
+    from . import triton_blocksparse, triton_blocksparse_search
+    return triton_blocksparse, triton_blocksparse_search
 
 
 @_custom_op("superlinear::block_sparse_attention")

@@ -48,10 +48,10 @@ import math
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.errors import OutOfResources
 
 from . import triton_attention as TA
 from .geometry import span_extents
+from .launch import refit
 
 _attend = TA._attend
 _gate_weights = TA._gate_weights
@@ -670,11 +670,9 @@ def span_attention_backward(grad_out, q, k, v, anchors, scores, key_padding_mask
     # 4. dk, dv: key-major work list
     dk = torch.zeros((B, Hkv, T, D), dtype=torch.float32, device=dev)
     dv = torch.zeros((B, Hkv, T, DV), dtype=torch.float32, device=dev)
-    while True:  # a GPU with less shared memory than the tile needs: half the pieces a tile
+    def dkdv_launch(cfg):
         items, blist = _key_major_work(lo, hi, idx, skey, T, S, B * Hkv, npair, cfg)
-        if items.shape[0] == 0:
-            break
-        try:
+        if items.shape[0] > 0:
             _dkdv_kernel[(items.shape[0],)](
                 q, k, v, do, kpm_arg, idx, lo, hi, lse, delta, items, blist, dk, dv,
                 *q.stride(), *k.stride(), *v.stride(), *do.stride(), *kpm_st,
@@ -682,9 +680,9 @@ def span_attention_backward(grad_out, q, k, v, anchors, scores, key_padding_mask
                 D=D, DV=DV, HAS_KPM=kpm is not None, IEEE=ieee, DOT_F32=dot_f32, PIPE=pipe,
                 BLOCK_M=cfg["kv_block_m"], BLOCK_N=cfg["kv_block_n"], BLOCK_D=BLOCK_D,
                 BLOCK_DV=BLOCK_DV, num_warps=cfg["kv_warps"], num_stages=cfg["kv_stages"])
-            break
-        except OutOfResources as e:  # refused at launch, before any atomic add ran
-            if e.name != "shared memory" or cfg["kv_block_m"] <= 16:
-                raise
-            cfg = dict(cfg, kv_block_m=cfg["kv_block_m"] // 2)
+
+    # a GPU with less shared memory than the key tile needs: half the pieces a tile (the launch
+    # is refused before any atomic add runs)
+    refit(dkdv_launch, cfg, lambda cfg, refusal: dict(cfg, kv_block_m=cfg["kv_block_m"] // 2)
+          if cfg["kv_block_m"] > 16 else None)
     return dq, dk, dv, dsc

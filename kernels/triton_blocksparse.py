@@ -604,17 +604,17 @@ def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, full: Tensor, p0: in
                   num_stages, G, heads)
     fit_key = (q.device, shape_args)
     budget = _FIT.get(fit_key) or _smem_budget(q.device)
-    while True:  # until the compiled kernel's shared memory fits (`_launch_shape`'s estimate)
+    if split is not None and (split < 1 or split & (split - 1) or (split > 1 and not keys_topk)):
+        raise ValueError(f"block_attention_triton: split={split} is not a power of two >= 1 "
+                         f"(above 1 only with keys_topk)")
+    # until the compiled kernel's shared memory fits (`_launch_shape`'s estimate); inline rather
+    # than through `launch.refit`, whose closures cost a decoded token 2-3 us of host time
+    while True:
         BM, HP, BN, warps, stages = _launch_shape(*shape_args, budget)
         tile0 = front // BM
         ntiles = (front + Lq - 1) // BM - tile0 + 1
         grid = (ntiles * (G // HP), B * Hkv)
-        sp = split
-        if sp is None:
-            sp = _split(grid[0] * grid[1]) if keys_topk else 1
-        elif sp < 1 or sp & (sp - 1) or (sp > 1 and not keys_topk):
-            raise ValueError(f"block_attention_triton: split={sp} is not a power of two >= 1 "
-                             f"(above 1 only with keys_topk)")
+        sp = split if split is not None else _split(grid[0] * grid[1]) if keys_topk else 1
         pacc, ml0 = out, 0  # split: the partial accumulators, then (max, sum) pairs from ml0 on
         if sp > 1:
             ml0 = B * Hkv * grid[0] * sp * HP * BM * BDV

@@ -41,8 +41,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.runtime.errors import OutOfResources
 
+from .launch import refit
 from .triton_blocksparse import _LOG2E, _interpreted, _pow2, check_arguments, compact_lists
 
 
@@ -272,21 +272,16 @@ def _tiles(q_block: int, k_block: int, bd: int, bdv: int):
     return shape, shape
 
 
-def _fitted(launch_tiles, shape) -> None:
-    """``launch_tiles(BLOCK_M, BLOCK_N, warps, stages)`` with ``shape``; where Triton refuses the
-    launch for its shared memory (a GPU with less than the H100's, such as a T4's 64 KB), one
-    pipeline stage, then halved tiles down to 16, until it fits (refused before it runs)."""
+def _smaller_tiles(shape, refusal):
+    """`launch.refit`'s next (BLOCK_M, BLOCK_N, warps, stages) where Triton refuses a backward
+    launch for its shared memory (a GPU with less than the H100's, such as a T4's 64 KB): one
+    pipeline stage, then halved tiles down to 16; None below that."""
     bm, bn, warps, stages = shape
-    while True:
-        try:
-            return launch_tiles(bm, bn, warps, stages)
-        except OutOfResources as e:
-            if e.name != "shared memory" or (stages == 1 and max(bm, bn) <= 16):
-                raise
-            if stages > 1:
-                stages = 1
-            else:
-                bm, bn = max(16, bm // 2), max(16, bn // 2)
+    if stages > 1:
+        return bm, bn, warps, 1
+    if max(bm, bn) <= 16:
+        return None
+    return max(16, bm // 2), max(16, bn // 2), warps, 1
 
 
 def block_attention_backward_triton(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -354,14 +349,22 @@ def block_attention_backward_triton(q: Tensor, k: Tensor, v: Tensor, out: Tensor
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2),
                grad_out.stride(0), grad_out.stride(1), grad_out.stride(2))
-    _fitted(lambda BM, BN, warps, stages: _dq_kernel[(triton.cdiv(L, BM) * G, B * Hkv)](
-        q, k, v, grad_out, lse2, delta, lst, dq, *strides,
-        dq.stride(0), dq.stride(1), dq.stride(2), Hkv, T, nQ, F, F + 2, qk_scale, float(scale),
-        BLOCK_M=BM, BLOCK_N=BN, SUB=k_block // BN, FP=_pow2(F, 2), num_warps=warps,
-        num_stages=stages, **consts), dq_shape)
-    _fitted(lambda BM, BN, warps, stages: _dkdv_kernel[(triton.cdiv(L, BN), B * Hkv)](
-        q, k, v, grad_out, lse2, delta, offsets, qblk, dk, dv, *strides,
-        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        Hkv, T, nK, qk_scale, float(scale), BLOCK_M=BM, BLOCK_N=BN, num_warps=warps,
-        num_stages=stages, **consts), dkdv_shape)
+    def dq_launch(tiles):
+        BM, BN, warps, stages = tiles
+        _dq_kernel[(triton.cdiv(L, BM) * G, B * Hkv)](
+            q, k, v, grad_out, lse2, delta, lst, dq, *strides,
+            dq.stride(0), dq.stride(1), dq.stride(2), Hkv, T, nQ, F, F + 2, qk_scale,
+            float(scale), BLOCK_M=BM, BLOCK_N=BN, SUB=k_block // BN, FP=_pow2(F, 2),
+            num_warps=warps, num_stages=stages, **consts)
+
+    def dkdv_launch(tiles):
+        BM, BN, warps, stages = tiles
+        _dkdv_kernel[(triton.cdiv(L, BN), B * Hkv)](
+            q, k, v, grad_out, lse2, delta, offsets, qblk, dk, dv, *strides,
+            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+            Hkv, T, nK, qk_scale, float(scale), BLOCK_M=BM, BLOCK_N=BN, num_warps=warps,
+            num_stages=stages, **consts)
+
+    refit(dq_launch, dq_shape, _smaller_tiles)
+    refit(dkdv_launch, dkdv_shape, _smaller_tiles)
     return dq, dk, dv

@@ -271,22 +271,30 @@ def test_the_op_backward_runs_these_kernels_for_a_prefill(monkeypatch):
 
 def test_launches_refused_for_shared_memory_shrink_until_they_fit():
     """Where Triton refuses a launch for its shared memory (a GPU with less than the H100's), the
-    backward retries with one stage, then halved tiles, and gives up below 16 or on another
-    refusal."""
+    backward retries (`launch.refit`) with one stage, then halved tiles, and gives up below 16 or
+    on another refusal."""
     from triton.runtime.errors import OutOfResources
+    from slcompile.kernels.launch import refit
     tried = []
 
-    def launch(bm, bn, warps, stages):
+    def launch(tiles):
+        bm, bn, warps, stages = tiles
         tried.append((bm, bn, stages))
         if bm * bn * stages > 32 * 32:
             raise OutOfResources(bm * bn * stages, 32 * 32, "shared memory")
 
-    TBB._fitted(launch, (64, 64, 4, 2))
+    refit(launch, (64, 64, 4, 2), TBB._smaller_tiles)
     assert tried == [(64, 64, 2), (64, 64, 1), (32, 32, 1)]
     tried.clear()
+
+    def refused(name):
+        def launch(tiles):
+            tried.append(tiles)
+            raise OutOfResources(1, 0, name)
+        return launch
+
     with pytest.raises(OutOfResources):
-        TBB._fitted(lambda *s: (_ for _ in ()).throw(OutOfResources(1, 0, "shared memory")),
-                    (32, 32, 4, 1))
+        refit(refused("shared memory"), (32, 32, 4, 1), TBB._smaller_tiles)
+    assert tried == [(32, 32, 4, 1), (16, 16, 4, 1)]
     with pytest.raises(OutOfResources, match="threads"):
-        TBB._fitted(lambda *s: (_ for _ in ()).throw(OutOfResources(1, 0, "threads")),
-                    (64, 64, 4, 2))
+        refit(refused("threads"), (64, 64, 4, 2), TBB._smaller_tiles)
