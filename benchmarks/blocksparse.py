@@ -180,6 +180,27 @@ def decode_row(T, a, cfg):
                     n: round(ms * 1e3, 1) for n, ms in profile_ms(ours, 10).items()}
         finally:
             tba._MAX_SPLIT = max_split
+    if a.decode_attention_ab:  # the token's attention alone, given the search's keys
+        from slcompile.kernels import triton_blocksparse as tba
+        from slcompile.kernels import triton_blocksparse_search as tss
+        summ = cache.buf[:, :, :(T + cache.k_block - 1) // cache.k_block]
+        keys = tss.block_select_triton(
+            q, k, None, T - 1, window=a.window, sinks=a.sinks, q_block=a.q_block,
+            k_block=a.k_block, topk=a.topk, rows=a.rows, pool=a.pool, summary=summ,
+            exact_rows=a.exact_rows, group=a.group, spread=a.spread_rows, exact_keys=True)
+        _, sb, wb, _ = bs.geometry(T, a.window, a.sinks, a.q_block, a.k_block)
+        first = None
+        row["attention_ab"] = []
+        for kw in json.loads(a.decode_attention_ab):
+            def att(kw=kw):
+                return tba.block_attention_triton(
+                    q, k, v, keys, T - 1, q_block=a.q_block, k_block=a.k_block, scale=scale,
+                    sink_blocks=sb, window_blocks=wb, keys_topk=a.topk, **kw)
+            out = att().float()
+            first = out if first is None else first
+            row["attention_ab"].append(dict(kw, graph_us=time_graph(att) * 1e3,
+                                            max_diff=(out - first).abs().max().item()))
+            print(json.dumps(row["attention_ab"][-1]), flush=True)
     if a.profile_decode:  # where a token's GPU time goes (kernel times, eager calls)
         row["profile_us_per_token"] = {n: round(ms * 1e3, 1)
                                        for n, ms in profile_ms(ours, 10).items()}
@@ -238,6 +259,9 @@ def main():
     ap.add_argument("--decode-split-ab", action="store_true",
                     help="also time the decoded token with one program a tile (no split of its "
                          "key blocks)")
+    ap.add_argument("--decode-attention-ab", default=None,
+                    help="JSON list of keyword sets (heads, split) for the decoded token's "
+                         "attention alone, given the search's keys, timed in a CUDA graph")
     ap.add_argument("--profile-search", action="store_true",
                     help="kernel times of one prefill search (torch.profiler)")
     ap.add_argument("--out", default=None)

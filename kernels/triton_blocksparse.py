@@ -22,9 +22,10 @@ given the search's order keys, the attention and (where its tiles are split) the
   order keys instead (``keys_topk``: a call of one query block, such as a decoded token) there is
   no list: each program of ``_fwd_kernel`` attends the sink and window key ranges, then sorts its
   row's keys and attends the blocks of the top keys_topk (one launch, no list written, no torch op
-  between the search's launches and this one). A decoded token has few tiles (B * Hq of one
-  valid row), each of ~1,100 keys that one program walked alone (27 us at 1M on an H100, the
-  token's largest kernel): ``split`` programs now share a tile's key blocks, every split-th one
+  between the search's launches and this one). A decoded token has few tiles (B * Hkv: the G
+  heads of a kv head stacked in one, G valid rows), each of ~1,100 keys that one program would
+  walk alone (27 us at 1M on an H100 with a tile a head, the token's largest kernel): ``split``
+  programs share a tile's key blocks, every split-th one
   block a step, the last program also the diagonal, each storing its unnormalised accumulator,
   running max and sum (float32, valid rows only); ``_combine_kernel`` (one program a tile) merges
   them as flash-decoding does and stores the output and log-sum-exp as an unsplit tile would.
@@ -47,8 +48,9 @@ given the search's order keys, the attention and (where its tiles are split) the
 
 Default launch (`block_attention_triton`'s keyword arguments): BLOCK_M = 128 rows of a head,
 BLOCK_N = 64 keys, 8 warps, 3 pipeline stages (the Hopper FlashAttention forward shape); BLOCK_M
-shrinks to the call's rows (16 for one decoded token) and to q_block, HP grows to fill 256 rows
-where a head's rows are 32 to 64, the warps follow the tile's rows/16 (4 to 8), and stages and
+shrinks to the call's rows and to q_block, HP grows to fill 256 rows where a head's rows are 32 to
+64 and to fill 16 rows where they are fewer (one decoded token: the 4 heads of a kv head share a
+16-row tile and every key block it reads), the warps follow the tile's rows/16 (4 to 8), and stages and
 tiles shrink where a wide head dimension or a GPU with less shared memory (99 KB a block on
 consumer Ampere and Ada, 163 KB on an A100) would exceed it, to Triton's own limit for the device
 (and further where a compiled kernel needs more than estimated: Triton refuses its launch, the call
@@ -461,18 +463,22 @@ def _launch_shape(Lq: int, q_block: int, k_block: int, bd: int, bdv: int, elem: 
     """(BLOCK_M, HP, BLOCK_N, warps, stages): the requested shape fitted to the call and to shared
     memory. BLOCK_M rows of one query head; HP heads of a kv group per program (tiles of HP *
     BLOCK_M rows): by default, where a head's rows are 32 to 64, as many as fill _STACK_ROWS rows
-    (a query block of 64 rows: four heads a 256-row tile; one decoded token, or heads of 128 rows,
-    keep one head a program), ``heads`` to ask for another power of two dividing G. budget:
+    (a query block of 64 rows: four heads a 256-row tile; heads of 128 rows keep one head a
+    program), and where they are fewer than 16 (a decoded token, a short chunk), as many as fill
+    tl.dot's 16 rows (one token of 4 heads: BLOCK_M = 4, its 4 valid rows in one tile, so that the
+    group's key and value blocks are read once, not once a head); ``heads`` to ask for another
+    power of two dividing G. BLOCK_M is then raised to 16 // HP where below it. budget:
     the bytes of shared memory the launch may take, estimated as q's tile plus the key and value
     tiles of every stage (`_smem_budget`; a compiler that takes more is met by a smaller budget,
     see `block_attention_triton`)."""
     for name, x in (("block_m", block_m), ("block_n", block_n)):
         if x < 16 or x & (x - 1):
             raise ValueError(f"block_attention_triton: {name}={x} is not a power of two >= 16")
-    bm = min(block_m, q_block, _pow2(Lq))
+    bm = min(block_m, q_block, _pow2(Lq, 1))
     if heads is None:
         hp = 1
-        while 32 <= bm <= 64 and G % (2 * hp) == 0 and 2 * hp * bm <= _STACK_ROWS:
+        while G % (2 * hp) == 0 and (hp * bm < 16
+                                     or (32 <= bm <= 64 and 2 * hp * bm <= _STACK_ROWS)):
             hp *= 2
     elif heads < 1 or heads & (heads - 1) or G % heads:
         raise ValueError(f"block_attention_triton: heads={heads} is not a power of two dividing "
@@ -496,6 +502,7 @@ def _launch_shape(Lq: int, q_block: int, k_block: int, bd: int, bdv: int, elem: 
         while smem(**shape) > budget and shape[name] > floor:
             shape[name] = shape[name] - 1 if name == "stages" else shape[name] // 2
     bm, hp, bn, stages = shape["bm"], shape["hp"], shape["bn"], shape["stages"]
+    bm = max(bm, 16 // hp)  # tl.dot's 16 rows a tile at least
     warps = min(num_warps, max(4, hp * bm // 16))
     return bm, hp, bn, warps, stages
 

@@ -194,7 +194,14 @@ def test_kept_blocks_from_block_select_and_strided_inputs():
 def test_launch_shape_fits_short_calls_and_wide_heads():
     # (BLOCK_M rows of a head, HP heads a tile, BLOCK_N, warps, stages)
     assert TB._launch_shape(1 << 20, 128, 64, 128, 128, 2, 128, 64, 8, 3, 4) == (128, 1, 64, 8, 3)
-    assert TB._launch_shape(1, 128, 64, 128, 128, 2, 128, 64, 8, 3, 4) == (16, 1, 64, 4, 3)
+    # a decoded token: the group's heads share a 16-row tile (4 heads of 4 rows, 8 of 2); a
+    # chunk of 8 queries: 2 heads of 8; no group (or one head asked for): 16 rows of one head
+    assert TB._launch_shape(1, 128, 64, 128, 128, 2, 128, 64, 8, 3, 4) == (4, 4, 64, 4, 3)
+    assert TB._launch_shape(1, 64, 32, 128, 128, 2, 128, 64, 8, 3, 8) == (2, 8, 64, 4, 3)
+    assert TB._launch_shape(8, 64, 32, 128, 128, 2, 128, 64, 8, 3, 4) == (8, 2, 64, 4, 3)
+    assert TB._launch_shape(1, 64, 32, 128, 128, 2, 128, 64, 8, 3, 1) == (16, 1, 64, 4, 3)
+    assert TB._launch_shape(1, 64, 32, 128, 128, 2, 128, 64, 8, 3, 4, 1) == (16, 1, 64, 4, 3)
+    assert TB._launch_shape(1, 64, 32, 128, 128, 2, 128, 64, 8, 3, 4, 2) == (8, 2, 64, 4, 3)
     assert TB._launch_shape(1000, 32, 16, 64, 64, 4, 128, 64, 8, 3) == (32, 1, 64, 4, 3)
     # query blocks of 64 rows: the four heads of a group stacked in a 256-row tile; eight of 32
     assert TB._launch_shape(1 << 17, 64, 32, 128, 128, 2, 128, 64, 8, 3, 4) == (64, 4, 64, 8, 3)
@@ -220,7 +227,7 @@ def test_launch_shape_fits_short_calls_and_wide_heads():
     assert TB._smem_budget(torch.device("cpu")) == TB._SMEM_BUDGET
 
 
-@pytest.mark.parametrize("p0,Lq", [(0, 200), (45, 130)])
+@pytest.mark.parametrize("p0,Lq", [(0, 200), (45, 130), (170, 1), (161, 3)])
 def test_stacked_heads_give_what_one_head_a_program_gives(p0, Lq):
     """Query heads of a kv group stacked in one tile (1, 2 or 4 of them) attend exactly what
     they attend one head a program, and match the reference."""
