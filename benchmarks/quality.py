@@ -73,6 +73,9 @@ def evaluate(model, tok, args, variants, cases, ppl_ids, out_meta, t0, results=N
         if routed and routers is None:
             raise SystemExit(f"variant {name} needs --routers")
         counter = use_variant(model, cfg, routers if routed else None, name)
+        if counter is not None and not masked:  # what the model runs (`slcompile.hf.for_model`)
+            from slcompile.hf import get_config
+            r["config"] = get_config(model).to_dict()
         if counter is not None:
             counter.tail = args.ppl_tail
             counter.reset()

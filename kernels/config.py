@@ -204,6 +204,11 @@ class SuperlinearConfig:
                         f"steps={self.steps}: it sets the steps=2 stripe geometry; steps=N uses "
                         f"the power 1/N (docs/nstep.md), so leave {name} at its default 0.5")
 
+    def is_given(self, name: str) -> bool:
+        """Whether field ``name`` was given at construction (or kept by `replace`), rather than
+        left to its default; a caller may fill in defaults of its own for the fields left out."""
+        return name in self._given
+
     @property
     def kind(self) -> "searches.SearchKind":
         """The search kind's registry entry (kernels/searches.py)."""

@@ -21,7 +21,10 @@ Registration. The name ``"superlinear"`` is registered with transformers' ``Atte
 Config. The `SuperlinearConfig` is the model config's attribute ``superlinear``: a dict of its
 fields, which ``save_pretrained`` writes to config.json and ``from_pretrained`` reads back.
 `configure` sets it. Unknown fields
-or a value of the wrong type raise at the first forward.
+or a value of the wrong type raise at the first forward. A model whose rotary embedding is
+stretched past its trained length (YaRN, linear or dynamic scaling by a factor f in its config)
+keeps f times the default key blocks where ``topk`` is left out (`for_model`): past its trained
+length a model's attention is flatter, and the default's 24 blocks lost retrieval there.
 
 Masks. transformers hands a custom attention function ``attention_mask=None`` unless a mask function
 is registered under the same name, which would silently drop padding. Ours builds a small
@@ -57,6 +60,7 @@ forward, as much memory traffic as reading the cache once); an unpadded batch is
 from __future__ import annotations
 
 import functools
+import math
 import sys
 import warnings
 import weakref
@@ -74,8 +78,8 @@ NAME = "superlinear"
 CONFIG_ATTR = "superlinear"
 ROUTER_ATTR = "superlinear_router"
 
-__all__ = ["NAME", "CONFIG_ATTR", "ROUTER_ATTR", "SuperlinearMask", "configure", "get_config",
-           "register", "superlinear_attention_forward", "superlinear_mask"]
+__all__ = ["NAME", "CONFIG_ATTR", "ROUTER_ATTR", "SuperlinearMask", "configure", "for_model",
+           "get_config", "register", "rope_stretch", "superlinear_attention_forward", "superlinear_mask"]
 
 # keyword arguments of transformers' attention calls that change the attention itself; we cannot
 # honour them, so they raise instead of being ignored
@@ -141,21 +145,64 @@ def _config_from_items(items: tuple) -> SuperlinearConfig:
     return SuperlinearConfig.from_dict(dict(items))
 
 
+# rope scalings that stretch a model's positions past the length it was trained at, by their
+# ``factor``; "llama3" and "longrope" describe models trained at their long length
+_STRETCHING_ROPE = ("yarn", "linear", "dynamic")
+
+
+def rope_stretch(hf_config) -> float:
+    """How far past its trained length a transformers config stretches the rotary embedding: the
+    largest ``factor`` of a YaRN, linear or dynamic-NTK scaling in ``rope_parameters`` (or the
+    ``rope_scaling`` of older configs; per layer type where it is a dict of them); 1.0 if none."""
+    stretch = 1.0
+    for attr in ("rope_parameters", "rope_scaling"):
+        p = getattr(hf_config, attr, None)
+        if not isinstance(p, dict):
+            continue
+        for params in [p] if ("rope_type" in p or "type" in p) else p.values():
+            if not isinstance(params, dict):
+                continue
+            factor = params.get("factor")
+            if (params.get("rope_type", params.get("type")) in _STRETCHING_ROPE
+                    and isinstance(factor, (int, float)) and not isinstance(factor, bool)
+                    and math.isfinite(factor)):
+                stretch = max(stretch, float(factor))
+    return stretch
+
+
+@functools.lru_cache(maxsize=64)
+def _stretched(cfg: SuperlinearConfig, topk_given: bool, stretch: float) -> SuperlinearConfig:
+    if topk_given or stretch <= 1.0 or not cfg.kind.block_sparse:
+        return cfg
+    return cfg.replace(topk=min(cfg.kind.topk_max, math.ceil(cfg.kind.topk * stretch)))
+
+
+def for_model(cfg: SuperlinearConfig, hf_config) -> SuperlinearConfig:
+    """``cfg`` with the defaults that depend on the model: on a model whose rope is stretched by f
+    past its trained length (`rope_stretch`), a block-sparse search whose ``topk`` was left out
+    keeps f times its kind's default (at most its bound). Stretched attention is flatter: SmolLM2
+    with YaRN x2 at 16K found 0 of dense's 2 needles with 24 blocks, 2 of 2 with 48
+    (benchmarks/RESULTS.md, quality past 8K). A topk given is kept."""
+    return _stretched(cfg, cfg.is_given("topk"), rope_stretch(hf_config))
+
+
 def _config_of(hf_config) -> SuperlinearConfig:
     raw = getattr(hf_config, CONFIG_ATTR, None) if hf_config is not None else None
     if raw is None:
-        return SuperlinearConfig()
-    if isinstance(raw, SuperlinearConfig):
-        return raw
-    if isinstance(raw, dict):
+        cfg = _config_from_items(())
+    elif isinstance(raw, SuperlinearConfig):
+        cfg = raw
+    elif isinstance(raw, dict):
         try:
-            return _config_from_items(tuple(sorted(raw.items())))
+            cfg = _config_from_items(tuple(sorted(raw.items())))
         except TypeError as e:  # an unhashable value: validate it uncached for the message
             if "unhashable" not in str(e):
                 raise
-            return SuperlinearConfig.from_dict(raw)
-    raise TypeError(f"model config attribute {CONFIG_ATTR!r} must be a dict of SuperlinearConfig "
-                    f"fields or a SuperlinearConfig, got {type(raw).__name__}")
+            cfg = SuperlinearConfig.from_dict(raw)
+    else:
+        raise TypeError(f"model config attribute {CONFIG_ATTR!r} must be a dict of "
+                        f"SuperlinearConfig fields or a SuperlinearConfig, got {type(raw).__name__}")
+    return for_model(cfg, hf_config)
 
 
 def get_config(module_or_model) -> SuperlinearConfig:
@@ -183,7 +230,7 @@ def configure(model, config: Optional[SuperlinearConfig] = None, *, enable: bool
     if config is not None and not isinstance(config, SuperlinearConfig):
         raise TypeError(f"configure: config must be a SuperlinearConfig, got {type(config).__name__}")
     base = config if config is not None else get_config(model)
-    new = base.replace(**fields) if fields else base
+    new = for_model(base.replace(**fields) if fields else base, getattr(model, "config", None))
     d = new.to_dict()
     seen = set()
     for m in [model, *model.modules()]:

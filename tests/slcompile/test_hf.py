@@ -241,6 +241,40 @@ def test_configure_set_attn_implementation_and_config_errors():
         _fwd(model, ids)
 
 
+def _yarn(factor, rope_type="yarn"):
+    return {"rope_type": rope_type, "factor": factor, "rope_theta": 10000.0,
+            "original_max_position_embeddings": 512}
+
+
+def test_a_model_stretched_past_its_trained_length_keeps_more_key_blocks():
+    """YaRN (or linear, dynamic) rope scaling by f: the block-sparse default keeps f times its
+    key blocks where topk is left out; a topk given, other rope types and stripe searches keep
+    theirs."""
+    assert H.rope_stretch(tiny_llama(3).config) == 1.0
+    model = tiny_llama(3, rope_parameters=_yarn(2.0))
+    assert H.rope_stretch(model.config) == 2.0
+    assert H.get_config(model).topk == 48  # no config yet: the defaults, for this model
+    assert H.configure(model, dense_below=0, enable=False).topk == 48
+    assert model.config.superlinear["topk"] == 48  # what save_pretrained writes
+    assert H.configure(model, SuperlinearConfig(dense_below=0), enable=False).topk == 48
+    assert H.configure(model, SuperlinearConfig(topk=10), enable=False).topk == 10
+    assert H.configure(model, SuperlinearConfig(search_key="anchor"), enable=False).topk == 3
+    model.config.superlinear = {"dense_below": 0}  # a partial dict, edited by hand
+    assert H.get_config(model).topk == 48
+    for params, topk in ((_yarn(2.5, "linear"), 60), (_yarn(64.0), 256), (_yarn(8.0, "llama3"), 24),
+                         ({"full_attention": _yarn(3.0), "sliding_attention": _yarn(1.0)}, 72),
+                         ({"rope_type": "yarn", "factor": "2"}, 24)):
+        cfg = type("C", (), {"rope_parameters": params})()
+        assert H.for_model(SuperlinearConfig(), cfg).topk == topk, params
+    # the forward runs with what get_config says: the same logits as topk=48 given, not 24's
+    ids = torch.randint(3, VOCAB, (1, 1600))
+    got = _fwd(H.configure(model, SuperlinearConfig(dense_below=0)) and model, ids)
+    H.configure(model, SuperlinearConfig(dense_below=0, topk=48))
+    torch.testing.assert_close(_fwd(model, ids), got, atol=0, rtol=0)
+    H.configure(model, SuperlinearConfig(dense_below=0, topk=24))
+    assert (_fwd(model, ids) - got).abs().max() > 1e-4
+
+
 def test_configure_refuses_models_that_keep_their_own_attention(monkeypatch):
     class Opaque(LlamaForCausalLM):  # as transformers sees a model not using AttentionInterface
         pass
