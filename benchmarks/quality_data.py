@@ -55,7 +55,10 @@ def apply_yarn(model, factor: float):
     rot = model.model.rotary_emb
     dev = rot.inv_freq.device
     model.model.rotary_emb = type(rot)(config=cfg).to(dev)
+    # the model's config says so too, as a config.json with this rope scaling would (what
+    # `slcompile.hf.for_model` reads)
     model.config.max_position_embeddings = cfg.max_position_embeddings
+    model.config.rope_parameters = dict(cfg.rope_parameters)
     return model
 
 
