@@ -47,10 +47,11 @@ given the search's order keys, the attention and (where its tiles are split) the
   the default launch compiles without it) the tile also stores (m + log2 l) ln 2 of its rows.
 
 Default launch (`block_attention_triton`'s keyword arguments): BLOCK_M = 128 rows of a head,
-BLOCK_N = 64 keys, 8 warps, 3 pipeline stages (the Hopper FlashAttention forward shape); BLOCK_M
+BLOCK_N = 64 keys, up to 16 warps, 3 pipeline stages (the Hopper FlashAttention forward shape); BLOCK_M
 shrinks to the call's rows and to q_block, HP grows to fill 256 rows where a head's rows are 32 to
 64 and to fill 16 rows where they are fewer (one decoded token: the 4 heads of a kv head share a
-16-row tile and every key block it reads), the warps follow the tile's rows/16 (4 to 8), and stages and
+16-row tile and every key block it reads), the warps follow the tile's rows/16 (4 to 16: a 256-row
+tile with 8 warps spilled registers, 380 bytes a thread, and ran 6% slower than with 16), and stages and
 tiles shrink where a wide head dimension or a GPU with less shared memory (99 KB a block on
 consumer Ampere and Ada, 163 KB on an A100) would exceed it, to Triton's own limit for the device
 (and further where a compiled kernel needs more than estimated: Triton refuses its launch, the call
@@ -58,7 +59,7 @@ retries with a smaller budget and keeps it). Measured on an H100 (Triton 3.6, bf
 Hkv=8, D=128): 128x64 blocks with F=14 listed per query block, one head a program, 330-350 TFLOP/s
 of attended pairs (4 D pairs Hq / time) at 128K and 1M tokens (BLOCK_N = 128, two listed blocks per
 step, and one loop masking whole blocks and diagonal alike were slower); the default's 64x32 blocks
-at 128K, 342 TFLOP/s with 4 heads a program (on an H200: 338, and 291 with one). Head dims up to
+at 128K, 354 TFLOP/s with 4 heads a program and 8 warps, 383 with 16 (an H100). Head dims up to
 256 (padded to a power of two with masks). Under Triton's interpreter, whose bf16 products are
 wrong, bf16 products run in float32.
 """
@@ -94,6 +95,7 @@ _STACK_ROWS = 256
 # the tiles' key blocks are shared out until the launch has about this many programs
 _SPLIT_PROGRAMS = 256
 _MAX_SPLIT = 16
+_COMBINE_VALUES = 8192  # partial accumulator values a program of _combine_kernel loads at once
 
 
 def _interpreted() -> bool:
@@ -376,51 +378,55 @@ def _fwd_kernel(Q, K, V, O, LST, LSE,
         tl.store(PACC + ML0 + 2 * r, m_i, mask=row_ok)
         tl.store(PACC + ML0 + 2 * r + 1, l_i, mask=row_ok)
     else:
-        _finish(acc, l_i, m_i, O, LSE, b, hq, qi, row_ok, sob, soh, som, slb, slh, DV, BLOCK_DV,
-                WRITE_LSE)
+        _finish(acc, l_i, m_i, O, LSE, b, hq, qi, row_ok, sob, soh, som, slb, slh, 0, DV,
+                BLOCK_DV, WRITE_LSE)
 
 
 @triton.jit
-def _finish(acc, l_i, m_i, O, LSE, b, hq, qi, row_ok, sob, soh, som, slb, slh, DV: tl.constexpr,
-            BLOCK_DV: tl.constexpr, WRITE_LSE: tl.constexpr):
-    """Store acc / l (zeros for a row with no key) and, with WRITE_LSE, (m + log2 l) ln 2."""
-    offdv = tl.arange(0, BLOCK_DV)
+def _finish(acc, l_i, m_i, O, LSE, b, hq, qi, row_ok, sob, soh, som, slb, slh, c0,
+            DV: tl.constexpr, BLOCK_C: tl.constexpr, WRITE_LSE: tl.constexpr):
+    """Store acc / l (zeros for a row with no key) into the output's columns c0..c0+BLOCK_C-1
+    and, with WRITE_LSE (where c0 == 0), (m + log2 l) ln 2."""
+    offc = c0 + tl.arange(0, BLOCK_C)
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
-    tl.store(O + b * sob + hq[:, None] * soh + qi.to(tl.int64)[:, None] * som + offdv[None, :],
-             o.to(O.dtype.element_ty), mask=row_ok[:, None] & (offdv[None, :] < DV))
+    tl.store(O + b * sob + hq[:, None] * soh + qi.to(tl.int64)[:, None] * som + offc[None, :],
+             o.to(O.dtype.element_ty), mask=row_ok[:, None] & (offc[None, :] < DV))
     if WRITE_LSE:
-        lse = tl.where(has, (m_i + tl.math.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453,
-                       float("-inf"))
-        tl.store(LSE + b * slb + hq * slh + qi.to(tl.int64), lse, mask=row_ok)
+        if c0 == 0:
+            lse = tl.where(has, (m_i + tl.math.log2(tl.where(has, l_i, 1.0)))
+                           * 0.6931471805599453, float("-inf"))
+            tl.store(LSE + b * slb + hq * slh + qi.to(tl.int64), lse, mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["Lq", "front", "tile0"])
 def _combine_kernel(PACC, ML0, O, LSE, sob, soh, som, slb, slh, Hkv, Lq, front, tile0,
                     G: tl.constexpr, BLOCK_M: tl.constexpr, HP: tl.constexpr, DV: tl.constexpr,
-                    BLOCK_DV: tl.constexpr, SPLIT: tl.constexpr, WRITE_LSE: tl.constexpr):
-    """One tile of `_fwd_kernel` with SPLIT > 1: its SPLIT partial softmaxes merged (running
-    maxima in the exp2 domain), then stored as the forward stores an unsplit tile."""
+                    BLOCK_DV: tl.constexpr, SPLIT: tl.constexpr, WRITE_LSE: tl.constexpr,
+                    BLOCK_C: tl.constexpr):
+    """Columns c0..c0+BLOCK_C-1 (grid axis 2) of one tile of `_fwd_kernel` with SPLIT > 1: its
+    SPLIT partial softmaxes merged (running maxima in the exp2 domain), then stored as the
+    forward stores an unsplit tile. Every partial is loaded at once ([SPLIT, rows] maxima and
+    sums, [SPLIT, rows, BLOCK_C] accumulators): a loop over the partials, one dependent load
+    after another, took 9 us for a decoded token on an H100, more than the split forward."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
+    c0 = tl.program_id(2) * BLOCK_C
     b, hkv, hq, r0, qi, row_ok = _tile_rows(pid, bh, Hkv, Lq, front, tile0, G, HP, BLOCK_M)
-    base = (bh * tl.num_programs(0) + pid) * SPLIT * (HP * BLOCK_M) + tl.arange(0, HP * BLOCK_M)
-    PML = PACC + ML0
-    offdv = tl.arange(0, BLOCK_DV)
-    m = tl.full([HP * BLOCK_M], float("-inf"), tl.float32)
-    for s in range(SPLIT):
-        m = tl.maximum(m, tl.load(PML + 2 * (base + s * HP * BLOCK_M), mask=row_ok,
-                                  other=float("-inf")))
-    m_use = tl.where(m == float("-inf"), 0.0, m)
-    l_i = tl.zeros([HP * BLOCK_M], tl.float32)
-    acc = tl.zeros([HP * BLOCK_M, BLOCK_DV], tl.float32)
-    for s in range(SPLIT):
-        r = base + s * HP * BLOCK_M
-        w = tl.math.exp2(tl.load(PML + 2 * r, mask=row_ok, other=float("-inf")) - m_use)
-        l_i += w * tl.load(PML + 2 * r + 1, mask=row_ok, other=0.0)
-        acc += w[:, None] * tl.load(PACC + r[:, None] * BLOCK_DV + offdv[None, :],
-                                    mask=row_ok[:, None], other=0.0)
-    _finish(acc, l_i, m, O, LSE, b, hq, qi, row_ok, sob, soh, som, slb, slh, DV, BLOCK_DV,
+    R: tl.constexpr = HP * BLOCK_M
+    r = ((bh * tl.num_programs(0) + pid) * SPLIT * R + tl.arange(0, SPLIT)[:, None] * R
+         + tl.arange(0, R)[None, :])  # [SPLIT, R]: the partial rows
+    ok = (tl.arange(0, SPLIT)[:, None] >= 0) & row_ok[None, :]
+    mp = tl.load(PACC + ML0 + 2 * r, mask=ok, other=float("-inf"))
+    lp = tl.load(PACC + ML0 + 2 * r + 1, mask=ok, other=0.0)
+    m = tl.max(mp, 0)
+    w = tl.math.exp2(mp - tl.where(m == float("-inf"), 0.0, m)[None, :])
+    l_i = tl.sum(w * lp, 0)
+    offc = c0 + tl.arange(0, BLOCK_C)
+    part = tl.load(PACC + r[:, :, None] * BLOCK_DV + offc[None, None, :],
+                   mask=ok[:, :, None] & (offc[None, None, :] < BLOCK_DV), other=0.0)
+    acc = tl.sum(w[:, :, None] * part, 0)
+    _finish(acc, l_i, m, O, LSE, b, hq, qi, row_ok, sob, soh, som, slb, slh, c0, DV, BLOCK_C,
             WRITE_LSE)
 
 
@@ -537,7 +543,7 @@ def check_arguments(name: str, q: Tensor, k: Tensor, v: Tensor, q_block: int, k_
 
 def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, full: Tensor, p0: int, *,
                            q_block: int = 128, k_block: int = 64, scale: float,
-                           block_m: int = 128, block_n: int = 64, num_warps: int = 8,
+                           block_m: int = 128, block_n: int = 64, num_warps: int = 16,
                            num_stages: int = 3, out: Optional[Tensor] = None,
                            sink_blocks: int = 0, window_blocks: int = 0,
                            lse: Optional[Tensor] = None, keys_topk: int = 0,
@@ -653,11 +659,13 @@ def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, full: Tensor, p0: in
                 raise
             budget = _FIT[fit_key] = smaller
     split = sp
-    if split > 1:
-        launch(_combine_kernel, grid, pacc, ml0, out, out if lse is None else lse,
-               *out.stride()[:3], *((0, 0) if lse is None else lse.stride()[:2]),
-               Hkv, Lq, front, tile0, G=G, BLOCK_M=BM, HP=HP, DV=Dv, BLOCK_DV=BDV, SPLIT=split,
-               WRITE_LSE=lse is not None, num_warps=4)
+    if split > 1:  # about 8K partial values a program: columns shared out over grid axis 2
+        bc = min(BDV, max(16, _COMBINE_VALUES // (split * HP * BM)))
+        launch(_combine_kernel, (grid[0], grid[1], BDV // bc), pacc, ml0, out,
+               out if lse is None else lse, *out.stride()[:3],
+               *((0, 0) if lse is None else lse.stride()[:2]), Hkv, Lq, front, tile0, G=G,
+               BLOCK_M=BM, HP=HP, DV=Dv, BLOCK_DV=BDV, SPLIT=split, WRITE_LSE=lse is not None,
+               BLOCK_C=bc, num_warps=4)
     return out
 
 

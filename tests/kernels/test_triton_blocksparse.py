@@ -206,6 +206,10 @@ def test_launch_shape_fits_short_calls_and_wide_heads():
     # query blocks of 64 rows: the four heads of a group stacked in a 256-row tile; eight of 32
     assert TB._launch_shape(1 << 17, 64, 32, 128, 128, 2, 128, 64, 8, 3, 4) == (64, 4, 64, 8, 3)
     assert TB._launch_shape(1 << 17, 64, 32, 128, 128, 2, 128, 64, 8, 3, 8) == (64, 4, 64, 8, 3)
+    # the default's 16 warps: a 256-row tile gets all 16, a 128-row tile 8, a decoded token 4
+    assert TB._launch_shape(1 << 17, 64, 32, 128, 128, 2, 128, 64, 16, 3, 4) == (64, 4, 64, 16, 3)
+    assert TB._launch_shape(1 << 20, 128, 64, 128, 128, 2, 128, 64, 16, 3, 4) == (128, 1, 64, 8, 3)
+    assert TB._launch_shape(1, 64, 32, 128, 128, 2, 128, 64, 16, 3, 4) == (4, 4, 64, 4, 3)
     assert TB._launch_shape(1000, 32, 16, 64, 64, 4, 128, 64, 8, 3, 8) == (32, 8, 64, 8, 3)
     # float32 at d=128: stacked heads are given up first to fit shared memory
     bm, hp, bn, warps, stages = TB._launch_shape(1 << 17, 64, 32, 128, 128, 4, 128, 64, 8, 3, 4)
