@@ -354,8 +354,9 @@ def test_order_keys_pick_the_kept_blocks_in_the_kernel(p0, Lq, kb, launch):
     (1300, 20, 16, dict(block_n=16, split=8), True),   # a chunk
     (1024, 64, 32, dict(block_n=64, split=2), False),  # a whole query block, stacked heads
     (90, 1, 16, dict(split=16), True),             # fewer blocks than programs sharing them
+    (1299, 1, 16, dict(split=8, combine_values=128), True),  # the merge's columns in 2 programs
 ])
-def test_split_tiles_give_what_one_program_gives(p0, Lq, kb, launch, with_lse):
+def test_split_tiles_give_what_one_program_gives(monkeypatch, p0, Lq, kb, launch, with_lse):
     """With the search's keys, programs that share a tile's key blocks (every split-th block, the
     last program the diagonal) and the launch that merges their partial softmaxes give what one
     program a tile gives, log-sum-exp included, and match the reference."""
@@ -375,7 +376,10 @@ def test_split_tiles_give_what_one_program_gives(p0, Lq, kb, launch, with_lse):
             keys[0, h, n, torch.randperm(M, generator=g)[:len(cand)]] = bs._order_key(score, cand)
             kept[0, h, n, :min(K, len(cand))] = cand[score.argsort(descending=True)[:K]].int()
     kw = dict(q_block=qb, k_block=kb, scale=0.3, sink_blocks=sb, window_blocks=wb)
+    launch = dict(launch)
     split = launch.pop("split", None)
+    if "combine_values" in launch:  # fewer values a merge program: its columns shared out
+        monkeypatch.setattr(TB, "_COMBINE_VALUES", launch.pop("combine_values"))
     if split is None:  # the default: 32 tiles of one row here, shared out
         assert TB._split(Hq * 1) > 1
     lses = []
