@@ -91,10 +91,12 @@ _COMPACT_ROWS = 32  # list rows per program of _compact_kernel
 # rows of a tile of stacked query heads: at 128K (H200, bf16, 32/8 heads of 128, the default's
 # 64-row query blocks) the attention took 6.9 ms with 4 heads a program, 7.5 with 2, 8.0 with 1
 _STACK_ROWS = 256
-# one query block given the search's keys (a decoded token: B * Hkv * G tiles of one valid row):
-# the tiles' key blocks are shared out until the launch has about this many programs
+# one query block given the search's keys (a decoded token: B * Hkv tiles of the G heads' rows):
+# the tiles' key blocks are shared out until the launch has about this many programs, each tile
+# among at most _MAX_SPLIT (a token of 32/8 heads on an H100: attention 13.7 us split 8 ways, 16.7
+# split 16, 25.1 split 32, 24.7 unsplit; with the merge's loop that 429a926 replaced)
 _SPLIT_PROGRAMS = 256
-_MAX_SPLIT = 16
+_MAX_SPLIT = 8
 _COMBINE_VALUES = 8192  # partial accumulator values a program of _combine_kernel loads at once
 
 
