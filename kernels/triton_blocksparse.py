@@ -567,7 +567,7 @@ def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, full: Tensor, p0: in
     kv group stacked in one program's tile (`_launch_shape` picks by default). table: paged keys and
     values (`blocksparse.check_table`; k and v share the slots): T = table.shape[2] * k_block.
     split: with keys_topk, programs sharing each tile's key blocks, a power of two (`_split`
-    picks by default: a decoded token's 32 tiles would each walk ~1,100 keys alone); their
+    picks by default: a decoded token's 8 tiles would each walk ~1,100 keys alone); their
     partial softmaxes are merged by a second launch."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or full.dim() != 4:
         raise ValueError("block_attention_triton: q, k, v and full must be 4-D")
