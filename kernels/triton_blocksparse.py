@@ -93,10 +93,10 @@ _COMPACT_ROWS = 32  # list rows per program of _compact_kernel
 _STACK_ROWS = 256
 # one query block given the search's keys (a decoded token: B * Hkv tiles of the G heads' rows):
 # the tiles' key blocks are shared out until the launch has about this many programs, each tile
-# among at most _MAX_SPLIT (a token of 32/8 heads on an H100: attention 13.7 us split 8 ways, 16.7
-# split 16, 25.1 split 32, 24.7 unsplit; with the merge's loop that 429a926 replaced)
+# among at most _MAX_SPLIT (a token of 32/8 heads on an H100, its 4 heads a tile: attention and
+# merge 11.3 us split 16 ways, 13.7 split 8, 19.5 split 4, 24.5 unsplit)
 _SPLIT_PROGRAMS = 256
-_MAX_SPLIT = 8
+_MAX_SPLIT = 16
 _COMBINE_VALUES = 8192  # partial accumulator values a program of _combine_kernel loads at once
 
 
