@@ -42,10 +42,9 @@ def load_model(device: str, gguf: Optional[str] = None):
 def apply_yarn(model, factor: float):
     """Stretch the model's rotary embedding with YaRN by ``factor`` (context past the trained
     length: SmolLM2's 8K to 8K x factor), in place; returns the model. The trained length stays
-    YaRN's original length."""
-    import copy
-
-    cfg = copy.deepcopy(model.config)
+    YaRN's original length. The model's config says so too, as a config.json with this rope
+    scaling would (what `slcompile.hf.for_model` reads)."""
+    cfg = model.config
     orig = int(cfg.max_position_embeddings)
     old = dict(getattr(cfg, "rope_parameters", None) or {})
     theta = old.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
@@ -53,12 +52,7 @@ def apply_yarn(model, factor: float):
                            "original_max_position_embeddings": orig}
     cfg.max_position_embeddings = int(orig * factor)
     rot = model.model.rotary_emb
-    dev = rot.inv_freq.device
-    model.model.rotary_emb = type(rot)(config=cfg).to(dev)
-    # the model's config says so too, as a config.json with this rope scaling would (what
-    # `slcompile.hf.for_model` reads)
-    model.config.max_position_embeddings = cfg.max_position_embeddings
-    model.config.rope_parameters = dict(cfg.rope_parameters)
+    model.model.rotary_emb = type(rot)(config=cfg).to(rot.inv_freq.device)
     return model
 
 

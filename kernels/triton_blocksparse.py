@@ -418,15 +418,15 @@ def _combine_kernel(PACC, ML0, O, LSE, sob, soh, som, slb, slh, Hkv, Lq, front, 
     R: tl.constexpr = HP * BLOCK_M
     r = ((bh * tl.num_programs(0) + pid) * SPLIT * R + tl.arange(0, SPLIT)[:, None] * R
          + tl.arange(0, R)[None, :])  # [SPLIT, R]: the partial rows
-    ok = (tl.arange(0, SPLIT)[:, None] >= 0) & row_ok[None, :]
+    ok = tl.broadcast_to(row_ok[None, :], (SPLIT, R))
     mp = tl.load(PACC + ML0 + 2 * r, mask=ok, other=float("-inf"))
     lp = tl.load(PACC + ML0 + 2 * r + 1, mask=ok, other=0.0)
     m = tl.max(mp, 0)
     w = tl.math.exp2(mp - tl.where(m == float("-inf"), 0.0, m)[None, :])
     l_i = tl.sum(w * lp, 0)
-    offc = c0 + tl.arange(0, BLOCK_C)
-    part = tl.load(PACC + r[:, :, None] * BLOCK_DV + offc[None, None, :],
-                   mask=ok[:, :, None] & (offc[None, None, :] < BLOCK_DV), other=0.0)
+    offc = c0 + tl.arange(0, BLOCK_C)  # BLOCK_C divides BLOCK_DV: every column is in the row
+    part = tl.load(PACC + r[:, :, None] * BLOCK_DV + offc[None, None, :], mask=ok[:, :, None],
+                   other=0.0)
     acc = tl.sum(w[:, :, None] * part, 0)
     _finish(acc, l_i, m, O, LSE, b, hq, qi, row_ok, sob, soh, som, slb, slh, c0, DV, BLOCK_C,
             WRITE_LSE)
@@ -660,13 +660,12 @@ def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, full: Tensor, p0: in
             if e.name != "shared memory" or smaller >= budget or smaller < 4096:
                 raise
             budget = _FIT[fit_key] = smaller
-    split = sp
-    if split > 1:  # about 8K partial values a program: columns shared out over grid axis 2
-        bc = min(BDV, max(16, _COMBINE_VALUES // (split * HP * BM)))
+    if sp > 1:  # about 8K partial values a program: columns shared out over grid axis 2
+        bc = min(BDV, max(16, _COMBINE_VALUES // (sp * HP * BM)))
         launch(_combine_kernel, (grid[0], grid[1], BDV // bc), pacc, ml0, out,
                out if lse is None else lse, *out.stride()[:3],
                *((0, 0) if lse is None else lse.stride()[:2]), Hkv, Lq, front, tile0, G=G,
-               BLOCK_M=BM, HP=HP, DV=Dv, BLOCK_DV=BDV, SPLIT=split, WRITE_LSE=lse is not None,
+               BLOCK_M=BM, HP=HP, DV=Dv, BLOCK_DV=BDV, SPLIT=sp, WRITE_LSE=lse is not None,
                BLOCK_C=bc, num_warps=4)
     return out
 

@@ -141,8 +141,8 @@ class SuperlinearMask:
 # --------------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=64)
-def _config_from_items(items: tuple) -> SuperlinearConfig:
-    return SuperlinearConfig.from_dict(dict(items))
+def _config_from_items(items: tuple, stretch: float) -> SuperlinearConfig:
+    return _stretched(SuperlinearConfig.from_dict(dict(items)), stretch)
 
 
 # rope scalings that stretch a model's positions past the length it was trained at, by their
@@ -170,9 +170,8 @@ def rope_stretch(hf_config) -> float:
     return stretch
 
 
-@functools.lru_cache(maxsize=64)
-def _stretched(cfg: SuperlinearConfig, topk_given: bool, stretch: float) -> SuperlinearConfig:
-    if topk_given or stretch <= 1.0 or not cfg.kind.block_sparse:
+def _stretched(cfg: SuperlinearConfig, stretch: float) -> SuperlinearConfig:
+    if cfg.is_given("topk") or stretch <= 1.0 or not cfg.kind.block_sparse:
         return cfg
     return cfg.replace(topk=min(cfg.kind.topk_max, math.ceil(cfg.kind.topk * stretch)))
 
@@ -183,26 +182,28 @@ def for_model(cfg: SuperlinearConfig, hf_config) -> SuperlinearConfig:
     keeps f times its kind's default (at most its bound). Stretched attention is flatter: SmolLM2
     with YaRN x2 at 16K found 0 of dense's 2 needles with 24 blocks, 2 of 2 with 48
     (benchmarks/RESULTS.md, quality past 8K). A topk given is kept."""
-    return _stretched(cfg, cfg.is_given("topk"), rope_stretch(hf_config))
+    return _stretched(cfg, rope_stretch(hf_config))
 
 
 def _config_of(hf_config) -> SuperlinearConfig:
+    """The config `get_config` gives, `for_model` applied; built once per (fields, stretch), since
+    every attention call asks for it (not keyed on a config object: equal configs may differ in
+    which fields were given)."""
     raw = getattr(hf_config, CONFIG_ATTR, None) if hf_config is not None else None
+    stretch = rope_stretch(hf_config)
     if raw is None:
-        cfg = _config_from_items(())
-    elif isinstance(raw, SuperlinearConfig):
-        cfg = raw
-    elif isinstance(raw, dict):
+        return _config_from_items((), stretch)
+    if isinstance(raw, SuperlinearConfig):
+        return _stretched(raw, stretch)
+    if isinstance(raw, dict):
         try:
-            cfg = _config_from_items(tuple(sorted(raw.items())))
+            return _config_from_items(tuple(sorted(raw.items())), stretch)
         except TypeError as e:  # an unhashable value: validate it uncached for the message
             if "unhashable" not in str(e):
                 raise
-            cfg = SuperlinearConfig.from_dict(raw)
-    else:
-        raise TypeError(f"model config attribute {CONFIG_ATTR!r} must be a dict of "
-                        f"SuperlinearConfig fields or a SuperlinearConfig, got {type(raw).__name__}")
-    return for_model(cfg, hf_config)
+            return _stretched(SuperlinearConfig.from_dict(raw), stretch)
+    raise TypeError(f"model config attribute {CONFIG_ATTR!r} must be a dict of SuperlinearConfig "
+                    f"fields or a SuperlinearConfig, got {type(raw).__name__}")
 
 
 def get_config(module_or_model) -> SuperlinearConfig:
