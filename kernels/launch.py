@@ -142,6 +142,76 @@ def launch(kernel, grid, *args, num_warps: int, num_stages=None, **kw) -> None:
                  compiled.packed_metadata, None, None, None, *values)
 
 
+_DYNAMIC = (lambda values: (), lambda values: values)  # `_key`'s getters: every value runtime
+
+
+def classes(values: tuple):
+    """The key of one round of `Site` launches: the current device and the classes `_key` gives
+    ``values`` (every value the round's launches take as dynamic, so that the key covers each
+    launch's), or None where launches take Triton's own path (launch hooks: a profiler)."""
+    if not _RUNTIME or _hooked():  # no compiled kernel met yet (the interpreter), or hooks
+        return None
+    return (torch.cuda.current_device(), _key(_DYNAMIC, values, None))
+
+
+def _params(kernel) -> tuple:
+    """(parameter names, names of the constexprs) of a Triton kernel, compiled or interpreted."""
+    params = getattr(kernel, "params", None)
+    if params is not None:
+        return tuple(p.name for p in params), {p.name for p in params if p.is_constexpr}
+    import triton.language as tl  # the interpreter's function: its annotations say it
+    ann = getattr(kernel.fn, "__annotations__", {})
+    return tuple(kernel.arg_names), {n for n, a in ann.items()
+                                     if a is tl.constexpr or "constexpr" in str(a)}
+
+
+class Site:
+    """Repeated launches of one kernel from one call site whose parameters are fixed but for those
+    named ``dynamic`` (no constexpr among them): ``site(grid, key, *dynamic values)`` is
+    ``launch(kernel, grid, **fixed, **dynamic, num_warps=..., num_stages=...)``, where ``key`` is
+    `classes` of values that include the dynamic ones (a decoded token classifies its values once
+    for its four launches: kernels/blocksparse_decode.py). The fixed values are placed once and
+    their classes are the same at every call, so the compiled kernel is kept under ``key``. A new
+    key, a key of None, the interpreter and Tritons laid out otherwise take Triton's own path."""
+
+    __slots__ = ("kernel", "template", "slots", "opts", "direct", "table")
+
+    def __init__(self, kernel, fixed: dict, dynamic: tuple, *, num_warps: int, num_stages=None):
+        info = _info(kernel)
+        names, constexpr = _params(kernel)
+        if set(fixed) & set(dynamic) or set(fixed) | set(dynamic) != set(names) \
+                or len(dynamic) != len(set(dynamic)) or constexpr & set(dynamic):
+            raise TypeError(f"Site: {kernel.__name__}'s parameters {names} are not the fixed "
+                            f"{sorted(fixed)} and the dynamic {dynamic} (no constexpr) exactly")
+        self.kernel = kernel
+        self.template = [fixed.get(n) for n in names]
+        self.slots = tuple(names.index(n) for n in dynamic)
+        self.opts = {"num_warps": num_warps}
+        if num_stages is not None:
+            self.opts["num_stages"] = num_stages
+        self.direct = info is not None
+        self.table: dict = {}  # key -> compiled kernel
+
+    def __call__(self, grid, key, *dynamic) -> None:
+        values = self.template.copy()
+        for i, v in zip(self.slots, dynamic):
+            values[i] = v
+        compiled = self.table.get(key) if self.direct and key is not None else None
+        if compiled is None:
+            compiled = self.kernel[grid](*values, **self.opts)
+            if self.direct and key is not None:
+                if len(self.table) >= _MAX_KEYS:
+                    self.table.clear()
+                if all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")):
+                    self.table[key] = compiled
+                else:  # compiled kernels laid out otherwise: Triton's path from now on
+                    self.direct = False
+            return
+        compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
+                     torch._C._cuda_getCurrentRawStream(key[0]), compiled.function,
+                     compiled.packed_metadata, None, None, None, *values)
+
+
 def refit(attempt, state, smaller):
     """``attempt(state)``; where Triton refuses the launch for its shared memory (a GPU with less
     than the launch planned for: refused before the kernel runs, so nothing is half written),

@@ -214,9 +214,10 @@ def _first_position(query_positions: Optional[Tensor], Lq: int, T: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _blocksparse_kernels():
-    """(triton_blocksparse, triton_blocksparse_search), imported once (Triton loads with them)."""
-    from . import triton_blocksparse, triton_blocksparse_search
-    return triton_blocksparse, triton_blocksparse_search
+    """(triton_blocksparse, triton_blocksparse_search, blocksparse_decode), imported once (Triton
+    loads with them)."""
+    from . import blocksparse_decode, triton_blocksparse, triton_blocksparse_search
+    return triton_blocksparse, triton_blocksparse_search, blocksparse_decode
 
 
 @_custom_op("superlinear::block_sparse_attention")
@@ -261,11 +262,18 @@ def block_sparse_attention(
             query, key, value, key_padding_mask, p0, topk=topk, rows=block_rows, pool=block_pool,
             scale=scale, dense_below=dense_below, summary=block_summary, exact_rows=exact_rows,
             group=block_group, spread=spread_rows, **kw).contiguous()
-    tba, tss = _blocksparse_kernels()
+    tba, tss, decode = _blocksparse_kernels()
     Lq = query.shape[2]
     # one query block (a decoded token, a short chunk): the attention picks the kept blocks from
     # stage 2's keys itself, so that no torch op runs between the launches
     one_block = (p0 % q_block) + Lq <= q_block and key_padding_mask is None
+    if one_block and block_summary is not None:  # the same launches, prepared per call shape
+        out = decode.attention(query, key, value, block_summary, p0, window=window, sinks=sinks,
+                               topk=topk, scale=scale, q_block=q_block, k_block=k_block,
+                               rows=block_rows, pool=block_pool, exact_rows=exact_rows,
+                               group=block_group, spread=spread_rows)
+        if out is not None:
+            return out
     kept = tss.block_select_triton(query, key, key_padding_mask, p0, topk=topk, rows=block_rows,
                                    pool=block_pool, summary=block_summary, exact_rows=exact_rows,
                                    group=block_group, spread=spread_rows, exact_keys=one_block,
