@@ -180,6 +180,22 @@ def decode_row(T, a, cfg):
                     n: round(ms * 1e3, 1) for n, ms in profile_ms(ours, 10).items()}
         finally:
             tba._MAX_SPLIT = max_split
+    if a.decode_general_ab:  # the same token through the general entry points (no plan)
+        from slcompile.kernels import blocksparse_decode as bd
+        prepared_out = direct().float()
+        real = bd.attention
+        bd.attention = lambda *args, **kw: None
+        try:
+            row.update(general_direct_eager_ms=timed(direct, 20, warm=3),
+                       general_direct_back_to_back_ms=back_to_back(direct),
+                       general_direct_host_ms=back_to_back(lambda: functional_call(
+                           q, k, v, cfg, scale,
+                           cache.buf[:, :, :(T + cache.k_block - 1) // cache.k_block]), host=True),
+                       general_graph_ms=time_graph(ours),
+                       general_max_diff=(direct().float() - prepared_out).abs().max().item())
+        finally:
+            bd.attention = real
+        row["general_direct_eager_speedup"] = row["sdpa_eager_ms"] / row["general_direct_eager_ms"]
     if a.decode_attention_ab:  # the token's attention alone, given the search's keys
         from slcompile.kernels import triton_blocksparse as tba
         from slcompile.kernels import triton_blocksparse_search as tss
@@ -256,6 +272,9 @@ def main():
                          "CUDA graphs; block summaries kept with the cache)")
     ap.add_argument("--profile-decode", action="store_true",
                     help="kernel times of a decoded token (torch.profiler)")
+    ap.add_argument("--decode-general-ab", action="store_true",
+                    help="also time the decoded token through the general entry points (without "
+                         "kernels/blocksparse_decode.py's prepared launches), in the same process")
     ap.add_argument("--decode-split-ab", action="store_true",
                     help="also time the decoded token with one program a tile (no split of its "
                          "key blocks)")

@@ -168,3 +168,32 @@ def test_sites_check_their_parameters():
         L.Site(TB._combine_kernel, {n: 0 for n in names if n != "SPLIT"}, ("SPLIT",),
                num_warps=4)
     assert "SPLIT" in constexpr and "PACC" not in constexpr
+
+
+@pytest.mark.skipif(INTERPRETED, reason="direct launches need compiled kernels on a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_prepared_direct_launches_give_what_tritons_own_launches_give(monkeypatch, dtype):
+    """On a GPU, token after token (lengths of every residue mod 16, group counts crossed): the
+    prepared launches, direct once a key is known, give exactly the general path's outputs through
+    Triton's own launches, and the reference's within bf16/fp32 tolerance."""
+    monkeypatch.setattr(BD, "_PLANS", {})
+    lengths = list(range(1000, 1040)) + [4095, 4096, 4097]
+
+    def decode(Hq=32, Hkv=8, D=128):
+        return [_op(q, k, v, s, scale=D ** -0.5) for q, k, v, s in
+                _tokens(3, lengths, 1, Hq, Hkv, D, dtype)]
+    poison()
+    prepared = decode()
+    assert any(site.table for p in BD._PLANS.values() if p is not None
+               for site in (p.stage1, p.stage2, p.attend))  # direct launches ran
+    monkeypatch.setattr(BD, "attention", lambda *a, **kw: None)
+    monkeypatch.setattr(L, "_info", lambda kernel: None)  # Triton's own launches only
+    poison()
+    general = decode()
+    for got, want in zip(prepared, general):
+        assert not torch.isnan(got).any()
+        assert torch.equal(got, want)
+    (q, k, v, _), = _tokens(3, [lengths[-1]], 1, 32, 8, 128, dtype)
+    tol = 2e-2 if dtype == torch.bfloat16 else 2e-4
+    torch.testing.assert_close(prepared[-1].float(), _reference(q, k, v, 128 ** -0.5).float(),
+                               atol=tol, rtol=tol)
