@@ -148,8 +148,9 @@ _DYNAMIC = (lambda values: (), lambda values: values)  # `_key`'s getters: every
 def classes(values: tuple):
     """The key of one round of `Site` launches: the current device and the classes `_key` gives
     ``values`` (every value the round's launches take as dynamic, so that the key covers each
-    launch's), or None where launches take Triton's own path (launch hooks: a profiler)."""
-    if not _RUNTIME or _hooked():  # no compiled kernel met yet (the interpreter), or hooks
+    launch's), or None where launches take Triton's own path (no compiled kernel met yet: the
+    interpreter; launch hooks: a profiler)."""
+    if not _RUNTIME or _hooked():
         return None
     return (torch.cuda.current_device(), _key(_DYNAMIC, values, None))
 
@@ -174,7 +175,7 @@ class Site:
     their classes are the same at every call, so the compiled kernel is kept under ``key``. A new
     key, a key of None, the interpreter and Tritons laid out otherwise take Triton's own path."""
 
-    __slots__ = ("kernel", "template", "slots", "opts", "direct", "table")
+    __slots__ = ("kernel", "fixed", "place", "opts", "direct", "table")
 
     def __init__(self, kernel, fixed: dict, dynamic: tuple, *, num_warps: int, num_stages=None):
         info = _info(kernel)
@@ -184,8 +185,11 @@ class Site:
             raise TypeError(f"Site: {kernel.__name__}'s parameters {names} are not the fixed "
                             f"{sorted(fixed)} and the dynamic {dynamic} (no constexpr) exactly")
         self.kernel = kernel
-        self.template = [fixed.get(n) for n in names]
-        self.slots = tuple(names.index(n) for n in dynamic)
+        # the parameters in order, picked from (dynamic values + fixed values) in one C call
+        fixed_names = tuple(n for n in names if n not in dynamic)
+        self.fixed = tuple(fixed[n] for n in fixed_names)
+        at = {n: i for i, n in enumerate(tuple(dynamic) + fixed_names)}
+        self.place = itemgetter(*[at[n] for n in names])
         self.opts = {"num_warps": num_warps}
         if num_stages is not None:
             self.opts["num_stages"] = num_stages
@@ -193,9 +197,7 @@ class Site:
         self.table: dict = {}  # key -> compiled kernel
 
     def __call__(self, grid, key, *dynamic) -> None:
-        values = self.template.copy()
-        for i, v in zip(self.slots, dynamic):
-            values[i] = v
+        values = self.place(dynamic + self.fixed)
         compiled = self.table.get(key) if self.direct and key is not None else None
         if compiled is None:
             compiled = self.kernel[grid](*values, **self.opts)
