@@ -150,10 +150,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, summary: Tensor, p0: int, *, wind
     parts = -(-nG // MP)
     if parts * MG > tss._MERGE_KEYS:
         return None
-    sig = (q.shape, k.shape[:2], k.shape[3], v.shape[:2], v.shape[3], q.dtype, k.dtype, v.dtype, summary.dtype,
-           q.device, k.device, v.device, summary.device, q.stride(), summary.shape[:2],
-           summary.shape[3], summary.stride(), k.stride(3), v.stride(3), window, sinks, topk,
-           scale, q_block, k_block, rows, pool, exact_rows, gs, spread, MG, MP, parts)
+    sig = (q.shape, k.shape[:2], k.shape[3], v.shape[:2], v.shape[3], q.dtype, k.dtype, v.dtype,
+           summary.dtype, q.device, k.device, v.device, summary.device, q.stride(),
+           summary.shape[:2], summary.shape[3], summary.stride(), k.stride(3), v.stride(3), window,
+           sinks, topk, scale, q_block, k_block, rows, pool, exact_rows, gs, spread, MG, MP, parts)
     plan = _PLANS.get(sig, _PLANS)
     if plan is None:
         return None

@@ -82,14 +82,14 @@ def _canonical(log, inputs):
     return out
 
 
-def _tokens(seed, lengths, Lq, Hq=4, Hkv=2, D=16, dtype=torch.float32):
+def _tokens(seed, lengths, Lq, Hq=4, Hkv=2, D=16, dtype=torch.float32, B=1):
     """(q, k, v, summaries) for each cache length: one key tensor grown token by token, its
     summaries kept as a cache keeps them."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     n = max(lengths)
-    k_all = torch.randn(1, Hkv, n, D, generator=g).to(DEV, dtype)
-    v_all = torch.randn(1, Hkv, n, D, generator=g).to(DEV, dtype)
-    q_all = torch.randn(1, Hq, n, D, generator=g).to(DEV, dtype)
+    k_all = torch.randn(B, Hkv, n, D, generator=g).to(DEV, dtype)
+    v_all = torch.randn(B, Hkv, n, D, generator=g).to(DEV, dtype)
+    q_all = torch.randn(B, Hq, n, D, generator=g).to(DEV, dtype)
     cache = bs.BlockSummaryCache(bs.summary_keys(CFG["window"], CFG["k_block"], CFG["group"]))
     for T in lengths:
         k, v = k_all[:, :, :T].contiguous(), v_all[:, :, :T].contiguous()
@@ -97,13 +97,14 @@ def _tokens(seed, lengths, Lq, Hq=4, Hkv=2, D=16, dtype=torch.float32):
         yield q_all[:, :, T - Lq:T].contiguous(), k, v, summary
 
 
-# lengths across group counts 1..7 (64-key groups; 1 and 2+ keep 1 and 2 groups: two plans) and fronts across the query block; chunks of
-# 3 queries, some of them over two query blocks (the general path's)
+# lengths across group counts 1..7 (64-key groups; 1 and 2+ keep 1 and 2 groups: two plans) and
+# fronts across the query block; chunks of 3 queries, some of them over two query blocks (the
+# general path's)
 LENGTHS = [50, 70, 100, 127, 128, 129, 200, 255, 256, 300, 383, 384, 385]
 
 
-@pytest.mark.parametrize("Lq", [1, 3])
-def test_prepared_launches_are_the_general_paths(monkeypatch, Lq):
+@pytest.mark.parametrize("Lq,B", [(1, 1), (3, 1), (1, 2)])
+def test_prepared_launches_are_the_general_paths(monkeypatch, Lq, B):
     through_triton(monkeypatch)
     monkeypatch.setattr(BD, "_PLANS", {})
     logs = {"prepared": [], "general": []}
@@ -113,7 +114,7 @@ def test_prepared_launches_are_the_general_paths(monkeypatch, Lq):
         if which == "general":
             monkeypatch.setattr(BD, "attention", lambda *a, **kw: None)
         outs = []
-        for q, k, v, summary in _tokens(0, LENGTHS, Lq):
+        for q, k, v, summary in _tokens(0, LENGTHS if B == 1 else LENGTHS[::3], Lq, B=B):
             start = len(logs[which])
             poison()
             outs.append(_op(q, k, v, summary))
@@ -122,7 +123,7 @@ def test_prepared_launches_are_the_general_paths(monkeypatch, Lq):
         for module, name in KERNELS:
             monkeypatch.setattr(module, name, getattr(module, name).kernel)
         logs[which + " outputs"] = outs
-    assert len(logs["prepared"]) == len(logs["general"]) >= 3 * len(LENGTHS)
+    assert len(logs["prepared"]) == len(logs["general"]) >= 3 * len(LENGTHS) // (1 if B == 1 else 3)
     for got, want in zip(logs["prepared"], logs["general"]):
         assert got == want
     for got, want in zip(logs["prepared outputs"], logs["general outputs"]):
