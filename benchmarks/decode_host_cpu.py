@@ -5,7 +5,9 @@ the op without the dispatcher) on CPU tensors, through the real Triton path (`la
 compiled kernel's launcher (``CompiledKernel.run``) replaced by a no-op. It measures the Python
 that runs between a token's launches, which bounds an eager decode where the GPU work is short
 (benchmarks/RESULTS.md, "Decoding one token"); the launcher itself (5-7 us a launch on an H100
-host) is not included. Needs Triton, no GPU; TRITON_INTERPRET must be unset.
+host) is not included. The ``general_`` rows time the same calls through the general entry points
+(kernels/blocksparse_decode.py's prepared launches off), in the same process. Needs Triton, no GPU;
+TRITON_INTERPRET must be unset.
 
     python benchmarks/decode_host_cpu.py --out benchmarks/data/decode_host_cpu.json
 """
@@ -20,6 +22,14 @@ import subprocess
 import time
 
 import torch
+
+
+def _general(bd, fn):
+    real, bd.attention = bd.attention, lambda *a, **kw: None
+    try:
+        return fn()
+    finally:
+        bd.attention = real
 
 
 class _NoLaunch:
@@ -42,7 +52,7 @@ def main():
     torch.cuda.current_device = lambda: 0
     torch._C._cuda_getCurrentRawStream = lambda device: 0
     from slcompile.functional import superlinear_attention
-    from slcompile.kernels import dispatch, launch as L, ops as kops
+    from slcompile.kernels import blocksparse_decode as bd, dispatch, launch as L, ops as kops
     from slcompile.kernels.config import SuperlinearConfig
     kops._use_triton = dispatch.use_triton = lambda device: True
     c = SuperlinearConfig(dense_below=0)
@@ -60,9 +70,13 @@ def main():
                 c.k_block, c.block_rows, c.block_pool, summ, c.exact_rows, c.block_group,
                 c.spread_rows)
         row = dict(T=T)
-        for name, fn in (("op", lambda: f(*args)),
-                         ("functional", lambda: superlinear_attention(
-                             q, k, v, config=c, enable_gqa=True, block_summary=summ))):
+        calls = (("op", lambda: f(*args)),
+                 ("functional", lambda: superlinear_attention(
+                     q, k, v, config=c, enable_gqa=True, block_summary=summ)))
+        # the same calls through the general entry points (kernels/blocksparse_decode.py's
+        # prepared launches off), interleaved with the prepared ones
+        general = [("general_" + n, lambda fn=fn: _general(bd, fn)) for n, fn in calls]
+        for name, fn in calls + tuple(general):
             medians = []
             with torch.no_grad():
                 for _ in range(50):
