@@ -267,6 +267,10 @@ def block_sparse_attention(
     # one query block (a decoded token, a short chunk): the attention picks the kept blocks from
     # stage 2's keys itself, so that no torch op runs between the launches
     one_block = (p0 % q_block) + Lq <= q_block and key_padding_mask is None
+    if one_block and block_summary is None and key.dtype in tss._SUMMARY_DTYPES:
+        # no summaries kept with the cache (a compiled model's decoded token): one pass over the
+        # keys builds them, then the prepared launches as with kept ones
+        block_summary = tss.summaries_triton(key, bs.summary_keys(window, k_block, block_group))
     if one_block and block_summary is not None:  # the same launches, prepared per call shape
         out = decode.attention(query, key, value, block_summary, p0, window=window, sinks=sinks,
                                topk=topk, scale=scale, q_block=q_block, k_block=k_block,

@@ -43,6 +43,7 @@ _KEY_BUDGET = 1 << 26  # int64 stage-1 keys per chunk of query blocks (512 MiB)
 _STAGE1_SMEM = 160 * 1024  # shared memory stage 1's pipelined [kmax | kmin] tiles may take
 _PROGRAMS = 512  # stage-2 programs to aim for when few query blocks are searched (decoding)
 _FUSED_PROGRAMS = 128  # ... when each also sorts the stage-1 tops (about one wave)
+_SUMMARY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # `summaries_triton`'s
 _MERGE_KEYS = 4096  # stage-1 tile tops a stage-2 program may merge (sorted in registers)
 
 
@@ -253,7 +254,9 @@ def block_select_triton(q: Tensor, k: Tensor, kpm: Optional[Tensor], p0: int, *,
     front = p0 - j0 * q_block
     nQ = bs._ceil_div(front + Lq, q_block)
     RG = G * rows
-    if summary is None:
+    if summary is None and kpm is None and k.dtype in _SUMMARY_DTYPES:
+        kk, has8 = summaries_triton(k, gspan), None  # one pass over the keys
+    elif summary is None:
         kk, has = bs.block_summaries(k, kpm, gspan)
         has8 = None if kpm is None else has.to(torch.int8).contiguous()
     else:
@@ -367,6 +370,17 @@ def _summary_kernel(K, BUF, s_k_b, s_k_h, s_k_t, s_u_b, s_u_h, s_u_g, H, T, i0, 
     row = BUF + b * s_u_b + h * s_u_h + grp * s_u_g
     tl.store(row + d, hi.to(BUF.dtype.element_ty), mask=d < D)
     tl.store(row + D + d, lo.to(BUF.dtype.element_ty), mask=d < D)
+
+
+def summaries_triton(k: Tensor, span: int) -> Tensor:
+    """`blocksparse.block_summaries(k, None, span)[0]`, [B, H, nK, 2D] in k's dtype (float32,
+    bfloat16 or float16), in one launch that reads the keys once (the torch form reads them twice,
+    for the maxima and the minima, then concatenates): what a search without summaries kept with
+    the cache (a compiled model's decoded token) computes at every call."""
+    B, H, T, D = k.shape
+    buf = torch.empty(B, H, -(-T // span), 2 * D, dtype=k.dtype, device=k.device)
+    summary_update_triton(k, buf, 0, span)
+    return buf
 
 
 def summary_update_triton(k: Tensor, buf: Tensor, i0: int, span: int) -> None:

@@ -198,3 +198,28 @@ def test_prepared_direct_launches_give_what_tritons_own_launches_give(monkeypatc
     tol = 2e-2 if dtype == torch.bfloat16 else 2e-4
     torch.testing.assert_close(prepared[-1].float(), _reference(q, k, v, 128 ** -0.5).float(),
                                atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("T,dtype", [(200, torch.float32), (256, torch.bfloat16),
+                                     (37, torch.float16)])
+def test_summaries_in_one_pass_equal_the_torch_summaries(T, dtype):
+    g = torch.Generator(device="cpu").manual_seed(T)
+    k = torch.randn(2, 3, T, 24, generator=g).to(DEV, dtype)[:, :, :, :20]  # strided, D=20
+    poison()
+    got = TS.summaries_triton(k, 64)
+    want = bs.block_summaries(k, None, 64)[0]
+    assert got.shape == want.shape == (2, 3, -(-T // 64), 40)
+    assert torch.equal(got, want)  # maxima and minima: exact in any dtype
+
+
+def test_a_token_without_kept_summaries_takes_the_prepared_launches(monkeypatch):
+    """No summaries kept with the cache (a compiled model's decoded token): one launch builds
+    them from the keys, then the prepared launches, which give what kept summaries give."""
+    calls = through_triton(monkeypatch, (TS, "block_select_triton"), (TS, "summaries_triton"))
+    monkeypatch.setattr(BD, "_PLANS", {})
+    for q, k, v, summary in _tokens(4, [150, 321], 1):
+        poison()
+        got = _op(q, k, v, None)
+        assert torch.equal(got, _op(q, k, v, summary))
+        torch.testing.assert_close(got, _reference(q, k, v), atol=2e-4, rtol=2e-4)
+    assert calls == ["summaries_triton"] * 2  # never the general search
