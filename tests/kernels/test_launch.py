@@ -101,3 +101,50 @@ def test_direct_decode_launches_give_what_tritons_own_launches_give(monkeypatch)
                               None, T0 + n - 2, window=c.window, sinks=c.sinks,
                               q_block=c.q_block, k_block=c.k_block, scale=0.125)
     torch.testing.assert_close(direct[-1].float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+def _site_kernel(X, Y, n, m, BLOCK):  # parameters only: the launches below are stand-ins
+    pass
+
+
+def test_site_launches_directly_what_tritons_path_launches(monkeypatch):
+    """`Site` on a compiled-mode kernel, without a GPU: Triton's path (a stand-in `run` that
+    records) for a key not seen, the compiled kernel's launcher afterwards, with the same values in
+    parameter order; a new class of a dynamic value, a key of None or a launch hook go back to
+    Triton's path."""
+    import types
+
+    from triton.runtime.jit import JITFunction
+    ann = {"BLOCK": "tl.constexpr"}
+    fn = types.FunctionType(_site_kernel.__code__, globals(), "_site_kernel")
+    fn.__annotations__ = ann
+    kernel = JITFunction(fn)
+    log = []
+
+    class Compiled:
+        function = packed_metadata = None
+
+        def run(self, g0, g1, g2, stream, function, meta, h1, h2, h3, *values):
+            log.append(("direct", (g0, g1, g2), values))
+
+    def triton_run(self, *args, grid, warmup, **kw):
+        log.append(("triton", tuple(grid), args, kw))
+        return Compiled()
+
+    monkeypatch.setattr(JITFunction, "run", triton_run)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 7, raising=False)
+    monkeypatch.setattr(L, "_INFO", {})
+    monkeypatch.setattr(L, "_RUNTIME", {})  # set by the first compiled kernel met: undone below
+    site = L.Site(kernel, dict(m=48, BLOCK=64), ("X", "n", "Y"), num_warps=4, num_stages=2)
+    x, y = torch.zeros(8), torch.zeros(8, dtype=torch.int64)
+    for n in (32, 64, 33):  # 32 and 64: one class; 33 another
+        site((2, 3), L.classes((x, y, n)), x, n, y)
+    assert [e[0] for e in log] == ["triton", "direct", "triton"]
+    assert log[0][2] == (x, y, 32, 48, 64) and log[0][3] == {"num_warps": 4, "num_stages": 2}
+    assert log[0][1] == (2, 3) and log[1][1] == (2, 3, 1)
+    assert log[1][2] == (x, y, 64, 48, 64)  # the fixed and dynamic values in parameter order
+    site((1,), None, x, 64, y)
+    assert log[-1][0] == "triton"
+    monkeypatch.setattr(L, "_hooked", lambda: True)
+    assert L.classes((x, y, 64)) is None  # a profiler's hook: Triton's path, which calls it
