@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -31,6 +30,7 @@ from slcompile.kernels import blocksparse as bs
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from decode import time_graph  # noqa: E402  (the decode benchmark's CUDA-graph timer)
+from meta import commit as measured_commit  # noqa: E402  (benchmarks/meta.py)
 
 
 def timed(fn, reps: int, warm: int = 1) -> float:
@@ -290,8 +290,7 @@ def main():
 
     dev = "cuda"
     rows = []
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    commit = measured_commit()
     cfg = dict(window=a.window, sinks=a.sinks, topk=a.topk, q_block=a.q_block, k_block=a.k_block,
                rows=a.rows, pool=a.pool, exact_rows=a.exact_rows, group=a.group,
                spread=a.spread_rows)

@@ -18,10 +18,10 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import time
 
 import torch
+from meta import commit as measured_commit  # noqa: E402  (benchmarks/meta.py)
 
 
 def _general(bd, fn):
@@ -57,8 +57,7 @@ def main():
     kops._use_triton = dispatch.use_triton = lambda device: True
     c = SuperlinearConfig(dense_below=0)
     f = kops.block_sparse_attention._init_fn  # what generate() reaches (no dispatcher)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    commit = measured_commit()
     res = dict(commit=commit, date=time.strftime("%Y-%m-%d"), cpu=platform.processor() or
                platform.machine(), torch=torch.__version__, hq=32, hkv=8, d=128, rows=[])
     for T in a.lengths:

@@ -21,13 +21,13 @@ import argparse
 import inspect
 import json
 import statistics
-import subprocess
 import time
 
 import torch
 
 import slcompile
 from slcompile import SuperlinearConfig
+from meta import commit as measured_commit  # noqa: E402  (benchmarks/meta.py)
 
 
 def timed(fn, reps: int) -> float:
@@ -66,8 +66,7 @@ def main():
     model = LlamaForCausalLM(cfg).to(device="cuda", dtype=torch.bfloat16).eval()
     slcompile.hf.configure(model, scfg, enable=False)
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
-                commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                      text=True).stdout.strip(),
+                commit=measured_commit(),
                 date=time.strftime("%Y-%m-%d"), layers=a.layers, config=scfg.to_dict())
     print(json.dumps(meta), flush=True)
     cache_kw = ("cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters
