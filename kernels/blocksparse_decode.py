@@ -93,12 +93,12 @@ def _build(B, Hq, Lq, D, Hkv, Dv, dtype, device, q_stride, s_stride, window, sin
          "before0", "wb", "TOPS_IN", "TAB"),
         num_warps=4 if RGP2 <= 64 else 8)
     p.grid2 = (1, BH, bs._ceil_div(M, MC))
-    # the attention (block_attention_triton's defaults: 128 x 64 tiles, 16 warps, 3 stages)
+    # the attention, with block_attention_triton's default launch shape
     BD, BDV = tba._pow2(D), tba._pow2(Dv)
-    budget = tba._FIT.get((device, (Lq, q_block, k_block, BD, BDV, elem, 128, 64, 16, 3, G,
-                                    None))) or tba._smem_budget(device)
-    BM, HP, BN, warps, stages = tba._launch_shape(Lq, q_block, k_block, BD, BDV, elem, 128, 64,
-                                                  16, 3, G, None, budget)
+    shape_args = (Lq, q_block, k_block, BD, BDV, elem, tba._BLOCK_M, tba._BLOCK_N, tba._WARPS,
+                  tba._STAGES, G, None)
+    BM, HP, BN, warps, stages = tba._launch_shape(*shape_args,
+                                                  tba.fitted_budget(device, shape_args))
     grid = (G // HP, BH)  # one tile of rows (`attention` sends calls over two to the general path)
     sp = tba._split(grid[0] * grid[1])
     ml0 = BH * grid[0] * sp * HP * BM * BDV if sp > 1 else 0
@@ -177,10 +177,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, summary: Tensor, p0: int, *, wind
     tile0 = front // plan.BM
     if (front + Lq - 1) // plan.BM != tile0:  # queries over two tiles of rows
         return None
-    kb = k_block
-    nK = -(-T // kb)
-    sb = min(-(-sinks // kb), nK)
-    wb = -(-min(window, T) // kb)
+    nK, sb, wb, _ = bs.geometry(T, window, sinks, q_block, k_block)
     j0 = p0 // q_block
     dev = q.device
     ws = torch.empty(plan.n64, dtype=torch.int64, device=dev)

@@ -128,17 +128,28 @@ def launch(kernel, grid, *args, num_warps: int, num_stages=None, **kw) -> None:
     key = (kernel, device, _key(getters, values, (num_warps, num_stages)))
     compiled = _KERNELS.get(key)
     if compiled is None:
-        compiled = kernel[grid](*args, **opts, **kw)
-        if len(_KERNELS) >= _MAX_KEYS:
-            _KERNELS.clear()
-        if all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")):
-            _KERNELS[key] = compiled
-        else:  # compiled kernels laid out otherwise: Triton's path for this kernel from now on
-            _INFO[kernel] = None
+        if not _kept(_KERNELS, key, kernel[grid](*args, **opts, **kw)):
+            _INFO[kernel] = None  # compiled kernels laid out otherwise: Triton's path from now on
         return
-    g1 = grid[1] if len(grid) > 1 else 1
-    g2 = grid[2] if len(grid) > 2 else 1
-    compiled.run(grid[0], g1, g2, torch._C._cuda_getCurrentRawStream(device), compiled.function,
+    _run(compiled, grid, device, values)
+
+
+def _kept(table: dict, key, compiled) -> bool:
+    """Keep a compiled kernel Triton's path returned under ``key`` (the table emptied when full);
+    False where it lacks what a direct launch uses (a Triton laid out otherwise)."""
+    if not all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")):
+        return False
+    if len(table) >= _MAX_KEYS:
+        table.clear()
+    table[key] = compiled
+    return True
+
+
+def _run(compiled, grid, device, values) -> None:
+    """Launch a kept compiled kernel with its launcher on the current stream, as Triton's ``run``
+    would."""
+    compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
+                 torch._C._cuda_getCurrentRawStream(device), compiled.function,
                  compiled.packed_metadata, None, None, None, *values)
 
 
@@ -201,17 +212,10 @@ class Site:
         compiled = self.table.get(key) if self.direct and key is not None else None
         if compiled is None:
             compiled = self.kernel[grid](*values, **self.opts)
-            if self.direct and key is not None:
-                if len(self.table) >= _MAX_KEYS:
-                    self.table.clear()
-                if all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")):
-                    self.table[key] = compiled
-                else:  # compiled kernels laid out otherwise: Triton's path from now on
-                    self.direct = False
+            if self.direct and key is not None and not _kept(self.table, key, compiled):
+                self.direct = False  # compiled kernels laid out otherwise: Triton's path now on
             return
-        compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
-                     torch._C._cuda_getCurrentRawStream(key[0]), compiled.function,
-                     compiled.packed_metadata, None, None, None, *values)
+        _run(compiled, grid, key[0], values)
 
 
 def refit(attempt, state, smaller):

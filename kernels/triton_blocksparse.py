@@ -46,15 +46,15 @@ given the search's order keys, the attention and (where its tiles are split) the
   T. Rows outside the call's queries are masked on load and store. With WRITE_LSE (a constexpr:
   the default launch compiles without it) the tile also stores (m + log2 l) ln 2 of its rows.
 
-Default launch (`block_attention_triton`'s keyword arguments): BLOCK_M = 128 rows of a head,
-BLOCK_N = 64 keys, up to 16 warps, 3 pipeline stages (the Hopper FlashAttention forward shape); BLOCK_M
-shrinks to the call's rows and to q_block, HP grows to fill 256 rows where a head's rows are 32 to
-64 and to fill 16 rows where they are fewer (one decoded token: the 4 heads of a kv head share a
-16-row tile and every key block it reads), the warps follow the tile's rows/16 (4 to 16: a 256-row
-tile with 8 warps spilled registers, 380 bytes a thread, and ran 6% slower than with 16), and stages and
-tiles shrink where a wide head dimension or a GPU with less shared memory (99 KB a block on
-consumer Ampere and Ada, 163 KB on an A100) would exceed it, to Triton's own limit for the device
-(and further where a compiled kernel needs more than estimated: Triton refuses its launch, the call
+Default launch (`block_attention_triton`'s keyword arguments, `_BLOCK_M` and the rest): BLOCK_M =
+128 rows of a head, BLOCK_N = 64 keys, up to 16 warps, 3 pipeline stages (the Hopper
+FlashAttention forward shape); BLOCK_M shrinks to the call's rows and to q_block, HP grows to fill
+256 rows where a head's rows are 32 to 64 and to fill 16 rows where they are fewer (one decoded
+token: the 4 heads of a kv head share a 16-row tile and every key block it reads), the warps
+follow the tile's rows/16 (4 to 16: a 256-row tile with 8 warps spilled registers, 380 bytes a
+thread, and ran 6% slower than with 16), and stages and tiles shrink where a wide head dimension
+or a GPU with less shared memory (99 KB a block on consumer Ampere and Ada, 163 KB on an A100)
+would exceed it, to Triton's own limit for the device (and further where a compiled kernel needs more than estimated: Triton refuses its launch, the call
 retries with a smaller budget and keeps it). Measured on an H100 (Triton 3.6, bf16, B=1, Hq=32,
 Hkv=8, D=128): 128x64 blocks with F=14 listed per query block, one head a program, 330-350 TFLOP/s
 of attended pairs (4 D pairs Hq / time) at 128K and 1M tokens (BLOCK_N = 128, two listed blocks per
@@ -97,6 +97,9 @@ _STACK_ROWS = 256
 # merge 11.3 us split 16 ways, 13.7 split 8, 19.5 split 4, 24.5 unsplit)
 _SPLIT_PROGRAMS = 256
 _MAX_SPLIT = 16
+# `block_attention_triton`'s launch shape for a long call (fitted to short calls): rows, keys a
+# step, warps, pipeline stages
+_BLOCK_M, _BLOCK_N, _WARPS, _STAGES = 128, 64, 16, 3
 _COMBINE_VALUES = 8192  # partial accumulator values a program of _combine_kernel loads at once
 
 
@@ -449,6 +452,12 @@ def compact_lists(full: Tensor, T: int, q_block: int, k_block: int, j0: int, sin
     return lst
 
 
+def fitted_budget(device: torch.device, shape_args: tuple) -> int:
+    """The shared memory budget `_launch_shape` gets for ``shape_args`` on ``device``: one a
+    refused launch has fitted (`block_attention_triton`), else `_smem_budget`."""
+    return _FIT.get((device, shape_args)) or _smem_budget(device)
+
+
 def _smem_budget(device: torch.device) -> int:
     """Shared memory a launch on ``device`` may plan for: the limit Triton checks at launch
     (`triton.compiler.max_shared_mem`: 227 KB on an H100, 163 KB on an A100, 99 KB on Ada and
@@ -545,8 +554,9 @@ def check_arguments(name: str, q: Tensor, k: Tensor, v: Tensor, q_block: int, k_
 
 def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, full: Tensor, p0: int, *,
                            q_block: int = 128, k_block: int = 64, scale: float,
-                           block_m: int = 128, block_n: int = 64, num_warps: int = 16,
-                           num_stages: int = 3, out: Optional[Tensor] = None,
+                           block_m: int = _BLOCK_M, block_n: int = _BLOCK_N,
+                           num_warps: int = _WARPS, num_stages: int = _STAGES,
+                           out: Optional[Tensor] = None,
                            sink_blocks: int = 0, window_blocks: int = 0,
                            lse: Optional[Tensor] = None, keys_topk: int = 0,
                            table: Optional[Tensor] = None, heads: Optional[int] = None,
@@ -618,7 +628,7 @@ def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, full: Tensor, p0: in
     shape_args = (Lq, q_block, k_block, BD, BDV, q.element_size(), block_m, block_n, num_warps,
                   num_stages, G, heads)
     fit_key = (q.device, shape_args)
-    budget = _FIT.get(fit_key) or _smem_budget(q.device)
+    budget = fitted_budget(*fit_key)
     if split is not None and (split < 1 or split & (split - 1) or (split > 1 and not keys_topk)):
         raise ValueError(f"block_attention_triton: split={split} is not a power of two >= 1 "
                          f"(above 1 only with keys_topk)")
